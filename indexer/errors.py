@@ -1,0 +1,177 @@
+"""Every error ocidx raises, under one root.
+
+::
+
+    OcidxError                      root; never raised itself
+    ├── UsageError                  bad command line or query form        exit 2
+    ├── ReferenceError_             an invalid reference or digest        exit 2
+    ├── ConfigError                 a bad config file (names the key)     exit 2
+    ├── NotFound                    nothing matches                       exit 1
+    │   ├── TagMismatch             --strict: the tag does not point at the digest
+    │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
+    ├── Ambiguous                   several digests match (lists .candidates) exit 3
+    ├── DatabaseError               no usable index database              exit 4
+    │   └── SchemaTooNew            the database was written by a newer ocidx
+    ├── LayoutError                 one layout cannot be read             exit 5
+    │   ├── LayoutUnreadable        I/O: missing, permission, not a file, FIFO
+    │   ├── IndexParseError         index.json is not a valid image index
+    │   ├── TornRead                index.json changed while it was read
+    │   └── BlobError               a nested blob is bad (path, size, hash)
+    └── DaemonError                 the daemon cannot run (lock held, watch limits)
+
+Every error carries a snake_case ``category`` (the ``error`` key of ``--json``
+output) and its exit code; the CLI maps them in one place (``cli.main``).
+Messages never contain raw control characters taken from a layout: build them
+with :func:`printable`.
+"""
+
+from __future__ import annotations
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F)}
+_CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})
+# Unicode bidi controls and line separators can reorder or break a terminal line.
+_CONTROL.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+
+
+def printable(text: str) -> str:
+    """Return *text* with every control character escaped, safe for a terminal."""
+    return text.translate(_CONTROL)
+
+
+class OcidxError(Exception):
+    """Root of every ocidx error."""
+
+    category = "error"
+    exit_code = 1
+
+    def __init__(self, message: str, *, category: str | None = None) -> None:
+        super().__init__(printable(message))
+        if category is not None:
+            self.category = category
+
+    @property
+    def message(self) -> str:
+        """The human message, already free of control characters."""
+        return str(self)
+
+    def to_json(self) -> dict[str, object]:
+        """The ``{"error", "message", ...}`` object printed with ``--json``."""
+        return {"error": self.category, "message": self.message}
+
+
+class UsageError(OcidxError):
+    """The command line or the query form is wrong."""
+
+    category = "usage"
+    exit_code = 2
+
+
+class ReferenceError_(OcidxError):  # noqa: N801 - the builtin ReferenceError is unrelated
+    """A reference or digest that Docker's grammar rejects; ``category`` says why."""
+
+    category = "invalid_format"
+    exit_code = 2
+
+
+class ConfigError(OcidxError):
+    """The configuration file is unreadable or has a bad key."""
+
+    category = "config"
+    exit_code = 2
+
+
+class NotFound(OcidxError):
+    """Nothing matches the query."""
+
+    category = "not_found"
+    exit_code = 1
+
+
+class TagMismatch(NotFound):
+    """Under ``--strict``, the tag or name given with a digest does not point at it."""
+
+    category = "tag_mismatch"
+
+
+class PlatformNotFound(NotFound):
+    """No child manifest matches ``--platform``, or its blob is absent."""
+
+    category = "platform_not_found"
+
+    def __init__(self, message: str, platforms: Sequence[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.platforms = list(platforms)
+
+    def to_json(self) -> dict[str, object]:
+        """Adds the platforms that are present."""
+        return {**super().to_json(), "platforms": self.platforms}
+
+
+class Ambiguous(OcidxError):
+    """Several entries with different digests match; never a silent pick."""
+
+    category = "ambiguous"
+    exit_code = 3
+
+    def __init__(self, message: str, candidates: Sequence[dict[str, object]]) -> None:
+        super().__init__(message)
+        self.candidates = list(candidates)
+
+    def to_json(self) -> dict[str, object]:
+        """Adds every candidate digest with its names."""
+        return {**super().to_json(), "candidates": self.candidates}
+
+
+class DatabaseError(OcidxError):
+    """No usable index database: missing, not an ocidx database, or unreadable."""
+
+    category = "database"
+    exit_code = 4
+
+
+class SchemaTooNew(DatabaseError):
+    """The database has migrations this version of ocidx does not know."""
+
+    category = "schema_too_new"
+
+
+class LayoutError(OcidxError):
+    """One layout cannot be read; other layouts are unaffected."""
+
+    category = "layout_unreadable"
+    exit_code = 5
+
+
+class LayoutUnreadable(LayoutError):
+    """``index.json`` is missing, not a regular file, or cannot be opened."""
+
+    category = "layout_unreadable"
+
+
+class IndexParseError(LayoutError):
+    """``index.json`` is not a valid OCI image index (JSON, types, limits)."""
+
+    category = "index_invalid"
+
+
+class TornRead(LayoutError):
+    """``index.json`` kept changing while it was read (a writer is mid-rewrite)."""
+
+    category = "torn_read"
+
+
+class BlobError(LayoutError):
+    """A blob referenced from the index is unsafe, too large, or fails its hash."""
+
+    category = "blob_invalid"
+
+
+class DaemonError(OcidxError):
+    """The daemon cannot start or go on (another holds the lock, and so on)."""
+
+    category = "daemon"
+    exit_code = 1
