@@ -1,0 +1,278 @@
+"""Configuration: TOML to immutable records, validated with errors that name the key.
+
+Where settings come from, first match wins:
+
+* the config file: ``--config``, then ``$OCIDX_CONFIG``, then
+  ``$XDG_CONFIG_HOME/ocidx/config.toml`` (``~/.config/...``) when it exists;
+  no file at all is a valid, empty configuration;
+* the database: ``--db``, then ``$OCIDX_DB``, then ``[database] path``, then
+  ``$XDG_DATA_HOME/ocidx/index.db`` (``~/.local/share/...``).
+
+Relative paths in a config file are relative to the file's own directory, so
+a config behaves the same whatever directory the daemon is started from.
+``tomllib`` is imported only when a file is actually read: the lookup path
+without a config file stays standard-library-light.
+"""
+
+from __future__ import annotations
+
+import os
+
+from indexer._record import Record
+from indexer.errors import ConfigError
+from indexer.layout import Limits
+from indexer.names import FAMILIAR_POLICIES
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+LOG_FORMATS = ("text", "json")
+
+
+class Root(Record):
+    """A directory below which layouts are discovered."""
+
+    __slots__ = ("follow_symlinks", "max_depth", "path")
+
+    def __init__(self, path: str, *, max_depth: int = 8, follow_symlinks: bool = False) -> None:
+        self.path = path
+        self.max_depth = max_depth
+        self.follow_symlinks = follow_symlinks
+
+
+class DaemonSettings(Record):
+    """Timing and batching of the daemon (``[daemon]``)."""
+
+    __slots__ = ("batch_size", "debounce_ms", "heartbeat_s", "log_format", "reconcile_s")
+
+    def __init__(
+        self,
+        *,
+        debounce_ms: int = 100,
+        reconcile_s: float = 300.0,
+        batch_size: int = 500,
+        heartbeat_s: float = 5.0,
+        log_format: str = "text",
+    ) -> None:
+        self.debounce_ms = debounce_ms
+        self.reconcile_s = reconcile_s
+        self.batch_size = batch_size
+        self.heartbeat_s = heartbeat_s
+        self.log_format = log_format
+
+
+class Config(Record):
+    """Everything ocidx reads from its config file, with defaults applied."""
+
+    __slots__ = ("daemon", "database", "familiar", "limits", "roots", "source", "stores")
+
+    def __init__(
+        self,
+        *,
+        source: str | None = None,
+        database: str | None = None,
+        roots: tuple[Root, ...] = (),
+        stores: dict[str, str] | None = None,
+        familiar: str = "normalize",
+        limits: Limits | None = None,
+        daemon: DaemonSettings | None = None,
+    ) -> None:
+        self.source = source
+        self.database = database
+        self.roots = roots
+        self.stores = dict(stores or {})
+        self.familiar = familiar
+        self.limits = limits if limits is not None else Limits()
+        self.daemon = daemon if daemon is not None else DaemonSettings()
+
+
+def default_config_path() -> str | None:
+    """The config file used when none is named, or None when there is none."""
+    env = os.environ.get("OCIDX_CONFIG")
+    if env:
+        return env
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    candidate = os.path.join(base, "ocidx", "config.toml")
+    return candidate if os.path.isfile(candidate) else None
+
+
+def default_database_path() -> str:
+    """The per-user database path used when nothing else names one."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "ocidx", "index.db")
+
+
+def database_path(cli_db: str | None, config: Config) -> str:
+    """``--db``, then ``$OCIDX_DB``, then ``[database] path``, then the per-user default."""
+    return cli_db or os.environ.get("OCIDX_DB") or config.database or default_database_path()
+
+
+def load(path: str | None) -> Config:
+    """Read and validate the config file at *path* (or the default one); none is empty config."""
+    if path is None:
+        path = default_config_path()
+        if path is None:
+            return Config()
+    import tomllib
+
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path}: not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path}: not valid TOML: {exc}") from None
+    return from_mapping(data, source=os.path.abspath(path))
+
+
+def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
+    """Validate an already-parsed TOML document; *source* names the file in errors."""
+    here = os.path.dirname(source)
+    _only(data, {"database", "roots", "stores", "names", "limits", "daemon"}, "", source)
+
+    database_table = _table(data, "database", source)
+    _only(database_table, {"path"}, "database.", source)
+    database = _opt_str(database_table, "path", "database.path", source)
+
+    roots: list[Root] = []
+    raw_roots = data.get("roots", [])
+    if not isinstance(raw_roots, list):
+        raise ConfigError(f"{source}: roots must be an array of tables ([[roots]])")
+    for i, raw in enumerate(raw_roots):
+        key = f"roots[{i}]"
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: {key} must be a table")
+        _only(raw, {"path", "max_depth", "follow_symlinks"}, f"{key}.", source)
+        root_path = _opt_str(raw, "path", f"{key}.path", source)
+        if not root_path:
+            raise ConfigError(f"{source}: {key}.path is required")
+        roots.append(
+            Root(
+                _resolve(here, root_path),
+                max_depth=_int(raw, "max_depth", 8, f"{key}.max_depth", source, low=0, high=64),
+                follow_symlinks=_bool(raw, "follow_symlinks", False, f"{key}.follow_symlinks", source),
+            )
+        )
+
+    stores_table = _table(data, "stores", source)
+    stores: dict[str, str] = {}
+    for name, value in stores_table.items():
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: stores.{name} must be a non-empty path string")
+        if not name or "/" in name or ":" in name or "@" in name:
+            raise ConfigError(f"{source}: stores.{name}: a store name has no '/', ':' or '@'")
+        stores[name] = _resolve(here, value)
+
+    names_table = _table(data, "names", source)
+    _only(names_table, {"familiar_ref_names"}, "names.", source)
+    familiar = _opt_str(names_table, "familiar_ref_names", "names.familiar_ref_names", source) or "normalize"
+    if familiar not in FAMILIAR_POLICIES:
+        raise ConfigError(
+            f"{source}: names.familiar_ref_names must be one of {', '.join(FAMILIAR_POLICIES)}, not {familiar!r}"
+        )
+
+    limits_table = _table(data, "limits", source)
+    _only(limits_table, {"max_index_bytes", "max_blob_bytes", "max_nested_depth"}, "limits.", source)
+    defaults = Limits()
+    limits = Limits(
+        max_index_bytes=_int(
+            limits_table, "max_index_bytes", defaults.max_index_bytes, "limits.max_index_bytes", source, low=2
+        ),
+        max_blob_bytes=_int(
+            limits_table, "max_blob_bytes", defaults.max_blob_bytes, "limits.max_blob_bytes", source, low=2
+        ),
+        max_depth=_int(
+            limits_table, "max_nested_depth", defaults.max_depth, "limits.max_nested_depth", source, 0, 16
+        ),
+    )
+
+    daemon_table = _table(data, "daemon", source)
+    _only(
+        daemon_table,
+        {"debounce_ms", "reconcile_interval_s", "batch_size", "heartbeat_interval_s", "log_format"},
+        "daemon.",
+        source,
+    )
+    log_format = _opt_str(daemon_table, "log_format", "daemon.log_format", source) or "text"
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"{source}: daemon.log_format must be 'text' or 'json', not {log_format!r}")
+    daemon = DaemonSettings(
+        debounce_ms=_int(daemon_table, "debounce_ms", 100, "daemon.debounce_ms", source, low=0, high=60_000),
+        reconcile_s=_number(
+            daemon_table, "reconcile_interval_s", 300.0, "daemon.reconcile_interval_s", source
+        ),
+        batch_size=_int(daemon_table, "batch_size", 500, "daemon.batch_size", source, low=1, high=100_000),
+        heartbeat_s=_number(daemon_table, "heartbeat_interval_s", 5.0, "daemon.heartbeat_interval_s", source),
+        log_format=log_format,
+    )
+    return Config(
+        source=source,
+        database=_resolve(here, database) if database else None,
+        roots=tuple(roots),
+        stores=stores,
+        familiar=familiar,
+        limits=limits,
+        daemon=daemon,
+    )
+
+
+def _resolve(here: str, path: str) -> str:
+    path = os.path.expanduser(path)
+    return os.path.normpath(os.path.join(here, path))
+
+
+def _only(table: Mapping[str, object], allowed: set[str], prefix: str, source: str) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]} (known: {', '.join(sorted(allowed))})")
+
+
+def _table(data: Mapping[str, object], key: str, source: str) -> dict[str, object]:
+    value = data.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [{key}] must be a table")
+    return value
+
+
+def _opt_str(table: Mapping[str, object], key: str, full: str, source: str) -> str | None:
+    value = table.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"{source}: {full} must be a string")
+    return value
+
+
+def _bool(table: Mapping[str, object], key: str, default: bool, full: str, source: str) -> bool:
+    value = table.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: {full} must be true or false")
+    return value
+
+
+def _int(
+    table: Mapping[str, object],
+    key: str,
+    default: int,
+    full: str,
+    source: str,
+    low: int = 0,
+    high: int | None = None,
+) -> int:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{source}: {full} must be an integer")
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{source}: {full} must be {bound}, not {value}")
+    return value
+
+
+def _number(table: Mapping[str, object], key: str, default: float, full: str, source: str) -> float:
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{source}: {full} must be a positive number")
+    return float(value)

@@ -1,0 +1,674 @@
+"""Lookups: query forms, matching, ambiguity, platforms and freshness (SPEC.md §4, §5).
+
+The Python API is :class:`Index`; the CLI is a thin shell over it. Every
+lookup goes through one path:
+
+1. the target is split into a layout and a :class:`Query` (tag, name, digest);
+2. :meth:`Index.view` decides where that layout's rows come from: the index
+   when the ``index.json`` identity is unchanged and not racily clean
+   (``indexed``), a fresh parse of the file into an in-memory database when it
+   changed or was never indexed (``read-through``), or the last good rows when
+   the file is torn or broken (``stale``);
+3. :func:`indexer.store.read` functions match on whichever database that is.
+
+This module, and everything it imports at module level, is standard library
+only: a test holds it (the lookup budget is about 26 ms for a whole process).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from indexer import config as config_mod
+from indexer import layout as layout_mod
+from indexer import reference
+from indexer._record import Record
+from indexer.errors import (
+    Ambiguous,
+    LayoutError,
+    LayoutUnreadable,
+    NotFound,
+    PlatformNotFound,
+    ReferenceError_,
+    TagMismatch,
+    UsageError,
+    printable,
+)
+from indexer.names import Name
+from indexer.store import open_reader, schema_script
+from indexer.store import read as db
+from indexer.store.write import store_snapshot
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from indexer.config import Config
+
+SCHEME = "oci-layout://"
+INDEX_MEDIA_TYPES = frozenset(
+    {
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+    }
+)
+INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
+
+
+class Query(Record):
+    """What to look for in a layout: a tag, a canonical name and tag, and/or a digest."""
+
+    __slots__ = ("digest", "name", "tag", "text")
+
+    def __init__(
+        self, text: str, *, tag: str | None = None, name: str | None = None, digest: str | None = None
+    ) -> None:
+        self.text = text
+        self.tag = tag  # None: no tag given; with name: '' means the untagged name
+        self.name = name  # canonical repository, None for tag-only and digest-only queries
+        self.digest = digest
+
+    def describe(self) -> str:
+        """The query as a user would write it, for messages."""
+        head = self.name or ""
+        if self.tag:
+            head += f":{self.tag}"
+        if self.digest:
+            head += f"@{self.digest}"
+        return head or self.text
+
+
+class Answer(Record):
+    """One resolved image: what ``resolve --json`` prints, and one item of ``find``."""
+
+    __slots__ = (
+        "annotations",
+        "digest",
+        "freshness",
+        "layout",
+        "media_type",
+        "names",
+        "platform",
+        "size",
+        "source",
+        "warnings",
+    )
+
+    def __init__(
+        self,
+        *,
+        layout: str,
+        digest: str,
+        media_type: str,
+        size: int,
+        names: list[Name],
+        annotations: dict[str, str],
+        platform: dict[str, object] | None,
+        source: str,
+        freshness: str,
+        warnings: list[str],
+    ) -> None:
+        self.layout = layout
+        self.digest = digest
+        self.media_type = media_type
+        self.size = size
+        self.names = names
+        self.annotations = annotations
+        self.platform = platform
+        self.source = source
+        self.freshness = freshness
+        self.warnings = warnings
+
+    def to_json(self) -> dict[str, object]:
+        """The keys of SPEC.md §7, in a stable order."""
+        return {
+            "layout": self.layout,
+            "digest": self.digest,
+            "mediaType": self.media_type,
+            "size": self.size,
+            "names": [n.to_json() for n in self.names],
+            "annotations": self.annotations,
+            "platform": _platform_out(self.platform),
+            "source": self.source,
+            "freshness": self.freshness,
+            "warnings": self.warnings,
+        }
+
+    def context(self) -> str:
+        """``oci-layout://ABS_PATH@DIGEST`` for ``docker buildx build --build-context``."""
+        return f"{SCHEME}{self.layout}@{self.digest}"
+
+
+def _platform_out(platform: dict[str, object] | None) -> dict[str, object] | None:
+    if platform is None:
+        return None
+    return {
+        "os": platform.get("os"),
+        "architecture": platform.get("architecture"),
+        "variant": platform.get("variant") or None,
+    }
+
+
+class View(Record):
+    """Where one layout's rows come from for this lookup, and how fresh they are."""
+
+    __slots__ = ("conn", "freshness", "layout_id", "path", "warnings")
+
+    def __init__(
+        self, conn: sqlite3.Connection, layout_id: int, path: str, freshness: str, warnings: list[str]
+    ) -> None:
+        self.conn = conn
+        self.layout_id = layout_id
+        self.path = path
+        self.freshness = freshness
+        self.warnings = warnings
+
+
+def parse_ref(text: str) -> Query:
+    """A REF of ``resolve --layout`` and ``find``: ``:TAG``, ``@DIGEST``, ``NAME[:TAG][@DIGEST]``, 64-hex."""
+    if text == "":
+        raise UsageError("empty reference")
+    if text.startswith(":") or text.startswith("@"):
+        tag_part, at, digest_part = text[1:].partition("@") if text.startswith(":") else ("", "@", text[1:])
+        if text.startswith(":") and tag_part == "":
+            raise ReferenceError_(f"empty tag in {text!r}", category="tag_invalid_format")
+        if tag_part and not reference.is_tag(tag_part):
+            raise ReferenceError_(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
+        digest = reference.validate_digest(digest_part) if at else None
+        return Query(text, tag=tag_part or None, digest=digest)
+    ref = reference.parse_any_reference(text)
+    if not ref.path:
+        return Query(text, digest=ref.digest)
+    tag = ref.tag
+    if tag is None and ref.digest is None:
+        tag = "latest"  # ParseDockerRef: a bare name means :latest
+    return Query(text, name=ref.name, tag=tag or "", digest=ref.digest)
+
+
+class Index:
+    """The lookups of SPEC.md §4 over one index database, as a Python API."""
+
+    def __init__(self, db_path: str | None = None, *, config: Config | str | None = None) -> None:
+        self.config = config if isinstance(config, config_mod.Config) else config_mod.load(config)
+        self.db_path = config_mod.database_path(db_path, self.config)
+        self._conn: sqlite3.Connection | None = None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The read-only connection to the index, opened on first use."""
+        if self._conn is None:
+            self._conn = open_reader(self.db_path)
+        return self._conn
+
+    def close(self) -> None:
+        """Close the database connection."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _is_layout(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        return db.layout(self.conn, real) is not None or layout_mod.is_layout_dir(real)
+
+    def view(self, path: str, *, strict: bool = False) -> View:
+        """Decide, with one ``stat``, where the rows of the layout at *path* come from (SPEC.md §5)."""
+        real = os.path.realpath(path)
+        stored = db.layout(self.conn, real)
+        index_file = os.path.join(real, "index.json")
+        try:
+            st = os.stat(index_file)
+        except OSError as exc:
+            if stored is None and not layout_mod.is_layout_dir(real):
+                raise NotFound(f"{real} is not an OCI layout (no index.json or oci-layout)") from None
+            raise LayoutUnreadable(f"{index_file}: {exc.strerror or exc}") from None
+        identity = layout_mod.FileIdentity.of(st)
+        if stored is not None and stored.identity == identity and not stored.is_racy():
+            if stored.state == "ok":
+                return View(self.conn, stored.id, real, INDEXED, [])
+            return self._stale(stored, stored.error or "index.json is broken", strict)
+        read_ns = time.time_ns()
+        try:
+            snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
+        except LayoutError as exc:
+            if (
+                stored is not None
+                and stored.last_good_ns is not None
+                and not isinstance(exc, LayoutUnreadable)
+            ):
+                return self._stale(stored, exc.message, strict, exc)
+            raise
+        if stored is not None and stored.content_hash == snapshot.content_hash:
+            return View(self.conn, stored.id, real, INDEXED, [])
+        mem = sqlite3.connect(":memory:", isolation_level=None)
+        mem.executescript(schema_script())
+        mem.execute("BEGIN")
+        store_snapshot(mem, real, snapshot, read_ns)
+        mem.execute("COMMIT")
+        return View(mem, 1, real, READ_THROUGH, list(snapshot.warnings))
+
+    def _stale(self, stored: db.StoredLayout, why: str, strict: bool, exc: LayoutError | None = None) -> View:
+        if stored.last_good_ns is None:
+            raise exc if exc is not None else LayoutError(f"{stored.path}: {why}")
+        if strict:
+            raise exc if exc is not None else LayoutError(f"{stored.path}: {why}")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.last_good_ns / 1e9))
+        return View(
+            self.conn,
+            stored.id,
+            stored.path,
+            STALE,
+            [
+                f"{stored.path}: index.json is unreadable now ({why}); answering from its last good state of {when}"
+            ],
+        )
+
+    # -- target parsing ------------------------------------------------------------------------------
+
+    def parse_target(self, target: str) -> tuple[str, Query]:
+        """Split ``oci-layout://...`` into a layout path and a query (SPEC.md §4 table)."""
+        if not target.startswith(SCHEME):
+            raise UsageError(
+                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; "
+                "for a plain reference use 'resolve --layout PATH REF' or 'find REF'"
+            )
+        rest = target[len(SCHEME) :]
+        if not rest:
+            raise UsageError(f"target {target!r} names no layout")
+        digest = None
+        head, at, tail = rest.rpartition("@")
+        if at and "/" not in tail:
+            digest = reference.validate_digest(tail)
+            rest = head
+        store, colon, store_tag = rest.partition(":")
+        if store in self.config.stores and "/" not in store:
+            if colon and not store_tag:
+                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+            return self.config.stores[store], self._tag_query(target, store_tag or None, digest)
+        path, colon, tag = rest.rpartition(":")
+        if colon and "/" not in tag and self._is_layout(path or "/"):
+            if tag == "":
+                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+            if reference.is_tag(tag):
+                return path, self._tag_query(target, tag, digest)
+        if self._is_layout(rest):
+            return rest, self._tag_query(target, None, digest)
+        parts = rest.split("/")
+        for cut in range(len(parts) - 1, 0, -1):
+            prefix = "/".join(parts[:cut]) or "/"
+            if self._is_layout(prefix):
+                name_text = "/".join(parts[cut:])
+                query = parse_ref(name_text + (f"@{digest}" if digest else ""))
+                if query.name is None:
+                    raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
+                return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest)
+        raise NotFound(f"no OCI layout found in {target!r} (checked the index and the disk)")
+
+    @staticmethod
+    def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:
+        if tag is None and digest is None:
+            tag = "latest"  # buildx: oci-layout://PATH means :latest
+        return Query(target, tag=tag, digest=digest)
+
+    # -- lookups ----------------------------------------------------------------------------------------
+
+    def resolve(self, target: str, *, platform: str | None = None, strict: bool = False) -> Answer:
+        """Resolve ``oci-layout://...`` to one image, or raise NotFound / Ambiguous / LayoutError."""
+        path, query = self.parse_target(target)
+        return self._resolve(path, query, platform=platform, strict=strict)
+
+    def resolve_in(
+        self, layout: str, ref: str, *, platform: str | None = None, strict: bool = False
+    ) -> Answer:
+        """Resolve REF (``:TAG``, ``@DIGEST``, ``NAME[:TAG][@DIGEST]``) in the layout at *layout*."""
+        return self._resolve(layout, parse_ref(ref), platform=platform, strict=strict)
+
+    def _resolve(self, path: str, query: Query, *, platform: str | None, strict: bool) -> Answer:
+        want = layout_mod.parse_platform_spec(platform) if platform else None
+        view = self.view(path, strict=strict)
+        hits, warnings = _match(view, query, strict=strict, blobs=True)
+        if not hits:
+            raise NotFound(self._not_found_message(view, query))
+        digests = {hit.digest for hit in hits}
+        if len(digests) > 1:
+            raise Ambiguous(
+                f"{query.describe()} is ambiguous in {view.path}: {len(digests)} different digests match",
+                _candidates(view.conn, hits),
+            )
+        answer = _answer(view, hits, warnings)
+        if want is not None:
+            answer = _select_platform(view, hits[0], answer, want)
+        return answer
+
+    def _not_found_message(self, view: View, query: Query) -> str:
+        held = db.sample_names(view.conn, view.layout_id)
+        held_text = f"; it holds {', '.join(held)}" if held else "; it holds no named images"
+        message = f"{query.describe()} not found in {view.path}{held_text}"
+        if query.name is not None and query.digest is None:
+            word = query.text.split("/")[-1].split(":")[0]
+            if (
+                "/" not in query.text
+                and reference.is_tag(query.text)
+                and db.by_tag(view.conn, word, view.layout_id)
+            ):
+                message += f" (did you mean the tag ':{word}'?)"
+        return message
+
+    def find(self, ref: str, *, verify_all: bool = False) -> list[Answer]:
+        """Every match of REF across all indexed layouts, each layout verified fresh."""
+        query = parse_ref(ref)
+        in_index = _match_all(self.conn, query)
+        scope = [s.path for s in db.layouts(self.conn)] if verify_all else sorted({s for s in in_index})
+        answers: list[Answer] = []
+        for path in scope:
+            try:
+                view = self.view(path)
+            except (LayoutError, NotFound) as exc:
+                if path in in_index:
+                    answers.extend(
+                        _with_warning(a, f"{path}: {exc.message}; this match could not be verified")
+                        for a in in_index[path]
+                    )
+                continue
+            if view.freshness == INDEXED:
+                answers.extend(in_index.get(path, []))
+                continue
+            hits, warnings = _match(view, query, strict=False, blobs=False)
+            answers.extend(_answers_by_digest(view, hits, warnings))
+        answers.sort(key=lambda a: (a.layout, a.digest))
+        return answers
+
+    def layouts(self, under: str | None = None) -> list[dict[str, object]]:
+        """Every indexed layout with its state (``ls``)."""
+        scope = os.path.realpath(under) if under else None
+        return [s.to_json() for s in db.layouts(self.conn, scope)]
+
+    def layout_detail(self, path: str) -> dict[str, object]:
+        """One layout: state, entries with names and how each was read, warnings (``ls PATH``)."""
+        view = self.view(path)
+        stored = db.layout(self.conn, view.path)
+        entries = []
+        rows = db.entries(view.conn, view.layout_id)
+        names = db.names(view.conn, [hit.entry_id for hit, _, _ in rows])
+        for hit, invalid, warnings in rows:
+            entries.append(
+                {
+                    "digest": hit.digest,
+                    "mediaType": hit.media_type,
+                    "size": hit.size,
+                    "platform": _platform_out(hit.platform),
+                    "names": [n.to_json() for n in names.get(hit.entry_id, [])],
+                    "invalid_names": invalid,
+                    "annotations": hit.annotations,
+                    "warnings": warnings,
+                    "children": [
+                        {"digest": c.digest, "mediaType": c.media_type, "platform": _platform_out(c.platform)}
+                        for c in db.children(view.conn, hit.entry_id)
+                    ],
+                }
+            )
+        base = stored.to_json() if stored is not None else {"layout": view.path, "state": "not-indexed"}
+        return {
+            **base,
+            "freshness": view.freshness,
+            "warnings": view.warnings + db.layout_warnings(view.conn, view.layout_id),
+            "entries": entries,
+        }
+
+    def status(self) -> dict[str, object]:
+        """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
+        conn = self.conn
+        count = {
+            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+            for table in ("layouts", "entries", "names", "children")
+        }
+        errors = conn.execute("SELECT count(*) FROM layouts WHERE state = 'error'").fetchone()[0]
+        row = conn.execute(
+            "SELECT pid, started_ns, heartbeat_ns, stopped_ns, last_reconcile_ns, watch_mode FROM daemon"
+        ).fetchone()
+        daemon: dict[str, object] | None = None
+        now = time.time_ns()
+        if row is not None:
+            pid, started, heartbeat, stopped, reconcile, mode = row
+            daemon = {
+                "pid": pid,
+                "running": stopped is None and _pid_alive(pid),
+                "started_ns": started,
+                "heartbeat_age_s": None if heartbeat is None else round((now - heartbeat) / 1e9, 3),
+                "last_reconcile_age_s": None if reconcile is None else round((now - reconcile) / 1e9, 3),
+                "watch_mode": mode,
+            }
+        return {
+            "database": os.path.abspath(self.db_path),
+            "layouts": count["layouts"],
+            "entries": count["entries"],
+            "names": count["names"],
+            "children": count["children"],
+            "layouts_with_errors": errors,
+            "daemon": daemon,
+        }
+
+
+def _pid_alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list[db.Hit], list[str]]:
+    """Hits for *query* in one layout view, and warnings (a tag that no longer points at the digest)."""
+    conn, lid = view.conn, view.layout_id
+    warnings = list(view.warnings)
+    if query.digest is None:
+        if query.name is not None:
+            return db.by_name(conn, query.name, query.tag or "", lid), warnings
+        return db.by_tag(conn, query.tag or "latest", lid), warnings
+    hits = db.by_digest(conn, query.digest, lid)
+    entries = [h for h in hits if h.source == "entry"]
+    hits = entries or hits
+    if not hits and blobs:
+        blob = _blob_hit(view, query.digest)
+        hits = [blob] if blob is not None else []
+    if hits and (query.tag or query.name):
+        if query.name is not None:
+            pointed = (
+                db.by_name(conn, query.name, query.tag, lid)
+                if query.tag
+                else db.by_repository(conn, query.name, lid)
+            )
+        else:
+            pointed = db.by_tag(conn, query.tag or "", lid)
+        if query.digest not in {h.digest for h in pointed}:
+            label = (query.name or "") + (f":{query.tag}" if query.tag else "")
+            now = sorted({h.digest for h in pointed})
+            message = f"{label} in {view.path} does not point at {query.digest}" + (
+                f" (it points at {', '.join(now)})" if now else " (it names nothing there)"
+            )
+            if strict:
+                raise TagMismatch(message)
+            warnings.append(message)
+    return hits, warnings
+
+
+def _match_all(conn: sqlite3.Connection, query: Query) -> dict[str, list[Answer]]:
+    """Matches of *query* in the whole index, grouped by layout path (not yet verified)."""
+    if query.digest is not None:
+        hits = db.by_digest(conn, query.digest)
+    elif query.name is not None:
+        hits = db.by_name(conn, query.name, query.tag or "")
+    else:
+        hits = db.by_tag(conn, query.tag or "latest")
+    stored = db.layouts_by_id(conn, {h.layout_id for h in hits})
+    grouped: dict[str, list[db.Hit]] = {}
+    for hit in hits:
+        grouped.setdefault(stored[hit.layout_id].path, []).append(hit)
+    out: dict[str, list[Answer]] = {}
+    for path, layout_hits in grouped.items():
+        view = View(conn, layout_hits[0].layout_id, path, INDEXED, [])
+        if query.digest is not None and (query.tag or query.name):
+            layout_hits, warnings = _match(view, query, strict=False, blobs=False)
+        else:
+            warnings = []
+        out[path] = _answers_by_digest(view, layout_hits, warnings)
+    return out
+
+
+def _answers_by_digest(view: View, hits: list[db.Hit], warnings: list[str]) -> list[Answer]:
+    by_digest: dict[str, list[db.Hit]] = {}
+    for hit in hits:
+        by_digest.setdefault(hit.digest, []).append(hit)
+    return [_answer(view, group, warnings) for group in by_digest.values()]
+
+
+def _answer(view: View, hits: list[db.Hit], warnings: list[str]) -> Answer:
+    """One answer from hits that all share a digest: the first hit, with every entry's names."""
+    first = hits[0]
+    entry_hits = [h for h in hits if h.source == "entry"]
+    names_of = db.names(view.conn, [h.entry_id for h in entry_hits])
+    names: list[Name] = []
+    for hit in entry_hits:
+        for name in names_of.get(hit.entry_id, []):
+            if name not in names:
+                names.append(name)
+    return Answer(
+        layout=view.path,
+        digest=first.digest,
+        media_type=first.media_type,
+        size=first.size,
+        names=names,
+        annotations=first.annotations,
+        platform=first.platform,
+        source=first.source,
+        freshness=view.freshness,
+        warnings=list(warnings),
+    )
+
+
+def _with_warning(answer: Answer, warning: str) -> Answer:
+    data = {name: getattr(answer, name) for name in Answer.__slots__}
+    data["warnings"] = [*answer.warnings, warning]
+    return Answer(**data)
+
+
+def _candidates(conn: sqlite3.Connection, hits: list[db.Hit]) -> list[dict[str, object]]:
+    names_of = db.names(conn, [h.entry_id for h in hits if h.source == "entry"])
+    out: dict[str, list[dict[str, str]]] = {}
+    for hit in hits:
+        listed = out.setdefault(hit.digest, [])
+        for name in names_of.get(hit.entry_id, []) if hit.source == "entry" else []:
+            if name.to_json() not in listed:
+                listed.append(name.to_json())
+    return [{"digest": digest, "names": names} for digest, names in out.items()]
+
+
+def _blob_hit(view: View, digest: str) -> db.Hit | None:
+    """A bare blob under ``blobs/`` with *digest* (single-layout lookups only)."""
+    try:
+        path = layout_mod.blob_path(view.path, digest)
+        st = os.stat(path)
+    except (LayoutError, OSError):
+        return None
+    return db.Hit(
+        entry_id=0,
+        layout_id=view.layout_id,
+        position=-1,
+        digest=digest,
+        media_type="",
+        size=st.st_size,
+        platform=None,
+        annotations={},
+        source="blob",
+    )
+
+
+def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform) -> Answer:
+    """Follow an index (or manifest list) down to the manifest for platform *want*."""
+    if hit.media_type not in INDEX_MEDIA_TYPES:
+        have = _platform_record(hit.platform)
+        if have is None or layout_mod.platform_matches(want, have):
+            return answer
+        raise PlatformNotFound(
+            f"{answer.digest} in {view.path} is a single manifest for {_platform_text(hit.platform)}, "
+            f"not {_platform_text(want.to_json())}",
+            [p for p in [_platform_out(hit.platform)] if p is not None],
+        )
+    kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
+    parent = hit.digest
+    seen: list[dict[str, object]] = []
+    for _depth in range(16):
+        level = [k for k in kids if k.parent == parent]
+        seen.extend(p for p in (_platform_out(k.platform) for k in level) if p is not None and p not in seen)
+        chosen = next(
+            (
+                k
+                for k in level
+                if (have := _platform_record(k.platform)) is not None
+                and layout_mod.platform_matches(want, have)
+            ),
+            None,
+        )
+        if chosen is None:
+            break
+        if chosen.media_type in INDEX_MEDIA_TYPES:
+            parent = chosen.digest
+            continue
+        try:
+            present = os.path.exists(layout_mod.blob_path(view.path, chosen.digest))
+        except LayoutError:
+            present = False
+        if not present:
+            raise PlatformNotFound(
+                f"{answer.digest} in {view.path} lists {_platform_text(chosen.platform)} as {chosen.digest}, "
+                "but that blob is absent from the layout (a partial export?)",
+                seen,
+            )
+        return Answer(
+            layout=answer.layout,
+            digest=chosen.digest,
+            media_type=chosen.media_type,
+            size=chosen.size,
+            names=answer.names,
+            annotations=answer.annotations,
+            platform=chosen.platform,
+            source="child",
+            freshness=answer.freshness,
+            warnings=answer.warnings,
+        )
+    listed = ", ".join(_platform_text(p) for p in seen) or "none recorded"
+    raise PlatformNotFound(
+        f"no manifest for {_platform_text(want.to_json())} under {answer.digest} in {view.path} "
+        f"(platforms present: {listed})",
+        seen,
+    )
+
+
+def _platform_record(platform: dict[str, object] | None) -> layout_mod.Platform | None:
+    if not platform:
+        return None
+    return layout_mod.Platform(
+        os=str(platform.get("os") or ""),
+        architecture=str(platform.get("architecture") or ""),
+        variant=str(platform.get("variant") or ""),
+    )
+
+
+def _platform_text(platform: dict[str, object] | None) -> str:
+    if not platform:
+        return "an unknown platform"
+    parts = [str(platform.get("os") or "?"), str(platform.get("architecture") or "?")]
+    if platform.get("variant"):
+        parts.append(str(platform["variant"]))
+    return printable("/".join(parts))

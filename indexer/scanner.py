@@ -1,0 +1,337 @@
+"""Batch scanning: discover layouts, skip the unchanged, read and parse in worker threads, write in batches.
+
+One :class:`Scanner` owns the only write connection. ``ocidx scan`` runs one
+:meth:`Scanner.full_pass`; the daemon runs the same pass at start-up and on
+its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
+reported. Reads happen in a worker thread a whole batch at a time (one thread
+hop per batch: research/python-anchors.md B4), writes in the writer thread one
+transaction per batch, and the two overlap: batch N+1 is read while batch N is
+written.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import time
+
+import anyio
+import anyio.to_thread
+
+from indexer import config as config_mod
+from indexer import layout as layout_mod
+from indexer.errors import LayoutError, LayoutUnreadable, printable
+from indexer.store import open_writer
+from indexer.store import read as db
+from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Callable, Iterable, Iterator
+
+    from indexer.config import Config, Root
+
+LAYOUT_MARKERS = ("oci-layout", "index.json")
+
+
+def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
+    """Yield the resolved path of every layout below *root* (never inside ``blobs/``)."""
+    top = os.path.realpath(root.path)
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, int]] = [(top, 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            if errors is not None and directory == top:
+                errors.append(f"root {top}: {exc.strerror}")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            if errors is not None and directory == top:
+                errors.append(f"root {top} is not a directory")
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(directory) as it:
+                listing = list(it)
+        except OSError as exc:
+            if errors is not None:
+                errors.append(f"{directory}: {exc.strerror}")
+            continue
+        names = {e.name for e in listing}
+        if any(marker in names for marker in LAYOUT_MARKERS):
+            yield directory
+        if depth >= root.max_depth:
+            continue
+        for item in listing:
+            if item.name == "blobs":
+                continue
+            try:
+                if item.is_symlink():
+                    target = os.path.realpath(item.path)
+                    inside = target == top or target.startswith(top.rstrip("/") + "/")
+                    if not (root.follow_symlinks or inside) or not os.path.isdir(target):
+                        continue
+                    stack.append((target, depth + 1))
+                elif item.is_dir(follow_symlinks=False):
+                    stack.append((item.path, depth + 1))
+            except OSError:
+                continue
+
+
+def examine(
+    path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False
+) -> Outcome | None:
+    """Look at one layout: None when its stored state is provably current, else what to write."""
+    read_ns = time.time_ns()
+    try:
+        st = os.stat(os.path.join(path, "index.json"))
+    except FileNotFoundError:
+        if not layout_mod.is_layout_dir(path):
+            return Gone(path) if stored is not None else None
+        return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns)
+    except OSError as exc:
+        return Failed(path, LayoutUnreadable(f"{path}/index.json: {exc.strerror}"), None, read_ns)
+    identity = layout_mod.FileIdentity.of(st)
+    if not full and stored is not None and stored.identity == identity and not stored.is_racy():
+        return None
+    try:
+        snapshot = layout_mod.read_layout(path, familiar=config.familiar, limits=config.limits)
+    except LayoutError as exc:
+        return Failed(path, exc, identity, read_ns)
+    except Exception as exc:  # noqa: BLE001 - one bad layout never stops the rest
+        error = LayoutError(f"{path}: unexpected {type(exc).__name__}: {exc}")
+        return Failed(path, error, identity, read_ns)
+    if (
+        not full
+        and stored is not None
+        and stored.state == "ok"
+        and stored.content_hash == snapshot.content_hash
+    ):
+        return Same(path, snapshot.identity, read_ns)
+    return Read(path, snapshot, read_ns)
+
+
+def examine_batch(
+    paths: Iterable[str], stored: dict[str, db.StoredLayout], *, config: Config, full: bool
+) -> list[Outcome]:
+    """Examine a batch of layouts in one worker-thread call."""
+    out = []
+    for path in paths:
+        outcome = examine(path, stored.get(path), config=config, full=full)
+        if outcome is not None:
+            out.append(outcome)
+    return out
+
+
+class Counts:
+    """What one pass did."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+        self.changed = 0
+        self.unchanged = 0
+        self.errors = 0
+        self.removed = 0
+        self.error_messages: list[str] = []
+
+    def add(self, outcomes: list[Outcome], looked_at: int) -> None:
+        """Account for one written batch."""
+        self.seen += looked_at
+        written = 0
+        for outcome in outcomes:
+            if isinstance(outcome, Read):
+                self.changed += 1
+            elif isinstance(outcome, Failed):
+                self.errors += 1
+                self.error_messages.append(outcome.error.message)
+            elif isinstance(outcome, Gone):
+                self.removed += 1
+            if not isinstance(outcome, Same):
+                written += 1
+        self.unchanged += max(0, looked_at - written)
+
+    def to_json(self, seconds: float) -> dict[str, object]:
+        """The summary ``ocidx scan --json`` prints."""
+        return {
+            "layouts": self.seen,
+            "changed": self.changed,
+            "unchanged": self.unchanged,
+            "errors": self.errors,
+            "removed": self.removed,
+            "seconds": round(seconds, 3),
+            "error_messages": self.error_messages[:50],
+        }
+
+
+class Scanner:
+    """The single writer and the scanning passes that feed it."""
+
+    def __init__(self, db_path: str, config: Config) -> None:
+        self.db_path = db_path
+        self.config = config
+        self.conn: sqlite3.Connection = open_writer(db_path)
+        self._write_limiter = anyio.CapacityLimiter(1)
+        self._read_limiter = anyio.CapacityLimiter(1)
+
+    def close(self) -> None:
+        """Close the write connection (after PRAGMA optimize)."""
+        try:
+            self.conn.execute("PRAGMA optimize")
+        finally:
+            self.conn.close()
+
+    async def _write(self, outcomes: list[Outcome]) -> int:
+        if not outcomes:
+            return 0
+        return await anyio.to_thread.run_sync(apply, self.conn, outcomes, limiter=self._write_limiter)
+
+    async def _stored(self, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
+        def load() -> dict[str, db.StoredLayout]:
+            if paths is None:
+                return {s.path: s for s in db.layouts(self.conn)}
+            out = {}
+            for path in paths:
+                found = db.layout(self.conn, path)
+                if found is not None:
+                    out[path] = found
+            return out
+
+        return await anyio.to_thread.run_sync(load, limiter=self._write_limiter)
+
+    async def process(
+        self,
+        paths: list[str],
+        *,
+        full: bool = False,
+        stored: dict[str, db.StoredLayout] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+        extra: list[Outcome] | None = None,
+    ) -> Counts:
+        """Examine *paths* in batches and write what changed; reads overlap writes."""
+        if stored is None:
+            stored = await self._stored(paths)
+        counts = Counts()
+        size = max(1, self.config.daemon.batch_size)
+        batches = [paths[i : i + size] for i in range(0, len(paths), size)]
+        send, receive = anyio.create_memory_object_stream[tuple[list[Outcome], int]](1)
+        done = 0
+
+        async def reader() -> None:
+            async with send:
+                for batch in batches:
+                    outcomes = await anyio.to_thread.run_sync(
+                        lambda b=batch: examine_batch(b, stored, config=self.config, full=full),  # type: ignore[misc]
+                        limiter=self._read_limiter,
+                    )
+                    await send.send((outcomes, len(batch)))
+                if extra:
+                    await send.send((list(extra), 0))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reader)
+            async with receive:
+                async for outcomes, looked_at in receive:
+                    await self._write(outcomes)
+                    counts.add(outcomes, looked_at)
+                    done += looked_at
+                    if progress is not None:
+                        progress(done, len(paths))
+        return counts
+
+    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str]]:
+        """Every layout below *roots*, and the problems met on the way (a missing root...)."""
+        roots = list(roots)
+
+        def walk() -> tuple[list[str], list[str]]:
+            errors: list[str] = []
+            found: dict[str, None] = {}
+            for root in roots:
+                for path in discover(root, errors):
+                    found[path] = None
+            return list(found), errors
+
+        return await anyio.to_thread.run_sync(walk)
+
+    async def full_pass(
+        self,
+        roots: Iterable[Root],
+        *,
+        full: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Counts:
+        """Discover, examine every layout, and drop those that vanished from below the roots."""
+        roots = list(roots)
+        paths, problems = await self.discover(roots)
+        stored = await self._stored()
+        tops = [os.path.realpath(r.path).rstrip("/") + "/" for r in roots]
+        present = set(paths)
+        gone: list[Outcome] = [
+            Gone(path)
+            for path in stored
+            if path not in present and any(path == t[:-1] or path.startswith(t) for t in tops)
+        ]
+        counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
+        counts.error_messages[:0] = problems
+        return counts
+
+
+def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
+    """The config's ``[[roots]]`` plus roots named on the command line (relative to the cwd)."""
+    from indexer.config import Root
+
+    roots = list(config.roots)
+    for path in extra:
+        roots.append(Root(os.path.abspath(path)))
+    return roots
+
+
+def _progress_bar(stream: object) -> Callable[[int, int], None]:
+    write = sys.stderr.write
+
+    def show(done: int, total: int) -> None:
+        width = 30
+        filled = width if total == 0 else int(width * done / total)
+        write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} layouts")
+        if done >= total:
+            write("\n")
+        sys.stderr.flush()
+
+    return show
+
+
+def run_scan(
+    *, db: str | None, config_path: str | None, roots: list[str], full: bool = False, progress: bool = True
+) -> dict[str, object]:
+    """``ocidx scan``: one pass; prints a one-line summary on stderr and returns it."""
+    config = config_mod.load(config_path)
+    db_path = config_mod.database_path(db, config)
+    scan_roots = roots_for(config, roots)
+    if not scan_roots:
+        from indexer.errors import UsageError
+
+        raise UsageError("no roots to scan: name one (ocidx scan ROOT) or add [[roots]] to the config")
+    bar = _progress_bar(sys.stderr) if progress and sys.stderr.isatty() else None
+    started = time.perf_counter()
+
+    async def go() -> Counts:
+        scanner = Scanner(db_path, config)
+        try:
+            return await scanner.full_pass(scan_roots, full=full, progress=bar)
+        finally:
+            scanner.close()
+
+    counts = anyio.run(go)
+    seconds = time.perf_counter() - started
+    for message in counts.error_messages[:20]:
+        sys.stderr.write(printable(f"ocidx: {message}") + "\n")
+    sys.stderr.write(
+        f"ocidx: scanned {counts.seen} layouts in {seconds:.2f}s: {counts.changed} changed, "
+        f"{counts.unchanged} unchanged, {counts.errors} with errors, {counts.removed} removed\n"
+    )
+    return counts.to_json(seconds)

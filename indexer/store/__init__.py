@@ -1,0 +1,163 @@
+"""The SQLite index: schema, migrations, and the two ways to open it.
+
+* :func:`open_reader` is for lookups: ``mode=ro``, a busy timeout, and a check
+  that the file is an ocidx database of a schema this version knows (exit 4
+  otherwise). It never writes and never creates a file.
+* :func:`open_writer` is for the one writer (``ocidx scan`` or the daemon):
+  it creates the database, applies pending migrations, and sets WAL.
+
+Migrations are the files ``migrations/NNNN_name.sql``, applied in order, each
+recorded in ``ocidx_migrations`` in the same transaction as its change. The
+count of known migrations is also ``PRAGMA user_version``, so a reader checks
+the schema with one pragma instead of a table read.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+
+from indexer.errors import DatabaseError, SchemaTooNew
+
+APPLICATION_ID = 0x6F636478  # "ocdx"
+SCHEMA_VERSION = 1  # the number of files in migrations/; a test holds them equal
+BUSY_TIMEOUT_MS = 5000
+
+
+def migrations_dir() -> str:
+    """The directory of migration files: inside the package when installed, else the checkout's."""
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    packaged = os.path.join(here, "migrations")
+    if os.path.isdir(packaged):
+        return packaged
+    return os.path.join(os.path.dirname(here), "migrations")
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """``(name, path)`` of every migration, in the order they apply."""
+    directory = migrations_dir()
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".sql") and n[:4].isdigit())
+    except OSError as exc:
+        raise DatabaseError(f"migrations directory {directory} is unreadable: {exc.strerror}") from None
+    return [(n[:-4], os.path.join(directory, n)) for n in names]
+
+
+def schema_script() -> str:
+    """All migrations as one script: the schema of an in-memory read-through database."""
+    parts = []
+    for _name, path in migration_files():
+        with open(path, encoding="utf-8") as fh:
+            parts.append(fh.read())
+    return "\n".join(parts)
+
+
+def open_reader(path: str) -> sqlite3.Connection:
+    """Open the index read-only for lookups, or raise DatabaseError (exit 4)."""
+    if not os.path.exists(path):
+        raise DatabaseError(
+            f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first"
+        )
+    try:
+        conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open index database {path}: {exc}") from None
+    try:
+        check_schema(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def check_schema(conn: sqlite3.Connection, path: str) -> None:
+    """Raise DatabaseError unless *conn* is an ocidx database of exactly our schema."""
+    try:
+        app_id, version = (
+            conn.execute("PRAGMA application_id").fetchone()[0],
+            conn.execute("PRAGMA user_version").fetchone()[0],
+        )
+    except sqlite3.DatabaseError as exc:
+        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+    if app_id != APPLICATION_ID:
+        raise DatabaseError(f"{path} is not an ocidx database")
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(
+            f"{path} has schema version {version}, newer than this ocidx knows ({SCHEMA_VERSION}): "
+            "upgrade ocidx, or point --db at another file"
+        )
+    if version < SCHEMA_VERSION:
+        raise DatabaseError(
+            f"{path} has schema version {version}, older than this ocidx ({SCHEMA_VERSION}): "
+            "run 'ocidx scan' or restart the daemon to migrate it"
+        )
+
+
+def open_writer(path: str) -> sqlite3.Connection:
+    """Open (creating if needed) the index for the single writer, migrated to our schema."""
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        conn = sqlite3.connect(
+            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
+        )
+    except (OSError, sqlite3.Error) as exc:
+        raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
+    try:
+        app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+        if app_id != APPLICATION_ID and has_tables:
+            raise DatabaseError(f"{path} is a SQLite database but not an ocidx one: refusing to touch it")
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        migrate(conn, path)
+    except sqlite3.DatabaseError as exc:
+        conn.close()
+        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def migrate(conn: sqlite3.Connection, path: str = ":memory:") -> list[str]:
+    """Apply pending migrations, each in its own transaction with its record; return their names."""
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS ocidx_migrations (name TEXT PRIMARY KEY, applied_ns INTEGER NOT NULL)"
+    )
+    applied = {row[0] for row in conn.execute("SELECT name FROM ocidx_migrations")}
+    files = migration_files()
+    known = {name for name, _ in files}
+    unknown = sorted(applied - known)
+    if unknown:
+        raise SchemaTooNew(
+            f"{path} has migrations this ocidx does not know ({', '.join(unknown)}): upgrade ocidx"
+        )
+    done = []
+    for number, (name, file_path) in enumerate(files, start=1):
+        if name in applied:
+            continue
+        with open(file_path, encoding="utf-8") as fh:
+            script = fh.read()
+        # executescript() commits first, so the BEGIN is part of the script itself.
+        try:
+            conn.executescript(
+                "BEGIN IMMEDIATE;\n"
+                + script
+                + f"\nINSERT INTO ocidx_migrations (name, applied_ns) VALUES ('{name}', {time.time_ns()});"
+                + f"\nPRAGMA user_version = {number};"
+                + f"\nPRAGMA application_id = {APPLICATION_ID};"
+                + "\nCOMMIT;"
+            )
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        done.append(name)
+    return done
+
+
+def _uri_path(path: str) -> str:
+    """Quote a file path for a ``file:`` URI (only these three characters mean something there)."""
+    return os.path.abspath(path).replace("%", "%25").replace("?", "%3f").replace("#", "%23")

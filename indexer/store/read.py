@@ -1,0 +1,362 @@
+"""Read-only queries on the index: the one matcher behind every lookup.
+
+The same functions run on the on-disk database (an indexed answer) and on the
+in-memory database that a read-through lookup fills from a freshly parsed
+``index.json`` (:func:`indexer.store.write.store_snapshot`), so both kinds of
+answer come from one piece of matching code.
+"""
+
+from __future__ import annotations
+
+import json
+
+from indexer._record import Record
+from indexer.layout import FileIdentity
+from indexer.names import Name
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import sqlite3
+    from collections.abc import Iterable, Sequence
+
+# A stored identity is trusted only when index.json was last changed well before it
+# was read: a rewrite inside the file system's timestamp granularity (2 s on the
+# coarsest, FAT; one kernel tick on ext4/xfs/tmpfs) can keep size and mtime
+# (git's "racily clean" problem). Within this window a lookup hashes the file.
+RACY_WINDOW_NS = 3_000_000_000
+
+_ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations"
+
+
+class StoredLayout(Record):
+    """What the index knows of one layout's ``index.json``."""
+
+    __slots__ = (
+        "checked_ns",
+        "content_hash",
+        "entry_count",
+        "error",
+        "error_category",
+        "id",
+        "identity",
+        "last_good_ns",
+        "path",
+        "read_ns",
+        "state",
+    )
+
+    def __init__(
+        self,
+        *,
+        id: int,  # noqa: A002 - the column's name
+        path: str,
+        identity: FileIdentity | None,
+        read_ns: int | None,
+        content_hash: str | None,
+        state: str,
+        error_category: str | None,
+        error: str | None,
+        last_good_ns: int | None,
+        checked_ns: int,
+        entry_count: int,
+    ) -> None:
+        self.id = id
+        self.path = path
+        self.identity = identity
+        self.read_ns = read_ns
+        self.content_hash = content_hash
+        self.state = state
+        self.error_category = error_category
+        self.error = error
+        self.last_good_ns = last_good_ns
+        self.checked_ns = checked_ns
+        self.entry_count = entry_count
+
+    def is_racy(self) -> bool:
+        """True when the stored identity cannot prove the file unchanged (see RACY_WINDOW_NS)."""
+        identity = self.identity
+        if identity is None or self.read_ns is None:
+            return True
+        return max(identity.mtime_ns, identity.ctime_ns) >= self.read_ns - RACY_WINDOW_NS
+
+    def to_json(self) -> dict[str, object]:
+        """The object ``ocidx ls --json`` prints for a layout."""
+        return {
+            "layout": self.path,
+            "state": self.state,
+            "entries": self.entry_count,
+            "error": self.error_category,
+            "message": self.error,
+            "content_hash": self.content_hash,
+            "last_good_ns": self.last_good_ns,
+            "checked_ns": self.checked_ns,
+        }
+
+
+_LAYOUT_COLUMNS = (
+    "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
+    "last_good_ns, checked_ns, entry_count"
+)
+
+
+def _stored(row: Sequence[object]) -> StoredLayout:
+    (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count) = row
+    identity = (
+        FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
+        if dev is not None
+        else None
+    )
+    return StoredLayout(
+        id=lid,  # type: ignore[arg-type]
+        path=path,  # type: ignore[arg-type]
+        identity=identity,
+        read_ns=read_ns,  # type: ignore[arg-type]
+        content_hash=chash,  # type: ignore[arg-type]
+        state=state,  # type: ignore[arg-type]
+        error_category=cat,  # type: ignore[arg-type]
+        error=err,  # type: ignore[arg-type]
+        last_good_ns=good,  # type: ignore[arg-type]
+        checked_ns=checked,  # type: ignore[arg-type]
+        entry_count=count,  # type: ignore[arg-type]
+    )
+
+
+def layout(conn: sqlite3.Connection, path: str) -> StoredLayout | None:
+    """The stored state of the layout at *path* (resolved), or None."""
+    row = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path = ?", (path,)).fetchone()
+    return None if row is None else _stored(row)
+
+
+def layouts(conn: sqlite3.Connection, under: str | None = None) -> list[StoredLayout]:
+    """Every stored layout (below directory *under* when given), by path."""
+    if under is None:
+        rows = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts ORDER BY path")
+    else:
+        prefix = under.rstrip("/") + "/"
+        rows = conn.execute(
+            f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path = ? OR substr(path, 1, ?) = ? ORDER BY path",
+            (under, len(prefix), prefix),
+        )
+    return [_stored(row) for row in rows]
+
+
+def layouts_by_id(conn: sqlite3.Connection, ids: Iterable[int]) -> dict[int, StoredLayout]:
+    """The stored layouts with these ids."""
+    wanted = sorted(set(ids))
+    result: dict[int, StoredLayout] = {}
+    for chunk in _chunks(wanted):
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE id IN ({marks})", chunk):
+            stored = _stored(row)
+            result[stored.id] = stored
+    return result
+
+
+class Hit(Record):
+    """One entry (or child manifest) that a query reached."""
+
+    __slots__ = (
+        "annotations",
+        "digest",
+        "entry_id",
+        "layout_id",
+        "media_type",
+        "platform",
+        "position",
+        "size",
+        "source",
+    )
+
+    def __init__(
+        self,
+        *,
+        entry_id: int,
+        layout_id: int,
+        position: int,
+        digest: str,
+        media_type: str,
+        size: int,
+        platform: dict[str, object] | None,
+        annotations: dict[str, str],
+        source: str,
+    ) -> None:
+        self.entry_id = entry_id
+        self.layout_id = layout_id
+        self.position = position
+        self.digest = digest
+        self.media_type = media_type
+        self.size = size
+        self.platform = platform
+        self.annotations = annotations
+        self.source = source
+
+
+def _hit(row: Sequence[object], source: str) -> Hit:
+    entry_id, layout_id, position, digest, media_type, size, platform, annotations = row
+    return Hit(
+        entry_id=entry_id,  # type: ignore[arg-type]
+        layout_id=layout_id,  # type: ignore[arg-type]
+        position=position,  # type: ignore[arg-type]
+        digest=digest,  # type: ignore[arg-type]
+        media_type=media_type,  # type: ignore[arg-type]
+        size=size,  # type: ignore[arg-type]
+        platform=json.loads(platform) if platform else None,  # type: ignore[arg-type]
+        annotations=json.loads(annotations),  # type: ignore[arg-type]
+        source=source,
+    )
+
+
+def _scope(layout_id: int | None, column: str) -> tuple[str, tuple[int, ...]]:
+    if layout_id is None:
+        return "", ()
+    return f" AND {column} = ?", (layout_id,)
+
+
+def by_tag(conn: sqlite3.Connection, tag: str, layout_id: int | None = None) -> list[Hit]:
+    """Entries with a name carrying *tag*, whatever the repository."""
+    where, args = _scope(layout_id, "n.layout_id")
+    rows = conn.execute(
+        f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
+        f"WHERE n.tag = ?{where} ORDER BY e.layout_id, e.position",
+        (tag, *args),
+    )
+    return [_hit(row, "entry") for row in rows]
+
+
+def by_name(conn: sqlite3.Connection, name: str, tag: str, layout_id: int | None = None) -> list[Hit]:
+    """Entries with the canonical (repository, tag) pair; tag '' is the untagged name."""
+    where, args = _scope(layout_id, "n.layout_id")
+    rows = conn.execute(
+        f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
+        f"WHERE n.name = ? AND n.tag = ?{where} ORDER BY e.layout_id, e.position",
+        (name, tag, *args),
+    )
+    return [_hit(row, "entry") for row in rows]
+
+
+def by_repository(conn: sqlite3.Connection, name: str, layout_id: int | None = None) -> list[Hit]:
+    """Entries with any name in repository *name*, tagged or not."""
+    where, args = _scope(layout_id, "n.layout_id")
+    rows = conn.execute(
+        f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
+        f"WHERE n.name = ?{where} ORDER BY e.layout_id, e.position",
+        (name, *args),
+    )
+    return [_hit(row, "entry") for row in rows]
+
+
+def by_digest(conn: sqlite3.Connection, digest: str, layout_id: int | None = None) -> list[Hit]:
+    """Top-level entries with *digest*, then child manifests of nested indexes with it."""
+    where, args = _scope(layout_id, "e.layout_id")
+    hits = [
+        _hit(row, "entry")
+        for row in conn.execute(
+            f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.digest = ?{where} ORDER BY e.layout_id, e.position",
+            (digest, *args),
+        )
+    ]
+    where, args = _scope(layout_id, "c.layout_id")
+    hits.extend(
+        _hit(row, "child")
+        for row in conn.execute(
+            "SELECT c.entry_id, c.layout_id, c.position, c.digest, c.media_type, c.size, c.platform, "
+            f"c.annotations FROM children c WHERE c.digest = ?{where} ORDER BY c.layout_id, c.entry_id, c.position",
+            (digest, *args),
+        )
+    )
+    return hits
+
+
+class ChildRow(Record):
+    """A manifest listed by a nested index under one top-level entry."""
+
+    __slots__ = ("depth", "digest", "media_type", "parent", "platform", "size")
+
+    def __init__(
+        self,
+        *,
+        parent: str,
+        depth: int,
+        digest: str,
+        media_type: str,
+        size: int,
+        platform: dict[str, object] | None,
+    ) -> None:
+        self.parent = parent
+        self.depth = depth
+        self.digest = digest
+        self.media_type = media_type
+        self.size = size
+        self.platform = platform
+
+
+def children(conn: sqlite3.Connection, entry_id: int) -> list[ChildRow]:
+    """The nested manifests recorded under entry *entry_id*, in index order."""
+    return [
+        ChildRow(
+            parent=parent,
+            depth=depth,
+            digest=digest,
+            media_type=media_type,
+            size=size,
+            platform=json.loads(platform) if platform else None,
+        )
+        for parent, depth, digest, media_type, size, platform in conn.execute(
+            "SELECT parent, depth, digest, media_type, size, platform FROM children "
+            "WHERE entry_id = ? ORDER BY position",
+            (entry_id,),
+        )
+    ]
+
+
+def names(conn: sqlite3.Connection, entry_ids: Iterable[int]) -> dict[int, list[Name]]:
+    """The names of each entry, in the order they were read."""
+    result: dict[int, list[Name]] = {}
+    for chunk in _chunks(sorted(set(entry_ids))):
+        marks = ",".join("?" * len(chunk))
+        for entry_id, name, tag, how in conn.execute(
+            f"SELECT entry_id, name, tag, how FROM names WHERE entry_id IN ({marks}) ORDER BY entry_id, rowid",
+            chunk,
+        ):
+            result.setdefault(entry_id, []).append(Name(name, tag, how))
+    return result
+
+
+def entries(conn: sqlite3.Connection, layout_id: int) -> list[tuple[Hit, list[str], list[str]]]:
+    """Every entry of a layout with its invalid raw names and warnings (for ``ls PATH``)."""
+    rows = conn.execute(
+        f"SELECT {_ENTRY_COLUMNS}, e.invalid_names, e.warnings FROM entries e "
+        "WHERE e.layout_id = ? ORDER BY e.position",
+        (layout_id,),
+    )
+    return [
+        (_hit(row[:8], "entry"), json.loads(row[8]) if row[8] else [], json.loads(row[9]) if row[9] else [])
+        for row in rows
+    ]
+
+
+def layout_warnings(conn: sqlite3.Connection, layout_id: int) -> list[str]:
+    """The layout-level warnings of the last good read."""
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT message FROM layout_warnings WHERE layout_id = ? ORDER BY rowid", (layout_id,)
+        )
+    ]
+
+
+def sample_names(conn: sqlite3.Connection, layout_id: int, limit: int = 5) -> list[str]:
+    """A few ``name:tag`` (or ``:tag``) the layout holds, for not-found messages."""
+    out = []
+    for name, tag in conn.execute(
+        "SELECT DISTINCT name, tag FROM names WHERE entry_id IN (SELECT id FROM entries WHERE layout_id = ?) "
+        "ORDER BY tag = 'latest' DESC, name, tag LIMIT ?",
+        (layout_id, limit),
+    ):
+        out.append(f"{name}:{tag}" if name and tag else (name or f":{tag}"))
+    return out
+
+
+def _chunks(values: list[int], size: int = 500) -> Iterable[list[int]]:
+    for start in range(0, len(values), size):
+        yield values[start : start + size]
