@@ -49,9 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("resolve", help="resolve oci-layout://PATH[:TAG][@DIGEST] (or --layout PATH REF)")
     p.add_argument("target", metavar="TARGET|REF")
-    p.add_argument(
-        "--layout", metavar="PATH", help="the layout; TARGET is then :TAG, @DIGEST or NAME[:TAG][@DIGEST]"
-    )
+    p.add_argument("--layout", metavar="PATH", help="the layout; TARGET is then :TAG, @DIGEST or NAME[:TAG][@DIGEST]")
     p.add_argument("--platform", metavar="OS/ARCH[/VARIANT]")
     p.add_argument("--strict", action="store_true", help="tag mismatch and stale answers are errors")
     p.add_argument("--format", choices=("digest", "json", "context"), default=None)
@@ -59,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("find", help="find :TAG, @DIGEST or NAME[:TAG] across every indexed layout")
     p.add_argument("ref", metavar="REF")
-    p.add_argument(
-        "--verify-all", action="store_true", help="re-check every layout, not just those that match"
-    )
+    p.add_argument("--verify-all", action="store_true", help="re-check every layout, not just those that match")
     _common(p)
 
     p = sub.add_parser("ls", help="list indexed layouts, or one layout's entries")

@@ -184,9 +184,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
         max_blob_bytes=_int(
             limits_table, "max_blob_bytes", defaults.max_blob_bytes, "limits.max_blob_bytes", source, low=2
         ),
-        max_depth=_int(
-            limits_table, "max_nested_depth", defaults.max_depth, "limits.max_nested_depth", source, 0, 16
-        ),
+        max_depth=_int(limits_table, "max_nested_depth", defaults.max_depth, "limits.max_nested_depth", source, 0, 16),
     )
 
     daemon_table = _table(data, "daemon", source)
@@ -201,9 +199,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
         raise ConfigError(f"{source}: daemon.log_format must be 'text' or 'json', not {log_format!r}")
     daemon = DaemonSettings(
         debounce_ms=_int(daemon_table, "debounce_ms", 100, "daemon.debounce_ms", source, low=0, high=60_000),
-        reconcile_s=_number(
-            daemon_table, "reconcile_interval_s", 300.0, "daemon.reconcile_interval_s", source
-        ),
+        reconcile_s=_number(daemon_table, "reconcile_interval_s", 300.0, "daemon.reconcile_interval_s", source),
         batch_size=_int(daemon_table, "batch_size", 500, "daemon.batch_size", source, low=1, high=100_000),
         heartbeat_s=_number(daemon_table, "heartbeat_interval_s", 5.0, "daemon.heartbeat_interval_s", source),
         log_format=log_format,

@@ -43,6 +43,8 @@ from indexer.store.write import store_snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from indexer.config import Config
 
 SCHEME = "oci-layout://"
@@ -238,11 +240,7 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
-            if (
-                stored is not None
-                and stored.last_good_ns is not None
-                and not isinstance(exc, LayoutUnreadable)
-            ):
+            if stored is not None and stored.last_good_ns is not None and not isinstance(exc, LayoutUnreadable):
                 return self._stale(stored, exc.message, strict, exc)
             raise
         if stored is not None and stored.content_hash == snapshot.content_hash:
@@ -265,9 +263,7 @@ class Index:
             stored.id,
             stored.path,
             STALE,
-            [
-                f"{stored.path}: index.json is unreadable now ({why}); answering from its last good state of {when}"
-            ],
+            [f"{stored.path}: index.json is unreadable now ({why}); answering from its last good state of {when}"],
         )
 
     # -- target parsing ------------------------------------------------------------------------------
@@ -324,9 +320,7 @@ class Index:
         path, query = self.parse_target(target)
         return self._resolve(path, query, platform=platform, strict=strict)
 
-    def resolve_in(
-        self, layout: str, ref: str, *, platform: str | None = None, strict: bool = False
-    ) -> Answer:
+    def resolve_in(self, layout: str, ref: str, *, platform: str | None = None, strict: bool = False) -> Answer:
         """Resolve REF (``:TAG``, ``@DIGEST``, ``NAME[:TAG][@DIGEST]``) in the layout at *layout*."""
         return self._resolve(layout, parse_ref(ref), platform=platform, strict=strict)
 
@@ -353,11 +347,7 @@ class Index:
         message = f"{query.describe()} not found in {view.path}{held_text}"
         if query.name is not None and query.digest is None:
             word = query.text.split("/")[-1].split(":")[0]
-            if (
-                "/" not in query.text
-                and reference.is_tag(query.text)
-                and db.by_tag(view.conn, word, view.layout_id)
-            ):
+            if "/" not in query.text and reference.is_tag(query.text) and db.by_tag(view.conn, word, view.layout_id):
                 message += f" (did you mean the tag ':{word}'?)"
         return message
 
@@ -485,9 +475,7 @@ def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list
     if hits and (query.tag or query.name):
         if query.name is not None:
             pointed = (
-                db.by_name(conn, query.name, query.tag, lid)
-                if query.tag
-                else db.by_repository(conn, query.name, lid)
+                db.by_name(conn, query.name, query.tag, lid) if query.tag else db.by_repository(conn, query.name, lid)
             )
         else:
             pointed = db.by_tag(conn, query.tag or "", lid)
@@ -615,8 +603,7 @@ def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.P
             (
                 k
                 for k in level
-                if (have := _platform_record(k.platform)) is not None
-                and layout_mod.platform_matches(want, have)
+                if (have := _platform_record(k.platform)) is not None and layout_mod.platform_matches(want, have)
             ),
             None,
         )
@@ -665,7 +652,7 @@ def _platform_record(platform: dict[str, object] | None) -> layout_mod.Platform 
     )
 
 
-def _platform_text(platform: dict[str, object] | None) -> str:
+def _platform_text(platform: Mapping[str, object] | None) -> str:
     if not platform:
         return "an unknown platform"
     parts = [str(platform.get("os") or "?"), str(platform.get("architecture") or "?")]

@@ -84,9 +84,7 @@ def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
                 continue
 
 
-def examine(
-    path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False
-) -> Outcome | None:
+def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False) -> Outcome | None:
     """Look at one layout: None when its stored state is provably current, else what to write."""
     read_ns = time.time_ns()
     try:
@@ -104,15 +102,10 @@ def examine(
         snapshot = layout_mod.read_layout(path, familiar=config.familiar, limits=config.limits)
     except LayoutError as exc:
         return Failed(path, exc, identity, read_ns)
-    except Exception as exc:  # noqa: BLE001 - one bad layout never stops the rest
+    except Exception as exc:
         error = LayoutError(f"{path}: unexpected {type(exc).__name__}: {exc}")
         return Failed(path, error, identity, read_ns)
-    if (
-        not full
-        and stored is not None
-        and stored.state == "ok"
-        and stored.content_hash == snapshot.content_hash
-    ):
+    if not full and stored is not None and stored.state == "ok" and stored.content_hash == snapshot.content_hash:
         return Same(path, snapshot.identity, read_ns)
     return Read(path, snapshot, read_ns)
 
@@ -244,17 +237,17 @@ class Scanner:
                         progress(done, len(paths))
         return counts
 
-    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str]]:
-        """Every layout below *roots*, and the problems met on the way (a missing root...)."""
+    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
+        """Every layout below *roots*, the problems met on the way, and the roots resolved."""
         roots = list(roots)
 
-        def walk() -> tuple[list[str], list[str]]:
+        def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
                 for path in discover(root, errors):
                     found[path] = None
-            return list(found), errors
+            return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
         return await anyio.to_thread.run_sync(walk)
 
@@ -267,9 +260,9 @@ class Scanner:
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
         roots = list(roots)
-        paths, problems = await self.discover(roots)
+        paths, problems, resolved = await self.discover(roots)
         stored = await self._stored()
-        tops = [os.path.realpath(r.path).rstrip("/") + "/" for r in roots]
+        tops = [top.rstrip("/") + "/" for top in resolved]
         present = set(paths)
         gone: list[Outcome] = [
             Gone(path)
@@ -285,13 +278,10 @@ def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     """The config's ``[[roots]]`` plus roots named on the command line (relative to the cwd)."""
     from indexer.config import Root
 
-    roots = list(config.roots)
-    for path in extra:
-        roots.append(Root(os.path.abspath(path)))
-    return roots
+    return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
 
 
-def _progress_bar(stream: object) -> Callable[[int, int], None]:
+def _progress_bar() -> Callable[[int, int], None]:
     write = sys.stderr.write
 
     def show(done: int, total: int) -> None:
@@ -316,7 +306,7 @@ def run_scan(
         from indexer.errors import UsageError
 
         raise UsageError("no roots to scan: name one (ocidx scan ROOT) or add [[roots]] to the config")
-    bar = _progress_bar(sys.stderr) if progress and sys.stderr.isatty() else None
+    bar = _progress_bar() if progress and sys.stderr.isatty() else None
     started = time.perf_counter()
 
     async def go() -> Counts:

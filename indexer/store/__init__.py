@@ -56,9 +56,7 @@ def schema_script() -> str:
 def open_reader(path: str) -> sqlite3.Connection:
     """Open the index read-only for lookups, or raise DatabaseError (exit 4)."""
     if not os.path.exists(path):
-        raise DatabaseError(
-            f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first"
-        )
+        raise DatabaseError(f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first")
     try:
         conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
@@ -99,9 +97,7 @@ def open_writer(path: str) -> sqlite3.Connection:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(
-            path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
     try:
@@ -123,17 +119,13 @@ def open_writer(path: str) -> sqlite3.Connection:
 
 def migrate(conn: sqlite3.Connection, path: str = ":memory:") -> list[str]:
     """Apply pending migrations, each in its own transaction with its record; return their names."""
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS ocidx_migrations (name TEXT PRIMARY KEY, applied_ns INTEGER NOT NULL)"
-    )
+    conn.execute("CREATE TABLE IF NOT EXISTS ocidx_migrations (name TEXT PRIMARY KEY, applied_ns INTEGER NOT NULL)")
     applied = {row[0] for row in conn.execute("SELECT name FROM ocidx_migrations")}
     files = migration_files()
     known = {name for name, _ in files}
     unknown = sorted(applied - known)
     if unknown:
-        raise SchemaTooNew(
-            f"{path} has migrations this ocidx does not know ({', '.join(unknown)}): upgrade ocidx"
-        )
+        raise SchemaTooNew(f"{path} has migrations this ocidx does not know ({', '.join(unknown)}): upgrade ocidx")
     done = []
     for number, (name, file_path) in enumerate(files, start=1):
         if name in applied:

@@ -48,7 +48,7 @@ class StoredLayout(Record):
     def __init__(
         self,
         *,
-        id: int,  # noqa: A002 - the column's name
+        id: int,
         path: str,
         identity: FileIdentity | None,
         read_ns: int | None,
@@ -339,9 +339,7 @@ def layout_warnings(conn: sqlite3.Connection, layout_id: int) -> list[str]:
     """The layout-level warnings of the last good read."""
     return [
         row[0]
-        for row in conn.execute(
-            "SELECT message FROM layout_warnings WHERE layout_id = ? ORDER BY rowid", (layout_id,)
-        )
+        for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ? ORDER BY rowid", (layout_id,))
     ]
 
 

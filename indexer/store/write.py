@@ -190,7 +190,9 @@ def store_snapshot(
     if moved:
         conn.executemany("UPDATE entries SET position = ? WHERE id = ?", moved)
     if fresh:
-        entry_rows, name_rows, child_rows = [], [], []
+        entry_rows: list[tuple[object, ...]] = []
+        name_rows: list[tuple[object, ...]] = []
+        child_rows: list[tuple[object, ...]] = []
         for key in fresh:
             entry, kids = wanted[key]
             entry_id = ids.take()
@@ -230,14 +232,11 @@ def store_snapshot(
         conn.executemany("INSERT INTO children VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", child_rows)
 
     old_warnings = [
-        row[0]
-        for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
+        row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
     ]
     if old_warnings != list(snapshot.warnings):
         conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
-        conn.executemany(
-            "INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in snapshot.warnings]
-        )
+        conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in snapshot.warnings])
     return 1 if (stale or fresh or moved) else 0
 
 
