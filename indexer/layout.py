@@ -1,0 +1,846 @@
+"""One OCI image layout on disk: ``index.json``, nested indexes in ``blobs/``, platforms.
+
+The parsing is pure (:func:`parse_index` takes bytes); the reads around it are
+small and synchronous, so the daemon runs them in a worker thread and the
+lookup CLI calls them directly when it has to read a changed layout through.
+
+Choices where SPEC.md is silent:
+
+* **A bad descriptor does not hide the good ones.** A ``manifests`` item that
+  is not an object, or whose ``digest`` (validated as go-digest does),
+  ``size`` (an integer 0 … 2⁶³-1; ``true`` and ``1.0`` are not) or
+  ``mediaType`` (a string, missing → ``""``) is wrong, is skipped with a
+  layout warning. Optional parts are dropped, the entry kept: annotations
+  that are not an object, annotation values that are not strings, and a
+  ``platform`` that is not an object of strings. Go's decoder would refuse
+  the whole file; a layout with one hand-edited entry should not vanish.
+* **The document itself is strict.** Not UTF-8, a UTF-8 BOM, ``NaN`` or
+  ``Infinity``, trailing data, a top level that is not an object,
+  ``manifests`` that is not a list (``null`` and missing are an empty
+  layout), nesting too deep for the decoder, more than
+  ``Limits.max_entries`` entries, or more than ``Limits.max_index_bytes``
+  bytes: :class:`~indexer.errors.IndexParseError`. Duplicate keys keep the
+  last value, as Go does. Lone UTF-16 surrogates (``"\\ud800"``) become
+  U+FFFD, as Go does, so every kept string can be stored.
+* ``Entry.position`` is the item's index in ``manifests``, so skipped items
+  leave gaps. Entry warnings are repeated in the layout's warnings, prefixed
+  with ``manifests[N]``.
+* **Torn reads.** ``index.json`` is opened with ``O_NONBLOCK`` (a FIFO never
+  blocks; anything but a regular file is refused) and ``fstat``-ed before
+  and after the read; a change, or a read whose length is not the size, is
+  retried (``Limits.torn_retries`` times, backoff 1, 2, 4 … ms). A read that
+  fails to parse is read again: if the bytes or the identity differ it was
+  torn and is retried too, and only a file that reads the same twice is
+  reported as broken. Retries exhausted: :class:`~indexer.errors.TornRead`.
+  A rename-replaced file read through the old descriptor is a consistent
+  old version, not a torn one.
+* **Blobs.** A digest is validated before it becomes a path. The blob's real
+  path (symlinks resolved) must stay inside the layout's real path; symlinks
+  inside the layout are followed, the final open uses ``O_NOFOLLOW``. Only a
+  regular file of the descriptor's size, at most ``Limits.max_blob_bytes``,
+  whose hash matches, is returned. A missing blob is
+  :class:`BlobMissing` (normal in partial exports), any other problem
+  :class:`~indexer.errors.BlobError`.
+* **Nested indexes.** Entries whose media type is an OCI image index or a
+  Docker manifest list are followed into ``blobs/``. Every descriptor found
+  is a :class:`Child` (depth 1 = listed in a top-level entry's index);
+  children that are indexes themselves are followed up to
+  ``Limits.max_depth``, and never into an index already on the path
+  (a cycle can only come from a forged blob, which the hash check already
+  refuses). At most ``Limits.max_children`` children are kept. A missing or
+  bad child blob is a layout warning, never fatal. Names in nested indexes
+  are not read.
+* **Platforms** keep the descriptor's strings as written; comparison
+  normalizes both sides as containerd's ``platforms.Normalize`` does
+  (``arm64/v8`` ≡ ``arm64``: ``v8`` becomes ``""``; ``arm`` → ``v7``;
+  ``x86_64`` → ``amd64``) except that an empty OS stays empty (containerd
+  would substitute the host's). Matching compares the normalized
+  (os, architecture, variant) exactly, like containerd's ``Only``-free
+  matcher: ``linux/amd64`` does not match ``linux/amd64/v3``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+
+from indexer import reference
+from indexer._record import Record
+from indexer.errors import (
+    BlobError,
+    IndexParseError,
+    LayoutUnreadable,
+    ReferenceError_,
+    TornRead,
+    UsageError,
+)
+from indexer.names import DEFAULT_FAMILIAR_POLICY, quote_value, read_names
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from indexer.names import Name
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEX_MEDIA_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
+
+INDEX_FILE = "index.json"
+LAYOUT_FILE = "oci-layout"
+
+_MAX_SIZE = 2**63 - 1  # a Go int64: what every writer's descriptor size is
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_PLATFORM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+
+
+class BlobMissing(BlobError):  # noqa: N818 - named like its siblings in indexer.errors
+    """The blob is not in ``blobs/``: normal for partial exports, so callers tell it apart."""
+
+    category = "blob_missing"
+
+
+class FileIdentity(Record):
+    """What ``stat`` says about a file: enough to notice any rewrite, in place or by rename."""
+
+    __slots__ = ("ctime_ns", "dev", "ino", "mtime_ns", "size")
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    def __init__(self, dev: int, ino: int, size: int, mtime_ns: int, ctime_ns: int) -> None:
+        self.dev = dev
+        self.ino = ino
+        self.size = size
+        self.mtime_ns = mtime_ns
+        self.ctime_ns = ctime_ns
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> FileIdentity:
+        """The identity recorded in *st*."""
+        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class Platform(Record):
+    """A descriptor's platform, strings as written (``""`` when absent)."""
+
+    __slots__ = ("architecture", "os", "os_features", "os_version", "variant")
+
+    os: str
+    architecture: str
+    variant: str
+    os_version: str
+    os_features: tuple[str, ...]
+
+    def __init__(
+        self,
+        os: str,
+        architecture: str,
+        variant: str = "",
+        os_version: str = "",
+        os_features: tuple[str, ...] = (),
+    ) -> None:
+        self.os = os
+        self.architecture = architecture
+        self.variant = variant
+        self.os_version = os_version
+        self.os_features = os_features
+
+    def normalized(self) -> Platform:
+        """This platform as containerd normalizes it (see :func:`normalize_platform`)."""
+        os_, arch, variant = normalize_platform(self.os, self.architecture, self.variant)
+        return Platform(os_, arch, variant, self.os_version, self.os_features)
+
+    def to_json(self) -> dict[str, str | None]:
+        """The ``{"os", "architecture", "variant"}`` object of ``--json`` output."""
+        return {"os": self.os, "architecture": self.architecture, "variant": self.variant or None}
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+
+def normalize_platform(os: str, arch: str, variant: str) -> tuple[str, str, str]:
+    """(os, architecture, variant) as containerd's ``platforms.Normalize`` makes them."""
+    os, arch, variant = os.lower(), arch.lower(), variant.lower()
+    if os == "macos":
+        os = "darwin"
+    if arch == "i386":
+        arch, variant = "386", ""
+    elif arch in ("x86_64", "x86-64", "amd64"):
+        arch = "amd64"
+        if variant == "v1":
+            variant = ""
+    elif arch in ("aarch64", "arm64"):
+        arch = "arm64"
+        if variant in ("8", "v8", "v8.0"):
+            variant = ""
+        elif variant in ("9", "9.0", "v9.0"):
+            variant = "v9"
+    elif arch == "armhf":
+        arch, variant = "arm", "v7"
+    elif arch == "armel":
+        arch, variant = "arm", "v6"
+    elif arch == "arm":
+        if variant in ("", "7"):
+            variant = "v7"
+        elif variant in ("5", "6", "8"):
+            variant = "v" + variant
+    return os, arch, variant
+
+
+def parse_platform_spec(spec: str) -> Platform:
+    """Parse ``OS/ARCH[/VARIANT]`` as given to ``--platform``; :class:`UsageError` when malformed."""
+    parts = spec.split("/")
+    if not 2 <= len(parts) <= 3 or not all(part and not part.strip(_PLATFORM_CHARS) for part in parts):
+        raise UsageError(f"invalid platform {quote_value(spec)}: expected OS/ARCH[/VARIANT], such as linux/arm64/v8")
+    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else "")
+
+
+def platform_matches(want: Platform, have: Platform) -> bool:
+    """Whether *have* is the platform *want* asks for, both normalized as containerd does."""
+    return normalize_platform(want.os, want.architecture, want.variant) == normalize_platform(
+        have.os, have.architecture, have.variant
+    )
+
+
+class Limits(Record):
+    """Bounds on what one layout may cost to read."""
+
+    __slots__ = (
+        "max_blob_bytes",
+        "max_children",
+        "max_depth",
+        "max_entries",
+        "max_index_bytes",
+        "torn_retries",
+    )
+
+    max_index_bytes: int
+    max_blob_bytes: int
+    max_depth: int
+    max_entries: int
+    max_children: int
+    torn_retries: int
+
+    def __init__(
+        self,
+        *,
+        max_index_bytes: int = 64 * 1024 * 1024,
+        max_blob_bytes: int = 16 * 1024 * 1024,
+        max_depth: int = 4,
+        max_entries: int = 1_000_000,
+        max_children: int = 100_000,
+        torn_retries: int = 5,
+    ) -> None:
+        self.max_index_bytes = max_index_bytes
+        self.max_blob_bytes = max_blob_bytes
+        self.max_depth = max_depth
+        self.max_entries = max_entries
+        self.max_children = max_children
+        self.torn_retries = torn_retries
+
+
+DEFAULT_LIMITS = Limits()
+
+
+class Entry(Record):
+    """One descriptor of ``index.json`` ``manifests`` with the names read from it."""
+
+    __slots__ = (
+        "annotations",
+        "digest",
+        "invalid_names",
+        "media_type",
+        "names",
+        "platform",
+        "position",
+        "size",
+        "warnings",
+    )
+
+    position: int
+    digest: str
+    media_type: str
+    size: int
+    annotations: dict[str, str]
+    platform: Platform | None
+    names: tuple[Name, ...]
+    invalid_names: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+    def __init__(
+        self,
+        position: int,
+        digest: str,
+        media_type: str,
+        size: int,
+        annotations: dict[str, str],
+        platform: Platform | None = None,
+        names: tuple[Name, ...] = (),
+        invalid_names: tuple[str, ...] = (),
+        warnings: tuple[str, ...] = (),
+    ) -> None:
+        self.position = position
+        self.digest = digest
+        self.media_type = media_type
+        self.size = size
+        self.annotations = annotations
+        self.platform = platform
+        self.names = names
+        self.invalid_names = invalid_names
+        self.warnings = warnings
+
+
+class Child(Record):
+    """A descriptor listed inside a nested index (``blobs/``), below top-level entry ``entry_position``."""
+
+    __slots__ = (
+        "annotations",
+        "depth",
+        "digest",
+        "entry_position",
+        "media_type",
+        "parent",
+        "platform",
+        "size",
+    )
+
+    parent: str
+    entry_position: int
+    depth: int
+    digest: str
+    media_type: str
+    size: int
+    platform: Platform | None
+    annotations: dict[str, str]
+
+    def __init__(
+        self,
+        parent: str,
+        entry_position: int,
+        depth: int,
+        digest: str,
+        media_type: str,
+        size: int,
+        platform: Platform | None = None,
+        annotations: dict[str, str] | None = None,
+    ) -> None:
+        self.parent = parent
+        self.entry_position = entry_position
+        self.depth = depth
+        self.digest = digest
+        self.media_type = media_type
+        self.size = size
+        self.platform = platform
+        self.annotations = annotations if annotations is not None else {}
+
+
+class Snapshot(Record):
+    """Everything read from one layout at one moment."""
+
+    __slots__ = ("children", "content_hash", "entries", "identity", "warnings")
+
+    entries: tuple[Entry, ...]
+    children: tuple[Child, ...]
+    warnings: tuple[str, ...]
+    content_hash: str
+    identity: FileIdentity
+
+    def __init__(
+        self,
+        entries: tuple[Entry, ...],
+        children: tuple[Child, ...],
+        warnings: tuple[str, ...],
+        content_hash: str,
+        identity: FileIdentity,
+    ) -> None:
+        self.entries = entries
+        self.children = children
+        self.warnings = warnings
+        self.content_hash = content_hash
+        self.identity = identity
+
+
+if TYPE_CHECKING:
+    _Descriptor = tuple[str, str, int, dict[str, str], Platform | None]
+    _Parsed = tuple[tuple[Entry, ...], tuple[str, ...]]
+
+
+# -- parsing (pure) ----------------------------------------------------------------------------
+
+
+def parse_index(
+    data: bytes,
+    *,
+    familiar: str = DEFAULT_FAMILIAR_POLICY,
+    limits: Limits = DEFAULT_LIMITS,
+    source: str = INDEX_FILE,
+) -> tuple[tuple[Entry, ...], tuple[str, ...]]:
+    """Parse ``index.json`` bytes into entries and layout warnings; :class:`IndexParseError` if unusable.
+
+    *source* names the file in error messages (its path, when there is one).
+    """
+    if len(data) > limits.max_index_bytes:
+        raise IndexParseError(f"{source} is {len(data)} bytes, over the limit of {limits.max_index_bytes} bytes")
+    items = _manifests(_load_json(data, source), source)
+    if len(items) > limits.max_entries:
+        raise IndexParseError(f"{source} lists {len(items)} manifests, over the limit of {limits.max_entries}")
+    entries: list[Entry] = []
+    warnings: list[str] = []
+    for position, item in enumerate(items):
+        where = f"manifests[{position}]"
+        own: list[str] = []
+        descriptor = _descriptor(item, own)
+        if descriptor is not None:
+            digest, media_type, size, annotations, platform = descriptor
+            reading = read_names(annotations, familiar=familiar)
+            own.extend(reading.warnings)
+            entries.append(
+                Entry(
+                    position,
+                    digest,
+                    media_type,
+                    size,
+                    annotations,
+                    platform,
+                    reading.names,
+                    reading.invalid,
+                    tuple(own),
+                )
+            )
+        warnings.extend(f"{where}: {text}" for text in own)
+    return tuple(entries), tuple(warnings)
+
+
+def _load_json(data: bytes, what: str) -> object:
+    if not data or data.isspace():
+        raise IndexParseError(f"{what} is empty")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IndexParseError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        if exc.msg == "Extra data":
+            detail = (
+                f"trailing data after the JSON document at line {exc.lineno} column {exc.colno}"
+                " (old bytes left by an in-place rewrite?)"
+            )
+        elif exc.pos >= len(text) or exc.msg.startswith("Unterminated string"):
+            detail = "truncated: the JSON document ends early"
+        else:
+            detail = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        raise IndexParseError(f"{what} is {detail}") from None
+    except RecursionError:
+        raise IndexParseError(f"{what} is nested too deeply to parse") from None
+    except ValueError as exc:  # NaN/Infinity, or an integer longer than Python converts
+        raise IndexParseError(f"{what} is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _manifests(document: object, what: str) -> list[object]:
+    if not isinstance(document, dict):
+        raise IndexParseError(f"{what} is a JSON {_kind(document)}, not an object")
+    items = document.get("manifests")
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise IndexParseError(f'{what}: "manifests" is a JSON {_kind(items)}, not a list')
+    return items
+
+
+def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
+    """Check one descriptor; ``None`` (with a warning) when it cannot be used."""
+    if not isinstance(item, dict):
+        warnings.append(f"descriptor is a JSON {_kind(item)}, not an object; skipped")
+        return None
+    digest = item.get("digest")
+    if not isinstance(digest, str):
+        warnings.append(f'"digest" is a JSON {_kind(digest)}, not a string; skipped')
+        return None
+    try:
+        reference.validate_digest(digest)
+    except ReferenceError_ as exc:
+        warnings.append(f"digest {quote_value(digest)} is invalid ({exc.category}); skipped")
+        return None
+    size = item.get("size")
+    if type(size) is not int or not 0 <= size <= _MAX_SIZE:
+        shown = size if type(size) is int else f"a JSON {_kind(size)}"
+        warnings.append(f'"size" is {shown}, not an integer from 0 to 2^63-1; skipped')
+        return None
+    media_type = item.get("mediaType", "")
+    if not isinstance(media_type, str):
+        warnings.append(f'"mediaType" is a JSON {_kind(media_type)}, not a string; skipped')
+        return None
+    return (
+        digest,
+        _clean(media_type),
+        size,
+        _annotations(item.get("annotations"), warnings),
+        _platform(item.get("platform"), warnings),
+    )
+
+
+def _annotations(value: object, warnings: list[str]) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        warnings.append(f'"annotations" is a JSON {_kind(value)}, not an object; ignored')
+        return {}
+    kept: dict[str, str] = {}
+    for key, text in value.items():
+        if isinstance(text, str):
+            kept[_clean(key)] = _clean(text)
+        else:
+            warnings.append(f"annotation {quote_value(key)} is a JSON {_kind(text)}, not a string; dropped")
+    return kept
+
+
+def _platform(value: object, warnings: list[str]) -> Platform | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        warnings.append(f'"platform" is a JSON {_kind(value)}, not an object; ignored')
+        return None
+    fields: list[str] = []
+    for key in ("os", "architecture", "variant", "os.version"):
+        text = value.get(key, "")
+        if not isinstance(text, str):
+            warnings.append(f'platform "{key}" is a JSON {_kind(text)}, not a string; platform ignored')
+            return None
+        fields.append(_clean(text))
+    features = value.get("os.features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        warnings.append('platform "os.features" is not a list of strings; platform ignored')
+        return None
+    return Platform(fields[0], fields[1], fields[2], fields[3], tuple(_clean(f) for f in features))
+
+
+def _clean(text: str) -> str:
+    """*text* with lone surrogates replaced, as Go's decoder does (they cannot be stored as UTF-8)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+# -- reading index.json ------------------------------------------------------------------------
+
+
+def read_index_bytes(layout: str, limits: Limits = DEFAULT_LIMITS) -> tuple[bytes, FileIdentity]:
+    """Read ``LAYOUT/index.json`` whole, retrying a read that a writer tore; return bytes and identity."""
+    data, identity, _ = _read_index(os.path.join(layout, INDEX_FILE), limits, None)
+    return data, identity
+
+
+def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits: Limits = DEFAULT_LIMITS) -> Snapshot:
+    """Read one layout: ``index.json``, its entries and names, and the children of nested indexes."""
+    import hashlib
+
+    path = os.path.join(layout, INDEX_FILE)
+
+    def parse(data: bytes) -> tuple[tuple[Entry, ...], tuple[str, ...]]:
+        return parse_index(data, familiar=familiar, limits=limits, source=path)
+
+    data, identity, parsed = _read_index(path, limits, parse)
+    assert parsed is not None
+    entries, warnings = parsed
+    children, child_warnings = read_children(layout, entries, limits)
+    content_hash = "sha256:" + hashlib.sha256(data).hexdigest()
+    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity)
+
+
+def _read_index(
+    path: str,
+    limits: Limits,
+    parse: Callable[[bytes], _Parsed] | None,
+    read_once: Callable[[str, Limits], tuple[bytes, FileIdentity] | None] | None = None,
+) -> tuple[bytes, FileIdentity, _Parsed | None]:
+    """The retry loop around one read (and parse) of ``index.json``; *read_once* is for tests."""
+    read = read_once or _read_index_once
+    attempts = limits.torn_retries + 1
+    attempt = 0
+    while attempt < attempts:
+        if attempt:
+            _backoff(attempt)
+        attempt += 1
+        got = read(path, limits)
+        if got is None:
+            continue
+        data, identity = got
+        if parse is None:
+            return data, identity, None
+        try:
+            return data, identity, parse(data)
+        except IndexParseError:
+            # Broken, or torn in a way stat could not see (a rewrite within the
+            # timestamp granularity): a file that reads the same again is broken.
+            _backoff(1)
+            if read(path, limits) == got:
+                raise
+            attempt += 1
+    raise TornRead(f"{path} kept changing while it was read ({attempts} attempts); a writer is rewriting it")
+
+
+def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | None:
+    """One read of *path*; ``None`` when it changed while being read."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as exc:
+        raise LayoutUnreadable(_open_error(path, exc)) from None
+    try:
+        before = os.fstat(fd)
+        if not stat.S_ISREG(before.st_mode):
+            raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
+        if before.st_size > limits.max_index_bytes:
+            raise IndexParseError(f"{path} is {before.st_size} bytes, over the limit of {limits.max_index_bytes} bytes")
+        try:
+            data = _read_all(fd, limits.max_index_bytes, before.st_size)
+            after = os.fstat(fd)
+        except OSError as exc:
+            raise LayoutUnreadable(f"{path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    identity = FileIdentity.of(before)
+    if FileIdentity.of(after) != identity or len(data) != before.st_size:
+        return None
+    return data, identity
+
+
+def _read_all(fd: int, limit: int, expected: int) -> bytes:
+    """Read *fd* to its end, but never more than ``limit + 1`` bytes."""
+    chunks: list[bytes] = []
+    total = 0
+    want = min(expected, limit) + 1
+    while total <= limit:
+        chunk = os.read(fd, min(want, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        want = 1 << 20
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _backoff(attempt: int) -> None:
+    import time
+
+    time.sleep(0.001 * (1 << min(attempt - 1, 6)))
+
+
+def _open_error(path: str, exc: OSError) -> str:
+    if exc.errno == errno.ENOENT:
+        return f"{path} does not exist"
+    if exc.errno == errno.ENOTDIR:
+        return f"{path} does not exist: a parent is not a directory"
+    if exc.errno == errno.ENXIO:
+        return f"{path} is a socket or device, not a regular file"
+    return f"{path} cannot be opened: {exc.strerror}"
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+# -- blobs -------------------------------------------------------------------------------------
+
+
+def blob_path(layout: str, digest: str) -> str:
+    """``LAYOUT/blobs/ALG/HEX`` for a digest validated first; :class:`BlobError` when invalid."""
+    try:
+        reference.validate_digest(digest)
+    except ReferenceError_ as exc:
+        raise BlobError(f"invalid digest {quote_value(digest)} ({exc.category})") from None
+    algorithm, _, encoded = digest.partition(":")
+    return os.path.join(layout, "blobs", algorithm, encoded)
+
+
+def read_blob(layout: str, digest: str, size: int | None, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """The verified content of one blob; :class:`BlobMissing` when absent, :class:`BlobError` when bad."""
+    import hashlib
+
+    path = blob_path(layout, digest)
+    root = os.path.realpath(layout)
+    real = os.path.realpath(path)
+    if not real.startswith(root if root.endswith(os.sep) else root + os.sep):
+        raise BlobError(f"blob {digest} at {path} leads outside the layout (to {real}); refused")
+    try:
+        fd = os.open(real, _OPEN_FLAGS | _NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise BlobMissing(f"blob {digest} is not in {os.path.join(layout, 'blobs')}") from None
+        if exc.errno == errno.ELOOP:
+            raise BlobError(f"blob {digest} at {path} became a symlink while opened; refused") from None
+        raise BlobError(f"blob {digest} at {path} cannot be opened: {exc.strerror}") from None
+    limit = limits.max_blob_bytes
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise BlobError(f"blob {digest} at {path} is {_file_kind(st.st_mode)}, not a regular file")
+        for claimed in (size, st.st_size):
+            if claimed is not None and claimed > limit:
+                raise BlobError(f"blob {digest} is {claimed} bytes, over the limit of {limit} bytes")
+        if size is not None and st.st_size != size:
+            raise BlobError(f"blob {digest} is {st.st_size} bytes, but its descriptor says {size}")
+        try:
+            data = _read_all(fd, limit, st.st_size)
+        except OSError as exc:
+            raise BlobError(f"blob {digest} at {path} cannot be read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > limit or (size is not None and len(data) != size):
+        raise BlobError(f"blob {digest} changed size while it was read")
+    algorithm, _, encoded = digest.partition(":")
+    if hashlib.new(algorithm, data).hexdigest() != encoded:
+        raise BlobError(f"blob {digest} does not match its digest (content changed or corrupt)")
+    return data
+
+
+# -- nested indexes ----------------------------------------------------------------------------
+
+
+def read_children(
+    layout: str, entries: tuple[Entry, ...], limits: Limits = DEFAULT_LIMITS
+) -> tuple[tuple[Child, ...], tuple[str, ...]]:
+    """Follow the entries that are indexes into ``blobs/``: every child descriptor, and warnings."""
+    walk = _ChildWalk(layout, limits)
+    for entry in entries:
+        if entry.media_type in INDEX_MEDIA_TYPES:
+            walk.index(entry.digest, entry.size, entry.position, 1, (entry.digest,))
+    return tuple(walk.children), tuple(walk.warnings)
+
+
+class _ChildWalk:
+    __slots__ = ("blobs", "children", "full", "layout", "limits", "warnings")
+
+    def __init__(self, layout: str, limits: Limits) -> None:
+        self.layout = layout
+        self.limits = limits
+        self.children: list[Child] = []
+        self.warnings: list[str] = []
+        self.blobs: dict[str, list[_Descriptor] | None] = {}
+        self.full = False
+
+    def index(self, digest: str, size: int, position: int, depth: int, path: tuple[str, ...]) -> None:
+        if depth > self.limits.max_depth:
+            self.warnings.append(
+                f"nested index {digest} (below manifests[{position}]) is deeper than "
+                f"{self.limits.max_depth} levels; not followed"
+            )
+            return
+        descriptors = self._descriptors(digest, size)
+        for child in descriptors or ():
+            if len(self.children) >= self.limits.max_children:
+                if not self.full:
+                    self.full = True
+                    self.warnings.append(
+                        f"more than {self.limits.max_children} nested descriptors; the rest are not read"
+                    )
+                return
+            child_digest, media_type, child_size, annotations, platform = child
+            self.children.append(
+                Child(digest, position, depth, child_digest, media_type, child_size, platform, annotations)
+            )
+            if media_type in INDEX_MEDIA_TYPES:
+                if child_digest in path:
+                    self.warnings.append(f"nested index {child_digest} lists itself; not followed again")
+                else:
+                    self.index(child_digest, child_size, position, depth + 1, (*path, child_digest))
+
+    def _descriptors(self, digest: str, size: int) -> list[_Descriptor] | None:
+        if digest in self.blobs:
+            return self.blobs[digest]
+        found: list[_Descriptor] | None = None
+        what = f"nested index {digest}"
+        try:
+            data = read_blob(self.layout, digest, size, self.limits)
+            items = _manifests(_load_json(data, what), what)
+        except BlobMissing:
+            self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
+        except (BlobError, IndexParseError) as exc:
+            self.warnings.append(f"{exc.message}; its children are unknown")
+        else:
+            found = []
+            for number, item in enumerate(items):
+                own: list[str] = []
+                descriptor = _descriptor(item, own)
+                if descriptor is not None:
+                    found.append(descriptor)
+                self.warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
+        self.blobs[digest] = found
+        return found
+
+
+# -- discovery ---------------------------------------------------------------------------------
+
+
+def is_layout_dir(path: str) -> bool:
+    """Whether *path* is a directory holding ``oci-layout`` or ``index.json``."""
+    return os.path.isdir(path) and (
+        os.path.lexists(os.path.join(path, LAYOUT_FILE)) or os.path.lexists(os.path.join(path, INDEX_FILE))
+    )
+
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "DOCKER_MANIFEST",
+    "DOCKER_MANIFEST_LIST",
+    "INDEX_MEDIA_TYPES",
+    "OCI_INDEX",
+    "OCI_MANIFEST",
+    "BlobMissing",
+    "Child",
+    "Entry",
+    "FileIdentity",
+    "Limits",
+    "Platform",
+    "Snapshot",
+    "blob_path",
+    "is_layout_dir",
+    "normalize_platform",
+    "parse_index",
+    "parse_platform_spec",
+    "platform_matches",
+    "read_blob",
+    "read_children",
+    "read_index_bytes",
+    "read_layout",
+]
