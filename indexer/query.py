@@ -594,24 +594,29 @@ def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.P
             [p for p in [_platform_out(hit.platform)] if p is not None],
         )
     kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
-    parent = hit.digest
     seen: list[dict[str, object]] = []
-    for _depth in range(16):
+
+    def matches(platform: dict[str, object] | None) -> bool:
+        have = _platform_record(platform)
+        return have is not None and layout_mod.platform_matches(want, have)
+
+    def search(parent: str, depth: int) -> db.ChildRow | None:
+        # As containerd's images.Manifest: a nested index is followed when its descriptor names
+        # no platform or the wanted one; the first manifest for the platform, in index order, wins.
         level = [k for k in kids if k.parent == parent]
         seen.extend(p for p in (_platform_out(k.platform) for k in level) if p is not None and p not in seen)
-        chosen = next(
-            (
-                k
-                for k in level
-                if (have := _platform_record(k.platform)) is not None and layout_mod.platform_matches(want, have)
-            ),
-            None,
-        )
-        if chosen is None:
-            break
-        if chosen.media_type in INDEX_MEDIA_TYPES:
-            parent = chosen.digest
-            continue
+        for kid in level:
+            if kid.media_type in INDEX_MEDIA_TYPES:
+                if depth < 16 and (not kid.platform or matches(kid.platform)):
+                    found = search(kid.digest, depth + 1)
+                    if found is not None:
+                        return found
+            elif matches(kid.platform):
+                return kid
+        return None
+
+    chosen = search(hit.digest, 0)
+    if chosen is not None:
         try:
             present = os.path.exists(layout_mod.blob_path(view.path, chosen.digest))
         except LayoutError:
