@@ -55,8 +55,10 @@ Choices where SPEC.md is silent:
   (``arm64/v8`` ≡ ``arm64``: ``v8`` becomes ``""``; ``arm`` → ``v7``;
   ``x86_64`` → ``amd64``) except that an empty OS stays empty (containerd
   would substitute the host's). Matching compares the normalized
-  (os, architecture, variant) exactly, like containerd's ``Only``-free
-  matcher: ``linux/amd64`` does not match ``linux/amd64/v3``.
+  (os, architecture, variant) exactly, as containerd's ``NewMatcher`` does
+  (not the more lenient ``Only``, which also accepts older variants):
+  ``linux/amd64`` does not match ``linux/amd64/v3``, nor ``linux/arm/v7``
+  ``linux/arm/v6``. ``os.version`` and ``os.features`` are kept, not compared.
 """
 
 from __future__ import annotations
