@@ -1,0 +1,247 @@
+"""``ocidx scan``: discovery below roots, skipping the unchanged, broken and vanished layouts, the summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import pytest
+from layouts import Layout, named
+
+from indexer.cli import main
+from indexer.config import Root
+from indexer.scanner import discover
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
+    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
+    monkeypatch.delenv("OCIDX_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def make(path: str, tag: str = "latest") -> Layout:
+    lay = Layout(path)
+    lay.write_index([named(lay.manifest(label=path), ref=tag)])
+    return lay
+
+
+def found(root: str, **options: object) -> list[str]:
+    return sorted(discover(Root(root, **options)))  # type: ignore[arg-type]
+
+
+class Scan:
+    def __init__(self, tmp_path: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.db = os.path.join(tmp_path, "index.db")
+        self.root = os.path.join(tmp_path, "root")
+        self.capsys = capsys
+        os.makedirs(self.root, exist_ok=True)
+
+    def run(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main([args[0], "--db", self.db, *args[1:]])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def scan(self, *extra: str) -> tuple[dict[str, object], str]:
+        code, out, err = self.run("scan", "--no-progress", "--json", *extra, self.root)
+        assert code == 0, err
+        summary = json.loads(out)
+        assert isinstance(summary, dict)
+        return summary, err
+
+    def layouts(self) -> dict[str, dict[str, object]]:
+        code, out, _ = self.run("ls", "--json")
+        assert code == 0
+        return {row["layout"]: row for row in json.loads(out)}
+
+
+@pytest.fixture
+def scan(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> Scan:
+    return Scan(str(tmp_path), capsys)
+
+
+# -- discovery --------------------------------------------------------------------------------------
+
+
+def test_discovers_layouts_at_any_depth_up_to_the_limit(tmp_path: str) -> None:
+    root = os.path.join(tmp_path, "root")
+    shallow = make(os.path.join(root, "a"))
+    deep = make(os.path.join(root, "x", "y", "z", "deep"))
+    at_root = make(root)
+    assert found(root) == sorted(os.path.realpath(p) for p in (root, shallow.path, deep.path))
+    assert found(root, max_depth=3) == sorted(os.path.realpath(p) for p in (root, shallow.path))
+    assert found(root, max_depth=4) == sorted(os.path.realpath(p) for p in (root, shallow.path, deep.path))
+    assert found(root, max_depth=0) == [os.path.realpath(at_root.path)]
+
+
+def test_a_directory_with_only_oci_layout_or_only_index_json_is_a_layout(tmp_path: str) -> None:
+    root = os.path.join(tmp_path, "root")
+    Layout(os.path.join(root, "marker-only"))  # oci-layout, no index.json yet
+    no_marker = Layout(os.path.join(root, "index-only"), oci_layout=False)
+    no_marker.write_index([])
+    os.makedirs(os.path.join(root, "neither", "blobs"))
+    assert found(root) == [os.path.join(root, "index-only"), os.path.join(root, "marker-only")]
+
+
+def test_never_descends_into_blobs(tmp_path: str) -> None:
+    root = os.path.join(tmp_path, "root")
+    lay = make(os.path.join(root, "lay"))
+    make(os.path.join(lay.path, "blobs", "sha256", "decoy"))  # looks like a layout, is inside blobs/
+    assert found(root) == [lay.path]
+
+
+def test_symlinks_out_of_the_root_are_not_followed_unless_configured(tmp_path: str) -> None:
+    root = os.path.join(tmp_path, "root")
+    inside = make(os.path.join(root, "inside"))
+    outside = make(os.path.join(tmp_path, "elsewhere", "outside"))
+    os.symlink(os.path.dirname(outside.path), os.path.join(root, "link-out"))
+    assert found(root) == [inside.path]
+    assert found(root, follow_symlinks=True) == sorted([inside.path, outside.path])
+
+
+def test_symlinks_inside_the_root_are_followed_once(tmp_path: str) -> None:
+    root = os.path.join(tmp_path, "root")
+    real = make(os.path.join(root, "real", "lay"))
+    os.symlink(os.path.join(root, "real"), os.path.join(root, "alias"))
+    os.symlink(real.path, os.path.join(root, "direct-alias"))
+    os.symlink(root, os.path.join(root, "real", "loop"))  # a cycle terminates
+    assert found(root) == [real.path]
+
+
+def test_scan_config_roots_depth_and_symlinks(scan: Scan, tmp_path: str) -> None:
+    make(os.path.join(scan.root, "a"))
+    make(os.path.join(scan.root, "1", "2", "3", "too-deep"))
+    outside = make(os.path.join(tmp_path, "elsewhere", "outside"))
+    os.symlink(os.path.dirname(outside.path), os.path.join(scan.root, "link-out"))
+    config = os.path.join(tmp_path, "config.toml")
+    with open(config, "w") as f:
+        f.write('[[roots]]\npath = "root"\nmax_depth = 2\nfollow_symlinks = true\n')
+    code, out, err = scan.run("scan", "--no-progress", "--json", "--config", config)
+    assert code == 0, err
+    assert json.loads(out)["layouts"] == 2
+    assert sorted(scan.layouts()) == sorted([os.path.join(scan.root, "a"), outside.path])
+
+
+def test_scan_without_roots_is_usage_error(scan: Scan) -> None:
+    code, _, err = scan.run("scan", "--no-progress")
+    assert code == 2
+    assert "root" in err
+
+
+# -- re-scans, broken and vanished layouts -----------------------------------------------------------
+
+
+def test_unchanged_layouts_are_skipped_on_rescan(scan: Scan) -> None:
+    a = make(os.path.join(scan.root, "a"))
+    make(os.path.join(scan.root, "b"))
+    first, _ = scan.scan()
+    assert (first["layouts"], first["changed"], first["unchanged"]) == (2, 2, 0)
+    again, _ = scan.scan()
+    assert (again["layouts"], again["changed"], again["unchanged"]) == (2, 0, 2)
+    a.write_index([named(a.manifest(label="new"), ref="latest")])
+    third, _ = scan.scan()
+    assert (third["changed"], third["unchanged"]) == (1, 1)
+    full, _ = scan.scan("--full")
+    assert full["changed"] == 2
+
+
+def test_one_broken_layout_does_not_stop_the_rest(scan: Scan) -> None:
+    good = [make(os.path.join(scan.root, name)) for name in ("a", "b", "d")]
+    broken = Layout(os.path.join(scan.root, "c"))
+    broken.write_index_bytes(b'{"schemaVersion": 2, "manifests": [')
+    summary, err = scan.scan()
+    assert (summary["layouts"], summary["changed"], summary["errors"]) == (4, 3, 1)
+    assert os.path.join(scan.root, "c") in err
+    rows = scan.layouts()
+    assert rows[broken.path]["state"] == "error"
+    assert rows[broken.path]["error"] == "index_invalid"
+    assert "truncated" in str(rows[broken.path]["message"])
+    for lay in good:
+        assert rows[lay.path]["state"] == "ok"
+        assert scan.run("resolve", f"oci-layout://{lay.path}")[0] == 0
+    code, _, _ = scan.run("resolve", f"oci-layout://{broken.path}")
+    assert code == 5
+
+
+def test_a_vanished_layout_is_removed(scan: Scan) -> None:
+    a = make(os.path.join(scan.root, "a"))
+    b = make(os.path.join(scan.root, "b"))
+    scan.scan()
+    shutil.rmtree(b.path)
+    summary, err = scan.scan()
+    assert summary["removed"] == 1
+    assert "1 removed" in err
+    assert list(scan.layouts()) == [a.path]
+    code, _, _ = scan.run("find", ":latest")
+    assert code == 0
+    code, found_, _ = scan.run("find", "--json", ":latest")
+    assert [item["layout"] for item in json.loads(found_)] == [a.path]
+
+
+def test_layouts_outside_the_scanned_roots_are_kept(scan: Scan, tmp_path: str) -> None:
+    other_root = os.path.join(tmp_path, "other")
+    other = make(os.path.join(other_root, "o"))
+    scan.scan()
+    code, _, err = scan.run("scan", "--no-progress", other_root)
+    assert code == 0, err
+    make(os.path.join(scan.root, "a"))
+    scan.scan()
+    assert sorted(scan.layouts()) == sorted([other.path, os.path.join(scan.root, "a")])
+
+
+def test_a_layout_that_breaks_keeps_its_last_good_rows_flagged(scan: Scan) -> None:
+    lay = make(os.path.join(scan.root, "a"), tag="v1")
+    image = lay.manifest(label="second")
+    lay.write_index([named(lay.manifest(label=lay.path), ref="v1"), named(image, ref="v2")])
+    scan.scan()
+    lay.write_index_bytes(b"\x00\x00garbage")
+    summary, _ = scan.scan()
+    assert summary["errors"] == 1
+    row = scan.layouts()[lay.path]
+    assert (row["state"], row["entries"], row["error"]) == ("error", 2, "index_invalid")
+    assert row["last_good_ns"] is not None
+    code, out, err = scan.run("resolve", "--json", f"oci-layout://{lay.path}:v2")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert (answer["digest"], answer["freshness"]) == (image["digest"], "stale")
+    # repaired: the error clears
+    lay.write_index([named(image, ref="v2")])
+    scan.scan()
+    row = scan.layouts()[lay.path]
+    assert (row["state"], row["entries"], row["error"]) == ("ok", 1, None)
+
+
+def test_missing_index_json_is_an_error_not_a_removal(scan: Scan) -> None:
+    lay = make(os.path.join(scan.root, "a"))
+    scan.scan()
+    os.remove(lay.index_path)  # oci-layout is still there: a writer between steps, or damage
+    summary, _ = scan.scan()
+    assert (summary["errors"], summary["removed"]) == (1, 0)
+    assert scan.layouts()[lay.path]["state"] == "error"
+
+
+def test_summary_line(scan: Scan) -> None:
+    make(os.path.join(scan.root, "a"))
+    Layout(os.path.join(scan.root, "broken")).write_index_bytes(b"[]")
+    code, out, err = scan.run("scan", "--no-progress", scan.root)
+    assert code == 0
+    assert out == ""  # the summary is for people: stderr
+    last = err.splitlines()[-1]
+    assert re.fullmatch(
+        r"ocidx: scanned 2 layouts in \d+\.\d\ds: 1 changed, 0 unchanged, 1 with errors, 0 removed", last
+    ), last
+    _, err = scan.scan()
+    assert err.splitlines()[-1].endswith("0 changed, 1 unchanged, 1 with errors, 0 removed")
+
+
+def test_missing_root_is_reported(scan: Scan, tmp_path: str) -> None:
+    absent = os.path.join(tmp_path, "absent")
+    code, out, err = scan.run("scan", "--no-progress", "--json", absent)
+    assert code == 0
+    assert absent in err
+    assert any(absent in message for message in json.loads(out)["error_messages"])
