@@ -33,10 +33,6 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
-    # One item of a compiled Go path.Match pattern; each matches exactly one
-    # character: None is "?", a str a literal, a pair a (negated, ranges) class.
-    _Item = str | tuple[bool, tuple[tuple[str, str], ...]] | None
-
 __all__ = [
     "ANCHORED_IDENTIFIER_RE",
     "ANCHORED_NAME_RE",
@@ -226,20 +222,24 @@ def _join(name: str, tag: str | None, digest: str | None) -> str:
 
 
 def _check_digest(digest: str, algorithms: frozenset[str], whole: str) -> None:
-    where = digest if whole == digest else f"{digest} in {whole}"
+    """go-digest's ``Validate``; errors name *digest*, and *whole* when it came from a reference."""
     colon = digest.find(":")
-    if colon <= 0 or colon == len(digest) - 1:
-        raise _error(_MSG_CHECKSUM_FORMAT, where, "digest_invalid_format")
     algorithm, encoded = digest[:colon], digest[colon + 1 :]
-    expected = _HEX_LENGTHS.get(algorithm) if algorithm in algorithms else None
-    if expected is None:
+    message = ""
+    if colon <= 0 or not encoded:
+        message, category = _MSG_CHECKSUM_FORMAT, "digest_invalid_format"
+    elif algorithm not in algorithms or algorithm not in _HEX_LENGTHS:
         if _pattern("_LOOSE_DIGEST_RE").fullmatch(digest) is None:
-            raise _error(_MSG_CHECKSUM_FORMAT, where, "digest_invalid_format")
-        raise _error(_MSG_UNSUPPORTED, where, "digest_unsupported")
-    if len(encoded) != expected:
-        raise _error(_MSG_CHECKSUM_LENGTH, where, "digest_invalid_length")
-    if encoded.strip(_LOWER_HEX_DIGITS):  # something other than lowercase hex is left
-        raise _error(_MSG_CHECKSUM_FORMAT, where, "digest_invalid_format")
+            message, category = _MSG_CHECKSUM_FORMAT, "digest_invalid_format"
+        else:
+            message, category = _MSG_UNSUPPORTED, "digest_unsupported"
+    elif len(encoded) != _HEX_LENGTHS[algorithm]:
+        message, category = _MSG_CHECKSUM_LENGTH, "digest_invalid_length"
+    elif encoded.strip(_LOWER_HEX_DIGITS):  # something other than lowercase hex is left
+        message, category = _MSG_CHECKSUM_FORMAT, "digest_invalid_format"
+    if message:
+        where = "" if whole == digest else f" in {_quote(whole)}"
+        raise ReferenceError_(f"{message}: {_quote(digest)}{where}", category=category)
 
 
 def validate_digest(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGORITHMS) -> str:
@@ -407,101 +407,96 @@ def tag_name_only(ref: Reference) -> Reference:
 
 
 def _class_char(pattern: str, i: int) -> tuple[str, int]:
-    """One character of a class range at *i* (``\\`` escapes); the index after it."""
+    """One character of a class range at *i* (``\\`` escapes it); the index after it."""
     if i >= len(pattern) or pattern[i] in "-]":
         raise _error(_MSG_BAD_PATTERN, pattern, "bad_pattern")
     if pattern[i] == "\\":
         i += 1
         if i >= len(pattern):
             raise _error(_MSG_BAD_PATTERN, pattern, "bad_pattern")
-    if i + 1 >= len(pattern):  # a class must be closed
+    if i + 1 >= len(pattern):  # the class is never closed
         raise _error(_MSG_BAD_PATTERN, pattern, "bad_pattern")
     return pattern[i], i + 1
 
 
-def _compile_glob(pattern: str) -> list[tuple[bool, list[_Item]]]:
-    """Split a Go ``path.Match`` pattern into chunks, rejecting any malformed one (Go's ErrBadPattern)."""
-    chunks: list[tuple[bool, list[_Item]]] = []
+def _class_regex(pattern: str, i: int) -> tuple[str, int]:
+    """The Go character class opening at *i* (just past ``[``) as regex text; the index after it."""
+    negated = i < len(pattern) and pattern[i] == "^"
+    if negated:
+        i += 1
+    ranges: list[str] = []
+    count = 0
+    while not (count and i < len(pattern) and pattern[i] == "]"):
+        lo, i = _class_char(pattern, i)
+        hi = lo
+        if pattern[i] == "-":
+            hi, i = _class_char(pattern, i + 1)
+        count += 1
+        if lo <= hi:  # Go accepts an inverted range, which matches nothing
+            ranges.append(re.escape(lo) if lo == hi else f"{re.escape(lo)}-{re.escape(hi)}")
+    body = "".join(ranges)
+    if not body:
+        return ("[\\s\\S]" if negated else "(?!)"), i + 1
+    return (f"[^{body}]" if negated else f"[{body}]"), i + 1
+
+
+def _compile_glob(pattern: str) -> list[tuple[bool, re.Pattern[str], int]]:
+    """A Go ``path.Match`` pattern as chunks: (a ``*`` before it, its regex, its width).
+
+    Every item of a chunk matches exactly one character, so a chunk has a fixed
+    width. The whole pattern is checked up front: Go reports ErrBadPattern for a
+    malformed pattern whatever the name, and so does this.
+    """
+    chunks: list[tuple[bool, re.Pattern[str], int]] = []
     i, end = 0, len(pattern)
     while i < end:
         star = False
         while i < end and pattern[i] == "*":
             star, i = True, i + 1
-        items: list[_Item] = []
+        items: list[str] = []
         while i < end and pattern[i] != "*":
             c = pattern[i]
             if c == "?":
-                items.append(None)
+                items.append("[^/]")
                 i += 1
             elif c == "\\":
                 if i + 1 >= end:
                     raise _error(_MSG_BAD_PATTERN, pattern, "bad_pattern")
-                items.append(pattern[i + 1])
+                items.append(re.escape(pattern[i + 1]))
                 i += 2
             elif c == "[":
-                i += 1
-                negated = i < end and pattern[i] == "^"
-                if negated:
-                    i += 1
-                ranges: list[tuple[str, str]] = []
-                while not (ranges and i < end and pattern[i] == "]"):
-                    lo, i = _class_char(pattern, i)
-                    hi = lo
-                    if pattern[i] == "-":
-                        hi, i = _class_char(pattern, i + 1)
-                    ranges.append((lo, hi))
-                i += 1
-                items.append((negated, tuple(ranges)))
+                item, i = _class_regex(pattern, i + 1)
+                items.append(item)
             else:
-                items.append(c)
+                items.append(re.escape(c))
                 i += 1
-        chunks.append((star, items))
+        chunks.append((star, re.compile("".join(items)), len(items)))
     return chunks
 
 
-def _match_chunk(items: list[_Item], name: str, start: int) -> int:
-    """Match one chunk at *start*; the index after it, or -1."""
-    if start + len(items) > len(name):
-        return -1
-    for offset, item in enumerate(items):
-        c = name[start + offset]
-        if item is None:
-            if c == "/":
-                return -1
-        elif isinstance(item, str):
-            if c != item:
-                return -1
-        else:
-            negated, ranges = item
-            if any(lo <= c <= hi for lo, hi in ranges) == negated:
-                return -1
-    return start + len(items)
-
-
-def _glob_match(chunks: list[tuple[bool, list[_Item]]], name: str) -> bool:
+def _glob_match(chunks: list[tuple[bool, re.Pattern[str], int]], name: str) -> bool:
     """Go ``path.Match``: each chunk takes its first fit; ``*`` and ``?`` never match ``/``."""
     pos = 0
     last = len(chunks) - 1
-    for index, (star, items) in enumerate(chunks):
-        if star and not items:  # a trailing star takes the rest unless it holds a "/"
+    for index, (star, chunk, width) in enumerate(chunks):
+        if star and not width:  # a trailing star takes the rest unless it holds a "/"
             return "/" not in name[pos:]
-        is_last = index == last
-        after = _match_chunk(items, name, pos)
-        if after >= 0 and (after == len(name) or not is_last):
-            pos = after
-            continue
         if not star:
-            return False
-        # The star skips 1, 2, ... characters, but never a "/".
-        for skip in range(pos, len(name)):
-            if name[skip] == "/":
+            if chunk.match(name, pos) is None:
                 return False
-            after = _match_chunk(items, name, skip + 1)
-            if after >= 0 and (after == len(name) or not is_last):
-                pos = after
-                break
-        else:
+            pos += width
+            continue
+        # The star may skip characters up to the next "/", not past it.
+        limit = name.find("/", pos)
+        if limit < 0:
+            limit = len(name)
+        if index == last:  # the last chunk must end the name, so it has one place to be
+            start = len(name) - width
+            return pos <= start <= limit and chunk.match(name, start) is not None
+        found = chunk.search(name, pos, limit + width)
+        if found is None:
             return False
+        pos = found.end()
     return pos == len(name)
 
 
