@@ -1,0 +1,711 @@
+"""``ocidx daemon``: keep the index fresh while layouts change (SPEC.md §6).
+
+The daemon is one process per database (an exclusive ``flock`` on
+``<db>.lock``) and one event loop holding the one :class:`Scanner`, so there is
+exactly one writer. It runs:
+
+* a reconcile pass (:meth:`Scanner.full_pass`) at start-up, every
+  ``daemon.reconcile_interval_s``, whenever events were lost (inotify queue
+  overflow, a dead observer thread, a root that appeared, vanished or was
+  replaced), and, when inotify cannot watch every directory, every
+  ``min(reconcile_interval_s, 2 s)`` instead of watching part of the tree;
+* between passes, the layouts watchdog reported (``indexer.watcher``),
+  debounced by ``daemon.debounce_ms`` and coalesced per layout, fed to
+  :meth:`Scanner.process`;
+* a second look at every layout whose ``index.json`` changed within the racy
+  window of its read (``store.read.RACY_WINDOW_NS``), once that window has
+  passed, so the stored identity becomes one a lookup can trust;
+* a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``.
+
+SIGTERM and SIGINT cancel the work in hand: a batch already being written
+commits (the write runs in a worker thread that cancellation waits for), the
+row gets ``stopped_ns``, the connection is closed. A database that SQLite
+reports corrupt is moved aside to ``<db>.corrupt-<timestamp>`` and rebuilt: it
+is a cache of the layouts. The daemon never writes into a layout and never
+touches BuildKit's ``index.json.lock``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import functools
+import json
+import logging
+import os
+import signal
+import sqlite3
+import sys
+import time
+
+import anyio
+import anyio.to_thread
+
+from indexer import config as config_mod
+from indexer.errors import DaemonError, DatabaseError, UsageError, printable
+from indexer.scanner import Counts, Scanner, discover, roots_for
+from indexer.store import read as db
+from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from typing import TypeVar
+
+    from indexer.config import Config, Root
+
+    T = TypeVar("T")
+
+log = logging.getLogger("ocidx.daemon")
+
+# How often a dead observer, a vanished root or a root that appeared is looked for.
+HEALTH_INTERVAL_S = 1.0
+# The reconcile period when inotify cannot be used (it is then the only change detection).
+POLL_INTERVAL_S = 2.0
+# A second look at a racily-clean layout waits this much past the racy window.
+RACY_MARGIN_NS = 100_000_000
+# After an unexpected database error (for instance "database is locked"), wait before retrying.
+RETRY_DELAY_S = 1.0
+# Set to "polling" to watch by reconcile only (NFS and other file systems inotify cannot see into).
+WATCH_MODE_ENV = "OCIDX_WATCH_MODE"
+
+CORRUPTION_MARKERS = (
+    "not a database",
+    "database disk image is malformed",
+    "malformed database schema",
+    "database corruption",
+)
+
+
+# -- logging ------------------------------------------------------------------------------------
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-27 17:30:01.123 INFO indexed 3 layouts``: one line a person can read."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The standard line with control characters taken from layouts escaped."""
+        return printable(super().format(record)).replace("\\x0a", "\n    ")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message`` and any ``fields``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        document: dict[str, object] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            document.update(fields)
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, ensure_ascii=True, default=str)
+
+
+def setup_logging(log_format: str) -> logging.Handler:
+    """Send our records and watchdog's warnings to stderr, as text or JSON lines."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.getLogger("watchdog").setLevel(logging.WARNING)
+    return handler
+
+
+def _fields(**values: object) -> dict[str, object]:
+    return {"fields": values}
+
+
+# -- the lock -----------------------------------------------------------------------------------
+
+
+class DatabaseLock:
+    """An exclusive ``flock`` on ``<db>.lock`` holding the pid of its owner."""
+
+    def __init__(self, db_path: str) -> None:
+        self.path = db_path + ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise DaemonError naming the pid that holds it."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise DaemonError(f"cannot open the daemon lock {self.path}: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _read_pid(fd)
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                who = f"pid {holder}" if holder is not None else "another process"
+                raise DaemonError(
+                    f"another ocidx daemon ({who}) is already running on this database: it holds {self.path}"
+                ) from None
+            raise DaemonError(f"cannot lock {self.path}: {exc.strerror}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Empty the pid and drop the lock."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)
+
+
+def _read_pid(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+# -- corrupt databases --------------------------------------------------------------------------
+
+
+def is_corruption(exc: BaseException) -> bool:
+    """Whether *exc* is SQLite saying the file is damaged (not busy, not someone else's database)."""
+    text = str(exc).lower()
+    return any(marker in text for marker in CORRUPTION_MARKERS)
+
+
+def corruption_of(path: str) -> str | None:
+    """Why the database file at *path* is unusable (``PRAGMA quick_check``), or None when it is sound or absent."""
+    try:
+        if os.path.getsize(path) == 0:
+            return None
+    except OSError:
+        return None
+    try:
+        conn = sqlite3.connect(path, timeout=5.0)
+        try:
+            rows = conn.execute("PRAGMA quick_check").fetchall()
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        if is_corruption(exc):
+            return str(exc)
+        raise
+    if rows != [("ok",)]:
+        return "quick_check: " + "; ".join(str(row[0]) for row in rows[:5])
+    return None
+
+
+def move_aside(path: str) -> str:
+    """Rename the database (and its -wal and -shm) to ``<db>.corrupt-<timestamp>``; the new name."""
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    target = f"{path}.corrupt-{stamp}"
+    serial = 1
+    while os.path.lexists(target):
+        serial += 1
+        target = f"{path}.corrupt-{stamp}-{serial}"
+    os.replace(path, target)
+    for suffix in ("-wal", "-shm"):
+        if os.path.lexists(path + suffix):
+            os.replace(path + suffix, target + suffix)
+    return target
+
+
+def open_scanner(db_path: str, config: Config) -> Scanner:
+    """The writer, after moving a corrupt database aside (it is rebuilt by the first pass)."""
+    reason = corruption_of(db_path)
+    if reason is None:
+        try:
+            return Scanner(db_path, config)
+        except DatabaseError as exc:
+            if not is_corruption(exc):
+                raise
+            reason = exc.message
+    moved = move_aside(db_path)
+    log.error(
+        "database %s is corrupt (%s): moved it to %s and rebuilding the index from the layouts",
+        db_path,
+        reason,
+        moved,
+        extra=_fields(event="database_corrupt", database=db_path, moved_to=moved, reason=reason),
+    )
+    return Scanner(db_path, config)
+
+
+# -- the daemon ---------------------------------------------------------------------------------
+
+
+class Stop(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside the loop to leave it."""
+
+
+class Daemon:
+    """The loop: reconcile, drain watchdog's dirty set, re-check racy layouts, heartbeat."""
+
+    def __init__(self, db_path: str, config: Config, roots: list[Root]) -> None:
+        self.db_path = db_path
+        self.config = config
+        self.settings = config.daemon
+        self.roots = [_resolved(root) for root in roots]
+        self.scanner: Scanner | None = None
+        self.watcher: Watcher | None = None
+        self.alarm: OverflowAlarm | None = None
+        self.mode = "starting"
+        self.wake = anyio.Event()
+        self.dirty = Dirty(self._wake_from_thread)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.racy: dict[str, int] = {}
+        self.reconcile_due = 0.0
+        self.reconcile_reasons: list[str] = []
+        self.mode_check_due = 0.0
+        self.health_due = 0.0
+        self.pending_roots: set[str] = set()
+        self.reported: set[str] = set()
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _wake_from_thread(self) -> None:
+        """Called by watchdog's thread: wake the loop once; never raises."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed: we are shutting down
+            loop.call_soon_threadsafe(self._wake_now)
+
+    def _wake_now(self) -> None:
+        self.wake.set()
+
+    async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run *fn* on the writer's connection in the writer thread (serialized with its batches)."""
+        scanner = self.scanner
+        assert scanner is not None
+        return await anyio.to_thread.run_sync(fn, scanner.conn, limiter=scanner._write_limiter)
+
+    def _request_reconcile(self, why: str) -> None:
+        if why not in self.reconcile_reasons:
+            self.reconcile_reasons.append(why)
+        self.wake.set()
+
+    # -- the daemon row ---------------------------------------------------------------------------
+
+    async def _write_start_row(self) -> None:
+        now = time.time_ns()
+        roots = json.dumps([root.path for root in self.roots])
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                """
+                INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)
+                VALUES (1, ?, ?, ?, NULL, ?, ?)
+                ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, started_ns = excluded.started_ns,
+                    heartbeat_ns = excluded.heartbeat_ns, stopped_ns = NULL,
+                    watch_mode = excluded.watch_mode, roots = excluded.roots
+                """,
+                (os.getpid(), now, now, self.mode, roots),
+            )
+
+        await self._db(write)
+
+    async def _set_row(self, **values: object) -> None:
+        columns = ", ".join(f"{name} = ?" for name in values)
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute(f"UPDATE daemon SET {columns} WHERE id = 1", tuple(values.values()))
+
+        await self._db(write)
+
+    async def _set_mode(self, mode: str) -> None:
+        if mode != self.mode:
+            self.mode = mode
+            await self._set_row(watch_mode=mode)
+
+    # -- start, run, stop -------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT; the exit code."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._signals, tg.cancel_scope)
+                await self._start()
+                tg.start_soon(self._heartbeat)
+                tg.start_soon(self._main)
+        except BaseExceptionGroup as group:
+            # One failure (a DaemonError, a DatabaseError...) is raised as itself, for the CLI's exit codes.
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._shutdown()
+        return 0
+
+    async def _start(self) -> None:
+        self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
+        await self._write_start_row()
+        log.info(
+            "ocidx daemon %d started on %s, roots: %s",
+            os.getpid(),
+            self.db_path,
+            ", ".join(root.path for root in self.roots),
+            extra=_fields(event="started", pid=os.getpid(), database=self.db_path),
+        )
+
+    async def _signals(self, scope: anyio.CancelScope) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info(
+                    "received %s: finishing the batch in hand and stopping",
+                    signal.Signals(signum).name,
+                    extra=_fields(event="stopping", signal=signal.Signals(signum).name),
+                )
+                scope.cancel()
+                return
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s)
+            try:
+                await self._set_row(heartbeat_ns=time.time_ns())
+            except sqlite3.OperationalError as exc:
+                log.warning("heartbeat not written: %s", exc)
+
+    async def _shutdown(self) -> None:
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            await anyio.to_thread.run_sync(watcher.stop)
+        if self.alarm is not None:
+            self.alarm.detach()
+        self._loop = None
+        scanner = self.scanner
+        if scanner is None:
+            return
+        try:
+            await self._set_row(stopped_ns=time.time_ns(), heartbeat_ns=time.time_ns())
+        except sqlite3.Error as exc:
+            log.error("could not record the stop in the database: %s", exc)
+        await anyio.to_thread.run_sync(scanner.close, limiter=scanner._write_limiter)
+        self.scanner = None
+        log.info("ocidx daemon %d stopped", os.getpid(), extra=_fields(event="stopped", pid=os.getpid()))
+
+    # -- watching ---------------------------------------------------------------------------------
+
+    def _poll_interval(self) -> float:
+        return min(self.settings.reconcile_s, POLL_INTERVAL_S)
+
+    async def _choose_mode(self) -> None:
+        """inotify when every directory can be watched, else polling by reconcile, said plainly."""
+        forced = os.environ.get(WATCH_MODE_ENV, "").strip().lower()
+        if forced == "polling":
+            await self._to_polling(f"{WATCH_MODE_ENV}=polling")
+            return
+        tops = [root.path for root in self.roots]
+        capacity = await anyio.to_thread.run_sync(watch_capacity, tops)
+        short = capacity.shortfall()
+        if short is not None:
+            await self._to_polling(short + "; raise the limit (docs/operations.md)")
+            return
+        if self.watcher is None:
+            await self._to_inotify(capacity.directories)
+
+    async def _to_polling(self, why: str) -> None:
+        mode = f"polling: {why}"
+        if self.mode == mode:
+            return
+        watcher, self.watcher = self.watcher, None
+        if watcher is not None:
+            await anyio.to_thread.run_sync(watcher.stop)
+        log.warning(
+            "not watching with inotify: %s; polling every %.1fs by reconcile instead",
+            why,
+            self._poll_interval(),
+            extra=_fields(event="watch_mode", watch_mode="polling", reason=why),
+        )
+        await self._set_mode(mode)
+        self.reconcile_due = min(self.reconcile_due, time.monotonic() + self._poll_interval())
+
+    async def _to_inotify(self, directories: int) -> None:
+        watcher = Watcher(self.dirty)
+        try:
+            await anyio.to_thread.run_sync(watcher.start)
+        except OSError as exc:
+            await self._to_polling(f"inotify is unavailable: {exc.strerror or exc}")
+            return
+        if self.alarm is None:
+            self.alarm = OverflowAlarm(self.dirty.mark_lost)
+            self.alarm.attach()
+        self.watcher = watcher
+        if self.mode.startswith("polling"):
+            self._request_reconcile("switched from polling to inotify")
+        self.pending_roots = {root.path for root in self.roots}
+        await self._schedule_pending()
+        await self._set_mode("inotify")
+        log.info(
+            "watching %d roots with inotify (%d directories)",
+            len(watcher.roots),
+            directories,
+            extra=_fields(event="watch_mode", watch_mode="inotify", directories=directories),
+        )
+
+    async def _schedule_pending(self) -> bool:
+        """Watch the roots that exist now; True when one was added."""
+        watcher = self.watcher
+        if watcher is None:
+            return False
+        added = False
+        for root in self.roots:
+            if root.path not in self.pending_roots:
+                continue
+            missing = f"root {root.path} does not exist (yet): checking for it every {HEALTH_INTERVAL_S:g}s"
+            if not await anyio.to_thread.run_sync(os.path.isdir, root.path):
+                self._report(missing)
+                continue
+            try:
+                await anyio.to_thread.run_sync(watcher.schedule, root)
+            except OSError as exc:
+                self._report(f"root {root.path} cannot be watched: {exc.strerror or exc}")
+                continue
+            self.pending_roots.discard(root.path)
+            self.reported.discard(missing)
+            added = True
+            log.info("watching root %s", root.path, extra=_fields(event="root_watched", root=root.path))
+        return added
+
+    def _report(self, message: str) -> None:
+        """Log a standing problem once, not on every check."""
+        if message not in self.reported:
+            self.reported.add(message)
+            log.warning("%s", message)
+
+    async def _check_health(self) -> None:
+        """Restart a dead observer, re-watch vanished or replaced roots, pick up roots that appeared."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        if not watcher.observer_alive():
+            log.error(
+                "the inotify observer thread died: restarting it and reconciling",
+                extra=_fields(event="observer_died"),
+            )
+            await anyio.to_thread.run_sync(watcher.stop)
+            self.watcher = None
+            self.mode = "restarting"
+            await self._choose_mode()
+            self._request_reconcile("the observer thread was restarted")
+            return
+        for path in await anyio.to_thread.run_sync(watcher.broken_roots):
+            log.warning(
+                "root %s vanished or was replaced: its watch is gone; reconciling",
+                path,
+                extra=_fields(event="root_lost", root=path),
+            )
+            await anyio.to_thread.run_sync(watcher.unschedule, path)
+            self.pending_roots.add(path)
+            self._request_reconcile(f"root {path} vanished or was replaced")
+        if self.pending_roots and await self._schedule_pending():
+            self._request_reconcile("a root appeared")
+
+    # -- scanning ---------------------------------------------------------------------------------
+
+    async def _reconcile(self, why: str) -> None:
+        scanner = self.scanner
+        assert scanner is not None
+        started = time.perf_counter()
+        counts = await scanner.full_pass(self.roots)
+        await self._set_row(last_reconcile_ns=time.time_ns())
+        self._log_counts("reconcile", counts, time.perf_counter() - started, why)
+        self.racy = await self._db(_racy_layouts)
+
+    async def _process(self, pending: Pending) -> None:
+        scanner = self.scanner
+        assert scanner is not None
+        paths = set(pending.layouts)
+        now_ns = time.time_ns()
+        due = [path for path, when in self.racy.items() if when <= now_ns]
+        paths.update(due)
+        if pending.trees:
+            trees = list(pending.trees.values())
+            paths.update(await anyio.to_thread.run_sync(_discover_trees, trees))
+            for tree in trees:
+                paths.update(await self._db(functools.partial(_stored_under, under=tree.path)))
+        if not paths:
+            return
+        started = time.perf_counter()
+        counts = await scanner.process(sorted(paths))
+        self._log_counts("update", counts, time.perf_counter() - started, None)
+        self.racy = await self._db(_racy_layouts)
+
+    def _log_counts(self, what: str, counts: Counts, seconds: float, why: str | None) -> None:
+        for message in counts.error_messages[:20]:
+            self._report_layout(message)
+        changed = counts.changed or counts.removed or counts.errors
+        routine = what != "reconcile" or why in ("periodic", "polling")
+        level = logging.INFO if (changed or not routine) else logging.DEBUG
+        reason = f" ({why})" if why else ""
+        log.log(
+            level,
+            "%s%s: %d layouts looked at in %.3fs: %d changed, %d unchanged, %d with errors, %d removed",
+            what,
+            reason,
+            counts.seen,
+            seconds,
+            counts.changed,
+            counts.unchanged,
+            counts.errors,
+            counts.removed,
+            extra=_fields(event=what, reason=why, **counts.to_json(seconds)),
+        )
+
+    def _report_layout(self, message: str) -> None:
+        if message.startswith("root ") and "No such file" in message:
+            self._report(message)  # a missing root: said once, not on every poll
+        else:
+            log.warning("%s", message, extra=_fields(event="layout_error"))
+
+    async def _main(self) -> None:
+        now = time.monotonic()
+        self.mode_check_due = now + self.settings.reconcile_s
+        await self._choose_mode()
+        await self._guarded(self._reconcile, "start-up")
+        log.info("ready: %s", self.mode, extra=_fields(event="ready", watch_mode=self.mode, pid=os.getpid()))
+        self._schedule_next_reconcile()
+        self.health_due = time.monotonic() + HEALTH_INTERVAL_S
+        while True:
+            await self._wait()
+            now = time.monotonic()
+            if self.wake.is_set():
+                self.wake = anyio.Event()
+                if self.settings.debounce_ms and not self.reconcile_reasons:
+                    await anyio.sleep(self.settings.debounce_ms / 1000)
+            if now >= self.health_due:
+                self.health_due = now + HEALTH_INTERVAL_S
+                await self._check_health()
+            if now >= self.mode_check_due:
+                self.mode_check_due = now + self.settings.reconcile_s
+                await self._choose_mode()
+            pending = self.dirty.drain()
+            reasons = list(self.reconcile_reasons) + pending.lost
+            self.reconcile_reasons.clear()
+            if time.monotonic() >= self.reconcile_due:
+                reasons.append("periodic" if self.mode == "inotify" else "polling")
+            if reasons:
+                if pending.lost:
+                    log.warning(
+                        "events were lost (%s): reconciling now",
+                        ", ".join(pending.lost),
+                        extra=_fields(event="events_lost", reasons=pending.lost),
+                    )
+                await self._guarded(self._reconcile, ", ".join(reasons))
+                self._schedule_next_reconcile()
+            else:
+                await self._guarded(self._process, pending)
+
+    def _schedule_next_reconcile(self) -> None:
+        period = self.settings.reconcile_s if self.mode == "inotify" else self._poll_interval()
+        self.reconcile_due = time.monotonic() + period
+
+    async def _wait(self) -> None:
+        """Sleep until woken, or the next reconcile, health check or racy re-check is due."""
+        now = time.monotonic()
+        deadline = min(self.reconcile_due, self.health_due if self.watcher is not None else self.reconcile_due)
+        if self.racy:
+            first_ns = min(self.racy.values())
+            deadline = min(deadline, now + max(0.0, (first_ns - time.time_ns()) / 1e9))
+        with anyio.move_on_after(max(0.0, deadline - now)):
+            await self.wake.wait()
+
+    async def _guarded(self, step: Callable[[T], Awaitable[None]], arg: T) -> None:
+        """Run one scan step; a corrupt database is rebuilt, a busy one retried."""
+        try:
+            await step(arg)
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                await self._rebuild(str(exc))
+                return
+            log.warning(
+                "database error, retrying in %.0fs: %s",
+                RETRY_DELAY_S,
+                exc,
+                extra=_fields(event="database_error", error=str(exc)),
+            )
+            await anyio.sleep(RETRY_DELAY_S)
+            self._request_reconcile("retry after a database error")
+
+    async def _rebuild(self, reason: str) -> None:
+        scanner = self.scanner
+        assert scanner is not None
+        with contextlib.suppress(sqlite3.Error):
+            await anyio.to_thread.run_sync(scanner.conn.close, limiter=scanner._write_limiter)
+        self.scanner = None
+        moved = await anyio.to_thread.run_sync(move_aside, self.db_path)
+        log.error(
+            "database %s became corrupt (%s): moved it to %s and rebuilding the index",
+            self.db_path,
+            reason,
+            moved,
+            extra=_fields(event="database_corrupt", database=self.db_path, moved_to=moved, reason=reason),
+        )
+        self.scanner = await anyio.to_thread.run_sync(Scanner, self.db_path, self.config)
+        mode, self.mode = self.mode, "rebuilding"
+        await self._write_start_row()
+        await self._set_mode(mode)
+        self._request_reconcile("the database was rebuilt")
+
+
+def _resolved(root: Root) -> Root:
+    from indexer.config import Root
+
+    return Root(os.path.realpath(root.path), max_depth=root.max_depth, follow_symlinks=root.follow_symlinks)
+
+
+def _discover_trees(trees: list[Root]) -> list[str]:
+    found: list[str] = []
+    for tree in trees:
+        if os.path.isdir(tree.path):
+            found.extend(discover(tree))
+    return found
+
+
+def _stored_under(conn: sqlite3.Connection, *, under: str) -> list[str]:
+    return [stored.path for stored in db.layouts(conn, under)]
+
+
+def _racy_layouts(conn: sqlite3.Connection) -> dict[str, int]:
+    """Layouts whose stored identity is racily clean, and when (wall clock, ns) a re-read will settle it."""
+    rows = conn.execute(
+        "SELECT path, max(mtime_ns, ctime_ns) FROM layouts "
+        "WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND max(mtime_ns, ctime_ns) >= read_ns - ?",
+        (db.RACY_WINDOW_NS,),
+    )
+    return {path: changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS for path, changed in rows}
+
+
+def run_daemon(*, db: str | None, config_path: str | None, roots: list[str], log_format: str | None) -> int:
+    """``ocidx daemon``: lock the database, then watch and index until SIGTERM/SIGINT; the exit code."""
+    config = config_mod.load(config_path)
+    handler = setup_logging(log_format or config.daemon.log_format)
+    try:
+        db_path = os.path.abspath(config_mod.database_path(db, config))
+        daemon_roots = roots_for(config, roots)
+        if not daemon_roots:
+            raise UsageError("no roots to watch: name one (ocidx daemon ROOT) or add [[roots]] to the config")
+        lock = DatabaseLock(db_path)
+        lock.acquire()
+        try:
+            return anyio.run(Daemon(db_path, config, daemon_roots).run, backend="asyncio")
+        finally:
+            lock.release()
+    finally:
+        logging.getLogger().removeHandler(handler)

@@ -1,0 +1,401 @@
+"""watchdog (inotify) to a lock-guarded set of dirty layouts and one wake-up of the event loop.
+
+watchdog calls its handlers on its own dispatch thread. Nothing here ever
+blocks that thread or lets an exception escape it (an exception kills the
+observer: research/python-anchors.md B1): a handler only files the layout
+directory it concerns into :class:`Dirty` and, when the set was empty, calls
+the loop's wake-up once. The loop (``indexer.daemon``) debounces, drains and
+scans.
+
+What watchdog 7 does and does not tell us, and how each gap is covered:
+
+* ``index.json`` replaced by rename arrives as a move whose ``dest_path`` is
+  ``index.json``; written in place, as a close-after-write. Both paths of an
+  event are looked at; ``modified`` is not listened to (it fires mid-write).
+* A whole layout renamed in arrives as a directory create or move; a tree
+  removed or renamed out as a directory delete or move. Directories are filed
+  as *trees*: the loop rediscovers layouts below them and re-examines the
+  stored layouts below them.
+* A queue overflow reaches no handler, only a WARNING from
+  ``watchdog.observers.inotify_c``; :class:`OverflowAlarm` listens for it and
+  files a *lost* mark, on which the loop runs a reconcile pass.
+* The watch limit is not reported at all by watchdog 7.1 (watches are
+  silently missing), so :func:`watch_capacity` compares ``/proc/sys/fs/inotify``
+  with the number of directories before any watch is placed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers.inotify import InotifyObserver
+
+from indexer._record import Record
+from indexer.config import Root
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable
+
+    from watchdog.observers.api import ObservedWatch
+
+log = logging.getLogger("ocidx.watcher")
+
+# The files whose change means "re-read this layout".
+LAYOUT_FILES = frozenset({"index.json", "oci-layout"})
+
+# Closed-after-write, moved, created and deleted; never opened/closed-no-write (our own
+# reads would feed the queue) and never modified (fires while a writer is mid-write).
+EVENT_FILTER: list[type[FileSystemEvent]] = [
+    FileClosedEvent,
+    FileMovedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+
+_WATCHDOG_INOTIFY_LOGGERS = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
+INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
+
+
+class Pending(Record):
+    """What :meth:`Dirty.drain` hands the loop: layouts to re-examine, trees to rediscover, lost marks."""
+
+    __slots__ = ("layouts", "lost", "trees")
+
+    def __init__(self, layouts: set[str], trees: dict[str, Root], lost: list[str]) -> None:
+        self.layouts = layouts
+        self.trees = trees
+        self.lost = lost
+
+    def __bool__(self) -> bool:
+        return bool(self.layouts or self.trees or self.lost)
+
+
+class Dirty:
+    """The layouts and trees changed since the loop last drained, filled from any thread."""
+
+    def __init__(self, wake: Callable[[], None]) -> None:
+        self._lock = threading.Lock()
+        self._layouts: set[str] = set()
+        self._trees: dict[str, Root] = {}
+        self._lost: list[str] = []
+        self._wake = wake
+
+    def _empty(self) -> bool:
+        return not (self._layouts or self._trees or self._lost)
+
+    def add_layout(self, path: str) -> None:
+        """File one layout directory; wake the loop if nothing was pending."""
+        with self._lock:
+            was_empty = self._empty()
+            self._layouts.add(path)
+        if was_empty:
+            self._wake()
+
+    def add_tree(self, tree: Root) -> None:
+        """File a directory below which layouts may have appeared or vanished."""
+        with self._lock:
+            was_empty = self._empty()
+            known = self._trees.get(tree.path)
+            if known is None or known.max_depth < tree.max_depth:
+                self._trees[tree.path] = tree
+        if was_empty:
+            self._wake()
+
+    def mark_lost(self, why: str) -> None:
+        """Events were lost (overflow, a dead observer): the loop must reconcile."""
+        with self._lock:
+            was_empty = self._empty()
+            if why not in self._lost:
+                self._lost.append(why)
+        if was_empty:
+            self._wake()
+
+    def drain(self) -> Pending:
+        """Take everything filed so far, leaving the set empty."""
+        with self._lock:
+            pending = Pending(self._layouts, self._trees, self._lost)
+            self._layouts, self._trees, self._lost = set(), {}, []
+        return pending
+
+
+def relative_parts(path: str, top: str) -> list[str] | None:
+    """The components of *path* below directory *top*, or None when it is not below it."""
+    if path == top:
+        return []
+    prefix = top.rstrip("/") + "/"
+    if not path.startswith(prefix):
+        return None
+    return [p for p in path[len(prefix) :].split("/") if p]
+
+
+class LayoutEvents(FileSystemEventHandler):
+    """The handler of one root's recursive watch: events to :class:`Dirty`, never an exception."""
+
+    def __init__(self, root: Root, dirty: Dirty) -> None:
+        super().__init__()
+        self.root = root
+        self.dirty = dirty
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        """Route *event*; any failure is logged and turned into a reconcile, never raised."""
+        try:
+            self._route(event)
+        except Exception as exc:  # an exception here would kill watchdog's thread
+            with contextlib.suppress(Exception):  # the last line of defence for the observer thread
+                log.error("watch event handler failed on %r: %s", event, exc)
+                self.dirty.mark_lost("an event could not be handled")
+
+    def _route(self, event: FileSystemEvent) -> None:
+        paths = [os.fsdecode(event.src_path)]
+        if event.dest_path:
+            paths.append(os.fsdecode(event.dest_path))
+        if event.is_directory:
+            if isinstance(event, DirCreatedEvent | DirMovedEvent | DirDeletedEvent):
+                for path in paths:
+                    self._tree(path)
+            return
+        if not isinstance(event, FileClosedEvent | FileMovedEvent | FileCreatedEvent | FileDeletedEvent):
+            return
+        for path in paths:
+            if os.path.basename(path) in LAYOUT_FILES:
+                self._layout(os.path.dirname(path))
+
+    def _depth_left(self, directory: str) -> int | None:
+        """How deep discovery may still go below *directory*, or None when no layout can be there."""
+        parts = relative_parts(directory, self.root.path)
+        if parts is None or "blobs" in parts:
+            return None
+        left = self.root.max_depth - len(parts)
+        return left if left >= 0 else None
+
+    def _layout(self, directory: str) -> None:
+        if self._depth_left(directory) is not None:
+            self.dirty.add_layout(directory)
+
+    def _tree(self, directory: str) -> None:
+        left = self._depth_left(directory)
+        if left is not None:
+            self.dirty.add_tree(Root(directory, max_depth=left, follow_symlinks=self.root.follow_symlinks))
+
+
+class OverflowAlarm(logging.Handler):
+    """Turns watchdog's overflow WARNING (its only trace of lost events) into a reconcile."""
+
+    def __init__(self, on_lost: Callable[[str], None]) -> None:
+        super().__init__(level=logging.WARNING)
+        self.on_lost = on_lost
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Called on watchdog's thread: never raises."""
+        try:
+            text = record.getMessage().lower()
+            if "overflow" in text:
+                self.on_lost("inotify queue overflow")
+            elif "unable to rebuild" in text:
+                self.on_lost("inotify watches could not be rebuilt")
+        except Exception:
+            return  # never raise into watchdog's thread
+
+    def attach(self) -> None:
+        """Listen to watchdog's inotify loggers (kept at WARNING so the alarm always hears them)."""
+        for name in _WATCHDOG_INOTIFY_LOGGERS:
+            logger = logging.getLogger(name)
+            if logger.level == logging.NOTSET or logger.level > logging.WARNING:
+                logger.setLevel(logging.WARNING)
+            logger.addHandler(self)
+
+    def detach(self) -> None:
+        """Stop listening."""
+        for name in _WATCHDOG_INOTIFY_LOGGERS:
+            logging.getLogger(name).removeHandler(self)
+
+
+class Capacity(Record):
+    """Whether inotify can watch every directory below the roots, and why not."""
+
+    __slots__ = ("directories", "instances_in_use", "max_instances", "max_watches", "watches_in_use")
+
+    def __init__(
+        self,
+        *,
+        directories: int,
+        max_watches: int | None,
+        watches_in_use: int,
+        max_instances: int | None,
+        instances_in_use: int,
+    ) -> None:
+        self.directories = directories
+        self.max_watches = max_watches
+        self.watches_in_use = watches_in_use
+        self.max_instances = max_instances
+        self.instances_in_use = instances_in_use
+
+    def shortfall(self) -> str | None:
+        """None when the watches fit, else a sentence saying what is short."""
+        if self.max_instances is not None and self.instances_in_use + 1 > self.max_instances:
+            return (
+                f"fs.inotify.max_user_instances={self.max_instances} is used up "
+                f"({self.instances_in_use} inotify instances already open by this user)"
+            )
+        if self.max_watches is not None:
+            free = self.max_watches - self.watches_in_use
+            if self.directories > free:
+                return (
+                    f"{self.directories} directories below the roots need as many inotify watches, but "
+                    f"fs.inotify.max_user_watches={self.max_watches} leaves {free} free "
+                    f"({self.watches_in_use} in use by this user)"
+                )
+        return None
+
+
+def _read_sysctl(name: str) -> int | None:
+    try:
+        with open(os.path.join(INOTIFY_SYSCTL, name), encoding="ascii") as fh:
+            return int(fh.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def count_directories(tops: Iterable[str]) -> int:
+    """Every directory a recursive watch of *tops* would watch (the tops included; symlinks not followed)."""
+    total = 0
+    for top in tops:
+        if not os.path.isdir(top):
+            continue
+        total += 1
+        for _dirpath, dirnames, _files in os.walk(top, followlinks=False):
+            total += sum(1 for d in dirnames if not os.path.islink(os.path.join(_dirpath, d)))
+    return total
+
+
+def inotify_in_use(uid: int | None = None) -> tuple[int, int]:
+    """(instances, watches) of inotify held by processes of *uid*, read from ``/proc/*/fdinfo`` (best effort)."""
+    uid = os.getuid() if uid is None else uid
+    instances = watches = 0
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return 0, 0
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            if os.stat(f"/proc/{pid}").st_uid != uid:
+                continue
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:inotify":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}", encoding="ascii", errors="replace") as fh:
+                    watches += sum(1 for line in fh if line.startswith("inotify wd:"))
+                instances += 1
+            except OSError:
+                continue
+    return instances, watches
+
+
+def watch_capacity(tops: Iterable[str]) -> Capacity:
+    """Measure what a recursive inotify watch of *tops* needs and what the kernel allows."""
+    instances, watches = inotify_in_use()
+    return Capacity(
+        directories=count_directories(tops),
+        max_watches=_read_sysctl("max_user_watches"),
+        watches_in_use=watches,
+        max_instances=_read_sysctl("max_user_instances"),
+        instances_in_use=instances,
+    )
+
+
+class Watcher:
+    """One inotify observer with one recursive, filtered schedule per root."""
+
+    def __init__(self, dirty: Dirty) -> None:
+        self.dirty = dirty
+        self._observer: InotifyObserver | None = None
+        self._watches: dict[str, tuple[ObservedWatch, tuple[int, int]]] = {}
+
+    @property
+    def roots(self) -> list[str]:
+        """The root directories currently scheduled."""
+        return list(self._watches)
+
+    def start(self) -> None:
+        """Start the observer thread (raises OSError when inotify is unavailable)."""
+        observer = InotifyObserver()
+        observer.daemon = True
+        observer.start()
+        self._observer = observer
+
+    def schedule(self, root: Root) -> None:
+        """Watch *root* (its resolved path) recursively; OSError when it cannot be watched."""
+        observer = self._observer
+        if observer is None:
+            raise RuntimeError("watcher not started")
+        st = os.stat(root.path)
+        watch = observer.schedule(
+            LayoutEvents(root, self.dirty), root.path, recursive=True, event_filter=list(EVENT_FILTER)
+        )
+        self._watches[root.path] = (watch, (st.st_dev, st.st_ino))
+
+    def unschedule(self, path: str) -> None:
+        """Stop watching the root at *path* (it vanished, or its watch died)."""
+        found = self._watches.pop(path, None)
+        if found is None or self._observer is None:
+            return
+        try:
+            self._observer.unschedule(found[0])
+        except (KeyError, RuntimeError, OSError) as exc:
+            log.debug("unscheduling %s: %s", path, exc)
+
+    def observer_alive(self) -> bool:
+        """Whether the dispatch thread still runs (an exception in it would have ended it)."""
+        return self._observer is not None and self._observer.is_alive()
+
+    def broken_roots(self) -> list[str]:
+        """Scheduled roots whose watch no longer works: the directory vanished or was replaced, or its emitter ended."""
+        observer = self._observer
+        if observer is None:
+            return list(self._watches)
+        alive = {emitter.watch for emitter in list(observer.emitters) if emitter.is_alive()}
+        broken = []
+        for path, (watch, ident) in self._watches.items():
+            try:
+                st = os.stat(path)
+                same = (st.st_dev, st.st_ino) == ident
+            except OSError:
+                same = False
+            if not same or watch not in alive:
+                broken.append(path)
+        return broken
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop and join the observer (blocking: call it from a worker thread)."""
+        observer, self._observer = self._observer, None
+        self._watches.clear()
+        if observer is None:
+            return
+        try:
+            observer.stop()
+            observer.join(timeout)
+        except RuntimeError as exc:
+            log.debug("stopping the observer: %s", exc)
