@@ -517,11 +517,9 @@ def _rank(ref: Reference) -> int:
 
 
 def sort_references(refs: Iterable[str], *, algorithms: frozenset[str] = DEFAULT_ALGORITHMS) -> list[str]:
-    """``Sort``: tag+digest, tag, name+digest, name, digest, each by string, then unparseable ones.
-
-    As upstream, each parsable string comes back in its normalized form
-    (``alpine`` → ``docker.io/library/alpine``); unparseable ones come back as given.
-    """
+    """``Sort``: tag+digest, tag, name+digest, name, digest (each by string), then the unparseable."""
+    # As upstream, a parsable string comes back normalized (alpine -> docker.io/library/alpine)
+    # and an unparseable one as it was given.
     parsed: list[tuple[int, str]] = []
     bad: list[str] = []
     for text in refs:
