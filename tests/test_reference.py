@@ -59,12 +59,9 @@ SHA256_ONLY = frozenset({"sha256"})
 # (containerd's URL-based splitter, which ocidx does not implement) and
 # TestReferenceParse#48, a commented-out FIXME case upstream (from_comment).
 # ---------------------------------------------------------------------------
-VECTOR_FILE_CANDIDATES = [
-    Path(os.environ.get("OCIDX_REFERENCE_VECTORS", REPO / "tests" / "data" / "reference_vectors.json")),
-    Path("/work/shared/research/reference_vectors.json"),
-]
-VECTOR_FILE = next((path for path in VECTOR_FILE_CANDIDATES if path.is_file()), None)
-ALL_VECTORS: list[dict[str, Any]] = json.loads(VECTOR_FILE.read_text()) if VECTOR_FILE else []
+# The vectors ship with the tests; a missing file is a failure, never a silent skip.
+VECTOR_FILE = Path(os.environ.get("OCIDX_REFERENCE_VECTORS", REPO / "tests" / "data" / "reference_vectors.json"))
+ALL_VECTORS: list[dict[str, Any]] = json.loads(VECTOR_FILE.read_text())
 SKIPPED_FUNCS = {"containerd.reference.Parse"}
 VECTORS = [v for v in ALL_VECTORS if v["func"] not in SKIPPED_FUNCS and not v.get("from_comment")]
 
@@ -138,8 +135,6 @@ PARSERS = {
 
 
 def test_vector_file_is_the_one_described() -> None:
-    if VECTOR_FILE is None:
-        pytest.skip(f"no reference_vectors.json in {[str(p) for p in VECTOR_FILE_CANDIDATES]}")
     assert len(ALL_VECTORS) == 372
     assert len(ALL_VECTORS) - len(VECTORS) == 14
     # Every error name the vectors use (apart from containerd's) has a category.
