@@ -101,7 +101,7 @@ _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _PLATFORM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
 
 
-class BlobMissing(BlobError):  # noqa: N818 - named like its siblings in indexer.errors
+class BlobMissing(BlobError):
     """The blob is not in ``blobs/``: normal for partial exports, so callers tell it apart."""
 
     category = "blob_missing"
