@@ -1,0 +1,210 @@
+"""ocidx against layouts written by the real skopeo and umoci, offline.
+
+A source image is made locally (``umoci init`` + ``umoci new`` + ``umoci
+config``), then copied with ``skopeo copy oci:SRC:... oci:DIR:REF`` under the
+names users type. ``ocidx`` must agree with ``skopeo inspect --raw`` on every
+reference skopeo resolves, and find by canonical name what skopeo only finds
+by the exact string. Skipped when the tools are missing, except under CI,
+where a missing tool is a failure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from indexer.cli import main
+
+pytestmark = pytest.mark.interop
+
+TOOLS = ("skopeo", "umoci")
+
+
+@pytest.fixture(autouse=True)
+def _tools_and_isolation(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI is set but {', '.join(missing)} is not installed: the interop tests must run")
+        pytest.skip(f"{', '.join(missing)} not installed (install them, or set CI to make this a failure)")
+    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
+    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
+    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
+    monkeypatch.delenv("OCIDX_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+def tool(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(list(args), capture_output=True, timeout=120, check=False)
+
+
+def must(*args: str) -> bytes:
+    done = tool(*args)
+    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.decode(errors='replace')}"
+    return done.stdout
+
+
+def skopeo_digest(layout: str, ref: str) -> str | None:
+    """What skopeo resolves ``oci:LAYOUT:REF`` to (sha256 of the raw manifest), or None."""
+    done = tool("skopeo", "inspect", "--raw", f"oci:{layout}:{ref}")
+    if done.returncode != 0:
+        return None
+    return "sha256:" + hashlib.sha256(done.stdout).hexdigest()
+
+
+def copy(src: str, dest: str) -> None:
+    must("skopeo", "copy", "--quiet", f"oci:{src}", f"oci:{dest}")
+
+
+class Ocidx:
+    def __init__(self, db: str, capsys: pytest.CaptureFixture[str]) -> None:
+        self.db = db
+        self.capsys = capsys
+
+    def __call__(self, *args: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main([args[0], "--db", self.db, *args[1:]])
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def digest(self, *args: str) -> str | None:
+        code, out, err = self("resolve", *args)
+        assert code in (0, 1), err
+        return out.strip() if code == 0 else None
+
+
+@pytest.fixture
+def source(tmp_path: str) -> dict[str, str]:
+    """A local source layout with four distinct images; tag -> digest."""
+    src = os.path.join(tmp_path, "src")
+    must("umoci", "init", "--layout", src)
+    must("umoci", "new", "--image", f"{src}:base")
+    for name in ("one", "two", "three", "four"):
+        must("umoci", "config", "--image", f"{src}:base", "--tag", name, "--config.label", f"image={name}")
+    tags = {t: skopeo_digest(src, t) for t in ("base", "one", "two", "three", "four")}
+    assert None not in tags.values()
+    assert len(set(tags.values())) == 5
+    return {"path": src, **{t: str(d) for t, d in tags.items()}}
+
+
+@pytest.fixture
+def ocidx(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> Ocidx:
+    return Ocidx(os.path.join(tmp_path, "index.db"), capsys)
+
+
+@pytest.fixture
+def written(tmp_path: str, source: dict[str, str], ocidx: Ocidx) -> str:
+    """DIR written by skopeo and umoci under the names users type, then scanned."""
+    src = source["path"]
+    layout = os.path.join(tmp_path, "root", "dir")
+    os.makedirs(os.path.dirname(layout))
+    copy(f"{src}:base", f"{layout}:latest")
+    copy(f"{src}:one", f"{layout}:alpine:3.16")
+    copy(f"{src}:two", f"{layout}:docker.io/library/busybox:1.36")
+    copy(f"{src}:three", f"{layout}:localhost:5000/team/app:v2")
+    must("umoci", "tag", "--image", f"{layout}:latest", "v9")
+    must("umoci", "tag", "--image", f"{layout}:latest", "temp")
+    must("umoci", "rm", "--image", f"{layout}:temp")
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(layout))
+    assert code == 0, err
+    return os.path.realpath(layout)
+
+
+# Each ref as skopeo takes it, and the ocidx forms that must agree with it.
+AGREEMENT = [
+    ("latest", ["oci-layout://{dir}", "oci-layout://{dir}:latest", "--layout={dir} :latest"]),
+    ("v9", ["oci-layout://{dir}:v9", "--layout={dir} :v9"]),
+    ("alpine:3.16", ["oci-layout://{dir}/alpine:3.16", "--layout={dir} alpine:3.16"]),
+    (
+        "docker.io/library/busybox:1.36",
+        ["oci-layout://{dir}/docker.io/library/busybox:1.36", "--layout={dir} docker.io/library/busybox:1.36"],
+    ),
+    (
+        "localhost:5000/team/app:v2",
+        ["oci-layout://{dir}/localhost:5000/team/app:v2", "--layout={dir} localhost:5000/team/app:v2"],
+    ),
+]
+
+
+def _args(form: str, layout: str) -> list[str]:
+    return form.format(dir=layout).split(" ")
+
+
+@pytest.mark.parametrize(("ref", "forms"), AGREEMENT)
+def test_ocidx_agrees_with_skopeo(written: str, ocidx: Ocidx, ref: str, forms: list[str]) -> None:
+    expected = skopeo_digest(written, ref)
+    assert expected is not None
+    for form in forms:
+        assert ocidx.digest(*_args(form, written)) == expected, form
+
+
+def test_removed_tag_is_gone_for_both(written: str, ocidx: Ocidx) -> None:
+    assert skopeo_digest(written, "temp") is None
+    assert ocidx.digest(f"oci-layout://{written}:temp") is None
+
+
+def test_ocidx_finds_by_canonical_name_what_skopeo_finds_only_by_exact_string(
+    written: str, ocidx: Ocidx, source: dict[str, str]
+) -> None:
+    # written as "alpine:3.16": skopeo misses the canonical spelling
+    assert skopeo_digest(written, "docker.io/library/alpine:3.16") is None
+    assert ocidx.digest(f"oci-layout://{written}/docker.io/library/alpine:3.16") == source["one"]
+    assert ocidx.digest(f"oci-layout://{written}/library/alpine:3.16") == source["one"]
+    # written as "docker.io/library/busybox:1.36": skopeo misses the familiar spelling
+    assert skopeo_digest(written, "busybox:1.36") is None
+    assert ocidx.digest(f"oci-layout://{written}/busybox:1.36") == source["two"]
+    assert ocidx.digest("--layout", written, "busybox:1.36") == source["two"]
+
+
+def test_json_names_say_how_each_was_read(written: str, ocidx: Ocidx) -> None:
+    code, out, _ = ocidx("ls", "--json", written)
+    assert code == 0
+    (detail,) = json.loads(out)
+    names = {(n["name"], n["tag"], n["how"]) for entry in detail["entries"] for n in entry["names"]}
+    assert names == {
+        ("", "latest", "tag-only"),
+        ("", "v9", "tag-only"),
+        ("docker.io/library/alpine", "3.16", "familiar"),
+        ("docker.io/library/busybox", "1.36", "full"),
+        ("localhost:5000/team/app", "v2", "full"),
+    }
+
+
+def test_resolve_right_after_skopeo_copy_without_a_daemon(written: str, ocidx: Ocidx, source: dict[str, str]) -> None:
+    copy(f"{source['path']}:four", f"{written}:latest")  # into the already-scanned layout
+    code, out, err = ocidx("resolve", "--json", f"oci-layout://{written}")
+    assert code == 0, err
+    answer = json.loads(out)
+    assert answer["digest"] == source["four"] == skopeo_digest(written, "latest")
+    assert answer["freshness"] == "read-through"
+    copy(f"{source['path']}:four", f"{written}:brand-new")
+    assert ocidx.digest(f"oci-layout://{written}:brand-new") == source["four"]
+    assert ocidx.digest(f"oci-layout://{written}/alpine:3.16") == source["one"]
+
+
+def test_skopeo_copy_into_a_new_layout_is_read_through(tmp_path: str, ocidx: Ocidx, source: dict[str, str]) -> None:
+    os.makedirs(os.path.join(tmp_path, "root"))
+    code, _, err = ocidx("scan", "--no-progress", os.path.join(tmp_path, "root"))
+    assert code == 0, err
+    fresh = os.path.join(tmp_path, "root", "fresh")
+    copy(f"{source['path']}:two", f"{fresh}:v1")
+    assert ocidx.digest(f"oci-layout://{fresh}:v1") == source["two"] == skopeo_digest(fresh, "v1")
+
+
+def test_umoci_empty_layout_with_null_manifests(tmp_path: str, ocidx: Ocidx) -> None:
+    empty = os.path.join(tmp_path, "root", "empty")
+    must("umoci", "init", "--layout", empty)
+    with open(os.path.join(empty, "index.json")) as f:
+        assert json.load(f)["manifests"] is None
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(empty))
+    assert code == 0, err
+    code, out, err = ocidx("resolve", f"oci-layout://{empty}")
+    assert (code, out) == (1, "")
+    assert "no named images" in err
+    code, out, _ = ocidx("ls", "--json")
+    assert [(row["state"], row["entries"]) for row in json.loads(out)] == [("ok", 0)]
