@@ -1,0 +1,915 @@
+"""The benchmark runner: every figure beside its baseline, measured in the same run, as a ratio.
+
+``python -m benchmarks`` (quick mode) or ``python -m benchmarks --full`` (the
+issue's sizes: 10,000 layouts, huge layouts of 10,000 and 50,000 entries,
+lookups at 1k, 100k and 1M names). It prints a table and rewrites the results
+section of ``benchmarks/RESULTS.md`` (text outside the markers is kept).
+
+Whole-process figures run the ``ocidx`` console script of the running
+interpreter's environment (its shebang is the real interpreter, not a pyenv
+shim) and take the median of several runs; peak RSS comes from ``os.wait4``.
+Every ``index.json`` gets an mtime one hour in the past, and the runner waits
+until the files' ctime (which ``os.utime`` cannot set) is older than the
+racily-clean window before any scan, so lookups answer from the index instead
+of reading through. The page cache is warm in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from benchmarks import generate as gen
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RESULTS = os.path.join(HERE, "RESULTS.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+TARGET_TAG = "bench-target"
+RACY_WAIT_S = 3.5  # indexer/store/read.py RACY_WINDOW_NS is 3 s
+
+# A bare pass over a tree: what any tool has to do at least once to see every index.json.
+BARE_PASS = r"""
+import json, os, sys
+n = 0
+for dirpath, dirnames, filenames in os.walk(sys.argv[1]):
+    if "blobs" in dirnames:
+        dirnames.remove("blobs")
+    if "index.json" in filenames:
+        with open(os.path.join(dirpath, "index.json"), "rb") as fh:
+            json.loads(fh.read())
+        n += 1
+print(n)
+"""
+
+# What a script without ocidx does to find a tag in every layout.
+FIND_SCRIPT = r"""
+import json, os, sys
+root, tag = sys.argv[1], sys.argv[2]
+for dirpath, dirnames, filenames in os.walk(root):
+    if "blobs" in dirnames:
+        dirnames.remove("blobs")
+    if "index.json" not in filenames:
+        continue
+    with open(os.path.join(dirpath, "index.json"), "rb") as fh:
+        doc = json.loads(fh.read())
+    for m in doc.get("manifests") or ():
+        notes = m.get("annotations") or {}
+        for key in ("org.opencontainers.image.ref.name", "io.containerd.image.name"):
+            value = notes.get(key) or ""
+            for part in value.split(","):
+                if part == tag or part.split("@")[0].rpartition(":")[2] == tag:
+                    print(dirpath, m["digest"], value, sep="\t")
+"""
+
+# What a script without ocidx does to resolve one tag in one layout.
+LINEAR_SCRIPT = r"""
+import json, sys
+with open(sys.argv[1] + "/index.json", "rb") as fh:
+    doc = json.loads(fh.read())
+for m in doc["manifests"]:
+    if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == sys.argv[2]:
+        print(m["digest"])
+        break
+else:
+    sys.exit(1)
+"""
+
+
+# -- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Proc:
+    """One finished child process."""
+
+    seconds: float
+    maxrss_kb: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_process(argv: list[str], *, env: dict[str, str] | None = None) -> Proc:
+    """Run *argv* to completion: wall time, its own peak RSS (``os.wait4``), output."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        return Proc(seconds, usage.ru_maxrss, proc.returncode, out.read().decode(errors="replace"), err.read().decode())
+
+
+def median_process(argv: list[str], reps: int, *, env: dict[str, str] | None = None, ok: int = 0) -> Proc:
+    """The median-time run of *argv* over *reps* runs (each must exit *ok*)."""
+    runs = []
+    for _ in range(reps):
+        proc = run_process(argv, env=env)
+        if proc.returncode != ok:
+            raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+        runs.append(proc)
+    runs.sort(key=lambda p: p.seconds)
+    return runs[len(runs) // 2]
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """The *q* quantile (0..1) of already-sorted values, nearest rank."""
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Figure:
+    """One row: a measured value, its baseline from the same run, and the target on their ratio."""
+
+    name: str
+    value: float
+    unit: str
+    baseline_name: str
+    baseline: float | None
+    target: str
+    met: bool | None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        """value / baseline."""
+        if self.baseline is None or self.baseline == 0:
+            return None
+        return self.value / self.baseline
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value:.3f} s" if value < 10 else f"{value:.1f} s"
+    if unit == "ms":
+        return f"{value:.1f} ms"
+    if unit == "µs":
+        return f"{value:.1f} µs" if value < 1000 else f"{value / 1000:.2f} ms"
+    if unit == "MB":
+        return f"{value:.0f} MB"
+    return f"{value:g} {unit}"
+
+
+def table(figures: list[Figure]) -> list[str]:
+    """The figures as a Markdown table."""
+    rows = [
+        "| figure | value | baseline | baseline value | ratio | target | met |",
+        "| --- | ---: | --- | ---: | ---: | --- | --- |",
+    ]
+    for f in figures:
+        ratio = "-" if f.ratio is None else (f"{f.ratio:.2f}x" if f.ratio >= 0.01 else f"{f.ratio:.4f}x")
+        met = "-" if f.met is None else ("yes" if f.met else "**NO**")
+        note = f" ({f.note})" if f.note else ""
+        rows.append(
+            f"| {f.name}{note} | {_fmt(f.value, f.unit)} | {f.baseline_name} | {_fmt(f.baseline, f.unit)} "
+            f"| {ratio} | {f.target} | {met} |"
+        )
+    return rows
+
+
+# -- the setting -------------------------------------------------------------------------------
+
+
+@dataclass
+class Settings:
+    """Sizes and places for one run."""
+
+    layouts: int
+    huge: list[int]
+    names: list[int]
+    seed: str
+    data: str
+    process_reps: int
+    scan_reps: int
+    lookup_iterations: int
+    mode: str
+    notes: list[str] = field(default_factory=list)
+
+
+class Bench:
+    """One run of the suite."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+        self.figures: list[Figure] = []
+        self.notes = settings.notes
+        self.ocidx = os.path.join(os.path.dirname(sys.executable), "ocidx")
+        if not os.path.exists(self.ocidx):
+            raise SystemExit(f"no ocidx console script next to {sys.executable}: pip install -e . first")
+        self.python = sys.executable
+        self.home = tempfile.mkdtemp(prefix="ocidx-bench-home-")
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("OCIDX_")}
+        self.env["XDG_CONFIG_HOME"] = self.home  # no config file: the lookup path as users run it
+        self.env["XDG_DATA_HOME"] = self.home
+        self.tree = os.path.join(self.s.data, f"tree-{self.s.layouts}-s{self.s.seed}")
+        self.dbs = os.path.join(self.s.data, "db")
+        os.makedirs(self.dbs, exist_ok=True)
+        self.last_write = 0.0
+
+    def say(self, text: str) -> None:
+        """Progress on stderr."""
+        sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+        sys.stderr.flush()
+
+    def add(self, figure: Figure) -> None:
+        """Record a figure and show it at once."""
+        self.figures.append(figure)
+        ratio = "-" if figure.ratio is None else f"{figure.ratio:.3f}x"
+        self.say(
+            f"  {figure.name}: {_fmt(figure.value, figure.unit)} vs {figure.baseline_name} "
+            f"{_fmt(figure.baseline, figure.unit)} = {ratio} (target {figure.target})"
+        )
+
+    def settle(self) -> None:
+        """Wait until every file written so far is older (ctime too) than the racily-clean window."""
+        wait = self.last_write + RACY_WAIT_S - time.time()
+        if wait > 0:
+            self.say(f"waiting {wait:.1f}s for the racily-clean window to pass")
+            time.sleep(wait)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def ensure_tree(self) -> gen.TreeInfo:
+        """Generate the main tree (kept between runs: generation is deterministic)."""
+        marker = os.path.join(self.tree, ".complete")
+        if os.path.exists(marker):
+            with open(marker) as fh:
+                info = gen.TreeInfo(**json.load(fh))
+            self.say(f"reusing {self.tree}: {len(info.layouts)} layouts, {info.names} names")
+            return info
+        shutil.rmtree(self.tree, ignore_errors=True)
+        self.say(f"generating {self.s.layouts} layouts under {self.tree}")
+        info = gen.generate_tree(self.tree, self.s.layouts, self.s.seed, mtime_ns=gen.past_mtime_ns())
+        self.last_write = time.time()
+        with open(marker, "w") as fh:
+            json.dump(info.__dict__, fh)
+        self.say(
+            f"  {info.entries} entries, {info.names} names, {info.files} files in {info.seconds:.1f}s "
+            f"({info.names / max(1, len(info.layouts)):.1f} names per layout)"
+        )
+        return info
+
+    def scan(self, db: str, root: str, *, fresh: bool) -> tuple[Proc, dict[str, object]]:
+        """One ``ocidx scan`` as a whole process; its summary."""
+        if fresh:
+            for suffix in ("", "-wal", "-shm"):
+                if os.path.exists(db + suffix):
+                    os.remove(db + suffix)
+        proc = run_process([self.ocidx, "scan", "--db", db, "--no-progress", "--json", root], env=self.env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ocidx scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        summary: dict[str, object] = json.loads(proc.stdout)
+        return proc, summary
+
+    # -- figures -------------------------------------------------------------------------------
+
+    def bench_scan(self, info: gen.TreeInfo) -> str:
+        """Cold scan, re-scan and peak RSS against the bare pass; returns the scanned database."""
+        self.settle()
+        n = len(info.layouts)
+        bare = median_process([self.python, "-c", BARE_PASS, self.tree], self.s.process_reps + 2, env=self.env)
+        if bare.stdout.strip() != str(n):
+            raise RuntimeError(f"bare pass saw {bare.stdout.strip()} layouts, not {n}")
+        db = os.path.join(self.dbs, f"tree-{n}.db")
+        cold_runs = []
+        for _ in range(self.s.scan_reps):
+            proc, summary = self.scan(db, self.tree, fresh=True)
+            if summary["changed"] != n or summary["errors"] != 0:
+                raise RuntimeError(f"cold scan summary is off: {summary}")
+            cold_runs.append(proc)
+        cold_runs.sort(key=lambda p: p.seconds)
+        cold = cold_runs[len(cold_runs) // 2]
+        label = f"{n:,} layouts, {info.names:,} names"
+        self.add(
+            Figure(
+                f"cold `ocidx scan`, {label}",
+                cold.seconds,
+                "s",
+                "bare read + json.loads pass",
+                bare.seconds,
+                "≤ 5x",
+                cold.seconds <= 5 * bare.seconds,
+                f"median of {len(cold_runs)}",
+            )
+        )
+        rescans = []
+        for _ in range(self.s.process_reps):
+            proc, summary = self.scan(db, self.tree, fresh=False)
+            if summary["changed"] != 0:
+                self.notes.append(f"a re-scan re-read {summary['changed']} layouts (racily clean?)")
+            rescans.append(proc)
+        rescans.sort(key=lambda p: p.seconds)
+        rescan = rescans[len(rescans) // 2]
+        self.add(
+            Figure(
+                "re-scan, nothing changed",
+                rescan.seconds,
+                "s",
+                "bare read + json.loads pass",
+                bare.seconds,
+                "≤ 0.25x",
+                rescan.seconds <= 0.25 * bare.seconds,
+                f"median of {len(rescans)}",
+            )
+        )
+        peak = max(p.maxrss_kb for p in cold_runs) / 1024
+        name = f"peak RSS of cold `ocidx scan`, {n:,} layouts"
+        self.add(Figure(name, peak, "MB", "none", None, "< 200 MB", peak < 200))
+        racy = count_racy(db)
+        self.notes.append(f"{racy} of {n} layouts in the scanned database are racily clean (0 expected)")
+        return db
+
+    def bench_resolve_process(self, db: str) -> None:
+        """Whole-process ``ocidx resolve`` against bare interpreter start-up with the same imports."""
+        path, tag = pick_tag_probe(db)
+        target = f"oci-layout://{path}:{tag}"
+        reps = self.s.process_reps * 6
+        argv = [self.ocidx, "resolve", "--db", db, target]
+        base_argv = [self.python, "-c", "import sqlite3, json, argparse"]
+        for _ in range(3):  # warm the page cache and the .pyc files
+            run_process(argv, env=self.env)
+            run_process(base_argv, env=self.env)
+        resolve_times: list[float] = []
+        base_times: list[float] = []
+        for _ in range(reps):  # interleaved, so drift hits both alike
+            proc = run_process(argv, env=self.env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{target}: exit {proc.returncode}: {proc.stderr}")
+            resolve_times.append(proc.seconds)
+            base_times.append(run_process(base_argv, env=self.env).seconds)
+        value, base = statistics.median(resolve_times), statistics.median(base_times)
+        self.add(
+            Figure(
+                "`ocidx resolve oci-layout://PATH:TAG`, whole process",
+                value * 1000,
+                "ms",
+                '`python -c "import sqlite3, json, argparse"`',
+                base * 1000,
+                "≤ 1.5x",
+                value <= 1.5 * base,
+                f"median of {reps}, database of {self.s.layouts:,} layouts",
+            )
+        )
+
+    def bench_find(self, db: str, info: gen.TreeInfo) -> None:
+        """Whole-process ``ocidx find :TAG`` against a script reading every index.json."""
+        n = len(info.layouts)
+        for tag, layouts_with in pick_find_tags(db, n):
+            argv = [self.ocidx, "find", "--db", db, f":{tag}"]
+            found = median_process(argv, self.s.process_reps, env=self.env)
+            script = median_process([self.python, "-c", FIND_SCRIPT, self.tree, tag], self.s.process_reps, env=self.env)
+            self.add(
+                Figure(
+                    f"`ocidx find :{tag}`, whole process",
+                    found.seconds,
+                    "s",
+                    "script reading every index.json",
+                    script.seconds,
+                    "≤ 0.1x (≥ 10x faster)",
+                    found.seconds * 10 <= script.seconds,
+                    f"{n:,} layouts, tag in {layouts_with:,} of them, {found.stdout.count(chr(10)):,} matches",
+                )
+            )
+
+    def bench_lookups(self) -> None:
+        """In-process resolve_in by tag, name and digest at each database size, warm."""
+        probe_root = os.path.join(self.s.data, f"probe-s{self.s.seed}")
+        marker = os.path.join(probe_root, ".complete")
+        if not os.path.exists(marker):
+            shutil.rmtree(probe_root, ignore_errors=True)
+            images = gen.ImageCache()
+            names = number = 0
+            mtime = gen.past_mtime_ns()
+            while names < 1000:
+                model = gen.build_layout(self.s.seed, number, images, kind="probe")
+                gen.write_layout(gen.layout_path(probe_root, number), model, mtime_ns=mtime)
+                names += model.expected_names
+                number += 1
+            self.last_write = time.time()
+            with open(marker, "w") as fh:
+                fh.write(f"{number} {names}\n")
+        self.settle()
+        base_db = os.path.join(self.dbs, "names-probe.db")
+        _, summary = self.scan(base_db, probe_root, fresh=True)
+        probes = pick_probes(base_db)
+        self.notes.append(
+            f"lookup probes: {summary['layouts']} real layouts, {len(probes['tag'])} tag, "
+            f"{len(probes['name'])} name and {len(probes['digest'])} digest references that resolve uniquely"
+        )
+        dbs: dict[int, str] = {}
+        built_from = base_db
+        for size in sorted(self.s.names):
+            db = os.path.join(self.dbs, f"names-{size}.db")
+            started = time.perf_counter()
+            total = fill_database(built_from, db, size, self.s.seed)
+            built = time.perf_counter() - started
+            self.say(f"database of {total:,} names built in {built:.1f}s")
+            self.notes.append(f"the {_names_label(size)}-name database ({total:,} names) was built in {built:.1f}s")
+            built_from = dbs[size] = db
+        results = measure_lookups(dbs, probes, self.s.lookup_iterations)
+        smallest = min(results)
+        for size in sorted(results):
+            if size == smallest:
+                continue
+            for kind in ("tag", "name", "digest"):
+                for q_index, q_name in ((0, "p50"), (1, "p99")):
+                    value = results[size][kind][q_index]
+                    base = results[smallest][kind][q_index]
+                    self.add(
+                        Figure(
+                            f"Index.resolve_in by {kind}, {q_name}, {_names_label(size)} names",
+                            value,
+                            "µs",
+                            f"same at {_names_label(smallest)} names",
+                            base,
+                            "≤ 1.3x",
+                            value <= 1.3 * base,
+                        )
+                    )
+
+    def bench_huge(self) -> None:
+        """Resolving one tag in a huge layout: ocidx (process, in-process) vs linear scan and skopeo."""
+        root = os.path.join(self.s.data, f"huge-s{self.s.seed}")
+        paths = {}
+        for entries in self.s.huge:
+            path = os.path.join(root, f"huge-{entries}")
+            marker = os.path.join(root, f".complete-{entries}")
+            if not os.path.exists(marker):
+                shutil.rmtree(path, ignore_errors=True)
+                self.say(f"generating a layout of {entries:,} entries")
+                gen.generate_huge(path, entries, self.s.seed, target_tag=TARGET_TAG, mtime_ns=gen.past_mtime_ns())
+                self.last_write = time.time()
+                with open(marker, "w") as fh:
+                    fh.write("ok\n")
+            paths[entries] = path
+        self.settle()
+        db = os.path.join(self.dbs, "huge.db")
+        proc, _ = self.scan(db, root, fresh=True)
+        self.notes.append(
+            f"scanning the huge layouts ({', '.join(f'{e:,}' for e in self.s.huge)} entries) took {proc.seconds:.1f}s"
+        )
+        skopeo = shutil.which("skopeo")
+        reps = self.s.process_reps * 2
+        for entries, path in paths.items():
+            ocidx_proc = median_process(
+                [self.ocidx, "resolve", "--db", db, f"oci-layout://{path}:{TARGET_TAG}"], reps, env=self.env
+            )
+            digest = ocidx_proc.stdout.strip()
+            linear = median_process([self.python, "-c", LINEAR_SCRIPT, path, TARGET_TAG], reps, env=self.env)
+            if linear.stdout.strip() != digest:
+                raise RuntimeError(f"linear scan found {linear.stdout.strip()}, ocidx {digest}")
+            label = f"{entries:,}-entry layout"
+            self.add(
+                Figure(
+                    f"`ocidx resolve` in a {label}, whole process",
+                    ocidx_proc.seconds * 1000,
+                    "ms",
+                    "linear-scan script",
+                    linear.seconds * 1000,
+                    "< 1x (faster)",
+                    ocidx_proc.seconds < linear.seconds,
+                )
+            )
+            if skopeo is not None:
+                sk = median_process([skopeo, "inspect", "--raw", f"oci:{path}:{TARGET_TAG}"], reps, env=self.env)
+                if _digest_text(sk.stdout) != digest:
+                    raise RuntimeError("skopeo read a different manifest")
+                self.add(
+                    Figure(
+                        f"`ocidx resolve` in a {label}, whole process",
+                        ocidx_proc.seconds * 1000,
+                        "ms",
+                        "`skopeo inspect --raw oci:DIR:TAG`",
+                        sk.seconds * 1000,
+                        "< 1x (faster)",
+                        ocidx_proc.seconds < sk.seconds,
+                    )
+                )
+            else:
+                self.notes.append("skopeo is not installed: its baseline was skipped")
+            inproc, scan_in = measure_huge_in_process(db, path, digest, self.s.lookup_iterations // 10)
+            self.add(
+                Figure(
+                    f"Index.resolve_in(:{TARGET_TAG}) in a {label}, in-process p50",
+                    inproc,
+                    "µs",
+                    "linear scan in-process (read + json.loads + loop)",
+                    scan_in,
+                    "≤ 0.01x (≥ 100x faster)",
+                    inproc * 100 <= scan_in,
+                )
+            )
+
+    def run(self, only: set[str] | None) -> None:
+        """Every figure, in order."""
+        if only is None or only & {"scan", "resolve", "find"}:
+            info = self.ensure_tree()
+            self.notes.append(
+                f"main tree: {len(info.layouts):,} layouts, {info.entries:,} entries, {info.names:,} names, "
+                f"{info.files:,} files (generated in {info.seconds:.1f}s; reused when already present)"
+            )
+            db = os.path.join(self.dbs, f"tree-{len(info.layouts)}.db")
+            if only is None or "scan" in only:
+                db = self.bench_scan(info)
+            elif not os.path.exists(db):
+                self.settle()
+                self.scan(db, self.tree, fresh=True)
+            if only is None or "resolve" in only:
+                self.bench_resolve_process(db)
+            if only is None or "find" in only:
+                self.bench_find(db, info)
+        if only is None or "huge" in only:
+            self.bench_huge()
+        if only is None or "lookup" in only:
+            self.bench_lookups()
+
+
+def _names_label(size: int) -> str:
+    if size >= 1_000_000 and size % 1_000_000 == 0:
+        return f"{size // 1_000_000}M"
+    if size >= 1000 and size % 1000 == 0:
+        return f"{size // 1000}k"
+    return f"{size:,}"
+
+
+def _digest_text(data: str) -> str:
+    return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+
+
+# -- database helpers --------------------------------------------------------------------------
+
+
+def count_racy(db: str) -> int:
+    """Layouts whose stored identity is within the racily-clean window of their read."""
+    from indexer.store import read as db_read
+
+    conn = sqlite3.connect(db)
+    try:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM layouts WHERE max(mtime_ns, ctime_ns) >= read_ns - ?",
+                (db_read.RACY_WINDOW_NS,),
+            ).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
+def _index(db: str) -> object:
+    from indexer.config import Config
+    from indexer.query import Index
+
+    return Index(db, config=Config())
+
+
+def pick_probes(db: str, limit: int = 300) -> dict[str, list[tuple[str, str]]]:
+    """(layout, ref) pairs of each kind that resolve to one image in *db*, answered from the index."""
+    from indexer.errors import OcidxError
+    from indexer.query import Index
+
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT l.path, n.name, n.tag, e.digest FROM names n JOIN entries e ON e.id = n.entry_id "
+            "JOIN layouts l ON l.id = e.layout_id ORDER BY l.path, e.position, n.rowid"
+        ).fetchall()
+    finally:
+        conn.close()
+    candidates: dict[str, list[tuple[str, str]]] = {"tag": [], "name": [], "digest": []}
+    for path, name, tag, digest in rows:
+        if tag:
+            candidates["tag"].append((path, f":{tag}"))
+        if name and tag:
+            candidates["name"].append((path, f"{name}:{tag}"))
+        candidates["digest"].append((path, f"@{digest}"))
+    rng = random.Random(0)
+    index = _index(db)
+    assert isinstance(index, Index)
+    probes: dict[str, list[tuple[str, str]]] = {}
+    with index:
+        for kind, pairs in candidates.items():
+            unique = sorted(set(pairs))
+            rng.shuffle(unique)
+            kept = []
+            for path, ref in unique:
+                try:
+                    answer = index.resolve_in(path, ref)
+                except OcidxError:
+                    continue  # ambiguous in its layout: not a lookup we time
+                if answer.freshness == "indexed":
+                    kept.append((path, ref))
+                if len(kept) >= limit:
+                    break
+            probes[kind] = kept
+    return probes
+
+
+def pick_tag_probe(db: str) -> tuple[str, str]:
+    """One (layout, tag) that resolves uniquely in *db*, for the whole-process figure."""
+    from indexer.errors import OcidxError
+    from indexer.query import Index
+
+    conn = sqlite3.connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT l.path, n.tag FROM names n JOIN layouts l ON l.id = n.layout_id "
+            "WHERE n.tag != '' ORDER BY l.id DESC, n.rowid LIMIT 200"
+        ).fetchall()
+    finally:
+        conn.close()
+    index = _index(db)
+    assert isinstance(index, Index)
+    with index:
+        for path, tag in rows:
+            try:
+                index.resolve_in(path, f":{tag}")
+            except OcidxError:
+                continue
+            return path, tag
+    raise RuntimeError("no tag resolves uniquely")
+
+
+def pick_find_tags(db: str, layouts: int) -> list[tuple[str, int]]:
+    """A tag held by about 1% of the layouts, and ``latest`` (held by most): (tag, layouts holding it)."""
+    conn = sqlite3.connect(db)
+    try:
+        counts = conn.execute(
+            "SELECT tag, count(DISTINCT layout_id) FROM names WHERE tag != '' GROUP BY tag ORDER BY tag"
+        ).fetchall()
+    finally:
+        conn.close()
+    want = max(1, layouts // 100)
+    tag, held = min(counts, key=lambda row: (abs(row[1] - want), row[0]))
+    latest = next((row[1] for row in counts if row[0] == "latest"), 0)
+    return [(tag, held), ("latest", latest)]
+
+
+def fill_database(source: str, target: str, names: int, seed: str) -> int:
+    """Copy *source* to *target* and add filler layouts until it holds at least *names* names."""
+    from indexer.layout import Child, FileIdentity, Platform, Snapshot, parse_index
+    from indexer.store import open_writer
+    from indexer.store.write import Read, apply
+
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(target + suffix):
+            os.remove(target + suffix)
+    src = sqlite3.connect(source)
+    dst = sqlite3.connect(target)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    conn = open_writer(target)
+    try:
+        have = int(conn.execute("SELECT count(*) FROM names").fetchone()[0])
+        number = int(conn.execute("SELECT count(*) FROM layouts WHERE path LIKE '/nonexistent/%'").fetchone()[0])
+        images = gen.ImageCache()
+        old = gen.past_mtime_ns()
+        batch: list[Read] = []
+        while have < names:
+            model = gen.build_layout(seed, number, images, kind="filler")
+            entries, warnings = parse_index(model.index_bytes)
+            children = []
+            for position, index_digest, kids, present in model.nested:
+                if not present:
+                    continue
+                for kid in kids:
+                    plat = kid.get("platform")
+                    assert isinstance(plat, dict)
+                    notes = kid.get("annotations")
+                    children.append(
+                        Child(
+                            index_digest,
+                            position,
+                            1,
+                            str(kid["digest"]),
+                            str(kid["mediaType"]),
+                            int(str(kid["size"])),
+                            Platform(plat["os"], plat["architecture"], plat.get("variant", "")),
+                            dict(notes) if isinstance(notes, dict) else {},
+                        )
+                    )
+            identity = FileIdentity(0, number, len(model.index_bytes), old, old)
+            content = "sha256:" + hashlib.sha256(model.index_bytes).hexdigest()
+            snapshot = Snapshot(entries, tuple(children), warnings, content, identity)
+            batch.append(Read(f"/nonexistent/bench-filler/{number:06d}", snapshot, time.time_ns()))
+            have += sum(len(e.names) for e in entries)
+            number += 1
+            if len(batch) >= 500:
+                apply(conn, batch)
+                batch = []
+        if batch:
+            apply(conn, batch)
+        conn.execute("ANALYZE")
+        return have
+    finally:
+        conn.close()
+
+
+def measure_lookups(
+    dbs: dict[int, str], probes: dict[str, list[tuple[str, str]]], iterations: int, rounds: int = 3
+) -> dict[int, dict[str, tuple[float, float]]]:
+    """p50 and p99 (µs) of Index.resolve_in per database size and kind of probe, databases warm.
+
+    The sizes are measured in interleaved rounds so that drift on the machine hits every size alike;
+    the percentiles are over the samples of all rounds.
+    """
+    from indexer.query import Index
+
+    indexes: dict[int, Index] = {}
+    for size, db in dbs.items():
+        index = _index(db)
+        assert isinstance(index, Index)
+        indexes[size] = index
+        for pairs in probes.values():
+            for path, ref in pairs:  # warm: every probe once, and the page cache
+                answer = index.resolve_in(path, ref)
+                if answer.freshness != "indexed":
+                    raise RuntimeError(f"{path} {ref} answered {answer.freshness}, not from the index")
+    samples: dict[tuple[int, str], list[float]] = {}
+    clock = time.perf_counter_ns
+    try:
+        for _ in range(rounds):
+            for size, index in indexes.items():
+                for kind, pairs in probes.items():
+                    if not pairs:
+                        continue
+                    out = samples.setdefault((size, kind), [])
+                    for i in range(iterations // rounds):
+                        path, ref = pairs[i % len(pairs)]
+                        started = clock()
+                        index.resolve_in(path, ref)
+                        out.append((clock() - started) / 1000)
+    finally:
+        for index in indexes.values():
+            index.close()
+    results: dict[int, dict[str, tuple[float, float]]] = {}
+    for (size, kind), values in samples.items():
+        values.sort()
+        results.setdefault(size, {})[kind] = (percentile(values, 0.5), percentile(values, 0.99))
+    return results
+
+
+def measure_huge_in_process(db: str, path: str, digest: str, iterations: int) -> tuple[float, float]:
+    """p50 (µs) of Index.resolve_in for the target tag, and of a linear scan of index.json for it."""
+    from indexer.query import Index
+
+    index = _index(db)
+    assert isinstance(index, Index)
+    clock = time.perf_counter_ns
+    with index:
+        answer = index.resolve_in(path, f":{TARGET_TAG}")
+        if answer.digest != digest or answer.freshness != "indexed":
+            raise RuntimeError(f"in-process answer {answer.digest} ({answer.freshness}) differs")
+        ours = []
+        for _ in range(max(20, iterations)):
+            started = clock()
+            index.resolve_in(path, f":{TARGET_TAG}")
+            ours.append((clock() - started) / 1000)
+    linear = []
+    for _ in range(max(5, iterations // 20)):
+        started = clock()
+        found = linear_scan(path, TARGET_TAG)
+        linear.append((clock() - started) / 1000)
+        if found != digest:
+            raise RuntimeError("in-process linear scan found another digest")
+    return statistics.median(ours), statistics.median(linear)
+
+
+def linear_scan(path: str, tag: str) -> str | None:
+    """Read index.json and return the digest of the first entry whose ref.name is *tag*."""
+    with open(os.path.join(path, "index.json"), "rb") as fh:
+        doc = json.loads(fh.read())
+    for m in doc["manifests"]:
+        if (m.get("annotations") or {}).get(gen.REF_NAME) == tag:
+            return str(m["digest"])
+    return None
+
+
+# -- the report --------------------------------------------------------------------------------
+
+
+def machine() -> list[str]:
+    """What the figures were measured on."""
+    mem_kb = 0
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemTotal:"):
+                    mem_kb = int(line.split()[1])
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return [
+        f"- CPU: {os.cpu_count()} cores (nproc), {cpu}",
+        f"- RAM: {mem_kb / 1024 / 1024:.1f} GiB",
+        f"- Python {platform.python_version()} ({sys.executable}), SQLite {sqlite3.sqlite_version}",
+        f"- OS: {platform.platform()}",
+    ]
+
+
+def write_results(bench: Bench, command: str, seconds: float) -> list[str]:
+    """Rewrite the results section of RESULTS.md; return it."""
+    lines = [
+        BEGIN,
+        f"## Latest run ({bench.s.mode} mode)",
+        "",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
+        f"- Command: `{command}` ({seconds:.0f} s in all)",
+        *machine(),
+        "",
+        *table(bench.figures),
+        "",
+        "Notes from this run:",
+        "",
+        *[f"- {note}" for note in bench.notes],
+        "- The page cache is warm in every run (the data was just generated or scanned): "
+        "no figure is a cold-cache one.",
+        "- Every index.json got an mtime one hour in the past (os.utime) and the runner waited until its ctime, "
+        "which os.utime cannot set, was older than the 3 s racily-clean window before scanning, so lookups "
+        "answer from the index (each timed lookup is checked to say `freshness: indexed`).",
+        END,
+    ]
+    try:
+        with open(RESULTS, encoding="utf-8") as fh:
+            old = fh.read()
+    except FileNotFoundError:
+        old = "# ocidx benchmark results\n\n" + BEGIN + "\n" + END + "\n"
+    head, _, rest = old.partition(BEGIN)
+    _, _, tail = rest.partition(END)
+    with open(RESULTS, "w", encoding="utf-8") as fh:
+        fh.write(head + "\n".join(lines) + tail)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run the suite, print the table, write RESULTS.md."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description="ocidx benchmarks")
+    parser.add_argument("--full", action="store_true", help="the issue's sizes (about 10 minutes on 2 cores)")
+    parser.add_argument("--layouts", type=int, help="layouts in the main tree (quick 1000, full 10000)")
+    parser.add_argument("--huge", help="entries of the huge layouts, comma-separated (quick 10000, full 10000,50000)")
+    parser.add_argument(
+        "--names", help="database sizes for lookups (quick 1000,10000,100000; full 1000,100000,1000000)"
+    )
+    parser.add_argument("--seed", default="1")
+    parser.add_argument("--data", default=os.path.join(REPO, "bench-data"), help="where generated data goes")
+    parser.add_argument("--only", help="comma-separated subset of: scan,resolve,find,huge,lookup")
+    parser.add_argument("--no-results", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
+    args = parser.parse_args(argv)
+    full = args.full
+    settings = Settings(
+        layouts=args.layouts or (10_000 if full else 1000),
+        huge=[int(x) for x in (args.huge or ("10000,50000" if full else "10000")).split(",")],
+        names=[int(x) for x in (args.names or ("1000,100000,1000000" if full else "1000,10000,100000")).split(",")],
+        seed=str(args.seed),
+        data=os.path.abspath(args.data),
+        process_reps=5,
+        scan_reps=3 if not full else 2,
+        lookup_iterations=6000,
+        mode="full" if full else "quick",
+    )
+    os.makedirs(settings.data, exist_ok=True)
+    only = set(args.only.split(",")) if args.only else None
+    bench = Bench(settings)
+    started = time.perf_counter()
+    try:
+        bench.run(only)
+    finally:
+        shutil.rmtree(bench.home, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m benchmarks", *given])
+    print("\n".join(table(bench.figures)))
+    for note in bench.notes:
+        print(f"- {note}")
+    missed = [f.name for f in bench.figures if f.met is False]
+    print(f"\n{len(bench.figures)} figures, {len(missed)} targets missed, {seconds:.0f} s")
+    if not args.no_results:
+        write_results(bench, command, seconds)
+        print(f"wrote {RESULTS}")
+    return 0
