@@ -27,6 +27,7 @@ from indexer import reference
 from indexer._record import Record
 from indexer.errors import (
     Ambiguous,
+    DatabaseError,
     LayoutError,
     LayoutUnreadable,
     NotFound,
@@ -43,9 +44,13 @@ from indexer.store.write import store_snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+    from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config
+
+    _P = ParamSpec("_P")
+    _R = TypeVar("_R")
 
 SCHEME = "oci-layout://"
 INDEX_MEDIA_TYPES = frozenset(
@@ -187,6 +192,19 @@ def parse_ref(text: str) -> Query:
     return Query(text, name=ref.name, tag=tag or "", digest=ref.digest)
 
 
+def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[Concatenate[Index, _P], _R]:
+    """Turn SQLite failures of a damaged index (malformed pages, I/O) into DatabaseError, exit 4."""
+
+    def run(self: Index, /, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"{self.db_path} is not a usable ocidx database: {exc}") from None
+
+    run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
+    return run
+
+
 class Index:
     """The lookups of SPEC.md §4 over one index database, as a Python API."""
 
@@ -315,11 +333,13 @@ class Index:
 
     # -- lookups ----------------------------------------------------------------------------------------
 
+    @_database_errors
     def resolve(self, target: str, *, platform: str | None = None, strict: bool = False) -> Answer:
         """Resolve ``oci-layout://...`` to one image, or raise NotFound / Ambiguous / LayoutError."""
         path, query = self.parse_target(target)
         return self._resolve(path, query, platform=platform, strict=strict)
 
+    @_database_errors
     def resolve_in(self, layout: str, ref: str, *, platform: str | None = None, strict: bool = False) -> Answer:
         """Resolve REF (``:TAG``, ``@DIGEST``, ``NAME[:TAG][@DIGEST]``) in the layout at *layout*."""
         return self._resolve(layout, parse_ref(ref), platform=platform, strict=strict)
@@ -351,6 +371,7 @@ class Index:
                 message += f" (did you mean the tag ':{word}'?)"
         return message
 
+    @_database_errors
     def find(self, ref: str, *, verify_all: bool = False) -> list[Answer]:
         """Every match of REF across all indexed layouts, each layout verified fresh."""
         query = parse_ref(ref)
@@ -375,11 +396,13 @@ class Index:
         answers.sort(key=lambda a: (a.layout, a.digest))
         return answers
 
+    @_database_errors
     def layouts(self, under: str | None = None) -> list[dict[str, object]]:
         """Every indexed layout with its state (``ls``)."""
         scope = os.path.realpath(under) if under else None
         return [s.to_json() for s in db.layouts(self.conn, scope)]
 
+    @_database_errors
     def layout_detail(self, path: str) -> dict[str, object]:
         """One layout: state, entries with names and how each was read, warnings (``ls PATH``)."""
         view = self.view(path)
@@ -412,6 +435,7 @@ class Index:
             "entries": entries,
         }
 
+    @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
         conn = self.conn

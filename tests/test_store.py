@@ -177,6 +177,33 @@ def test_sqlite_database_of_another_program(tmp_path: str, capsys: pytest.Captur
         conn.close()
 
 
+def test_damaged_database_is_exit_4_not_a_traceback(
+    indexed: tuple[str, Layout], capsys: pytest.CaptureFixture[str]
+) -> None:
+    db, lay = indexed
+    conn = sqlite3.connect(db)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.close()
+    with open(db, "r+b") as f:  # the header (application id, schema version) survives, the pages do not
+        size = f.seek(0, os.SEEK_END)
+        f.seek(200)
+        f.write(b"\xab" * (size - 200))
+    for args in (
+        ["resolve", f"oci-layout://{lay.path}"],
+        ["resolve", "--layout", lay.path, ":latest"],
+        ["find", ":latest"],
+        ["ls"],
+        ["status"],
+    ):
+        code, out, err = ocidx(capsys, args[0], "--db", db, "--json", *args[1:])
+        assert code == 4, (args, err)
+        assert json.loads(out)["error"] == "database"
+        assert "Traceback" not in err
+        assert db in err
+    code, _, err = ocidx(capsys, "scan", "--db", db, "--no-progress", os.path.dirname(lay.path))
+    assert code == 4, err
+
+
 def test_missing_database(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     db = os.path.join(tmp_path, "nowhere", "index.db")
     for args in (
