@@ -247,10 +247,6 @@ def open_scanner(db_path: str, config: Config) -> Scanner:
 # -- the daemon ---------------------------------------------------------------------------------
 
 
-class Stop(Exception):  # noqa: N818 - a signal, not an error
-    """Raised inside the loop to leave it."""
-
-
 class Daemon:
     """The loop: reconcile, drain watchdog's dirty set, re-check racy layouts, heartbeat."""
 
