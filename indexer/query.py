@@ -268,7 +268,9 @@ class Index:
         mem.execute("BEGIN")
         store_snapshot(mem, real, snapshot, read_ns)
         mem.execute("COMMIT")
-        return View(mem, 1, real, READ_THROUGH, list(snapshot.warnings))
+        # The layout's parse warnings are in mem's layout_warnings, shown by `ls PATH` as for an indexed
+        # layout; an answer carries only warnings about itself (tag mismatch, staleness).
+        return View(mem, 1, real, READ_THROUGH, [])
 
     def _stale(self, stored: db.StoredLayout, why: str, strict: bool, exc: LayoutError | None = None) -> View:
         if stored.last_good_ns is None:

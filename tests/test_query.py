@@ -771,3 +771,30 @@ def test_python_api_returns_answers_and_raises(ocidx: Run, cache: Cache) -> None
         with pytest.raises(NotFound) as caught:
             index.resolve_in(cache.path, ":nosuch")
         assert caught.value.exit_code == 1
+
+
+def test_answers_carry_the_same_warnings_indexed_or_read_through(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "warned"))
+    image = lay.manifest()
+    lay.write_index([named(image, ref="latest"), named(lay.manifest(), ref="not a tag!")])
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    code, indexed = ocidx.json("resolve", f"oci-layout://{lay.path}")
+    assert code == 0
+    assert isinstance(indexed, dict)
+    assert (indexed["freshness"], indexed["warnings"]) == ("indexed", [])
+    code, detail = ocidx.json("ls", lay.path)
+    assert isinstance(detail, list)
+    assert len(detail[0]["warnings"]) == 1
+    assert "not a tag!" in detail[0]["warnings"][0]
+
+    lay.write_index([named(image, ref="latest"), named(lay.manifest(), ref="not a tag!"), named(image, ref="x")])
+    code, out, err = ocidx("resolve", "--json", f"oci-layout://{lay.path}")
+    assert code == 0
+    through = json.loads(out)
+    assert through["freshness"] == "read-through"
+    assert through["warnings"] == []  # the bad name of another entry is not this answer's warning
+    assert err == ""
+    code, detail = ocidx.json("ls", lay.path)
+    assert isinstance(detail, list)
+    assert detail[0]["freshness"] == "read-through"
+    assert len(detail[0]["warnings"]) == 1  # listed once, not once per source
