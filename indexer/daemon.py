@@ -539,9 +539,12 @@ class Daemon:
         if not paths:
             return
         started = time.perf_counter()
-        counts = await scanner.process(sorted(paths))
+        ordered = sorted(paths)
+        counts = await scanner.process(ordered)
         self._log_counts("update", counts, time.perf_counter() - started, None)
-        self.racy = await self._db(_racy_layouts)
+        for path in ordered:
+            self.racy.pop(path, None)
+        self.racy.update(await self._db(functools.partial(_racy_layouts, paths=ordered)))
 
     def _log_counts(self, what: str, counts: Counts, seconds: float, why: str | None) -> None:
         for message in counts.error_messages[:20]:
@@ -678,14 +681,23 @@ def _stored_under(conn: sqlite3.Connection, *, under: str) -> list[str]:
     return [stored.path for stored in db.layouts(conn, under)]
 
 
-def _racy_layouts(conn: sqlite3.Connection) -> dict[str, int]:
-    """Layouts whose stored identity is racily clean, and when (wall clock, ns) a re-read will settle it."""
-    rows = conn.execute(
+def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, int]:
+    """Layouts (all, or those at *paths*) whose stored identity is racily clean, and when (wall clock, ns)
+    a re-read will settle it."""
+    query = (
         "SELECT path, max(mtime_ns, ctime_ns) FROM layouts "
-        "WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND max(mtime_ns, ctime_ns) >= read_ns - ?",
-        (db.RACY_WINDOW_NS,),
+        "WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND max(mtime_ns, ctime_ns) >= read_ns - ?"
     )
-    return {path: changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS for path, changed in rows}
+    found: dict[str, int] = {}
+    chunks = [None] if paths is None else [paths[i : i + 500] for i in range(0, len(paths), 500)]
+    for chunk in chunks:
+        if chunk is None:
+            rows = conn.execute(query, (db.RACY_WINDOW_NS,))
+        else:
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(f"{query} AND path IN ({marks})", (db.RACY_WINDOW_NS, *chunk))
+        found.update((path, changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS) for path, changed in rows)
+    return found
 
 
 def run_daemon(*, db: str | None, config_path: str | None, roots: list[str], log_format: str | None) -> int:

@@ -293,11 +293,15 @@ def count_directories(tops: Iterable[str]) -> int:
 
 
 def inotify_in_use(uid: int | None = None) -> tuple[int, int]:
-    """(instances, watches) of inotify held by processes of *uid*, read from ``/proc/*/fdinfo`` (best effort)."""
+    """(instances, watches) of inotify held by *other* processes of *uid*, from ``/proc/*/fdinfo`` (best effort).
+
+    Our own process is left out: on a re-check its watches are the ones being counted for.
+    """
     uid = os.getuid() if uid is None else uid
+    me = str(os.getpid())
     instances = watches = 0
     try:
-        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+        pids = [p for p in os.listdir("/proc") if p.isdigit() and p != me]
     except OSError:
         return 0, 0
     for pid in pids:
