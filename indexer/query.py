@@ -246,9 +246,13 @@ class Index:
         try:
             st = os.stat(index_file)
         except OSError as exc:
-            if stored is None and not layout_mod.is_layout_dir(real):
-                raise NotFound(f"{real} is not an OCI layout (no index.json or oci-layout)") from None
-            raise LayoutUnreadable(f"{index_file}: {exc.strerror or exc}") from None
+            if not layout_mod.is_layout_dir(real):
+                was = "; it was indexed but is gone now" if stored is not None else ""
+                raise NotFound(f"{real} is not an OCI layout (no index.json or oci-layout){was}") from None
+            unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
+            if stored is not None and stored.last_good_ns is not None:
+                return self._stale(stored, unreadable.message, strict, unreadable)
+            raise unreadable from None
         identity = layout_mod.FileIdentity.of(st)
         if stored is not None and stored.identity == identity and not stored.is_racy():
             if stored.state == "ok":
@@ -258,7 +262,8 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
-            if stored is not None and stored.last_good_ns is not None and not isinstance(exc, LayoutUnreadable):
+            # SPEC §4: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
+            if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
             raise
         if stored is not None and stored.content_hash == snapshot.content_hash:
@@ -273,10 +278,10 @@ class Index:
         return View(mem, 1, real, READ_THROUGH, [])
 
     def _stale(self, stored: db.StoredLayout, why: str, strict: bool, exc: LayoutError | None = None) -> View:
-        if stored.last_good_ns is None:
-            raise exc if exc is not None else LayoutError(f"{stored.path}: {why}")
-        if strict:
-            raise exc if exc is not None else LayoutError(f"{stored.path}: {why}")
+        if exc is None:  # the error recorded by the last scan, with its category
+            exc = LayoutError(f"{stored.path}: {why}", category=stored.error_category or None)
+        if stored.last_good_ns is None or strict:
+            raise exc
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stored.last_good_ns / 1e9))
         return View(
             self.conn,

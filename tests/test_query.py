@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import sqlite3
 
 import pytest
 from layouts import (
@@ -798,3 +800,71 @@ def test_answers_carry_the_same_warnings_indexed_or_read_through(tmp_path: str, 
     assert isinstance(detail, list)
     assert detail[0]["freshness"] == "read-through"
     assert len(detail[0]["warnings"]) == 1  # listed once, not once per source
+
+
+def _scanned_long_after_last_change(db_path: str) -> None:
+    """Make the stored reads look 10 s later than they were, instead of sleeping past the racy window.
+
+    A stored identity is trusted without reading index.json only when the file had not changed for
+    a while when it was read (git's racily-clean rule); this moves the recorded read time, not the file.
+    """
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def test_missing_index_json_with_last_good_state_is_stale(ocidx: Run, cache: Cache) -> None:
+    os.remove(cache.layout.index_path)  # oci-layout is still there: a writer between unlink and create
+    code, out, err = ocidx("resolve", f"oci-layout://{cache.path}:3.16")
+    assert (code, out) == (0, digest(cache.alpine) + "\n")
+    assert "warning" in err
+    code, answer = ocidx.json("resolve", f"oci-layout://{cache.path}:3.16")
+    assert isinstance(answer, dict)
+    assert answer["freshness"] == "stale"
+    code, failure = ocidx.json("resolve", "--strict", f"oci-layout://{cache.path}:3.16")
+    assert code == 5
+    assert isinstance(failure, dict)
+    assert failure["error"] == "layout_unreadable"
+
+
+def test_layout_without_index_json_and_no_last_good_state_is_exit_5(tmp_path: str, ocidx: Run, cache: Cache) -> None:
+    Layout(os.path.join(tmp_path, "root", "marker-only"))
+    code, out, err = ocidx("resolve", "oci-layout://root/marker-only")
+    assert (code, out) == (5, "")
+    assert "index.json" in err
+
+
+def test_a_layout_removed_after_the_scan_is_not_found(ocidx: Run, cache: Cache) -> None:
+    shutil.rmtree(cache.path)
+    code, out, err = ocidx("resolve", f"oci-layout://{cache.path}:3.16")
+    assert (code, out) == (1, "")
+    assert cache.path in err
+
+
+def test_broken_layout_keeps_its_error_category_when_unchanged(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "never-good"))
+    lay.write_index_bytes(b'{"schemaVersion": 2, "manifests": {}}')
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    for trusted in (False, True):
+        if trusted:
+            _scanned_long_after_last_change(ocidx.db)  # now answered from the stored state alone
+        code, failure = ocidx.json("resolve", f"oci-layout://{lay.path}")
+        assert code == 5, trusted
+        assert isinstance(failure, dict)
+        assert failure["error"] == "index_invalid", trusted
+
+
+def test_trusted_identity_answers_from_the_index(ocidx: Run, cache: Cache) -> None:
+    _scanned_long_after_last_change(ocidx.db)
+    code, answer = ocidx.json("resolve", f"oci-layout://{cache.path}:3.16")
+    assert code == 0
+    assert isinstance(answer, dict)
+    assert (answer["digest"], answer["freshness"]) == (digest(cache.alpine), "indexed")
+    newer = cache.layout.manifest(label="newer")
+    cache.layout.write_index([named(newer, ref="3.16")], rename=False)  # any change of identity is seen
+    code, answer = ocidx.json("resolve", f"oci-layout://{cache.path}:3.16")
+    assert isinstance(answer, dict)
+    assert (answer["digest"], answer["freshness"]) == (digest(newer), "read-through")
