@@ -131,11 +131,13 @@ class Counts:
         self.unchanged = 0
         self.errors = 0
         self.removed = 0
+        self.still_broken = 0  # unchanged since a scan found them broken: skipped, still in error
         self.error_messages: list[str] = []
 
-    def add(self, outcomes: list[Outcome], looked_at: int) -> None:
+    def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
         self.seen += looked_at
+        self.still_broken += still_broken
         written = 0
         for outcome in outcomes:
             if isinstance(outcome, Read):
@@ -157,6 +159,7 @@ class Counts:
             "unchanged": self.unchanged,
             "errors": self.errors,
             "removed": self.removed,
+            "still_broken": self.still_broken,
             "seconds": round(seconds, 3),
             "error_messages": self.error_messages[:50],
         }
@@ -212,8 +215,16 @@ class Scanner:
         counts = Counts()
         size = max(1, self.config.daemon.batch_size)
         batches = [paths[i : i + size] for i in range(0, len(paths), size)]
-        send, receive = anyio.create_memory_object_stream[tuple[list[Outcome], int]](1)
+        send, receive = anyio.create_memory_object_stream[tuple[list[Outcome], int, int]](1)
         done = 0
+
+        def broken_and_skipped(batch: list[str], outcomes: list[Outcome]) -> int:
+            examined = {outcome.path for outcome in outcomes}
+            return sum(
+                1
+                for path in batch
+                if path not in examined and (known := stored.get(path)) is not None and known.state == "error"
+            )
 
         async def reader() -> None:
             async with send:
@@ -222,16 +233,16 @@ class Scanner:
                         lambda b=batch: examine_batch(b, stored, config=self.config, full=full),  # type: ignore[misc]
                         limiter=self._read_limiter,
                     )
-                    await send.send((outcomes, len(batch)))
+                    await send.send((outcomes, len(batch), broken_and_skipped(batch, outcomes)))
                 if extra:
-                    await send.send((list(extra), 0))
+                    await send.send((list(extra), 0, 0))
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(reader)
             async with receive:
-                async for outcomes, looked_at in receive:
+                async for outcomes, looked_at, still_broken in receive:
                     await self._write(outcomes)
-                    counts.add(outcomes, looked_at)
+                    counts.add(outcomes, looked_at, still_broken)
                     done += looked_at
                     if progress is not None:
                         progress(done, len(paths))
@@ -322,6 +333,6 @@ def run_scan(
         sys.stderr.write(printable(f"ocidx: {message}") + "\n")
     sys.stderr.write(
         f"ocidx: scanned {counts.seen} layouts in {seconds:.2f}s: {counts.changed} changed, "
-        f"{counts.unchanged} unchanged, {counts.errors} with errors, {counts.removed} removed\n"
+        f"{counts.unchanged} unchanged, {counts.errors + counts.still_broken} with errors, {counts.removed} removed\n"
     )
     return counts.to_json(seconds)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sqlite3
 
 import pytest
 from layouts import Layout, named
@@ -237,6 +238,21 @@ def test_summary_line(scan: Scan) -> None:
     ), last
     _, err = scan.scan()
     assert err.splitlines()[-1].endswith("0 changed, 1 unchanged, 1 with errors, 0 removed")
+
+
+def test_summary_counts_a_broken_layout_that_the_rescan_skips(scan: Scan) -> None:
+    make(os.path.join(scan.root, "a"))
+    Layout(os.path.join(scan.root, "broken")).write_index_bytes(b"[]")
+    scan.scan()
+    # As if that scan had run 10 s after the files last changed (instead of sleeping): their
+    # stored identities are then trusted and the re-scan reads neither file again.
+    conn = sqlite3.connect(scan.db)
+    conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")
+    conn.commit()
+    conn.close()
+    summary, err = scan.scan()
+    assert (summary["changed"], summary["unchanged"], summary["errors"], summary["still_broken"]) == (0, 2, 0, 1)
+    assert err.splitlines()[-1].endswith("0 changed, 2 unchanged, 1 with errors, 0 removed")
 
 
 def test_missing_root_is_reported(scan: Scan, tmp_path: str) -> None:
