@@ -306,19 +306,26 @@ class Index:
         digest = None
         head, at, tail = rest.rpartition("@")
         if at and "/" not in tail:
-            digest = reference.validate_digest(tail)
+            try:
+                digest = reference.validate_digest(tail)
+            except ReferenceError_ as exc:
+                raise ReferenceError_(f"{exc.message} in {target!r}", category=exc.category) from None
             rest = head
         store, colon, store_tag = rest.partition(":")
         if store in self.config.stores and "/" not in store:
             if colon and not store_tag:
                 raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+            if colon and not reference.is_tag(store_tag):
+                raise ReferenceError_(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
             return self.config.stores[store], self._tag_query(target, store_tag or None, digest)
         path, colon, tag = rest.rpartition(":")
+        bad_tag = None
         if colon and "/" not in tag and self._is_layout(path or "/"):
             if tag == "":
                 raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
             if reference.is_tag(tag):
                 return path, self._tag_query(target, tag, digest)
+            bad_tag = tag
         if self._is_layout(rest):
             return rest, self._tag_query(target, None, digest)
         parts = rest.split("/")
@@ -330,6 +337,8 @@ class Index:
                 if query.name is None:
                     raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
                 return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest)
+        if bad_tag is not None:  # PATH is a layout, and no longer prefix is: the tag is what is wrong
+            raise ReferenceError_(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         raise NotFound(f"no OCI layout found in {target!r} (checked the index and the disk)")
 
     @staticmethod

@@ -354,6 +354,26 @@ def test_target_invalid_is_usage_error(ocidx: Run, cache: Cache, suffix: str) ->
     assert out == ""
 
 
+@pytest.mark.parametrize(("suffix", "category"), [(":bad~tag", "tag_invalid_format"), ("@sha256:1", None)])
+def test_target_errors_name_the_target(ocidx: Run, cache: Cache, suffix: str, category: str | None) -> None:
+    target = f"oci-layout://{cache.path}{suffix}"
+    code, failure = ocidx.json("resolve", target)
+    assert code == 2  # an invalid tag on an existing layout is a bad reference, not a missing layout
+    assert isinstance(failure, dict)
+    assert target in str(failure["message"])
+    if category is not None:
+        assert failure["error"] == category
+
+
+@pytest.mark.parametrize("tag", ["", "bad~tag", "a/b"])
+def test_store_with_invalid_tag_is_usage_error(tmp_path: str, ocidx: Run, cache: Cache, tag: str) -> None:
+    config = os.path.join(tmp_path, "c.toml")
+    with open(config, "w") as f:
+        f.write(f'[stores]\ncache = "{cache.path}"\n')
+    code, _, err = ocidx("resolve", "--config", config, f"oci-layout://cache:{tag}")
+    assert code == 2, err
+
+
 def test_target_without_scheme_is_usage_error(ocidx: Run, cache: Cache) -> None:
     code, _, err = ocidx("resolve", cache.path)
     assert code == 2
