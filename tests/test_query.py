@@ -888,3 +888,45 @@ def test_trusted_identity_answers_from_the_index(ocidx: Run, cache: Cache) -> No
     code, answer = ocidx.json("resolve", f"oci-layout://{cache.path}:3.16")
     assert isinstance(answer, dict)
     assert (answer["digest"], answer["freshness"]) == (digest(newer), "read-through")
+
+
+def test_a_name_without_tag_matches_digest_lookups_not_latest(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "untagged"))
+    image = lay.manifest()
+    lay.write_index([named(image, ref="docker.io/library/alpine")])  # SPEC §3.3: tag empty
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    assert ocidx("resolve", f"oci-layout://{lay.path}/alpine")[0] == 1  # not alpine:latest
+    assert ocidx("resolve", f"oci-layout://{lay.path}")[0] == 1
+    code, out, err = ocidx("resolve", f"oci-layout://{lay.path}/alpine@{digest(image)}")
+    assert (code, out, err) == (0, digest(image) + "\n", "")  # the name points there: no warning
+    code, out, err = ocidx("resolve", f"oci-layout://{lay.path}/busybox@{digest(image)}")
+    assert (code, out) == (0, digest(image) + "\n")
+    assert "docker.io/library/busybox" in err  # that name does not point there: a warning
+    code, found = ocidx.json("find", f"alpine@{digest(image)}")
+    assert isinstance(found, list)
+    assert [(item["digest"], item["warnings"]) for item in found] == [(digest(image), [])]
+
+
+def test_docker_manifest_list_and_platform(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "docker"))
+    amd, arm = lay.manifest(platform=LINUX_AMD64, docker=True), lay.manifest(platform=LINUX_ARM_V7, docker=True)
+    listing = lay.index([amd, arm], docker=True)
+    lay.write_index([named(listing, ref="1.0", containerd="docker.io/library/app:1.0")])
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    code, answer = ocidx.json("resolve", "--platform", "linux/arm", f"oci-layout://{lay.path}/app:1.0")
+    assert code == 0
+    assert isinstance(answer, dict)
+    assert answer["digest"] == digest(arm)
+    assert answer["mediaType"] == "application/vnd.docker.distribution.manifest.v2+json"
+    assert answer["platform"] == {"os": "linux", "architecture": "arm", "variant": "v7"}
+    assert answer["names"] == [{"name": "docker.io/library/app", "tag": "1.0", "how": "containerd"}]
+
+
+def test_platform_in_a_read_through_layout(ocidx: Run, cache: Cache) -> None:
+    arm = cache.layout.manifest(platform=LINUX_ARM64, label="new-arm")
+    amd = cache.layout.manifest(platform=LINUX_AMD64, label="new-amd")
+    cache.layout.write_index([named(cache.layout.index([amd, arm]), ref="3.17")])
+    code, answer = ocidx.json("resolve", "--platform", "linux/arm64/v8", f"oci-layout://{cache.path}:3.17")
+    assert code == 0
+    assert isinstance(answer, dict)
+    assert (answer["digest"], answer["source"], answer["freshness"]) == (digest(arm), "child", "read-through")
