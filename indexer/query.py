@@ -397,7 +397,9 @@ class Index:
         for path in scope:
             try:
                 view = self.view(path)
-            except (LayoutError, NotFound) as exc:
+            except NotFound:
+                continue  # verified: the layout is gone, so are its matches
+            except LayoutError as exc:
                 if path in in_index:
                     answers.extend(
                         _with_warning(a, f"{path}: {exc.message}; this match could not be verified")

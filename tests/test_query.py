@@ -660,13 +660,24 @@ def test_find_verify_all_sees_matches_the_index_does_not_hold(tmp_path: str, oci
     assert [(item["layout"], item["digest"]) for item in found] == [(os.path.realpath(a.path), digest(image_a))]
 
 
-def test_find_keeps_a_match_it_cannot_verify_with_a_warning(tmp_path: str, ocidx: Run) -> None:
+def test_find_drops_matches_of_a_layout_that_is_gone(tmp_path: str, ocidx: Run) -> None:
+    a, _, b, image_b = _two_layouts(tmp_path, ocidx)
+    shutil.rmtree(a.path)  # after the scan, no daemon to notice
+    code, found = ocidx.json("find", ":latest")
+    assert code == 0
+    assert isinstance(found, list)
+    assert [(item["layout"], item["digest"]) for item in found] == [(os.path.realpath(b.path), digest(image_b))]
+    assert ocidx.json("find", "alpine") == (1, [])
+
+
+def test_find_answers_from_the_last_good_state_when_index_json_is_unreadable(tmp_path: str, ocidx: Run) -> None:
     a, image_a, _, _ = _two_layouts(tmp_path, ocidx)
     os.remove(a.index_path)
     code, found = ocidx.json("find", "alpine")
     assert code == 0
     assert isinstance(found, list)
     assert [item["digest"] for item in found] == [digest(image_a)]
+    assert found[0]["freshness"] == "stale"
     assert found[0]["warnings"]
 
 
