@@ -208,10 +208,20 @@ def cmd_find(args: argparse.Namespace) -> int:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """``ocidx ls [PATH]``: layouts with their state, or one layout in detail."""
+    """``ocidx ls [PATH]``: layouts (below PATH) with their state, or the layout PATH in detail."""
+    from indexer.errors import NotFound
+
     with _index(args) as index:
-        if args.path is None:
-            rows = index.layouts()
+        rows = None
+        if args.path is not None:
+            try:
+                detail = index.layout_detail(args.path)
+            except NotFound:
+                rows = index.layouts(args.path)  # a directory holding layouts, such as a root
+                if not rows:
+                    raise
+        if args.path is None or rows is not None:
+            rows = index.layouts() if rows is None else rows
             if args.json:
                 _emit(rows)
             else:
@@ -219,7 +229,6 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     error = [f"{row['error']}: {row['message']}"] if row["error"] else []
                     _line(row["layout"], row["state"], f"{row['entries']} entries", *error)
             return 0
-        detail = index.layout_detail(args.path)
     if args.json:
         _emit([detail])
         return 0

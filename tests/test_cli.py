@@ -334,3 +334,21 @@ def test_hostile_values_survive_in_json(capsys: pytest.CaptureFixture[str], host
     assert answer["annotations"]["org.opencontainers.image.description"] == f"hello {ESC}\x07\x9b31m"
     assert answer["layout"] == path
     assert answer["platform"]["os"] == f"linux{ESC}"
+
+
+def test_ls_of_a_directory_holding_layouts(
+    tmp_path: str, capsys: pytest.CaptureFixture[str], indexed: tuple[str, Layout]
+) -> None:
+    db, lay = indexed
+    other = Layout(os.path.join(tmp_path, "elsewhere", "other"))
+    other.write_index([])
+    assert ocidx(capsys, "scan", "--db", db, "--no-progress", os.path.join(tmp_path, "elsewhere"))[0] == 0
+    code, out, _ = ocidx(capsys, "ls", "--db", db, "--json", "root")
+    assert code == 0
+    assert [row["layout"] for row in json.loads(out)] == [os.path.realpath(lay.path)]
+    code, out, _ = ocidx(capsys, "ls", "--db", db, "root")
+    assert code == 0
+    assert out.split("\t")[:3] == [os.path.realpath(lay.path), "ok", "3 entries\n"]
+    code, out, err = ocidx(capsys, "ls", "--db", db, "nowhere")
+    assert (code, out) == (1, "")
+    assert "nowhere" in err
