@@ -208,3 +208,15 @@ def test_umoci_empty_layout_with_null_manifests(tmp_path: str, ocidx: Ocidx) -> 
     assert "no named images" in err
     code, out, _ = ocidx("ls", "--json")
     assert [(row["state"], row["entries"]) for row in json.loads(out)] == [("ok", 0)]
+
+
+def test_every_ref_name_skopeo_resolves_agrees(written: str, ocidx: Ocidx) -> None:
+    with open(os.path.join(written, "index.json")) as f:
+        refs = [m["annotations"]["org.opencontainers.image.ref.name"] for m in json.load(f)["manifests"]]
+    assert len(refs) == 5
+    for ref in refs:
+        expected = skopeo_digest(written, ref)
+        assert expected is not None, ref
+        # a bare word is a tag for skopeo (oci:DIR:latest) and ':latest' for ocidx, as for buildx
+        form = ref if ("/" in ref or ":" in ref) else f":{ref}"
+        assert ocidx.digest("--layout", written, form) == expected, ref
