@@ -8,6 +8,7 @@ synchronize. "Indexed" below means the lookup API answered with
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -16,6 +17,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -313,6 +315,21 @@ def test_root_created_after_start_is_watched(tmp: str, daemons: list[Daemon]) ->
 
 @integration
 @needs_inotify
+def test_root_removed_and_recreated_is_dropped_then_watched_again(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    old = make_layout(os.path.join(root, "old"), "v1", "old")
+    daemon = run_daemon(daemons, tmp, [root])
+    wait_until(lambda: daemon.indexed(old.path, ":v1", "old"), "first state")
+    shutil.rmtree(root)
+    wait_until(lambda: old.path not in daemon.layouts(), "layouts of the removed root dropped", FRESH_S)
+    new = make_layout(os.path.join(root, "new"), "v1", "new")
+    wait_until(lambda: daemon.indexed(new.path, ":v1", "new"), "layout in the recreated root", FRESH_S)
+    replace_atomically(new.index_path, index_bytes("v1", "newer"))
+    wait_until(lambda: daemon.indexed(new.path, ":v1", "newer"), "the recreated root is watched", FRESH_S)
+
+
+@integration
+@needs_inotify
 def test_burst_of_5000_rewrites_ends_in_the_exact_final_state(tmp: str, daemons: list[Daemon]) -> None:
     root = os.path.join(tmp, "root")
     layouts = [make_layout(os.path.join(root, f"l{i:02d}")) for i in range(50)]
@@ -353,14 +370,17 @@ def test_queue_overflow_loses_no_change(tmp: str, daemons: list[Daemon]) -> None
     root = os.path.join(tmp, "root")
     noise = [make_layout(os.path.join(root, f"noise{i:02d}")) for i in range(20)]
     final = [make_layout(os.path.join(root, f"final{i:02d}")) for i in range(20)]
-    old = _set_queue_limit("256")
     daemon = Daemon(tmp, [root])
     daemons.append(daemon)
-    try:
-        daemon.start().wait_ready()  # its inotify instance now has the small queue
-    finally:
-        if old is not None:
-            _set_queue_limit(old)
+    # The sysctl is global: a lock keeps two test runs from restoring each other's small value.
+    with open(os.path.join(tempfile.gettempdir(), "ocidx-test-max-queued-events.lock"), "a") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        old = _set_queue_limit("256")
+        try:
+            daemon.start().wait_ready()  # its inotify instance now has the small queue
+        finally:
+            if old is not None:
+                _set_queue_limit(old)
     rounds = 20 if old is not None else 400  # without root, outrun the default 16384-event queue
     wait_until(lambda: len(daemon.layouts()) == 40, "initial layouts")
 
