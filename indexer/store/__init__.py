@@ -105,6 +105,12 @@ def open_writer(path: str) -> sqlite3.Connection:
         has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if app_id != APPLICATION_ID and has_tables:
             raise DatabaseError(f"{path} is a SQLite database but not an ocidx one: refusing to touch it")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+            raise SchemaTooNew(
+                f"{path} has schema version {version}, newer than this ocidx knows ({SCHEMA_VERSION}): "
+                "upgrade ocidx, or point --db at another file"
+            )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
         migrate(conn, path)
