@@ -12,6 +12,7 @@ written.
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import sys
 import time
@@ -28,7 +29,6 @@ from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable, Iterable, Iterator
 
     from indexer.config import Config, Root
@@ -89,7 +89,7 @@ def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: 
     read_ns = time.time_ns()
     try:
         st = os.stat(os.path.join(path, "index.json"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
         if not layout_mod.is_layout_dir(path):
             return Gone(path) if stored is not None else None
         return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns)
@@ -176,9 +176,11 @@ class Scanner:
         self._read_limiter = anyio.CapacityLimiter(1)
 
     def close(self) -> None:
-        """Close the write connection (after PRAGMA optimize)."""
+        """Close the write connection (after PRAGMA optimize, when the database still allows it)."""
         try:
             self.conn.execute("PRAGMA optimize")
+        except sqlite3.Error:
+            pass  # a full disk or a damaged file: the error that matters was raised already
         finally:
             self.conn.close()
 
@@ -237,15 +239,23 @@ class Scanner:
                 if extra:
                     await send.send((list(extra), 0, 0))
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(reader)
-            async with receive:
-                async for outcomes, looked_at, still_broken in receive:
-                    await self._write(outcomes)
-                    counts.add(outcomes, looked_at, still_broken)
-                    done += looked_at
-                    if progress is not None:
-                        progress(done, len(paths))
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                async with receive:
+                    async for outcomes, looked_at, still_broken in receive:
+                        await self._write(outcomes)
+                        counts.add(outcomes, looked_at, still_broken)
+                        done += looked_at
+                        if progress is not None:
+                            progress(done, len(paths))
+        except BaseExceptionGroup as group:
+            # The task group wraps even a lone error (a full disk in the writer): callers, the
+            # daemon's retry and rebuild logic and run_scan's exit 4, handle the error itself.
+            leaves = _leaves(group)
+            if len(leaves) == 1:
+                raise leaves[0] from None
+            raise
         return counts
 
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
@@ -283,6 +293,13 @@ class Scanner:
         counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
         counts.error_messages[:0] = problems
         return counts
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
 
 
 def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
@@ -327,7 +344,12 @@ def run_scan(
         finally:
             scanner.close()
 
-    counts = anyio.run(go)
+    try:
+        counts = anyio.run(go)
+    except sqlite3.Error as exc:  # a full disk, or a database damaged under the writer
+        from indexer.errors import DatabaseError
+
+        raise DatabaseError(f"index database {db_path} cannot be written: {exc}") from None
     seconds = time.perf_counter() - started
     for message in counts.error_messages[:20]:
         sys.stderr.write(printable(f"ocidx: {message}") + "\n")

@@ -8,12 +8,13 @@ import re
 import shutil
 import sqlite3
 
+import anyio
 import pytest
 from layouts import Layout, named
 
 from indexer.cli import main
-from indexer.config import Root
-from indexer.scanner import discover
+from indexer.config import Config, Root
+from indexer.scanner import Scanner, discover
 
 
 @pytest.fixture(autouse=True)
@@ -261,3 +262,53 @@ def test_missing_root_is_reported(scan: Scan, tmp_path: str) -> None:
     assert code == 0
     assert absent in err
     assert any(absent in message for message in json.loads(out)["error_messages"])
+
+
+# -- the writer's own failures, and the daemon's single-layout path -------------------------------------
+
+
+def _fat(root: str, count: int) -> None:
+    for i in range(count):
+        lay = Layout(os.path.join(root, f"fat-{i:03d}"))
+        lay.write_index([named(lay.manifest(label=f"fat-{i}-{j}"), ref=f"t{j}", pad="x" * 3000) for j in range(4)])
+
+
+def test_a_full_database_is_the_sqlite_error_not_an_exception_group(scan: Scan) -> None:
+    _fat(scan.root, 40)
+
+    async def go() -> None:
+        scanner = Scanner(scan.db, Config())
+        try:
+            pages = scanner.conn.execute("PRAGMA page_count").fetchone()[0]
+            scanner.conn.execute(f"PRAGMA max_page_count = {pages + 20}")  # the disk fills up mid-scan
+            await scanner.full_pass([Root(scan.root)])
+        finally:
+            scanner.close()
+
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        anyio.run(go)  # the daemon retries (or rebuilds) on exactly this; run_scan makes it exit 4
+    code, out, _ = scan.run("ls", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert all(row["state"] == "ok" for row in rows)  # whole batches or nothing: no half-written layout
+    assert len(rows) < 40
+
+
+def test_processing_a_layout_replaced_by_a_file_removes_it(scan: Scan, tmp_path: str) -> None:
+    lay = make(os.path.join(scan.root, "a"))
+    keep = make(os.path.join(scan.root, "b"))
+    scan.scan()
+    os.rename(lay.path, os.path.join(tmp_path, "moved-away"))
+    with open(lay.path, "w") as f:
+        f.write("I used to be a layout\n")
+
+    async def go() -> None:
+        scanner = Scanner(scan.db, Config())
+        try:
+            counts = await scanner.process([lay.path])  # what the daemon does on an inotify event
+            assert (counts.removed, counts.errors) == (1, 0)
+        finally:
+            scanner.close()
+
+    anyio.run(go)
+    assert list(scan.layouts()) == [keep.path]
