@@ -186,6 +186,17 @@ def is_corruption(exc: BaseException) -> bool:
     return any(marker in text for marker in CORRUPTION_MARKERS)
 
 
+def only_database_errors(exc: BaseException) -> sqlite3.DatabaseError | None:
+    """The first SQLite error in *exc* when that is all it holds (groups unwrapped), else None."""
+    if isinstance(exc, sqlite3.DatabaseError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        found = [only_database_errors(inner) for inner in exc.exceptions]
+        if found and all(error is not None for error in found):
+            return found[0]
+    return None
+
+
 def corruption_of(path: str) -> str | None:
     """Why the database file at *path* is unusable (``PRAGMA quick_check``), or None when it is sound or absent."""
     try:
@@ -373,9 +384,11 @@ class Daemon:
     async def _heartbeat(self) -> None:
         while True:
             await anyio.sleep(self.settings.heartbeat_s)
+            if self.scanner is None:
+                continue  # the database is being rebuilt
             try:
                 await self._set_row(heartbeat_ns=time.time_ns())
-            except sqlite3.OperationalError as exc:
+            except sqlite3.Error as exc:
                 log.warning("heartbeat not written: %s", exc)
 
     async def _shutdown(self) -> None:
@@ -629,7 +642,11 @@ class Daemon:
         """Run one scan step; a corrupt database is rebuilt, a busy one retried."""
         try:
             await step(arg)
-        except sqlite3.DatabaseError as exc:
+        except (sqlite3.DatabaseError, BaseExceptionGroup) as raised:
+            # The scanner's passes run in task groups, which wrap what they raise.
+            exc = only_database_errors(raised)
+            if exc is None:
+                raise
             if is_corruption(exc):
                 await self._rebuild(str(exc))
                 return

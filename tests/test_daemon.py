@@ -473,6 +473,25 @@ def test_sigint_stops_cleanly_too(tmp: str, daemons: list[Daemon]) -> None:
 
 @integration
 @needs_inotify
+def test_a_database_held_busy_by_another_writer_delays_changes_but_loses_none(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    lay = make_layout(os.path.join(root, "cache"), "v1", "one")
+    daemon = run_daemon(daemons, tmp, [root])
+    wait_until(lambda: daemon.indexed(lay.path, ":v1", "one"), "first state")
+    other = sqlite3.connect(daemon.db, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # as a long `ocidx scan` or a stray sqlite3 shell would
+        replace_atomically(lay.index_path, index_bytes("v1", "two"))
+        wait_until(lambda: "database error, retrying" in daemon.log(), "the daemon reports the busy database")
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    wait_until(lambda: daemon.indexed(lay.path, ":v1", "two"), "the change indexed once the database is free")
+    assert not daemon.exited()
+
+
+@integration
+@needs_inotify
 def test_corrupt_database_is_moved_aside_and_rebuilt(tmp: str, daemons: list[Daemon]) -> None:
     root = os.path.join(tmp, "root")
     lay = make_layout(os.path.join(root, "cache"), "v1", "one")
