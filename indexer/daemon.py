@@ -51,7 +51,7 @@ from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capaci
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable
     from typing import TypeVar
 
     from indexer.config import Config, Root
@@ -66,6 +66,8 @@ HEALTH_INTERVAL_S = 1.0
 POLL_INTERVAL_S = 2.0
 # A second look at a racily-clean layout waits this much past the racy window.
 RACY_MARGIN_NS = 100_000_000
+# ... and takes along the others coming due within this much after the first.
+RACY_GROUP_NS = 250_000_000
 # After an unexpected database error (for instance "database is locked"), wait before retrying.
 RETRY_DELAY_S = 1.0
 # Set to "polling" to watch by reconcile only (NFS and other file systems inotify cannot see into).
@@ -545,10 +547,9 @@ class Daemon:
         due = [path for path, when in self.racy.items() if when <= now_ns]
         paths.update(due)
         if pending.trees:
-            trees = list(pending.trees.values())
+            trees = outermost(pending.trees.values())
             paths.update(await anyio.to_thread.run_sync(_discover_trees, trees))
-            for tree in trees:
-                paths.update(await self._db(functools.partial(_stored_under, under=tree.path)))
+            paths.update(await self._db(functools.partial(_stored_under, trees=[t.path for t in trees])))
         if not paths:
             return
         started = time.perf_counter()
@@ -633,7 +634,8 @@ class Daemon:
         now = time.monotonic()
         deadline = min(self.reconcile_due, self.health_due if self.watcher is not None else self.reconcile_due)
         if self.racy:
-            first_ns = min(self.racy.values())
+            # Racy layouts written in a burst come due one after another: take them in groups.
+            first_ns = min(self.racy.values()) + RACY_GROUP_NS
             deadline = min(deadline, now + max(0.0, (first_ns - time.time_ns()) / 1e9))
         with anyio.move_on_after(max(0.0, deadline - now)):
             await self.wake.wait()
@@ -694,8 +696,35 @@ def _discover_trees(trees: list[Root]) -> list[str]:
     return found
 
 
-def _stored_under(conn: sqlite3.Connection, *, under: str) -> list[str]:
-    return [stored.path for stored in db.layouts(conn, under)]
+def outermost(trees: Iterable[Root]) -> list[Root]:
+    """*trees* without those inside another of them (an ``rm -r`` reports every directory it removes).
+
+    Trees of one root reach the same depth below it, so an ancestor covers its descendants.
+    """
+    by_path = {tree.path: tree for tree in trees}
+    kept = []
+    for path, tree in by_path.items():
+        here = path
+        while (parent := os.path.dirname(here)) != here:
+            if parent in by_path:
+                break
+            here = parent
+        else:
+            kept.append(tree)
+    return kept
+
+
+def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
+    """Stored layouts at or below each of *trees*, by a range scan of the path index."""
+    found: list[str] = []
+    for tree in trees:
+        prefix = tree.rstrip("/") + "/"
+        upper = prefix[:-1] + chr(ord("/") + 1)
+        rows = conn.execute(
+            "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (tree, prefix, upper)
+        )
+        found.extend(row[0] for row in rows)
+    return found
 
 
 def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, int]:

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -229,6 +230,25 @@ class OverflowAlarm(logging.Handler):
             logging.getLogger(name).removeHandler(self)
 
 
+def _shorten_watch_group_repr() -> None:
+    """Work around a watchdog 7.1 slowdown that stalls its thread for seconds to minutes.
+
+    When a directory that was renamed out of a watched tree comes back, watchdog re-adds the
+    watches it never removed and warns once per directory; the warning's text is the dataclass
+    repr of the whole watch group, every watched path included. Formatting it is O(watched
+    directories) per directory: 900 directories moved back into a 9,000-directory tree stalled
+    event delivery for 10 s. A short repr makes each warning cheap; the warnings themselves
+    (harmless: the watch is simply reused) are not shown.
+    """
+    from watchdog.observers.inotify import InotifyWatchGroup
+
+    def short(group: InotifyWatchGroup) -> str:
+        return f"<InotifyWatchGroup {group.path!r}>"
+
+    InotifyWatchGroup.__repr__ = short  # type: ignore[method-assign,assignment]
+    warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+
 def _quiet_shutdown(record: logging.LogRecord) -> bool:
     """Drop watchdog 7.1's ERROR when an emitter that is being stopped reads once more (harmless)."""
     return "called when the thread is inactive" not in str(record.msg)
@@ -351,6 +371,7 @@ class Watcher:
 
     def start(self) -> None:
         """Start the observer thread (raises OSError when inotify is unavailable)."""
+        _shorten_watch_group_repr()
         observer = InotifyObserver()
         observer.daemon = True
         observer.start()

@@ -295,6 +295,9 @@ def test_whole_layouts_renamed_in_appear_and_removed_or_renamed_out_disappear(tm
     os.rename(leaving.path, os.path.join(tmp, "left"))  # renamed out of the root
     wait_until(lambda: not ({doomed.path, leaving.path} & daemon.layouts()), "removed layouts dropped", FRESH_S)
     assert keep.path in daemon.layouts()
+    # Back in under another name: watchdog still holds watches on the tree it lost track of.
+    os.rename(os.path.join(tmp, "left"), os.path.join(root, "returned"))
+    wait_until(lambda: daemon.indexed(os.path.join(root, "returned"), ":v1", "one"), "layout renamed back", FRESH_S)
 
 
 @integration
