@@ -102,17 +102,28 @@ class Proc:
     stderr: str
 
 
-def run_process(argv: list[str], *, env: dict[str, str] | None = None) -> Proc:
-    """Run *argv* to completion: wall time, its own peak RSS (``os.wait4``), output."""
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+TIME = "/usr/bin/time"
+
+
+def run_process(argv: list[str], *, env: dict[str, str] | None = None, rss: bool = False) -> Proc:
+    """Run *argv* to completion: wall time, output, and with *rss* its peak RSS.
+
+    Peak RSS comes from ``/usr/bin/time``, not from ``os.wait4`` here: Python starts children
+    with vfork, and Linux carries the parent's high-water RSS into the child's ``ru_maxrss`` at
+    exec, so a large runner would inflate every child's figure.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss_file:
+        command = [TIME, "-f", "%M", "-o", rss_file.name, *argv] if rss and os.path.exists(TIME) else argv
         started = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(command, stdout=out, stderr=err, env=env, check=False)
         seconds = time.perf_counter() - started
-        proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
-        return Proc(seconds, usage.ru_maxrss, proc.returncode, out.read().decode(errors="replace"), err.read().decode())
+        maxrss = 0
+        if command is not argv:
+            text = rss_file.read().decode().strip().splitlines()
+            maxrss = int(text[-1]) if text and text[-1].isdigit() else 0
+        return Proc(seconds, maxrss, proc.returncode, out.read().decode(errors="replace"), err.read().decode())
 
 
 def median_process(argv: list[str], reps: int, *, env: dict[str, str] | None = None, ok: int = 0) -> Proc:
@@ -125,6 +136,25 @@ def median_process(argv: list[str], reps: int, *, env: dict[str, str] | None = N
         runs.append(proc)
     runs.sort(key=lambda p: p.seconds)
     return runs[len(runs) // 2]
+
+
+def paired(
+    figure: list[str], baseline: list[str], reps: int, *, env: dict[str, str] | None = None, warm: int = 2
+) -> tuple[Proc, Proc]:
+    """Median runs of *figure* and *baseline*, interleaved so that load on the machine hits both alike."""
+    for _ in range(warm):  # page cache, and the bytecode caches of a first run
+        run_process(figure, env=env)
+        run_process(baseline, env=env)
+    runs: tuple[list[Proc], list[Proc]] = ([], [])
+    for _ in range(reps):
+        for argv, out in ((figure, runs[0]), (baseline, runs[1])):
+            proc = run_process(argv, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()[-2000:]}")
+            out.append(proc)
+    for out in runs:
+        out.sort(key=lambda p: p.seconds)
+    return runs[0][reps // 2], runs[1][reps // 2]
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -204,6 +234,7 @@ class Settings:
     scan_reps: int
     lookup_iterations: int
     mode: str
+    what_if: bool
     notes: list[str] = field(default_factory=list)
 
 
@@ -222,6 +253,9 @@ class Bench:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("OCIDX_")}
         self.env["XDG_CONFIG_HOME"] = self.home  # no config file: the lookup path as users run it
         self.env["XDG_DATA_HOME"] = self.home
+        # An installed package has its bytecode compiled (pip does it); this environment may say
+        # PYTHONDONTWRITEBYTECODE, which would make every ocidx process compile its modules anew.
+        self.env.pop("PYTHONDONTWRITEBYTECODE", None)
         self.tree = os.path.join(self.s.data, f"tree-{self.s.layouts}-s{self.s.seed}")
         self.dbs = os.path.join(self.s.data, "db")
         os.makedirs(self.dbs, exist_ok=True)
@@ -270,13 +304,13 @@ class Bench:
         )
         return info
 
-    def scan(self, db: str, root: str, *, fresh: bool) -> tuple[Proc, dict[str, object]]:
+    def scan(self, db: str, root: str, *, fresh: bool, rss: bool = False) -> tuple[Proc, dict[str, object]]:
         """One ``ocidx scan`` as a whole process; its summary."""
         if fresh:
             for suffix in ("", "-wal", "-shm"):
                 if os.path.exists(db + suffix):
                     os.remove(db + suffix)
-        proc = run_process([self.ocidx, "scan", "--db", db, "--no-progress", "--json", root], env=self.env)
+        proc = run_process([self.ocidx, "scan", "--db", db, "--no-progress", "--json", root], env=self.env, rss=rss)
         if proc.returncode != 0:
             raise RuntimeError(f"ocidx scan failed ({proc.returncode}): {proc.stderr[-2000:]}")
         summary: dict[str, object] = json.loads(proc.stdout)
@@ -288,18 +322,22 @@ class Bench:
         """Cold scan, re-scan and peak RSS against the bare pass; returns the scanned database."""
         self.settle()
         n = len(info.layouts)
-        bare = median_process([self.python, "-c", BARE_PASS, self.tree], self.s.process_reps + 2, env=self.env)
-        if bare.stdout.strip() != str(n):
-            raise RuntimeError(f"bare pass saw {bare.stdout.strip()} layouts, not {n}")
+        bare_argv = [self.python, "-c", BARE_PASS, self.tree]
+        bare_runs = [run_process(bare_argv, env=self.env) for _ in range(2)]  # warm
+        if bare_runs[0].stdout.strip() != str(n):
+            raise RuntimeError(f"bare pass saw {bare_runs[0].stdout.strip()} layouts, not {n}")
         db = os.path.join(self.dbs, f"tree-{n}.db")
         cold_runs = []
-        for _ in range(self.s.scan_reps):
-            proc, summary = self.scan(db, self.tree, fresh=True)
+        bare_runs = []
+        for _ in range(self.s.scan_reps):  # interleaved with the baseline
+            bare_runs.append(run_process(bare_argv, env=self.env))
+            proc, summary = self.scan(db, self.tree, fresh=True, rss=True)
             if summary["changed"] != n or summary["errors"] != 0:
                 raise RuntimeError(f"cold scan summary is off: {summary}")
             cold_runs.append(proc)
-        cold_runs.sort(key=lambda p: p.seconds)
-        cold = cold_runs[len(cold_runs) // 2]
+        bare_runs.append(run_process(bare_argv, env=self.env))
+        cold = sorted(cold_runs, key=lambda p: p.seconds)[len(cold_runs) // 2]
+        bare = sorted(bare_runs, key=lambda p: p.seconds)[len(bare_runs) // 2]
         label = f"{n:,} layouts, {info.names:,} names"
         self.add(
             Figure(
@@ -313,24 +351,24 @@ class Bench:
                 f"median of {len(cold_runs)}",
             )
         )
-        rescans = []
-        for _ in range(self.s.process_reps):
-            proc, summary = self.scan(db, self.tree, fresh=False)
-            if summary["changed"] != 0:
-                self.notes.append(f"a re-scan re-read {summary['changed']} layouts (racily clean?)")
-            rescans.append(proc)
-        rescans.sort(key=lambda p: p.seconds)
-        rescan = rescans[len(rescans) // 2]
+        rescan, bare_again = paired(
+            [self.ocidx, "scan", "--db", db, "--no-progress", "--json", self.tree],
+            bare_argv,
+            self.s.process_reps,
+            env=self.env,
+        )
+        if json.loads(rescan.stdout)["changed"] != 0:
+            self.notes.append(f"a re-scan re-read layouts (racily clean?): {rescan.stdout.strip()}")
         self.add(
             Figure(
                 "re-scan, nothing changed",
                 rescan.seconds,
                 "s",
                 "bare read + json.loads pass",
-                bare.seconds,
+                bare_again.seconds,
                 "≤ 0.25x",
-                rescan.seconds <= 0.25 * bare.seconds,
-                f"median of {len(rescans)}",
+                rescan.seconds <= 0.25 * bare_again.seconds,
+                f"median of {self.s.process_reps}",
             )
         )
         peak = max(p.maxrss_kb for p in cold_runs) / 1024
@@ -347,18 +385,8 @@ class Bench:
         reps = self.s.process_reps * 6
         argv = [self.ocidx, "resolve", "--db", db, target]
         base_argv = [self.python, "-c", "import sqlite3, json, argparse"]
-        for _ in range(3):  # warm the page cache and the .pyc files
-            run_process(argv, env=self.env)
-            run_process(base_argv, env=self.env)
-        resolve_times: list[float] = []
-        base_times: list[float] = []
-        for _ in range(reps):  # interleaved, so drift hits both alike
-            proc = run_process(argv, env=self.env)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{target}: exit {proc.returncode}: {proc.stderr}")
-            resolve_times.append(proc.seconds)
-            base_times.append(run_process(base_argv, env=self.env).seconds)
-        value, base = statistics.median(resolve_times), statistics.median(base_times)
+        proc, base_proc = paired(argv, base_argv, reps, env=self.env, warm=3)
+        value, base = proc.seconds, base_proc.seconds
         self.add(
             Figure(
                 "`ocidx resolve oci-layout://PATH:TAG`, whole process",
@@ -377,8 +405,8 @@ class Bench:
         n = len(info.layouts)
         for tag, layouts_with in pick_find_tags(db, n):
             argv = [self.ocidx, "find", "--db", db, f":{tag}"]
-            found = median_process(argv, self.s.process_reps, env=self.env)
-            script = median_process([self.python, "-c", FIND_SCRIPT, self.tree, tag], self.s.process_reps, env=self.env)
+            script_argv = [self.python, "-c", FIND_SCRIPT, self.tree, tag]
+            found, script = paired(argv, script_argv, self.s.process_reps, env=self.env, warm=1)
             self.add(
                 Figure(
                     f"`ocidx find :{tag}`, whole process",
@@ -428,23 +456,49 @@ class Bench:
             self.notes.append(f"the {_names_label(size)}-name database ({total:,} names) was built in {built:.1f}s")
             built_from = dbs[size] = db
         results = measure_lookups(dbs, probes, self.s.lookup_iterations)
+        self.add_lookup_rows(results, "")
+        if self.s.what_if:
+            # The fix recommended in RESULTS.md, measured on copies: scoped digest lookups seek
+            # (digest, layout_id) instead of walking every row that holds a popular digest.
+            patched = {}
+            for size, db in dbs.items():
+                patched[size] = db.removesuffix(".db") + "-whatif.db"
+                started = time.perf_counter()
+                what_if_digest_indexes(db, patched[size])
+                self.say(
+                    f"what-if copy of the {_names_label(size)}-name database in {time.perf_counter() - started:.1f}s"
+                )
+            digest_only = {"digest": probes["digest"]}
+            self.add_lookup_rows(
+                measure_lookups(patched, digest_only, self.s.lookup_iterations),
+                " (what-if: entries and children indexed on (digest, layout_id))",
+            )
+
+    def add_lookup_rows(self, results: dict[int, dict[str, Quantiles]], suffix: str) -> None:
+        """One row per size above the smallest, kind and percentile, against the smallest size."""
         smallest = min(results)
         for size in sorted(results):
             if size == smallest:
                 continue
             for kind in ("tag", "name", "digest"):
+                if kind not in results[size]:
+                    continue
                 for q_index, q_name in ((0, "p50"), (1, "p99")):
-                    value = results[size][kind][q_index]
-                    base = results[smallest][kind][q_index]
+                    value = results[size][kind]["cpu"][q_index]
+                    base = results[smallest][kind]["cpu"][q_index]
+                    wall_value = results[size][kind]["wall"][q_index]
+                    wall_base = results[smallest][kind]["wall"][q_index]
                     self.add(
                         Figure(
-                            f"Index.resolve_in by {kind}, {q_name}, {_names_label(size)} names",
+                            f"Index.resolve_in by {kind}, {q_name}, {_names_label(size)} names{suffix}, CPU time",
                             value,
                             "µs",
                             f"same at {_names_label(smallest)} names",
                             base,
                             "≤ 1.3x",
                             value <= 1.3 * base,
+                            f"wall clock {_fmt(wall_value, 'µs')} vs {_fmt(wall_base, 'µs')}: "
+                            f"{wall_value / wall_base:.2f}x",
                         )
                     )
 
@@ -472,42 +526,34 @@ class Bench:
         skopeo = shutil.which("skopeo")
         reps = self.s.process_reps * 2
         for entries, path in paths.items():
-            ocidx_proc = median_process(
-                [self.ocidx, "resolve", "--db", db, f"oci-layout://{path}:{TARGET_TAG}"], reps, env=self.env
-            )
-            digest = ocidx_proc.stdout.strip()
-            linear = median_process([self.python, "-c", LINEAR_SCRIPT, path, TARGET_TAG], reps, env=self.env)
-            if linear.stdout.strip() != digest:
-                raise RuntimeError(f"linear scan found {linear.stdout.strip()}, ocidx {digest}")
-            label = f"{entries:,}-entry layout"
-            self.add(
-                Figure(
-                    f"`ocidx resolve` in a {label}, whole process",
-                    ocidx_proc.seconds * 1000,
-                    "ms",
-                    "linear-scan script",
-                    linear.seconds * 1000,
-                    "< 1x (faster)",
-                    ocidx_proc.seconds < linear.seconds,
-                )
-            )
+            resolve_argv = [self.ocidx, "resolve", "--db", db, f"oci-layout://{path}:{TARGET_TAG}"]
+            baselines = [("linear-scan script", [self.python, "-c", LINEAR_SCRIPT, path, TARGET_TAG])]
             if skopeo is not None:
-                sk = median_process([skopeo, "inspect", "--raw", f"oci:{path}:{TARGET_TAG}"], reps, env=self.env)
-                if _digest_text(sk.stdout) != digest:
-                    raise RuntimeError("skopeo read a different manifest")
+                baselines.append(
+                    ("`skopeo inspect --raw oci:DIR:TAG`", [skopeo, "inspect", "--raw", f"oci:{path}:{TARGET_TAG}"])
+                )
+            else:
+                self.notes.append("skopeo is not installed: its baseline was skipped")
+            digest = ""
+            label = f"{entries:,}-entry layout"
+            for base_name, base_argv in baselines:
+                ocidx_proc, base = paired(resolve_argv, base_argv, reps, env=self.env)
+                digest = ocidx_proc.stdout.strip()
+                seen = base.stdout.strip() if base_argv[0] != skopeo else _digest_text(base.stdout)
+                if seen != digest:
+                    raise RuntimeError(f"{base_name} found {seen}, ocidx {digest}")
                 self.add(
                     Figure(
                         f"`ocidx resolve` in a {label}, whole process",
                         ocidx_proc.seconds * 1000,
                         "ms",
-                        "`skopeo inspect --raw oci:DIR:TAG`",
-                        sk.seconds * 1000,
+                        base_name,
+                        base.seconds * 1000,
                         "< 1x (faster)",
-                        ocidx_proc.seconds < sk.seconds,
+                        ocidx_proc.seconds < base.seconds,
+                        f"median of {reps}",
                     )
                 )
-            else:
-                self.notes.append("skopeo is not installed: its baseline was skipped")
             inproc, scan_in = measure_huge_in_process(db, path, digest, self.s.lookup_iterations // 10)
             self.add(
                 Figure(
@@ -726,13 +772,17 @@ def fill_database(source: str, target: str, names: int, seed: str) -> int:
         conn.close()
 
 
+Quantiles = dict[str, tuple[float, float]]  # clock -> (p50, p99) in µs
+
+
 def measure_lookups(
-    dbs: dict[int, str], probes: dict[str, list[tuple[str, str]]], iterations: int, rounds: int = 3
-) -> dict[int, dict[str, tuple[float, float]]]:
+    dbs: dict[int, str], probes: dict[str, list[tuple[str, str]]], iterations: int
+) -> dict[int, dict[str, Quantiles]]:
     """p50 and p99 (µs) of Index.resolve_in per database size and kind of probe, databases warm.
 
-    The sizes are measured in interleaved rounds so that drift on the machine hits every size alike;
-    the percentiles are over the samples of all rounds.
+    Each lookup is timed twice over: wall clock and the thread's CPU time. Each probe is timed
+    on every database in turn before the next probe, so that a burst of load on the machine
+    (other processes) hits every size alike.
     """
     from indexer.query import Index
 
@@ -746,28 +796,50 @@ def measure_lookups(
                 answer = index.resolve_in(path, ref)
                 if answer.freshness != "indexed":
                     raise RuntimeError(f"{path} {ref} answered {answer.freshness}, not from the index")
-    samples: dict[tuple[int, str], list[float]] = {}
-    clock = time.perf_counter_ns
+    samples: dict[tuple[int, str], tuple[list[float], list[float]]] = {}
+    wall, cpu = time.perf_counter_ns, time.thread_time_ns
+    order = list(indexes.items())
     try:
-        for _ in range(rounds):
-            for size, index in indexes.items():
-                for kind, pairs in probes.items():
-                    if not pairs:
-                        continue
-                    out = samples.setdefault((size, kind), [])
-                    for i in range(iterations // rounds):
-                        path, ref = pairs[i % len(pairs)]
-                        started = clock()
-                        index.resolve_in(path, ref)
-                        out.append((clock() - started) / 1000)
+        for kind, pairs in probes.items():
+            if not pairs:
+                continue
+            outs = [(index, samples.setdefault((size, kind), ([], []))) for size, index in order]
+            for i in range(iterations):
+                path, ref = pairs[i % len(pairs)]
+                for index, (walls, cpus) in outs if i % 2 else reversed(outs):
+                    started, started_cpu = wall(), cpu()
+                    index.resolve_in(path, ref)
+                    cpus.append((cpu() - started_cpu) / 1000)
+                    walls.append((wall() - started) / 1000)
     finally:
         for index in indexes.values():
             index.close()
-    results: dict[int, dict[str, tuple[float, float]]] = {}
-    for (size, kind), values in samples.items():
-        values.sort()
-        results.setdefault(size, {})[kind] = (percentile(values, 0.5), percentile(values, 0.99))
+    results: dict[int, dict[str, Quantiles]] = {}
+    for (size, kind), (walls, cpus) in samples.items():
+        walls.sort()
+        cpus.sort()
+        results.setdefault(size, {})[kind] = {
+            "wall": (percentile(walls, 0.5), percentile(walls, 0.99)),
+            "cpu": (percentile(cpus, 0.5), percentile(cpus, 0.99)),
+        }
     return results
+
+
+def what_if_digest_indexes(source: str, target: str) -> None:
+    """Copy *source* to *target* with the digest indexes on (digest, layout_id), as RESULTS.md recommends."""
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(target + suffix):
+            os.remove(target + suffix)
+    shutil.copyfile(source, target)
+    conn = sqlite3.connect(target)
+    try:
+        conn.executescript(
+            "DROP INDEX entries_digest; CREATE INDEX entries_digest ON entries (digest, layout_id);"
+            "DROP INDEX children_digest; CREATE INDEX children_digest ON children (digest, layout_id);"
+            "ANALYZE;"
+        )
+    finally:
+        conn.close()
 
 
 def measure_huge_in_process(db: str, path: str, digest: str, iterations: int) -> tuple[float, float]:
@@ -853,6 +925,13 @@ def write_results(bench: Bench, command: str, seconds: float) -> list[str]:
         "- Every index.json got an mtime one hour in the past (os.utime) and the runner waited until its ctime, "
         "which os.utime cannot set, was older than the 3 s racily-clean window before scanning, so lookups "
         "answer from the index (each timed lookup is checked to say `freshness: indexed`).",
+        "- Peak RSS is measured by /usr/bin/time -f %M around the scan: os.wait4 in the runner would report the "
+        "runner's own high-water mark (a vforked child inherits it at exec).",
+        "- Child processes run without PYTHONDONTWRITEBYTECODE, as an installed package runs (pip compiles its "
+        "bytecode), after warm-up runs; with it set, every ocidx process compiles its modules (about 20 ms here).",
+        "- In-process lookup rows give the thread CPU time of each lookup (time.thread_time_ns): on a shared "
+        "2-core machine a lookup that is preempted waits a whole time slice (about 4 ms), which swamps a p99 "
+        "of wall time. The wall-clock p50 and p99 are in each row's parentheses.",
         END,
     ]
     try:
@@ -879,6 +958,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", default="1")
     parser.add_argument("--data", default=os.path.join(REPO, "bench-data"), help="where generated data goes")
     parser.add_argument("--only", help="comma-separated subset of: scan,resolve,find,huge,lookup")
+    parser.add_argument("--no-what-if", action="store_true", help="skip the what-if digest index measurement")
     parser.add_argument("--no-results", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
     args = parser.parse_args(argv)
     full = args.full
@@ -890,17 +970,25 @@ def main(argv: list[str] | None = None) -> int:
         data=os.path.abspath(args.data),
         process_reps=5,
         scan_reps=3 if not full else 2,
-        lookup_iterations=6000,
+        lookup_iterations=2000,
         mode="full" if full else "quick",
+        what_if=not args.no_what_if,
     )
     os.makedirs(settings.data, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     bench = Bench(settings)
     started = time.perf_counter()
+    load_before = os.getloadavg()
     try:
         bench.run(only)
     finally:
         shutil.rmtree(bench.home, ignore_errors=True)
+    load_after = os.getloadavg()
+    bench.notes.append(
+        f"load average (1, 5, 15 min) at the start {', '.join(f'{x:.1f}' for x in load_before)}, "
+        f"at the end {', '.join(f'{x:.1f}' for x in load_after)}, on {os.cpu_count()} cores: other work on the "
+        "machine shares the CPUs; each figure and its baseline run interleaved so that it hits both alike"
+    )
     seconds = time.perf_counter() - started
     given = sys.argv[1:] if argv is None else argv
     command = " ".join(["python -m benchmarks", *given])
