@@ -8,9 +8,11 @@ synchronize. "Indexed" below means the lookup API answered with
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import glob
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,12 +23,16 @@ import tempfile
 import threading
 import time
 
+import anyio
+import anyio.to_thread
 import pytest
 from layouts import OCI_MANIFEST, Layout, digest_of, named
 
-from indexer.config import Config
+from indexer.config import Config, Root
+from indexer.daemon import Daemon as DaemonLoop
 from indexer.errors import OcidxError
 from indexer.query import Index
+from indexer.scanner import Scanner
 from indexer.store import read as db
 from indexer.watcher import Capacity, Dirty
 
@@ -566,3 +572,46 @@ def test_watch_capacity_says_what_is_short() -> None:
     assert message is not None and "9000 directories" in message and "max_user_watches=8192" in message
     no_instance = Capacity(directories=1, max_watches=8192, watches_in_use=0, max_instances=128, instances_in_use=128)
     assert "max_user_instances=128" in str(no_instance.shortfall())
+
+
+@integration
+@needs_inotify
+def test_a_dead_observer_thread_is_restarted_and_reconciled(tmp: str, caplog: pytest.LogCaptureFixture) -> None:
+    root = os.path.join(tmp, "root")
+    lay = make_layout(os.path.join(root, "cache"), "v1", "one")
+
+    async def scenario() -> list[str]:
+        daemon = DaemonLoop(os.path.join(tmp, "index.db"), Config(), [Root(root)])
+        daemon.scanner = Scanner(daemon.db_path, daemon.config)
+        daemon._loop = asyncio.get_running_loop()
+        try:
+            await daemon._write_start_row()
+            await daemon._choose_mode()
+            watcher = daemon.watcher
+            assert watcher is not None and watcher.observer_alive()
+            observer = watcher._observer
+            assert observer is not None
+
+            def crash() -> None:
+                observer.stop()
+                observer.join()
+
+            await anyio.to_thread.run_sync(crash)  # as if an exception had ended it
+            assert not watcher.observer_alive()
+            await daemon._check_health()
+            restarted = daemon.watcher
+            assert restarted is not None and restarted is not watcher and restarted.observer_alive()
+            # The new observer delivers events again, and wakes the loop for them.
+            daemon.wake = anyio.Event()
+            replace_atomically(lay.index_path, index_bytes("v1", "two"))
+            with anyio.fail_after(FRESH_S):
+                await daemon.wake.wait()
+            assert lay.path in daemon.dirty.drain().layouts
+            return list(daemon.reconcile_reasons)
+        finally:
+            await daemon._shutdown()
+
+    with caplog.at_level(logging.INFO, logger="ocidx"):
+        reasons = anyio.run(scenario, backend="asyncio")
+    assert reasons == ["the observer thread was restarted"]
+    assert "observer thread died" in caplog.text
