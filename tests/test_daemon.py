@@ -28,13 +28,14 @@ import anyio.to_thread
 import pytest
 from layouts import OCI_MANIFEST, Layout, digest_of, named
 
+from indexer import watcher as watcher_module
 from indexer.config import Config, Root
 from indexer.daemon import Daemon as DaemonLoop
 from indexer.errors import OcidxError
 from indexer.query import Index
 from indexer.scanner import Scanner
 from indexer.store import read as db
-from indexer.watcher import Capacity, Dirty
+from indexer.watcher import Capacity, Dirty, count_directories
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -615,3 +616,41 @@ def test_a_dead_observer_thread_is_restarted_and_reconciled(tmp: str, caplog: py
         reasons = anyio.run(scenario, backend="asyncio")
     assert reasons == ["the observer thread was restarted"]
     assert "observer thread died" in caplog.text
+
+
+@integration
+@needs_inotify
+def test_too_few_inotify_watches_means_polling_said_plainly(
+    tmp: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = os.path.join(tmp, "root")
+    for name in ("a", "b"):
+        make_layout(os.path.join(root, name))
+    assert count_directories([root]) == 7  # the root, and layout/, blobs/, blobs/sha256/ twice
+    limits = os.path.join(tmp, "sysctl")
+    os.makedirs(limits)
+    for name, value in (("max_user_watches", "5"), ("max_user_instances", "128")):
+        with open(os.path.join(limits, name), "w", encoding="ascii") as fh:
+            fh.write(value + "\n")
+    monkeypatch.setattr(watcher_module, "INOTIFY_SYSCTL", limits)  # as if the kernel allowed 5 watches
+
+    async def scenario() -> str:
+        daemon = DaemonLoop(os.path.join(tmp, "index.db"), Config(), [Root(root)])
+        daemon.scanner = Scanner(daemon.db_path, daemon.config)
+        try:
+            await daemon._write_start_row()
+            await daemon._choose_mode()
+            assert daemon.watcher is None  # no partial watch
+            return daemon.mode
+        finally:
+            await daemon._shutdown()
+
+    with caplog.at_level(logging.INFO, logger="ocidx"):
+        mode = anyio.run(scenario, backend="asyncio")
+    assert mode.startswith("polling: 7 directories below the roots need as many inotify watches")
+    assert "max_user_watches=5" in mode and "max_user_watches=5" in caplog.text
+    conn = sqlite3.connect(os.path.join(tmp, "index.db"))
+    try:
+        assert conn.execute("SELECT watch_mode FROM daemon").fetchone()[0] == mode
+    finally:
+        conn.close()
