@@ -7,6 +7,8 @@ import os
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 
 import anyio
 import pytest
@@ -312,3 +314,45 @@ def test_processing_a_layout_replaced_by_a_file_removes_it(scan: Scan, tmp_path:
 
     anyio.run(go)
     assert list(scan.layouts()) == [keep.path]
+
+
+def test_a_layout_path_that_is_not_utf8_is_indexed_with_the_rest(scan: Scan, tmp_path: str) -> None:
+    odd = Layout(os.fsdecode(os.fsencode(scan.root) + b"/bad\xff\xfename"))
+    image = odd.manifest(label="odd")
+    odd.write_index([named(image, ref="v1")])
+    broken = Layout(os.fsdecode(os.fsencode(scan.root) + b"/broken\xfe"))
+    broken.write_index_bytes(b"{")
+    good = make(os.path.join(scan.root, "good"))
+    summary, _ = scan.scan()
+    assert (summary["layouts"], summary["changed"], summary["errors"]) == (3, 2, 1)
+    rows = scan.layouts()
+    assert sorted(rows) == sorted([odd.path, broken.path, good.path])
+    assert rows[odd.path]["state"] == "ok"
+    assert rows[broken.path]["state"] == "error"
+    assert scan.scan()[0]["changed"] == 0  # found again by its stored path, not re-added
+
+    # a real process, a UTF-8 locale, the path as raw bytes on the command line
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))}
+    env.pop("PYTHONIOENCODING", None)
+    for argv, expected in (
+        ([b"resolve", b"--layout", os.fsencode(odd.path), b":v1"], f"{image['digest']}\n".encode()),
+        ([b"resolve", os.fsencode(f"oci-layout://{odd.path}:v1")], f"{image['digest']}\n".encode()),
+        ([b"ls"], None),
+        ([b"ls", os.fsencode(odd.path)], None),
+        ([b"find", b":v1"], None),
+    ):
+        done = subprocess.run(
+            [os.fsencode(sys.executable), b"-m", b"indexer", argv[0], b"--db", os.fsencode(scan.db), *argv[1:]],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, (argv, done.stderr)
+        if expected is not None:
+            assert done.stdout == expected
+        assert b"\\udcff" in done.stdout or expected is not None, done.stdout  # the odd byte, spelled out
+
+    shutil.rmtree(odd.path)
+    summary, _ = scan.scan()
+    assert summary["removed"] == 1
+    assert odd.path not in scan.layouts()

@@ -25,6 +25,31 @@ SCHEMA_VERSION = 1  # the number of files in migrations/; a test holds them equa
 BUSY_TIMEOUT_MS = 5000
 
 
+def path_value(path: str) -> str | bytes:
+    """A layout path as the ``layouts.path`` column holds it: text, or its raw bytes when not UTF-8.
+
+    A directory name need not be UTF-8; Python hands it over with surrogate escapes, which
+    SQLite text cannot hold. Stored as a BLOB it cannot collide with any text path.
+    """
+    if path.isascii():
+        return path
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path)
+    return path
+
+
+def path_of(value: str | bytes) -> str:
+    """The layout path back from a ``layouts.path`` value (see :func:`path_value`)."""
+    return value if isinstance(value, str) else os.fsdecode(value)
+
+
+def text_value(text: str) -> str:
+    """A message for a text column: surrogate escapes (from non-UTF-8 paths) spelled ``\\udcff``."""
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def migrations_dir() -> str:
     """The directory of migration files: inside the package when installed, else the checkout's."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,10 +9,12 @@ answer come from one piece of matching code.
 from __future__ import annotations
 
 import json
+import os
 
 from indexer._record import Record
 from indexer.layout import FileIdentity
 from indexer.names import Name
+from indexer.store import path_of, path_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -108,7 +110,7 @@ def _stored(row: Sequence[object]) -> StoredLayout:
     )
     return StoredLayout(
         id=lid,  # type: ignore[arg-type]
-        path=path,  # type: ignore[arg-type]
+        path=path_of(path),  # type: ignore[arg-type]
         identity=identity,
         read_ns=read_ns,  # type: ignore[arg-type]
         content_hash=chash,  # type: ignore[arg-type]
@@ -123,7 +125,7 @@ def _stored(row: Sequence[object]) -> StoredLayout:
 
 def layout(conn: sqlite3.Connection, path: str) -> StoredLayout | None:
     """The stored state of the layout at *path* (resolved), or None."""
-    row = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path = ?", (path,)).fetchone()
+    row = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path = ?", (path_value(path),)).fetchone()
     return None if row is None else _stored(row)
 
 
@@ -132,10 +134,12 @@ def layouts(conn: sqlite3.Connection, under: str | None = None) -> list[StoredLa
     if under is None:
         rows = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts ORDER BY path")
     else:
-        prefix = under.rstrip("/") + "/"
+        # Compared as bytes, so that text and BLOB (non-UTF-8) paths below *under* are both found.
+        prefix = os.fsencode(under.rstrip("/") + "/")
         rows = conn.execute(
-            f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path = ? OR substr(path, 1, ?) = ? ORDER BY path",
-            (under, len(prefix), prefix),
+            f"SELECT {_LAYOUT_COLUMNS} FROM layouts "
+            "WHERE path = ? OR substr(CAST(path AS BLOB), 1, ?) = ? ORDER BY path",
+            (path_value(under), len(prefix), prefix),
         )
     return [_stored(row) for row in rows]
 

@@ -23,6 +23,7 @@ import json
 import time
 
 from indexer._record import Record
+from indexer.store import path_value, text_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -143,7 +144,7 @@ def store_snapshot(
         RETURNING id
         """,
         (
-            path,
+            path_value(path),
             identity.dev,
             identity.ino,
             identity.size,
@@ -234,9 +235,10 @@ def store_snapshot(
     old_warnings = [
         row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
     ]
-    if old_warnings != list(snapshot.warnings):
+    warnings = [text_value(w) for w in snapshot.warnings]
+    if old_warnings != warnings:
         conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
-        conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in snapshot.warnings])
+        conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in warnings])
     return 1 if (stale or fresh or moved) else 0
 
 
@@ -287,7 +289,7 @@ def _touch(conn: sqlite3.Connection, path: str, identity: FileIdentity, read_ns:
             identity.ctime_ns,
             read_ns,
             time.time_ns(),
-            path,
+            path_value(path),
         ),
     )
 
@@ -312,12 +314,19 @@ def _fail(conn: sqlite3.Connection, outcome: Failed) -> None:
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, state = 'error',
             error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns
         """,
-        (outcome.path, *ident, outcome.read_ns, outcome.error.category, outcome.error.message, now),
+        (
+            path_value(outcome.path),
+            *ident,
+            outcome.read_ns,
+            outcome.error.category,
+            text_value(outcome.error.message),
+            now,
+        ),
     )
 
 
 def _remove(conn: sqlite3.Connection, path: str) -> int:
-    row = conn.execute("SELECT id FROM layouts WHERE path = ?", (path,)).fetchone()
+    row = conn.execute("SELECT id FROM layouts WHERE path = ?", (path_value(path),)).fetchone()
     if row is None:
         return 0
     layout_id = row[0]
