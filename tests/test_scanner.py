@@ -12,7 +12,7 @@ import sys
 
 import anyio
 import pytest
-from layouts import Layout, named
+from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
 from indexer.config import Config, Root
@@ -356,3 +356,31 @@ def test_a_layout_path_that_is_not_utf8_is_indexed_with_the_rest(scan: Scan, tmp
     summary, _ = scan.scan()
     assert summary["removed"] == 1
     assert odd.path not in scan.layouts()
+
+
+def _tree(path: str) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for directory, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = os.path.join(directory, name)
+            st = os.lstat(full)
+            out[os.path.relpath(full, path)] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    out["."] = (os.lstat(path).st_mode, 0, os.lstat(path).st_mtime_ns)
+    return out
+
+
+def test_scanning_and_lookups_never_write_into_a_layout(scan: Scan) -> None:
+    lay = Layout(os.path.join(scan.root, "a"))
+    lay.write_index([named(lay.multiarch([LINUX_AMD64, LINUX_ARM64]), ref="latest")])
+    before = _tree(scan.root)
+    scan.scan()
+    lay_path = os.path.realpath(lay.path)
+    for args in (
+        ["resolve", f"oci-layout://{lay_path}"],
+        ["resolve", "--platform", "linux/amd64", f"oci-layout://{lay_path}"],
+        ["find", "--verify-all", ":latest"],
+        ["ls", lay_path],
+    ):
+        assert scan.run(*args)[0] == 0, args
+    scan.scan("--full")
+    assert _tree(scan.root) == before  # no lock file (index.json.lock), no temporary file, nothing touched
