@@ -151,7 +151,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
             raise ConfigError(f"{source}: {key}.path is required")
         roots.append(
             Root(
-                _resolve(here, root_path),
+                _resolve(here, root_path, f"{key}.path", source),
                 max_depth=_int(raw, "max_depth", 8, f"{key}.max_depth", source, low=0, high=64),
                 follow_symlinks=_bool(raw, "follow_symlinks", False, f"{key}.follow_symlinks", source),
             )
@@ -164,7 +164,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
             raise ConfigError(f"{source}: stores.{name} must be a non-empty path string")
         if not name or "/" in name or ":" in name or "@" in name:
             raise ConfigError(f"{source}: stores.{name}: a store name has no '/', ':' or '@'")
-        stores[name] = _resolve(here, value)
+        stores[name] = _resolve(here, value, f"stores.{name}", source)
 
     names_table = _table(data, "names", source)
     _only(names_table, {"familiar_ref_names"}, "names.", source)
@@ -206,7 +206,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     )
     return Config(
         source=source,
-        database=_resolve(here, database) if database else None,
+        database=_resolve(here, database, "database.path", source) if database else None,
         roots=tuple(roots),
         stores=stores,
         familiar=familiar,
@@ -215,7 +215,9 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     )
 
 
-def _resolve(here: str, path: str) -> str:
+def _resolve(here: str, path: str, full: str, source: str) -> str:
+    if "\0" in path:  # TOML can spell it (\u0000); no file system path holds it
+        raise ConfigError(f"{source}: {full} contains a NUL character")
     path = os.path.expanduser(path)
     return os.path.normpath(os.path.join(here, path))
 

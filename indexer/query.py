@@ -240,6 +240,7 @@ class Index:
 
     def view(self, path: str, *, strict: bool = False) -> View:
         """Decide, with one ``stat``, where the rows of the layout at *path* come from (SPEC.md §5)."""
+        _no_nul(path, "layout path")
         real = os.path.realpath(path)
         stored = db.layout(self.conn, real)
         index_file = os.path.join(real, "index.json")
@@ -295,6 +296,7 @@ class Index:
 
     def parse_target(self, target: str) -> tuple[str, Query]:
         """Split ``oci-layout://...`` into a layout path and a query (SPEC.md §4 table)."""
+        _no_nul(target, "target")
         if not target.startswith(SCHEME):
             raise UsageError(
                 f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; "
@@ -417,6 +419,8 @@ class Index:
     @_database_errors
     def layouts(self, under: str | None = None) -> list[dict[str, object]]:
         """Every indexed layout with its state (``ls``)."""
+        if under:
+            _no_nul(under, "directory")
         scope = os.path.realpath(under) if under else None
         return [s.to_json() for s in db.layouts(self.conn, scope)]
 
@@ -486,6 +490,12 @@ class Index:
             "layouts_with_errors": errors,
             "daemon": daemon,
         }
+
+
+def _no_nul(text: str, what: str) -> None:
+    """No path holds a NUL character; os functions would raise ValueError on one."""
+    if "\0" in text:
+        raise UsageError(f"the {what} {text!r} contains a NUL character")
 
 
 def _pid_alive(pid: object) -> bool:

@@ -125,6 +125,9 @@ def test_database_precedence(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> 
         ("[daemon]\ndebounce_ms = 1.5\n", "daemon.debounce_ms"),
         ("[daemon]\nreconcile_interval_s = 0\n", "daemon.reconcile_interval_s"),
         ("[daemon]\nlog_format = 'xml'\n", "daemon.log_format"),
+        ('[stores]\ncache = "/var/\\u0000cache"\n', "stores.cache"),
+        ('[[roots]]\npath = "a\\u0000b"\n', "roots[0].path"),
+        ('[database]\npath = "x\\u0000.db"\n', "database.path"),
     ],
 )
 def test_bad_values_name_the_key(tmp_path: str, text: str, named_key: str) -> None:

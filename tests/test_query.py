@@ -23,7 +23,7 @@ from layouts import (
 )
 
 from indexer.cli import main
-from indexer.errors import Ambiguous, NotFound
+from indexer.errors import Ambiguous, NotFound, UsageError
 from indexer.query import Index
 
 ANSWER_KEYS = [
@@ -941,3 +941,17 @@ def test_platform_in_a_read_through_layout(ocidx: Run, cache: Cache) -> None:
     assert code == 0
     assert isinstance(answer, dict)
     assert (answer["digest"], answer["source"], answer["freshness"]) == (digest(arm), "child", "read-through")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda index: index.resolve("oci-layout://root/cache\0x:3.16"),
+        lambda index: index.resolve_in("root/cache\0", ":3.16"),
+        lambda index: index.layout_detail("root/\0"),
+        lambda index: index.layouts("root/\0"),
+    ],
+)
+def test_python_api_refuses_nul_in_paths_as_usage_error(ocidx: Run, cache: Cache, call: object) -> None:
+    with Index(ocidx.db) as index, pytest.raises(UsageError, match="NUL"):
+        call(index)  # type: ignore[operator]
