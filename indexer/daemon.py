@@ -68,6 +68,8 @@ POLL_INTERVAL_S = 2.0
 RACY_MARGIN_NS = 100_000_000
 # ... and takes along the others coming due within this much after the first.
 RACY_GROUP_NS = 250_000_000
+# ... but at least this many times as long as the last pass took.
+POLL_DUTY_FACTOR = 10.0
 # After an unexpected database error (for instance "database is locked"), wait before retrying.
 RETRY_DELAY_S = 1.0
 # Set to "polling" to watch by reconcile only (NFS and other file systems inotify cannot see into).
@@ -277,6 +279,7 @@ class Daemon:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.racy: dict[str, int] = {}
         self.reconcile_due = 0.0
+        self.last_pass_s = 0.0
         self.reconcile_reasons: list[str] = []
         self.mode_check_due = 0.0
         self.health_due = 0.0
@@ -414,7 +417,8 @@ class Daemon:
     # -- watching ---------------------------------------------------------------------------------
 
     def _poll_interval(self) -> float:
-        return min(self.settings.reconcile_s, POLL_INTERVAL_S)
+        """``min(reconcile_interval_s, 2 s)``, stretched so that polling a big tree stays under ~10% of a core."""
+        return min(self.settings.reconcile_s, max(POLL_INTERVAL_S, POLL_DUTY_FACTOR * self.last_pass_s))
 
     async def _choose_mode(self) -> None:
         """inotify when every directory can be watched, else polling by reconcile, said plainly."""
@@ -535,6 +539,7 @@ class Daemon:
         assert scanner is not None
         started = time.perf_counter()
         counts = await scanner.full_pass(self.roots)
+        self.last_pass_s = time.perf_counter() - started
         await self._set_row(last_reconcile_ns=time.time_ns())
         self._log_counts("reconcile", counts, time.perf_counter() - started, why)
         self.racy = await self._db(_racy_layouts)
