@@ -220,3 +220,27 @@ def test_every_ref_name_skopeo_resolves_agrees(written: str, ocidx: Ocidx) -> No
         # a bare word is a tag for skopeo (oci:DIR:latest) and ':latest' for ocidx, as for buildx
         form = ref if ("/" in ref or ":" in ref) else f":{ref}"
         assert ocidx.digest("--layout", written, form) == expected, ref
+
+
+def test_two_spellings_of_one_name(tmp_path: str, ocidx: Ocidx, source: dict[str, str]) -> None:
+    src = source["path"]
+    same = os.path.join(tmp_path, "root", "same")
+    os.makedirs(os.path.dirname(same))
+    copy(f"{src}:one", f"{same}:alpine:3.16")
+    copy(f"{src}:one", f"{same}:docker.io/library/alpine:3.16")
+    differ = os.path.join(tmp_path, "root", "differ")
+    copy(f"{src}:one", f"{differ}:alpine:3.16")
+    copy(f"{src}:two", f"{differ}:docker.io/library/alpine:3.16")
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(same))
+    assert code == 0, err
+    # the same image under both spellings: one answer
+    assert ocidx.digest(f"oci-layout://{same}/alpine:3.16") == source["one"] == skopeo_digest(same, "alpine:3.16")
+    # two images that skopeo keeps apart by spelling are one name for Docker: an ambiguity, never a pick
+    code, out, _ = ocidx("resolve", "--json", f"oci-layout://{differ}/alpine:3.16")
+    assert code == 3
+    candidates = {c["digest"] for c in json.loads(out)["candidates"]}
+    assert candidates == {
+        skopeo_digest(differ, "alpine:3.16"),
+        skopeo_digest(differ, "docker.io/library/alpine:3.16"),
+    }
+    assert candidates == {source["one"], source["two"]}
