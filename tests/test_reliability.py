@@ -727,15 +727,34 @@ def test_sigkill_daemon_during_initial_scan(tmp_path: Path) -> None:
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
-def spawn(function: str, *args: object, tmp: str) -> subprocess.Popen[bytes]:
-    """Run ``test_reliability.FUNCTION(*ARGS)`` in a new process; it prints one JSON line on stdout."""
+WORKER_LIFETIME_S = 300.0  # a worker whose parent died never outlives this
+
+
+def spawn(function: str, *args: object, tmp: str, stack: contextlib.ExitStack) -> subprocess.Popen[bytes]:
+    """Run ``test_reliability.FUNCTION(*ARGS)`` in a new process; it prints one JSON line on stdout.
+
+    The arguments go through stdin (argv is limited to 128 KiB); *stack* kills the process
+    if the test leaves before collecting it.
+    """
     code = (
         f"import sys; sys.path[:0] = [{TESTS!r}, {REPO!r}]; import json, test_reliability as t; "
-        f"print(json.dumps(t.{function}(*json.loads(sys.argv[1]))))"
+        f"print(json.dumps(t.{function}(*json.load(sys.stdin))))"
     )
-    return subprocess.Popen(
-        [sys.executable, "-c", code, json.dumps(list(args))], stdout=subprocess.PIPE, env=env(tmp), cwd=tmp
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env(tmp), cwd=tmp
     )
+    stack.callback(_reap, proc)
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps(list(args)).encode())
+    proc.stdin.close()
+    proc.stdin = None  # so that communicate() only reads
+    return proc
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def result_of(proc: subprocess.Popen[bytes], timeout: float = DEADLINE_S * 2) -> dict[str, object]:
@@ -795,6 +814,7 @@ def reader(db: str, queries: list[list[str]], ready: str, done_flag: str, min_lo
 
     with open(ready, "w") as f:
         f.write("ready")
+    give_up = time.monotonic() + WORKER_LIFETIME_S
     answers: dict[str, int] = {}
     freshness: dict[str, int] = {}
     wrong: list[str] = []
@@ -804,7 +824,7 @@ def reader(db: str, queries: list[list[str]], ready: str, done_flag: str, min_lo
     index = Index(db)
     count = 0
     try:
-        while count < min_lookups or not os.path.exists(done_flag):
+        while (count < min_lookups or not os.path.exists(done_flag)) and time.monotonic() < give_up:
             layout, ref, *allowed = queries[count % len(queries)]
             if count % 50 == 0:
                 index.close()
@@ -884,8 +904,8 @@ def torn_write_run(
             assert run(tmp, "scan", "--db", db, root).rc == 0
         path = os.path.realpath(layout.path)
         ready = [f"{flag}-reader-{i}" for i in range(readers)]
-        procs = [spawn("reader", db, [[path, ":v", *digests]], r, flag, 200, tmp=tmp) for r in ready]
-        writer = spawn("torn_writer", layout.index_path, texts, seconds, ready, flag, tmp=tmp)
+        procs = [spawn("reader", db, [[path, ":v", *digests]], r, flag, 200, tmp=tmp, stack=stack) for r in ready]
+        writer = spawn("torn_writer", layout.index_path, texts, seconds, ready, flag, tmp=tmp, stack=stack)
         written = result_of(writer)
         results = [result_of(p) for p in procs]
         with Index(db) as index:
@@ -914,3 +934,138 @@ def test_torn_writes_with_daemon(tmp_path: Path) -> None:
     print(written, [{k: v for k, v in r.items() if k != "stale_warnings"} for r in results])
     for result in results:
         assert result["errors"] == {} and result["wrong"] == [], result
+
+
+# -- readers under write load ------------------------------------------------------------------------------
+
+
+def churn_corpus(root: str, count: int) -> dict[str, dict[str, object]]:
+    """*count* layouts, each with a fixed ``:latest`` and a ``:churn`` that flips between two images.
+
+    Returns, per layout path, ``latest`` (its digest), ``churn`` (the two digests) and
+    ``documents`` (the two ``index.json`` texts); the first document is written.
+    """
+    out: dict[str, dict[str, object]] = {}
+    for i in range(count):
+        layout = Layout(os.path.join(root, f"churn-{i:04d}"))
+        latest = named(layout.manifest(platform=LINUX_AMD64, label=f"latest{i}"), ref="latest")
+        flips = [named(layout.manifest(platform=LINUX_AMD64, label=f"churn{i}-{j}"), ref="churn") for j in range(2)]
+        texts = [json.dumps(layout.index_document([latest, flip]), separators=(",", ":")) for flip in flips]
+        layout.write_index_bytes(texts[0].encode())
+        out[os.path.realpath(layout.path)] = {
+            "latest": latest["digest"],
+            "churn": [f["digest"] for f in flips],
+            "documents": texts,
+        }
+    return out
+
+
+def churner(
+    corpus: dict[str, dict[str, object]], rate: float, seconds: float, seed: int, ready: list[str], done: str
+) -> dict[str, object]:
+    """Flip ``:churn`` in random layouts *rate* times a second for *seconds*, by rename or in place.
+
+    Starts when every *ready* flag exists; creates *done* at the end. Returns how many
+    changes it made and, per layout, the index of the document it left there.
+    """
+    wait_for_flags(ready)
+    rng = random.Random(seed)
+    paths = sorted(corpus)
+    current = dict.fromkeys(paths, 0)
+    changes = 0
+    started = time.monotonic()
+    while time.monotonic() - started < seconds:
+        path = rng.choice(paths)
+        current[path] = 1 - current[path]
+        data = str(corpus[path]["documents"][current[path]]).encode()  # type: ignore[index]
+        index_path = os.path.join(path, "index.json")
+        if changes % 3 == 2:  # in place, as skopeo, oras and crane do
+            with open(index_path, "wb") as f:
+                f.write(data)
+        else:  # a new file renamed over the old one, as umoci and regclient do
+            with open(index_path + ".tmp", "wb") as f:
+                f.write(data)
+            os.replace(index_path + ".tmp", index_path)
+        changes += 1
+        time.sleep(max(0.0, started + changes / rate - time.monotonic()))  # a steady rate, not a synchronization
+    with open(done, "w") as f:
+        f.write("done")
+    return {"changes": changes, "seconds": round(time.monotonic() - started, 3), "final": current}
+
+
+def reader_queries(corpus: dict[str, dict[str, object]], seed: int) -> list[list[str]]:
+    """``[layout, ref, allowed digests...]`` for every layout's ``:latest`` and ``:churn``, shuffled."""
+    queries = []
+    for path, info in corpus.items():
+        queries.append([path, ":latest", str(info["latest"])])
+        queries.append([path, ":churn", *(str(d) for d in info["churn"])])  # type: ignore[attr-defined]
+    random.Random(seed).shuffle(queries)
+    return queries
+
+
+def load_run(
+    tmp: str, *, layouts: int, readers: int, rate: float, seconds: float, daemon: bool
+) -> tuple[dict[str, object], list[dict[str, object]], dict[str, object]]:
+    """Readers resolving in a loop while a churner changes layouts and ``ocidx scan`` (or the daemon) ingests.
+
+    Returns (churner result, reader results, writer figures). Checks the final state exactly.
+    """
+    root, db = os.path.join(tmp, "load-root"), os.path.join(tmp, "load.db")
+    corpus = churn_corpus(root, layouts)
+    flag = os.path.join(tmp, "load-done")
+    ready = [f"{flag}-reader-{i}" for i in range(readers)]
+    writer: dict[str, object] = {"scans": 0, "failed_scans": [], "locked": 0}
+    with contextlib.ExitStack() as stack:
+        if daemon:
+            service = stack.enter_context(Daemon(tmp, db, root))
+            service.wait_ready()
+        else:
+            assert run(tmp, "scan", "--db", db, root).rc == 0
+        procs = [
+            spawn("reader", db, reader_queries(corpus, i), r, flag, 200, tmp=tmp, stack=stack)
+            for i, r in enumerate(ready)
+        ]
+        churn = spawn("churner", corpus, rate, seconds, 7, ready, flag, tmp=tmp, stack=stack)
+        if not daemon:
+            failed: list[str] = []
+            scans = 0
+            give_up = time.monotonic() + seconds + DEADLINE_S
+            while not os.path.exists(flag) and churn.poll() is None and time.monotonic() < give_up:
+                scan = run(tmp, "scan", "--db", db, root)
+                scans += 1
+                if scan.rc != 0 or b"locked" in scan.err:
+                    failed.append(scan.err.decode(errors="replace")[-300:])
+            writer = {"scans": scans, "failed_scans": failed[:5], "failed": len(failed)}
+        churned = result_of(churn)
+        results = [result_of(p) for p in procs]
+        final: dict[str, int] = churned["final"]  # type: ignore[assignment]
+        expected = {path: str(corpus[path]["churn"][n]) for path, n in final.items()}  # type: ignore[index]
+        if daemon:
+            assert service.proc.poll() is None
+            wait_for(lambda: all_indexed(db, expected), "the daemon to index the final state")
+            writer = {"daemon_alive": True}
+            assert service.stop() == 0
+        else:
+            assert run(tmp, "scan", "--db", db, root).rc == 0
+            assert all_indexed(db, expected)
+    return churned, results, writer
+
+
+def all_indexed(db: str, expected: dict[str, str]) -> bool:
+    """Whether every layout's ``:churn`` is answered from the index with the expected digest."""
+    with Index(db) as index:
+        for path, digest in expected.items():
+            answer = index.resolve_in(path, ":churn")
+            if answer.digest != digest or answer.freshness != "indexed":
+                return False
+    return True
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["scan-loop", "daemon"])
+def test_readers_under_write_load(tmp_path: Path, daemon: bool) -> None:
+    churned, results, writer = load_run(str(tmp_path), layouts=150, readers=3, rate=100, seconds=3, daemon=daemon)
+    print({k: v for k, v in churned.items() if k != "final"}, writer)
+    for result in results:
+        print({k: v for k, v in result.items() if k not in ("stale_warnings", "answers")})
+        assert result["errors"] == {} and result["wrong"] == [], result
+    assert writer.get("failed", 0) == 0, writer
