@@ -407,7 +407,10 @@ class Watcher:
         observer = self._observer
         if observer is None:
             return list(self._watches)
-        alive = {emitter.watch for emitter in list(observer.emitters) if emitter.is_alive()}
+        try:
+            alive = {emitter.watch for emitter in list(observer.emitters) if emitter.is_alive()}
+        except RuntimeError:  # the observer changed its emitters meanwhile: look again next time
+            return []
         broken = []
         for path, (watch, ident) in self._watches.items():
             try:
