@@ -365,7 +365,8 @@ class Daemon:
         return 0
 
     async def _start(self) -> None:
-        self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
+        with anyio.CancelScope(shield=True):  # a signal now still leaves a scanner to close
+            self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
         log.info(
             "ocidx daemon %d started on %s, roots: %s",
