@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
 import shutil
 import sqlite3
@@ -384,3 +385,34 @@ def test_scanning_and_lookups_never_write_into_a_layout(scan: Scan) -> None:
         assert scan.run(*args)[0] == 0, args
     scan.scan("--full")
     assert _tree(scan.root) == before  # no lock file (index.json.lock), no temporary file, nothing touched
+
+
+def test_progress_bar_only_on_a_terminal(scan: Scan) -> None:
+    for i in range(3):
+        make(os.path.join(scan.root, f"l{i}"))
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    command = [sys.executable, "-m", "indexer", "scan", "--db", scan.db, scan.root]
+    master, slave = pty.openpty()
+    try:
+        child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=env)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            seen += chunk
+        assert child.wait(timeout=60) == 0
+        assert child.stdout is not None
+        child.stdout.close()
+    finally:
+        os.close(master)
+    assert b"3/3 layouts" in seen
+    assert b"[" + b"#" * 30 + b"]" in seen
+    piped = subprocess.run(command, capture_output=True, env=env, timeout=60)
+    assert piped.returncode == 0
+    assert b"layouts\r" not in piped.stderr and b"#" not in piped.stderr  # not on a pipe
+    assert piped.stderr.startswith(b"ocidx: scanned 3 layouts")
