@@ -9,7 +9,11 @@ from __future__ import annotations
 
 
 class Record:
-    """Equality, hashing and repr from ``__slots__``; subclasses write ``__init__``."""
+    """Equality, hashing and repr from ``__slots__``; subclasses write ``__init__``.
+
+    Records are values: nothing assigns to a field after ``__init__``. That is a convention,
+    not a check: a ``__setattr__`` guard cost 0.6 s per 1,000 layouts scanned (661k calls).
+    """
 
     __slots__: tuple[str, ...] = ()
 
@@ -27,11 +31,6 @@ class Record:
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={getattr(self, name)!r}" for name in self.__slots__)
         return f"{type(self).__name__}({fields})"
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if hasattr(self, name):
-            raise AttributeError(f"{type(self).__name__}.{name} is read-only")
-        object.__setattr__(self, name, value)
 
 
 def _freeze(value: object) -> object:

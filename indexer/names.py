@@ -106,12 +106,34 @@ def quote_value(value: str) -> str:
     return '"' + printable(value) + '"'
 
 
+# Build hosts repeat the same few names across thousands of layouts (every BuildKit cache says
+# "latest"): a reading depends only on the two annotation values and the policy, so it is cached.
+# A full cache is dropped whole rather than tracked as an LRU: cheaper, and a scan refills it.
+_CACHE_MAX = 1 << 16
+_cache: dict[tuple[object, object, str], NameReading] = {}
+
+
 def read_names(annotations: Mapping[str, object], *, familiar: str = DEFAULT_FAMILIAR_POLICY) -> NameReading:
     """Read the names of one ``index.json`` entry from its annotations (SPEC.md §3)."""
+    containerd = annotations.get(CONTAINERD_NAME)
+    ref_name = annotations.get(OCI_REF_NAME)
+    key = (
+        containerd if isinstance(containerd, str) else None,
+        ref_name if isinstance(ref_name, str) else None,
+        familiar,
+    )
+    cached = _cache.get(key)
+    if cached is None:
+        if len(_cache) >= _CACHE_MAX:
+            _cache.clear()
+        cached = _cache[key] = _read_names(key[0], key[1], familiar)
+    return cached
+
+
+def _read_names(containerd: str | None, ref_name: str | None, familiar: str) -> NameReading:
     if familiar not in FAMILIAR_POLICIES:
         raise ValueError(f"familiar must be one of {FAMILIAR_POLICIES}, not {familiar!r}")
     reading = _Reading()
-    containerd = annotations.get(CONTAINERD_NAME)
     c_repo: str | None = None
     c_tag = ""
     if isinstance(containerd, str) and containerd:
@@ -125,7 +147,6 @@ def read_names(annotations: Mapping[str, object], *, familiar: str = DEFAULT_FAM
             c_repo = ref.name
             c_tag = ref.tag or ""
             reading.add(c_repo, c_tag, HOW_CONTAINERD)
-    ref_name = annotations.get(OCI_REF_NAME)
     if isinstance(ref_name, str) and ref_name:
         parts = [part.strip() for part in ref_name.split(",")] if "," in ref_name else [ref_name]
         for part in parts:
