@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import zipfile
 
 import pytest
@@ -403,3 +404,85 @@ def test_writer_refuses_a_newer_schema_version(indexed: tuple[str, Layout], caps
         assert conn.execute("PRAGMA user_version").fetchone()[0] == store.SCHEMA_VERSION + 1  # untouched
     finally:
         conn.close()
+
+
+# -- a database written by another user (a root daemon) and read by a user who cannot write there ------
+
+
+def _as_nobody() -> None:
+    os.setgid(65534)
+    os.setuid(65534)
+
+
+def _nobody_python() -> str:
+    """An interpreter (3.11+) that user nobody can run with this checkout importable, or skip."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a lookup as another user")
+    for candidate in (sys.executable, "/usr/bin/python3"):
+        try:
+            probe = subprocess.run(
+                [candidate, "-c", "import sys, indexer.store; assert sys.version_info >= (3, 11)"],
+                capture_output=True,
+                preexec_fn=_as_nobody,
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": CHECKOUT},
+                cwd="/",
+                timeout=60,
+                check=False,
+            )
+        except OSError:  # nobody may not enter the directory of this interpreter
+            continue
+        if probe.returncode == 0:
+            return candidate
+    pytest.skip("no Python 3.11+ that user nobody may run with this checkout")
+
+
+def test_another_user_can_read_a_database_it_cannot_write() -> None:
+    python = _nobody_python()
+    base = tempfile.mkdtemp(prefix="ocidx-perm-", dir="/tmp")
+    try:
+        os.chmod(base, 0o755)
+        lay = Layout(os.path.join(base, "root", "lay"))
+        image = lay.manifest()
+        lay.write_index([named(image, ref="latest")])
+        db = os.path.join(base, "db", "index.db")
+        assert main(["scan", "--db", db, "--no-progress", os.path.join(base, "root")]) == 0
+        for directory, dirs, files in os.walk(base):
+            for name in dirs:
+                os.chmod(os.path.join(directory, name), 0o755)
+            for name in files:
+                os.chmod(os.path.join(directory, name), 0o644)
+        assert sorted(os.listdir(os.path.dirname(db))) == ["index.db"]  # the writer closed: no -wal, no -shm
+
+        def resolve(target: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [python, "-m", "indexer", "resolve", "--db", db, "--json", target],
+                capture_output=True,
+                text=True,
+                preexec_fn=_as_nobody,
+                env={"PATH": "/usr/bin:/bin", "PYTHONPATH": CHECKOUT, "HOME": base},
+                cwd="/",
+                timeout=60,
+                check=False,
+            )
+
+        done = resolve(f"oci-layout://{lay.path}")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout)["digest"] == image["digest"]
+
+        newer = lay.manifest(label="newer")  # changed after the scan: still read through, fresh
+        lay.write_index([named(newer, ref="latest")])
+        os.chmod(lay.index_path, 0o644)
+        done = resolve(f"oci-layout://{lay.path}")
+        assert done.returncode == 0, done.stderr
+        answer = json.loads(done.stdout)
+        assert (answer["digest"], answer["freshness"]) == (newer["digest"], "read-through")
+
+        writer = sqlite3.connect(db)  # a daemon holding the database open: -shm exists, owned by root
+        try:
+            writer.execute("SELECT count(*) FROM layouts").fetchone()
+            done = resolve(f"oci-layout://{lay.path}")
+            assert done.returncode == 0, done.stderr
+        finally:
+            writer.close()
+    finally:
+        shutil.rmtree(base)

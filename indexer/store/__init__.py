@@ -21,7 +21,7 @@ import time
 from indexer.errors import DatabaseError, SchemaTooNew
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
-SCHEMA_VERSION = 1  # the number of files in migrations/; a test holds them equal
+SCHEMA_VERSION = 2  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -82,16 +82,42 @@ def open_reader(path: str) -> sqlite3.Connection:
     """Open the index read-only for lookups, or raise DatabaseError (exit 4)."""
     if not os.path.exists(path):
         raise DatabaseError(f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first")
+    conn = _connect_reader(path, "mode=ro")
     try:
-        conn = sqlite3.connect(f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
-    except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open index database {path}: {exc}") from None
+        conn.execute("PRAGMA application_id").fetchone()
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if not _shm_refused(path, exc):
+            raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+        # A WAL database needs its -shm file, which this user cannot create: the database
+        # belongs to another user (a root daemon, a user's query) or its directory is read-only.
+        # No writer has it open (there is no WAL content), so the file is whole as it stands:
+        # read it as immutable. Answers are still checked against the layouts (SPEC §5).
+        conn = _connect_reader(path, "mode=ro&immutable=1")
     try:
         check_schema(conn, path)
     except BaseException:
         conn.close()
         raise
     return conn
+
+
+def _connect_reader(path: str, options: str) -> sqlite3.Connection:
+    try:
+        return sqlite3.connect(f"file:{_uri_path(path)}?{options}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+    except sqlite3.Error as exc:
+        raise DatabaseError(f"cannot open index database {path}: {exc}") from None
+
+
+def _shm_refused(path: str, exc: sqlite3.OperationalError) -> bool:
+    """Whether *exc* is SQLite failing to create the -shm file of a WAL database nobody is writing."""
+    text = str(exc)
+    if "readonly" not in text and "unable to open" not in text:
+        return False
+    try:
+        return os.path.getsize(path + "-wal") == 0
+    except OSError:
+        return True  # no -wal file: the last writer closed cleanly
 
 
 def check_schema(conn: sqlite3.Connection, path: str) -> None:
