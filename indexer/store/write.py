@@ -339,3 +339,56 @@ def _remove(conn: sqlite3.Connection, path: str) -> int:
     conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
     conn.execute("DELETE FROM layouts WHERE id = ?", (layout_id,))
     return 1
+
+
+# Lookup indexes a cold build may drop and recreate; entries_layout stays, because every
+# store_snapshot reads a layout's existing rows by it (without it the build is quadratic).
+DEFERRABLE_INDEXES = (
+    "entries_digest",
+    "names_tag",
+    "names_name_tag",
+    "names_entry",
+    "children_entry",
+    "children_digest",
+    "layout_warnings_layout",
+)
+
+
+def defer_indexes(conn: sqlite3.Connection) -> int:
+    """Drop the lookup indexes for a cold build, their definitions kept in the same transaction."""
+    marks = ",".join("?" * len(DEFERRABLE_INDEXES))
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = conn.execute(
+            f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN ({marks})", DEFERRABLE_INDEXES
+        ).fetchall()
+        for name, sql in rows:
+            conn.execute("INSERT OR REPLACE INTO ocidx_deferred_indexes (name, sql) VALUES (?, ?)", (name, sql))
+            conn.execute(f'DROP INDEX "{name}"')
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return len(rows)
+
+
+def restore_indexes(conn: sqlite3.Connection) -> int:
+    """Recreate the indexes a cold build deferred (after the build, or after one that was killed)."""
+    rows = conn.execute("SELECT name, sql FROM ocidx_deferred_indexes ORDER BY name").fetchall()
+    if not rows:
+        return 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name, sql in rows:
+            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+            if exists.fetchone() is None:
+                conn.execute(sql)
+        conn.execute("DELETE FROM ocidx_deferred_indexes")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("ANALYZE")
+    return len(rows)
