@@ -139,22 +139,8 @@ def test_catalogue_is_big_enough() -> None:
     assert len({c.name for c in hostile.CASES}) == len(hostile.CASES)
 
 
-# Cases where ocidx does not yet do what SPEC.md says; each is reported with a reproducer
-# (docs/reliability.md) and checked on its own below, expected to fail until fixed.
-KNOWN_BUGS = {
-    "non_utf8_dir_name": "a layout path that is not UTF-8 aborts the whole scan (UnicodeEncodeError in store)",
-}
-
-
 def test_hostile_layouts_among_good_ones(tmp_path: Path) -> None:
-    scan_and_check(str(tmp_path), skip=frozenset(KNOWN_BUGS))
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=r)) for n, r in sorted(KNOWN_BUGS.items())]
-)
-def test_known_bug(tmp_path: Path, name: str) -> None:
-    scan_and_check(str(tmp_path), only=name)
+    scan_and_check(str(tmp_path))
 
 
 def scan_and_check(tmp: str, *, skip: frozenset[str] = frozenset(), only: str | None = None) -> None:
@@ -310,26 +296,42 @@ def write_config(tmp: str, text: str) -> str:
     return path
 
 
+def racy_count(db: str) -> int:
+    """Layouts whose stored identity a lookup cannot trust yet (changed within 3 s of being read)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(
+            conn.execute(
+                "SELECT count(*) FROM layouts WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL "
+                "AND max(mtime_ns, ctime_ns) >= read_ns - 3000000000"
+            ).fetchone()[0]
+        )
+    finally:
+        conn.close()
+
+
 def layouts_state(db: str) -> dict[str, tuple[object, ...]]:
     """path -> (state, error category, content hash) of every layout, read-only."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
     try:
         return {
-            row[0]: tuple(row[1:])
+            row[0] if isinstance(row[0], str) else os.fsdecode(row[0]): tuple(row[1:])
             for row in conn.execute("SELECT path, state, error_category, content_hash FROM layouts")
         }
     finally:
         conn.close()
 
 
+# Cases where the daemon does not yet do what SPEC.md says; each is in the report with a
+# reproducer and checked on its own, expected to fail until it is fixed.
 DAEMON_KNOWN_BUGS = {
-    "layout_replaced_by_file": "daemon keeps a layout replaced by a file as an error until the next reconcile "
-    "(scanner.examine treats ENOTDIR as unreadable, not gone)",
+    "non_utf8_dir_name": "daemon dies: _racy_layouts returns a non-UTF-8 path as bytes (BLOB) and "
+    "sorted() of str and bytes raises TypeError",
 }
 
 
 def test_daemon_on_hostile_layouts(tmp_path: Path) -> None:
-    daemon_and_check(str(tmp_path), skip=frozenset(KNOWN_BUGS) | frozenset(DAEMON_KNOWN_BUGS))
+    daemon_and_check(str(tmp_path), skip=frozenset(DAEMON_KNOWN_BUGS))
 
 
 @pytest.mark.parametrize(
@@ -337,7 +339,7 @@ def test_daemon_on_hostile_layouts(tmp_path: Path) -> None:
     [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=r)) for n, r in sorted(DAEMON_KNOWN_BUGS.items())],
 )
 def test_daemon_known_bug(tmp_path: Path, name: str) -> None:
-    daemon_and_check(str(tmp_path), only=name, timeout=3)
+    daemon_and_check(str(tmp_path), only=name, timeout=5)
 
 
 def daemon_and_check(
@@ -368,6 +370,13 @@ def daemon_and_check(
             return True
 
         wait_for(settled, "the daemon to index every catalogue layout as expected", timeout)
+        # Its second look at racily-clean layouts (3 s after their change) must go through too.
+        wait_for(
+            lambda: daemon.proc.poll() is not None or racy_count(db) == 0,
+            "the daemon to settle every racily-clean layout",
+            timeout + 5,
+        )
+        assert daemon.proc.poll() is None, daemon.log().decode(errors="replace")[-3000:]
         assert run(tmp, "status", "--db", db).rc == 0
         check_good(db, [b for b in built if b.expect in ("ok", "stale")])
         assert daemon.proc.poll() is None
@@ -479,13 +488,22 @@ def test_newer_schema_lookups_exit_4(tmp_path: Path) -> None:
             assert result.json()["error"] == "schema_too_new", result  # type: ignore[index]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: open_writer checks migration names only, not user_version")
 def test_newer_schema_writers_refuse(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root, db, _built = small_index(tmp)
     set_user_version(db, 99)
+    with open(db, "rb") as f:
+        before = f.read()
     scan = run(tmp, "scan", "--db", db, root)
     assert scan.rc == 4 and b"newer" in scan.err, scan
+    with Daemon(tmp, db, root) as daemon:
+        daemon.proc.wait(DEADLINE_S)
+        assert daemon.stop() == 4
+        assert b"newer" in daemon.log()
+    # A newer ocidx's database is not corrupt: it is neither moved aside nor rewritten.
+    assert not [n for n in os.listdir(tmp) if ".corrupt-" in n]
+    with open(db, "rb") as f:
+        assert f.read() == before
 
 
 def mount(*args: str) -> bool:
@@ -524,7 +542,6 @@ def test_read_only_database_directory_writers(tmp_path: Path) -> None:
             assert b"Read-only file system" in daemon.log()
 
 
-@pytest.mark.xfail(strict=True, reason="limitation: a WAL database in a read-only directory cannot be opened (no -shm)")
 def test_read_only_database_directory_lookups(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     _root, _db, built = small_index(tmp)
@@ -578,7 +595,6 @@ def test_full_disk_keeps_the_last_good_state(tmp_path: Path) -> None:
         check_good(db, built)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a full disk gives a traceback (ExceptionGroup), not a clear exit 4")
 def test_full_disk_scan_message(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root = os.path.join(tmp, "root")
@@ -592,7 +608,6 @@ def test_full_disk_scan_message(tmp_path: Path) -> None:
         assert scan.rc == 4 and b"full" in scan.err, scan
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the daemon dies on a full disk (ExceptionGroup escapes _guarded)")
 def test_full_disk_daemon_survives(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root = os.path.join(tmp, "root")
@@ -643,9 +658,7 @@ def layout_count(db: str) -> int:
 
 def crash_corpus(root: str, count: int) -> list[Built]:
     """*count* layouts: the hostile catalogue (its first-scan state) among good ones."""
-    built = hostile.build_catalogue(
-        root, os.path.join(os.path.dirname(root), "outside"), good=0, skip=frozenset(KNOWN_BUGS)
-    )
+    built = hostile.build_catalogue(root, os.path.join(os.path.dirname(root), "outside"), good=0, skip=frozenset())
     built.extend(hostile.good_layouts(root, max(0, count - len(built))))
     return built
 
