@@ -46,6 +46,7 @@ import anyio.to_thread
 from indexer import config as config_mod
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
 from indexer.scanner import Counts, Scanner, discover, roots_for
+from indexer.store import path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
 
@@ -729,7 +730,7 @@ def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
         rows = conn.execute(
             "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (tree, prefix, upper)
         )
-        found.extend(row[0] for row in rows)
+        found.extend(path_of(row[0]) for row in rows)
     return found
 
 
@@ -747,8 +748,8 @@ def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> d
             rows = conn.execute(query, (db.RACY_WINDOW_NS,))
         else:
             marks = ",".join("?" * len(chunk))
-            rows = conn.execute(f"{query} AND path IN ({marks})", (db.RACY_WINDOW_NS, *chunk))
-        found.update((path, changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS) for path, changed in rows)
+            rows = conn.execute(f"{query} AND path IN ({marks})", (db.RACY_WINDOW_NS, *map(path_value, chunk)))
+        found.update((path_of(path), changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS) for path, changed in rows)
     return found
 
 
