@@ -287,11 +287,18 @@ class Scanner:
         stored = await self._stored()
         tops = [top.rstrip("/") + "/" for top in resolved]
         present = set(paths)
-        gone: list[Outcome] = [
-            Gone(path)
-            for path in stored
-            if path not in present and any(path == t[:-1] or path.startswith(t) for t in tops)
-        ]
+
+        def vanished() -> list[Outcome]:
+            # Below a root and not discovered: gone. Elsewhere (reached through a followed symlink,
+            # or by another scan's roots): gone only when it is no longer a layout at all.
+            return [
+                Gone(path)
+                for path in stored
+                if path not in present
+                and (any(path == t[:-1] or path.startswith(t) for t in tops) or not layout_mod.is_layout_dir(path))
+            ]
+
+        gone = await anyio.to_thread.run_sync(vanished)
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS

@@ -416,3 +416,18 @@ def test_progress_bar_only_on_a_terminal(scan: Scan) -> None:
     assert piped.returncode == 0
     assert b"layouts\r" not in piped.stderr and b"#" not in piped.stderr  # not on a pipe
     assert piped.stderr.startswith(b"ocidx: scanned 3 layouts")
+
+
+def test_a_layout_reached_through_a_followed_symlink_is_removed_when_it_vanishes(scan: Scan, tmp_path: str) -> None:
+    outside = make(os.path.join(tmp_path, "elsewhere", "outside"))
+    os.symlink(os.path.dirname(outside.path), os.path.join(scan.root, "link-out"))
+    config = os.path.join(tmp_path, "config.toml")
+    with open(config, "w") as f:
+        f.write('[[roots]]\npath = "root"\nfollow_symlinks = true\n')
+    assert scan.run("scan", "--no-progress", "--config", config)[0] == 0
+    assert list(scan.layouts()) == [outside.path]
+    shutil.rmtree(os.path.dirname(outside.path))
+    code, out, err = scan.run("scan", "--no-progress", "--json", "--config", config)
+    assert code == 0, err
+    assert json.loads(out)["removed"] == 1
+    assert scan.layouts() == {}
