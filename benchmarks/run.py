@@ -260,6 +260,7 @@ class Bench:
         self.dbs = os.path.join(self.s.data, "db")
         os.makedirs(self.dbs, exist_ok=True)
         self.last_write = 0.0
+        self.code = ""
 
     def say(self, text: str) -> None:
         """Progress on stderr."""
@@ -881,6 +882,23 @@ def linear_scan(path: str, tag: str) -> str | None:
 # -- the report --------------------------------------------------------------------------------
 
 
+def code_version() -> str:
+    """The commit measured, and whether indexer/ or migrations/ had uncommitted changes."""
+    try:
+        head = subprocess.run(
+            ["git", "-C", REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", REPO, "status", "--porcelain", "--", "indexer", "migrations"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"{head}" + (" with uncommitted changes in indexer/ or migrations/" if dirty else "")
+
+
 def machine() -> list[str]:
     """What the figures were measured on."""
     mem_kb = 0
@@ -913,6 +931,7 @@ def write_results(bench: Bench, command: str, seconds: float) -> list[str]:
         "",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M %Z')}",
         f"- Command: `{command}` ({seconds:.0f} s in all)",
+        f"- Code measured: {bench.code}",
         *machine(),
         "",
         *table(bench.figures),
@@ -977,6 +996,7 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(settings.data, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
     bench = Bench(settings)
+    bench.code = code_version()
     started = time.perf_counter()
     load_before = os.getloadavg()
     try:
