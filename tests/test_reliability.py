@@ -322,24 +322,8 @@ def layouts_state(db: str) -> dict[str, tuple[object, ...]]:
         conn.close()
 
 
-# Cases where the daemon does not yet do what SPEC.md says; each is in the report with a
-# reproducer and checked on its own, expected to fail until it is fixed.
-DAEMON_KNOWN_BUGS = {
-    "non_utf8_dir_name": "daemon dies: _racy_layouts returns a non-UTF-8 path as bytes (BLOB) and "
-    "sorted() of str and bytes raises TypeError",
-}
-
-
 def test_daemon_on_hostile_layouts(tmp_path: Path) -> None:
-    daemon_and_check(str(tmp_path), skip=frozenset(DAEMON_KNOWN_BUGS))
-
-
-@pytest.mark.parametrize(
-    "name",
-    [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=r)) for n, r in sorted(DAEMON_KNOWN_BUGS.items())],
-)
-def test_daemon_known_bug(tmp_path: Path, name: str) -> None:
-    daemon_and_check(str(tmp_path), only=name, timeout=5)
+    daemon_and_check(str(tmp_path))
 
 
 def daemon_and_check(
