@@ -242,7 +242,10 @@ class Index:
         """Decide, with one ``stat``, where the rows of the layout at *path* come from (SPEC.md §5)."""
         _no_nul(path, "layout path")
         real = os.path.realpath(path)
-        stored = db.layout(self.conn, real)
+        return self._view(real, db.layout(self.conn, real), strict)
+
+    def _view(self, real: str, stored: db.StoredLayout | None, strict: bool) -> View:
+        """:meth:`view` of a resolved path whose stored state (or None) the caller already has."""
         index_file = os.path.join(real, "index.json")
         try:
             st = os.stat(index_file)
@@ -393,12 +396,15 @@ class Index:
     def find(self, ref: str, *, verify_all: bool = False) -> list[Answer]:
         """Every match of REF across all indexed layouts, each layout verified fresh."""
         query = parse_ref(ref)
-        in_index = _match_all(self.conn, query)
-        scope = [s.path for s in db.layouts(self.conn)] if verify_all else sorted({s for s in in_index})
+        in_index, stored = _match_all(self.conn, query)
+        if verify_all:
+            stored = {s.path: s for s in db.layouts(self.conn)}
+        scope = sorted(stored) if verify_all else sorted(in_index)
         answers: list[Answer] = []
         for path in scope:
             try:
-                view = self.view(path)
+                # Stored paths are resolved already: no realpath, no second SELECT per layout.
+                view = self._view(path, stored[path], strict=False)
             except NotFound:
                 continue  # verified: the layout is gone, so are its matches
             except LayoutError as exc:
@@ -543,8 +549,8 @@ def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list
     return hits, warnings
 
 
-def _match_all(conn: sqlite3.Connection, query: Query) -> dict[str, list[Answer]]:
-    """Matches of *query* in the whole index, grouped by layout path (not yet verified)."""
+def _match_all(conn: sqlite3.Connection, query: Query) -> tuple[dict[str, list[Answer]], dict[str, db.StoredLayout]]:
+    """Matches of *query* in the whole index by layout path (not yet verified), and those layouts."""
     if query.digest is not None:
         hits = db.by_digest(conn, query.digest)
     elif query.name is not None:
@@ -552,6 +558,8 @@ def _match_all(conn: sqlite3.Connection, query: Query) -> dict[str, list[Answer]
     else:
         hits = db.by_tag(conn, query.tag or "latest")
     stored = db.layouts_by_id(conn, {h.layout_id for h in hits})
+    # One names query for every hit (it chunks its IN list), not one per answer.
+    names_of = db.names(conn, [h.entry_id for h in hits if h.source == "entry"])
     grouped: dict[str, list[db.Hit]] = {}
     for hit in hits:
         grouped.setdefault(stored[hit.layout_id].path, []).append(hit)
@@ -562,22 +570,30 @@ def _match_all(conn: sqlite3.Connection, query: Query) -> dict[str, list[Answer]
             layout_hits, warnings = _match(view, query, strict=False, blobs=False)
         else:
             warnings = []
-        out[path] = _answers_by_digest(view, layout_hits, warnings)
-    return out
+        out[path] = _answers_by_digest(view, layout_hits, warnings, names_of)
+    return out, {layout.path: layout for layout in stored.values()}
 
 
-def _answers_by_digest(view: View, hits: list[db.Hit], warnings: list[str]) -> list[Answer]:
+def _answers_by_digest(
+    view: View, hits: list[db.Hit], warnings: list[str], names_of: dict[int, list[Name]] | None = None
+) -> list[Answer]:
     by_digest: dict[str, list[db.Hit]] = {}
     for hit in hits:
         by_digest.setdefault(hit.digest, []).append(hit)
-    return [_answer(view, group, warnings) for group in by_digest.values()]
+    return [_answer(view, group, warnings, names_of) for group in by_digest.values()]
 
 
-def _answer(view: View, hits: list[db.Hit], warnings: list[str]) -> Answer:
-    """One answer from hits that all share a digest: the first hit, with every entry's names."""
+def _answer(
+    view: View, hits: list[db.Hit], warnings: list[str], names_of: dict[int, list[Name]] | None = None
+) -> Answer:
+    """One answer from hits that all share a digest: the first hit, with every entry's names.
+
+    *names_of* holds the names of these hits' entries when the caller fetched them already.
+    """
     first = hits[0]
     entry_hits = [h for h in hits if h.source == "entry"]
-    names_of = db.names(view.conn, [h.entry_id for h in entry_hits])
+    if names_of is None:
+        names_of = db.names(view.conn, [h.entry_id for h in entry_hits])
     names: list[Name] = []
     for hit in entry_hits:
         for name in names_of.get(hit.entry_id, []):
