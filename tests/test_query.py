@@ -411,6 +411,11 @@ def test_different_digests_are_ambiguous_with_every_candidate(tmp_path: str, oci
     with Index(ocidx.db) as index, pytest.raises(Ambiguous) as caught:
         index.resolve(f"oci-layout://{lay.path}")
     assert len(caught.value.candidates) == 2
+    # find lists both, it never reports an ambiguity
+    code, found = ocidx.json("find", ":latest")
+    assert code == 0
+    assert isinstance(found, list)
+    assert sorted(item["digest"] for item in found) == sorted([digest(alpine), digest(img)])
 
 
 def test_same_digest_through_two_entries_is_one_answer(tmp_path: str, ocidx: Run) -> None:
