@@ -379,7 +379,7 @@ class Index:
             )
         answer = _answer(view, hits, warnings)
         if want is not None:
-            answer = _select_platform(view, hits[0], answer, want)
+            answer = _select_platform(view, hits[0], answer, want, self.config.limits)
         return answer
 
     def _not_found_message(self, view: View, query: Query) -> str:
@@ -650,7 +650,9 @@ def _blob_hit(view: View, digest: str) -> db.Hit | None:
     )
 
 
-def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform) -> Answer:
+def _select_platform(
+    view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform, limits: layout_mod.Limits
+) -> Answer:
     """Follow an index (or manifest list) down to the manifest for platform *want*."""
     if hit.media_type not in INDEX_MEDIA_TYPES:
         have = _platform_record(hit.platform)
@@ -662,6 +664,8 @@ def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.P
             [p for p in [_platform_out(hit.platform)] if p is not None],
         )
     kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
+    if not any(k.parent == hit.digest for k in kids):
+        kids = kids + _children_from_disk(view, hit, limits)
     seen: list[dict[str, object]] = []
 
     def matches(platform: dict[str, object] | None) -> bool:
@@ -713,6 +717,24 @@ def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.P
         f"(platforms present: {listed})",
         seen,
     )
+
+
+def _children_from_disk(view: View, hit: db.Hit, limits: layout_mod.Limits) -> list[db.ChildRow]:
+    """The children of an index whose blob was absent when the layout was read (a partial export
+    that was completed later without touching index.json): read now, verified by its digest."""
+    entry = layout_mod.Entry(hit.position, hit.digest, hit.media_type, hit.size, {})
+    found, _warnings = layout_mod.read_children(view.path, (entry,), limits)
+    return [
+        db.ChildRow(
+            parent=c.parent,
+            depth=c.depth,
+            digest=c.digest,
+            media_type=c.media_type,
+            size=c.size,
+            platform=dict(c.platform.to_json()) if c.platform is not None else None,
+        )
+        for c in found
+    ]
 
 
 def _platform_record(platform: dict[str, object] | None) -> layout_mod.Platform | None:

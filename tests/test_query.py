@@ -960,3 +960,21 @@ def test_platform_in_a_read_through_layout(ocidx: Run, cache: Cache) -> None:
 def test_python_api_refuses_nul_in_paths_as_usage_error(ocidx: Run, cache: Cache, call: object) -> None:
     with Index(ocidx.db) as index, pytest.raises(UsageError, match="NUL"):
         call(index)  # type: ignore[operator]
+
+
+def test_platform_under_a_nested_index_whose_blob_arrived_after_the_scan(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "late-blob"))
+    arm = lay.manifest(platform=LINUX_ARM64)
+    listing = lay.index([lay.manifest(platform=LINUX_AMD64), arm])
+    with open(lay.blob_path(digest(listing)), "rb") as f:
+        listing_bytes = f.read()
+    lay.write_index([named(listing, ref="latest")])
+    lay.remove_blob(listing)  # index.json names it, blobs/ does not have it yet
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    _scanned_long_after_last_change(ocidx.db)  # index.json does not change again: the index is trusted
+    assert ocidx("resolve", "--platform", "linux/arm64", f"oci-layout://{lay.path}")[0] == 1
+    lay.blob(listing_bytes, str(listing["mediaType"]))  # the writer finishes copying blobs
+    code, answer = ocidx.json("resolve", "--platform", "linux/arm64", f"oci-layout://{lay.path}")
+    assert code == 0
+    assert isinstance(answer, dict)
+    assert (answer["digest"], answer["source"]) == (digest(arm), "child")
