@@ -10,8 +10,11 @@ import json
 import os
 import shutil
 import sqlite3
+import tempfile
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from layouts import (
     LINUX_AMD64,
     LINUX_ARM64,
@@ -978,3 +981,31 @@ def test_platform_under_a_nested_index_whose_blob_arrived_after_the_scan(tmp_pat
     assert code == 0
     assert isinstance(answer, dict)
     assert (answer["digest"], answer["source"]) == (digest(arm), "child")
+
+
+TAG_TEXT = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}", fullmatch=True)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tags=st.lists(TAG_TEXT, min_size=1, max_size=6, unique=True), through=st.booleans())
+def test_every_tag_resolves_to_its_own_entry(
+    capsys: pytest.CaptureFixture[str], tags: list[str], through: bool
+) -> None:
+    with tempfile.TemporaryDirectory() as base:
+        lay = Layout(os.path.join(base, "root", "prop"))
+        images = [lay.manifest(label=f"prop-{tag}") for tag in tags]
+        db_path = os.path.join(base, "index.db")
+        run = Run(db_path, capsys)
+        if through:  # index an older state, then answer the current one by reading it through
+            lay.write_index([named(images[0], ref="older")])
+            run.scan(os.path.join(base, "root"))
+        lay.write_index([named(image, ref=tag) for image, tag in zip(images, tags, strict=True)])
+        if not through:
+            run.scan(os.path.join(base, "root"))
+        for image, tag in zip(images, tags, strict=True):
+            code, answer = run.json("resolve", f"oci-layout://{lay.path}:{tag}")
+            assert code == 0, tag
+            assert isinstance(answer, dict)
+            assert answer["digest"] == image["digest"]
+            assert answer["freshness"] == ("read-through" if through else "indexed")
+            assert run("resolve", "--layout", lay.path, f":{tag}")[:2] == (0, f"{image['digest']}\n")
