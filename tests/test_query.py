@@ -1009,3 +1009,38 @@ def test_every_tag_resolves_to_its_own_entry(
             assert answer["digest"] == image["digest"]
             assert answer["freshness"] == ("read-through" if through else "indexed")
             assert run("resolve", "--layout", lay.path, f":{tag}")[:2] == (0, f"{image['digest']}\n")
+
+
+COMPONENT = st.from_regex(r"[a-z0-9]{1,6}([._-][a-z0-9]{1,4})?", fullmatch=True)
+DOMAIN = st.sampled_from(["localhost", "localhost:5000", "example.com", "registry.example.com:443", "docker.io"])
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    refs=st.lists(
+        st.tuples(DOMAIN, st.lists(COMPONENT, min_size=1, max_size=3), TAG_TEXT),
+        min_size=1,
+        max_size=4,
+        unique_by=lambda r: (r[0], tuple(r[1]), r[2]),
+    )
+)
+def test_full_names_resolve_through_the_path_form(
+    capsys: pytest.CaptureFixture[str], refs: list[tuple[str, list[str], str]]
+) -> None:
+    texts = [f"{domain}/{'/'.join(path)}:{tag}" for domain, path, tag in refs]
+    with tempfile.TemporaryDirectory() as base:
+        lay = Layout(os.path.join(base, "root", "names"))
+        images = [lay.manifest(label=f"name-{text}") for text in texts]
+        lay.write_index([named(image, ref=text) for image, text in zip(images, texts, strict=True)])
+        run = Run(os.path.join(base, "index.db"), capsys)
+        run.scan(os.path.join(base, "root"))
+        with Index(run.db) as index:
+            for image, text in zip(images, texts, strict=True):
+                # docker.io/x and docker.io/library/x are one name: only then may two refs collide
+                try:
+                    answer = index.resolve(f"oci-layout://{lay.path}/{text}")
+                except Ambiguous:
+                    assert text.startswith("docker.io/")
+                    continue
+                assert answer.digest == image["digest"], text
+                assert index.resolve_in(lay.path, text).digest == image["digest"], text
