@@ -458,7 +458,7 @@ class Bench:
             built_from = dbs[size] = db
         results = measure_lookups(dbs, probes, self.s.lookup_iterations)
         self.add_lookup_rows(results, "")
-        if self.s.what_if:
+        if self.s.what_if and not digest_index_is_scoped(dbs[max(dbs)]):
             # The fix recommended in RESULTS.md, measured on copies: scoped digest lookups seek
             # (digest, layout_id) instead of walking every row that holds a popular digest.
             patched = {}
@@ -826,6 +826,16 @@ def measure_lookups(
     return results
 
 
+def digest_index_is_scoped(db: str) -> bool:
+    """Whether the schema already indexes entries on (digest, layout_id) (migration 0002 and later)."""
+    conn = sqlite3.connect(db)
+    try:
+        columns = [row[2] for row in conn.execute("PRAGMA index_info(entries_digest)")]
+    finally:
+        conn.close()
+    return columns[:2] == ["digest", "layout_id"]
+
+
 def what_if_digest_indexes(source: str, target: str) -> None:
     """Copy *source* to *target* with the digest indexes on (digest, layout_id), as RESULTS.md recommends."""
     for suffix in ("", "-wal", "-shm"):
@@ -1004,6 +1014,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(bench.home, ignore_errors=True)
     load_after = os.getloadavg()
+    code_after = code_version()
+    if code_after != bench.code:
+        bench.notes.append(
+            f"the code changed during the run (other engineers commit to this checkout): {bench.code} at the "
+            f"start, {code_after} at the end; each ocidx process ran whatever was on disk when it started"
+        )
     bench.notes.append(
         f"load average (1, 5, 15 min) at the start {', '.join(f'{x:.1f}' for x in load_before)}, "
         f"at the end {', '.join(f'{x:.1f}' for x in load_after)}, on {os.cpu_count()} cores: other work on the "
