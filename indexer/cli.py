@@ -119,18 +119,12 @@ def _emit(document: object) -> None:
 
 
 def _warn(message: str) -> None:
-    sys.stderr.write(_safe(message) + "\n")
+    sys.stderr.write(printable(message) + "\n")
 
 
 def _line(*fields: object) -> None:
     """One line of tab-separated fields on stdout, each field safe for a terminal."""
-    sys.stdout.write("\t".join(_safe(str(f)) for f in fields) + "\n")
-
-
-def _safe(text: str) -> str:
-    """*text* without control characters, and with the surrogate escapes of a non-UTF-8 path spelled out."""
-    text = printable(text)
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
+    sys.stdout.write("\t".join(printable(str(f)) for f in fields) + "\n")
 
 
 def _index(args: argparse.Namespace) -> Index:

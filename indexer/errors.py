@@ -38,8 +38,13 @@ _CONTROL.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202
 
 
 def printable(text: str) -> str:
-    """Return *text* with every control character escaped, safe for a terminal."""
-    return text.translate(_CONTROL)
+    """Return *text* with every control character escaped, safe for a terminal and for SQLite text.
+
+    The surrogate escapes that Python gives the bytes of a non-UTF-8 file name are spelled out
+    (``\\udcff``) too: they cannot be written to a UTF-8 terminal or stored as text.
+    """
+    text = text.translate(_CONTROL)
+    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class OcidxError(Exception):

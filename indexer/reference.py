@@ -538,10 +538,17 @@ def sort_references(refs: Iterable[str], *, algorithms: frozenset[str] = DEFAULT
 
 
 def describe(s: str) -> dict[str, object]:
-    """One object of ``ocidx ref --json`` (SPEC.md §7) for *s*; ``error`` names the category on failure."""
+    """One object of ``ocidx ref --json`` (SPEC.md §7) for *s*; ``error`` names the category on failure.
+
+    ``ocidx ref`` normalizes names as ``docker`` does (``ParseNormalizedNamed``): a bare 64-hex
+    string is the ``hex_name`` error, as ``docker pull`` says, and ``sha256:<hex>`` is a repository
+    with a tag. Upper case in a repository is ``name_contains_uppercase``, the category SPEC.md §7
+    names; it covers Docker's ad-hoc "repository name must be lowercase" error of normalization.
+    """
     try:
-        ref = parse_any_reference(s)
+        ref = parse_normalized_named(s)
     except ReferenceError_ as exc:
+        category = "name_contains_uppercase" if exc.category == "name_not_lowercase" else exc.category
         return {
             "input": s,
             "name": None,
@@ -551,7 +558,7 @@ def describe(s: str) -> dict[str, object]:
             "digest": None,
             "canonical": None,
             "familiar": None,
-            "error": exc.category,
+            "error": category,
         }
     named = not ref.is_digest_only
     return {

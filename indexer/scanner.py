@@ -23,7 +23,7 @@ import anyio.to_thread
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer.errors import LayoutError, LayoutUnreadable, printable
-from indexer.store import open_writer, text_value
+from indexer.store import open_writer
 from indexer.store import read as db
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
 
@@ -371,7 +371,7 @@ def run_scan(
         raise DatabaseError(f"index database {db_path} cannot be written: {exc}") from None
     seconds = time.perf_counter() - started
     for message in counts.error_messages[:20]:
-        sys.stderr.write(text_value(printable(f"ocidx: {message}")) + "\n")
+        sys.stderr.write(printable(f"ocidx: {message}") + "\n")
     sys.stderr.write(
         f"ocidx: scanned {counts.seen} layouts in {seconds:.2f}s: {counts.changed} changed, "
         f"{counts.unchanged} unchanged, {counts.errors + counts.still_broken} with errors, {counts.removed} removed\n"

@@ -660,27 +660,16 @@ DESCRIBE_KEYS = {"input", "name", "domain", "path", "tag", "digest", "canonical"
             },
         ),
         (
-            HEX64,
-            {
-                "name": None,
-                "domain": None,
-                "path": None,
-                "tag": None,
-                "digest": SHA256,
-                "canonical": SHA256,
-                "familiar": SHA256,
-            },
-        ),
-        (
+            # As docker normalizes it: the repository "sha256" with the hex as its tag.
             SHA256,
             {
-                "name": None,
-                "domain": None,
-                "path": None,
-                "tag": None,
-                "digest": SHA256,
-                "canonical": SHA256,
-                "familiar": SHA256,
+                "name": "docker.io/library/sha256",
+                "domain": "docker.io",
+                "path": "library/sha256",
+                "tag": HEX64,
+                "digest": None,
+                "canonical": f"docker.io/library/sha256:{HEX64}",
+                "familiar": f"sha256:{HEX64}",
             },
         ),
     ],
@@ -699,7 +688,8 @@ def test_describe(text: str, expected: dict[str, object]) -> None:
         ("alpine\n", "invalid_format"),
         ("Foo_Bar/baz", "name_contains_uppercase"),
         ("a" * 248, "name_too_long"),
-        ("Alpine:3.16", "name_not_lowercase"),
+        ("Alpine:3.16", "name_contains_uppercase"),  # Docker's ad-hoc lowercase error, as SPEC §7 names it
+        (HEX64, "hex_name"),
         ("alpine@sha256:" + HEX64[:32], "digest_invalid_length"),
         ("alpine@md5:" + HEX64[:32], "digest_unsupported"),
         ("alpine@sha256:" + HEX64.upper(), "digest_invalid_format"),
@@ -713,10 +703,11 @@ def test_describe_error(text: str, category: str) -> None:
     assert all(described[key] is None for key in DESCRIBE_KEYS - {"input", "error"})
 
 
-def test_describe_reads_64_hex_as_an_id_where_normalization_refuses_it() -> None:
-    # SPEC §7 lists hex_name; describe() reads a bare ID as ParseAnyReference does,
-    # so that category comes only from the normalizing parsers.
-    assert describe(HEX64)["digest"] == SHA256
+def test_describe_refuses_64_hex_as_docker_does() -> None:
+    # SPEC §7 lists hex_name: `ocidx ref` normalizes as docker does; lookups (ParseAnyReference)
+    # read the same string as a digest instead.
+    assert describe(HEX64)["error"] == "hex_name"
+    assert parse_any_reference(HEX64).digest == SHA256
     with pytest.raises(ReferenceError_) as caught:
         parse_normalized_named(HEX64)
     assert caught.value.category == "hex_name"

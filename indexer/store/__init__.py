@@ -45,11 +45,6 @@ def path_of(value: str | bytes) -> str:
     return value if isinstance(value, str) else os.fsdecode(value)
 
 
-def text_value(text: str) -> str:
-    """A message for a text column: surrogate escapes (from non-UTF-8 paths) spelled ``\\udcff``."""
-    return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def migrations_dir() -> str:
     """The directory of migration files: inside the package when installed, else the checkout's."""
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -23,7 +23,8 @@ import json
 import time
 
 from indexer._record import Record
-from indexer.store import path_value, text_value
+from indexer.errors import printable
+from indexer.store import path_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -249,7 +250,7 @@ def store_snapshot(
     old_warnings = [
         row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
     ]
-    warnings = [text_value(w) for w in snapshot.warnings]
+    warnings = [printable(w) for w in snapshot.warnings]
     if old_warnings != warnings:
         conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
         conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in warnings])
@@ -321,7 +322,7 @@ def _fail(conn: sqlite3.Connection, outcome: Failed) -> None:
             *ident,
             outcome.read_ns,
             outcome.error.category,
-            text_value(outcome.error.message),
+            printable(outcome.error.message),
             now,
         ),
     )
