@@ -54,9 +54,10 @@ def _profiled(label: str, func: Callable[[], object], limit: int) -> object:
 def profile_scan(root: str, limit: int) -> None:
     """The cold scan's three steps, one after the other, each under cProfile."""
     from indexer.config import Config, Root
-    from indexer.scanner import discover, examine_batch
+    from indexer.discovery import discover
+    from indexer.scanner import examine_batch
     from indexer.store import open_writer
-    from indexer.store.write import apply
+    from indexer.store.write import apply, defer_indexes, restore_indexes
 
     config = Config()
     with tempfile.TemporaryDirectory() as tmp:
@@ -71,14 +72,22 @@ def profile_scan(root: str, limit: int) -> None:
             limit,
         )
         assert isinstance(outcomes, list)
-        _profiled("apply (the writer's part)", lambda: [apply(conn, o) for o in outcomes], limit)
+
+        def write() -> None:
+            defer_indexes(conn)  # as Scanner.process does for a cold build
+            for batch in outcomes:
+                apply(conn, batch)
+            restore_indexes(conn)
+
+        _profiled("apply (the writer's part, indexes deferred as in a cold build)", write, limit)
         conn.close()
 
 
 def profile_rescan(root: str, db: str, limit: int) -> None:
     """A pass where nothing changed: load the stored state, discover, stat."""
     from indexer.config import Config, Root
-    from indexer.scanner import discover, examine_batch
+    from indexer.discovery import discover
+    from indexer.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store import read as db_read
 
@@ -136,7 +145,8 @@ def profile_memory(root: str) -> None:
     import tracemalloc
 
     from indexer.config import Config, Root
-    from indexer.scanner import discover, examine_batch
+    from indexer.discovery import discover
+    from indexer.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store.write import apply
 

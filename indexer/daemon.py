@@ -44,8 +44,9 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
+from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
-from indexer.scanner import Counts, Scanner, discover, roots_for
+from indexer.scanner import Counts, Scanner
 from indexer.store import path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity

@@ -258,7 +258,7 @@ class Index:
                 return self._stale(stored, unreadable.message, strict, unreadable)
             raise unreadable from None
         identity = layout_mod.FileIdentity.of(st)
-        if stored is not None and stored.identity == identity and not stored.is_racy():
+        if stored is not None and stored.is_current(identity):
             if stored.state == "ok":
                 return View(self.conn, stored.id, real, INDEXED, [])
             return self._stale(stored, stored.error or "index.json is broken", strict)

@@ -17,7 +17,8 @@ from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
 from indexer.config import Config, Root
-from indexer.scanner import Scanner, discover
+from indexer.discovery import discover
+from indexer.scanner import Scanner
 
 
 @pytest.fixture(autouse=True)
@@ -431,3 +432,31 @@ def test_a_layout_reached_through_a_followed_symlink_is_removed_when_it_vanishes
     assert code == 0, err
     assert json.loads(out)["removed"] == 1
     assert scan.layouts() == {}
+
+
+def test_settled_proves_an_unchanged_tree_and_refuses_any_change(scan: Scan) -> None:
+    from indexer.discovery import settled
+
+    a = make(os.path.join(scan.root, "a"))
+    make(os.path.join(scan.root, "b"))
+    scan.scan()
+    roots = [Root(scan.root)]
+    assert settled(scan.db, roots) is None  # just written: racily clean, not yet proof
+    conn = sqlite3.connect(scan.db)
+    conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")  # as if read 10 s later
+    conn.commit()
+    conn.close()
+    assert settled(scan.db, roots) == (2, 0)
+    summary, _ = scan.scan()
+    assert (summary["layouts"], summary["unchanged"], summary["changed"]) == (2, 2, 0)
+
+    make(os.path.join(scan.root, "c"))  # a new layout
+    assert settled(scan.db, roots) is None
+    shutil.rmtree(os.path.join(scan.root, "c"))
+    assert settled(scan.db, roots) == (2, 0)
+    a.write_index([named(a.manifest(label="other"), ref="latest")])  # a changed index.json
+    assert settled(scan.db, roots) is None
+    shutil.rmtree(a.path)  # a vanished layout
+    assert settled(scan.db, roots) is None
+    summary, _ = scan.scan()
+    assert summary["removed"] == 1

@@ -74,6 +74,10 @@ class StoredLayout(Record):
         self.checked_ns = checked_ns
         self.entry_count = entry_count
 
+    def is_current(self, identity: FileIdentity) -> bool:
+        """Whether *identity* (a fresh ``stat``) proves the stored rows describe the file now."""
+        return identity == self.identity and not self.is_racy()
+
     def is_racy(self) -> bool:
         """True when the stored identity cannot prove the file unchanged (see RACY_WINDOW_NS)."""
         identity = self.identity

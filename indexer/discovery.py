@@ -1,0 +1,131 @@
+"""Finding layouts below the roots, and the re-scan that proves nothing changed.
+
+Standard library only: ``ocidx scan`` first runs :func:`settled`, which needs no event loop,
+and imports the async scanner (anyio, asyncio: about 30 ms) only when something did change.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+
+from indexer.layout import FileIdentity
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from indexer.config import Config, Root
+
+LAYOUT_MARKERS = ("oci-layout", "index.json")
+
+
+def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
+    """Yield the resolved path of every layout below *root* (never inside ``blobs/``)."""
+    top = os.path.realpath(root.path)
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, int]] = [(top, 0)]
+    while stack:
+        directory, depth = stack.pop()
+        try:
+            st = os.stat(directory)
+        except OSError as exc:
+            if errors is not None and directory == top:
+                errors.append(f"root {top}: {exc.strerror}")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            if errors is not None and directory == top:
+                errors.append(f"root {top} is not a directory")
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        try:
+            with os.scandir(directory) as it:
+                listing = list(it)
+        except OSError as exc:
+            if errors is not None:
+                errors.append(f"{directory}: {exc.strerror}")
+            continue
+        names = {e.name for e in listing}
+        if any(marker in names for marker in LAYOUT_MARKERS):
+            yield directory
+        if depth >= root.max_depth:
+            continue
+        for item in listing:
+            if item.name == "blobs":
+                continue
+            try:
+                if item.is_symlink():
+                    target = os.path.realpath(item.path)
+                    inside = target == top or target.startswith(top.rstrip("/") + "/")
+                    if not (root.follow_symlinks or inside) or not os.path.isdir(target):
+                        continue
+                    stack.append((target, depth + 1))
+                elif item.is_dir(follow_symlinks=False):
+                    stack.append((item.path, depth + 1))
+            except OSError:
+                continue
+
+
+def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
+    """The config's ``[[roots]]`` plus roots named on the command line (relative to the cwd)."""
+    from indexer.config import Root
+
+    return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
+
+
+def vanished(stored: Iterable[str], present: set[str], tops: list[str]) -> list[str]:
+    """Stored layouts that are gone: below a root and not discovered, or elsewhere (reached through
+    a followed symlink, or by another scan's roots) and no longer a layout at all."""
+    from indexer.layout import is_layout_dir
+
+    prefixes = [top.rstrip("/") + "/" for top in tops]
+    return [
+        path
+        for path in stored
+        if path not in present
+        and (any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
+    ]
+
+
+def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
+    """``(layouts, still broken)`` when the index provably holds every layout below *roots* as it is
+    on disk (nothing to write), else None: one listing walk and one ``stat`` per ``index.json``."""
+    from indexer.errors import DatabaseError
+    from indexer.store import open_reader
+    from indexer.store import read as db
+
+    errors: list[str] = []
+    paths: list[str] = []
+    for root in roots:
+        paths.extend(discover(root, errors))
+    if errors:
+        return None  # the full pass reports them
+    try:
+        conn = open_reader(db_path)
+    except DatabaseError:
+        return None  # no database yet, or one to migrate: the full pass deals with it
+    try:
+        stored = {s.path: s for s in db.layouts(conn)}
+    except sqlite3.Error:
+        return None  # a damaged database: the full pass reports it (exit 4)
+    finally:
+        conn.close()
+    present = set(paths)
+    if vanished(stored, present, [os.path.realpath(r.path) for r in roots]):
+        return None
+    broken = 0
+    for path in present:
+        known = stored.get(path)
+        if known is None:
+            return None
+        try:
+            st = os.stat(os.path.join(path, "index.json"))
+        except OSError:
+            return None
+        if not known.is_current(FileIdentity.of(st)):
+            return None
+        broken += known.state != "ok"
+    return len(present), broken
