@@ -1100,3 +1100,23 @@ def test_readers_under_write_load(tmp_path: Path, daemon: bool) -> None:
         print({k: v for k, v in result.items() if k not in ("stale_warnings", "answers")})
         assert result["errors"] == {} and result["wrong"] == [], result
     assert writer.get("failed", 0) == 0, writer
+
+
+def test_two_scans_at_once(tmp_path: Path) -> None:
+    # Not the supported set-up (one writer: the daemon), but it happens: two cron jobs, or a
+    # script's 'ocidx scan' beside another. Both must finish, and the index must be exact.
+    tmp = str(tmp_path)
+    root = os.path.join(tmp, "root")
+    built = hostile.good_layouts(root, 400)
+    db, fresh = os.path.join(tmp, "index.db"), os.path.join(tmp, "fresh.db")
+    config = write_config(tmp, "[daemon]\nbatch_size = 20\n")
+    args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, root]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp)) for _ in range(2)]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=DEADLINE_S)
+        assert proc.returncode == 0, err
+        assert b"Traceback" not in err and b"locked" not in err, err
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert integrity(db) == "ok"
+    assert rows(db) == rows(fresh)
+    check_good(db, built)
