@@ -1120,3 +1120,48 @@ def test_two_scans_at_once(tmp_path: Path) -> None:
     assert integrity(db) == "ok"
     assert rows(db) == rows(fresh)
     check_good(db, built)
+
+
+def changed_count(db: str, hashes: dict[str, object]) -> int:
+    """How many layouts in *db* hold a content hash other than the one in *hashes*."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return sum(
+            1 for path, chash in conn.execute("SELECT path, content_hash FROM layouts") if hashes.get(path) != chash
+        )
+    finally:
+        conn.close()
+
+
+def test_sigkill_daemon_while_ingesting_changes(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db, fresh = os.path.join(tmp, "root"), os.path.join(tmp, "index.db"), os.path.join(tmp, "fresh.db")
+    corpus = churn_corpus(root, 300)
+    config = write_config(tmp, "[daemon]\nbatch_size = 10\ndebounce_ms = 0\n")
+    rng = random.Random(5)
+    for trial in range(2):
+        with Daemon(tmp, db, root, config=config) as daemon:
+            daemon.wait_ready()
+            before = {path: chash for path, (_s, _c, chash) in layouts_state(db).items()}
+            for path, info in corpus.items():  # every layout flips :churn, by rename
+                data = str(info["documents"][1 - trial % 2]).encode()  # type: ignore[index]
+                with open(os.path.join(path, "index.json.tmp"), "wb") as f:
+                    f.write(data)
+                os.replace(os.path.join(path, "index.json.tmp"), os.path.join(path, "index.json"))
+            target = rng.randrange(1, len(corpus))
+            wait_for(
+                lambda before=before, target=target: changed_count(db, before) >= target,  # type: ignore[misc]
+                f"the daemon to ingest {target} changes",
+            )
+            time.sleep(rng.uniform(0, 0.02))  # a random kill point inside the next batch, not a synchronization
+            daemon.kill()
+        assert integrity(db) == "ok"
+        with Daemon(tmp, db, root, config=config) as again:
+            again.wait_ready()
+            assert again.stop() == 0
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(fresh)
+        assert run(tmp, "scan", "--db", fresh, root).rc == 0
+        got, expected = rows(db), rows(fresh)
+        for table in expected:
+            assert got[table] == expected[table], f"trial {trial} (killed after {target} changes): {table} differ"
