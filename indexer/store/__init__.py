@@ -80,9 +80,9 @@ def open_reader(path: str) -> sqlite3.Connection:
     conn = _connect_reader(path, "mode=ro")
     try:
         conn.execute("PRAGMA application_id").fetchone()
-    except sqlite3.OperationalError as exc:
+    except sqlite3.DatabaseError as exc:  # OperationalError is one; "file is not a database" another
         conn.close()
-        if not _shm_refused(path, exc):
+        if not isinstance(exc, sqlite3.OperationalError) or not _shm_refused(path, exc):
             raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
