@@ -824,21 +824,45 @@ class _ChildWalk:
         what = f"nested index {digest}"
         try:
             data = read_blob(self.layout, digest, size, self.limits, resolved=self.resolved)
-            items = _manifests(_load_json(data, what), what)
         except BlobMissing:
             self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
-        except (BlobError, IndexParseError) as exc:
+        except BlobError as exc:
             self.warnings.append(f"{exc.message}; its children are unknown")
         else:
-            found = []
-            for number, item in enumerate(items):
-                own: list[str] = []
-                descriptor = _descriptor(item, own)
-                if descriptor is not None:
-                    found.append(descriptor)
-                self.warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
+            # The blob's bytes were just read from this layout and matched its digest, so they are
+            # the bytes of every other blob with that digest: the parse is shared across layouts
+            # (popular multi-platform images repeat on a build host).
+            parsed = _parsed_indexes.get(digest)
+            if parsed is None:
+                parsed = _parse_nested(data, what)
+                if len(_parsed_indexes) >= _PARSED_INDEXES_MAX:
+                    _parsed_indexes.clear()
+                _parsed_indexes[digest] = parsed
+            found, warnings = parsed
+            self.warnings.extend(warnings)
         self.blobs[digest] = found
         return found
+
+
+_PARSED_INDEXES_MAX = 4096
+_parsed_indexes: dict[str, tuple[list[_Descriptor] | None, tuple[str, ...]]] = {}
+
+
+def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tuple[str, ...]]:
+    """The descriptors of a nested index blob (None when it is not an index), and its warnings."""
+    try:
+        items = _manifests(_load_json(data, what), what)
+    except IndexParseError as exc:
+        return None, (f"{exc.message}; its children are unknown",)
+    found: list[_Descriptor] = []
+    warnings: list[str] = []
+    for number, item in enumerate(items):
+        own: list[str] = []
+        descriptor = _descriptor(item, own)
+        if descriptor is not None:
+            found.append(descriptor)
+        warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
+    return found, tuple(warnings)
 
 
 # -- discovery ---------------------------------------------------------------------------------
