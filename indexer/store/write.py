@@ -119,19 +119,27 @@ class _IdAllocator:
         return value
 
 
-_platform_json: dict[Platform, str] = {}
+_platform_json: dict[tuple[object, ...], str] = {}
 
 
 def platform_json(platform: Platform | None) -> str | None:
     """The stored form of a platform: the JSON of ``Platform.to_json()``, or NULL (cached: few distinct)."""
     if platform is None:
         return None
-    text = _platform_json.get(platform)
+    key = (platform.os, platform.architecture, platform.variant, platform.os_version, platform.os_features)
+    text = _platform_json.get(key)
     if text is None:
         if len(_platform_json) > 4096:
             _platform_json.clear()
-        text = _platform_json[platform] = json.dumps(platform.to_json(), sort_keys=True)
+        text = _platform_json[key] = json.dumps(platform.to_json(), sort_keys=True)
     return text
+
+
+def _platform_key(platform: Platform | None) -> tuple[object, ...] | None:
+    """A platform as a plain tuple: hashing a Record field by field cost more than the JSON it saved."""
+    if platform is None:
+        return None
+    return (platform.os, platform.architecture, platform.variant, platform.os_version, platform.os_features)
 
 
 def _annotations_json(annotations: dict[str, str]) -> str:
@@ -266,12 +274,15 @@ def _row_key(entry: Entry, kids: list[Child]) -> str:
             entry.digest,
             entry.media_type,
             entry.size,
-            entry.platform,
+            _platform_key(entry.platform),
             entry.annotations,
-            entry.names,
+            [(n.name, n.tag, n.how) for n in entry.names],
             entry.invalid_names,
             entry.warnings,
-            [(c.parent, c.depth, c.digest, c.media_type, c.size, c.platform, c.annotations) for c in kids],
+            [
+                (c.parent, c.depth, c.digest, c.media_type, c.size, _platform_key(c.platform), c.annotations)
+                for c in kids
+            ],
         )
     )
     return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
