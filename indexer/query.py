@@ -40,7 +40,6 @@ from indexer.errors import (
 from indexer.names import Name
 from indexer.store import open_reader, schema_script
 from indexer.store import read as db
-from indexer.store.write import store_snapshot
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -275,6 +274,8 @@ class Index:
         mem = sqlite3.connect(":memory:", isolation_level=None)
         mem.executescript(schema_script())
         mem.execute("BEGIN")
+        from indexer.store.write import store_snapshot  # read-through only: off the indexed path
+
         store_snapshot(mem, real, snapshot, read_ns)
         mem.execute("COMMIT")
         # The layout's parse warnings are in mem's layout_warnings, shown by `ls PATH` as for an indexed
