@@ -120,7 +120,9 @@ def resources(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         reader = t.spawn("reader", db, t.reader_queries(corpus, 0), ready[0], flag, 200, tmp=tmp, stack=stack)
         churn = t.spawn("churner", corpus, args.rate, args.seconds, 11, ready, flag, tmp=tmp, stack=stack)
         started = time.monotonic()
-        while churn.poll() is None:
+        # Until the churner is done (its done flag: its result is read only afterwards, as it
+        # may be larger than a pipe's buffer).
+        while not os.path.exists(flag) and churn.poll() is None:
             sample = t.process_resources(daemon.proc.pid)
             sample["t_s"] = round(time.monotonic() - started)
             samples.append(sample)
