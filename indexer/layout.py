@@ -645,11 +645,14 @@ def _read_all(fd: int, limit: int, expected: int) -> bytes:
     total = 0
     want = min(expected, limit) + 1
     while total <= limit:
-        chunk = os.read(fd, min(want, limit + 1 - total))
+        request = min(want, limit + 1 - total)
+        chunk = os.read(fd, request)
         if not chunk:
             break
         chunks.append(chunk)
         total += len(chunk)
+        if len(chunk) < request:
+            break  # a regular file reads short only at its end; the fstat after the read checks the rest
         want = 1 << 20
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
