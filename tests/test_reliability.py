@@ -821,6 +821,19 @@ def process_resources(pid: int) -> dict[str, int]:
     return found
 
 
+LATENCY_SAMPLE = 20_000
+
+
+def sample(kept: list[float], value: float, seen: int, rng: random.Random) -> None:
+    """Keep a uniform sample of at most LATENCY_SAMPLE values (reservoir sampling); *seen* counts earlier ones."""
+    if len(kept) < LATENCY_SAMPLE:
+        kept.append(value)
+    else:
+        slot = rng.randrange(seen + 1)
+        if slot < LATENCY_SAMPLE:
+            kept[slot] = value
+
+
 def percentile(values: list[float], fraction: float) -> float:
     """The *fraction* percentile of *values* (nearest rank); 0 when empty."""
     if not values:
@@ -846,7 +859,8 @@ def reader(db: str, queries: list[list[str]], ready: str, done_flag: str, min_lo
     wrong: list[str] = []
     errors: dict[str, int] = {}
     warnings: list[str] = []
-    latencies: list[float] = []
+    latencies: list[float] = []  # a bounded uniform sample: the reader's own memory stays flat
+    rng = random.Random(len(ready))
     index = Index(db)
     count = 0
     resources_start: dict[str, int] = {}
@@ -869,7 +883,7 @@ def reader(db: str, queries: list[list[str]], ready: str, done_flag: str, min_lo
                 if len(wrong) < 5:
                     wrong.append(f"{name}: {exc}")
             else:
-                latencies.append(time.perf_counter() - started)
+                sample(latencies, time.perf_counter() - started, count, rng)
                 key = answer.digest if answer.digest in allowed else "WRONG:" + answer.digest
                 answers[key] = answers.get(key, 0) + 1
                 freshness[answer.freshness] = freshness.get(answer.freshness, 0) + 1
