@@ -21,7 +21,8 @@ Nothing here is mocked: the layouts are real directories, blobs are real
 content-addressed files, FIFOs, sockets, sparse files and symlinks are real.
 Running as root bypasses file permissions, so the unreadable cases expect what
 root sees (``ok``) when ``os.geteuid() == 0`` and ``error`` otherwise;
-:func:`unreadable_catalogue` is the part to run as an unprivileged user.
+:func:`unreadable_catalogue` is the part to scan without the capabilities
+that bypass permissions (``setpriv --bounding-set=-dac_override,-dac_read_search``).
 """
 
 from __future__ import annotations

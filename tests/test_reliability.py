@@ -344,8 +344,10 @@ def daemon_and_check(
     if only is not None:
         skip = frozenset(c.name for c in hostile.CASES) - {only}
     built = hostile.build_catalogue(root, outside, good=good, skip=skip)
-    with Daemon(tmp, db, root) as daemon:
+    file_root = hostile.root_that_is_a_file(tmp)
+    with Daemon(tmp, db, root, file_root) as daemon:
         daemon.wait_ready(timeout)
+        assert b"is not a directory" in daemon.log()
         for item in built:
             if item.after_first_scan is not None:
                 item.after_first_scan()
