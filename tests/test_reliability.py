@@ -724,7 +724,7 @@ def test_sigkill_during_initial_scan(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root = os.path.join(tmp, "root")
     crash_corpus(root, 500)
-    records = crash_trials(tmp, root, 500, 4, daemon=False, rng=random.Random(1))
+    records = crash_trials(tmp, root, 500, 4, daemon=False, rng=random.Random(1), jitter=0.01)
     print(records)
     assert any(r["killed_at"] is not None for r in records), records
 
