@@ -43,6 +43,8 @@ def printable(text: str) -> str:
     The surrogate escapes that Python gives the bytes of a non-UTF-8 file name are spelled out
     (``\\udcff``) too: they cannot be written to a UTF-8 terminal or stored as text.
     """
+    if text.isascii() and text.isprintable():
+        return text  # the common case, without building a translated copy
     text = text.translate(_CONTROL)
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
