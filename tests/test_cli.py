@@ -9,9 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from cli_run import ocidx
 from layouts import LINUX_AMD64, Layout, named
-
-from indexer.cli import main
 
 REF_KEYS = ["input", "name", "domain", "path", "tag", "digest", "canonical", "familiar", "error"]
 ANSWER_KEYS = [
@@ -30,22 +29,6 @@ ANSWER_KEYS = [
 CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
 ESC = "\x1b[31mRED\x1b[0m"
 HEX = "a" * 64
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
-    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
-    monkeypatch.delenv("OCIDX_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
-def ocidx(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def ocidx_process(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:

@@ -7,23 +7,14 @@ import os
 import tomllib
 
 import pytest
+from cli_run import ocidx
 from layouts import Layout, named
 
 from indexer import config as config_mod
-from indexer.cli import main
 from indexer.errors import ConfigError
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(CHECKOUT, "config.example.toml")
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
-    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
-    monkeypatch.delenv("OCIDX_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
 
 
 def write(path: str, text: str) -> str:
@@ -31,13 +22,6 @@ def write(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
     return path
-
-
-def ocidx(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_no_config_file_is_the_defaults() -> None:

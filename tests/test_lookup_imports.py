@@ -29,15 +29,6 @@ sys.stderr.write("PROBE " + json.dumps({"codes": codes, "heavy": heavy}) + "\\n"
 """
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
-    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
-    monkeypatch.delenv("OCIDX_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
 def probe(argvs: list[list[str]], heavy: tuple[str, ...] = HEAVY) -> tuple[list[int], list[str]]:
     done = subprocess.run(
         [sys.executable, "-c", PROBE, json.dumps(argvs), json.dumps(heavy)],

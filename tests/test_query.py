@@ -43,16 +43,6 @@ ANSWER_KEYS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No user config or database leaks in; relative paths are relative to the test's directory."""
-    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
-    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
-    monkeypatch.delenv("OCIDX_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
 class Run:
     """``ocidx`` run in-process against one database, with its exit code and both streams."""
 

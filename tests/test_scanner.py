@@ -21,15 +21,6 @@ from indexer.discovery import discover
 from indexer.scanner import Scanner
 
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
-    monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
-    monkeypatch.delenv("OCIDX_CONFIG", raising=False)
-    monkeypatch.delenv("OCIDX_DB", raising=False)
-    monkeypatch.chdir(tmp_path)
-
-
 def make(path: str, tag: str = "latest") -> Layout:
     lay = Layout(path)
     lay.write_index([named(lay.manifest(label=path), ref=tag)])
