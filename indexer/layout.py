@@ -441,11 +441,14 @@ def _load_json(data: bytes, what: str) -> object:
         elif exc.pos >= len(text) or exc.msg.startswith("Unterminated string"):
             detail = "truncated: the JSON document ends early"
         else:
-            detail = f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+            reason = exc.msg.removesuffix(" at")  # json says "Invalid control character at"
+            detail = f"not valid JSON: {reason} at line {exc.lineno} column {exc.colno}"
         raise IndexParseError(f"{what} is {detail}") from None
     except RecursionError:
         raise IndexParseError(f"{what} is nested too deeply to parse") from None
     except ValueError as exc:  # NaN/Infinity, or an integer longer than Python converts
+        if "int_max_str_digits" in str(exc) or "Exceeds the limit" in str(exc):
+            raise IndexParseError(f"{what} is not valid JSON: a number has more than 4,300 digits") from None
         raise IndexParseError(f"{what} is not valid JSON: {exc}") from None
 
 
