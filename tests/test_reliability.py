@@ -1185,10 +1185,6 @@ def test_sigkill_daemon_while_ingesting_changes(tmp_path: Path) -> None:
             assert got[table] == expected[table], f"trial {trial} (killed after {target} changes): {table} differ"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: two writers creating one new database at once: 'not an ocidx one' or 'database is locked', exit 4",
-)
 def test_two_scans_create_one_database(tmp_path: Path) -> None:
     # open_writer reads application_id and the table count, and migrate() reads the applied
     # migrations, before taking any lock: a second writer sees the first one's half-made schema.

@@ -146,6 +146,10 @@ def open_writer(path: str) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
     except (OSError, sqlite3.Error) as exc:
         raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
+    # Two writers opening a new database at once (a scan and a daemon starting together) must not
+    # see each other's half-applied migrations: the checks and migrations run under a lock file of
+    # their own (not the daemon's lock, which a scan beside a running daemon must not wait for).
+    guard = _exclusive(path + ".migrate-lock")
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -166,7 +170,26 @@ def open_writer(path: str) -> sqlite3.Connection:
     except BaseException:
         conn.close()
         raise
+    finally:
+        if guard is not None:
+            os.close(guard)  # closing the descriptor releases the lock
     return conn
+
+
+def _exclusive(lock_path: str) -> int | None:
+    """An open descriptor holding an exclusive flock on *lock_path*, or None where none can be had."""
+    import fcntl
+
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError:
+        return None  # a read-only directory: the open that follows reports the real problem
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
 
 
 def migrate(conn: sqlite3.Connection, path: str = ":memory:") -> list[str]:
