@@ -436,7 +436,7 @@ def test_another_user_can_read_a_database_it_cannot_write() -> None:
                 os.chmod(os.path.join(directory, name), 0o755)
             for name in files:
                 os.chmod(os.path.join(directory, name), 0o644)
-        assert sorted(os.listdir(os.path.dirname(db))) == ["index.db"]  # the writer closed: no -wal, no -shm
+        assert sorted(os.listdir(os.path.dirname(db))) == ["index.db", "index.db.migrate-lock"]  # no -wal, no -shm
 
         def resolve(target: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
