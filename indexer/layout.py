@@ -620,6 +620,12 @@ def _read_index(
 def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | None:
     """One read of *path*; ``None`` when it changed while being read."""
     try:
+        # Refuse a device, FIFO or socket before opening it: opening some devices has effects
+        # (a root daemon must never open a tape or a terminal a user's index.json points at).
+        # The fstat after the open below still catches a swap between the two calls.
+        kind = os.stat(path).st_mode
+        if not stat.S_ISREG(kind):
+            raise LayoutUnreadable(f"{path} is {_file_kind(kind)}, not a regular file")
         fd = os.open(path, _OPEN_FLAGS)
     except OSError as exc:
         raise LayoutUnreadable(_open_error(path, exc)) from None
