@@ -52,12 +52,6 @@ if TYPE_CHECKING:
     _R = TypeVar("_R")
 
 SCHEME = "oci-layout://"
-INDEX_MEDIA_TYPES = frozenset(
-    {
-        "application/vnd.oci.image.index.v1+json",
-        "application/vnd.docker.distribution.manifest.list.v2+json",
-    }
-)
 INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
 
 
@@ -655,7 +649,7 @@ def _select_platform(
     view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform, limits: layout_mod.Limits
 ) -> Answer:
     """Follow an index (or manifest list) down to the manifest for platform *want*."""
-    if hit.media_type not in INDEX_MEDIA_TYPES:
+    if hit.media_type not in layout_mod.INDEX_MEDIA_TYPES:
         have = _platform_record(hit.platform)
         if have is None or layout_mod.platform_matches(want, have):
             return answer
@@ -679,7 +673,7 @@ def _select_platform(
         level = [k for k in kids if k.parent == parent]
         seen.extend(p for p in (_platform_out(k.platform) for k in level) if p is not None and p not in seen)
         for kid in level:
-            if kid.media_type in INDEX_MEDIA_TYPES:
+            if kid.media_type in layout_mod.INDEX_MEDIA_TYPES:
                 if depth < 16 and (not kid.platform or matches(kid.platform)):
                     found = search(kid.digest, depth + 1)
                     if found is not None:
