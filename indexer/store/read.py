@@ -220,37 +220,30 @@ def _scope(layout_id: int | None, column: str) -> tuple[str, tuple[int, ...]]:
     return f" AND {column} = ?", (layout_id,)
 
 
-def by_tag(conn: sqlite3.Connection, tag: str, layout_id: int | None = None) -> list[Hit]:
-    """Entries with a name carrying *tag*, whatever the repository."""
-    where, args = _scope(layout_id, "n.layout_id")
+def _by_names(conn: sqlite3.Connection, where: str, args: tuple[str, ...], layout_id: int | None) -> list[Hit]:
+    """Entries that have a name row matching *where* (on ``n.``), optionally in one layout."""
+    scope, scope_args = _scope(layout_id, "n.layout_id")
     rows = conn.execute(
         f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
-        f"WHERE n.tag = ?{where} ORDER BY e.layout_id, e.position",
-        (tag, *args),
+        f"WHERE {where}{scope} ORDER BY e.layout_id, e.position",
+        (*args, *scope_args),
     )
     return [_hit(row, "entry") for row in rows]
+
+
+def by_tag(conn: sqlite3.Connection, tag: str, layout_id: int | None = None) -> list[Hit]:
+    """Entries with a name carrying *tag*, whatever the repository."""
+    return _by_names(conn, "n.tag = ?", (tag,), layout_id)
 
 
 def by_name(conn: sqlite3.Connection, name: str, tag: str, layout_id: int | None = None) -> list[Hit]:
     """Entries with the canonical (repository, tag) pair; tag '' is the untagged name."""
-    where, args = _scope(layout_id, "n.layout_id")
-    rows = conn.execute(
-        f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
-        f"WHERE n.name = ? AND n.tag = ?{where} ORDER BY e.layout_id, e.position",
-        (name, tag, *args),
-    )
-    return [_hit(row, "entry") for row in rows]
+    return _by_names(conn, "n.name = ? AND n.tag = ?", (name, tag), layout_id)
 
 
 def by_repository(conn: sqlite3.Connection, name: str, layout_id: int | None = None) -> list[Hit]:
     """Entries with any name in repository *name*, tagged or not."""
-    where, args = _scope(layout_id, "n.layout_id")
-    rows = conn.execute(
-        f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
-        f"WHERE n.name = ?{where} ORDER BY e.layout_id, e.position",
-        (name, *args),
-    )
-    return [_hit(row, "entry") for row in rows]
+    return _by_names(conn, "n.name = ?", (name,), layout_id)
 
 
 def by_digest(conn: sqlite3.Connection, digest: str, layout_id: int | None = None) -> list[Hit]:
