@@ -3,10 +3,10 @@
 One :class:`Scanner` owns the only write connection. ``ocidx scan`` runs one
 :meth:`Scanner.full_pass`; the daemon runs the same pass at start-up and on
 its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
-reported. Reads happen in a worker thread a whole batch at a time (one thread
-hop per batch: research/python-anchors.md B4), writes in the writer thread one
-transaction per batch, and the two overlap: batch N+1 is read while batch N is
-written.
+reported. Each batch is read, parsed and written (one transaction) in a single
+worker-thread call, serialized with every other write (one thread hop per batch:
+research/python-anchors.md B4). Reading beside writing in two threads measured
+slower on 2 cores: both are GIL-bound (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

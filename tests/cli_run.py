@@ -6,6 +6,20 @@ import pytest
 
 from indexer.cli import main
 
+# The keys of `resolve --json` and of each `find --json` item, in order (SPEC.md §7).
+ANSWER_KEYS = [
+    "layout",
+    "digest",
+    "mediaType",
+    "size",
+    "names",
+    "annotations",
+    "platform",
+    "source",
+    "freshness",
+    "warnings",
+]
+
 
 def ocidx(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     """Run ``ocidx ARGS`` in this process: (exit code, stdout, stderr)."""

@@ -9,22 +9,10 @@ import subprocess
 import sys
 
 import pytest
-from cli_run import ocidx
+from cli_run import ANSWER_KEYS, ocidx
 from layouts import LINUX_AMD64, Layout, named
 
 REF_KEYS = ["input", "name", "domain", "path", "tag", "digest", "canonical", "familiar", "error"]
-ANSWER_KEYS = [
-    "layout",
-    "digest",
-    "mediaType",
-    "size",
-    "names",
-    "annotations",
-    "platform",
-    "source",
-    "freshness",
-    "warnings",
-]
 # Raw control characters other than newline and tab (which separate lines and fields).
 CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f\x80-\x9f]")
 ESC = "\x1b[31mRED\x1b[0m"

@@ -13,6 +13,7 @@ import sqlite3
 import tempfile
 
 import pytest
+from cli_run import ANSWER_KEYS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layouts import (
@@ -28,19 +29,6 @@ from layouts import (
 from indexer.cli import main
 from indexer.errors import Ambiguous, NotFound, UsageError
 from indexer.query import Index
-
-ANSWER_KEYS = [
-    "layout",
-    "digest",
-    "mediaType",
-    "size",
-    "names",
-    "annotations",
-    "platform",
-    "source",
-    "freshness",
-    "warnings",
-]
 
 
 class Run:
