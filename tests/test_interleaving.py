@@ -361,3 +361,50 @@ def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
             watermark = top
         assert daemon.stop() == 0
     assert seen_versions == sorted(seen_versions)
+
+
+def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
+    # An index.json whose mtime lies in the future (a file server's skewed clock, touch -d) can never
+    # have "changed well before it was read": before, every lookup and every re-scan hashed it again,
+    # forever. Two reads a racy window apart that see the same identity now prove it settled.
+    from indexer.config import Root
+    from indexer.daemon import _racy_layouts
+    from indexer.discovery import settled
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 2)
+    future = time.time_ns() + 365 * 24 * 3600 * 10**9
+    for path in corpus:
+        os.utime(os.path.join(path, "index.json"), ns=(future, future))
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    first_read = time.time_ns()
+    assert settled(db, [Root(root)]) is None  # one read proves nothing about a future timestamp
+    wait_for(lambda: time.time_ns() > first_read + read.RACY_WINDOW_NS, "the racy window to pass")
+    assert run(tmp, "scan", "--db", db, root).rc == 0  # the second read: the same identity
+    assert settled(db, [Root(root)]) == (2, 0)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert _racy_layouts(conn) == {}
+    finally:
+        conn.close()
+    with Index(db) as index:
+        for path in corpus:
+            assert index.view(path).freshness == "indexed"
+    # and a rewrite keeping the future mtime is still seen: ctime moves
+    path = sorted(corpus)[0]
+    flip(path, document(corpus, path, 1), rename=False)
+    os.utime(os.path.join(path, "index.json"), ns=(future, future))
+    with Index(db) as index:
+        answer = index.resolve_in(path, TAG)
+    assert (answer.digest, answer.freshness) == (churn_digest(corpus, path, 1), "read-through")
+
+
+def test_settles_at() -> None:
+    window = read.RACY_WINDOW_NS
+    # changed long before the read: settled by the change time
+    assert read.settles_at(1_000, 1_000, 10 * window, None) == 1_000 + window + 1
+    # a future change time: only a second read a window after the first settles it
+    future = 100 * window
+    assert read.settles_at(future, future, 10 * window, 10 * window) == 11 * window
+    assert read.settles_at(future, future, 10 * window, None) == future + window + 1
