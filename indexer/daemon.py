@@ -95,8 +95,22 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        """The standard line with control characters taken from layouts escaped."""
-        return printable(super().format(record)).replace("\\x0a", "\n    ")
+        """The standard line with control characters taken from layouts escaped.
+
+        The message is one line whatever it holds: a newline in a path stays ``\\x0a``. Only a
+        traceback (our own text) spans lines, each escaped and indented below the message.
+        """
+        record.message = printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra = []
+        if record.exc_info:
+            extra.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for text in extra:
+            line += "".join("\n    " + printable(part) for part in text.split("\n"))
+        return line
 
 
 class JsonFormatter(logging.Formatter):

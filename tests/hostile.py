@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 
 from layouts import (
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 GIB = 1 << 30
 BAD_DIGEST_TRAVERSAL = "sha256:../../../../etc/passwd"
 ESCAPES = "\x1b[31mred\x1b[0m\x07\x1b]0;pwned\x07\x9b2J\x7f"
+# Invisible and bidirectional format characters: a name holding them can pass for another.
+INVISIBLE = "\u200b\u200f\u202e\u061c\ufeff\u00ad\U000e0041\u2066"
 
 
 @dataclass
@@ -374,11 +377,12 @@ def control_chars_in_names(root: str, outside: str) -> Built:
     evil = layout.manifest(platform=LINUX_AMD64, label="evil")
     evil = {
         **evil,
-        "mediaType": OCI_MANIFEST + ESCAPES,
+        "mediaType": OCI_MANIFEST + ESCAPES + INVISIBLE,
         "annotations": {
             REF_NAME: "v1" + ESCAPES,
             "io.containerd.image.name": "docker.io/library/x\x00:1",
             "key" + ESCAPES: "value\r\n" + ESCAPES,
+            "org.example.invisible" + INVISIBLE: "val" + INVISIBLE,
         },
         "platform": {"os": "linux\x1b[2J", "architecture": "amd64\u202e"},
     }
@@ -679,12 +683,19 @@ def unreadable_catalogue(root: str) -> list[Built]:
 RAW_CONTROL = frozenset([*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]) - {0x0A, 0x09}
 
 
+def is_invisible(ch: str) -> bool:
+    """A format character (Unicode Cf: bidi controls, zero-width ones, the BOM, soft hyphen, tags) or a
+    line/paragraph separator: shown raw, it hides or reorders what a terminal shows."""
+    return unicodedata.category(ch) in ("Cf", "Zl", "Zp") or 0xE0000 <= ord(ch) <= 0xE007F
+
+
 def control_characters(output: bytes) -> list[str]:
-    """The raw control characters in *output* (UTF-8; undecodable bytes count), with context."""
+    """The raw control and invisible characters in *output* (UTF-8; undecodable bytes count), with context."""
     text = output.decode("utf-8", errors="surrogateescape")
     found = []
     for i, ch in enumerate(text):
         code = ord(ch)
-        if code in RAW_CONTROL or 0xDC80 <= code <= 0xDC9F:  # raw C1 bytes outside UTF-8
+        # raw C1 bytes outside UTF-8 decode to U+DC80-U+DC9F
+        if code in RAW_CONTROL or 0xDC80 <= code <= 0xDC9F or (code > 0x7F and is_invisible(ch)):
             found.append(repr(text[max(0, i - 30) : i + 10]))
     return found
