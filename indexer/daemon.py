@@ -47,7 +47,7 @@ from indexer import config as config_mod
 from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
 from indexer.scanner import Counts, Scanner
-from indexer.store import path_of, path_value
+from indexer.store import check_database_files, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
 
@@ -161,7 +161,9 @@ class DatabaseLock:
         """Take the lock or raise DaemonError naming the pid that holds it."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # A symlink or another user's file planted at the lock's name is refused (UnsafeFile):
+            # the pid is written into the file, which must be this user's own.
+            fd, _created = open_beside_database(self.path)
         except OSError as exc:
             raise DaemonError(f"cannot open the daemon lock {self.path}: {exc.strerror}") from None
         try:
@@ -256,6 +258,7 @@ def move_aside(path: str) -> str:
 
 def open_scanner(db_path: str, config: Config) -> Scanner:
     """The writer, after moving a corrupt database aside (it is rebuilt by the first pass)."""
+    check_database_files(db_path)  # before the corruption check opens it
     reason = corruption_of(db_path)
     if reason is None:
         try:

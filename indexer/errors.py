@@ -11,7 +11,8 @@
     │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
-    │   └── SchemaTooNew            the database was written by a newer ocidx
+    │   ├── SchemaTooNew            the database was written by a newer ocidx
+    │   └── UnsafeFile              a file beside the database is a symlink, not ours, ...
     ├── LayoutError                 one layout cannot be read             exit 5
     │   ├── LayoutUnreadable        I/O: missing, permission, not a file, FIFO
     │   ├── IndexParseError         index.json is not a valid image index
@@ -177,6 +178,12 @@ class SchemaTooNew(DatabaseError):
     """The database has migrations this version of ocidx does not know."""
 
     category = "schema_too_new"
+
+
+class UnsafeFile(DatabaseError):
+    """A file beside the database (the lock, the database, its -wal) is not one ocidx may write."""
+
+    category = "unsafe_file"
 
 
 class LayoutError(OcidxError):
