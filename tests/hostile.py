@@ -286,7 +286,28 @@ def index_symlink_outside(root: str, outside: str) -> Built:
     with open(secret, "w") as f:
         f.write("root:x:0:0:root:/root:/bin/bash\n")
     os.symlink(secret, layout.index_path)
-    return Built("index_symlink_outside", _real(layout.path), "error", "index_invalid")
+    return Built("index_symlink_outside", _real(layout.path), "error", "layout_unreadable")
+
+
+@case("index.json is a symlink to a valid index outside the layout (a root-only file with a token)")
+def index_symlink_outside_valid(root: str, outside: str) -> Built:
+    layout = _layout(root, "index_symlink_outside_valid")
+    other = Layout(os.path.join(outside, "private-layout"))
+    image = other.manifest(label="private")
+    other.write_index([named(image, ref="latest", **{"org.example.token": "SECRET-TOKEN-index-symlink"})])
+    os.chmod(other.index_path, 0o600)
+    os.symlink(other.index_path, layout.index_path)
+    return Built("index_symlink_outside_valid", _real(layout.path), "error", "layout_unreadable")
+
+
+@case("index.json is a symlink to a file inside its own layout")
+def index_symlink_inside(root: str, outside: str) -> Built:
+    layout = _layout(root, "index_symlink_inside")
+    image = _good_image(layout, "good")
+    layout.write_index([image])
+    os.rename(layout.index_path, os.path.join(layout.path, "index.real.json"))
+    os.symlink("index.real.json", layout.index_path)
+    return Built("index_symlink_inside", _real(layout.path), "ok", good={":good": str(image["digest"])})
 
 
 @case("oci-layout present, index.json missing")

@@ -137,3 +137,77 @@ def test_the_daemons_own_lock_and_database_are_reused(tmp: str) -> None:
     assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
     assert run(tmp, "scan", "--db", db, "--no-progress", "--full", root).rc == 0
     assert os.path.isfile(db + ".migrate-lock") and not os.path.islink(db + ".migrate-lock")
+
+
+# -- index.json pointing out of its layout ------------------------------------------------------------
+
+TOKEN = "SECRET-TOKEN-7f3a9c"
+
+
+def private_index(tmp: str) -> tuple[str, str]:
+    """A root-only index.json outside every root whose annotation holds a token; (path, its sha256)."""
+    import hashlib
+
+    other = Layout(os.path.join(tmp, "private", "layout"))
+    other.write_index([named(other.manifest(label="private"), ref="latest", **{"org.example.token": TOKEN})])
+    os.chmod(other.index_path, 0o600)
+    os.chmod(os.path.dirname(other.path), 0o700)
+    with open(other.index_path, "rb") as fh:
+        return other.index_path, hashlib.sha256(fh.read()).hexdigest()
+
+
+def database_bytes(db: str) -> bytes:
+    out = b""
+    for name in (db, db + "-wal"):
+        if os.path.exists(name):
+            with open(name, "rb") as fh:
+                out += fh.read()
+    return out
+
+
+@pytest.mark.integration
+def test_index_json_symlinked_out_of_its_layout_is_a_layout_error_and_leaks_nothing(tmp: str) -> None:
+    secret, secret_hash = private_index(tmp)
+    root = one_layout(tmp)
+    evil = Layout(os.path.join(root, "evil"))
+    os.symlink(secret, evil.index_path)
+    db = os.path.join(tmp, "index.db")
+    scanned = run(tmp, "scan", "--db", db, "--no-progress", root)
+    assert scanned.rc == 0 and b"outside the layout" in scanned.err, scanned
+
+    shown = run(tmp, "ls", "--db", db, "--json")
+    assert shown.rc == 0, shown
+    rows = {row["layout"]: row for row in shown.json()}  # type: ignore[attr-defined]
+    assert rows[evil.path]["state"] == "error" and rows[evil.path]["error"] == "layout_unreadable", rows
+    assert rows[evil.path]["entries"] == 0
+    refused = run(tmp, "ls", "--db", db, "--json", evil.path)
+    assert refused.rc == 5 and TOKEN.encode() not in refused.out, refused
+    assert run(tmp, "resolve", "--db", db, "--layout", evil.path, ":latest").rc != 0
+    found = run(tmp, "find", "--db", db, "--json", ":latest")
+    assert TOKEN.encode() not in found.out
+    stored = database_bytes(db)
+    assert TOKEN.encode() not in stored and secret_hash.encode() not in stored
+
+
+@pytest.mark.integration
+def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) -> None:
+    from test_daemon import Daemon, wait_until
+
+    secret, secret_hash = private_index(tmp)
+    root = one_layout(tmp)
+    daemon = Daemon(tmp, [root]).start()
+    try:
+        daemon.wait_ready()
+        evil = Layout(os.path.join(root, "evil"))  # writes oci-layout; index.json comes as a symlink
+        os.symlink(secret, evil.index_path)
+        wait_until(
+            lambda: (s := daemon.stored(evil.path)) is not None and s.state == "error",
+            "the symlinked-out layout is stored as an error",
+        )
+        stored = daemon.stored(evil.path)
+        assert stored is not None and stored.error_category == "layout_unreadable"
+        assert TOKEN.encode() not in database_bytes(daemon.db)
+        assert secret_hash.encode() not in database_bytes(daemon.db)
+        assert not daemon.exited()
+    finally:
+        assert daemon.stop() == 0
