@@ -44,6 +44,7 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
+from indexer import roots as roots_mod
 from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
 from indexer.scanner import Counts, Scanner
@@ -316,9 +317,10 @@ class Daemon:
 
     async def _write_start_row(self) -> None:
         now = time.time_ns()
-        roots = json.dumps([root.path for root in self.roots])
 
         def write(conn: sqlite3.Connection) -> None:
+            # The layouts of earlier scans stay indexed: `find` keeps walking their roots too.
+            roots = roots_mod.to_json([*(roots_mod.recorded(conn) or []), *self.roots])
             conn.execute(
                 """
                 INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)

@@ -325,7 +325,7 @@ def parse_normalized_named(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGOR
     if remote.lower() != remote:
         raise ReferenceError_(
             f"invalid reference format: repository name ({remote}) must be lowercase",
-            category="name_not_lowercase",
+            category="name_contains_uppercase",  # one category for upper case, whichever check saw it
         )
     return _parse(f"{domain}/{remainder}", algorithms, s)
 
@@ -548,7 +548,7 @@ def describe(s: str) -> dict[str, object]:
     try:
         ref = parse_normalized_named(s)
     except ReferenceError_ as exc:
-        category = "name_contains_uppercase" if exc.category == "name_not_lowercase" else exc.category
+        category = exc.category
         return {
             "input": s,
             "name": None,

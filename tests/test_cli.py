@@ -41,7 +41,8 @@ def test_ref_human_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert second.split("\t") == [
         "localhost:5000/team/app:v2",
         "canonical=localhost:5000/team/app:v2",
-        "familiar=localhost:5000/team/app:v2 tag=v2",
+        "familiar=localhost:5000/team/app:v2",
+        "tag=v2",
     ]
 
 
@@ -130,7 +131,7 @@ def indexed(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> tuple[str, Lay
         (["resolve", "oci-layout://root/lay:nosuch"], 1, "not_found"),
         (["resolve", "oci-layout://root/lay:"], 2, "tag_invalid_format"),
         (["resolve", "oci-layout://root/lay@sha256:1"], 2, "digest_invalid_length"),
-        (["resolve", "--layout", "root/lay", "UPPER"], 2, "name_not_lowercase"),
+        (["resolve", "--layout", "root/lay", "UPPER"], 2, "name_contains_uppercase"),
         (["resolve", "root/lay"], 2, "usage"),
         (["resolve", "oci-layout://root/lay"], 3, "ambiguous"),
         (["find", ":nosuch"], 1, None),
@@ -161,7 +162,7 @@ def test_ambiguity_json_lists_candidates(capsys: pytest.CaptureFixture[str], ind
     document = json.loads(out)
     assert list(document) == ["error", "message", "candidates"]
     assert len(document["candidates"]) == 2
-    assert all(list(c) == ["digest", "names"] for c in document["candidates"])
+    assert all(list(c) == ["digest", "names", "pick"] for c in document["candidates"])
 
 
 def test_success_json_and_warnings_are_separated(

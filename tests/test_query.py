@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 
 import pytest
 from cli_run import ANSWER_KEYS
@@ -638,6 +639,9 @@ def test_find_verifies_the_layouts_in_its_answer(tmp_path: str, ocidx: Run) -> N
 
 def test_find_verify_all_sees_matches_the_index_does_not_hold(tmp_path: str, ocidx: Run) -> None:
     a, image_a, _, _ = _two_layouts(tmp_path, ocidx)
+    # A live daemon (this process, heartbeat now) that has not yet seen the change: find trusts it.
+    with sqlite3.connect(ocidx.db) as conn:
+        conn.execute("UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL", (os.getpid(), time.time_ns()))
     a.write_index([named(image_a, ref="latest"), named(image_a, ref="fresh")])
     assert ocidx("find", ":fresh")[0] == 1
     code, found = ocidx.json("find", "--verify-all", ":fresh")
