@@ -21,7 +21,7 @@ import time
 from indexer.errors import DatabaseError, SchemaTooNew
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
-SCHEMA_VERSION = 2  # the number of files in migrations/; a test holds them equal
+SCHEMA_VERSION = 3  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -163,6 +163,9 @@ def open_writer(path: str) -> sqlite3.Connection:
             )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        from indexer.store import maintenance  # writers only: off the lookup path
+
+        maintenance.prepare(conn, new=not has_tables)
         migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
