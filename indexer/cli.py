@@ -3,7 +3,7 @@
 Lookup commands (``ref``, ``resolve``, ``find``, ``ls``, ``status``) import
 only the standard library; ``scan`` and ``daemon`` import their async
 machinery inside their own functions. Human messages and warnings go to
-stderr, JSON documents to stdout, one per command. Exit codes (SPEC.md §4):
+stderr, JSON documents to stdout, one per command. Exit codes (docs/semantics.md):
 0 found, 1 not found, 2 bad usage or invalid reference, 3 ambiguous, 4 no
 usable index database, 5 the layout is unreadable with no last good state.
 """
@@ -307,12 +307,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for entry in detail["entries"]:  # type: ignore[attr-defined]
         platform = entry["platform"]
         _line(f"  {entry['digest']}", entry["mediaType"], *([_platform(platform)] if platform else []))
-        for child in entry["children"]:
-            _line(f"    {_platform(child['platform'])}", child["digest"], child["mediaType"])
         for name in entry["names"]:
             _line(f"    {_name_text(name['name'], name['tag'])}", f"({name['how']})")
         for raw in entry["invalid_names"]:
             _line(f"    {raw!r}", "(invalid)")
+        for child in entry["children"]:
+            _line(f"    {_platform(child['platform'])}", child["digest"], child["mediaType"])
         for warning in entry["warnings"]:
             _line(f"    warning: {warning}")
     return 0

@@ -1,4 +1,4 @@
-"""``ocidx daemon``: keep the index fresh while layouts change (SPEC.md §6).
+"""``ocidx daemon``: keep the index fresh while layouts change (docs/operations.md).
 
 The daemon is one process per database (an exclusive ``flock`` on
 ``<db>.lock``) and one event loop holding the one :class:`Scanner`, so there is

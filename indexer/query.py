@@ -1,4 +1,4 @@
-"""Lookups: query forms, matching, ambiguity, platforms and freshness (SPEC.md §4, §5).
+"""Lookups: query forms, matching, ambiguity, platforms and freshness (docs/semantics.md).
 
 The Python API is :class:`Index`; the CLI is a thin shell over it. Every
 lookup goes through one path:
@@ -134,7 +134,7 @@ class Answer(Record):
         self.warnings = warnings
 
     def to_json(self) -> dict[str, object]:
-        """The keys of SPEC.md §7, in a stable order."""
+        """The keys of docs/json.md (``resolve --json``), in a stable order."""
         return {
             "layout": self.layout,
             "digest": self.digest,
@@ -224,7 +224,7 @@ def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[C
 
 
 class Index:
-    """The lookups of SPEC.md §4 over one index database, as a Python API."""
+    """The lookups of docs/semantics.md over one index database, as a Python API."""
 
     def __init__(self, db_path: str | None = None, *, config: Config | str | None = None) -> None:
         self.config = config if isinstance(config, config_mod.Config) else config_mod.load(config)
@@ -280,7 +280,7 @@ class Index:
         return db.layout(self.conn, real) is not None or layout_mod.is_layout_dir(real)
 
     def view(self, path: str, *, strict: bool = False) -> View:
-        """Decide, with one ``stat``, where the rows of the layout at *path* come from (SPEC.md §5)."""
+        """Decide, with one ``stat``, where the rows of the layout at *path* come from (docs/semantics.md)."""
         _no_nul(path, "layout path")
         real = os.path.realpath(path)
         try:
@@ -313,7 +313,7 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
-            # SPEC §4: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
+            # docs/semantics.md: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
             raise
@@ -347,7 +347,7 @@ class Index:
     # -- target parsing ------------------------------------------------------------------------------
 
     def parse_target(self, target: str) -> tuple[str, Query]:
-        """Split ``oci-layout://...`` into a layout path and a query (SPEC.md §4 table)."""
+        """Split ``oci-layout://...`` into a layout path and a query (docs/semantics.md, Targets)."""
         _no_nul(target, "target")
         if not target.startswith(SCHEME):
             raise UsageError(

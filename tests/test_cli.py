@@ -1,4 +1,4 @@
-"""The command line as scripts and terminals see it (SPEC.md §4 exit codes, §7 output contract)."""
+"""The command line as scripts and terminals see it (docs/semantics.md exit codes, docs/json.md output)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def test_ref_json_keys_and_values(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("text", "category"),
     [
-        ("Alpine", "name_contains_uppercase"),  # the normalizing parse's ad-hoc error, named as SPEC §7 does
+        ("Alpine", "name_contains_uppercase"),  # the normalizing parse's ad-hoc error, named as docs/json.md does
         ("a" * 256, "name_too_long"),
         (HEX, "hex_name"),  # normalized as docker does; lookups read it as a digest instead
         ("alpine@sha256:abc", "invalid_format"),

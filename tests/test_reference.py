@@ -590,7 +590,7 @@ def test_sort_normalizes_and_puts_the_unparseable_last() -> None:
 
 
 # ---------------------------------------------------------------------------
-# describe(): one object of `ocidx ref --json` (SPEC.md §7).
+# describe(): one object of `ocidx ref --json` (docs/json.md).
 # ---------------------------------------------------------------------------
 
 DESCRIBE_KEYS = {"input", "name", "domain", "path", "tag", "digest", "canonical", "familiar", "error"}
@@ -688,7 +688,7 @@ def test_describe(text: str, expected: dict[str, object]) -> None:
         ("alpine\n", "invalid_format"),
         ("Foo_Bar/baz", "name_contains_uppercase"),
         ("a" * 248, "name_too_long"),
-        ("Alpine:3.16", "name_contains_uppercase"),  # Docker's ad-hoc lowercase error, as SPEC §7 names it
+        ("Alpine:3.16", "name_contains_uppercase"),  # Docker's ad-hoc lowercase error, as docs/json.md names it
         (HEX64, "hex_name"),
         ("alpine@sha256:" + HEX64[:32], "digest_invalid_length"),
         ("alpine@md5:" + HEX64[:32], "digest_unsupported"),
@@ -704,7 +704,7 @@ def test_describe_error(text: str, category: str) -> None:
 
 
 def test_describe_refuses_64_hex_as_docker_does() -> None:
-    # SPEC §7 lists hex_name: `ocidx ref` normalizes as docker does; lookups (ParseAnyReference)
+    # docs/json.md lists hex_name: `ocidx ref` normalizes as docker does; lookups (ParseAnyReference)
     # read the same string as a digest instead.
     assert describe(HEX64)["error"] == "hex_name"
     assert parse_any_reference(HEX64).digest == SHA256
