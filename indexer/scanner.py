@@ -35,6 +35,8 @@ if TYPE_CHECKING:
     from indexer.config import Config, Root
 
 COLD_BUILD_MIN_LAYOUTS = 500
+# How many changed (and removed) layouts a pass remembers by path, for the daemon's log.
+LOGGED_PATHS = 10
 # A layout another writer keeps rewriting is examined again at most this often in one batch; past
 # that, the other writer's rows (at least as new as ours) stand until the next change or pass.
 CONFLICT_RETRIES = 4
@@ -89,6 +91,9 @@ class Counts:
         self.removed = 0
         self.still_broken = 0  # unchanged since a scan found them broken: skipped, still in error
         self.error_messages: list[str] = []
+        # The first few layouts written or dropped, for the daemon's log (the counts say how many).
+        self.changed_paths: list[str] = []
+        self.removed_paths: list[str] = []
 
     def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
@@ -98,11 +103,15 @@ class Counts:
         for outcome in outcomes:
             if isinstance(outcome, Read):
                 self.changed += 1
+                if len(self.changed_paths) < LOGGED_PATHS:
+                    self.changed_paths.append(outcome.path)
             elif isinstance(outcome, Failed):
                 self.errors += 1
                 self.error_messages.append(outcome.error.message)
             elif isinstance(outcome, Gone):
                 self.removed += 1
+                if len(self.removed_paths) < LOGGED_PATHS:
+                    self.removed_paths.append(outcome.path)
             if not isinstance(outcome, Same):
                 written += 1
         self.unchanged += max(0, looked_at - written)
