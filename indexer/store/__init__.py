@@ -95,7 +95,7 @@ def open_reader(path: str) -> sqlite3.Connection:
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
-        # read it as immutable. Answers are still checked against the layouts (SPEC §5).
+        # read it as immutable. Answers are still checked against the layouts (docs/semantics.md, Freshness).
         conn = _connect_reader(path, "mode=ro&immutable=1")
     try:
         check_schema(conn, path)

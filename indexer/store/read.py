@@ -393,3 +393,13 @@ def sample_names(conn: sqlite3.Connection, layout_id: int, limit: int = 5) -> li
 def _chunks(values: list[int], size: int = 500) -> Iterable[list[int]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def count_names(conn: sqlite3.Connection, layout_id: int) -> int:
+    """How many distinct ``name:tag`` the layout holds (for "and N more")."""
+    row = conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT name, tag FROM names "
+        "WHERE entry_id IN (SELECT id FROM entries WHERE layout_id = ?))",
+        (layout_id,),
+    ).fetchone()
+    return int(row[0])
