@@ -11,7 +11,8 @@
     │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
-    │   └── SchemaTooNew            the database was written by a newer ocidx
+    │   ├── SchemaTooNew            the database was written by a newer ocidx
+    │   └── FleetUnavailable        the fleet's PostgreSQL is unreachable or not set up
     ├── LayoutError                 one layout cannot be read             exit 5
     │   ├── LayoutUnreadable        I/O: missing, permission, not a file, FIFO
     │   ├── IndexParseError         index.json is not a valid image index
@@ -144,6 +145,12 @@ class SchemaTooNew(DatabaseError):
     """The database has migrations this version of ocidx does not know."""
 
     category = "schema_too_new"
+
+
+class FleetUnavailable(DatabaseError):
+    """The fleet database (PostgreSQL) is not configured, unreachable, or not an ocidx fleet."""
+
+    category = "fleet_unavailable"
 
 
 class LayoutError(OcidxError):
