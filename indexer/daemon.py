@@ -738,19 +738,20 @@ def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
 def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, int]:
     """Layouts (all, or those at *paths*) whose stored identity is racily clean, and when (wall clock, ns)
     a re-read will settle it."""
+    settles = db.SETTLES_AT_SQL
     query = (
-        "SELECT path, max(mtime_ns, ctime_ns) FROM layouts "
-        "WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND max(mtime_ns, ctime_ns) >= read_ns - ?"
+        f"SELECT path, {settles} FROM layouts "
+        f"WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND {settles} > read_ns"
     )
     found: dict[str, int] = {}
     chunks = [None] if paths is None else [paths[i : i + 500] for i in range(0, len(paths), 500)]
     for chunk in chunks:
         if chunk is None:
-            rows = conn.execute(query, (db.RACY_WINDOW_NS,))
+            rows = conn.execute(query)
         else:
             marks = ",".join("?" * len(chunk))
-            rows = conn.execute(f"{query} AND path IN ({marks})", (db.RACY_WINDOW_NS, *map(path_value, chunk)))
-        found.update((path_of(path), changed + db.RACY_WINDOW_NS + RACY_MARGIN_NS) for path, changed in rows)
+            rows = conn.execute(f"{query} AND path IN ({marks})", tuple(map(path_value, chunk)))
+        found.update((path_of(path), settles_at + RACY_MARGIN_NS) for path, settles_at in rows)
     return found
 
 

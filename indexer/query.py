@@ -17,6 +17,7 @@ only: a test holds it (the lookup budget is about 26 ms for a whole process).
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import time
@@ -588,11 +589,8 @@ def _answer(
     entry_hits = [h for h in hits if h.source == "entry"]
     if names_of is None:
         names_of = db.names(view.conn, [h.entry_id for h in entry_hits])
-    names: list[Name] = []
-    for hit in entry_hits:
-        for name in names_of.get(hit.entry_id, []):
-            if name not in names:
-                names.append(name)
+    # Ordered and without repeats, in linear time: one entry can carry thousands of names.
+    names = list(dict.fromkeys(name for hit in entry_hits for name in names_of.get(hit.entry_id, [])))
     return Answer(
         layout=view.path,
         digest=first.digest,
@@ -615,13 +613,12 @@ def _with_warning(answer: Answer, warning: str) -> Answer:
 
 def _candidates(conn: sqlite3.Connection, hits: list[db.Hit]) -> list[dict[str, object]]:
     names_of = db.names(conn, [h.entry_id for h in hits if h.source == "entry"])
-    out: dict[str, list[dict[str, str]]] = {}
+    out: dict[str, dict[Name, None]] = {}
     for hit in hits:
-        listed = out.setdefault(hit.digest, [])
+        listed = out.setdefault(hit.digest, {})
         for name in names_of.get(hit.entry_id, []) if hit.source == "entry" else []:
-            if name.to_json() not in listed:
-                listed.append(name.to_json())
-    return [{"digest": digest, "names": names} for digest, names in out.items()]
+            listed[name] = None
+    return [{"digest": digest, "names": [n.to_json() for n in names]} for digest, names in out.items()]
 
 
 def _blob_hit(view: View, digest: str) -> db.Hit | None:
@@ -660,7 +657,10 @@ def _select_platform(
     kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
     if not any(k.parent == hit.digest for k in kids):
         kids = kids + _children_from_disk(view, hit, limits)
-    seen: list[dict[str, object]] = []
+    by_parent: dict[str, list[db.ChildRow]] = {}
+    for kid in kids:
+        by_parent.setdefault(kid.parent, []).append(kid)
+    seen: dict[str, dict[str, object]] = {}  # the platforms present, in index order, once each
 
     def matches(platform: dict[str, object] | None) -> bool:
         have = _platform_record(platform)
@@ -669,8 +669,11 @@ def _select_platform(
     def search(parent: str, depth: int) -> db.ChildRow | None:
         # As containerd's images.Manifest: a nested index is followed when its descriptor names
         # no platform or the wanted one; the first manifest for the platform, in index order, wins.
-        level = [k for k in kids if k.parent == parent]
-        seen.extend(p for p in (_platform_out(k.platform) for k in level) if p is not None and p not in seen)
+        level = by_parent.get(parent, [])
+        for kid in level:
+            shown = _platform_out(kid.platform)
+            if shown is not None:
+                seen.setdefault(json.dumps(shown, sort_keys=True), shown)
         for kid in level:
             if kid.media_type in layout_mod.INDEX_MEDIA_TYPES:
                 if depth < 16 and (not kid.platform or matches(kid.platform)):
@@ -691,7 +694,7 @@ def _select_platform(
             raise PlatformNotFound(
                 f"{answer.digest} in {view.path} lists {_platform_text(chosen.platform)} as {chosen.digest}, "
                 "but that blob is absent from the layout (a partial export?)",
-                seen,
+                list(seen.values()),
             )
         return Answer(
             layout=answer.layout,
@@ -705,11 +708,11 @@ def _select_platform(
             freshness=answer.freshness,
             warnings=answer.warnings,
         )
-    listed = ", ".join(_platform_text(p) for p in seen) or "none recorded"
+    listed = ", ".join(_platform_text(p) for p in seen.values()) or "none recorded"
     raise PlatformNotFound(
         f"no manifest for {_platform_text(want.to_json())} under {answer.digest} in {view.path} "
         f"(platforms present: {listed})",
-        seen,
+        list(seen.values()),
     )
 
 

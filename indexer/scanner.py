@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from indexer.config import Config, Root
 
 COLD_BUILD_MIN_LAYOUTS = 500
+# A layout another writer keeps rewriting is examined again at most this often in one batch; past
+# that, the other writer's rows (at least as new as ours) stand until the next change or pass.
+CONFLICT_RETRIES = 4
 
 
 def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False) -> Outcome | None:
@@ -43,23 +46,23 @@ def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: 
         st = os.stat(os.path.join(path, "index.json"))
     except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
         if not layout_mod.is_layout_dir(path):
-            return Gone(path) if stored is not None else None
-        return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns)
+            return Gone(path, stored) if stored is not None else None
+        return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns, stored)
     except OSError as exc:
-        return Failed(path, LayoutUnreadable(f"{path}/index.json: {exc.strerror}"), None, read_ns)
+        return Failed(path, LayoutUnreadable(f"{path}/index.json: {exc.strerror}"), None, read_ns, stored)
     identity = layout_mod.FileIdentity.of(st)
     if not full and stored is not None and stored.is_current(identity):
         return None
     try:
         snapshot = layout_mod.read_layout(path, familiar=config.familiar, limits=config.limits)
     except LayoutError as exc:
-        return Failed(path, exc, identity, read_ns)
+        return Failed(path, exc, identity, read_ns, stored)
     except Exception as exc:
         error = LayoutError(f"{path}: unexpected {type(exc).__name__}: {exc}")
-        return Failed(path, error, identity, read_ns)
+        return Failed(path, error, identity, read_ns, stored)
     if not full and stored is not None and stored.state == "ok" and stored.content_hash == snapshot.content_hash:
-        return Same(path, snapshot.identity, read_ns)
-    return Read(path, snapshot, read_ns)
+        return Same(path, snapshot.identity, read_ns, stored)
+    return Read(path, snapshot, read_ns, stored)
 
 
 def examine_batch(
@@ -136,10 +139,12 @@ class Scanner:
         finally:
             self.conn.close()
 
-    async def _write(self, outcomes: list[Outcome]) -> int:
+    async def _write(self, outcomes: list[Outcome]) -> list[Outcome]:
+        """Write outcomes decided outside a batch (removals); a conflicting one is left to the next pass."""
         if not outcomes:
-            return 0
-        return await anyio.to_thread.run_sync(apply, self.conn, outcomes, limiter=self._write_limiter)
+            return []
+        applied = await anyio.to_thread.run_sync(apply, self.conn, outcomes, limiter=self._write_limiter)
+        return applied.written
 
     async def _stored(self, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
         def load() -> dict[str, db.StoredLayout]:
@@ -186,9 +191,22 @@ class Scanner:
 
         def examine_and_write(batch: list[str]) -> list[Outcome]:
             outcomes = examine_batch(batch, stored, config=self.config, full=full)
-            if outcomes:
-                apply(self.conn, outcomes)
-            return outcomes
+            written: list[Outcome] = []
+            for _attempt in range(CONFLICT_RETRIES):
+                if not outcomes:
+                    break
+                applied = apply(self.conn, outcomes)
+                written.extend(applied.written)
+                if not applied.conflicts:
+                    break
+                # Another writer changed these layouts since *stored* was loaded: examine them again
+                # against the rows as they are now (compare-and-set, docs/design.md).
+                fresh = {path: found for path in applied.conflicts if (found := db.layout(self.conn, path))}
+                for path in applied.conflicts:
+                    stored.pop(path, None)
+                stored.update(fresh)
+                outcomes = examine_batch(applied.conflicts, stored, config=self.config, full=full)
+            return written
 
         for batch in batches:
             outcomes = await anyio.to_thread.run_sync(examine_and_write, batch, limiter=self._write_limiter)
@@ -197,8 +215,8 @@ class Scanner:
             if progress is not None:
                 progress(done, len(paths))
         if extra:
-            await self._write(list(extra))
-            counts.add(list(extra), 0, 0)
+            applied = await self._write(list(extra))
+            counts.add(applied, 0, 0)
         return counts
 
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
@@ -227,7 +245,8 @@ class Scanner:
         paths, problems, resolved = await self.discover(roots)
         stored = await self._stored()
         gone: list[Outcome] = [
-            Gone(path) for path in await anyio.to_thread.run_sync(vanished, list(stored), set(paths), resolved)
+            Gone(path, stored[path])
+            for path in await anyio.to_thread.run_sync(vanished, list(stored), set(paths), resolved)
         ]
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.

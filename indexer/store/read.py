@@ -27,6 +27,26 @@ if TYPE_CHECKING:
 # (git's "racily clean" problem). Within this window a lookup hashes the file.
 RACY_WINDOW_NS = 3_000_000_000
 
+
+def settles_at(mtime_ns: int, ctime_ns: int, read_ns: int, since_ns: int | None) -> int:
+    """The read time (wall clock, ns) from which a read that sees this identity proves the file settled.
+
+    Either the file last changed a racy window before the read (the usual case), or the same identity
+    was already seen by a read a racy window earlier (``since_ns``): that second rule is what settles
+    a file whose timestamps lie in the future (a skewed file server's clock, ``touch -d``), which the
+    first rule never would, so that it is hashed once more, not on every lookup forever. Both rest on
+    the file system's clock moving on between the two reads as fast as ours.
+    """
+    by_change = max(mtime_ns, ctime_ns) + RACY_WINDOW_NS + 1
+    if since_ns is None:
+        return by_change
+    return min(by_change, since_ns + RACY_WINDOW_NS)
+
+
+# The same rule in SQL, for the daemon's search of layouts to re-read (columns of ``layouts``).
+_BY_CHANGE_SQL = f"(max(mtime_ns, ctime_ns) + {RACY_WINDOW_NS + 1})"
+SETTLES_AT_SQL = f"min({_BY_CHANGE_SQL}, coalesce(identity_since_ns + {RACY_WINDOW_NS}, {_BY_CHANGE_SQL}))"
+
 _ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations"
 
 
@@ -41,10 +61,12 @@ class StoredLayout(Record):
         "error_category",
         "id",
         "identity",
+        "identity_since_ns",
         "last_good_ns",
         "path",
         "read_ns",
         "state",
+        "version",
     )
 
     def __init__(
@@ -61,6 +83,8 @@ class StoredLayout(Record):
         last_good_ns: int | None,
         checked_ns: int,
         entry_count: int,
+        identity_since_ns: int | None = None,
+        version: int = 0,
     ) -> None:
         self.id = id
         self.path = path
@@ -73,6 +97,8 @@ class StoredLayout(Record):
         self.last_good_ns = last_good_ns
         self.checked_ns = checked_ns
         self.entry_count = entry_count
+        self.identity_since_ns = identity_since_ns
+        self.version = version
 
     def is_current(self, identity: FileIdentity) -> bool:
         """Whether *identity* (a fresh ``stat``) proves the stored rows describe the file now."""
@@ -83,7 +109,7 @@ class StoredLayout(Record):
         identity = self.identity
         if identity is None or self.read_ns is None:
             return True
-        return max(identity.mtime_ns, identity.ctime_ns) >= self.read_ns - RACY_WINDOW_NS
+        return settles_at(identity.mtime_ns, identity.ctime_ns, self.read_ns, self.identity_since_ns) > self.read_ns
 
     def to_json(self) -> dict[str, object]:
         """The object ``ocidx ls --json`` prints for a layout."""
@@ -101,12 +127,14 @@ class StoredLayout(Record):
 
 _LAYOUT_COLUMNS = (
     "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
-    "last_good_ns, checked_ns, entry_count"
+    "last_good_ns, checked_ns, entry_count, identity_since_ns, version"
 )
 
 
 def _stored(row: Sequence[object]) -> StoredLayout:
-    (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count) = row
+    (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count, since, version) = (
+        row
+    )
     identity = (
         FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
         if dev is not None
@@ -124,6 +152,8 @@ def _stored(row: Sequence[object]) -> StoredLayout:
         last_good_ns=good,  # type: ignore[arg-type]
         checked_ns=checked,  # type: ignore[arg-type]
         entry_count=count,  # type: ignore[arg-type]
+        identity_since_ns=since,  # type: ignore[arg-type]
+        version=version,  # type: ignore[arg-type]
     )
 
 

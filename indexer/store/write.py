@@ -9,7 +9,11 @@ A scan (batch or daemon) turns every layout it looks at into one outcome:
   the layout is flagged with the error;
 * :class:`Gone` - the layout is no longer there: its rows are removed.
 
-:func:`apply` writes a list of outcomes inside one ``BEGIN IMMEDIATE``. Entry
+:func:`apply` writes a list of outcomes inside one ``BEGIN IMMEDIATE``, each only if the layout's
+stored row is still the one the outcome was decided against (compare-and-set): two writers (a scan
+beside the daemon) can interleave in any order and never leave a row describing an older file; a
+conflicting outcome comes back to be examined again. Every change is stamped with one new version
+per transaction (``layouts.version``, ``layout_removals``), which is what followers of the index read. Entry
 rows are keyed by a hash of their content (``row_key``): an edit that adds one
 tag deletes and inserts only the entries that changed, which measured 8-15x
 cheaper than rewriting the layout (research/python-anchors.md B6).
@@ -24,7 +28,7 @@ import time
 
 from indexer._record import Record
 from indexer.errors import printable
-from indexer.store import path_value
+from indexer.store import path_value, read
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -33,75 +37,148 @@ if TYPE_CHECKING:
 
     from indexer.errors import LayoutError
     from indexer.layout import Child, Entry, FileIdentity, Platform, Snapshot
+    from indexer.store.read import StoredLayout
 
 
 class Read(Record):
     """A layout whose ``index.json`` was read and parsed."""
 
-    __slots__ = ("path", "read_ns", "snapshot")
+    __slots__ = ("expected", "path", "read_ns", "snapshot")
 
-    def __init__(self, path: str, snapshot: Snapshot, read_ns: int) -> None:
+    def __init__(self, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> None:
         self.path = path
         self.snapshot = snapshot
         self.read_ns = read_ns
+        self.expected = expected
 
 
 class Same(Record):
     """A layout whose ``index.json`` changed on disk but not in content."""
 
-    __slots__ = ("identity", "path", "read_ns")
+    __slots__ = ("expected", "identity", "path", "read_ns")
 
-    def __init__(self, path: str, identity: FileIdentity, read_ns: int) -> None:
+    def __init__(self, path: str, identity: FileIdentity, read_ns: int, expected: StoredLayout | None) -> None:
         self.path = path
         self.identity = identity
         self.read_ns = read_ns
+        self.expected = expected
 
 
 class Failed(Record):
     """A layout that could not be read; its last good rows are kept."""
 
-    __slots__ = ("error", "identity", "path", "read_ns")
+    __slots__ = ("error", "expected", "identity", "path", "read_ns")
 
-    def __init__(self, path: str, error: LayoutError, identity: FileIdentity | None, read_ns: int) -> None:
+    def __init__(
+        self,
+        path: str,
+        error: LayoutError,
+        identity: FileIdentity | None,
+        read_ns: int,
+        expected: StoredLayout | None,
+    ) -> None:
         self.path = path
         self.error = error
         self.identity = identity
         self.read_ns = read_ns
+        self.expected = expected
 
 
 class Gone(Record):
     """A layout that vanished: its rows are removed."""
 
-    __slots__ = ("path",)
+    __slots__ = ("expected", "path")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, expected: StoredLayout | None) -> None:
         self.path = path
+        self.expected = expected
 
 
 Outcome = Read | Same | Failed | Gone
 
 
-def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> int:
-    """Write *outcomes* in one transaction; return how many layouts' rows changed."""
+class Applied(Record):
+    """What :func:`apply` did: the outcomes written, and the paths whose stored row had moved on."""
+
+    __slots__ = ("changed", "conflicts", "written")
+
+    def __init__(self, changed: int, written: list[Outcome], conflicts: list[str]) -> None:
+        self.changed = changed
+        self.written = written
+        self.conflicts = conflicts
+
+
+# The removals kept for followers of the index (the fleet publisher); past this many the oldest
+# are dropped and a follower behind them compares everything instead (docs/design.md).
+MAX_REMOVALS = 10_000
+
+
+def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
+    """Write *outcomes* in one transaction, each only if its layout's row is still the one it was
+    decided on (compare-and-set); the others are returned as conflicts, to be examined again."""
     changed = 0
+    written: list[Outcome] = []
+    conflicts: list[str] = []
     conn.execute("BEGIN IMMEDIATE")
     try:
         ids = _IdAllocator(conn)
+        versions = _Versions(conn)
         for outcome in outcomes:
+            current = read.layout(conn, outcome.path)
+            if current != outcome.expected:
+                # Another writer (a scan beside the daemon, a second daemon pass) wrote this layout
+                # after the outcome's examination loaded it: the outcome may describe an older file.
+                conflicts.append(outcome.path)
+                continue
+            written.append(outcome)
             if isinstance(outcome, Read):
-                changed += store_snapshot(conn, outcome.path, outcome.snapshot, outcome.read_ns, ids)
+                changed += _store(conn, outcome.path, outcome.snapshot, outcome.read_ns, ids, versions, current)
             elif isinstance(outcome, Same):
-                _touch(conn, outcome.path, outcome.identity, outcome.read_ns)
+                assert current is not None  # a Same is only decided against a stored row
+                _touch(conn, current, outcome.identity, outcome.read_ns, versions)
             elif isinstance(outcome, Failed):
-                _fail(conn, outcome)
+                _fail(conn, outcome, current, versions)
             else:
-                changed += _remove(conn, outcome.path)
+                changed += _remove(conn, outcome.path, versions)
+        versions.finish()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
-    return changed
+    return Applied(changed, written, conflicts)
+
+
+class _Versions:
+    """The one version a write transaction stamps on every layout it changes (taken on first use)."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.value: int | None = None
+        self.removed = 0
+
+    def take(self) -> int:
+        if self.value is None:
+            last = self.conn.execute("SELECT value FROM ocidx_counters WHERE name = 'version'").fetchone()[0]
+            self.value = last + 1
+            self.conn.execute("UPDATE ocidx_counters SET value = ? WHERE name = 'version'", (self.value,))
+        return self.value
+
+    def finish(self) -> None:
+        """Keep the removals bounded: past MAX_REMOVALS, drop the oldest and record how far."""
+        if not self.removed:
+            return
+        count = self.conn.execute("SELECT count(*) FROM layout_removals").fetchone()[0]
+        excess = count - MAX_REMOVALS
+        if excess <= 0:
+            return
+        through = self.conn.execute(
+            "SELECT max(version) FROM (SELECT version FROM layout_removals ORDER BY version LIMIT ?)", (excess,)
+        ).fetchone()[0]
+        self.conn.execute("DELETE FROM layout_removals WHERE version <= ?", (through,))
+        self.conn.execute(
+            "UPDATE ocidx_counters SET value = max(value, ?) WHERE name = 'removals_pruned_through'", (through,)
+        )
 
 
 class _IdAllocator:
@@ -146,24 +223,40 @@ def _annotations_json(annotations: dict[str, str]) -> str:
     return json.dumps(annotations, sort_keys=True) if annotations else "{}"
 
 
-def store_snapshot(
-    conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int, ids: _IdAllocator | None = None
-) -> int:
+def store_snapshot(conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int) -> int:
     """Diff *snapshot* into the rows of layout *path* (caller holds the transaction); 1 if rows changed."""
-    if ids is None:
-        ids = _IdAllocator(conn)
+    return _store(conn, path, snapshot, read_ns, _IdAllocator(conn), _Versions(conn), read.layout(conn, path))
+
+
+def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns: int) -> int:
+    """When the identity being stored was first seen: kept while it stays the same (see read.settles_at)."""
+    if current is not None and identity is not None and current.identity == identity:
+        return current.identity_since_ns if current.identity_since_ns is not None else read_ns
+    return read_ns
+
+
+def _store(
+    conn: sqlite3.Connection,
+    path: str,
+    snapshot: Snapshot,
+    read_ns: int,
+    ids: _IdAllocator,
+    versions: _Versions,
+    current: StoredLayout | None,
+) -> int:
     identity = snapshot.identity
     now = time.time_ns()
     layout_id = conn.execute(
         """
         INSERT INTO layouts (path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                             error_category, error, last_good_ns, checked_ns, entry_count)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?)
+                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
+        VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?)
         ON CONFLICT (path) DO UPDATE SET
             dev = excluded.dev, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns,
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, content_hash = excluded.content_hash,
             state = 'ok', error_category = NULL, error = NULL, last_good_ns = excluded.last_good_ns,
-            checked_ns = excluded.checked_ns, entry_count = excluded.entry_count
+            checked_ns = excluded.checked_ns, entry_count = excluded.entry_count,
+            identity_since_ns = excluded.identity_since_ns
         RETURNING id
         """,
         (
@@ -178,20 +271,25 @@ def store_snapshot(
             now,
             now,
             len(snapshot.entries),
+            _since(current, identity, read_ns),
         ),
     ).fetchone()[0]
-
+    published_before = (
+        None
+        if current is None
+        else (current.content_hash, current.state, current.error_category, current.error, current.entry_count)
+    )
     children_of: dict[int, list[Child]] = {}
     for child in snapshot.children:
         children_of.setdefault(child.entry_position, []).append(child)
 
     wanted: dict[str, tuple[Entry, list[Child]]] = {}
+    occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
     for entry in snapshot.entries:
         kids = children_of.get(entry.position, [])
         key = _row_key(entry, kids)
-        occurrence = 0
-        while f"{key}#{occurrence}" in wanted:
-            occurrence += 1
+        occurrence = occurrences.get(key, 0)
+        occurrences[key] = occurrence + 1
         wanted[f"{key}#{occurrence}"] = (entry, kids)
 
     existing = {
@@ -262,7 +360,17 @@ def store_snapshot(
     if old_warnings != warnings:
         conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
         conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in warnings])
-    return 1 if (stale or fresh or moved) else 0
+    rows_changed = bool(stale or fresh or moved)
+    published_now = (snapshot.content_hash, "ok", None, None, len(snapshot.entries))
+    if rows_changed or old_warnings != warnings or published_before != published_now:
+        _stamp(conn, layout_id, path, versions)
+    return 1 if rows_changed else 0
+
+
+def _stamp(conn: sqlite3.Connection, layout_id: int, path: str, versions: _Versions) -> None:
+    """Mark a layout changed for followers of the index; a path that comes back is no longer removed."""
+    conn.execute("UPDATE layouts SET version = ? WHERE id = ?", (versions.take(), layout_id))
+    conn.execute("DELETE FROM layout_removals WHERE path = ?", (path_value(path),))
 
 
 def _row_key(entry: Entry, kids: list[Child]) -> str:
@@ -288,12 +396,15 @@ def _row_key(entry: Entry, kids: list[Child]) -> str:
     return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _touch(conn: sqlite3.Connection, path: str, identity: FileIdentity, read_ns: int) -> None:
+def _touch(
+    conn: sqlite3.Connection, current: StoredLayout, identity: FileIdentity, read_ns: int, versions: _Versions
+) -> None:
     conn.execute(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
-                           state = 'ok', error_category = NULL, error = NULL, checked_ns = ?
-        WHERE path = ?
+                           state = 'ok', error_category = NULL, error = NULL, checked_ns = ?,
+                           identity_since_ns = ?
+        WHERE id = ?
         """,
         (
             identity.dev,
@@ -303,12 +414,15 @@ def _touch(conn: sqlite3.Connection, path: str, identity: FileIdentity, read_ns:
             identity.ctime_ns,
             read_ns,
             time.time_ns(),
-            path_value(path),
+            _since(current, identity, read_ns),
+            current.id,
         ),
     )
+    if current.state != "ok":  # a broken file restored to the content of the rows: its state is news
+        _stamp(conn, current.id, current.path, versions)
 
 
-def _fail(conn: sqlite3.Connection, outcome: Failed) -> None:
+def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | None, versions: _Versions) -> None:
     identity = outcome.identity
     ident = (
         (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns)
@@ -316,30 +430,41 @@ def _fail(conn: sqlite3.Connection, outcome: Failed) -> None:
         else (None, None, None, None, None)
     )
     now = time.time_ns()
+    message = printable(outcome.error.message)
     # The identity of the failed read is stored so that a reconcile does not re-read an
     # unchanged broken file; content_hash and the rows stay those of the last good read.
-    conn.execute(
+    layout_id = conn.execute(
         """
         INSERT INTO layouts (path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                             error_category, error, last_good_ns, checked_ns, entry_count)
-        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0)
+                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
+        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0, ?)
         ON CONFLICT (path) DO UPDATE SET
             dev = excluded.dev, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns,
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, state = 'error',
-            error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns
+            error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns,
+            identity_since_ns = excluded.identity_since_ns
+        RETURNING id
         """,
         (
             path_value(outcome.path),
             *ident,
             outcome.read_ns,
             outcome.error.category,
-            printable(outcome.error.message),
+            message,
             now,
+            _since(current, identity, outcome.read_ns),
         ),
-    )
+    ).fetchone()[0]
+    if (
+        current is None
+        or current.state != "error"
+        or current.error_category != outcome.error.category
+        or current.error != message
+    ):
+        _stamp(conn, layout_id, outcome.path, versions)
 
 
-def _remove(conn: sqlite3.Connection, path: str) -> int:
+def _remove(conn: sqlite3.Connection, path: str, versions: _Versions) -> int:
     row = conn.execute("SELECT id FROM layouts WHERE path = ?", (path_value(path),)).fetchone()
     if row is None:
         return 0
@@ -350,6 +475,10 @@ def _remove(conn: sqlite3.Connection, path: str) -> int:
     conn.execute("DELETE FROM entries WHERE layout_id = ?", (layout_id,))
     conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
     conn.execute("DELETE FROM layouts WHERE id = ?", (layout_id,))
+    conn.execute(
+        "INSERT OR REPLACE INTO layout_removals (path, version) VALUES (?, ?)", (path_value(path), versions.take())
+    )
+    versions.removed += 1
     return 1
 
 

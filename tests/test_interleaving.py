@@ -1,0 +1,351 @@
+"""Two writers on one index: every interleaving of scans, reconciles and daemons ends exact.
+
+Each test drives a real interleaving (two writer connections, or real ``ocidx scan`` and
+``ocidx daemon`` processes) and compares the final rows with a fresh scan of the same tree.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from layouts import LINUX_AMD64, Layout, named
+from test_reliability import DEADLINE_S, Daemon, churn_corpus, env, integrity, rows, run, wait_for, write_config
+
+from indexer import Index
+from indexer.config import Config
+from indexer.scanner import Scanner
+from indexer.store import open_reader, read
+
+TAG = ":churn"
+
+
+def stored_now(db: str) -> dict[str, read.StoredLayout]:
+    """The stored state of every layout, as a pass loads it at its start."""
+    conn = open_reader(db)
+    try:
+        return {s.path: s for s in read.layouts(conn)}
+    finally:
+        conn.close()
+
+
+def fresh_rows(tmp: str, root: str) -> dict[str, list[tuple[object, ...]]]:
+    """The rows a fresh scan of *root* makes."""
+    fresh = os.path.join(tmp, f"fresh-{time.monotonic_ns()}.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    return rows(fresh)
+
+
+def flip(path: str, text: str, *, rename: bool = True) -> None:
+    """Write *text* as the layout's index.json, as umoci (rename) or skopeo (in place) would."""
+    target = os.path.join(path, "index.json")
+    if rename:
+        with open(target + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(target + ".tmp", target)
+    else:
+        with open(target, "w") as f:
+            f.write(text)
+
+
+def slow_pass(db: str, paths: list[str], stored: dict[str, read.StoredLayout]) -> None:
+    """A pass that loaded *stored* at its start and examines *paths* only now (a long scan's tail)."""
+    scanner = Scanner(db, Config())
+    try:
+        anyio.run(functools.partial(scanner.process, paths, stored=stored))
+    finally:
+        scanner.close()
+
+
+@pytest.mark.parametrize("rename", [True, False], ids=["rename", "in-place"])
+def test_a_slow_pass_cannot_bring_back_a_middle_state(tmp_path: Path, rename: bool) -> None:
+    # The lost update: a slow pass loads the stored state (A), another writer indexes B, the file is
+    # rewritten back to A; the slow pass sees A's content hash equal to its stale snapshot's and, before
+    # compare-and-set, only refreshed the identity: the index answered B as "indexed" until scan --full.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 3)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    stale = stored_now(db)
+    for path, info in corpus.items():
+        flip(path, info["documents"][1], rename=rename)  # type: ignore[index]
+    assert run(tmp, "scan", "--db", db, root).rc == 0  # the other writer: a real process
+    for path, info in corpus.items():
+        flip(path, info["documents"][0], rename=rename)  # type: ignore[index]
+    slow_pass(db, sorted(corpus), stale)
+    with Index(db) as index:
+        for path, info in corpus.items():
+            answer = index.resolve_in(path, TAG)
+            assert answer.digest == info["churn"][0], "the middle state came back"  # type: ignore[index]
+            assert answer.freshness == "indexed"
+    assert rows(db) == fresh_rows(tmp, root)
+    # and it stays so: a no-change scan proves the tree settled without writing anything
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    assert rows(db) == fresh_rows(tmp, root)
+
+
+def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 2)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    stale = stored_now(db)
+    victim = sorted(corpus)[0]
+    os.rename(victim, victim + ".away")  # the slow pass's walk finds it missing ...
+    os.rename(victim + ".away", victim)  # ... it comes back, changed, and another writer indexes it
+    flip(victim, corpus[victim]["documents"][1])  # type: ignore[index]
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+
+    from indexer.store.write import Gone
+
+    scanner = Scanner(db, Config())
+    try:
+        # the removal the slow pass decided from its stale walk, written after the other writer
+        anyio.run(functools.partial(scanner.process, [], stored=stale, extra=[Gone(victim, stale[victim])]))
+    finally:
+        scanner.close()
+    with Index(db) as index:
+        assert index.resolve_in(victim, TAG).digest == corpus[victim]["churn"][1]  # type: ignore[index]
+    assert rows(db) == fresh_rows(tmp, root)
+
+
+def test_a_conflict_is_examined_again_against_the_current_row(tmp_path: Path) -> None:
+    # The slow pass's outcome for a layout that another writer changed since is not dropped: the
+    # layout is examined again, so a change that only the slow pass saw still lands.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 1)
+    (path,) = corpus
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    stale = stored_now(db)
+    flip(path, corpus[path]["documents"][1])  # type: ignore[index]
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    layout = Layout(path)
+    third = named(layout.manifest(platform=LINUX_AMD64, label="third"), ref="churn")
+    layout.write_index([third])
+    slow_pass(db, [path], stale)
+    with Index(db) as index:
+        answer = index.resolve_in(path, TAG)
+    assert (answer.digest, answer.freshness) == (third["digest"], "indexed")
+    assert rows(db) == fresh_rows(tmp, root)
+
+
+def scans_beside_a_daemon(tmp: str, *, layouts: int, seconds: float, scans: int, seed: int) -> dict[str, object]:
+    """Churn *layouts* (each flips :churn between two documents, back and forth) under a daemon while
+    *scans* ``ocidx scan`` processes run one after another; then wait until the index equals a fresh
+    scan. Returns figures: flips made, scans run, seconds to converge after the churn stopped."""
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, layouts)
+    config = write_config(tmp, "[daemon]\nbatch_size = 16\ndebounce_ms = 20\nreconcile_interval_s = 3600\n")
+    rng = random.Random(seed)
+    paths = sorted(corpus)
+    state = dict.fromkeys(paths, 0)
+    flips = 0
+    scan_args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root]
+    with Daemon(tmp, db, root, config=config) as daemon:
+        daemon.wait_ready()
+        ran = 0
+        deadline = time.monotonic() + seconds
+        scan: subprocess.Popen[bytes] | None = None
+        scan_log = os.path.join(tmp, "scan.log")
+        while True:
+            if scan is None or scan.poll() is not None:
+                if scan is not None:
+                    with open(scan_log, "rb") as f:
+                        assert scan.returncode == 0, f.read()
+                    ran += 1
+                scan = None
+                if ran < scans:
+                    with open(scan_log, "wb") as log:
+                        scan = subprocess.Popen(scan_args, stdout=subprocess.DEVNULL, stderr=log, env=env(tmp))
+            churning = time.monotonic() < deadline
+            if churning:
+                path = rng.choice(paths)
+                state[path] = 1 - state[path]
+                flip(path, corpus[path]["documents"][state[path]], rename=rng.random() < 0.5)  # type: ignore[index]
+                flips += 1
+            elif scan is None:
+                break
+            time.sleep(0.002 if churning else 0.01)  # the churn's pace, not a synchronization
+        stopped = time.monotonic()
+        expected = fresh_rows(tmp, root)
+        wait_for(lambda: rows(db) == expected, "the index to equal a fresh scan", timeout=DEADLINE_S)
+        converged = time.monotonic() - stopped
+        with Index(db) as index:
+            for path in paths:
+                answer = index.resolve_in(path, TAG)
+                assert answer.digest == corpus[path]["churn"][state[path]]  # type: ignore[index]
+        assert daemon.stop() == 0
+    assert integrity(db) == "ok"
+    # Once the racy window has passed, a no-change scan proves the tree settled and writes nothing.
+    return {"layouts": layouts, "flips": flips, "scans": ran, "converged_s": round(converged, 3)}
+
+
+def test_scans_beside_a_daemon_under_churn(tmp_path: Path) -> None:
+    figures = scans_beside_a_daemon(str(tmp_path), layouts=40, seconds=4, scans=6, seed=9)
+    print(figures)
+    assert figures["scans"] == 6
+
+
+def versions(db: str) -> dict[str, int]:
+    """Each layout's version."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layouts")}
+    finally:
+        conn.close()
+
+
+def removals(db: str) -> dict[str, int]:
+    """The removals kept for followers of the index."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layout_removals")}
+    finally:
+        conn.close()
+
+
+def counter(db: str, name: str) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT value FROM ocidx_counters WHERE name = ?", (name,)).fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_every_change_gets_a_new_version_and_nothing_else_does(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 3)
+    a, b, c = sorted(corpus)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    first = versions(db)
+    assert len(set(first.values())) == 1 and min(first.values()) > 0  # one transaction, one version
+    os.utime(os.path.join(a, "index.json"))  # a touch: same content, nothing a follower needs to know
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    assert versions(db) == first
+    flip(b, corpus[b]["documents"][1])  # type: ignore[index]
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    second = versions(db)
+    assert second[b] > first[b] and second[a] == first[a] and second[c] == first[c]
+    flip(a, "{broken")  # a broken file: its state is news, its last good rows stay
+    assert run(tmp, "scan", "--db", db, root).rc == 0  # a broken layout is reported, not a failed scan
+    third = versions(db)
+    assert third[a] > second[b] and third[b] == second[b]
+    flip(a, corpus[a]["documents"][0])  # restored to the content of its rows: the state is news again
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    fourth = versions(db)
+    assert fourth[a] > third[a]
+    away = os.path.join(tmp, "away")
+    os.rename(c, away)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    assert c not in versions(db)
+    assert removals(db) == {c: counter(db, "version")}
+    os.rename(away, c)  # back again: no longer a removal
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    assert removals(db) == {} and versions(db)[c] == counter(db, "version")
+
+
+def test_versions_follow_commit_order_across_writers(tmp_path: Path) -> None:
+    # Two writer processes at once: versions are handed out under the write lock, so a follower that
+    # has read everything up to version W has seen every change committed before it.
+    tmp = str(tmp_path)
+    root_a, root_b = os.path.join(tmp, "a"), os.path.join(tmp, "b")
+    db = os.path.join(tmp, "index.db")
+    churn_corpus(root_a, 60)
+    churn_corpus(root_b, 60)
+    config = write_config(tmp, "[daemon]\nbatch_size = 5\n")
+    os.makedirs(os.path.join(tmp, "empty"))
+    assert run(tmp, "scan", "--db", db, os.path.join(tmp, "empty")).rc == 0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root],
+            stderr=subprocess.PIPE,
+            env=env(tmp),
+        )
+        for root in (root_a, root_b)
+    ]
+    for proc in procs:
+        _out, err = proc.communicate(timeout=DEADLINE_S)
+        assert proc.returncode == 0, err
+    got = versions(db)
+    assert len(got) == 120
+    assert max(got.values()) == counter(db, "version")
+    # 24 transactions of 5 layouts: each transaction's layouts share one version, no two share one.
+    by_version: dict[int, int] = {}
+    for version in got.values():
+        by_version[version] = by_version.get(version, 0) + 1
+    assert sorted(by_version.values()) == [5] * 24
+
+
+def test_removals_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from indexer.store import write
+
+    monkeypatch.setattr(write, "MAX_REMOVALS", 4)
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 10)
+    config = Config()
+    scanner = Scanner(db, config)
+    try:
+        anyio.run(scanner.process, sorted(corpus))
+        for number, path in enumerate(sorted(corpus)):
+            os.rename(path, os.path.join(tmp, f"away-{number}"))
+            anyio.run(scanner.process, [path])  # one removal per transaction
+    finally:
+        scanner.close()
+    kept = removals(db)
+    assert len(kept) == 4
+    assert counter(db, "removals_pruned_through") == min(kept.values()) - 1
+
+
+def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
+    # What a follower does: in one read transaction, the counter and every row changed after its
+    # watermark. While a writer churns, each such read must see each layout's rows as one document.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 20)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    digests = {path: set(info["churn"]) for path, info in corpus.items()}  # type: ignore[arg-type]
+    config = write_config(tmp, "[daemon]\nbatch_size = 4\ndebounce_ms = 0\n")
+    watermark = 0
+    seen_versions: list[int] = []
+    with Daemon(tmp, db, root, config=config) as daemon:
+        daemon.wait_ready()
+        rng = random.Random(3)
+        state = dict.fromkeys(corpus, 0)
+        for _ in range(60):
+            path = rng.choice(sorted(corpus))
+            state[path] = 1 - state[path]
+            flip(path, corpus[path]["documents"][state[path]])  # type: ignore[index]
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+            try:
+                conn.execute("BEGIN")
+                top = conn.execute("SELECT value FROM ocidx_counters WHERE name = 'version'").fetchone()[0]
+                changed = conn.execute(
+                    "SELECT l.path, n.tag, e.digest FROM layouts l JOIN entries e ON e.layout_id = l.id "
+                    "JOIN names n ON n.entry_id = e.id WHERE l.version > ? AND l.version <= ?",
+                    (watermark, top),
+                ).fetchall()
+                conn.execute("COMMIT")
+            finally:
+                conn.close()
+            churn_of: dict[str, list[str]] = {}
+            for path_value, tag, digest in changed:
+                if tag == "churn":
+                    churn_of.setdefault(path_value, []).append(digest)
+            for path_value, found in churn_of.items():
+                assert len(found) == 1 and found[0] in digests[path_value], (path_value, found)
+            assert top >= watermark
+            seen_versions.append(top)
+            watermark = top
+        assert daemon.stop() == 0
+    assert seen_versions == sorted(seen_versions)
