@@ -491,7 +491,30 @@ class Index:
             "children": count["children"],
             "layouts_with_errors": errors,
             "daemon": daemon,
+            **_fleet_status(conn, now),
         }
+
+
+def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:
+    """``fleet`` of ``status`` on a publishing host: connected or why not, the backlog, the last publish."""
+    row = conn.execute("SELECT host, state, since_ns, watermark, published_ns FROM fleet_publisher").fetchone()
+    if row is None:
+        return {}
+    host, state, since, watermark, published = row
+    backlog = (
+        conn.execute("SELECT count(*) FROM layouts WHERE version > ?", (watermark,)).fetchone()[0]
+        + conn.execute("SELECT count(*) FROM layout_removals WHERE version > ?", (watermark,)).fetchone()[0]
+    )
+    return {
+        "fleet": {
+            "host": host,
+            "connected": state == "connected",
+            "state": state,
+            "state_age_s": round((now - since) / 1e9, 3),
+            "backlog": backlog,
+            "last_published_age_s": None if published is None else round((now - published) / 1e9, 3),
+        }
+    }
 
 
 def _no_nul(text: str, what: str) -> None:
