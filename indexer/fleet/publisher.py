@@ -408,6 +408,16 @@ class Publisher:
             self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="ocidx publisher"
         )
         try:
+            row = await (
+                await conn.execute("SELECT session_user, pg_has_role(session_user, 'ocidx_publisher', 'MEMBER')")
+            ).fetchone()
+            assert row is not None
+            self.host = str(row[0])
+            not_a_host = FleetUnavailable(
+                f"role {self.host} is not a host of the fleet (run 'ocidx fleet add-host --dsn ADMIN_DSN {self.host}')"
+            )
+            if not row[1]:
+                raise not_a_host
             exists = await (await conn.execute("SELECT to_regclass('ocidx_migrations') IS NOT NULL")).fetchone()
             if not exists or not exists[0]:
                 raise FleetUnavailable("the fleet database has no ocidx fleet schema (run 'ocidx fleet migrate')")
@@ -415,16 +425,11 @@ class Publisher:
             problem = schema_problem(applied)
             if problem is not None:
                 raise problem
-            row = await (
-                await conn.execute("SELECT session_user, EXISTS (SELECT FROM hosts WHERE host = session_user)")
+            registered = await (
+                await conn.execute("SELECT EXISTS (SELECT FROM hosts WHERE host = session_user)")
             ).fetchone()
-            assert row is not None
-            self.host = str(row[0])
-            if not row[1]:
-                raise FleetUnavailable(
-                    f"role {self.host} is not a host of the fleet "
-                    f"(run 'ocidx fleet add-host --dsn ADMIN_DSN {self.host}')"
-                )
+            if not registered or not registered[0]:
+                raise not_a_host
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await conn.close()
