@@ -47,7 +47,7 @@ from indexer import config as config_mod
 from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
 from indexer.scanner import Counts, Scanner
-from indexer.store import path_of, path_value
+from indexer.store import maintenance, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
 
@@ -287,6 +287,8 @@ class Daemon:
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
+        self.wal_pinned_since: float | None = None  # monotonic time a reader was first seen pinning the WAL
+        self.wal_warned = False
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -355,6 +357,7 @@ class Daemon:
                 tg.start_soon(self._signals, tg.cancel_scope)
                 await self._start()
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._maintenance)
                 tg.start_soon(self._publish)
                 tg.start_soon(self._main)
         except BaseExceptionGroup as group:
@@ -418,6 +421,51 @@ class Daemon:
                 await self._set_row(heartbeat_ns=time.time_ns())
             except sqlite3.Error as exc:
                 log.warning("heartbeat not written: %s", exc)
+
+    async def _maintenance(self) -> None:
+        """Keep the WAL and the file bounded (store.maintenance); warn while a reader pins the WAL."""
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s)
+            if self.scanner is None:
+                continue  # the database is being rebuilt
+            try:
+                done = await self._db(functools.partial(maintenance.maintain, db_path=self.db_path))
+            except sqlite3.Error as exc:
+                log.warning("database maintenance not done: %s", exc)
+                continue
+            self._report_wal(done)
+
+    def _report_wal(self, done: maintenance.Maintenance) -> None:
+        mib = 1024 * 1024
+        if done.pinned:
+            if self.wal_pinned_since is None:
+                self.wal_pinned_since = time.monotonic()
+            if not self.wal_warned and done.wal_bytes > maintenance.WAL_LIMIT_BYTES:
+                self.wal_warned = True
+                pids = maintenance.holders(self.db_path)
+                held = f"; processes with it open: {', '.join(map(str, pids))}" if pids else ""
+                log.warning(
+                    "the WAL of %s is %.1f MiB and cannot be checkpointed: a reader has kept one read "
+                    "transaction open for at least %.0f s%s",
+                    self.db_path,
+                    done.wal_bytes / mib,
+                    time.monotonic() - self.wal_pinned_since,
+                    held,
+                    extra=_fields(event="wal_pinned", wal_bytes=done.wal_bytes, pids=pids),
+                )
+        elif self.wal_pinned_since is not None:
+            if self.wal_warned:
+                log.info(
+                    "the WAL of %s is checkpointed again: %.1f MiB, was %.1f MiB",
+                    self.db_path,
+                    done.wal_bytes / mib,
+                    done.wal_bytes_before / mib,
+                    extra=_fields(event="wal_released", wal_bytes=done.wal_bytes),
+                )
+            self.wal_pinned_since = None
+            self.wal_warned = False
+        if done.freed_pages:
+            log.debug("returned %d free pages of %s", done.freed_pages, self.db_path)
 
     async def _shutdown(self) -> None:
         watcher, self.watcher = self.watcher, None

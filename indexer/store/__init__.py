@@ -167,6 +167,9 @@ def open_writer(path: str) -> sqlite3.Connection:
             )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        from indexer.store import maintenance  # writers only: off the lookup path
+
+        maintenance.prepare(conn, new=not has_tables)
         migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
