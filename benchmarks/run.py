@@ -759,7 +759,7 @@ def fill_database(source: str, target: str, names: int, seed: str) -> int:
             identity = FileIdentity(0, number, len(model.index_bytes), old, old)
             content = "sha256:" + hashlib.sha256(model.index_bytes).hexdigest()
             snapshot = Snapshot(entries, tuple(children), warnings, content, identity)
-            batch.append(Read(f"/nonexistent/bench-filler/{number:06d}", snapshot, time.time_ns(), None))
+            batch.append(Read.of(f"/nonexistent/bench-filler/{number:06d}", snapshot, time.time_ns(), None))
             have += sum(len(e.names) for e in entries)
             number += 1
             if len(batch) >= 500:

@@ -1,20 +1,23 @@
-"""Batch scanning: discover layouts, skip the unchanged, read and parse in worker threads, write in batches.
+"""Batch scanning: discover layouts, skip the unchanged, read and parse in worker processes, write in batches.
 
-One :class:`Scanner` owns the only write connection. ``ocidx scan`` runs one
-:meth:`Scanner.full_pass`; the daemon runs the same pass at start-up and on
-its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
-reported. Each batch is read, parsed and written (one transaction) in a single
-worker-thread call, serialized with every other write (one thread hop per batch:
-research/python-anchors.md B4). Reading beside writing in two threads measured
-slower on 2 cores: both are GIL-bound (benchmarks/RESULTS.md).
+One :class:`Scanner` owns the only write connection (:class:`indexer.store.writer.Writer`, an
+aiosqlite connection). ``ocidx scan`` runs one :meth:`Scanner.full_pass`; the daemon runs the same
+pass at start-up and on its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
+reported. Layouts are read and parsed in batches by worker processes (:mod:`indexer.workers`), which
+return compact rows; while the writer writes batch k (one compare-and-set transaction), batches
+k+1..k+n are being parsed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import contextlib
 import os
 import sqlite3
 import sys
 import time
+from concurrent.futures.process import BrokenProcessPool
 
 import anyio
 import anyio.to_thread
@@ -22,17 +25,26 @@ import anyio.to_thread
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer import roots as roots_mod
-from indexer.discovery import discover, roots_for, settled, vanished
-from indexer.errors import LayoutError, LayoutUnreadable, printable
+from indexer import workers
+from indexer.discovery import discover, load_cache, roots_for, settled, store_cache, vanished
+from indexer.errors import printable
 from indexer.store import open_writer
 from indexer.store import read as db
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
+from indexer.store.writer import Writer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    from collections.abc import AsyncGenerator, Callable, Iterable
+    from concurrent.futures import Future
+    from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
+    from indexer.discovery import Listing
+    from indexer.store.write import LayoutRows
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
 
 COLD_BUILD_MIN_LAYOUTS = 500
 # How many changed (and removed) layouts a pass remembers by path, for the daemon's log.
@@ -40,38 +52,45 @@ LOGGED_PATHS = 10
 # A layout another writer keeps rewriting is examined again at most this often in one batch; past
 # that, the other writer's rows (at least as new as ours) stand until the next change or pass.
 CONFLICT_RETRIES = 4
+# A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
+POOL_MIN_LAYOUTS = 64
 
 
 def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False) -> Outcome | None:
     """Look at one layout: None when its stored state is provably current, else what to write."""
-    read_ns = time.time_ns()
+    if not full and stored is not None and _is_current(path, stored):
+        return None
+    return decide(workers.read_one(path, config.familiar, config.limits), stored, full=full)
+
+
+def _is_current(path: str, stored: db.StoredLayout) -> bool:
+    """Whether one ``stat`` of the layout's ``index.json`` proves its stored rows current."""
     try:
         st = os.stat(os.path.join(path, "index.json"))
-    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
-        if not layout_mod.is_layout_dir(path):
-            return Gone(path, stored) if stored is not None else None
-        return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns, stored)
-    except OSError as exc:
-        return Failed(path, LayoutUnreadable(f"{path}/index.json: {exc.strerror}"), None, read_ns, stored)
-    identity = layout_mod.FileIdentity.of(st)
-    if not full and stored is not None and stored.is_current(identity):
-        return None
-    try:
-        snapshot = layout_mod.read_layout(path, familiar=config.familiar, limits=config.limits)
-    except LayoutError as exc:
-        return Failed(path, exc, identity, read_ns, stored)
-    except Exception as exc:
-        error = LayoutError(f"{path}: unexpected {type(exc).__name__}: {exc}")
+    except OSError:
+        return False  # gone, or unreadable: the read says which
+    return stored.is_current(layout_mod.FileIdentity.of(st))
+
+
+def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool) -> Outcome | None:
+    """What to write for one read layout (a worker's :data:`workers.Result`), against *stored*."""
+    path, read_ns, kind, detail = result
+    if kind == workers.GONE:
+        return Gone(path, stored) if stored is not None else None
+    if kind == workers.FAILED:
+        error, ident = workers.failed_error(detail)
+        identity = layout_mod.FileIdentity(*ident) if ident is not None else None
         return Failed(path, error, identity, read_ns, stored)
-    if not full and stored is not None and stored.state == "ok" and stored.content_hash == snapshot.content_hash:
-        return Same(path, snapshot.identity, read_ns, stored)
-    return Read(path, snapshot, read_ns, stored)
+    rows: LayoutRows = detail  # type: ignore[assignment]
+    if not full and stored is not None and stored.state == "ok" and stored.content_hash == rows[1]:
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored)
+    return Read(path, rows, read_ns, stored)
 
 
 def examine_batch(
     paths: Iterable[str], stored: dict[str, db.StoredLayout], *, config: Config, full: bool
 ) -> list[Outcome]:
-    """Examine a batch of layouts in one worker-thread call."""
+    """Examine a batch of layouts in this process."""
     out = []
     for path in paths:
         outcome = examine(path, stored.get(path), config=config, full=full)
@@ -136,38 +155,64 @@ class Scanner:
     def __init__(self, db_path: str, config: Config) -> None:
         self.db_path = db_path
         self.config = config
-        self.conn: sqlite3.Connection = open_writer(db_path)
+        self.writer = Writer(db_path)
+        # The sqlite3 connection under the writer, for use outside a pass (no unit of the writer's
+        # thread is running then): tests, and the roots ``ocidx scan`` records after its pass.
+        self.conn: sqlite3.Connection = self.writer.conn
         restore_indexes(self.conn)  # a cold build killed half-way left them deferred
-        self._write_limiter = anyio.CapacityLimiter(1)
+        count = config.daemon.workers or workers.default_workers()
+        self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
     def close(self) -> None:
-        """Close the write connection (after PRAGMA optimize, when the database still allows it)."""
+        """Stop the workers and close the write connection."""
         try:
-            self.conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            pass  # a full disk or a damaged file: the error that matters was raised already
+            if self.pool is not None:
+                self.pool.close()
         finally:
-            self.conn.close()
+            self.writer.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` from the event loop (the workers are waited for in a thread)."""
+        with anyio.CancelScope(shield=True):
+            if self.pool is not None:
+                await anyio.to_thread.run_sync(self.pool.close)
+            await anyio.to_thread.run_sync(self.writer.close)
+
+    async def abandon(self) -> None:
+        """Stop the workers and close the connection without ``PRAGMA optimize`` (a corrupt database)."""
+        with anyio.CancelScope(shield=True):
+            if self.pool is not None:
+                await anyio.to_thread.run_sync(self.pool.close)
+            await anyio.to_thread.run_sync(self.writer.abandon)
+
+    async def on_writer(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs) -> T:
+        """Run ``fn(conn, *args)`` on the writer's connection, serialized with every batch."""
+        return await self.writer.run(fn, *args, **kw)
 
     async def _write(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Write outcomes decided outside a batch (removals); a conflicting one is left to the next pass."""
         if not outcomes:
             return []
-        applied = await anyio.to_thread.run_sync(apply, self.conn, outcomes, limiter=self._write_limiter)
+        applied = await self.on_writer(apply, outcomes)
         return applied.written
 
     async def _stored(self, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
-        def load() -> dict[str, db.StoredLayout]:
+        def load(conn: sqlite3.Connection) -> dict[str, db.StoredLayout]:
             if paths is None:
-                return {s.path: s for s in db.layouts(self.conn)}
+                return {s.path: s for s in db.layouts(conn)}
             out = {}
             for path in paths:
-                found = db.layout(self.conn, path)
+                found = db.layout(conn, path)
                 if found is not None:
                     out[path] = found
             return out
 
-        return await anyio.to_thread.run_sync(load, limiter=self._write_limiter)
+        return await self.on_writer(load)
+
+    def _uses_pool(self, count: int) -> bool:
+        """Worker processes for a pass with enough to read; a handful of changes (the daemon's common
+        case) is read in this process: a round trip to a worker would only add to its latency."""
+        return self.pool is not None and count >= POOL_MIN_LAYOUTS
 
     async def process(
         self,
@@ -178,70 +223,145 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
         extra: list[Outcome] | None = None,
     ) -> Counts:
-        """Examine *paths* in batches and write what changed, a batch per worker-thread call.
+        """Examine *paths* and write what changed, one transaction per batch.
 
-        Reading and writing in one thread, batch after batch, measured 28% less wall time and
-        33% less CPU than a reader thread beside the writer on 2 cores: both are GIL-bound, and
-        the reader waited for the GIL after every read (benchmarks/RESULTS.md).
+        Layouts whose ``index.json`` one ``stat`` proves unchanged are skipped here; the others are
+        read in batches by the worker processes while this process writes the batches already read
+        (or, for a few layouts or ``workers = 1``, read in a thread of this process).
         """
         if stored is None:
             stored = await self._stored(paths)
         counts = Counts()
-        size = max(1, self.config.daemon.batch_size)
-        batches = [paths[i : i + size] for i in range(0, len(paths), size)]
-        done = 0
-
-        def broken_and_skipped(batch: list[str], outcomes: list[Outcome]) -> int:
-            examined = {outcome.path for outcome in outcomes}
-            return sum(
+        if full:
+            unread: list[str] = list(paths)
+        else:
+            unread = await anyio.to_thread.run_sync(_unsettled, paths, stored)
+        skipped = len(paths) - len(unread)
+        if skipped:
+            unread_set = set(unread)
+            counts.seen += skipped
+            counts.unchanged += skipped
+            counts.still_broken += sum(
                 1
-                for path in batch
-                if path not in examined and (known := stored.get(path)) is not None and known.state == "error"
+                for path in paths
+                if path not in unread_set and (known := stored.get(path)) is not None and known.state == "error"
             )
-
-        def examine_and_write(batch: list[str]) -> list[Outcome]:
-            outcomes = examine_batch(batch, stored, config=self.config, full=full)
-            written: list[Outcome] = []
-            for _attempt in range(CONFLICT_RETRIES):
-                if not outcomes:
-                    break
-                applied = apply(self.conn, outcomes)
-                written.extend(applied.written)
-                if not applied.conflicts:
-                    break
-                # Another writer changed these layouts since *stored* was loaded: examine them again
-                # against the rows as they are now (compare-and-set, docs/design.md).
-                fresh = {path: found for path in applied.conflicts if (found := db.layout(self.conn, path))}
-                for path in applied.conflicts:
-                    stored.pop(path, None)
-                stored.update(fresh)
-                outcomes = examine_batch(applied.conflicts, stored, config=self.config, full=full)
-            return written
-
-        for batch in batches:
-            outcomes = await anyio.to_thread.run_sync(examine_and_write, batch, limiter=self._write_limiter)
-            counts.add(outcomes, len(batch), broken_and_skipped(batch, outcomes))
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(paths))
+        size = max(1, self.config.daemon.batch_size)
+        batches = [unread[i : i + size] for i in range(0, len(unread), size)]
+        done = skipped
+        if progress is not None and skipped:
+            progress(done, len(paths))
+        async with contextlib.aclosing(self._read(batches)) as reads:
+            async for batch, results in reads:
+                outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+                written = await self._apply(outcomes, stored, full)
+                counts.add(written, len(batch))
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(paths))
         if extra:
             applied = await self._write(list(extra))
             counts.add(applied, 0, 0)
         return counts
 
+    async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
+        """Each batch with its read results, in order; with a pool, up to two batches per worker are
+        being read while the caller writes the one before them."""
+        familiar, limits = self.config.familiar, self.config.limits
+        pool = self.pool
+        if pool is None or not self._uses_pool(sum(map(len, batches))):
+            for batch in batches:
+                yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
+            return
+        window = 2 * pool.workers
+        queue: collections.deque[tuple[list[str], asyncio.Future[list[workers.Result]]]] = collections.deque()
+        upcoming = iter(batches)
+        try:
+            while True:
+                while len(queue) < window and (following := next(upcoming, None)) is not None:
+                    queue.append((following, _wrap(pool.submit(following))))
+                if not queue:
+                    return
+                batch, future = queue.popleft()
+                try:
+                    results = await future
+                except BrokenProcessPool:
+                    # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
+                    # Read them again one layout at a time in a fresh pool to find the one that kills it.
+                    lost = [batch, *(b for b, _ in queue)]
+                    for _b, dropped in queue:
+                        dropped.add_done_callback(_retrieved)
+                    queue.clear()
+                    pool.broken()
+                    for lost_batch in lost:
+                        yield lost_batch, await self._read_alone(lost_batch)
+                    continue
+                yield batch, results
+        finally:
+            for _batch, future in queue:
+                future.add_done_callback(_retrieved)
+                future.cancel()
+
+    async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
+        """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
+        pool = self.pool
+        assert pool is not None
+        out: list[workers.Result] = []
+        for path in batch:
+            read_ns = time.time_ns()
+            try:
+                out.extend(await _wrap(pool.submit([path])))
+            except BrokenProcessPool as exc:
+                pool.broken()
+                out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
+        return out
+
+    async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
+        """Write one batch's outcomes (compare-and-set); a conflicting layout is examined again against
+        its row as it is now, up to CONFLICT_RETRIES times."""
+        written: list[Outcome] = []
+        familiar, limits = self.config.familiar, self.config.limits
+        for _attempt in range(CONFLICT_RETRIES):
+            if not outcomes:
+                break
+            applied = await self.on_writer(apply, outcomes)
+            written.extend(applied.written)
+            if not applied.conflicts:
+                break
+            # Another writer changed these layouts since *stored* was loaded: examine them again
+            # against the rows as they are now (compare-and-set, docs/design.md).
+            fresh = await self._stored(applied.conflicts)
+            for path in applied.conflicts:
+                stored.pop(path, None)
+            stored.update(fresh)
+            again = await anyio.to_thread.run_sync(_unsettled, applied.conflicts, stored) if not full else None
+            results = await anyio.to_thread.run_sync(
+                workers.read_batch, again if again is not None else applied.conflicts, familiar, limits
+            )
+            outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+        return written
+
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
-        """Every layout below *roots*, the problems met on the way, and the roots resolved."""
+        """Every layout below *roots*, the problems met on the way, and the roots resolved.
+
+        The walk lists only the directories the directory cache does not hold as they are, and
+        records what it listed (discovery.discover, migrations/0005).
+        """
         roots = list(roots)
+        cache = await self.on_writer(load_cache)
+        listed: dict[str, Listing] = {}
 
         def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
-                for path in discover(root, errors):
+                for path in discover(root, errors, cache, listed):
                     found[path] = None
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
-        return await anyio.to_thread.run_sync(walk)
+        paths, errors, resolved = await anyio.to_thread.run_sync(walk)
+        await self.on_writer(store_cache, listed, resolved, cache.keys())
+        return paths, errors, resolved
 
     async def full_pass(
         self,
@@ -262,15 +382,29 @@ class Scanner:
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS
         if cold:
-            await anyio.to_thread.run_sync(defer_indexes, self.conn, limiter=self._write_limiter)
+            await self.on_writer(defer_indexes)
         try:
             counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
         finally:
             if cold:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(restore_indexes, self.conn, limiter=self._write_limiter)
+                await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
         counts.error_messages[:0] = problems
         return counts
+
+
+def _retrieved(future: asyncio.Future[list[workers.Result]]) -> None:
+    """Mark the outcome of a read no longer waited for as seen (its batch is read again, or the pass ended)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _wrap(future: Future[list[workers.Result]]) -> asyncio.Future[list[workers.Result]]:
+    return asyncio.wrap_future(future)
+
+
+def _unsettled(paths: list[str], stored: dict[str, db.StoredLayout]) -> list[str]:
+    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read."""
+    return [path for path in paths if (known := stored.get(path)) is None or not _is_current(path, known)]
 
 
 def _progress_bar() -> Callable[[int, int], None]:

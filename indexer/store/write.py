@@ -41,15 +41,20 @@ if TYPE_CHECKING:
 
 
 class Read(Record):
-    """A layout whose ``index.json`` was read and parsed."""
+    """A layout whose ``index.json`` was read and parsed, as the rows to store (:func:`snapshot_rows`)."""
 
-    __slots__ = ("expected", "path", "read_ns", "snapshot")
+    __slots__ = ("expected", "path", "read_ns", "rows")
 
-    def __init__(self, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> None:
+    def __init__(self, path: str, rows: LayoutRows, read_ns: int, expected: StoredLayout | None) -> None:
         self.path = path
-        self.snapshot = snapshot
+        self.rows = rows
         self.read_ns = read_ns
         self.expected = expected
+
+    @classmethod
+    def of(cls, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> Read:
+        """The outcome of reading *snapshot* (its rows computed here, in this process)."""
+        return cls(path, snapshot_rows(snapshot), read_ns, expected)
 
 
 class Same(Record):
@@ -132,7 +137,7 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
                 continue
             written.append(outcome)
             if isinstance(outcome, Read):
-                changed += _store(conn, outcome.path, outcome.snapshot, outcome.read_ns, ids, versions, current)
+                changed += _store(conn, outcome.path, outcome.rows, outcome.read_ns, ids, versions, current)
             elif isinstance(outcome, Same):
                 assert current is not None  # a Same is only decided against a stored row
                 _touch(conn, current, outcome.identity, outcome.read_ns, versions)
@@ -223,9 +228,77 @@ def _annotations_json(annotations: dict[str, str]) -> str:
     return json.dumps(annotations, sort_keys=True) if annotations else "{}"
 
 
+if TYPE_CHECKING:
+    # What one read layout crosses the process boundary as (plain tuples pickle compactly):
+    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children);
+    # an entry (row_key, position, digest, media_type, size, platform, annotations, invalid_names, warnings),
+    # a name (entry's index in entries, name, tag, how), a child (entry's index in entries, position,
+    # parent, depth, digest, media_type, size, platform, annotations); JSON columns already encoded.
+    EntryRow = tuple[str, int, str, str, int, str | None, str, str | None, str | None]
+    NameRow = tuple[int, str, str, str]
+    ChildRow = tuple[int, int, str, int, str, str, int, str | None, str]
+    LayoutRows = tuple[
+        tuple[int, int, int, int, int], str, tuple[str, ...], list[EntryRow], list[NameRow], list[ChildRow]
+    ]
+
+
+def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
+    """The rows of *snapshot* as stored: row keys taken, JSON encoded (in a parsing worker, or here)."""
+    children_of: dict[int, list[Child]] = {}
+    for child in snapshot.children:
+        children_of.setdefault(child.entry_position, []).append(child)
+    entries: list[EntryRow] = []
+    names: list[NameRow] = []
+    children: list[ChildRow] = []
+    occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
+    for index, entry in enumerate(snapshot.entries):
+        kids = children_of.get(entry.position, [])
+        key = _row_key(entry, kids)
+        occurrence = occurrences.get(key, 0)
+        occurrences[key] = occurrence + 1
+        entries.append(
+            (
+                f"{key}#{occurrence}",
+                entry.position,
+                entry.digest,
+                entry.media_type,
+                entry.size,
+                platform_json(entry.platform),
+                _annotations_json(entry.annotations),
+                json.dumps(list(entry.invalid_names)) if entry.invalid_names else None,
+                json.dumps(list(entry.warnings)) if entry.warnings else None,
+            )
+        )
+        names.extend((index, n.name, n.tag, n.how) for n in entry.names)
+        children.extend(
+            (
+                index,
+                i,
+                c.parent,
+                c.depth,
+                c.digest,
+                c.media_type,
+                c.size,
+                platform_json(c.platform),
+                _annotations_json(c.annotations),
+            )
+            for i, c in enumerate(kids)
+        )
+    identity = snapshot.identity
+    return (
+        (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns),
+        snapshot.content_hash,
+        tuple(printable(w) for w in snapshot.warnings),
+        entries,
+        names,
+        children,
+    )
+
+
 def store_snapshot(conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int) -> int:
     """Diff *snapshot* into the rows of layout *path* (caller holds the transaction); 1 if rows changed."""
-    return _store(conn, path, snapshot, read_ns, _IdAllocator(conn), _Versions(conn), read.layout(conn, path))
+    rows = snapshot_rows(snapshot)
+    return _store(conn, path, rows, read_ns, _IdAllocator(conn), _Versions(conn), read.layout(conn, path))
 
 
 def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns: int) -> int:
@@ -238,13 +311,16 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
 def _store(
     conn: sqlite3.Connection,
     path: str,
-    snapshot: Snapshot,
+    rows: LayoutRows,
     read_ns: int,
     ids: _IdAllocator,
     versions: _Versions,
     current: StoredLayout | None,
 ) -> int:
-    identity = snapshot.identity
+    from indexer.layout import FileIdentity
+
+    ident, content_hash, warnings_now, entries, names, children = rows
+    identity = FileIdentity(*ident)
     now = time.time_ns()
     layout_id = conn.execute(
         """
@@ -259,52 +335,31 @@ def _store(
             identity_since_ns = excluded.identity_since_ns
         RETURNING id
         """,
-        (
-            path_value(path),
-            identity.dev,
-            identity.ino,
-            identity.size,
-            identity.mtime_ns,
-            identity.ctime_ns,
-            read_ns,
-            snapshot.content_hash,
-            now,
-            now,
-            len(snapshot.entries),
-            _since(current, identity, read_ns),
-        ),
+        (path_value(path), *ident, read_ns, content_hash, now, now, len(entries), _since(current, identity, read_ns)),
     ).fetchone()[0]
     published_before = (
         None
         if current is None
         else (current.content_hash, current.state, current.error_category, current.error, current.entry_count)
     )
-    children_of: dict[int, list[Child]] = {}
-    for child in snapshot.children:
-        children_of.setdefault(child.entry_position, []).append(child)
-
-    wanted: dict[str, tuple[Entry, list[Child]]] = {}
-    occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
-    for entry in snapshot.entries:
-        kids = children_of.get(entry.position, [])
-        key = _row_key(entry, kids)
-        occurrence = occurrences.get(key, 0)
-        occurrences[key] = occurrence + 1
-        wanted[f"{key}#{occurrence}"] = (entry, kids)
-
-    existing = {
-        key: (entry_id, position)
-        for entry_id, key, position in conn.execute(
-            "SELECT id, row_key, position FROM entries WHERE layout_id = ?", (layout_id,)
-        )
-    }
+    wanted = {row[0]: index for index, row in enumerate(entries)}
+    existing = (
+        {
+            key: (entry_id, position)
+            for entry_id, key, position in conn.execute(
+                "SELECT id, row_key, position FROM entries WHERE layout_id = ?", (layout_id,)
+            )
+        }
+        if current is not None
+        else {}
+    )
     stale = [(existing[key][0],) for key in existing.keys() - wanted.keys()]
     moved = [
-        (wanted[key][0].position, entry_id)
+        (entries[wanted[key]][1], entry_id)
         for key, (entry_id, position) in existing.items()
-        if key in wanted and wanted[key][0].position != position
+        if key in wanted and entries[wanted[key]][1] != position
     ]
-    fresh = [key for key in wanted if key not in existing]
+    fresh = {wanted[key] for key in wanted if key not in existing}
     if stale:
         conn.executemany("DELETE FROM names WHERE entry_id = ?", stale)
         conn.executemany("DELETE FROM children WHERE entry_id = ?", stale)
@@ -312,56 +367,31 @@ def _store(
     if moved:
         conn.executemany("UPDATE entries SET position = ? WHERE id = ?", moved)
     if fresh:
-        entry_rows: list[tuple[object, ...]] = []
-        name_rows: list[tuple[object, ...]] = []
-        child_rows: list[tuple[object, ...]] = []
-        for key in fresh:
-            entry, kids = wanted[key]
-            entry_id = ids.take()
-            entry_rows.append(
-                (
-                    entry_id,
-                    layout_id,
-                    entry.position,
-                    key,
-                    entry.digest,
-                    entry.media_type,
-                    entry.size,
-                    platform_json(entry.platform),
-                    _annotations_json(entry.annotations),
-                    json.dumps(list(entry.invalid_names)) if entry.invalid_names else None,
-                    json.dumps(list(entry.warnings)) if entry.warnings else None,
-                )
-            )
-            name_rows.extend((entry_id, layout_id, n.name, n.tag, n.how) for n in entry.names)
-            child_rows.extend(
-                (
-                    entry_id,
-                    layout_id,
-                    i,
-                    c.parent,
-                    c.depth,
-                    c.digest,
-                    c.media_type,
-                    c.size,
-                    platform_json(c.platform),
-                    _annotations_json(c.annotations),
-                )
-                for i, c in enumerate(kids)
-            )
-        conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", entry_rows)
-        conn.executemany("INSERT INTO names VALUES (?, ?, ?, ?, ?)", name_rows)
-        conn.executemany("INSERT INTO children VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", child_rows)
+        id_of = {index: ids.take() for index in sorted(fresh)}
+        conn.executemany(
+            "INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh],
+        )
+        conn.executemany(
+            "INSERT INTO names VALUES (?, ?, ?, ?, ?)",
+            [(id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh],
+        )
+        conn.executemany(
+            "INSERT INTO children VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh],
+        )
 
-    old_warnings = [
-        row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
-    ]
-    warnings = [printable(w) for w in snapshot.warnings]
+    old_warnings = (
+        [row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))]
+        if current is not None
+        else []
+    )
+    warnings = list(warnings_now)
     if old_warnings != warnings:
         conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
         conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in warnings])
     rows_changed = bool(stale or fresh or moved)
-    published_now = (snapshot.content_hash, "ok", None, None, len(snapshot.entries))
+    published_now = (content_hash, "ok", None, None, len(entries))
     if rows_changed or old_warnings != warnings or published_before != published_now:
         _stamp(conn, layout_id, path, versions)
     return 1 if rows_changed else 0
