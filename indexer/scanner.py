@@ -160,6 +160,7 @@ class Scanner:
         # thread is running then): tests, and the roots ``ocidx scan`` records after its pass.
         self.conn: sqlite3.Connection = self.writer.conn
         restore_indexes(self.conn)  # a cold build killed half-way left them deferred
+        self.problems: list[str] = []  # said once per pass, in its error messages
         count = config.daemon.workers or workers.default_workers()
         self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
@@ -262,6 +263,8 @@ class Scanner:
         if extra:
             applied = await self._write(list(extra))
             counts.add(applied, 0, 0)
+        counts.error_messages[:0] = self.problems
+        self.problems = []
         return counts
 
     async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
@@ -274,7 +277,7 @@ class Scanner:
                 yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
             return
         window = 2 * pool.workers
-        queue: collections.deque[tuple[list[str], asyncio.Future[list[workers.Result]]]] = collections.deque()
+        queue: collections.deque[tuple[list[str], asyncio.Future[bytes]]] = collections.deque()
         upcoming = iter(batches)
         try:
             while True:
@@ -284,7 +287,7 @@ class Scanner:
                     return
                 batch, future = queue.popleft()
                 try:
-                    results = await future
+                    results = workers.unpack(await future)
                 except BrokenProcessPool:
                     # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
                     # Read them again one layout at a time in a fresh pool to find the one that kills it.
@@ -293,6 +296,13 @@ class Scanner:
                         dropped.add_done_callback(_retrieved)
                     queue.clear()
                     pool.broken()
+                    if not await _starts(pool):
+                        # Workers that cannot even start (no interpreter for them, a process limit):
+                        # no layout is to blame; read the rest of the pass in this process.
+                        self.problems.append("worker processes could not be started: reading layouts in this process")
+                        for rest in [*lost, *upcoming]:
+                            yield rest, await anyio.to_thread.run_sync(workers.read_batch, rest, familiar, limits)
+                        return
                     for lost_batch in lost:
                         yield lost_batch, await self._read_alone(lost_batch)
                     continue
@@ -310,7 +320,7 @@ class Scanner:
         for path in batch:
             read_ns = time.time_ns()
             try:
-                out.extend(await _wrap(pool.submit([path])))
+                out.extend(workers.unpack(await _wrap(pool.submit([path]))))
             except BrokenProcessPool as exc:
                 pool.broken()
                 out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
@@ -392,13 +402,23 @@ class Scanner:
         return counts
 
 
-def _retrieved(future: asyncio.Future[list[workers.Result]]) -> None:
+async def _starts(pool: workers.Pool) -> bool:
+    """Whether a fresh pool runs a task at all."""
+    try:
+        await _wrap(pool.submit([]))
+    except BrokenProcessPool:
+        pool.broken()
+        return False
+    return True
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
     """Mark the outcome of a read no longer waited for as seen (its batch is read again, or the pass ended)."""
     if not future.cancelled():
         future.exception()
 
 
-def _wrap(future: Future[list[workers.Result]]) -> asyncio.Future[list[workers.Result]]:
+def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
     return asyncio.wrap_future(future)
 
 
