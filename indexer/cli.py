@@ -188,9 +188,17 @@ def _warn(message: str) -> None:
     sys.stderr.write(printable(message) + "\n")
 
 
+class _Said(str):
+    """A field that is a message (a warning, an error), escaped when it was made: not escaped again."""
+
+    __slots__ = ()
+
+
 def _line(*fields: object) -> None:
-    """One line of tab-separated fields on stdout, each field safe for a terminal."""
-    sys.stdout.write("\t".join(printable(str(f)) for f in fields) + "\n")
+    """One line of tab-separated fields on stdout: values escaped reversibly, messages as they were made."""
+    sys.stdout.write(
+        "\t".join(printable(f) if isinstance(f, _Said) else printable(str(f), reversible=True) for f in fields) + "\n"
+    )
 
 
 def _index(args: argparse.Namespace) -> Index:
@@ -277,6 +285,7 @@ def cmd_find(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     """``ocidx ls [PATH]``: layouts (below PATH) with their state, or the layout PATH in detail."""
     from indexer.errors import NotFound
+    from indexer.names import quote_value
 
     with _index(args) as index:
         rows = None
@@ -295,7 +304,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                 _emit(rows)
             else:
                 for row in rows:
-                    error = [f"{row['error']}: {row['message']}"] if row["error"] else []
+                    error = [_Said(f"{row['error']}: {row['message']}")] if row["error"] else []
                     _line(row["layout"], row["state"], _plural(row["entries"], "entry"), *error)
             return 0
     if args.json:
@@ -303,18 +312,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     _line(detail["layout"], detail["state"], detail["freshness"])
     for warning in detail["warnings"]:  # type: ignore[attr-defined]
-        _line(f"  warning: {warning}")
+        _line(_Said(f"  warning: {warning}"))
     for entry in detail["entries"]:  # type: ignore[attr-defined]
         platform = entry["platform"]
         _line(f"  {entry['digest']}", entry["mediaType"], *([_platform(platform)] if platform else []))
         for name in entry["names"]:
             _line(f"    {_name_text(name['name'], name['tag'])}", f"({name['how']})")
         for raw in entry["invalid_names"]:
-            _line(f"    {raw!r}", "(invalid)")
+            # Shortened and quoted as a warning quotes it: a name may be as long as index.json allows.
+            _line(_Said(f"    {quote_value(str(raw))}"), "(invalid)")
         for child in entry["children"]:
             _line(f"    {_platform(child['platform'])}", child["digest"], child["mediaType"])
         for warning in entry["warnings"]:
-            _line(f"    warning: {warning}")
+            _line(_Said(f"    warning: {warning}"))
     return 0
 
 

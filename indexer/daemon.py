@@ -48,7 +48,7 @@ from indexer import roots as roots_mod
 from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
 from indexer.scanner import LOGGED_PATHS, Counts, Scanner
-from indexer.store import maintenance, path_of, path_value
+from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
 
@@ -98,8 +98,22 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        """The standard line with control characters taken from layouts escaped."""
-        return printable(super().format(record)).replace("\\x0a", "\n    ")
+        """The standard line with control characters taken from layouts escaped.
+
+        The message is one line whatever it holds: a newline in a path stays ``\\x0a``. Only a
+        traceback (our own text) spans lines, each escaped and indented below the message.
+        """
+        record.message = printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra = []
+        if record.exc_info:
+            extra.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for text in extra:
+            line += "".join("\n    " + printable(part) for part in text.split("\n"))
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -150,7 +164,9 @@ class DatabaseLock:
         """Take the lock or raise DaemonError naming the pid that holds it."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # A symlink or another user's file planted at the lock's name is refused (UnsafeFile):
+            # the pid is written into the file, which must be this user's own.
+            fd, _created = open_beside_database(self.path)
         except OSError as exc:
             raise DaemonError(f"cannot open the daemon lock {self.path}: {exc.strerror}") from None
         try:
@@ -245,6 +261,7 @@ def move_aside(path: str) -> str:
 
 def open_scanner(db_path: str, config: Config) -> Scanner:
     """The writer, after moving a corrupt database aside (it is rebuilt by the first pass)."""
+    check_database_files(db_path)  # before the corruption check opens it
     reason = corruption_of(db_path)
     if reason is None:
         try:

@@ -408,3 +408,21 @@ def test_settles_at() -> None:
     future = 100 * window
     assert read.settles_at(future, future, 10 * window, 10 * window) == 11 * window
     assert read.settles_at(future, future, 10 * window, None) == future + window + 1
+
+
+def test_settles_at_sql_is_the_same_rule() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE layouts (mtime_ns INTEGER, ctime_ns INTEGER, read_ns INTEGER, identity_since_ns INTEGER)"
+    )
+    window = read.RACY_WINDOW_NS
+    cases = [
+        (1_000, 2_000, 10 * window, None),
+        (1_000, 2_000, 10 * window, 9 * window),
+        (100 * window, 100 * window, 10 * window, 10 * window),
+        (100 * window, 5, 10 * window, None),
+        (5, 100 * window, 12 * window, 8 * window),
+    ]
+    conn.executemany("INSERT INTO layouts VALUES (?, ?, ?, ?)", cases)
+    got = [row[0] for row in conn.execute(f"SELECT {read.SETTLES_AT_SQL} FROM layouts ORDER BY rowid")]
+    assert got == [read.settles_at(*case) for case in cases]
