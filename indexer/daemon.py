@@ -58,6 +58,7 @@ if TYPE_CHECKING:
     from typing import TypeVar
 
     from indexer.config import Config, Root
+    from indexer.metrics import Metrics
 
     T = TypeVar("T")
 
@@ -307,6 +308,8 @@ class Daemon:
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
+        self.metrics: Metrics | None = None  # [metrics] in the config (indexer.metrics, imported only then)
+        self.woke = time.monotonic()  # when a change last woke the loop: an update's latency starts there
         self.wal_pinned_since: float | None = None  # monotonic time a reader was first seen pinning the WAL
         self.wal_warned = False
 
@@ -394,6 +397,15 @@ class Daemon:
         with anyio.CancelScope(shield=True):  # a signal now still leaves a scanner to close
             self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
+        if self.config.metrics.enabled:
+            from indexer.metrics import Metrics
+
+            self.metrics = Metrics(self.config.metrics, self.db_path)
+            url = self.metrics.start()
+            where = ", ".join(w for w in (url, self.config.metrics.textfile) if w)
+            log.info(
+                "metrics: %s", where, extra=_fields(event="metrics", url=url, textfile=self.config.metrics.textfile)
+            )
         log.info(
             "ocidx daemon %d started on %s, roots: %s",
             os.getpid(),
@@ -419,9 +431,25 @@ class Daemon:
             if self.scanner is None:
                 continue  # the database is being rebuilt
             try:
-                await self._set_row(heartbeat_ns=time.time_ns())
+                beat_ns = time.time_ns()
+                await self._set_row(heartbeat_ns=beat_ns)
             except sqlite3.Error as exc:
                 log.warning("heartbeat not written: %s", exc)
+                continue
+            if self.metrics is not None:
+                self.metrics.beat(beat_ns)
+                await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        """Refresh the gauges from the index and rewrite the textfile; a failure is logged once."""
+        metrics = self.metrics
+        if metrics is None or self.scanner is None:
+            return
+        try:
+            await self._db(metrics.refresh)
+            await anyio.to_thread.run_sync(metrics.write_textfile)
+        except (OSError, sqlite3.Error) as exc:
+            self._report(f"metrics not updated: {exc}")
 
     async def _maintenance(self) -> None:
         """Keep the WAL and the file bounded (store.maintenance); warn while a reader pins the WAL."""
@@ -469,6 +497,8 @@ class Daemon:
             log.debug("returned %d free pages of %s", done.freed_pages, self.db_path)
 
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            await anyio.to_thread.run_sync(self.metrics.stop)
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await anyio.to_thread.run_sync(watcher.stop)
@@ -612,8 +642,12 @@ class Daemon:
         started = time.perf_counter()
         counts = await scanner.full_pass(self.roots)
         self.last_pass_s = time.perf_counter() - started
-        await self._set_row(last_reconcile_ns=time.time_ns())
+        ended_ns = time.time_ns()
+        await self._set_row(last_reconcile_ns=ended_ns)
         self._log_counts("reconcile", counts, time.perf_counter() - started, why)
+        if self.metrics is not None:
+            self.metrics.passed(counts, self.last_pass_s, reconcile=True, ended_ns=ended_ns)
+            await self._publish_metrics()
         self.racy = await self._db(_racy_layouts)
 
     async def _process(self, pending: Pending) -> None:
@@ -633,6 +667,8 @@ class Daemon:
         ordered = sorted(paths)
         counts = await scanner.process(ordered)
         self._log_counts("update", counts, time.perf_counter() - started, None)
+        if self.metrics is not None:
+            self.metrics.passed(counts, time.monotonic() - self.woke, reconcile=False, ended_ns=time.time_ns())
         for path in ordered:
             self.racy.pop(path, None)
         self.racy.update(await self._db(functools.partial(_racy_layouts, paths=ordered)))
@@ -692,6 +728,7 @@ class Daemon:
             await self._wait()
             now = time.monotonic()
             if self.wake.is_set():
+                self.woke = now
                 self.wake = anyio.Event()
                 if self.settings.debounce_ms and not self.reconcile_reasons:
                     await anyio.sleep(self.settings.debounce_ms / 1000)
@@ -702,6 +739,9 @@ class Daemon:
                 self.mode_check_due = now + self.settings.reconcile_s
                 await self._choose_mode()
             pending = self.dirty.drain()
+            if self.metrics is not None:
+                self.metrics.watched(len(pending.layouts) + len(pending.trees))
+                self.metrics.lost(len(pending.lost))
             reasons = list(self.reconcile_reasons) + pending.lost
             self.reconcile_reasons.clear()
             if time.monotonic() >= self.reconcile_due:
