@@ -14,6 +14,10 @@ from test_daemon import Daemon, daemons, tmp, wait_until
 from indexer import config as config_mod
 from indexer.errors import ConfigError
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from pg_cluster import FleetDb
+
 pytestmark = pytest.mark.integration
 __all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
@@ -143,3 +147,19 @@ def test_a_port_in_use_is_a_clear_error(daemons: list[Daemon], tmp: str) -> None
         assert daemon.proc is not None
         assert daemon.proc.wait(10) == 1
     assert f"metrics.listen 127.0.0.1:{port} cannot be served" in daemon.log()
+
+
+def test_the_fleet_reports_its_publish_backlog(fleet_db: FleetDb, daemons: list[Daemon], tmp: str) -> None:
+    root = os.path.join(tmp, "root")
+    lay = Layout(os.path.join(root, "lay"))
+    lay.write_index([named(lay.manifest(), ref="v1")])
+    daemon = Daemon(tmp, [root], env={"OCIDX_FLEET_DSN": fleet_db.add_host("metrics-host")})
+    with open(daemon.config, "a", encoding="utf-8") as f:
+        f.write('\n[metrics]\nlisten = "127.0.0.1:0"\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    match = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", daemon.log())
+    assert match is not None, daemon.log()
+    # Published: the backlog gauge is there, and drains to 0 once the layout reached PostgreSQL.
+    wait_until(lambda: _scrape(match.group(1)).get("ocidx_publish_backlog") == 0, "the backlog is reported, 0")
+    assert daemon.stop() == 0
