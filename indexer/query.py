@@ -493,9 +493,10 @@ class Index:
         return answers
 
     def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
-        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few intervals."""
-        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns FROM daemon WHERE id = 1").fetchone()
-        if row is None or row[1] is None or row[2] is not None or not _pid_alive(row[0]):
+        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few
+        intervals, and watching with inotify (polling sees a change only at its next pass)."""
+        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns, watch_mode FROM daemon WHERE id = 1").fetchone()
+        if row is None or row[1] is None or row[2] is not None or row[3] != "inotify" or not _pid_alive(row[0]):
             return False
         age_s = (time.time_ns() - int(row[1])) / 1e9
         return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s

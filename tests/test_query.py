@@ -641,7 +641,10 @@ def test_find_verify_all_sees_matches_the_index_does_not_hold(tmp_path: str, oci
     a, image_a, _, _ = _two_layouts(tmp_path, ocidx)
     # A live daemon (this process, heartbeat now) that has not yet seen the change: find trusts it.
     with sqlite3.connect(ocidx.db) as conn:
-        conn.execute("UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL", (os.getpid(), time.time_ns()))
+        conn.execute(
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL, watch_mode = 'inotify'",
+            (os.getpid(), time.time_ns()),
+        )
     a.write_index([named(image_a, ref="latest"), named(image_a, ref="fresh")])
     assert ocidx("find", ":fresh")[0] == 1
     code, found = ocidx.json("find", "--verify-all", ":fresh")
