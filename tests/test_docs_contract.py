@@ -202,7 +202,7 @@ def test_error_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
 def test_nothing_cites_a_contract_outside_the_repository() -> None:
     """docs/semantics.md and docs/json.md are the contract: no file cites one that is not shipped."""
     outside = re.compile("SP" + r"EC(\.md| §)|\.\./sha" + "red")  # spelled apart: this file is scanned too
-    cited = []
+    cited: list[str] = []
     for top in ("indexer", "tests", "docs", "benchmarks", "migrations", "scripts"):
         for directory, _dirs, files in os.walk(os.path.join(ROOT, top)):
             for name in files:
