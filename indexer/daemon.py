@@ -691,7 +691,9 @@ class Daemon:
         counts = await scanner.process(ordered)
         self._log_counts("update", counts, time.perf_counter() - started, None)
         if self.metrics is not None:
-            self.metrics.passed(counts, time.monotonic() - self.woke, reconcile=False, ended_ns=time.time_ns())
+            woken = bool(pending.layouts or pending.trees)  # not only the racy re-checks of a timer
+            latency = time.monotonic() - self.woke if woken else None
+            self.metrics.passed(counts, latency, reconcile=False, ended_ns=time.time_ns())
         for path in ordered:
             self.racy.pop(path, None)
         self.racy.update(await self._db(functools.partial(_racy_layouts, paths=ordered)))

@@ -166,15 +166,17 @@ class Metrics:
         if times:
             self.lost_events.inc(times)
 
-    def passed(self, counts: Counts, seconds: float, *, reconcile: bool, ended_ns: int) -> None:
-        """One pass ended: a reconcile (its duration) or an update (its latency)."""
+    def passed(self, counts: Counts, seconds: float | None, *, reconcile: bool, ended_ns: int) -> None:
+        """One pass ended: a reconcile (*seconds*: its duration) or an update (*seconds*: its latency
+        from the change that woke the daemon; None for the daemon's own re-checks, which no change woke)."""
         self.changed.inc(counts.changed)
         self.removed.inc(counts.removed)
         self.layout_errors.inc(counts.errors)
         if reconcile:
-            self.reconcile_seconds.observe(seconds)
+            if seconds is not None:
+                self.reconcile_seconds.observe(seconds)
             self.last_reconcile.set(ended_ns / 1e9)
-        else:
+        elif seconds is not None:
             self.update_seconds.observe(seconds)
 
     def set_publish_backlog(self, pending: int) -> None:
