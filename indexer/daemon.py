@@ -608,9 +608,9 @@ class Daemon:
         for root in self.roots:
             if root.path not in self.pending_roots:
                 continue
-            missing = _missing_root(root.path)
-            if not await anyio.to_thread.run_sync(os.path.isdir, root.path):
-                self._report(missing)
+            problem = await anyio.to_thread.run_sync(_root_problem, root.path)
+            if problem is not None:
+                self._report(problem)
                 continue
             try:
                 await anyio.to_thread.run_sync(watcher.schedule, root)
@@ -618,7 +618,7 @@ class Daemon:
                 self._report(f"root {root.path} cannot be watched: {exc.strerror or exc}")
                 continue
             self.pending_roots.discard(root.path)
-            self.reported.discard(missing)
+            self.reported -= {m for m in self.reported if m.startswith(f"root {root.path} ")}  # said again if lost
             added = True
             log.info("watching root %s", root.path, extra=_fields(event="root_watched", root=root.path))
         return added
@@ -735,9 +735,10 @@ class Daemon:
         )
 
     def _report_layout(self, message: str) -> None:
-        if message.startswith("root ") and "No such file" in message:
+        if message.startswith("root ") and ("No such file" in message or message.endswith(" is not a directory")):
             # A missing root: said once (the same words as the watcher's check), not on every poll.
-            self._report(_missing_root(message[len("root ") :].rpartition(": ")[0]))
+            path = message[len("root ") :].rpartition(": ")[0] or message[len("root ") : -len(" is not a directory")]
+            self._report(_root_problem(path) or message)
         else:
             log.warning("%s", message, extra=_fields(event="layout_error"))
 
@@ -840,8 +841,14 @@ class Daemon:
         self._request_reconcile("the database was rebuilt")
 
 
-def _missing_root(path: str) -> str:
-    """What to do about a root that does not exist: one message, logged once."""
+def _root_problem(path: str) -> str | None:
+    """What to do about a root that is not a directory (or None when it is one): logged once."""
+    if os.path.isdir(path):
+        return None
+    if os.path.lexists(path):
+        return (
+            f"root {path} is not a directory: point [[roots]] path (or the ROOT argument) at the directory of layouts"
+        )
     return (
         f"root {path} does not exist (yet); it is indexed as soon as it appears: create it "
         f"(mkdir -p {path}) and put layouts in it, for example "

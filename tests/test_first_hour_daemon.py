@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 
 import pytest
 from layouts import Layout, named
@@ -65,4 +66,27 @@ def test_the_json_log_names_the_changed_layouts(daemons: list[Daemon], tmp: str)
         return any(e.get("event") in ("update", "reconcile") and e.get("changed_layouts") == [lay.path] for e in events)
 
     wait_until(named_in_log, "a JSON line with changed_layouts")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["inotify", "polling"])
+def test_a_root_that_is_a_file_is_said_once(daemons: list[Daemon], tmp: str, mode: str) -> None:
+    readme = os.path.join(tmp, "README.md")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write("# not a directory\n")
+    daemon = Daemon(tmp, [readme], env={"OCIDX_WATCH_MODE": mode} if mode == "polling" else None)
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+
+    def reconciled() -> int:
+        with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT last_reconcile_ns FROM daemon").fetchone()[0] or 0)
+
+    first = reconciled()
+    if mode == "polling":  # another pass (every 2 s when polling) must not say it again
+        wait_until(lambda: reconciled() > first, "a second polling pass")
+    log = daemon.log()
+    assert log.count("is not a directory") == 1, log
+    assert f"root {readme} is not a directory: point [[roots]] path" in log
+    assert "does not exist" not in log
     assert daemon.stop() == 0
