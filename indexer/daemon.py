@@ -344,7 +344,7 @@ class Daemon:
 
         def write(conn: sqlite3.Connection) -> None:
             # The layouts of earlier scans stay indexed: `find` keeps walking their roots too.
-            roots = roots_mod.to_json([*(roots_mod.recorded(conn) or []), *self.roots])
+            roots = roots_mod.merged(conn, self.roots, watched=True)
             conn.execute(
                 """
                 INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)

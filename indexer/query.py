@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Concatenate, ParamSpec, TypeVar
 
-    from indexer.config import Config
+    from indexer.config import Config, Root
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -455,9 +455,12 @@ class Index:
         scope = set(in_index)
         unverified = None
         every = None
-        if not self._daemon_alive(conn):
+        # A live daemon keeps its own roots current; the others (those only scans walked, or all of
+        # them without a daemon) are walked here.
+        walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
+        if walk is None or walk:
             every = {s.path: s for s in db.layouts(conn)}
-            changed, unverified = _changed_below_roots(conn, every)
+            changed, unverified = _changed_below_roots(every, walk)
             scope.update(changed)
             stored = every
         if verify_all:
@@ -591,10 +594,11 @@ def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> 
     return f" (did you mean the tag ':{query.word}'?)"
 
 
-def _changed_below_roots(conn: sqlite3.Connection, stored: dict[str, db.StoredLayout]) -> tuple[list[str], str | None]:
-    """The layouts below the recorded roots that are new or changed since they were indexed, and why
-    that list may be incomplete (None when it is exact)."""
-    recorded = roots_mod.recorded(conn)
+def _changed_below_roots(
+    stored: dict[str, db.StoredLayout], recorded: list[Root] | None
+) -> tuple[list[str], str | None]:
+    """The layouts below the *recorded* roots that are new or changed since they were indexed, and
+    why that list may be incomplete (None when it is exact)."""
     if recorded is None:
         return [], (
             "no daemon is running and this index records no roots, so layouts added or changed since "
@@ -603,8 +607,8 @@ def _changed_below_roots(conn: sqlite3.Connection, stored: dict[str, db.StoredLa
     # A root that does not exist holds no layout: the walk of the others is still exact.
     _present, changed, _gone, errors = changes(stored, [r for r in recorded if os.path.isdir(r.path)])
     if errors:
-        why = f"no daemon is running and the roots could not all be read ({errors[0]})"
-        return changed, f"{why}: this answer may miss layouts"
+        why = f"the roots no running daemon watches could not all be read ({errors[0]})"
+        return changed, f"{why}: this answer may miss layouts there"
     return changed, None
 
 

@@ -12,7 +12,9 @@ import pytest
 from cli_run import ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
+from indexer import roots as roots_mod
 from indexer.cli import build_parser
+from indexer.config import Root
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -111,10 +113,11 @@ def test_find_trusts_the_index_only_while_a_watching_daemon_is_alive(
         stopped = now
     elif row == "pid gone":
         pid = 2**22 + 12345  # above pid_max's default: no such process
+    watching = roots_mod.to_json([(Root(os.path.realpath(root)), True)])  # as the daemon records its roots
     with sqlite3.connect(db) as conn:
         conn.execute(
-            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = ?",
-            (pid, heartbeat, stopped, mode),
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = ?, roots = ?",
+            (pid, heartbeat, stopped, mode, watching),
         )
     new = Layout(os.path.join(root, "new"))
     new.write_index([named(new.manifest(), ref="v9")])

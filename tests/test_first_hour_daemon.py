@@ -11,6 +11,8 @@ import pytest
 from layouts import Layout, named
 from test_daemon import Daemon, daemons, run_daemon, tmp, wait_until
 
+from indexer.cli import main
+
 pytestmark = pytest.mark.integration
 __all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
@@ -89,4 +91,27 @@ def test_a_root_that_is_a_file_is_said_once(daemons: list[Daemon], tmp: str, mod
     assert log.count("is not a directory") == 1, log
     assert f"root {readme} is not a directory: point [[roots]] path" in log
     assert "does not exist" not in log
+    assert daemon.stop() == 0
+
+
+def test_find_walks_the_roots_of_earlier_scans_that_the_live_daemon_does_not_watch(
+    daemons: list[Daemon], tmp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    watched, scanned = os.path.join(tmp, "watched"), os.path.join(tmp, "scanned")
+    Layout(os.path.join(watched, "a")).write_index([])
+    Layout(os.path.join(scanned, "b")).write_index([])
+    daemon = Daemon(tmp, [watched])
+    assert main(["scan", "--db", daemon.db, "--no-progress", scanned]) == 0
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    late = Layout(os.path.join(scanned, "late"))  # below a root the daemon does not watch
+    image = late.manifest()
+    late.write_index([named(image, ref="late")])
+    capsys.readouterr()
+    assert main(["find", "--db", daemon.db, "--json", ":late"]) == 0
+    out, err = capsys.readouterr()
+    assert [(a["layout"], a["digest"], a["freshness"]) for a in json.loads(out)] == [
+        (late.path, image["digest"], "read-through")
+    ]
+    assert err == ""
     assert daemon.stop() == 0
