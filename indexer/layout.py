@@ -638,8 +638,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
             raise LayoutUnreadable(f"{path} became a symlink while it was opened; refused") from None
         raise LayoutUnreadable(_open_error(path, exc)) from None
     try:
-        if inside is not None:
-            _check_opened_inside(fd, path, inside)
+        _check_opened(fd, path, target, inside)
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
@@ -678,15 +677,23 @@ def _index_target(path: str) -> tuple[str, str | None]:
     return real, inside
 
 
-def _check_opened_inside(fd: int, path: str, inside: str) -> None:
-    """Raise unless the file open at *fd* is inside the layout: a directory on the way may have been
-    swapped for a symlink between the resolution and the open (the kernel knows where *fd* is)."""
+def _check_opened(fd: int, path: str, target: str, inside: str | None) -> None:
+    """Raise unless the file open at *fd* is the one meant: *target* itself (``index.json`` that is no
+    symlink), or a file below *inside* (one it links to inside the layout). A directory on the way may
+    have been swapped for a symlink between the checks and the open; the kernel knows where *fd* is.
+
+    Callers pass the layout's real path, as discovery and lookups resolve it, so that *target* is
+    where the file must be.
+    """
     try:
         opened = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return  # no /proc: the resolution just made is all there is
-    if not opened.startswith(inside):
-        raise LayoutUnreadable(f"{path} led outside the layout while it was opened (to {opened}); refused")
+        return  # no /proc: the checks just made are all there is
+    # A file rename-replaced after our open is the old version, still at the path it had.
+    opened = opened.removesuffix(" (deleted)")
+    if opened == os.path.abspath(target) if inside is None else opened.startswith(inside):
+        return
+    raise LayoutUnreadable(f"{path} led outside the layout while it was opened (to {opened}); refused")
 
 
 def _read_all(fd: int, limit: int, expected: int) -> bytes:
