@@ -593,9 +593,10 @@ class Daemon:
         await self._schedule_pending()
         await self._set_mode("inotify")
         log.info(
-            "watching %d roots with inotify (%d directories)",
-            len(watcher.roots),
+            "watching %s with inotify (%d director%s)",
+            "1 root" if len(watcher.roots) == 1 else f"{len(watcher.roots)} roots",
             directories,
+            "y" if directories == 1 else "ies",
             extra=_fields(event="watch_mode", watch_mode="inotify", directories=directories),
         )
 

@@ -44,6 +44,7 @@ def test_the_log_names_the_changed_layouts_and_counts_a_big_batch(daemons: list[
     shown = first[0].split("; changed: ")[1].removesuffix(" and 9 more").split(", ")
     assert len(shown) == 3 and set(shown) <= {lay.path for lay in many}, first[0]
     assert "12 layouts looked at" in first[0]
+    assert "watching 1 root with inotify (" in daemon.log()  # plurals as a person writes them
     one = many[5]
     one.write_index([named(one.manifest(label="again"), ref="v1")])
     wait_until(
