@@ -435,10 +435,11 @@ class Index:
 
     def _not_found_message(self, view: View, query: Query) -> str:
         held = db.sample_names(view.conn, view.layout_id, limit=SHOWN + 1)
+        more = ""
         if len(held) > SHOWN:
-            more = db.count_names(view.conn, view.layout_id) - SHOWN
-            held = [*held[:SHOWN], f"and {more} more (ocidx ls {view.path})"]
-        held_text = f"; it holds {', '.join(held)}" if held else "; it holds no named images"
+            more = f" and {db.count_names(view.conn, view.layout_id) - SHOWN} more (ocidx ls {view.path})"
+            held = held[:SHOWN]
+        held_text = f"; it holds {', '.join(held)}{more}" if held else "; it holds no named images"
         return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
 
     @_database_errors
@@ -619,14 +620,16 @@ def _missing(text: str) -> str:
         return f"{path} is not an OCI layout (no index.json or oci-layout)"
     if os.path.lexists(path):
         return f"{path} is not a directory, so not an OCI layout"
-    return f"{path} does not exist" + _absolute_hint(text)
+    return f"{path} does not exist" + _absolute_hint(text, target=True)
 
 
-def _absolute_hint(text: str) -> str:
-    """``; did you mean /PATH?`` when *text* is a relative path that does not exist but ``/PATH`` does."""
+def _absolute_hint(text: str, *, target: bool = False) -> str:
+    """``; did you mean /PATH?`` when *text* is a relative path that does not exist but ``/PATH`` does
+    (with how to write it in an ``oci-layout://`` *target*, where one slash too few is easy to miss)."""
     if os.path.isabs(text) or os.path.lexists(text) or not os.path.lexists("/" + text):
         return ""
-    return f"; did you mean /{text}? (oci-layout:///{text}, with three slashes, names an absolute path)"
+    tip = f" (oci-layout:///{text}, with three slashes, names an absolute path)" if target else ""
+    return f"; did you mean /{text}?{tip}"
 
 
 def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:

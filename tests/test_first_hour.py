@@ -229,7 +229,7 @@ def test_not_found_says_how_many_more_names_the_layout_holds(tmp_path: str, caps
     lay.write_index([named(lay.manifest(), ref=f"t{i}") for i in range(8)])
     code, _, err = ocidx(capsys, "resolve", f"oci-layout://{lay.path}:nosuch")
     assert code == 1
-    assert "and 3 more" in err
+    assert ":t4 and 3 more" in err
     assert f"ocidx ls {os.path.realpath(lay.path)}" in err
 
 
