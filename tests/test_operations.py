@@ -105,9 +105,10 @@ def test_the_example_config_loads_with_absolute_paths() -> None:
 def test_operations_md_shows_exactly_the_shipped_files() -> None:
     doc = os.path.join(REPO, "docs", "operations.md")
     ini = _blocks(doc, "ini")
-    assert _read(SYSTEM_UNIT) in ini
-    assert _read(USER_UNIT) in ini
-    assert _read(CONFIG) in _blocks(doc, "toml")
+    same = "docs/operations.md shows {} as it ships: edit both (the unit a user pastes is the one verified)"
+    assert _read(SYSTEM_UNIT) in ini, same.format("docs/examples/ocidx.service")
+    assert _read(USER_UNIT) in ini, same.format("docs/examples/ocidx-user.service")
+    assert _read(CONFIG) in _blocks(doc, "toml"), same.format("docs/examples/config.toml")
     recipe = "\n".join(_blocks(doc, "sh"))
     for step in (
         "python3 -m venv /opt/ocidx",
