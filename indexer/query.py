@@ -25,9 +25,7 @@ import time
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer import reference
-from indexer import roots as roots_mod
 from indexer._record import Record
-from indexer.discovery import changes
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
@@ -458,6 +456,8 @@ class Index:
         every = None
         # A live daemon keeps its own roots current; the others (those only scans walked, or all of
         # them without a daemon) are walked here.
+        from indexer import roots as roots_mod  # find and status only: resolve does not pay for it
+
         walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
             every = {s.path: s for s in db.layouts(conn)}
@@ -553,6 +553,8 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
+        from indexer import roots
+
         conn = self._require_database()
         count = {
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -581,7 +583,7 @@ class Index:
             "names": count["names"],
             "children": count["children"],
             "layouts_with_errors": errors,
-            "roots": [r.path for r in roots_mod.recorded(conn) or []],
+            "roots": [r.path for r in roots.recorded(conn) or []],
             "daemon": daemon,
             **_fleet_status(conn, now),
         }
@@ -606,6 +608,8 @@ def _changed_below_roots(
             "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
+    from indexer.discovery import changes  # the walk of a no-change scan: find only
+
     _present, changed, _gone, errors = changes(stored, [r for r in recorded if os.path.isdir(r.path)])
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
