@@ -47,6 +47,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from indexer._record import Record
 from indexer.config import Root
+from indexer.discovery import in_layout_blobs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -182,7 +183,7 @@ class LayoutEvents(FileSystemEventHandler):
     def _depth_left(self, directory: str) -> int | None:
         """How deep discovery may still go below *directory*, or None when no layout can be there."""
         parts = relative_parts(directory, self.root.path)
-        if parts is None or "blobs" in parts:
+        if parts is None or ("blobs" in parts and in_layout_blobs(self.root.path, parts)):
             return None
         left = self.root.max_depth - len(parts)
         return left if left >= 0 else None

@@ -11,9 +11,22 @@ import subprocess
 import sys
 
 import pytest
-from test_daemon import REPO, Daemon
+from layouts import Layout
+from test_daemon import (
+    FRESH_S,
+    REPO,
+    Daemon,
+    daemons,
+    index_bytes,
+    needs_inotify,
+    rewrite_in_place,
+    run_daemon,
+    wait_until,
+)
+from test_reliability import run
 
 integration = pytest.mark.integration
+__all__ = ["daemons"]  # the fixture, shared with test_daemon.py
 
 
 @pytest.fixture
@@ -52,3 +65,86 @@ def test_a_daemon_with_a_nan_or_tiny_interval_exits_2_naming_the_key(tmp: str, l
     assert proc.returncode == 2, proc.stderr
     assert key in proc.stderr and "Traceback" not in proc.stderr
     assert not os.path.exists(os.path.join(tmp, "i.db"))
+
+
+# -- directories named blobs, symlinks followed out of a root -------------------------------------
+
+
+def _layout(path: str, tag: str = "v1", label: str = "one") -> Layout:
+    lay = Layout(path)
+    lay.write_index_bytes(index_bytes(tag, label))
+    return lay
+
+
+def _stored_paths(tmp: str, db: str) -> set[str]:
+    listed = run(tmp, "ls", "--db", db, "--json")
+    assert listed.rc == 0, listed
+    return {str(row["layout"]) for row in listed.json()}  # type: ignore[attr-defined]
+
+
+@integration
+def test_a_directory_named_blobs_outside_a_layout_is_searched(tmp: str) -> None:
+    root = os.path.join(tmp, "root")
+    top = _layout(os.path.join(root, "blobs", "app"))
+    deep = _layout(os.path.join(root, "x", "blobs", "y", "app"))
+    owner = _layout(os.path.join(root, "lay"))
+    _layout(os.path.join(owner.path, "blobs", "sha256", "decoy"))  # inside a layout's own blobs/: not one
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
+    assert _stored_paths(tmp, db) == {top.path, deep.path, owner.path}
+
+
+@integration
+@needs_inotify
+def test_layouts_below_a_directory_named_blobs_are_indexed_as_they_appear(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    owner = _layout(os.path.join(root, "lay"))
+    daemon = run_daemon(daemons, tmp, [root])
+    wait_until(lambda: daemon.indexed(owner.path, ":v1", "one"), "first layout indexed")
+    top = _layout(os.path.join(root, "blobs", "app"), "v2", "two")
+    deep = _layout(os.path.join(root, "x", "blobs", "y", "app"), "v3", "three")
+    wait_until(lambda: daemon.indexed(top.path, ":v2", "two"), "ROOT/blobs/app indexed", FRESH_S)
+    wait_until(lambda: daemon.indexed(deep.path, ":v3", "three"), "ROOT/x/blobs/y/app indexed", FRESH_S)
+    rewrite_in_place(deep.index_path, index_bytes("v4", "four"))
+    wait_until(lambda: daemon.indexed(deep.path, ":v4", "four"), "a rewrite below blobs/ indexed", FRESH_S)
+    _layout(os.path.join(owner.path, "blobs", "sha256", "decoy"))
+    os.utime(owner.index_path)  # an event the daemon answers after the decoy exists
+    wait_until(lambda: daemon.stored(owner.path) is not None, "owner still stored")
+    assert os.path.join(owner.path, "blobs", "sha256", "decoy") not in daemon.layouts()
+
+
+@integration
+def test_a_layout_reached_through_a_followed_symlink_is_dropped_when_the_symlink_goes(tmp: str) -> None:
+    root = os.path.join(tmp, "root")
+    _layout(os.path.join(root, "own"))
+    outside = _layout(os.path.join(tmp, "elsewhere", "app"))
+    link = os.path.join(root, "link")
+    os.symlink(os.path.dirname(outside.path), link)
+    config = os.path.join(tmp, "follow.toml")
+    with open(config, "w", encoding="utf-8") as fh:
+        fh.write(f'[[roots]]\npath = "{root}"\nfollow_symlinks = true\n')
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--config", config, "--no-progress").rc == 0
+    assert outside.path in _stored_paths(tmp, db)
+    os.unlink(link)  # the layout itself is still there, but nothing below the root leads to it
+    assert run(tmp, "scan", "--db", db, "--config", config, "--no-progress").rc == 0
+    assert outside.path not in _stored_paths(tmp, db)
+
+
+@integration
+@needs_inotify
+def test_the_daemon_drops_a_symlinked_layout_at_its_next_reconcile(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    own = _layout(os.path.join(root, "own"))
+    outside = _layout(os.path.join(tmp, "elsewhere", "app"), "v9", "nine")
+    link = os.path.join(root, "link")
+    os.symlink(os.path.dirname(outside.path), link)
+    daemon = Daemon(tmp, [], reconcile_s=0.5)
+    with open(daemon.config, "a", encoding="utf-8") as fh:
+        fh.write(f'\n[[roots]]\npath = "{root}"\nfollow_symlinks = true\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    wait_until(lambda: daemon.indexed(outside.path, ":v9", "nine"), "the symlinked layout indexed")
+    os.unlink(link)
+    wait_until(lambda: outside.path not in daemon.layouts(), "the symlinked layout dropped")
+    assert own.path in daemon.layouts()
