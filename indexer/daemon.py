@@ -740,15 +740,25 @@ def outermost(trees: Iterable[Root]) -> list[Root]:
 
 
 def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
-    """Stored layouts at or below each of *trees*, by a range scan of the path index."""
+    """Stored layouts at or below each of *trees*, by range scans of the path index.
+
+    ``layouts.path`` holds text for UTF-8 paths and raw bytes (a BLOB) for the others
+    (``store.path_value``), and SQLite orders every TEXT before every BLOB: below a tree, the
+    UTF-8 paths are one text range and the others one byte range (bytewise, as text compares).
+    """
     found: list[str] = []
     for tree in trees:
-        prefix = tree.rstrip("/") + "/"
-        upper = prefix[:-1] + chr(ord("/") + 1)
-        rows = conn.execute(
-            "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (tree, prefix, upper)
-        )
-        found.extend(path_of(row[0]) for row in rows)
+        raw = os.fsencode(tree.rstrip("/") or "/")
+        prefix = raw.rstrip(b"/") + b"/"
+        ranges: list[tuple[str | bytes, str | bytes, str | bytes]] = [(raw, prefix, prefix[:-1] + b"0")]
+        exact = path_value(tree)
+        if isinstance(exact, str):  # a UTF-8 tree: the text paths below it too
+            ranges.append((exact, prefix.decode(), prefix[:-1].decode() + "0"))
+        for equal, low, high in ranges:
+            rows = conn.execute(
+                "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (equal, low, high)
+            )
+            found.extend(path_of(row[0]) for row in rows)
     return found
 
 

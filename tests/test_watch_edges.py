@@ -6,11 +6,13 @@ real non-UTF-8 names; every wait polls a condition a user could observe against 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
+from hostile import control_characters
 from layouts import Layout
 from test_daemon import (
     FRESH_S,
@@ -148,3 +150,61 @@ def test_the_daemon_drops_a_symlinked_layout_at_its_next_reconcile(tmp: str, dae
     os.unlink(link)
     wait_until(lambda: outside.path not in daemon.layouts(), "the symlinked layout dropped")
     assert own.path in daemon.layouts()
+
+
+# -- names that are not UTF-8 ---------------------------------------------------------------------
+
+
+@integration
+@needs_inotify
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_non_utf8_names_under_a_running_daemon_never_stop_it(tmp: str, daemons: list[Daemon], log_format: str) -> None:
+    root = os.path.join(tmp, "root")
+    plain = _layout(os.path.join(root, "plain"))
+    odd_root = os.fsdecode(os.fsencode(tmp) + b"/root-\xff")  # a root named on the command line
+    odd = _layout(os.path.join(odd_root, "app"))
+    daemon = Daemon(tmp, [root, odd_root])
+    with open(daemon.config, "a", encoding="utf-8") as fh:
+        fh.write(f'log_format = "{log_format}"\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    wait_until(lambda: daemon.indexed(plain.path, ":v1", "one"), "first layout indexed")
+    wait_until(lambda: daemon.indexed(odd.path, ":v1", "one"), "layout in a non-UTF-8 root indexed")
+
+    broot = os.fsencode(root)
+    os.makedirs(broot + b"/empty\xff/sub\xfe")  # a tree with no layout
+    bad = _layout(os.fsdecode(broot + b"/team\xff/app\xfe"), "v2", "two")  # a layout in a new bad tree
+    wait_until(lambda: daemon.indexed(bad.path, ":v2", "two"), "layout below a non-UTF-8 tree indexed", FRESH_S)
+    rewrite_in_place(bad.index_path, index_bytes("v3", "three"))
+    wait_until(lambda: daemon.indexed(bad.path, ":v3", "three"), "rewrite in a non-UTF-8 layout", FRESH_S)
+    moved = os.fsdecode(broot + b"/moved\xfd")
+    os.rename(os.fsdecode(broot + b"/team\xff"), moved)  # the tree renamed: old rows go, new ones come
+    wait_until(lambda: bad.path not in daemon.layouts(), "the renamed-away layout dropped", FRESH_S)
+    wait_until(
+        lambda: daemon.indexed(os.path.join(moved, os.fsdecode(b"app\xfe")), ":v3", "three"),
+        "renamed-in non-UTF-8 layout indexed",
+        FRESH_S,
+    )
+    os.rename(os.fsdecode(broot + b"/empty\xff"), os.fsdecode(broot + b"/empty\xfc"))
+    os.rmdir(os.fsdecode(broot + b"/empty\xfc/sub\xfe"))
+    wait_until(lambda: daemon.indexed(plain.path, ":v1", "one") and not daemon.exited(), "daemon alive")
+    rewrite_in_place(plain.index_path, index_bytes("v5", "five"))  # still answering events
+    wait_until(lambda: daemon.indexed(plain.path, ":v5", "five"), "a later change indexed", FRESH_S)
+
+    assert not daemon.exited(), daemon.log()
+    status = run(tmp, "status", "--db", daemon.db, "--json")
+    assert status.rc == 0, status
+    assert status.json()["daemon"]["running"] is True, status  # type: ignore[index]
+    assert run(tmp, "status", "--db", daemon.db).rc == 0
+    listed = run(tmp, "ls", "--db", daemon.db)
+    assert b"app\\udcfe" in listed.out, listed
+    assert daemon.stop() == 0
+    log = daemon.log()
+    assert "Traceback" not in log, log
+    with open(daemon.log_path, "rb") as fh:
+        assert not control_characters(fh.read())
+    if log_format == "json":
+        levels = {json.loads(line)["level"] for line in log.splitlines()}
+    else:
+        levels = {line.split(" ")[2] for line in log.splitlines()}
+    assert levels <= {"info", "INFO"}, log  # nothing went wrong: no warning, no error
