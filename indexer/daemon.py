@@ -45,7 +45,7 @@ import anyio.to_thread
 
 from indexer import config as config_mod
 from indexer.discovery import discover, roots_for
-from indexer.errors import DaemonError, DatabaseError, UsageError, printable
+from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
 from indexer.scanner import Counts, Scanner
 from indexer.store import check_database_files, open_beside_database, path_of, path_value
 from indexer.store import read as db
@@ -284,10 +284,22 @@ def open_scanner(db_path: str, config: Config) -> Scanner:
 class Daemon:
     """The loop: reconcile, drain watchdog's dirty set, re-check racy layouts, heartbeat."""
 
-    def __init__(self, db_path: str, config: Config, roots: list[Root]) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        config: Config,
+        roots: list[Root],
+        *,
+        config_path: str | None = None,
+        cli_roots: tuple[str, ...] = (),
+    ) -> None:
         self.db_path = db_path
         self.config = config
         self.settings = config.daemon
+        self.config_path = config_path
+        self.cli_roots = cli_roots
+        self.reload_requested = False
+        self.full_pass_due = False
         self.roots = [_resolved(root) for root in roots]
         self.scanner: Scanner | None = None
         self.watcher: Watcher | None = None
@@ -396,8 +408,13 @@ class Daemon:
         )
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # systemd's ExecReload convention: the loop re-reads the config between two steps.
+                    self.reload_requested = True
+                    self.wake.set()
+                    continue
                 log.info(
                     "received %s: finishing the batch in hand and stopping",
                     signal.Signals(signum).name,
@@ -552,13 +569,69 @@ class Daemon:
         if self.pending_roots and await self._schedule_pending():
             self._request_reconcile("a root appeared")
 
+    # -- reloading --------------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config file; apply its roots and settings, or keep the old ones if it is bad."""
+        self.reload_requested = False
+        source = self.config_path or config_mod.default_config_path() or "(no config file)"
+        try:
+            config, roots = await anyio.to_thread.run_sync(_load_config, self.config_path, self.cli_roots)
+        except (OcidxError, OSError) as exc:
+            message = exc.message if isinstance(exc, OcidxError) else str(exc)
+            log.error(
+                "SIGHUP: not reloading, the configuration is invalid (%s); keeping the running one",
+                message,
+                extra=_fields(event="reload_failed", config=source, error=message),
+            )
+            return
+        old, self.config = self.config, config
+        self.settings = config.daemon
+        if self.scanner is not None:
+            self.scanner.config = config
+        if config.database != old.database:
+            log.warning(
+                "SIGHUP: [database] path changed to %s; the daemon keeps %s until it is restarted",
+                config.database,
+                self.db_path,
+                extra=_fields(event="reload_database_ignored", database=config.database),
+            )
+        before = {root.path: root for root in self.roots}
+        after = {root.path: root for root in roots}
+        removed = [path for path in before if path not in after or before[path] != after[path]]
+        added = [path for path in after if path not in before or before[path] != after[path]]
+        self.roots = roots
+        watcher = self.watcher
+        for path in removed:
+            self.pending_roots.discard(path)
+            if watcher is not None:
+                await anyio.to_thread.run_sync(watcher.unschedule, path)
+        self.pending_roots.update(added)
+        if watcher is not None and added:
+            # Too many new directories for inotify: the next mode check falls back to polling.
+            self.mode_check_due = time.monotonic()
+            await self._schedule_pending()
+        # Names and limits decide what is stored for every layout: a changed policy re-reads them all.
+        self.full_pass_due = (old.familiar, old.limits) != (config.familiar, config.limits)
+        log.info(
+            "SIGHUP: configuration reloaded from %s: %d roots (%d added, %d removed)%s",
+            source,
+            len(roots),
+            len(added),
+            len(removed),
+            "; names or limits changed: re-reading every layout" if self.full_pass_due else "",
+            extra=_fields(event="reloaded", config=source, added=added, removed=removed),
+        )
+        self._request_reconcile("configuration reloaded")
+
     # -- scanning ---------------------------------------------------------------------------------
 
     async def _reconcile(self, why: str) -> None:
         scanner = self.scanner
         assert scanner is not None
         started = time.perf_counter()
-        counts = await scanner.full_pass(self.roots)
+        full, self.full_pass_due = self.full_pass_due, False
+        counts = await scanner.full_pass(self.roots, full=full)
         self.last_pass_s = time.perf_counter() - started
         await self._set_row(last_reconcile_ns=time.time_ns())
         self._log_counts("reconcile", counts, time.perf_counter() - started, why)
@@ -622,6 +695,9 @@ class Daemon:
         self.health_due = time.monotonic() + HEALTH_INTERVAL_S
         while True:
             await self._wait()
+            if self.reload_requested:
+                await self._reload()
+                self._schedule_next_reconcile()
             now = time.monotonic()
             if self.wake.is_set():
                 self.wake = anyio.Event()
@@ -705,6 +781,15 @@ class Daemon:
         await self._write_start_row()
         await self._set_mode(mode)
         self._request_reconcile("the database was rebuilt")
+
+
+def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[Config, list[Root]]:
+    """The config file read again and the roots it gives with the command line's (resolved)."""
+    config = config_mod.load(config_path)
+    roots = [_resolved(root) for root in roots_for(config, cli_roots)]
+    if not roots:
+        raise UsageError("the new config names no roots and none was given on the command line")
+    return config, roots
 
 
 def _resolved(root: Root) -> Root:
@@ -794,7 +879,8 @@ def run_daemon(*, db: str | None, config_path: str | None, roots: list[str], log
         lock = DatabaseLock(db_path)
         lock.acquire()
         try:
-            return anyio.run(Daemon(db_path, config, daemon_roots).run, backend="asyncio")
+            daemon = Daemon(db_path, config, daemon_roots, config_path=config_path, cli_roots=tuple(roots))
+            return anyio.run(daemon.run, backend="asyncio")
         finally:
             lock.release()
     finally:

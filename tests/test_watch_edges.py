@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -208,3 +209,66 @@ def test_non_utf8_names_under_a_running_daemon_never_stop_it(tmp: str, daemons: 
     else:
         levels = {line.split(" ")[2] for line in log.splitlines()}
     assert levels <= {"info", "INFO"}, log  # nothing went wrong: no warning, no error
+
+
+# -- SIGHUP ---------------------------------------------------------------------------------------
+
+
+@integration
+@needs_inotify
+def test_sighup_reloads_the_config_and_watches_a_new_root_at_once(tmp: str, daemons: list[Daemon]) -> None:
+    first = os.path.join(tmp, "first")
+    second = os.path.join(tmp, "second")
+    a = _layout(os.path.join(first, "a"))
+    b = _layout(os.path.join(second, "b"), "v2", "two")
+    daemon = Daemon(tmp, [])
+    with open(daemon.config, encoding="utf-8") as fh:
+        settings = fh.read()
+    with open(daemon.config, "a", encoding="utf-8") as fh:
+        fh.write(f'\n[[roots]]\npath = "{first}"\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    wait_until(lambda: daemon.indexed(a.path, ":v1", "one"), "the first root indexed")
+    assert daemon.stored(b.path) is None
+
+    with open(daemon.config, "w", encoding="utf-8") as fh:
+        fh.write(settings + f'\n[[roots]]\npath = "{first}"\n\n[[roots]]\npath = "{second}"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: daemon.indexed(b.path, ":v2", "two"), "the added root indexed after SIGHUP")
+    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
+    rewrite_in_place(b.index_path, index_bytes("v3", "three"))  # the new root is watched, not polled
+    wait_until(lambda: daemon.indexed(b.path, ":v3", "three"), "a change in the added root", FRESH_S)
+
+    with open(daemon.config, "w", encoding="utf-8") as fh:  # drop the first root
+        fh.write(settings + f'\n[[roots]]\npath = "{second}"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "1 roots (0 added, 1 removed)" in daemon.log(), "the second reload logged")
+    rewrite_in_place(b.index_path, index_bytes("v4", "four"))
+    wait_until(lambda: daemon.indexed(b.path, ":v4", "four"), "still watching the kept root", FRESH_S)
+    assert not daemon.exited()
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
+
+
+@integration
+@needs_inotify
+def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    lay = _layout(os.path.join(root, "a"))
+    daemon = run_daemon(daemons, tmp, [root])
+    wait_until(lambda: daemon.indexed(lay.path, ":v1", "one"), "first state indexed")
+    with open(daemon.config, "a", encoding="utf-8") as fh:
+        fh.write("reconcile_interval_s = nan\n")  # a second key in [daemon]: invalid TOML, then a bad value
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "not reloading" in daemon.log(), "the refused reload logged")
+    with open(daemon.config, "w", encoding="utf-8") as fh:
+        fh.write("[daemon]\nheartbeat_interval_s = nan\n")
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "daemon.heartbeat_interval_s" in daemon.log(), "the bad key named")
+    rewrite_in_place(lay.index_path, index_bytes("v2", "two"))
+    wait_until(lambda: daemon.indexed(lay.path, ":v2", "two"), "still indexing with the old config", FRESH_S)
+    heartbeat = daemon.status()["daemon"]
+    assert isinstance(heartbeat, dict) and heartbeat["running"] is True
+    assert not daemon.exited()
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
