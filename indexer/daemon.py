@@ -641,6 +641,10 @@ class Daemon:
         scanner = self.scanner
         assert scanner is not None
         paths = set(pending.layouts)
+        if paths:
+            # An index.json hard-linked into other layouts changed for them too, but inotify reports
+            # a write only through the directory it was made in: find them by the file's identity.
+            paths.update(await self._db(functools.partial(_sharing_index_file, paths=sorted(paths))))
         now_ns = time.time_ns()
         due = [path for path, when in self.racy.items() if when <= now_ns]
         paths.update(due)
@@ -844,6 +848,25 @@ def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
                 "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (equal, low, high)
             )
             found.extend(path_of(row[0]) for row in rows)
+    return found
+
+
+def _sharing_index_file(conn: sqlite3.Connection, *, paths: list[str]) -> list[str]:
+    """Stored layouts whose ``index.json`` is (by device and inode) a hard link of one at *paths*.
+
+    One ``stat`` per changed layout; the index lookup (``layouts_identity``) only for a file with
+    more than one link.
+    """
+    found: list[str] = []
+    for path in paths:
+        try:
+            st = os.stat(os.path.join(path, "index.json"))
+        except OSError:
+            continue
+        if st.st_nlink < 2:
+            continue
+        rows = conn.execute("SELECT path FROM layouts WHERE dev = ? AND ino = ?", (st.st_dev, st.st_ino))
+        found.extend(other for other in map(path_of, (row[0] for row in rows)) if other != path)
     return found
 
 

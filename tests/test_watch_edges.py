@@ -272,3 +272,30 @@ def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp: str, daemons: 
     assert not daemon.exited()
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
+
+
+# -- hard links -----------------------------------------------------------------------------------
+
+
+@integration
+@needs_inotify
+def test_a_hard_linked_index_json_rewritten_through_one_layout_refreshes_the_others(
+    tmp: str, daemons: list[Daemon]
+) -> None:
+    root = os.path.join(tmp, "root")
+    a = _layout(os.path.join(root, "a"))
+    b = Layout(os.path.join(root, "team", "b"))
+    c = Layout(os.path.join(root, "c"))
+    os.link(a.index_path, b.index_path)  # one file, three layouts (cp -al, a hard-linked cache copy)
+    os.link(a.index_path, c.index_path)
+    daemon = run_daemon(daemons, tmp, [root])
+    for lay in (a, b, c):
+        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v1", "one"), f"{lay.path} indexed")
+
+    rewrite_in_place(a.index_path, index_bytes("v2", "two"))  # inotify reports it for a/ only
+    for lay in (a, b, c):
+        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v2", "two"), f"{lay.path} refreshed", FRESH_S)
+    rewrite_in_place(b.index_path, index_bytes("v3", "three"))
+    for lay in (a, b, c):
+        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v3", "three"), f"{lay.path} refreshed", FRESH_S)
+    assert daemon.stop() == 0
