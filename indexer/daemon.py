@@ -15,9 +15,14 @@ exactly one writer. It runs:
 * a second look at every layout whose ``index.json`` changed within the racy
   window of its read (``store.read.RACY_WINDOW_NS``), once that window has
   passed, so the stored identity becomes one a lookup can trust;
-* a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``.
+* a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``;
+* on a change of the mount table (``indexer.watcher.MountWatch``), a watch on
+  each file system newly mounted below a root and a rediscovery of it;
+* for every changed ``index.json`` with more than one hard link, the other
+  stored layouts sharing its (device, inode).
 
-SIGTERM and SIGINT cancel the work in hand: a batch already being written
+SIGHUP re-reads the config between two steps (roots re-watched, settings
+applied; an invalid file is logged and the running config kept). SIGTERM and SIGINT cancel the work in hand: a batch already being written
 commits (the write runs in a worker thread that cancellation waits for), the
 row gets ``stopped_ns``, the connection is closed. A database that SQLite
 reports corrupt is moved aside to ``<db>.corrupt-<timestamp>`` and rebuilt: it
@@ -44,12 +49,21 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
-from indexer.discovery import discover, roots_for
+from indexer.discovery import discover, in_layout_blobs, roots_for
 from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
 from indexer.scanner import Counts, Scanner
 from indexer.store import check_database_files, open_beside_database, path_of, path_value
 from indexer.store import read as db
-from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
+from indexer.watcher import (
+    Dirty,
+    MountWatch,
+    OverflowAlarm,
+    Pending,
+    Watcher,
+    mount_points,
+    relative_parts,
+    watch_capacity,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -300,6 +314,8 @@ class Daemon:
         self.cli_roots = cli_roots
         self.reload_requested = False
         self.full_pass_due = False
+        self.mount_watch: MountWatch | None = None
+        self.known_mounts: dict[int, str] = {}
         self.roots = [_resolved(root) for root in roots]
         self.scanner: Scanner | None = None
         self.watcher: Watcher | None = None
@@ -399,6 +415,7 @@ class Daemon:
         with anyio.CancelScope(shield=True):  # a signal now still leaves a scanner to close
             self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
+        await self._watch_mounts()
         log.info(
             "ocidx daemon %d started on %s, roots: %s",
             os.getpid(),
@@ -434,6 +451,9 @@ class Daemon:
                 log.warning("heartbeat not written: %s", exc)
 
     async def _shutdown(self) -> None:
+        mount_watch, self.mount_watch = self.mount_watch, None
+        if mount_watch is not None:
+            await anyio.to_thread.run_sync(mount_watch.stop)
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await anyio.to_thread.run_sync(watcher.stop)
@@ -568,6 +588,65 @@ class Daemon:
             self._request_reconcile(f"root {path} vanished or was replaced")
         if self.pending_roots and await self._schedule_pending():
             self._request_reconcile("a root appeared")
+
+    # -- mounts -----------------------------------------------------------------------------------
+
+    async def _watch_mounts(self) -> None:
+        """Learn the mount table and start waiting for the kernel to say it changed."""
+        self.known_mounts = await anyio.to_thread.run_sync(mount_points)
+        watch = MountWatch(self.dirty.mark_mounts)
+        try:
+            await anyio.to_thread.run_sync(watch.start)
+        except OSError as exc:
+            log.warning(
+                "cannot watch the mount table (%s): file systems mounted below a root are found by reconcile",
+                exc.strerror or exc,
+            )
+            return
+        self.mount_watch = watch
+
+    async def _mounts_changed(self, pending: Pending) -> None:
+        """A file system was mounted or unmounted: watch new mount points below a root (inotify does not
+        cross into them) and rediscover both kinds in this step, as for a directory that appeared."""
+        current = await anyio.to_thread.run_sync(mount_points)
+        old, self.known_mounts = self.known_mounts, current
+        removed = [point for mount_id, point in old.items() if mount_id not in current]
+        added = [point for mount_id, point in current.items() if mount_id not in old]
+        for point, mounted in [(p, False) for p in removed] + [(p, True) for p in added]:
+            for root in self.roots:
+                parts = relative_parts(point, root.path)
+                if not parts:  # not below this root (a mount on the root itself is a replaced root)
+                    continue
+                left = root.max_depth - len(parts)
+                if left < 0 or await anyio.to_thread.run_sync(in_layout_blobs, root.path, parts):
+                    break
+                known = pending.trees.get(point)
+                if known is None or known.max_depth < left:
+                    pending.trees[point] = config_mod.Root(point, max_depth=left, follow_symlinks=root.follow_symlinks)
+                await self._watch_mount(root, point, mounted)
+                break
+
+    async def _watch_mount(self, root: Root, point: str, mounted: bool) -> None:
+        watcher = self.watcher
+        what = "mounted" if mounted else "unmounted"
+        log.info(
+            "a file system was %s at %s below root %s: %s",
+            what,
+            point,
+            root.path,
+            "watching and discovering it" if mounted else "rediscovering what is there now",
+            extra=_fields(event="mount", mounted=mounted, mount_point=point, root=root.path),
+        )
+        if watcher is None:
+            return
+        if not mounted:
+            await anyio.to_thread.run_sync(watcher.unschedule_mount, point)
+            return
+        try:
+            await anyio.to_thread.run_sync(watcher.schedule_mount, root, point)
+        except OSError as exc:
+            log.warning("cannot watch the file system mounted at %s: %s", point, exc.strerror or exc)
+            self._request_reconcile(f"a mount at {point} cannot be watched")
 
     # -- reloading --------------------------------------------------------------------------------
 
@@ -714,6 +793,8 @@ class Daemon:
                 self.mode_check_due = now + self.settings.reconcile_s
                 await self._choose_mode()
             pending = self.dirty.drain()
+            if pending.mounts:
+                await self._mounts_changed(pending)
             reasons = list(self.reconcile_reasons) + pending.lost
             self.reconcile_reasons.clear()
             if time.monotonic() >= self.reconcile_due:

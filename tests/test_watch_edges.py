@@ -6,6 +6,7 @@ real non-UTF-8 names; every wait polls a condition a user could observe against 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -290,12 +291,59 @@ def test_a_hard_linked_index_json_rewritten_through_one_layout_refreshes_the_oth
     os.link(a.index_path, c.index_path)
     daemon = run_daemon(daemons, tmp, [root])
     for lay in (a, b, c):
-        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v1", "one"), f"{lay.path} indexed")
+        wait_until(functools.partial(daemon.indexed, lay.path, ":v1", "one"), f"{lay.path} indexed")
 
     rewrite_in_place(a.index_path, index_bytes("v2", "two"))  # inotify reports it for a/ only
     for lay in (a, b, c):
-        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v2", "two"), f"{lay.path} refreshed", FRESH_S)
+        wait_until(functools.partial(daemon.indexed, lay.path, ":v2", "two"), f"{lay.path} refreshed", FRESH_S)
     rewrite_in_place(b.index_path, index_bytes("v3", "three"))
     for lay in (a, b, c):
-        wait_until(lambda lay=lay: daemon.indexed(lay.path, ":v3", "three"), f"{lay.path} refreshed", FRESH_S)
+        wait_until(functools.partial(daemon.indexed, lay.path, ":v3", "three"), f"{lay.path} refreshed", FRESH_S)
     assert daemon.stop() == 0
+
+
+# -- file systems mounted below a root --------------------------------------------------------------
+
+
+def _mount_tmpfs(point: str) -> None:
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", point], capture_output=True, check=False)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def _umount(point: str) -> None:
+    subprocess.run(["umount", point], capture_output=True, check=False)
+
+
+@integration
+@needs_inotify
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_file_system_mounted_below_a_root_after_start_is_watched_at_once(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    first = _layout(os.path.join(root, "a"))
+    point = os.path.join(root, "team", "mnt")
+    os.makedirs(point)
+    daemon = run_daemon(daemons, tmp, [root])  # reconcile_interval_s = 300: only the watch can see it
+    wait_until(lambda: daemon.indexed(first.path, ":v1", "one"), "first layout indexed")
+    _mount_tmpfs(point)
+    try:
+        made = _layout(os.path.join(point, "cache", "app"), "v2", "two")  # written into the new mount
+        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the new mount indexed", FRESH_S)
+        rewrite_in_place(made.index_path, index_bytes("v3", "three"))
+        wait_until(lambda: daemon.indexed(made.path, ":v3", "three"), "a change on the mount indexed", FRESH_S)
+        inner = os.path.join(point, "inner")
+        os.makedirs(inner)
+        _mount_tmpfs(inner)  # a mount inside the new mount
+        try:
+            deeper = _layout(os.path.join(inner, "app"), "v4", "four")
+            wait_until(lambda: daemon.indexed(deeper.path, ":v4", "four"), "a nested mount indexed", FRESH_S)
+        finally:
+            _umount(inner)
+        wait_until(lambda: deeper.path not in daemon.layouts(), "the nested mount's layout dropped", FRESH_S)
+    finally:
+        _umount(point)
+    wait_until(lambda: made.path not in daemon.layouts(), "the unmounted layout dropped", FRESH_S)
+    rewrite_in_place(first.index_path, index_bytes("v5", "five"))
+    wait_until(lambda: daemon.indexed(first.path, ":v5", "five"), "the root still watched", FRESH_S)
+    assert daemon.stop() == 0
+    assert "Traceback" not in daemon.log()
