@@ -1,4 +1,4 @@
-"""``ocidx daemon``: keep the index fresh while layouts change (SPEC.md §6).
+"""``ocidx daemon``: keep the index fresh while layouts change (docs/operations.md).
 
 The daemon is one process per database (an exclusive ``flock`` on
 ``<db>.lock``) and one event loop holding the one :class:`Scanner`, so there is
@@ -22,9 +22,10 @@ exactly one writer. It runs:
   stored layouts sharing its (device, inode).
 
 SIGHUP re-reads the config between two steps (roots re-watched, settings
-applied; an invalid file is logged and the running config kept). SIGTERM and SIGINT cancel the work in hand: a batch already being written
-commits (the write runs in a worker thread that cancellation waits for), the
-row gets ``stopped_ns``, the connection is closed. A database that SQLite
+applied; an invalid file is logged and the running config kept). SIGTERM and
+SIGINT cancel the work in hand: a batch already being written commits (the
+write runs in a worker thread that cancellation waits for), the row gets
+``stopped_ns``, the connection is closed. A database that SQLite
 reports corrupt is moved aside to ``<db>.corrupt-<timestamp>`` and rebuilt: it
 is a cache of the layouts. The daemon never writes into a layout and never
 touches BuildKit's ``index.json.lock``.
@@ -49,10 +50,11 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
+from indexer import roots as roots_mod
 from indexer.discovery import discover, in_layout_blobs, roots_for
 from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
-from indexer.scanner import Counts, Scanner
-from indexer.store import check_database_files, open_beside_database, path_of, path_value
+from indexer.scanner import LOGGED_PATHS, Counts, Scanner
+from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import (
     Dirty,
@@ -88,6 +90,8 @@ RACY_GROUP_NS = 250_000_000
 POLL_DUTY_FACTOR = 10.0
 # After an unexpected database error (for instance "database is locked"), wait before retrying.
 RETRY_DELAY_S = 1.0
+# A log line names the changed layouts of a batch up to this many, else the first LOGGED_PATHS_SHOWN.
+LOGGED_PATHS_SHOWN = 3
 # Set to "polling" to watch by reconcile only (NFS and other file systems inotify cannot see into).
 WATCH_MODE_ENV = "OCIDX_WATCH_MODE"
 
@@ -332,6 +336,8 @@ class Daemon:
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
+        self.wal_pinned_since: float | None = None  # monotonic time a reader was first seen pinning the WAL
+        self.wal_warned = False
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -361,9 +367,10 @@ class Daemon:
 
     async def _write_start_row(self) -> None:
         now = time.time_ns()
-        roots = json.dumps([root.path for root in self.roots])
 
         def write(conn: sqlite3.Connection) -> None:
+            # The layouts of earlier scans stay indexed: `find` keeps walking their roots too.
+            roots = roots_mod.to_json([*(roots_mod.recorded(conn) or []), *self.roots])
             conn.execute(
                 """
                 INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)
@@ -400,6 +407,7 @@ class Daemon:
                 tg.start_soon(self._signals, tg.cancel_scope)
                 await self._start()
                 tg.start_soon(self._heartbeat)
+                tg.start_soon(self._maintenance)
                 tg.start_soon(self._main)
         except BaseExceptionGroup as group:
             # One failure (a DaemonError, a DatabaseError...) is raised as itself, for the CLI's exit codes.
@@ -449,6 +457,51 @@ class Daemon:
                 await self._set_row(heartbeat_ns=time.time_ns())
             except sqlite3.Error as exc:
                 log.warning("heartbeat not written: %s", exc)
+
+    async def _maintenance(self) -> None:
+        """Keep the WAL and the file bounded (store.maintenance); warn while a reader pins the WAL."""
+        while True:
+            await anyio.sleep(self.settings.heartbeat_s)
+            if self.scanner is None:
+                continue  # the database is being rebuilt
+            try:
+                done = await self._db(functools.partial(maintenance.maintain, db_path=self.db_path))
+            except sqlite3.Error as exc:
+                log.warning("database maintenance not done: %s", exc)
+                continue
+            self._report_wal(done)
+
+    def _report_wal(self, done: maintenance.Maintenance) -> None:
+        mib = 1024 * 1024
+        if done.pinned:
+            if self.wal_pinned_since is None:
+                self.wal_pinned_since = time.monotonic()
+            if not self.wal_warned and done.wal_bytes > maintenance.WAL_LIMIT_BYTES:
+                self.wal_warned = True
+                pids = maintenance.holders(self.db_path)
+                held = f"; processes with it open: {', '.join(map(str, pids))}" if pids else ""
+                log.warning(
+                    "the WAL of %s is %.1f MiB and cannot be checkpointed: a reader has kept one read "
+                    "transaction open for at least %.0f s%s",
+                    self.db_path,
+                    done.wal_bytes / mib,
+                    time.monotonic() - self.wal_pinned_since,
+                    held,
+                    extra=_fields(event="wal_pinned", wal_bytes=done.wal_bytes, pids=pids),
+                )
+        elif self.wal_pinned_since is not None:
+            if self.wal_warned:
+                log.info(
+                    "the WAL of %s is checkpointed again: %.1f MiB, was %.1f MiB",
+                    self.db_path,
+                    done.wal_bytes / mib,
+                    done.wal_bytes_before / mib,
+                    extra=_fields(event="wal_released", wal_bytes=done.wal_bytes),
+                )
+            self.wal_pinned_since = None
+            self.wal_warned = False
+        if done.freed_pages:
+            log.debug("returned %d free pages of %s", done.freed_pages, self.db_path)
 
     async def _shutdown(self) -> None:
         mount_watch, self.mount_watch = self.mount_watch, None
@@ -540,7 +593,7 @@ class Daemon:
         for root in self.roots:
             if root.path not in self.pending_roots:
                 continue
-            missing = f"root {root.path} does not exist (yet): checking for it every {HEALTH_INTERVAL_S:g}s"
+            missing = _missing_root(root.path)
             if not await anyio.to_thread.run_sync(os.path.isdir, root.path):
                 self._report(missing)
                 continue
@@ -748,23 +801,39 @@ class Daemon:
         routine = what != "reconcile" or why in ("periodic", "polling")
         level = logging.INFO if (changed or not routine) else logging.DEBUG
         reason = f" ({why})" if why else ""
+        named = "".join(
+            f"; {label}: {_some(paths, count)}"
+            for label, paths, count in (
+                ("changed", counts.changed_paths, counts.changed),
+                ("removed", counts.removed_paths, counts.removed),
+            )
+            if count
+        )
         log.log(
             level,
-            "%s%s: %d layouts looked at in %.3fs: %d changed, %d unchanged, %d with errors, %d removed",
+            "%s%s: %s looked at in %.3fs: %d changed, %d unchanged, %d with errors, %d removed%s",
             what,
             reason,
-            counts.seen,
+            _layouts(counts.seen),
             seconds,
             counts.changed,
             counts.unchanged,
             counts.errors,
             counts.removed,
-            extra=_fields(event=what, reason=why, **counts.to_json(seconds)),
+            named,
+            extra=_fields(
+                event=what,
+                reason=why,
+                **counts.to_json(seconds),
+                changed_layouts=counts.changed_paths[:LOGGED_PATHS],
+                removed_layouts=counts.removed_paths[:LOGGED_PATHS],
+            ),
         )
 
     def _report_layout(self, message: str) -> None:
         if message.startswith("root ") and "No such file" in message:
-            self._report(message)  # a missing root: said once, not on every poll
+            # A missing root: said once (the same words as the watcher's check), not on every poll.
+            self._report(_missing_root(message[len("root ") :].rpartition(": ")[0]))
         else:
             log.warning("%s", message, extra=_fields(event="layout_error"))
 
@@ -875,6 +944,27 @@ def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[C
     if not roots:
         raise UsageError("the new config names no roots and none was given on the command line")
     return config, roots
+
+
+def _missing_root(path: str) -> str:
+    """What to do about a root that does not exist: one message, logged once."""
+    return (
+        f"root {path} does not exist (yet); it is indexed as soon as it appears: create it "
+        f"(mkdir -p {path}) and put layouts in it, for example "
+        f"skopeo copy docker://docker.io/library/alpine:3.16 oci:{path}/alpine:3.16"
+    )
+
+
+def _layouts(count: int) -> str:
+    """``1 layout``, ``3 layouts``."""
+    return f"{count} layout" if count == 1 else f"{count} layouts"
+
+
+def _some(paths: list[str], count: int) -> str:
+    """The paths of a small batch, or the first few and how many more for a big one."""
+    shown = paths[:LOGGED_PATHS_SHOWN] if count > LOGGED_PATHS else paths
+    more = count - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def _resolved(root: Root) -> Root:

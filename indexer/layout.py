@@ -4,7 +4,7 @@ The parsing is pure (:func:`parse_index` takes bytes); the reads around it are
 small and synchronous, so the daemon runs them in a worker thread and the
 lookup CLI calls them directly when it has to read a changed layout through.
 
-Choices where SPEC.md is silent:
+Choices where the OCI image-layout specification is silent (docs/semantics.md restates them for users):
 
 * **A bad descriptor does not hide the good ones.** A ``manifests`` item that
   is not an object, or whose ``digest`` (validated as go-digest does),

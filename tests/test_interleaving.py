@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import anyio
 import pytest
@@ -26,6 +27,17 @@ from indexer.scanner import Scanner
 from indexer.store import open_reader, read
 
 TAG = ":churn"
+Corpus = dict[str, dict[str, object]]
+
+
+def document(corpus: Corpus, path: str, which: int) -> str:
+    """The index.json text number *which* (0 or 1) of a churn layout."""
+    return cast("list[str]", corpus[path]["documents"])[which]
+
+
+def churn_digest(corpus: Corpus, path: str, which: int) -> str:
+    """The digest ``:churn`` points at in document *which*."""
+    return cast("list[str]", corpus[path]["churn"])[which]
 
 
 def stored_now(db: str) -> dict[str, read.StoredLayout]:
@@ -75,16 +87,16 @@ def test_a_slow_pass_cannot_bring_back_a_middle_state(tmp_path: Path, rename: bo
     corpus = churn_corpus(root, 3)
     assert run(tmp, "scan", "--db", db, root).rc == 0
     stale = stored_now(db)
-    for path, info in corpus.items():
-        flip(path, info["documents"][1], rename=rename)  # type: ignore[index]
+    for path in corpus:
+        flip(path, document(corpus, path, 1), rename=rename)
     assert run(tmp, "scan", "--db", db, root).rc == 0  # the other writer: a real process
-    for path, info in corpus.items():
-        flip(path, info["documents"][0], rename=rename)  # type: ignore[index]
+    for path in corpus:
+        flip(path, document(corpus, path, 0), rename=rename)
     slow_pass(db, sorted(corpus), stale)
     with Index(db) as index:
-        for path, info in corpus.items():
+        for path in corpus:
             answer = index.resolve_in(path, TAG)
-            assert answer.digest == info["churn"][0], "the middle state came back"  # type: ignore[index]
+            assert answer.digest == churn_digest(corpus, path, 0), "the middle state came back"
             assert answer.freshness == "indexed"
     assert rows(db) == fresh_rows(tmp, root)
     # and it stays so: a no-change scan proves the tree settled without writing anything
@@ -101,7 +113,7 @@ def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_pa
     victim = sorted(corpus)[0]
     os.rename(victim, victim + ".away")  # the slow pass's walk finds it missing ...
     os.rename(victim + ".away", victim)  # ... it comes back, changed, and another writer indexes it
-    flip(victim, corpus[victim]["documents"][1])  # type: ignore[index]
+    flip(victim, document(corpus, victim, 1))
     assert run(tmp, "scan", "--db", db, root).rc == 0
 
     from indexer.store.write import Gone
@@ -113,7 +125,7 @@ def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_pa
     finally:
         scanner.close()
     with Index(db) as index:
-        assert index.resolve_in(victim, TAG).digest == corpus[victim]["churn"][1]  # type: ignore[index]
+        assert index.resolve_in(victim, TAG).digest == churn_digest(corpus, victim, 1)
     assert rows(db) == fresh_rows(tmp, root)
 
 
@@ -126,7 +138,7 @@ def test_a_conflict_is_examined_again_against_the_current_row(tmp_path: Path) ->
     (path,) = corpus
     assert run(tmp, "scan", "--db", db, root).rc == 0
     stale = stored_now(db)
-    flip(path, corpus[path]["documents"][1])  # type: ignore[index]
+    flip(path, document(corpus, path, 1))
     assert run(tmp, "scan", "--db", db, root).rc == 0
     layout = Layout(path)
     third = named(layout.manifest(platform=LINUX_AMD64, label="third"), ref="churn")
@@ -170,7 +182,7 @@ def scans_beside_a_daemon(tmp: str, *, layouts: int, seconds: float, scans: int,
             if churning:
                 path = rng.choice(paths)
                 state[path] = 1 - state[path]
-                flip(path, corpus[path]["documents"][state[path]], rename=rng.random() < 0.5)  # type: ignore[index]
+                flip(path, document(corpus, path, state[path]), rename=rng.random() < 0.5)
                 flips += 1
             elif scan is None:
                 break
@@ -182,7 +194,7 @@ def scans_beside_a_daemon(tmp: str, *, layouts: int, seconds: float, scans: int,
         with Index(db) as index:
             for path in paths:
                 answer = index.resolve_in(path, TAG)
-                assert answer.digest == corpus[path]["churn"][state[path]]  # type: ignore[index]
+                assert answer.digest == churn_digest(corpus, path, state[path])
         assert daemon.stop() == 0
     assert integrity(db) == "ok"
     # Once the racy window has passed, a no-change scan proves the tree settled and writes nothing.
@@ -232,7 +244,7 @@ def test_every_change_gets_a_new_version_and_nothing_else_does(tmp_path: Path) -
     os.utime(os.path.join(a, "index.json"))  # a touch: same content, nothing a follower needs to know
     assert run(tmp, "scan", "--db", db, root).rc == 0
     assert versions(db) == first
-    flip(b, corpus[b]["documents"][1])  # type: ignore[index]
+    flip(b, document(corpus, b, 1))
     assert run(tmp, "scan", "--db", db, root).rc == 0
     second = versions(db)
     assert second[b] > first[b] and second[a] == first[a] and second[c] == first[c]
@@ -240,7 +252,7 @@ def test_every_change_gets_a_new_version_and_nothing_else_does(tmp_path: Path) -
     assert run(tmp, "scan", "--db", db, root).rc == 0  # a broken layout is reported, not a failed scan
     third = versions(db)
     assert third[a] > second[b] and third[b] == second[b]
-    flip(a, corpus[a]["documents"][0])  # restored to the content of its rows: the state is news again
+    flip(a, document(corpus, a, 0))  # restored to the content of its rows: the state is news again
     assert run(tmp, "scan", "--db", db, root).rc == 0
     fourth = versions(db)
     assert fourth[a] > third[a]
@@ -314,7 +326,7 @@ def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus = churn_corpus(root, 20)
     assert run(tmp, "scan", "--db", db, root).rc == 0
-    digests = {path: set(info["churn"]) for path, info in corpus.items()}  # type: ignore[arg-type]
+    digests = {path: {churn_digest(corpus, path, 0), churn_digest(corpus, path, 1)} for path in corpus}
     config = write_config(tmp, "[daemon]\nbatch_size = 4\ndebounce_ms = 0\n")
     watermark = 0
     seen_versions: list[int] = []
@@ -325,7 +337,7 @@ def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
         for _ in range(60):
             path = rng.choice(sorted(corpus))
             state[path] = 1 - state[path]
-            flip(path, corpus[path]["documents"][state[path]])  # type: ignore[index]
+            flip(path, document(corpus, path, state[path]))
             conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
             try:
                 conn.execute("BEGIN")
@@ -349,3 +361,68 @@ def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
             watermark = top
         assert daemon.stop() == 0
     assert seen_versions == sorted(seen_versions)
+
+
+def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
+    # An index.json whose mtime lies in the future (a file server's skewed clock, touch -d) can never
+    # have "changed well before it was read": before, every lookup and every re-scan hashed it again,
+    # forever. Two reads a racy window apart that see the same identity now prove it settled.
+    from indexer.config import Root
+    from indexer.daemon import _racy_layouts
+    from indexer.discovery import settled
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus = churn_corpus(root, 2)
+    future = time.time_ns() + 365 * 24 * 3600 * 10**9
+    for path in corpus:
+        os.utime(os.path.join(path, "index.json"), ns=(future, future))
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    first_read = time.time_ns()
+    assert settled(db, [Root(root)]) is None  # one read proves nothing about a future timestamp
+    wait_for(lambda: time.time_ns() > first_read + read.RACY_WINDOW_NS, "the racy window to pass")
+    assert run(tmp, "scan", "--db", db, root).rc == 0  # the second read: the same identity
+    assert settled(db, [Root(root)]) == (2, 0)
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        assert _racy_layouts(conn) == {}
+    finally:
+        conn.close()
+    with Index(db) as index:
+        for path in corpus:
+            assert index.view(path).freshness == "indexed"
+    # and a rewrite keeping the future mtime is still seen: ctime moves
+    path = sorted(corpus)[0]
+    flip(path, document(corpus, path, 1), rename=False)
+    os.utime(os.path.join(path, "index.json"), ns=(future, future))
+    with Index(db) as index:
+        answer = index.resolve_in(path, TAG)
+    assert (answer.digest, answer.freshness) == (churn_digest(corpus, path, 1), "read-through")
+
+
+def test_settles_at() -> None:
+    window = read.RACY_WINDOW_NS
+    # changed long before the read: settled by the change time
+    assert read.settles_at(1_000, 1_000, 10 * window, None) == 1_000 + window + 1
+    # a future change time: only a second read a window after the first settles it
+    future = 100 * window
+    assert read.settles_at(future, future, 10 * window, 10 * window) == 11 * window
+    assert read.settles_at(future, future, 10 * window, None) == future + window + 1
+
+
+def test_settles_at_sql_is_the_same_rule() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE layouts (mtime_ns INTEGER, ctime_ns INTEGER, read_ns INTEGER, identity_since_ns INTEGER)"
+    )
+    window = read.RACY_WINDOW_NS
+    cases = [
+        (1_000, 2_000, 10 * window, None),
+        (1_000, 2_000, 10 * window, 9 * window),
+        (100 * window, 100 * window, 10 * window, 10 * window),
+        (100 * window, 5, 10 * window, None),
+        (5, 100 * window, 12 * window, 8 * window),
+    ]
+    conn.executemany("INSERT INTO layouts VALUES (?, ?, ?, ?)", cases)
+    got = [row[0] for row in conn.execute(f"SELECT {read.SETTLES_AT_SQL} FROM layouts ORDER BY rowid")]
+    assert got == [read.settles_at(*case) for case in cases]

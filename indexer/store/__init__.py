@@ -95,7 +95,7 @@ def open_reader(path: str) -> sqlite3.Connection:
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
-        # read it as immutable. Answers are still checked against the layouts (SPEC §5).
+        # read it as immutable. Answers are still checked against the layouts (docs/semantics.md, Freshness).
         conn = _connect_reader(path, "mode=ro&immutable=1")
     try:
         check_schema(conn, path)
@@ -248,6 +248,9 @@ def open_writer(path: str) -> sqlite3.Connection:
             )
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
+        from indexer.store import maintenance  # writers only: off the lookup path
+
+        maintenance.prepare(conn, new=not has_tables)
         migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
