@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("find", help="find :TAG, @DIGEST or NAME[:TAG][@DIGEST] across every indexed layout")
     p.add_argument("ref", metavar="REF", help=":TAG, @DIGEST, NAME[:TAG] or NAME@DIGEST (NAME as docker run reads it)")
     p.add_argument("--verify-all", action="store_true", help="re-check every layout, not just those that match")
+    p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
     _options(p)
 
     p = sub.add_parser("ls", help="list indexed layouts, or one layout's entries")
@@ -134,7 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=("text", "json"), default=None, help="log lines (default: [daemon] log_format)"
     )
     _options(p, json=False)
+    _fleet_parsers(sub)
     return parser
+
+
+def _fleet_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
+    """``hosts`` and ``fleet migrate|add-host|remove-host`` (docs/fleet.md)."""
+    p = sub.add_parser("hosts", help="every host of the fleet database with its heartbeat, counts and backlog")
+    _options(p, db=False)
+    p = sub.add_parser("fleet", help="set up the fleet database (run as its administrator, never as a host)")
+    actions = p.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
+    for name, help_text in (
+        ("migrate", "create or upgrade the fleet schema and the roles ocidx_publisher and ocidx_reader"),
+        ("add-host", "create login role NAME (when missing) and let it publish as host NAME"),
+        ("remove-host", "delete every row host NAME published and stop it publishing"),
+    ):
+        action = actions.add_parser(name, help=help_text)
+        if name != "migrate":
+            action.add_argument("name", metavar="NAME", help="the host: its PostgreSQL login role and host name")
+        action.add_argument(
+            "--dsn", required=True, metavar="ADMIN_DSN", help="libpq connection string of an admin role"
+        )
+        action.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -263,6 +285,8 @@ def _describe_answer(answer: Answer) -> tuple[str, str, str]:
 
 def cmd_find(args: argparse.Namespace) -> int:
     """``ocidx find``: every match across the index, one line each."""
+    if args.fleet:
+        return cmd_find_fleet(args)
     with _index(args) as index:
         answers = index.find(args.ref, verify_all=args.verify_all)
     if answers.unverified is not None:
@@ -279,6 +303,68 @@ def cmd_find(args: argparse.Namespace) -> int:
     if not answers:
         _warn(f"ocidx: {answers.query.describe()} not found in any indexed layout{answers.hint}")
         return 1
+    return 0
+
+
+def cmd_find_fleet(args: argparse.Namespace) -> int:
+    """``ocidx find --fleet``: every match on every host; a stale host's lines say so."""
+    from indexer.fleet import Fleet
+
+    with Fleet(config=args.config) as fleet:
+        answers = fleet.find(args.ref)
+    if args.json:
+        _emit([a.to_json() for a in answers])
+    else:
+        for answer in answers:
+            _line(answer.host, *_describe_answer(answer), answer.host_state)
+    if not answers:
+        _warn(f"ocidx: {args.ref} not found on any host of the fleet")
+        return 1
+    return 0
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    """``ocidx hosts``: every host with its state, heartbeat age, counts and backlog."""
+    from indexer.fleet import Fleet
+
+    with Fleet(config=args.config) as fleet:
+        rows = fleet.hosts()
+    if args.json:
+        _emit(rows)
+    else:
+        for row in rows:
+            age = "never" if row["heartbeat_age_s"] is None else f"{row['heartbeat_age_s']}s ago"
+            backlog = "unknown" if row["backlog"] is None else row["backlog"]
+            _line(
+                row["host"],
+                row["host_state"],
+                f"heartbeat {age}",
+                f"{row['layouts']} layouts",
+                f"{row['entries']} entries",
+                f"backlog {backlog}",
+            )
+    return 0
+
+
+def cmd_fleet(args: argparse.Namespace) -> int:
+    """``ocidx fleet migrate|add-host|remove-host``: the administrator's set-up of the fleet database."""
+    from indexer.fleet import admin
+
+    result: dict[str, object]
+    if args.fleet_command == "migrate":
+        applied = admin.migrate(args.dsn)
+        result = {"applied": applied}
+        message = f"applied {', '.join(applied)}" if applied else "the fleet schema is up to date"
+    elif args.fleet_command == "add-host":
+        result = admin.add_host(args.dsn, args.name)
+        message = f"host {args.name} can publish" + (" (login role created)" if result["role_created"] else "")
+    else:
+        result = admin.remove_host(args.dsn, args.name)
+        message = f"host {args.name}: {result['layouts']} layouts removed; it can no longer publish"
+    if args.json:
+        _emit(result)
+    else:
+        _warn(f"ocidx: {message}")
     return 0
 
 
@@ -401,4 +487,6 @@ _COMMANDS = {
     "status": cmd_status,
     "scan": cmd_scan,
     "daemon": cmd_daemon,
+    "hosts": cmd_hosts,
+    "fleet": cmd_fleet,
 }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 from indexer._record import Record
 from indexer.errors import ConfigError
@@ -74,10 +75,20 @@ class DaemonSettings(Record):
         self.log_format = log_format
 
 
+class FleetSettings(Record):
+    """The fleet database (``[fleet]``): where to publish and look, and when a host counts as stale."""
+
+    __slots__ = ("dsn", "stale_after_s")
+
+    def __init__(self, *, dsn: str = "", stale_after_s: float = 60.0) -> None:
+        self.dsn = dsn
+        self.stale_after_s = stale_after_s
+
+
 class Config(Record):
     """Everything ocidx reads from its config file, with defaults applied."""
 
-    __slots__ = ("daemon", "database", "familiar", "limits", "roots", "source", "stores")
+    __slots__ = ("daemon", "database", "familiar", "fleet", "limits", "roots", "source", "stores")
 
     def __init__(
         self,
@@ -89,6 +100,7 @@ class Config(Record):
         familiar: str = "normalize",
         limits: Limits | None = None,
         daemon: DaemonSettings | None = None,
+        fleet: FleetSettings | None = None,
     ) -> None:
         self.source = source
         self.database = database
@@ -97,6 +109,7 @@ class Config(Record):
         self.familiar = familiar
         self.limits = limits if limits is not None else Limits()
         self.daemon = daemon if daemon is not None else DaemonSettings()
+        self.fleet = fleet if fleet is not None else FleetSettings()
 
 
 def default_config_path() -> str | None:
@@ -118,6 +131,16 @@ def default_database_path() -> str:
 def database_path(cli_db: str | None, config: Config) -> str:
     """``--db``, then ``$OCIDX_DB``, then ``[database] path``, then the per-user default."""
     return cli_db or os.environ.get("OCIDX_DB") or config.database or default_database_path()
+
+
+FLEET_DSN_ENV = "OCIDX_FLEET_DSN"
+STALE_AFTER_RANGE_S = (1.0, 7 * 86400.0)
+
+
+def fleet_dsn(config: Config) -> str:
+    """``$OCIDX_FLEET_DSN`` when set (an empty value turns the fleet off), else ``[fleet] dsn``; '' is no fleet."""
+    env = os.environ.get(FLEET_DSN_ENV)
+    return (env if env is not None else config.fleet.dsn).strip()
 
 
 def load(path: str | None) -> Config:
@@ -143,7 +166,7 @@ def load(path: str | None) -> Config:
 def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     """Validate an already-parsed TOML document; *source* names the file in errors."""
     here = os.path.dirname(source)
-    _only(data, {"database", "roots", "stores", "names", "limits", "daemon"}, "", source)
+    _only(data, {"database", "roots", "stores", "names", "limits", "daemon", "fleet"}, "", source)
 
     database_table = _table(data, "database", source)
     _only(database_table, {"path"}, "database.", source)
@@ -230,12 +253,49 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     return Config(
         source=source,
         database=_resolve(here, database, "database.path", source) if database else None,
+        fleet=_fleet(_table(data, "fleet", source), source),
         roots=tuple(roots),
         stores=stores,
         familiar=familiar,
         limits=limits,
         daemon=daemon,
     )
+
+
+def _fleet(table: Mapping[str, object], source: str) -> FleetSettings:
+    _only(table, {"dsn", "stale_after_s"}, "fleet.", source)
+    dsn = _opt_str(table, "dsn", "fleet.dsn", source) or ""
+    if _has_password(dsn):
+        raise ConfigError(
+            f"{source}: fleet.dsn holds a password: keep it out of ocidx's config and give it to libpq "
+            "(a ~/.pgpass or PGPASSFILE file, a service file, or a client certificate; docs/fleet.md)"
+        )
+    stale = table.get("stale_after_s", 60.0)
+    low, high = STALE_AFTER_RANGE_S
+    if (
+        isinstance(stale, bool)
+        or not isinstance(stale, int | float)
+        or not math.isfinite(stale)
+        or not low <= stale <= high
+    ):
+        raise ConfigError(
+            f"{source}: fleet.stale_after_s must be a number of seconds from {low:g} to {high:g}, not {stale!r}"
+        )
+    return FleetSettings(dsn=dsn, stale_after_s=float(stale))
+
+
+def _has_password(dsn: str) -> bool:
+    """Whether a libpq connection string (key=value or URI form) carries a password."""
+    if re.search(r"(?:^|\s)password\s*=", dsn):
+        return True
+    scheme, sep, rest = dsn.partition("://")
+    if sep and scheme in ("postgres", "postgresql"):
+        authority = rest.split("/", 1)[0].split("?", 1)[0]
+        if "@" in authority and ":" in authority.rpartition("@")[0]:
+            return True
+        if re.search(r"[?&]password=", rest):
+            return True
+    return False
 
 
 def _resolve(here: str, path: str, full: str, source: str) -> str:

@@ -408,6 +408,7 @@ class Daemon:
                 await self._start()
                 tg.start_soon(self._heartbeat)
                 tg.start_soon(self._maintenance)
+                tg.start_soon(self._publish)
                 tg.start_soon(self._main)
         except BaseExceptionGroup as group:
             # One failure (a DaemonError, a DatabaseError...) is raised as itself, for the CLI's exit codes.
@@ -447,6 +448,25 @@ class Daemon:
                 )
                 scope.cancel()
                 return
+
+    async def _publish(self) -> None:
+        """The fleet publisher (indexer.fleet.publisher) when a fleet DSN is set: a task of its own that
+        reads SQLite on its own connection, so that PostgreSQL never holds up indexing or answers."""
+        dsn = config_mod.fleet_dsn(self.config)
+        if not dsn:
+            await self._db(lambda conn: conn.execute("DELETE FROM fleet_publisher"))  # status shows no stale fleet
+            return
+        try:
+            from indexer.fleet.publisher import Publisher
+        except ImportError:
+            log.error("fleet: a fleet DSN is set but psycopg is not installed: pip install 'ocidx[fleet]'")
+            return
+
+        async def record(fn: Callable[[sqlite3.Connection], None]) -> None:
+            if self.scanner is not None:  # not while the database is being rebuilt
+                await self._db(fn)
+
+        await Publisher(dsn, self.db_path, heartbeat_s=self.settings.heartbeat_s, record=record).run()
 
     async def _heartbeat(self) -> None:
         while True:

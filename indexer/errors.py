@@ -12,7 +12,8 @@
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
     │   ├── SchemaTooNew            the database was written by a newer ocidx
-    │   └── UnsafeFile              a file beside the database is a symlink, not ours, ...
+    │   ├── UnsafeFile              a file beside the database is a symlink, not ours, ...
+    │   └── FleetUnavailable        the fleet's PostgreSQL is unreachable or not set up
     ├── LayoutError                 one layout cannot be read             exit 5
     │   ├── LayoutUnreadable        I/O: missing, permission, not a file, FIFO
     │   ├── IndexParseError         index.json is not a valid image index
@@ -184,6 +185,12 @@ class UnsafeFile(DatabaseError):
     """A file beside the database (the lock, the database, its -wal) is not one ocidx may write."""
 
     category = "unsafe_file"
+
+
+class FleetUnavailable(DatabaseError):
+    """The fleet database (PostgreSQL) is not configured, unreachable, or not an ocidx fleet."""
+
+    category = "fleet_unavailable"
 
 
 class LayoutError(OcidxError):

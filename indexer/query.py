@@ -578,6 +578,7 @@ class Index:
             "layouts_with_errors": errors,
             "roots": [r.path for r in roots_mod.recorded(conn) or []],
             "daemon": daemon,
+            **_fleet_status(conn, now),
         }
 
 
@@ -623,6 +624,28 @@ def _absolute_hint(text: str) -> str:
     return f"; did you mean /{text}? (oci-layout:///{text}, with three slashes, names an absolute path)"
 
 
+def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:
+    """``fleet`` of ``status`` on a publishing host: connected or why not, the backlog, the last publish."""
+    row = conn.execute("SELECT host, state, since_ns, watermark, published_ns FROM fleet_publisher").fetchone()
+    if row is None:
+        return {}
+    host, state, since, watermark, published = row
+    backlog = (
+        conn.execute("SELECT count(*) FROM layouts WHERE version > ?", (watermark,)).fetchone()[0]
+        + conn.execute("SELECT count(*) FROM layout_removals WHERE version > ?", (watermark,)).fetchone()[0]
+    )
+    return {
+        "fleet": {
+            "host": host,
+            "connected": state == "connected",
+            "state": state,
+            "state_age_s": round((now - since) / 1e9, 3),
+            "backlog": backlog,
+            "last_published_age_s": None if published is None else round((now - published) / 1e9, 3),
+        }
+    }
+
+
 def _no_nul(text: str, what: str) -> None:
     """No path holds a NUL character; os functions would raise ValueError on one."""
     if "\0" in text:
@@ -656,32 +679,31 @@ def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list
         blob = _blob_hit(view, query.digest)
         hits = [blob] if blob is not None else []
     if hits and (query.tag or query.name):
-        if query.name is not None:
-            pointed = (
-                db.by_name(conn, query.name, query.tag, lid) if query.tag else db.by_repository(conn, query.name, lid)
-            )
-        else:
-            pointed = db.by_tag(conn, query.tag or "", lid)
-        if query.digest not in {h.digest for h in pointed}:
-            label = (query.name or "") + (f":{query.tag}" if query.tag else "")
-            now = sorted({h.digest for h in pointed})
-            message = f"{label} in {view.path} does not point at {query.digest}" + (
-                f" (it points at {', '.join(now)})" if now else " (it names nothing there)"
-            )
+        pointed = db.hits(conn, db.pointing_lookup(name=query.name, tag=query.tag), lid)
+        message = mismatch(query, view.path, {h.digest for h in pointed})
+        if message is not None:
             if strict:
                 raise TagMismatch(message)
             warnings.append(message)
     return hits, warnings
 
 
+def mismatch(query: Query, path: str, pointed: set[str]) -> str | None:
+    """The warning when the name or tag of a ``...@DIGEST`` query points elsewhere in *path* (digests *pointed*)."""
+    if query.digest is None or query.digest in pointed:
+        return None
+    label = (query.name or "") + (f":{query.tag}" if query.tag else "")
+    now = sorted(pointed)
+    return f"{label} in {path} does not point at {query.digest}" + (
+        f" (it points at {', '.join(now)})" if now else " (it names nothing there)"
+    )
+
+
 def _match_all(conn: sqlite3.Connection, query: Query) -> tuple[dict[str, list[Answer]], dict[str, db.StoredLayout]]:
     """Matches of *query* in the whole index by layout path (not yet verified), and those layouts."""
-    if query.digest is not None:
-        hits = db.by_digest(conn, query.digest)
-    elif query.name is not None:
-        hits = db.by_name(conn, query.name, query.tag or "")
-    else:
-        hits = db.by_tag(conn, query.tag or "latest")
+    hits = [
+        h for lookup in db.lookups(name=query.name, tag=query.tag, digest=query.digest) for h in db.hits(conn, lookup)
+    ]
     stored = db.layouts_by_id(conn, {h.layout_id for h in hits})
     # One names query for every hit (it chunks its IN list), not one per answer.
     names_of = db.names(conn, [h.entry_id for h in hits if h.source == "entry"])

@@ -6,6 +6,12 @@ import os
 
 import pytest
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from pg_cluster import Cluster, FleetDb
+
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -15,3 +21,38 @@ def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OCIDX_CONFIG", raising=False)
     monkeypatch.delenv("OCIDX_DB", raising=False)
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(autouse=True)
+def _no_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No fleet DSN of the user's environment leaks into a test."""
+    monkeypatch.delenv("OCIDX_FLEET_DSN", raising=False)
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Cluster]:
+    """One throwaway PostgreSQL cluster for the session (tests/pg_cluster.py); skipped or failed when missing."""
+    import importlib.util
+
+    from needs import require
+    from pg_cluster import bin_dir, running_cluster
+
+    require(["psycopg"] if importlib.util.find_spec("psycopg") is None else [], "pip install 'ocidx[fleet]'")
+    require(["postgresql (initdb, pg_ctl, postgres)"] if bin_dir() is None else [], "apt-get install postgresql")
+    with running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def fleet_db(pg_cluster: Cluster, request: pytest.FixtureRequest) -> FleetDb:
+    """A new database, migrated by ``ocidx fleet migrate`` as the cluster's superuser."""
+    from pg_cluster import FleetDb
+
+    from indexer.fleet import admin
+
+    dbname = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    dbname += f"_{os.getpid()}"
+    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{dbname}"')
+    pg_cluster.psql(f'CREATE DATABASE "{dbname}"')
+    admin.migrate(pg_cluster.dsn(dbname=dbname))
+    return FleetDb(pg_cluster, dbname)

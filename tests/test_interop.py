@@ -17,6 +17,7 @@ import shutil
 import subprocess
 
 import pytest
+from needs import require
 
 from indexer.cli import main
 
@@ -27,11 +28,7 @@ TOOLS = ("skopeo", "umoci")
 
 @pytest.fixture(autouse=True)
 def _tools_and_isolation(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {', '.join(missing)} is not installed: the interop tests must run")
-        pytest.skip(f"{', '.join(missing)} not installed (install them, or set CI to make this a failure)")
+    require([tool for tool in TOOLS if shutil.which(tool) is None], "install them")
     monkeypatch.setenv("XDG_CONFIG_HOME", os.path.join(tmp_path, "xdg-config"))
     monkeypatch.setenv("XDG_DATA_HOME", os.path.join(tmp_path, "xdg-data"))
     monkeypatch.delenv("OCIDX_CONFIG", raising=False)

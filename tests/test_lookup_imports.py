@@ -17,7 +17,7 @@ from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
 
-HEAVY = ("asyncio", "anyio", "watchdog", "typing", "dataclasses", "logging")
+HEAVY = ("asyncio", "anyio", "watchdog", "typing", "dataclasses", "logging", "psycopg", "socket")
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = """
@@ -107,3 +107,13 @@ def test_the_probe_sees_heavy_imports(indexed: tuple[str, str, str], tmp_path: s
     codes, heavy = probe([["scan", "--db", db, "--no-progress", os.path.join(tmp_path, "root")]])
     assert codes == [0]
     assert {"anyio", "asyncio"} <= set(heavy)
+
+
+def test_find_fleet_is_what_imports_the_driver(indexed: tuple[str, str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above can fail for the fleet too: find --fleet imports psycopg (and reaches no server here)."""
+    pytest.importorskip("psycopg")
+    db, _, _ = indexed
+    monkeypatch.setenv("OCIDX_FLEET_DSN", "host=/nonexistent port=1 dbname=x user=y")
+    codes, heavy = probe([["find", "--db", db, "--fleet", ":latest"]])
+    assert codes == [4]
+    assert "psycopg" in heavy

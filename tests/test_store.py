@@ -346,8 +346,9 @@ def test_a_non_editable_install_ships_the_migrations(tmp_path: str) -> None:
     (wheel,) = (os.path.join(wheels, n) for n in os.listdir(wheels) if n.endswith(".whl"))
     with zipfile.ZipFile(wheel) as archive:
         shipped = set(archive.namelist())
-    for name in os.listdir(MIGRATIONS):
-        assert f"indexer/migrations/{name}" in shipped
+    for directory, _dirs, files in os.walk(MIGRATIONS):  # the fleet's migrations/postgres/ too
+        for name in files:
+            assert f"indexer/migrations/{os.path.relpath(os.path.join(directory, name), MIGRATIONS)}" in shipped
 
     target = os.path.join(tmp_path, "site")
     installed = subprocess.run(

@@ -23,7 +23,7 @@ import time
 from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
-SCHEMA_VERSION = 3  # the number of files in migrations/; a test holds them equal
+SCHEMA_VERSION = 4  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
 
 
@@ -56,9 +56,13 @@ def migrations_dir() -> str:
     return os.path.join(os.path.dirname(here), "migrations")
 
 
-def migration_files() -> list[tuple[str, str]]:
-    """``(name, path)`` of every migration, in the order they apply."""
-    directory = migrations_dir()
+def migration_files(subdir: str = "") -> list[tuple[str, str]]:
+    """``(name, path)`` of every migration, in the order they apply.
+
+    *subdir* names another engine's migrations (``postgres`` for the fleet), listed and
+    ordered by the same rule: ``NNNN_name.sql``, by number.
+    """
+    directory = os.path.join(migrations_dir(), subdir) if subdir else migrations_dir()
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".sql") and n[:4].isdigit())
     except OSError as exc:

@@ -1,0 +1,122 @@
+"""Setting up the fleet database: ``ocidx fleet migrate``, ``add-host`` and ``remove-host``.
+
+These run as an administrative role (one that may create roles and owns the
+tables), never as a host. Migrations are the files ``migrations/postgres/NNNN_name.sql``,
+forward-only, each applied in its own transaction with its row in
+``ocidx_migrations``, under an advisory lock so two administrators migrating at
+once apply each file once; a database with a migration this ocidx does not know
+is refused (exit 4), as the SQLite index is.
+"""
+
+from __future__ import annotations
+
+from indexer.errors import FleetUnavailable, SchemaTooNew, UsageError
+from indexer.fleet import MIGRATIONS, _first_line, connect, describe_dsn, schema_problem
+from indexer.store import migration_files
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
+
+    import psycopg
+
+# pg_advisory_lock key of the fleet migrations: "ocdx" as in the SQLite application_id.
+MIGRATE_LOCK = 0x6F636478
+RESERVED_PREFIXES = ("pg_", "ocidx_")
+NAME_LIMIT = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
+
+
+def migrate(admin_dsn: str) -> list[str]:
+    """Create or upgrade the fleet schema and its group roles; the migrations applied now."""
+    import psycopg
+
+    conn = connect(admin_dsn, application="ocidx fleet migrate")
+    try:
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS ocidx_migrations "
+            "(name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        applied = [str(row[0]) for row in conn.execute("SELECT name FROM ocidx_migrations")]
+        problem = schema_problem(applied)
+        if isinstance(problem, SchemaTooNew):  # forward-only: never "upgrade" a newer schema
+            raise problem
+        done = []
+        for name, path in migration_files(MIGRATIONS):
+            if name in applied:
+                continue
+            with open(path, encoding="utf-8") as fh:
+                script = fh.read()
+            with conn.transaction():
+                conn.execute(script)  # no parameters: a multi-statement script
+                conn.execute("INSERT INTO ocidx_migrations (name) VALUES (%s)", (name,))
+            done.append(name)
+        return done
+    except psycopg.Error as exc:
+        raise FleetUnavailable(f"fleet migrate failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
+    finally:
+        conn.close()
+
+
+def check_host_name(name: str) -> None:
+    """Refuse a host name that is not a plain role name of ours to create (UsageError, exit 2)."""
+    if not name or len(name.encode("utf-8")) > NAME_LIMIT:
+        raise UsageError(f"host name {name!r} must be 1 to {NAME_LIMIT} bytes")
+    if not name.isprintable() or any(c in name for c in "\"'\\"):
+        raise UsageError(f"host name {name!r} may not hold quotes, backslashes or control characters")
+    if name.lower().startswith(RESERVED_PREFIXES) or name in ("public", "postgres"):
+        raise UsageError(f"host name {name!r} is reserved (pg_*, ocidx_*, public, postgres)")
+
+
+def _current(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    from indexer.fleet import check_schema
+
+    check_schema(conn)
+
+
+def add_host(admin_dsn: str, name: str) -> dict[str, object]:
+    """Create login role *name* when missing, let it publish, and register it as a host."""
+    import psycopg
+    from psycopg import sql
+
+    check_host_name(name)
+    conn = connect(admin_dsn, application="ocidx fleet add-host")
+    try:
+        _current(conn)
+        with conn.transaction():
+            row = conn.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
+            created = row is None
+            if row is None:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+            elif row[0]:
+                raise UsageError(
+                    f"role {name!r} is a superuser or bypasses row-level security: a host must be an ordinary role"
+                )
+            conn.execute(sql.SQL("GRANT ocidx_publisher TO {}").format(sql.Identifier(name)))
+            conn.execute("INSERT INTO hosts (host) VALUES (%s) ON CONFLICT (host) DO NOTHING", (name,))
+        return {"host": name, "role_created": created}
+    except psycopg.Error as exc:
+        raise FleetUnavailable(f"fleet add-host failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
+    finally:
+        conn.close()
+
+
+def remove_host(admin_dsn: str, name: str) -> dict[str, object]:
+    """Delete every row host *name* published and stop it publishing (its login role is kept)."""
+    import psycopg
+    from psycopg import sql
+
+    check_host_name(name)
+    conn = connect(admin_dsn, application="ocidx fleet remove-host")
+    try:
+        _current(conn)
+        with conn.transaction():
+            layouts = conn.execute("SELECT count(*) FROM layouts WHERE host = %s", (name,)).fetchone()
+            gone = conn.execute("DELETE FROM hosts WHERE host = %s", (name,)).rowcount
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None:
+                conn.execute(sql.SQL("REVOKE ocidx_publisher FROM {}").format(sql.Identifier(name)))
+        return {"host": name, "removed": bool(gone), "layouts": int(layouts[0]) if layouts is not None else 0}
+    except psycopg.Error as exc:
+        raise FleetUnavailable(f"fleet remove-host failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
+    finally:
+        conn.close()

@@ -1,0 +1,16 @@
+"""The one rule for tests that need an outside program: skipped when it is missing, failed under CI."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def require(missing: list[str], hint: str) -> None:
+    """Skip the test when *missing* names programs (fail instead when ``$CI`` is set); *hint* says how to get them."""
+    if not missing:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {', '.join(missing)} is not installed: these tests must run")
+    pytest.skip(f"{', '.join(missing)} not installed ({hint}, or set CI to make this a failure)")

@@ -1,0 +1,185 @@
+"""A throwaway PostgreSQL cluster for the fleet tests and the fleet benchmark.
+
+``initdb`` in a temporary directory, owned by an unprivileged user when we run as root
+(PostgreSQL refuses to run as root), listening only on a Unix socket in that directory
+(``listen_addresses=''``) under a free port number. Every role connects through the socket
+with ``trust`` authentication: the cluster lives only as long as the test session, and its
+directory is private to the user that runs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+PG_USER = "ocidx-pg"  # created (as a system user) when we are root and it is missing
+PROGRAMS = ("initdb", "pg_ctl", "postgres")
+
+
+def bin_dir() -> str | None:
+    """The directory holding initdb, pg_ctl and postgres, or None when PostgreSQL is not installed."""
+    for directory in BIN_DIRS:
+        if all(os.access(os.path.join(directory, p), os.X_OK) for p in PROGRAMS):
+            return directory
+    found = shutil.which("pg_ctl")
+    if found is not None:
+        directory = os.path.dirname(found)
+        if all(os.access(os.path.join(directory, p), os.X_OK) for p in PROGRAMS):
+            return directory
+    return None
+
+
+def _free_port() -> int:
+    """A port number no TCP listener holds (the socket file is named after it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _unprivileged() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as: our own when not root, else PG_USER (created if missing)."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        entry = pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
+            check=True,
+            capture_output=True,
+        )
+        entry = pwd.getpwnam(PG_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+class Cluster:
+    """One PostgreSQL cluster: ``start()``, ``stop()``, ``restart()``, ``dsn(user, dbname)``."""
+
+    def __init__(self, bindir: str) -> None:
+        self.bindir = bindir
+        self.ids = _unprivileged()
+        self.base = tempfile.mkdtemp(prefix="ocidx-pg-")
+        self.data = os.path.join(self.base, "data")
+        self.socket_dir = os.path.join(self.base, "sock")
+        os.mkdir(self.socket_dir, 0o700)
+        if self.ids is not None:
+            os.chown(self.base, *self.ids)
+            os.chown(self.socket_dir, *self.ids)
+        self.port = _free_port()
+        self.superuser = "postgres"
+        self.running = False
+        self._run(
+            "initdb",
+            "-D",
+            self.data,
+            "-U",
+            self.superuser,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        )
+        with open(os.path.join(self.data, "postgresql.conf"), "a") as conf:
+            conf.write(
+                "listen_addresses = ''\n"
+                f"unix_socket_directories = '{self.socket_dir}'\n"
+                f"port = {self.port}\n"
+                "fsync = off\n"  # a throwaway cluster: durability against power loss is not tested here
+                "max_connections = 300\n"
+                "shared_buffers = 64MB\n"
+            )
+
+    def _run(self, program: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        uid, gid = self.ids if self.ids is not None else (None, None)
+        return subprocess.run(
+            [os.path.join(self.bindir, program), *args],
+            capture_output=True,
+            text=True,
+            check=check,
+            cwd=self.base,
+            timeout=120,
+            user=uid,
+            group=gid,
+            extra_groups=None if uid is None else [],
+        )
+
+    def start(self) -> None:
+        """Start the server and wait until it accepts connections."""
+        log = os.path.join(self.base, "server.log")
+        done = self._run("pg_ctl", "-D", self.data, "-l", log, "-w", "-t", "60", "start", check=False)
+        if done.returncode != 0:
+            with open(log, errors="replace") as fh:
+                raise RuntimeError(f"PostgreSQL did not start: {done.stderr}\n{fh.read()[-2000:]}")
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``fast``: roll back open transactions; ``immediate``: as a crash)."""
+        if self.running:
+            self._run("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "60", "stop", check=False)
+            self.running = False
+
+    def restart(self) -> None:
+        """Stop and start again on the same socket."""
+        self.stop()
+        self.start()
+
+    def dsn(self, user: str | None = None, dbname: str = "postgres") -> str:
+        """A libpq connection string for *user* (the superuser by default) to *dbname*."""
+        return f"host={self.socket_dir} port={self.port} dbname={dbname} user={user or self.superuser}"
+
+    def psql(self, sql: str, dbname: str = "postgres") -> None:
+        """Run *sql* as the superuser (autocommit: CREATE DATABASE cannot run in a transaction)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn(dbname=dbname), autocommit=True) as conn:
+            conn.execute(sql)
+
+    def destroy(self) -> None:
+        """Stop the server and remove its directory."""
+        self.stop("immediate")
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self.base)
+
+
+@contextlib.contextmanager
+def running_cluster() -> Iterator[Cluster]:
+    """A started cluster, destroyed on exit; RuntimeError when PostgreSQL is not installed."""
+    directory = bin_dir()
+    if directory is None:
+        raise RuntimeError("PostgreSQL is not installed (initdb, pg_ctl, postgres)")
+    cluster = Cluster(directory)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+class FleetDb:
+    """A fresh fleet database in the session's cluster, migrated, with DSNs for any role."""
+
+    def __init__(self, cluster: Cluster, dbname: str) -> None:
+        self.cluster = cluster
+        self.dbname = dbname
+        self.admin_dsn = cluster.dsn(dbname=dbname)
+
+    def dsn(self, role: str) -> str:
+        """The DSN a host or reader role connects with."""
+        return self.cluster.dsn(role, self.dbname)
+
+    def add_host(self, name: str) -> str:
+        """Register host *name* (ocidx fleet add-host); its DSN."""
+        from indexer.fleet import admin
+
+        admin.add_host(self.admin_dsn, name)
+        return self.dsn(name)
