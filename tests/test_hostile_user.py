@@ -211,3 +211,21 @@ def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) ->
         assert not daemon.exited()
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_lookup_refuses_a_symlink_planted_at_the_shared_memory_file(tmp: str, suffix: str) -> None:
+    """A lookup opens the database read-only, but SQLite opens (and may truncate) -shm read-write."""
+    root = one_layout(tmp)
+    target = victim(tmp)
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
+    for leftover in ("-wal", "-shm"):
+        if os.path.lexists(db + leftover):
+            os.unlink(db + leftover)
+    os.symlink(target, db + suffix)
+    found = run(tmp, "find", "--db", db, ":v1")
+    assert found.rc == 4 and (db + suffix).encode() in found.err, found
+    with open(target, "rb") as fh:
+        assert fh.read() == VICTIM_TEXT
