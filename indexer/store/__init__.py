@@ -214,7 +214,10 @@ def check_database_files(path: str, *, reader: bool = False) -> None:
     of the database, where SQLite keeps them.
     """
     if reader:
-        base = os.path.realpath(path)
+        try:  # symlinked parent directories lead lstat to the same side files: only a final link matters
+            base = os.path.realpath(path) if stat.S_ISLNK(os.lstat(path).st_mode) else path
+        except OSError:
+            base = path
         names = [(base + suffix, False) for suffix in SQLITE_SIDE_FILES]
     else:
         names = [(path, True), *((path + suffix, False) for suffix in SQLITE_SIDE_FILES)]
