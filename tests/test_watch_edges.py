@@ -347,3 +347,20 @@ def test_a_file_system_mounted_below_a_root_after_start_is_watched_at_once(tmp: 
     wait_until(lambda: daemon.indexed(first.path, ":v5", "five"), "the root still watched", FRESH_S)
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
+
+
+@integration
+@needs_inotify
+def test_sighup_with_a_new_names_policy_re_reads_every_layout(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    lay = Layout(os.path.join(root, "skopeo"))
+    lay.write_index_bytes(index_bytes("alpine:3.15", "one"))  # skopeo copy ... oci:DIR:alpine:3.15
+    daemon = run_daemon(daemons, tmp, [root])
+    wait_until(lambda: daemon.indexed(lay.path, ":3.15", "one"), "the familiar name's tag indexed")
+    with open(daemon.config, "a", encoding="utf-8") as fh:
+        fh.write('\n[names]\nfamiliar_ref_names = "ignore"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "re-reading every layout" in daemon.log(), "the policy change logged")
+    # index.json did not change: only re-reading it under the new policy drops the name's rows
+    wait_until(lambda: daemon.answer(lay.path, ":3.15") is None, "the name dropped under the new policy")
+    assert daemon.stop() == 0
