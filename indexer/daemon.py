@@ -802,7 +802,8 @@ class Daemon:
         paths.update(due)
         if pending.trees:
             trees = outermost(pending.trees.values())
-            paths.update(await anyio.to_thread.run_sync(_discover_trees, trees))
+            tops = [root.path for root in self.roots]
+            paths.update(await anyio.to_thread.run_sync(_discover_trees, trees, tops))
             paths.update(await self._db(functools.partial(_stored_under, trees=[t.path for t in trees])))
         if not paths:
             return
@@ -993,11 +994,22 @@ def _resolved(root: Root) -> Root:
     return Root(os.path.realpath(root.path), max_depth=root.max_depth, follow_symlinks=root.follow_symlinks)
 
 
-def _discover_trees(trees: list[Root]) -> list[str]:
+def _discover_trees(trees: list[Root], tops: list[str]) -> list[str]:
+    """The layouts below each changed directory of a root (*tops*: the roots' real paths).
+
+    A directory that is now a symlink leading out of every root (a layout directory replaced by
+    ``ln -s /elsewhere``) is not followed unless its root follows symlinks: discovery resolves the
+    directory it starts from, which is right for a root, not for a name below one.
+    """
+    prefixes = [top.rstrip("/") + "/" for top in tops]
     found: list[str] = []
     for tree in trees:
-        if os.path.isdir(tree.path):
-            found.extend(discover(tree))
+        if not os.path.isdir(tree.path):
+            continue
+        real = os.path.realpath(tree.path)
+        if real != tree.path and not tree.follow_symlinks and not any(real.startswith(p) for p in prefixes):
+            continue
+        found.extend(discover(tree))
     return found
 
 
