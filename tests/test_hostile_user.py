@@ -268,3 +268,21 @@ def test_a_layout_directory_replaced_by_a_symlink_out_leaks_nothing(tmp: str) ->
         assert not daemon.exited()
     finally:
         assert daemon.stop() == 0
+
+
+def test_a_swapped_in_directory_whose_index_json_links_inside_itself_is_refused(tmp: str) -> None:
+    """The swapped-in directory's own symlinked index.json resolves "inside" it: still not the layout named."""
+    from indexer.errors import LayoutUnreadable
+    from indexer.layout import read_layout
+
+    secret, _ = private_index(tmp)
+    private = os.path.dirname(secret)
+    os.rename(secret, os.path.join(private, "real.json"))
+    os.symlink("real.json", secret)
+    root = one_layout(tmp)
+    app = os.path.join(root, "app")
+    assert read_layout(app).entries  # readable at its real path
+    os.rename(app, app + ".old")
+    os.symlink(private, app)
+    with pytest.raises(LayoutUnreadable, match="led outside the layout"):
+        read_layout(app)
