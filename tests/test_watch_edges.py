@@ -364,3 +364,22 @@ def test_sighup_with_a_new_names_policy_re_reads_every_layout(tmp: str, daemons:
     # index.json did not change: only re-reading it under the new policy drops the name's rows
     wait_until(lambda: daemon.answer(lay.path, ":3.15") is None, "the name dropped under the new policy")
     assert daemon.stop() == 0
+
+
+@integration
+@needs_inotify
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_mount_point_whose_name_the_kernel_escapes_is_watched_too(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    os.makedirs(root)
+    point = os.path.join(root, "m nt\t\\x\n" + os.fsdecode(b"\xff"))  # /proc/self/mountinfo writes \040 \011 \134 \012
+    os.makedirs(point)
+    daemon = run_daemon(daemons, tmp, [root])
+    _mount_tmpfs(point)
+    try:
+        made = _layout(os.path.join(point, "app"), "v2", "two")
+        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the oddly named mount", FRESH_S)
+    finally:
+        _umount(point)
+    wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
+    assert daemon.stop() == 0
