@@ -112,8 +112,8 @@ def test_layouts_below_a_directory_named_blobs_are_indexed_as_they_appear(tmp: s
     rewrite_in_place(deep.index_path, index_bytes("v4", "four"))
     wait_until(lambda: daemon.indexed(deep.path, ":v4", "four"), "a rewrite below blobs/ indexed", FRESH_S)
     _layout(os.path.join(owner.path, "blobs", "sha256", "decoy"))
-    os.utime(owner.index_path)  # an event the daemon answers after the decoy exists
-    wait_until(lambda: daemon.stored(owner.path) is not None, "owner still stored")
+    rewrite_in_place(owner.index_path, index_bytes("v5", "five"))  # answered after the decoy's events
+    wait_until(lambda: daemon.indexed(owner.path, ":v5", "five"), "a later change indexed", FRESH_S)
     assert os.path.join(owner.path, "blobs", "sha256", "decoy") not in daemon.layouts()
 
 
