@@ -758,6 +758,7 @@ class Daemon:
             self.pending_roots.discard(path)
             if watcher is not None:
                 await anyio.to_thread.run_sync(watcher.unschedule, path)
+                await anyio.to_thread.run_sync(watcher.unschedule_mounts_below, path)
         self.pending_roots.update(added)
         if watcher is not None and added:
             # Too many new directories for inotify: the next mode check falls back to polling.

@@ -501,6 +501,12 @@ class Watcher:
         except (KeyError, RuntimeError, OSError) as exc:
             log.debug("unscheduling mount %s: %s", point, exc)
 
+    def unschedule_mounts_below(self, top: str) -> None:
+        """Stop watching every mount point below *top* (a root no longer watched)."""
+        prefix = top.rstrip("/") + "/"
+        for point in [p for p in self._mounts if p.startswith(prefix)]:
+            self.unschedule_mount(point)
+
     def unschedule(self, path: str) -> None:
         """Stop watching the root at *path* (it vanished, or its watch died)."""
         found = self._watches.pop(path, None)

@@ -383,3 +383,21 @@ def test_a_mount_point_whose_name_the_kernel_escapes_is_watched_too(tmp: str, da
         _umount(point)
     wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
     assert daemon.stop() == 0
+
+
+@integration
+@needs_inotify
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
+def test_a_file_system_mounted_before_start_is_watched(tmp: str, daemons: list[Daemon]) -> None:
+    root = os.path.join(tmp, "root")
+    point = os.path.join(root, "mnt")
+    os.makedirs(point)
+    _mount_tmpfs(point)
+    try:
+        daemon = run_daemon(daemons, tmp, [root])
+        made = _layout(os.path.join(point, "app"), "v2", "two")  # after start, on a mount older than the watch
+        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the earlier mount", FRESH_S)
+    finally:
+        _umount(point)
+    wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
+    assert daemon.stop() == 0
