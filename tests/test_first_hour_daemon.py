@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 
 import pytest
@@ -115,4 +116,31 @@ def test_find_walks_the_roots_of_earlier_scans_that_the_live_daemon_does_not_wat
         (late.path, image["digest"], "read-through")
     ]
     assert err == ""
+    assert daemon.stop() == 0
+
+
+def test_after_a_reload_drops_a_root_find_walks_it_again(
+    daemons: list[Daemon], tmp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = os.path.join(tmp, "first"), os.path.join(tmp, "second")
+    Layout(os.path.join(first, "a")).write_index([])
+    Layout(os.path.join(second, "b")).write_index([])
+    daemon = Daemon(tmp, [])
+    with open(daemon.config, encoding="utf-8") as f:
+        settings = f.read()
+    with open(daemon.config, "a", encoding="utf-8") as f:
+        f.write(f'\n[[roots]]\npath = "{first}"\n\n[[roots]]\npath = "{second}"\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    with open(daemon.config, "w", encoding="utf-8") as f:  # drop the first root
+        f.write(settings + f'\n[[roots]]\npath = "{second}"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
+    late = Layout(os.path.join(first, "late"))  # no daemon watches it now, but its layouts stay indexed
+    image = late.manifest()
+    late.write_index([named(image, ref="late")])
+    capsys.readouterr()
+    assert main(["find", "--db", daemon.db, "--json", ":late"]) == 0
+    out, _ = capsys.readouterr()
+    assert [(a["layout"], a["freshness"]) for a in json.loads(out)] == [(late.path, "read-through")]
     assert daemon.stop() == 0

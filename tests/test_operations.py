@@ -90,6 +90,7 @@ def test_the_units_do_not_restart_a_bad_config_in_a_loop() -> None:
     for unit in (SYSTEM_UNIT, USER_UNIT):
         text = _read(unit)
         assert "RestartPreventExitStatus=2" in text  # exit 2: bad config or command line
+        assert "ExecReload=/bin/kill -HUP $MAINPID" in text  # systemctl reload: SIGHUP re-reads the config
         assert "ConditionPathExists=" in text
 
 
