@@ -35,13 +35,14 @@ def discover(
     errors: list[str] | None = None,
     cache: Mapping[str, Listing] | None = None,
     listed: dict[str, Listing] | None = None,
+    visited: set[str] | None = None,
 ) -> Iterator[str]:
     """Yield the resolved path of every layout below *root* (never inside ``blobs/``).
 
     With *cache* (the directory cache, :func:`load_cache`), a directory whose identity is the one
     stored with its listing, settled when it was listed, is not listed again. Every directory
     listed now goes into *listed*, for :func:`store_cache` (a directory that did not settle too:
-    its next listing may).
+    its next listing may), and every directory walked into *visited*.
     """
     top = os.path.realpath(root.path)
     seen: set[tuple[int, int]] = set()
@@ -61,6 +62,8 @@ def discover(
         if (st.st_dev, st.st_ino) in seen:
             continue
         seen.add((st.st_dev, st.st_ino))
+        if visited is not None:
+            visited.add(directory)
         known = cache.get(directory) if cache is not None else None
         if (
             known is not None
@@ -86,8 +89,8 @@ def discover(
             is_layout = any(marker in names for marker in LAYOUT_MARKERS)
             subdirs, links = [], []
             for item in listing:
-                if item.name == "blobs":
-                    continue
+                if is_layout and item.name == "blobs":
+                    continue  # the layout's own content store; any other "blobs" is an ordinary directory
                 try:
                     if item.is_symlink():
                         links.append(item.name)
@@ -138,17 +141,21 @@ def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
 
 
 def store_cache(
-    conn: sqlite3.Connection, listed: Mapping[str, Listing], visited_under: Collection[str], cached: Collection[str]
+    conn: sqlite3.Connection,
+    listed: Mapping[str, Listing],
+    visited: Collection[str],
+    tops: Collection[str],
+    cached: Collection[str],
 ) -> None:
-    """Record the directories listed by a walk, and forget cached ones below *visited_under* (the walk's
-    resolved roots) that the walk no longer reached (removed, or no longer below a root's depth)."""
+    """Record the directories listed by a walk, and forget cached ones below *tops* (the walk's
+    resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
     from indexer.store import path_value
 
-    prefixes = [top.rstrip("/") + "/" for top in visited_under]
+    prefixes = [top.rstrip("/") + "/" for top in tops]
     forget = [
         (path_value(path),)
         for path in cached
-        if path not in listed and any(path == p[:-1] or path.startswith(p) for p in prefixes)
+        if path not in visited and any(path == p[:-1] or path.startswith(p) for p in prefixes)
     ]
     if not listed and not forget:
         return
@@ -166,6 +173,20 @@ def store_cache(
         raise
 
 
+def in_layout_blobs(top: str, parts: list[str]) -> bool:
+    """Whether the directory *top*/*parts* is inside a layout's own ``blobs/`` (no layout is looked for there).
+
+    One ``lexists`` per ``blobs`` component of the path: a directory named ``blobs`` is a layout's
+    content store only when the directory holding it is a layout.
+    """
+    for i, part in enumerate(parts):
+        if part == "blobs":
+            parent = os.path.join(top, *parts[:i])
+            if any(os.path.lexists(os.path.join(parent, marker)) for marker in LAYOUT_MARKERS):
+                return True
+    return False
+
+
 def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     """The config's ``[[roots]]`` plus roots named on the command line (relative to the cwd)."""
     from indexer.config import Root
@@ -173,9 +194,15 @@ def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
 
 
-def vanished(stored: Iterable[str], present: Collection[str], tops: list[str]) -> list[str]:
-    """Stored layouts that are gone: below a root and not discovered, or elsewhere (reached through
-    a followed symlink, or by another scan's roots) and no longer a layout at all."""
+def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *, follow: bool = False) -> list[str]:
+    """Stored layouts that are gone: below a root and not discovered, or elsewhere and no longer a
+    layout at all, or (when *follow*: a root follows symlinks) elsewhere and no longer reached.
+
+    A stored layout outside every root got there through a symlink the pass followed, or through
+    another scan's roots. Where no root follows symlinks only the latter is possible, and such a
+    layout is kept while it is one. Where a root does, a layout outside the roots that this pass
+    did not reach was reached through a symlink that is gone, and is dropped (docs/semantics.md).
+    """
     from indexer.layout import is_layout_dir
 
     prefixes = [top.rstrip("/") + "/" for top in tops]
@@ -183,7 +210,7 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str]) -
         path
         for path in stored
         if path not in present
-        and (any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
+        and (follow or any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
     ]
 
 
@@ -199,7 +226,8 @@ def changes(
         for path in discover(root, errors, cache):
             found[path] = None
     present = list(found)
-    gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots])
+    follow = any(r.follow_symlinks for r in roots)
+    gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots], follow=follow)
     changed = []
     for path in present:
         known = stored.get(path)

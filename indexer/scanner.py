@@ -360,17 +360,18 @@ class Scanner:
         roots = list(roots)
         cache = await self.on_writer(load_cache)
         listed: dict[str, Listing] = {}
+        visited: set[str] = set()
 
         def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
-                for path in discover(root, errors, cache, listed):
+                for path in discover(root, errors, cache, listed, visited):
                     found[path] = None
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
         paths, errors, resolved = await anyio.to_thread.run_sync(walk)
-        await self.on_writer(store_cache, listed, resolved, cache.keys())
+        await self.on_writer(store_cache, listed, visited, resolved, cache.keys())
         return paths, errors, resolved
 
     async def full_pass(
@@ -386,7 +387,9 @@ class Scanner:
         stored = await self._stored()
         gone: list[Outcome] = [
             Gone(path, stored[path])
-            for path in await anyio.to_thread.run_sync(vanished, list(stored), set(paths), resolved)
+            for path in await anyio.to_thread.run_sync(
+                lambda: vanished(list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots))
+            )
         ]
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -207,30 +207,28 @@ def test_scans_beside_a_daemon_under_churn(tmp_path: Path) -> None:
     assert figures["scans"] == 6
 
 
-def versions(db: str) -> dict[str, int]:
-    """Each layout's version."""
+def select(db: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """The rows of one read-only query on *db*."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layouts")}
+        return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+def versions(db: str) -> dict[str, int]:
+    """Each layout's version."""
+    return dict(select(db, "SELECT path, version FROM layouts"))
 
 
 def removals(db: str) -> dict[str, int]:
     """The removals kept for followers of the index."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layout_removals")}
-    finally:
-        conn.close()
+    return dict(select(db, "SELECT path, version FROM layout_removals"))
 
 
 def counter(db: str, name: str) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT value FROM ocidx_counters WHERE name = ?", (name,)).fetchone()[0])
-    finally:
-        conn.close()
+    """A value of ocidx_counters."""
+    return int(select(db, "SELECT value FROM ocidx_counters WHERE name = ?", name)[0][0])
 
 
 def test_every_change_gets_a_new_version_and_nothing_else_does(tmp_path: Path) -> None:
