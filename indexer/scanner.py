@@ -383,8 +383,10 @@ class Scanner:
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
         roots = list(roots)
-        paths, problems, resolved = await self.discover(roots)
         stored = await self._stored()
+        if not stored and self.pool is not None:
+            self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
+        paths, problems, resolved = await self.discover(roots)
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(

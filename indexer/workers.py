@@ -142,6 +142,11 @@ class Pool:
         """Start reading *paths* in a worker (its results: :func:`unpack`)."""
         return self._pool().submit(read_packed, paths, self.familiar, self.limits)
 
+    def warm(self) -> None:
+        """Start every worker now (an empty task each), so that their start-up overlaps other work."""
+        for _ in range(self.workers):
+            self.submit([]).add_done_callback(_ignore)
+
     def broken(self) -> None:
         """Forget a pool a dead worker broke (its other workers are stopped)."""
         executor, self._executor = self._executor, None
@@ -159,6 +164,11 @@ class Pool:
         executor = self._executor
         processes = getattr(executor, "_processes", None) or {}
         return sorted(processes)
+
+
+def _ignore(future: Future[bytes]) -> None:
+    """A warm-up task's outcome: a worker that could not start is met again by the first real batch."""
+    future.exception()
 
 
 def worker_died(path: str, read_ns: int, how: str) -> Result:
