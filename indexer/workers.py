@@ -139,8 +139,17 @@ class Pool:
         return self._executor
 
     def submit(self, paths: list[str]) -> Future[bytes]:
-        """Start reading *paths* in a worker (its results: :func:`unpack`)."""
-        return self._pool().submit(read_packed, paths, self.familiar, self.limits)
+        """Start reading *paths* in a worker (its results: :func:`unpack`); a pool that a dead worker
+        broke gives a future that fails with BrokenProcessPool, as the tasks already in it do."""
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            return self._pool().submit(read_packed, paths, self.familiar, self.limits)
+        except BrokenProcessPool as exc:
+            failed: Future[bytes] = Future()
+            failed.set_exception(exc)
+            return failed
 
     def warm(self) -> None:
         """Start every worker now (an empty task each), so that their start-up overlaps other work."""
