@@ -10,17 +10,10 @@ k+1..k+n are being parsed.
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import os
 import sqlite3
 import sys
 import time
-from concurrent.futures.process import BrokenProcessPool
-
-import anyio
-import anyio.to_thread
 
 from indexer import config as config_mod
 from indexer import layout as layout_mod
@@ -31,10 +24,10 @@ from indexer.errors import printable
 from indexer.store import open_writer
 from indexer.store import read as db
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
-from indexer.store.writer import Writer
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import AsyncGenerator, Callable, Iterable
     from concurrent.futures import Future
     from typing import Concatenate, ParamSpec, TypeVar
@@ -153,6 +146,8 @@ class Scanner:
     """The single writer and the scanning passes that feed it."""
 
     def __init__(self, db_path: str, config: Config) -> None:
+        from indexer.store.writer import Writer  # aiosqlite: only once a pass is written
+
         self.db_path = db_path
         self.config = config
         self.writer = Writer(db_path)
@@ -174,6 +169,8 @@ class Scanner:
 
     async def aclose(self) -> None:
         """:meth:`close` from the event loop (the workers are waited for in a thread)."""
+        import anyio.to_thread
+
         with anyio.CancelScope(shield=True):
             if self.pool is not None:
                 await anyio.to_thread.run_sync(self.pool.close)
@@ -181,6 +178,8 @@ class Scanner:
 
     async def abandon(self) -> None:
         """Stop the workers and close the connection without ``PRAGMA optimize`` (a corrupt database)."""
+        import anyio.to_thread
+
         with anyio.CancelScope(shield=True):
             if self.pool is not None:
                 await anyio.to_thread.run_sync(self.pool.close)
@@ -230,6 +229,10 @@ class Scanner:
         read in batches by the worker processes while this process writes the batches already read
         (or, for a few layouts or ``workers = 1``, read in a thread of this process).
         """
+        import contextlib
+
+        import anyio.to_thread
+
         if stored is None:
             stored = await self._stored(paths)
         counts = Counts()
@@ -270,6 +273,11 @@ class Scanner:
     async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
         """Each batch with its read results, in order; with a pool, up to two batches per worker are
         being read while the caller writes the one before them."""
+        import collections
+        from concurrent.futures.process import BrokenProcessPool
+
+        import anyio.to_thread
+
         familiar, limits = self.config.familiar, self.config.limits
         pool = self.pool
         if pool is None or not self._uses_pool(sum(map(len, batches))):
@@ -314,6 +322,8 @@ class Scanner:
 
     async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
         """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
+        from concurrent.futures.process import BrokenProcessPool
+
         pool = self.pool
         assert pool is not None
         out: list[workers.Result] = []
@@ -329,6 +339,8 @@ class Scanner:
     async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
         """Write one batch's outcomes (compare-and-set); a conflicting layout is examined again against
         its row as it is now, up to CONFLICT_RETRIES times."""
+        import anyio.to_thread
+
         written: list[Outcome] = []
         familiar, limits = self.config.familiar, self.config.limits
         for _attempt in range(CONFLICT_RETRIES):
@@ -357,6 +369,8 @@ class Scanner:
         The walk lists only the directories the directory cache does not hold as they are, and
         records what it listed (discovery.discover, migrations/0005).
         """
+        import anyio.to_thread
+
         roots = list(roots)
         cache = await self.on_writer(load_cache)
         listed: dict[str, Listing] = {}
@@ -382,6 +396,8 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
+        import anyio.to_thread
+
         roots = list(roots)
         stored = await self._stored()
         if not stored and self.pool is not None:
@@ -409,6 +425,8 @@ class Scanner:
 
 async def _starts(pool: workers.Pool) -> bool:
     """Whether a fresh pool runs a task at all."""
+    from concurrent.futures.process import BrokenProcessPool
+
     try:
         await _wrap(pool.submit([]))
     except BrokenProcessPool:
@@ -424,6 +442,8 @@ def _retrieved(future: asyncio.Future[bytes]) -> None:
 
 
 def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
+    import asyncio
+
     return asyncio.wrap_future(future)
 
 
@@ -477,6 +497,8 @@ def run_scan(
             return counts
         finally:
             scanner.close()
+
+    import anyio  # with asyncio, about 30 ms: only once something is to be written
 
     try:
         counts = anyio.run(go)
