@@ -47,6 +47,10 @@ LOGGED_PATHS = 10
 CONFLICT_RETRIES = 4
 # A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
 POOL_MIN_LAYOUTS = 64
+# Layouts per worker task: a batch (one write transaction) is read as tasks of at most this many.
+# Smaller tasks keep each process's high-water memory low (measured at 10,000 layouts: 219 MB for
+# the scan and its workers with tasks of 500, 152 MB with tasks of 100, in the same time).
+TASK_LAYOUTS = 100
 
 
 def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False) -> Outcome | None:
@@ -271,8 +275,8 @@ class Scanner:
         return counts
 
     async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
-        """Each batch with its read results, in order; with a pool, up to two batches per worker are
-        being read while the caller writes the one before them."""
+        """Each batch with its read results, in order; with a pool, the next batches are being read
+        (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
         import collections
         from concurrent.futures.process import BrokenProcessPool
 
@@ -284,23 +288,27 @@ class Scanner:
             for batch in batches:
                 yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
             return
-        window = 2 * pool.workers
-        queue: collections.deque[tuple[list[str], asyncio.Future[bytes]]] = collections.deque()
+        queue: collections.deque[tuple[list[str], list[asyncio.Future[bytes]]]] = collections.deque()
         upcoming = iter(batches)
         try:
             while True:
-                while len(queue) < window and (following := next(upcoming, None)) is not None:
-                    queue.append((following, _wrap(pool.submit(following))))
+                # Keep two batches (and at least two tasks per worker) in flight: while the writer
+                # writes one, the workers read the next.
+                while (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers) and (
+                    following := next(upcoming, None)
+                ) is not None:
+                    tasks = [following[i : i + TASK_LAYOUTS] for i in range(0, len(following), TASK_LAYOUTS)]
+                    queue.append((following, [_wrap(pool.submit(task)) for task in tasks]))
                 if not queue:
                     return
-                batch, future = queue.popleft()
+                batch, futures = queue.popleft()
                 try:
-                    results = workers.unpack(await future)
+                    results = [result for future in futures for result in workers.unpack(await future)]
                 except BrokenProcessPool:
                     # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
                     # Read them again one layout at a time in a fresh pool to find the one that kills it.
                     lost = [batch, *(b for b, _ in queue)]
-                    for _b, dropped in queue:
+                    for dropped in [*futures, *(f for _, fs in queue for f in fs)]:
                         dropped.add_done_callback(_retrieved)
                     queue.clear()
                     pool.broken()
@@ -316,9 +324,10 @@ class Scanner:
                     continue
                 yield batch, results
         finally:
-            for _batch, future in queue:
-                future.add_done_callback(_retrieved)
-                future.cancel()
+            for _batch, futures in queue:
+                for future in futures:
+                    future.add_done_callback(_retrieved)
+                    future.cancel()
 
     async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
         """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
