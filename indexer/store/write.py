@@ -255,8 +255,12 @@ def _platform_key(platform: Platform | None) -> tuple[object, ...] | None:
     return (platform.os, platform.architecture, platform.variant, platform.os_version, platform.os_features)
 
 
+# json.dumps with sort_keys builds a new encoder on every call; one encoder, the same output.
+_encode_sorted = json.JSONEncoder(sort_keys=True).encode
+
+
 def _annotations_json(annotations: dict[str, str]) -> str:
-    return json.dumps(annotations, sort_keys=True) if annotations else "{}"
+    return _encode_sorted(annotations) if annotations else "{}"
 
 
 if TYPE_CHECKING:
