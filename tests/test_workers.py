@@ -11,6 +11,7 @@ import json
 import os
 import select
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def indexed(db: str) -> int:
+    """How many layouts *db* holds so far (0 while it does not exist yet)."""
+    if not os.path.exists(db):
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM layouts").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # not migrated yet
+    finally:
+        conn.close()
 
 
 def with_workers(tmp: str, extra: str = "") -> str:
@@ -189,3 +203,25 @@ def test_a_layout_that_kills_its_worker_is_failed_and_the_pass_goes_on(tmp_path:
     assert again.rc == 0, again
     assert again.json()["still_broken"] == 1  # type: ignore[index]
     assert watcher.opens == 0
+
+
+def test_no_worker_outlives_a_scan_killed_with_sigkill_mid_pass(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, 400)
+    config = write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n")  # many transactions: killed mid-way
+    args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root]
+    scan = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(tmp), cwd=tmp)
+    wait_for(lambda: indexed(db) >= 20 or scan.poll() is not None, "the scan to write its first batches")
+    pids = workers_of(scan.pid, b"multiprocessing")
+    assert scan.poll() is None, "the scan ended before it could be killed"
+    assert len(workers_of(scan.pid)) == 2
+    scan.kill()
+    scan.wait(DEADLINE_S)
+    wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to die with the scan")
+    assert integrity(db) == "ok"
+    again = run(tmp, "scan", "--db", db, "--config", config, root)
+    assert again.rc == 0, again
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)
