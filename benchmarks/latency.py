@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         help="daemon.reconcile_interval_s (default 300; 1 keeps a reconcile pass running beside the writes)",
     )
     parser.add_argument("--workers", type=int, default=0, help="daemon.workers (default 0: one per core)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     parser.add_argument("--seed", default="latency")
     parser.add_argument("--dir", help="work directory (default: a new temporary one, removed afterwards)")
     args = parser.parse_args(argv)
@@ -249,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
             f"daemon RSS: {status.get('VmRSS', 0) / 1024:.1f} MiB (peak {status.get('VmHWM', 0) / 1024:.1f} MiB); "
             f"idle CPU: {idle_cpu * 100:.2f}% of one core over {args.idle:g}s"
         )
+        if args.json:
+            figures = {
+                "writes": serial,
+                "missed": missed,
+                "p50_ms": percentile(every, 0.5) * 1000,
+                "p99_ms": percentile(every, 0.99) * 1000,
+                "max_ms": percentile(every, 1.0) * 1000,
+                "warm_scan_s": warm,
+                "reconciles_meeting_a_write": len(took),
+                "rss_mib": status.get("VmRSS", 0) / 1024,
+            }
+            print(json.dumps(figures))
         return 0 if missed == 0 else 1
     finally:
         if daemon is not None and daemon.poll() is None:

@@ -562,6 +562,42 @@ class Bench:
             )
         )
 
+    def bench_latency(self) -> None:
+        """The daemon's change-to-queryable latency (benchmarks.latency), alone and beside reconciles."""
+        for label, extra in (("", []), (", a reconcile pass started every second", ["--reconcile-s", "1"])):
+            argv = [
+                self.python,
+                "-m",
+                "benchmarks.latency",
+                "--layouts",
+                str(self.s.layouts),
+                "--duration",
+                "20",
+                "--rate",
+                "20",
+                "--idle",
+                "2",
+                "--json",
+                *extra,
+            ]
+            proc = run_process(argv, env=self.env)
+            if proc.returncode not in (0, 1):
+                raise RuntimeError(f"benchmarks.latency failed: {proc.stderr[-2000:]}")
+            got = json.loads(proc.stdout.strip().splitlines()[-1])
+            self.add(
+                Figure(
+                    f"daemon change → queryable, p99, {self.s.layouts:,} layouts, 20 changes/s{label}",
+                    got["p99_ms"],
+                    "ms",
+                    "one warm `ocidx scan` of the tree",
+                    got["warm_scan_s"] * 1000,
+                    "< 300 ms",
+                    got["p99_ms"] < 300 and got["missed"] == 0,
+                    f"p50 {got['p50_ms']:.0f} ms, max {got['max_ms']:.0f} ms, {got['writes']} writes, "
+                    f"{got['missed']} not seen within 10 s",
+                )
+            )
+
     def bench_resolve_process(self, db: str) -> None:
         """Whole-process ``ocidx resolve`` against bare interpreter start-up with the same imports."""
         path, tag = pick_tag_probe(db)
@@ -771,6 +807,8 @@ class Bench:
                 self.bench_find(db, info)
         if (only is None and self.s.mode == "full") or (only is not None and "rescan50k" in only):
             self.bench_rescan_large(50_000)
+        if (only is None and self.s.mode == "full") or (only is not None and "latency" in only):
+            self.bench_latency()
         if only is None or "huge" in only:
             self.bench_huge()
         if only is None or "lookup" in only:
@@ -1172,7 +1210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", default="1")
     parser.add_argument("--data", default=os.path.join(REPO, "bench-data"), help="where generated data goes")
     parser.add_argument(
-        "--only", help="comma-separated subset of: scan,resolve,find,rescan50k (full mode's default),huge,lookup"
+        "--only",
+        help="comma-separated subset of: scan,resolve,find,rescan50k,latency (these two: full mode),huge,lookup",
     )
     parser.add_argument("--no-what-if", action="store_true", help="skip the what-if digest index measurement")
     parser.add_argument("--no-results", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
