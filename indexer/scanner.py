@@ -240,6 +240,19 @@ class Scanner:
         if stored is None:
             stored = await self._stored(paths)
         counts = Counts()
+        size = max(1, self.config.daemon.batch_size)
+        if not self._uses_pool(len(paths)):
+            # A few layouts (the daemon's changes), or no workers: each batch is one unit of the writer.
+            done = 0
+            for start in range(0, len(paths), size):
+                batch = paths[start : start + size]
+                written, read = await self.on_writer(self._examine_and_write, batch, stored, full)
+                counts.add(written, read)
+                _count_skipped(counts, batch, stored, written, read)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(paths))
+            return await self._finish(counts, extra)
         if full:
             unread: list[str] = list(paths)
         else:
@@ -254,7 +267,6 @@ class Scanner:
                 for path in paths
                 if path not in unread_set and (known := stored.get(path)) is not None and known.state == "error"
             )
-        size = max(1, self.config.daemon.batch_size)
         batches = [unread[i : i + size] for i in range(0, len(unread), size)]
         done = skipped
         if progress is not None and skipped:
@@ -267,6 +279,10 @@ class Scanner:
                 done += len(batch)
                 if progress is not None:
                     progress(done, len(paths))
+        return await self._finish(counts, extra)
+
+    async def _finish(self, counts: Counts, extra: list[Outcome] | None) -> Counts:
+        """Write the outcomes decided outside the batches (removals) and the pass's own problems."""
         if extra:
             applied = await self._write(list(extra))
             counts.add(applied, 0, 0)
@@ -346,31 +362,45 @@ class Scanner:
         return out
 
     async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
-        """Write one batch's outcomes (compare-and-set); a conflicting layout is examined again against
-        its row as it is now, up to CONFLICT_RETRIES times."""
-        import anyio.to_thread
+        """Write one batch's outcomes (compare-and-set) in one unit of the writer (:meth:`_write_read`)."""
+        return await self.on_writer(self._write_read, outcomes, stored, full)
 
+    def _write_read(
+        self, conn: sqlite3.Connection, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool
+    ) -> list[Outcome]:
+        """On the writer's thread: apply *outcomes*; a conflicting layout is examined again against its
+        row as it is now, up to CONFLICT_RETRIES times (rare: another writer moved the row on)."""
         written: list[Outcome] = []
         familiar, limits = self.config.familiar, self.config.limits
         for _attempt in range(CONFLICT_RETRIES):
             if not outcomes:
                 break
-            applied = await self.on_writer(apply, outcomes)
+            applied = apply(conn, outcomes)
             written.extend(applied.written)
             if not applied.conflicts:
                 break
             # Another writer changed these layouts since *stored* was loaded: examine them again
             # against the rows as they are now (compare-and-set, docs/design.md).
-            fresh = await self._stored(applied.conflicts)
             for path in applied.conflicts:
                 stored.pop(path, None)
-            stored.update(fresh)
-            again = await anyio.to_thread.run_sync(_unsettled, applied.conflicts, stored) if not full else None
-            results = await anyio.to_thread.run_sync(
-                workers.read_batch, again if again is not None else applied.conflicts, familiar, limits
-            )
+                found = db.layout(conn, path)
+                if found is not None:
+                    stored[path] = found
+            again = applied.conflicts if full else _unsettled(applied.conflicts, stored)
+            results = workers.read_batch(again, familiar, limits)
             outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
         return written
+
+    def _examine_and_write(
+        self, conn: sqlite3.Connection, batch: list[str], stored: dict[str, db.StoredLayout], full: bool
+    ) -> tuple[list[Outcome], int]:
+        """On the writer's thread: skip what one ``stat`` proves unchanged, read the rest, write them
+        (one unit: a few changed layouts cost one hop, and no other unit can slip in between);
+        the outcomes written and how many layouts were read."""
+        unread = batch if full else _unsettled(batch, stored)
+        results = workers.read_batch(unread, self.config.familiar, self.config.limits)
+        outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+        return self._write_read(conn, outcomes, stored, full), len(unread)
 
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
         """Every layout below *roots*, the problems met on the way, and the roots resolved.
@@ -454,6 +484,24 @@ def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
     import asyncio
 
     return asyncio.wrap_future(future)
+
+
+def _count_skipped(
+    counts: Counts, batch: list[str], stored: dict[str, db.StoredLayout], written: list[Outcome], read: int
+) -> None:
+    """Account for the layouts of *batch* that were skipped unread (proven unchanged)."""
+    skipped = len(batch) - read
+    if not skipped:
+        return
+    counts.seen += skipped
+    counts.unchanged += skipped
+    examined = {outcome.path for outcome in written}
+    # A skipped layout last found broken is still broken (the full pass counts it apart).
+    counts.still_broken += sum(
+        1
+        for path in batch
+        if path not in examined and (known := stored.get(path)) is not None and known.state == "error"
+    )
 
 
 def _unsettled(paths: list[str], stored: dict[str, db.StoredLayout]) -> list[str]:
