@@ -271,14 +271,21 @@ class Scanner:
         done = skipped
         if progress is not None and skipped:
             progress(done, len(paths))
-        async with contextlib.aclosing(self._read(batches)) as reads:
-            async for batch, results in reads:
-                outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
-                written = await self._apply(outcomes, stored, full)
-                counts.add(written, len(batch))
-                done += len(batch)
-                if progress is not None:
-                    progress(done, len(paths))
+        try:
+            async with contextlib.aclosing(self._read(batches)) as reads:
+                async for batch, results in reads:
+                    outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+                    written = await self._apply(outcomes, stored, full)
+                    counts.add(written, len(batch))
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, len(paths))
+        finally:
+            if self.pool is not None:
+                # Idle workers would hold their memory (about 50 MB each) until the next big pass,
+                # which may be hours away in the daemon; starting them again costs about 0.1 s.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.pool.close)
         return await self._finish(counts, extra)
 
     async def _finish(self, counts: Counts, extra: list[Outcome] | None) -> Counts:

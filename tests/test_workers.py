@@ -101,27 +101,42 @@ def test_workers_write_the_rows_an_in_process_scan_writes(tmp_path: Path) -> Non
     assert scan.json()["changed"] == POOL_MIN_LAYOUTS + 16  # type: ignore[index]
 
 
-def _daemon_with_workers(tmp: str) -> tuple[Daemon, list[int]]:
+def _daemon_mid_pass(tmp: str) -> tuple[Daemon, list[int]]:
+    """A daemon whose start-up pass (a cold build, read by two workers) is still running; its
+    worker processes and resource tracker."""
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
-    corpus(root, POOL_MIN_LAYOUTS + 6)
-    daemon = Daemon(tmp, db, root, config=with_workers(tmp))
-    daemon.wait_ready()
-    assert len(workers_of(daemon.proc.pid)) == 2  # the start-up reconcile read the layouts in worker processes
-    return daemon, workers_of(daemon.proc.pid, b"multiprocessing")
+    corpus(root, 400)
+    daemon = Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n"))
+    wait_for(lambda: indexed(db) >= 20 or daemon.proc.poll() is not None, "the first batches written")
+    pids = workers_of(daemon.proc.pid, b"multiprocessing")
+    assert b" ready: " not in daemon.log(), "the start-up pass ended before the test could stop the daemon"
+    assert len(workers_of(daemon.proc.pid)) == 2
+    return daemon, pids
 
 
 def test_no_worker_outlives_a_daemon_killed_with_sigkill(tmp_path: Path) -> None:
-    daemon, pids = _daemon_with_workers(str(tmp_path))
+    daemon, pids = _daemon_mid_pass(str(tmp_path))
     with daemon:
         daemon.kill()
         wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to die with the daemon")
 
 
 def test_no_worker_outlives_a_daemon_stopped_with_sigterm(tmp_path: Path) -> None:
-    daemon, pids = _daemon_with_workers(str(tmp_path))
+    daemon, pids = _daemon_mid_pass(str(tmp_path))
     with daemon:
         assert daemon.stop() == 0
         assert not any(alive(pid) for pid in pids)  # stopped before the daemon exited
+
+
+def test_the_daemon_keeps_no_idle_workers_between_passes(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, POOL_MIN_LAYOUTS + 6)
+    with Daemon(tmp, db, root, config=with_workers(tmp)) as daemon:
+        daemon.wait_ready()
+        wait_for(lambda: not workers_of(daemon.proc.pid), "the start-up pass's workers to stop")
+        assert indexed(db) == POOL_MIN_LAYOUTS + 6
+        assert daemon.stop() == 0
 
 
 class WorkerKiller:
