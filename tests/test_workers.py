@@ -101,29 +101,32 @@ def test_workers_write_the_rows_an_in_process_scan_writes(tmp_path: Path) -> Non
     assert scan.json()["changed"] == POOL_MIN_LAYOUTS + 16  # type: ignore[index]
 
 
-def _daemon_mid_pass(tmp: str) -> tuple[Daemon, list[int]]:
-    """A daemon whose start-up pass (a cold build, read by two workers) is still running; its
-    worker processes and resource tracker."""
+def _daemon(tmp: str) -> Daemon:
+    """A daemon on a cold build of 400 layouts read by two workers, in batches of 5 (a long pass)."""
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus(root, 400)
-    daemon = Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n"))
+    return Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n"))
+
+
+def _mid_pass(daemon: Daemon, db: str) -> list[int]:
+    """Wait until the start-up pass has written some batches; its workers and resource tracker."""
     wait_for(lambda: indexed(db) >= 20 or daemon.proc.poll() is not None, "the first batches written")
     pids = workers_of(daemon.proc.pid, b"multiprocessing")
     assert b" ready: " not in daemon.log(), "the start-up pass ended before the test could stop the daemon"
     assert len(workers_of(daemon.proc.pid)) == 2
-    return daemon, pids
+    return pids
 
 
 def test_no_worker_outlives_a_daemon_killed_with_sigkill(tmp_path: Path) -> None:
-    daemon, pids = _daemon_mid_pass(str(tmp_path))
-    with daemon:
+    with _daemon(str(tmp_path)) as daemon:
+        pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
         daemon.kill()
         wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to die with the daemon")
 
 
 def test_no_worker_outlives_a_daemon_stopped_with_sigterm(tmp_path: Path) -> None:
-    daemon, pids = _daemon_mid_pass(str(tmp_path))
-    with daemon:
+    with _daemon(str(tmp_path)) as daemon:
+        pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
         assert daemon.stop() == 0
         assert not any(alive(pid) for pid in pids)  # stopped before the daemon exited
 
