@@ -153,14 +153,30 @@ class Scanner:
         from indexer.store.writer import Writer  # aiosqlite: only once a pass is written
 
         self.db_path = db_path
-        self.config = config
         self.writer = Writer(db_path)
         # The sqlite3 connection under the writer, for use outside a pass (no unit of the writer's
         # thread is running then): tests, and the roots ``ocidx scan`` records after its pass.
         self.conn: sqlite3.Connection = self.writer.conn
         restore_indexes(self.conn)  # a cold build killed half-way left them deferred
         self.problems: list[str] = []  # said once per pass, in its error messages
+        self.pool: workers.Pool | None = None
+        self.config = config
+
+    @property
+    def config(self) -> Config:
+        """The configuration passes run with; setting it (the daemon's SIGHUP) applies to the next pass."""
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
         count = config.daemon.workers or workers.default_workers()
+        pool = self.pool
+        if pool is not None and pool.workers == count:
+            pool.familiar, pool.limits = config.familiar, config.limits  # read by the next task submitted
+            return
+        if pool is not None:
+            pool.close()  # between passes (the daemon reloads between steps): no task is running
         self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
     def close(self) -> None:
