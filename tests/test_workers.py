@@ -127,8 +127,11 @@ def test_no_worker_outlives_a_daemon_killed_with_sigkill(tmp_path: Path) -> None
 def test_no_worker_outlives_a_daemon_stopped_with_sigterm(tmp_path: Path) -> None:
     with _daemon(str(tmp_path)) as daemon:
         pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
+        workers = workers_of(daemon.proc.pid)
         assert daemon.stop() == 0
-        assert not any(alive(pid) for pid in pids)  # stopped before the daemon exited
+        assert not any(alive(pid) for pid in workers)  # stopped before the daemon exited
+        # multiprocessing's resource tracker ends when the daemon's end of its pipe closes
+        wait_for(lambda: not any(alive(pid) for pid in pids), "the resource tracker to end")
 
 
 def test_the_daemon_keeps_no_idle_workers_between_passes(tmp_path: Path) -> None:
