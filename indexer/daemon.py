@@ -825,7 +825,7 @@ class Daemon:
         assert scanner is not None
         started = time.perf_counter()
         full, self.full_pass_due = self.full_pass_due, False
-        counts = await scanner.full_pass(self.roots, full=full)
+        counts = await scanner.full_pass(self.roots, full=full, between=self._serve_changes)
         self.last_pass_s = time.perf_counter() - started
         ended_ns = time.time_ns()
         await self._set_row(last_reconcile_ns=ended_ns)
@@ -834,6 +834,25 @@ class Daemon:
             self.metrics.passed(counts, self.last_pass_s, reconcile=True, ended_ns=ended_ns)
             await self._publish_metrics()
         self.racy = await self._db(_racy_layouts)
+
+    async def _serve_changes(self) -> None:
+        """Between the steps of a reconcile pass: index the changes watchdog reported meanwhile, so that
+        a long pass does not hold them back. The pass's own decisions about those layouts were taken
+        from an older state: compare-and-set sends them back to be examined again."""
+        if not self.wake.is_set():
+            return
+        self.woke = time.monotonic()
+        if not self.reconcile_reasons and not self.reload_requested:
+            self.wake = anyio.Event()  # else the loop wakes for them once the pass is done
+        pending = self.dirty.drain()
+        if self.metrics is not None:
+            self.metrics.watched(len(pending.layouts) + len(pending.trees))
+            self.metrics.lost(len(pending.lost))
+        if pending.mounts:
+            await self._mounts_changed(pending)
+        if pending.lost:
+            self._request_reconcile(f"events were lost ({', '.join(pending.lost)})")
+        await self._process(pending)
 
     async def _process(self, pending: Pending) -> None:
         scanner = self.scanner

@@ -28,7 +28,7 @@ from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncGenerator, Callable, Iterable
+    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
     from concurrent.futures import Future
     from typing import Concatenate, ParamSpec, TypeVar
 
@@ -242,8 +242,12 @@ class Scanner:
         stored: dict[str, db.StoredLayout] | None = None,
         progress: Callable[[int, int], None] | None = None,
         extra: list[Outcome] | None = None,
+        between: Callable[[], Awaitable[None]] | None = None,
     ) -> Counts:
         """Examine *paths* and write what changed, one transaction per batch.
+
+        *between* is awaited after each step and batch (the daemon indexes the changes that arrived
+        meanwhile there, so that a long pass does not hold them back).
 
         Layouts whose ``index.json`` one ``stat`` proves unchanged are skipped here; the others are
         read in batches by the worker processes while this process writes the batches already read
@@ -268,11 +272,15 @@ class Scanner:
                 done += len(batch)
                 if progress is not None:
                     progress(done, len(paths))
+                if between is not None:
+                    await between()
             return await self._finish(counts, extra)
         if full:
             unread: list[str] = list(paths)
         else:
             unread = await anyio.to_thread.run_sync(_unsettled, paths, stored)
+        if between is not None:
+            await between()
         skipped = len(paths) - len(unread)
         if skipped:
             unread_set = set(unread)
@@ -296,6 +304,8 @@ class Scanner:
                     done += len(batch)
                     if progress is not None:
                         progress(done, len(paths))
+                    if between is not None:
+                        await between()
         finally:
             if self.pool is not None:
                 # Idle workers would hold their memory (about 50 MB each) until the next big pass,
@@ -456,15 +466,21 @@ class Scanner:
         *,
         full: bool = False,
         progress: Callable[[int, int], None] | None = None,
+        between: Callable[[], Awaitable[None]] | None = None,
     ) -> Counts:
-        """Discover, examine every layout, and drop those that vanished from below the roots."""
+        """Discover, examine every layout, and drop those that vanished from below the roots
+        (*between*: as for :meth:`process`, also after loading the stored state and discovering)."""
         import anyio.to_thread
 
         roots = list(roots)
         stored = await self._stored()
         if not stored and self.pool is not None:
             self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
+        if between is not None:
+            await between()
         paths, problems, resolved = await self.discover(roots)
+        if between is not None:
+            await between()
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(
@@ -477,7 +493,7 @@ class Scanner:
         if cold:
             await self.on_writer(defer_indexes)
         try:
-            counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
+            counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone, between=between)
         finally:
             if cold:
                 await self.on_writer(restore_indexes)  # shielded, as every unit of the writer

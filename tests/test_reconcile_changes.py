@@ -1,0 +1,48 @@
+"""A change arriving while the daemon runs a long reconcile pass is indexed during the pass."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from test_daemon import image, index_bytes, make_layout, replace_atomically
+from test_reliability import Daemon, wait_for, write_config
+from test_workers import indexed
+
+from indexer import Index
+from indexer.config import Config
+
+
+def first_indexed(db: str) -> str:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return str(conn.execute("SELECT path FROM layouts ORDER BY id LIMIT 1").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def answers(db: str, layout: str, label: str) -> bool:
+    with Index(db, config=Config()) as index:
+        answer = index.resolve_in(layout, ":v1")
+    return answer.digest == image(label)["digest"] and answer.freshness == "indexed"
+
+
+def test_a_change_during_a_long_reconcile_is_indexed_before_the_pass_ends(tmp_path: Path) -> None:
+    tmp = os.path.realpath(str(tmp_path))
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    count = 1200
+    for number in range(count):
+        make_layout(os.path.join(root, f"g{number // 50:02d}", f"layout-{number:04d}"), "v1", "one")
+    # One transaction per two layouts, read in the daemon's process: a start-up pass of many seconds.
+    config = write_config(tmp, "[daemon]\nworkers = 1\nbatch_size = 2\ndebounce_ms = 20\n")
+    with Daemon(tmp, db, root, config=config) as daemon:
+        wait_for(lambda: indexed(db) >= 40, "the start-up pass to be under way")
+        target = first_indexed(db)
+        replace_atomically(os.path.join(target, "index.json"), index_bytes("v1", "two"))
+        wait_for(lambda: answers(db, target, "two"), "the change indexed")
+        assert b" ready: " not in daemon.log(), "the change waited for the whole pass"
+        assert indexed(db) < count
+        daemon.wait_ready()
+        assert answers(db, target, "two")  # the pass's own, older, decision did not bring "one" back
+        assert daemon.stop() == 0
