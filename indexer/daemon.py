@@ -970,6 +970,8 @@ class Daemon:
                         ", ".join(pending.lost),
                         extra=_fields(event="events_lost", reasons=pending.lost),
                     )
+                if pending.layouts or pending.trees:
+                    await self._guarded(self._process, pending)  # first: the pass would hold them back
                 await self._guarded(self._reconcile, ", ".join(reasons))
                 self._schedule_next_reconcile()
             else:
