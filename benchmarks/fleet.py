@@ -276,7 +276,7 @@ class Bench:
                     None,
                 )
             popular = fleet.find(self.args.popular)
-            times = timed(lambda: fleet.find(self.args.popular), max(5, self.args.reps // 20))
+            times = timed(lambda: fleet.find(self.args.popular), 5)
             self.fig(
                 f"find --fleet {self.args.popular} (held by every host: {len(popular)} answers), in-process p50, "
                 f"{stage} hosts",
@@ -483,6 +483,23 @@ class Bench:
         self.notes.append("table sizes (with indexes): " + ", ".join(f"{n} {s / 2**20:.0f} MiB" for n, s in per_table))
 
 
+def popular_tag(template: str) -> str:
+    """A tag of about ten layouts of one host's index (so every host holds it about ten times)."""
+    conn = sqlite3.connect(f"file:{template}?mode=ro", uri=True)
+    try:
+        row = conn.execute(
+            "SELECT tag FROM names WHERE tag <> '' GROUP BY tag HAVING count(DISTINCT layout_id) BETWEEN 8 AND 12 "
+            "ORDER BY tag LIMIT 1"
+        ).fetchone()
+    finally:
+        conn.close()
+    return str(row[0]) if row else "latest"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # so that the cluster is stopped and the data removed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fleet", description=__doc__.splitlines()[0])
     parser.add_argument("--hosts", default="10,30,100", help="host counts of the stages")
@@ -492,11 +509,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--churn-s", type=float, default=20.0)
     parser.add_argument("--rate", type=float, default=20.0, help="changes per second across all hosts")
     parser.add_argument("--outage-s", type=float, default=30.0)
-    parser.add_argument("--popular", default=":latest", help="a reference every host holds")
+    parser.add_argument("--popular", default=None, help="a reference every host holds (default: a tag in ~10 layouts)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args(argv)
     import logging
+    import signal
 
+    signal.signal(signal.SIGTERM, _terminate)
     logging.basicConfig(level=logging.ERROR)  # the publishers' state changes are expected here (the outage)
     if bin_dir() is None:
         print("PostgreSQL is not installed (apt-get install postgresql)", file=sys.stderr)
@@ -515,6 +534,8 @@ def main(argv: list[str] | None = None) -> int:
             env={**os.environ, "PYTHONPATH": REPO},
         )
         print(f"template index: {args.layouts} layouts, {info.entries} entries, {info.names} names", flush=True)
+        if args.popular is None:
+            args.popular = ":" + popular_tag(template)
         cluster.start()
         bench = Bench(args)
         anyio.run(bench.run, cluster, base, template, backend="asyncio")
