@@ -2,7 +2,7 @@
 
 Every layout is written the way real writers leave it: ``oci-layout``, an
 ``index.json`` whose entries carry each writer's own name annotations
-(SPEC.md §1 table), and nested image indexes under ``blobs/sha256`` with the
+(the writers README.md lists), and nested image indexes under ``blobs/sha256`` with the
 child manifests they list:
 
 * **containerd / nerdctl / docker save**: ``io.containerd.image.name`` with the

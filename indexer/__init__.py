@@ -1,6 +1,6 @@
 """ocidx: an index of OCI image layouts, kept fresh, queried in milliseconds.
 
-``from indexer import Index`` is the Python API of SPEC.md §4; it is imported
+``from indexer import Index`` is the Python API of the lookups in docs/semantics.md; it is imported
 lazily so that ``import indexer`` (and the lookup CLI) stays cheap.
 """
 

@@ -31,6 +31,17 @@ if TYPE_CHECKING:
 
 LOG_FORMATS = ("text", "json")
 
+# The sane range of every number in the config (config.example.toml documents them). Below the
+# lower bounds a daemon spins (a reconcile every nanosecond); above the upper ones a value is a
+# typo that would hold memory or hide changes for years.
+RECONCILE_RANGE_S = (0.1, 7 * 24 * 3600.0)
+HEARTBEAT_RANGE_S = (0.1, 3600.0)
+DEBOUNCE_RANGE_MS = (0, 60_000)
+BATCH_RANGE = (1, 100_000)
+MAX_DEPTH_RANGE = (0, 64)
+NESTED_DEPTH_RANGE = (0, 16)
+BYTES_RANGE = (2, 1 << 32)
+
 
 class Root(Record):
     """A directory below which layouts are discovered."""
@@ -176,7 +187,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
         roots.append(
             Root(
                 _resolve(here, root_path, f"{key}.path", source),
-                max_depth=_int(raw, "max_depth", 8, f"{key}.max_depth", source, low=0, high=64),
+                max_depth=_int(raw, "max_depth", 8, f"{key}.max_depth", source, *MAX_DEPTH_RANGE),
                 follow_symlinks=_bool(raw, "follow_symlinks", False, f"{key}.follow_symlinks", source),
             )
         )
@@ -203,12 +214,19 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     defaults = Limits()
     limits = Limits(
         max_index_bytes=_int(
-            limits_table, "max_index_bytes", defaults.max_index_bytes, "limits.max_index_bytes", source, low=2
+            limits_table, "max_index_bytes", defaults.max_index_bytes, "limits.max_index_bytes", source, *BYTES_RANGE
         ),
         max_blob_bytes=_int(
-            limits_table, "max_blob_bytes", defaults.max_blob_bytes, "limits.max_blob_bytes", source, low=2
+            limits_table, "max_blob_bytes", defaults.max_blob_bytes, "limits.max_blob_bytes", source, *BYTES_RANGE
         ),
-        max_depth=_int(limits_table, "max_nested_depth", defaults.max_depth, "limits.max_nested_depth", source, 0, 16),
+        max_depth=_int(
+            limits_table,
+            "max_nested_depth",
+            defaults.max_depth,
+            "limits.max_nested_depth",
+            source,
+            *NESTED_DEPTH_RANGE,
+        ),
     )
 
     daemon_table = _table(data, "daemon", source)
@@ -222,10 +240,14 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     if log_format not in LOG_FORMATS:
         raise ConfigError(f"{source}: daemon.log_format must be 'text' or 'json', not {log_format!r}")
     daemon = DaemonSettings(
-        debounce_ms=_int(daemon_table, "debounce_ms", 100, "daemon.debounce_ms", source, low=0, high=60_000),
-        reconcile_s=_number(daemon_table, "reconcile_interval_s", 300.0, "daemon.reconcile_interval_s", source),
-        batch_size=_int(daemon_table, "batch_size", 500, "daemon.batch_size", source, low=1, high=100_000),
-        heartbeat_s=_number(daemon_table, "heartbeat_interval_s", 5.0, "daemon.heartbeat_interval_s", source),
+        debounce_ms=_int(daemon_table, "debounce_ms", 100, "daemon.debounce_ms", source, *DEBOUNCE_RANGE_MS),
+        reconcile_s=_number(
+            daemon_table, "reconcile_interval_s", 300.0, "daemon.reconcile_interval_s", source, *RECONCILE_RANGE_S
+        ),
+        batch_size=_int(daemon_table, "batch_size", 500, "daemon.batch_size", source, *BATCH_RANGE),
+        heartbeat_s=_number(
+            daemon_table, "heartbeat_interval_s", 5.0, "daemon.heartbeat_interval_s", source, *HEARTBEAT_RANGE_S
+        ),
         log_format=log_format,
     )
     return Config(
@@ -330,8 +352,13 @@ def _int(
     return value
 
 
-def _number(table: Mapping[str, object], key: str, default: float, full: str, source: str) -> float:
+def _number(
+    table: Mapping[str, object], key: str, default: float, full: str, source: str, low: float, high: float
+) -> float:
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise ConfigError(f"{source}: {full} must be a positive number")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: {full} must be a number of seconds")
+    # TOML spells nan and inf; every comparison with nan is false, so finiteness is checked first.
+    if not math.isfinite(value) or not low <= value <= high:
+        raise ConfigError(f"{source}: {full} must be a finite number from {low:g} to {high:g}, not {value!r}")
     return float(value)

@@ -1,4 +1,4 @@
-"""``ocidx daemon``: keep the index fresh while layouts change (SPEC.md §6).
+"""``ocidx daemon``: keep the index fresh while layouts change (docs/operations.md).
 
 The daemon is one process per database (an exclusive ``flock`` on
 ``<db>.lock``) and one event loop holding the one :class:`Scanner`, so there is
@@ -44,10 +44,11 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
+from indexer import roots as roots_mod
 from indexer.discovery import discover, roots_for
 from indexer.errors import DaemonError, DatabaseError, UsageError, printable
-from indexer.scanner import Counts, Scanner
-from indexer.store import maintenance, path_of, path_value
+from indexer.scanner import LOGGED_PATHS, Counts, Scanner
+from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
 
@@ -74,6 +75,8 @@ RACY_GROUP_NS = 250_000_000
 POLL_DUTY_FACTOR = 10.0
 # After an unexpected database error (for instance "database is locked"), wait before retrying.
 RETRY_DELAY_S = 1.0
+# A log line names the changed layouts of a batch up to this many, else the first LOGGED_PATHS_SHOWN.
+LOGGED_PATHS_SHOWN = 3
 # Set to "polling" to watch by reconcile only (NFS and other file systems inotify cannot see into).
 WATCH_MODE_ENV = "OCIDX_WATCH_MODE"
 
@@ -95,8 +98,22 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
     def format(self, record: logging.LogRecord) -> str:
-        """The standard line with control characters taken from layouts escaped."""
-        return printable(super().format(record)).replace("\\x0a", "\n    ")
+        """The standard line with control characters taken from layouts escaped.
+
+        The message is one line whatever it holds: a newline in a path stays ``\\x0a``. Only a
+        traceback (our own text) spans lines, each escaped and indented below the message.
+        """
+        record.message = printable(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        extra = []
+        if record.exc_info:
+            extra.append(self.formatException(record.exc_info))
+        if record.stack_info:
+            extra.append(self.formatStack(record.stack_info))
+        for text in extra:
+            line += "".join("\n    " + printable(part) for part in text.split("\n"))
+        return line
 
 
 class JsonFormatter(logging.Formatter):
@@ -147,7 +164,9 @@ class DatabaseLock:
         """Take the lock or raise DaemonError naming the pid that holds it."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            # A symlink or another user's file planted at the lock's name is refused (UnsafeFile):
+            # the pid is written into the file, which must be this user's own.
+            fd, _created = open_beside_database(self.path)
         except OSError as exc:
             raise DaemonError(f"cannot open the daemon lock {self.path}: {exc.strerror}") from None
         try:
@@ -242,6 +261,7 @@ def move_aside(path: str) -> str:
 
 def open_scanner(db_path: str, config: Config) -> Scanner:
     """The writer, after moving a corrupt database aside (it is rebuilt by the first pass)."""
+    check_database_files(db_path)  # before the corruption check opens it
     reason = corruption_of(db_path)
     if reason is None:
         try:
@@ -318,9 +338,10 @@ class Daemon:
 
     async def _write_start_row(self) -> None:
         now = time.time_ns()
-        roots = json.dumps([root.path for root in self.roots])
 
         def write(conn: sqlite3.Connection) -> None:
+            # The layouts of earlier scans stay indexed: `find` keeps walking their roots too.
+            roots = roots_mod.to_json([*(roots_mod.recorded(conn) or []), *self.roots])
             conn.execute(
                 """
                 INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)
@@ -554,7 +575,7 @@ class Daemon:
         for root in self.roots:
             if root.path not in self.pending_roots:
                 continue
-            missing = f"root {root.path} does not exist (yet): checking for it every {HEALTH_INTERVAL_S:g}s"
+            missing = _missing_root(root.path)
             if not await anyio.to_thread.run_sync(os.path.isdir, root.path):
                 self._report(missing)
                 continue
@@ -643,23 +664,39 @@ class Daemon:
         routine = what != "reconcile" or why in ("periodic", "polling")
         level = logging.INFO if (changed or not routine) else logging.DEBUG
         reason = f" ({why})" if why else ""
+        named = "".join(
+            f"; {label}: {_some(paths, count)}"
+            for label, paths, count in (
+                ("changed", counts.changed_paths, counts.changed),
+                ("removed", counts.removed_paths, counts.removed),
+            )
+            if count
+        )
         log.log(
             level,
-            "%s%s: %d layouts looked at in %.3fs: %d changed, %d unchanged, %d with errors, %d removed",
+            "%s%s: %s looked at in %.3fs: %d changed, %d unchanged, %d with errors, %d removed%s",
             what,
             reason,
-            counts.seen,
+            _layouts(counts.seen),
             seconds,
             counts.changed,
             counts.unchanged,
             counts.errors,
             counts.removed,
-            extra=_fields(event=what, reason=why, **counts.to_json(seconds)),
+            named,
+            extra=_fields(
+                event=what,
+                reason=why,
+                **counts.to_json(seconds),
+                changed_layouts=counts.changed_paths[:LOGGED_PATHS],
+                removed_layouts=counts.removed_paths[:LOGGED_PATHS],
+            ),
         )
 
     def _report_layout(self, message: str) -> None:
         if message.startswith("root ") and "No such file" in message:
-            self._report(message)  # a missing root: said once, not on every poll
+            # A missing root: said once (the same words as the watcher's check), not on every poll.
+            self._report(_missing_root(message[len("root ") :].rpartition(": ")[0]))
         else:
             log.warning("%s", message, extra=_fields(event="layout_error"))
 
@@ -756,6 +793,27 @@ class Daemon:
         await self._write_start_row()
         await self._set_mode(mode)
         self._request_reconcile("the database was rebuilt")
+
+
+def _missing_root(path: str) -> str:
+    """What to do about a root that does not exist: one message, logged once."""
+    return (
+        f"root {path} does not exist (yet); it is indexed as soon as it appears: create it "
+        f"(mkdir -p {path}) and put layouts in it, for example "
+        f"skopeo copy docker://docker.io/library/alpine:3.16 oci:{path}/alpine:3.16"
+    )
+
+
+def _layouts(count: int) -> str:
+    """``1 layout``, ``3 layouts``."""
+    return f"{count} layout" if count == 1 else f"{count} layouts"
+
+
+def _some(paths: list[str], count: int) -> str:
+    """The paths of a small batch, or the first few and how many more for a big one."""
+    shown = paths[:LOGGED_PATHS_SHOWN] if count > LOGGED_PATHS else paths
+    more = count - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more else "")
 
 
 def _resolved(root: Root) -> Root:

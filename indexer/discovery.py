@@ -14,9 +14,10 @@ from indexer.layout import FileIdentity
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Collection, Iterable, Iterator, Mapping
 
     from indexer.config import Config, Root
+    from indexer.store.read import StoredLayout
 
 LAYOUT_MARKERS = ("oci-layout", "index.json")
 
@@ -76,7 +77,7 @@ def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
 
 
-def vanished(stored: Iterable[str], present: set[str], tops: list[str]) -> list[str]:
+def vanished(stored: Iterable[str], present: Collection[str], tops: list[str]) -> list[str]:
     """Stored layouts that are gone: below a root and not discovered, or elsewhere (reached through
     a followed symlink, or by another scan's roots) and no longer a layout at all."""
     from indexer.layout import is_layout_dir
@@ -90,6 +91,29 @@ def vanished(stored: Iterable[str], present: set[str], tops: list[str]) -> list[
     ]
 
 
+def changes(stored: Mapping[str, StoredLayout], roots: list[Root]) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Compare *stored* with the layouts below *roots* by one listing walk and one ``stat`` per
+    ``index.json``: ``(layouts present, new or changed, stored ones that vanished, problems met)``."""
+    errors: list[str] = []
+    found: dict[str, None] = {}
+    for root in roots:
+        for path in discover(root, errors):
+            found[path] = None
+    present = list(found)
+    gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots])
+    changed = []
+    for path in present:
+        known = stored.get(path)
+        try:
+            st = os.stat(os.path.join(path, "index.json"))
+        except OSError:
+            changed.append(path)  # a layout without a readable index.json: the full read says why
+            continue
+        if known is None or not known.is_current(FileIdentity.of(st)):
+            changed.append(path)
+    return present, changed, gone, errors
+
+
 def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
     """``(layouts, still broken)`` when the index provably holds every layout below *roots* as it is
     on disk (nothing to write), else None: one listing walk and one ``stat`` per ``index.json``."""
@@ -97,12 +121,6 @@ def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
     from indexer.store import open_reader
     from indexer.store import read as db
 
-    errors: list[str] = []
-    paths: list[str] = []
-    for root in roots:
-        paths.extend(discover(root, errors))
-    if errors:
-        return None  # the full pass reports them
     try:
         conn = open_reader(db_path)
     except DatabaseError:
@@ -113,19 +131,7 @@ def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
         return None  # a damaged database: the full pass reports it (exit 4)
     finally:
         conn.close()
-    present = set(paths)
-    if vanished(stored, present, [os.path.realpath(r.path) for r in roots]):
-        return None
-    broken = 0
-    for path in present:
-        known = stored.get(path)
-        if known is None:
-            return None
-        try:
-            st = os.stat(os.path.join(path, "index.json"))
-        except OSError:
-            return None
-        if not known.is_current(FileIdentity.of(st)):
-            return None
-        broken += known.state != "ok"
-    return len(present), broken
+    present, changed, gone, errors = changes(stored, roots)
+    if errors or changed or gone:
+        return None  # the full pass writes the changes and reports the problems
+    return len(present), sum(stored[path].state != "ok" for path in present)

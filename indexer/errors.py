@@ -12,6 +12,7 @@
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
     │   ├── SchemaTooNew            the database was written by a newer ocidx
+    │   ├── UnsafeFile              a file beside the database is a symlink, not ours, ...
     │   └── FleetUnavailable        the fleet's PostgreSQL is unreachable or not set up
     ├── LayoutError                 one layout cannot be read             exit 5
     │   ├── LayoutUnreadable        I/O: missing, permission, not a file, FIFO
@@ -32,21 +33,54 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+# C0 controls and DEL as \xNN, C1 controls as \u00NN.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F)}
 _CONTROL.update({c: f"\\u{c:04x}" for c in range(0x80, 0xA0)})
-# Unicode bidi controls and line separators can reorder or break a terminal line.
-_CONTROL.update({c: f"\\u{c:04x}" for c in (0x2028, 0x2029, *range(0x202A, 0x202F), *range(0x2066, 0x206A))})
+# Invisible and bidirectional format characters (Unicode category Cf, as of Unicode 15) and the
+# line and paragraph separators (Zl, Zp): they hide, reorder or break what a terminal shows, so a
+# name holding one could pass for another. The whole tag block U+E0000-U+E007F is included.
+_FORMAT_RANGES = (
+    (0x00AD, 0x00AD),
+    (0x0600, 0x0605),
+    (0x061C, 0x061C),
+    (0x06DD, 0x06DD),
+    (0x070F, 0x070F),
+    (0x0890, 0x0891),
+    (0x08E2, 0x08E2),
+    (0x180E, 0x180E),
+    (0x200B, 0x200F),
+    (0x2028, 0x202E),
+    (0x2060, 0x2064),
+    (0x2066, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0x110BD, 0x110BD),
+    (0x110CD, 0x110CD),
+    (0x13430, 0x1343F),
+    (0x1BCA0, 0x1BCA3),
+    (0x1D173, 0x1D17A),
+    (0xE0000, 0xE007F),
+)
+_CONTROL.update(
+    {c: (f"\\u{c:04x}" if c <= 0xFFFF else f"\\U{c:08x}") for low, high in _FORMAT_RANGES for c in range(low, high + 1)}
+)
+_REVERSIBLE = {**_CONTROL, ord("\\"): "\\\\"}
 
 
-def printable(text: str) -> str:
-    """Return *text* with every control character escaped, safe for a terminal and for SQLite text.
+def printable(text: str, *, reversible: bool = False) -> str:
+    """Return *text* with every control and invisible format character escaped, safe for a terminal.
 
-    The surrogate escapes that Python gives the bytes of a non-UTF-8 file name are spelled out
-    (``\\udcff``) too: they cannot be written to a UTF-8 terminal or stored as text.
+    Escapes are Python's: ``\\xNN`` (C0, DEL), ``\\uNNNN`` (C1, format characters, separators),
+    ``\\UNNNNNNNN`` (tag characters), and ``\\udc80``-``\\udcff`` for the raw bytes of a non-UTF-8
+    file name (Python's surrogate escapes; they cannot be written to a UTF-8 terminal or stored
+    as text). With *reversible* (the value fields of text output: paths, names, digests) a
+    backslash is written ``\\\\`` too, so the output decodes back to exactly the value
+    (docs/json.md). Messages are escaped without it: they embed values escaped already, and
+    escaping twice would double every backslash.
     """
-    if text.isascii() and text.isprintable():
-        return text  # the common case, without building a translated copy
-    text = text.translate(_CONTROL)
+    if text.isprintable() and (not reversible or "\\" not in text):
+        return text  # the common case (isprintable is false for every character escaped here)
+    text = text.translate(_REVERSIBLE if reversible else _CONTROL)
     return text if text.isascii() else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
@@ -145,6 +179,12 @@ class SchemaTooNew(DatabaseError):
     """The database has migrations this version of ocidx does not know."""
 
     category = "schema_too_new"
+
+
+class UnsafeFile(DatabaseError):
+    """A file beside the database (the lock, the database, its -wal) is not one ocidx may write."""
+
+    category = "unsafe_file"
 
 
 class FleetUnavailable(DatabaseError):

@@ -4,7 +4,7 @@ The parsing is pure (:func:`parse_index` takes bytes); the reads around it are
 small and synchronous, so the daemon runs them in a worker thread and the
 lookup CLI calls them directly when it has to read a changed layout through.
 
-Choices where SPEC.md is silent:
+Choices where the OCI image-layout specification is silent (docs/semantics.md restates them for users):
 
 * **A bad descriptor does not hide the good ones.** A ``manifests`` item that
   is not an object, or whose ``digest`` (validated as go-digest does),
@@ -34,6 +34,11 @@ Choices where SPEC.md is silent:
   reported as broken. Retries exhausted: :class:`~indexer.errors.TornRead`.
   A rename-replaced file read through the old descriptor is a consistent
   old version, not a torn one.
+* **index.json through a symlink.** ``index.json`` may be a symlink only to a file inside the
+  layout (its real path below the layout's real path, checked again on the opened descriptor);
+  one leading anywhere else is refused as :class:`~indexer.errors.LayoutUnreadable` (the layout is
+  in state ``error``), so nothing of a file outside the layout (its content, annotations, hash)
+  reaches the index. ``oci-layout`` is never read, only its presence marks a layout.
 * **Blobs.** A digest is validated before it becomes a path. The blob's real
   path (symlinks resolved) must stay inside the layout's real path; symlinks
   inside the layout are followed, the final open uses ``O_NOFOLLOW``. Only a
@@ -620,16 +625,21 @@ def _read_index(
 def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | None:
     """One read of *path*; ``None`` when it changed while being read."""
     try:
+        target, inside = _index_target(path)
         # Refuse a device, FIFO or socket before opening it: opening some devices has effects
         # (a root daemon must never open a tape or a terminal a user's index.json points at).
         # The fstat after the open below still catches a swap between the two calls.
-        kind = os.stat(path).st_mode
+        kind = os.lstat(target).st_mode
         if not stat.S_ISREG(kind):
             raise LayoutUnreadable(f"{path} is {_file_kind(kind)}, not a regular file")
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = os.open(target, _OPEN_FLAGS | _NOFOLLOW)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise LayoutUnreadable(f"{path} became a symlink while it was opened; refused") from None
         raise LayoutUnreadable(_open_error(path, exc)) from None
     try:
+        if inside is not None:
+            _check_opened_inside(fd, path, inside)
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
@@ -646,6 +656,37 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
     if FileIdentity.of(after) != identity or len(data) != before.st_size:
         return None
     return data, identity
+
+
+def _index_target(path: str) -> tuple[str, str | None]:
+    """What to open for *path* (``LAYOUT/index.json``): itself, or, when it is a symlink, its real path,
+    which must be inside the layout's real path (returned second, else None).
+
+    ``index.json`` is read as root into a database other users can read: a symlink to a file
+    outside the layout (``/root/.docker/config.json``, another user's layout) would copy what it
+    holds, or its hash, into the index. Like blobs, it may point only inside its own layout.
+    """
+    if not stat.S_ISLNK(os.lstat(path).st_mode):
+        return path, None
+    layout = os.path.realpath(os.path.dirname(path))
+    inside = layout if layout.endswith(os.sep) else layout + os.sep
+    real = os.path.realpath(path)
+    if not real.startswith(inside):
+        raise LayoutUnreadable(f"{path} is a symlink leading outside the layout (to {real}); refused")
+    if os.path.islink(real):
+        raise LayoutUnreadable(f"{path} is a symlink that never resolves (a loop)")
+    return real, inside
+
+
+def _check_opened_inside(fd: int, path: str, inside: str) -> None:
+    """Raise unless the file open at *fd* is inside the layout: a directory on the way may have been
+    swapped for a symlink between the resolution and the open (the kernel knows where *fd* is)."""
+    try:
+        opened = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return  # no /proc: the resolution just made is all there is
+    if not opened.startswith(inside):
+        raise LayoutUnreadable(f"{path} led outside the layout while it was opened (to {opened}); refused")
 
 
 def _read_all(fd: int, limit: int, expected: int) -> bytes:

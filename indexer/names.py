@@ -1,4 +1,4 @@
-"""From an entry's annotations to the (name, tag) pairs it answers to (SPEC.md §3).
+"""From an entry's annotations to the (name, tag) pairs it answers to (docs/semantics.md, Names).
 
 Two annotations carry names. C = ``io.containerd.image.name`` and
 R = ``org.opencontainers.image.ref.name``, each read only when it is a
@@ -16,7 +16,7 @@ R                                       pair                                   `
 anything else                           kept raw in ``invalid``, warned        ``invalid``
 ======================================  =====================================  ==============
 
-Choices where SPEC.md is silent:
+Choices where the writers' conventions are silent:
 
 * ``names`` is unique by (name, tag): the first reading wins, so a tag-only
   R that repeats C's pair is reported once, as ``containerd``.
@@ -114,7 +114,7 @@ _cache: dict[tuple[object, object, str], NameReading] = {}
 
 
 def read_names(annotations: Mapping[str, object], *, familiar: str = DEFAULT_FAMILIAR_POLICY) -> NameReading:
-    """Read the names of one ``index.json`` entry from its annotations (SPEC.md §3)."""
+    """Read the names of one ``index.json`` entry from its annotations (docs/semantics.md, Names)."""
     containerd = annotations.get(CONTAINERD_NAME)
     ref_name = annotations.get(OCI_REF_NAME)
     key = (

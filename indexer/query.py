@@ -1,4 +1,4 @@
-"""Lookups: query forms, matching, ambiguity, platforms and freshness (SPEC.md §4, §5).
+"""Lookups: query forms, matching, ambiguity, platforms and freshness (docs/semantics.md).
 
 The Python API is :class:`Index`; the CLI is a thin shell over it. Every
 lookup goes through one path:
@@ -25,7 +25,9 @@ import time
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer import reference
+from indexer import roots as roots_mod
 from indexer._record import Record
+from indexer.discovery import changes
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
@@ -54,20 +56,31 @@ if TYPE_CHECKING:
 
 SCHEME = "oci-layout://"
 INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
+# A daemon whose heartbeat is older than this many of its intervals is not keeping the index current.
+HEARTBEAT_MISSES = 3
+# How many candidates an ambiguity, and how many names a not-found message, lists in text.
+SHOWN = 5
 
 
 class Query(Record):
     """What to look for in a layout: a tag, a canonical name and tag, and/or a digest."""
 
-    __slots__ = ("digest", "name", "tag", "text")
+    __slots__ = ("digest", "name", "tag", "text", "word")
 
     def __init__(
-        self, text: str, *, tag: str | None = None, name: str | None = None, digest: str | None = None
+        self,
+        text: str,
+        *,
+        tag: str | None = None,
+        name: str | None = None,
+        digest: str | None = None,
+        word: str | None = None,
     ) -> None:
         self.text = text
         self.tag = tag  # None: no tag given; with name: '' means the untagged name
         self.name = name  # canonical repository, None for tag-only and digest-only queries
         self.digest = digest
+        self.word = word  # the bare word typed as a name (``v1``), which could have meant the tag ``:v1``
 
     def describe(self) -> str:
         """The query as a user would write it, for messages."""
@@ -121,7 +134,7 @@ class Answer(Record):
         self.warnings = warnings
 
     def to_json(self) -> dict[str, object]:
-        """The keys of SPEC.md §7, in a stable order."""
+        """The keys of docs/json.md (``resolve --json``), in a stable order."""
         return {
             "layout": self.layout,
             "digest": self.digest,
@@ -148,6 +161,16 @@ def _platform_out(platform: dict[str, object] | None) -> dict[str, object] | Non
         "architecture": platform.get("architecture"),
         "variant": platform.get("variant") or None,
     }
+
+
+class Matches(list[Answer]):
+    """What :meth:`Index.find` found: a list of answers, and what a person should know about it."""
+
+    def __init__(self, query: Query, unverified: str | None) -> None:
+        super().__init__()
+        self.query = query
+        self.unverified = unverified  # why the index could not be proven exact (each answer warns too)
+        self.hint = ""  # for no answer: " (did you mean the tag ':v1'?)" when that would have matched
 
 
 class View(Record):
@@ -183,7 +206,8 @@ def parse_ref(text: str) -> Query:
     tag = ref.tag
     if tag is None and ref.digest is None:
         tag = "latest"  # ParseDockerRef: a bare name means :latest
-    return Query(text, name=ref.name, tag=tag or "", digest=ref.digest)
+    word = text if ref.tag is None and ref.digest is None and "/" not in text and reference.is_tag(text) else None
+    return Query(text, name=ref.name, tag=tag or "", digest=ref.digest, word=word)
 
 
 def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[Concatenate[Index, _P], _R]:
@@ -200,21 +224,44 @@ def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[C
 
 
 class Index:
-    """The lookups of SPEC.md §4 over one index database, as a Python API."""
+    """The lookups of docs/semantics.md over one index database, as a Python API."""
 
     def __init__(self, db_path: str | None = None, *, config: Config | str | None = None) -> None:
         self.config = config if isinstance(config, config_mod.Config) else config_mod.load(config)
         self.db_path = config_mod.database_path(db_path, self.config)
         self._conn: sqlite3.Connection | None = None
+        self.has_database = True  # False once a lookup found no database file (and read through)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The read-only connection to the index, opened on first use."""
+        """The read-only connection to the index, opened on first use.
+
+        With no database file at all (a fresh machine: no scan yet, no daemon), an empty index in
+        memory: single-layout lookups then read their layout through and create no file; lookups
+        across layouts call :meth:`_require_database` first.
+        """
         if self._conn is None:
-            self._conn = open_reader(self.db_path)
+            if not os.path.exists(self.db_path):
+                self.has_database = False
+                mem = sqlite3.connect(":memory:", isolation_level=None)
+                mem.executescript(schema_script())
+                self._conn = mem
+            else:
+                self._conn = open_reader(self.db_path)
         return self._conn
+
+    def _require_database(self) -> sqlite3.Connection:
+        """The connection to a database file, or the DatabaseError saying what to run (exit 4)."""
+        conn = self.conn
+        if not self.has_database:
+            raise DatabaseError(
+                f"no index database at {os.path.abspath(self.db_path)}: run 'ocidx scan ROOT' once, or start "
+                "'ocidx daemon', to index the layouts below ROOT (a single layout needs none: "
+                "ocidx resolve oci-layout://PATH:TAG)"
+            )
+        return conn
 
     def close(self) -> None:
         """Close the database connection."""
@@ -233,10 +280,16 @@ class Index:
         return db.layout(self.conn, real) is not None or layout_mod.is_layout_dir(real)
 
     def view(self, path: str, *, strict: bool = False) -> View:
-        """Decide, with one ``stat``, where the rows of the layout at *path* come from (SPEC.md §5)."""
+        """Decide, with one ``stat``, where the rows of the layout at *path* come from (docs/semantics.md)."""
         _no_nul(path, "layout path")
         real = os.path.realpath(path)
-        return self._view(real, db.layout(self.conn, real), strict)
+        try:
+            return self._view(real, db.layout(self.conn, real), strict)
+        except NotFound as exc:
+            hint = _absolute_hint(path)
+            if hint:
+                raise NotFound(exc.message + hint) from None
+            raise
 
     def _view(self, real: str, stored: db.StoredLayout | None, strict: bool) -> View:
         """:meth:`view` of a resolved path whose stored state (or None) the caller already has."""
@@ -246,7 +299,7 @@ class Index:
         except OSError as exc:
             if not layout_mod.is_layout_dir(real):
                 was = "; it was indexed but is gone now" if stored is not None else ""
-                raise NotFound(f"{real} is not an OCI layout (no index.json or oci-layout){was}") from None
+                raise NotFound(f"{_missing(real)}{was}") from None
             unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, unreadable.message, strict, unreadable)
@@ -260,7 +313,7 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
-            # SPEC §4: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
+            # docs/semantics.md: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
             raise
@@ -294,7 +347,7 @@ class Index:
     # -- target parsing ------------------------------------------------------------------------------
 
     def parse_target(self, target: str) -> tuple[str, Query]:
-        """Split ``oci-layout://...`` into a layout path and a query (SPEC.md §4 table)."""
+        """Split ``oci-layout://...`` into a layout path and a query (docs/semantics.md, Targets)."""
         _no_nul(target, "target")
         if not target.startswith(SCHEME):
             raise UsageError(
@@ -337,10 +390,12 @@ class Index:
                 query = parse_ref(name_text + (f"@{digest}" if digest else ""))
                 if query.name is None:
                     raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
-                return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest)
+                return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest, word=query.word)
         if bad_tag is not None:  # PATH is a layout, and no longer prefix is: the tag is what is wrong
             raise ReferenceError_(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
-        raise NotFound(f"no OCI layout found in {target!r} (checked the index and the disk)")
+        head_path, colon, tail_tag = rest.rpartition(":")
+        tried = head_path if colon and "/" not in tail_tag and head_path else rest
+        raise NotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
 
     @staticmethod
     def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:
@@ -371,7 +426,7 @@ class Index:
         if len(digests) > 1:
             raise Ambiguous(
                 f"{query.describe()} is ambiguous in {view.path}: {len(digests)} different digests match",
-                _candidates(view.conn, hits),
+                _candidates(view.conn, hits, view.path),
             )
         answer = _answer(view, hits, warnings)
         if want is not None:
@@ -379,28 +434,40 @@ class Index:
         return answer
 
     def _not_found_message(self, view: View, query: Query) -> str:
-        held = db.sample_names(view.conn, view.layout_id)
+        held = db.sample_names(view.conn, view.layout_id, limit=SHOWN + 1)
+        if len(held) > SHOWN:
+            more = db.count_names(view.conn, view.layout_id) - SHOWN
+            held = [*held[:SHOWN], f"and {more} more (ocidx ls {view.path})"]
         held_text = f"; it holds {', '.join(held)}" if held else "; it holds no named images"
-        message = f"{query.describe()} not found in {view.path}{held_text}"
-        if query.name is not None and query.digest is None:
-            word = query.text.split("/")[-1].split(":")[0]
-            if "/" not in query.text and reference.is_tag(query.text) and db.by_tag(view.conn, word, view.layout_id):
-                message += f" (did you mean the tag ':{word}'?)"
-        return message
+        return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
 
     @_database_errors
-    def find(self, ref: str, *, verify_all: bool = False) -> list[Answer]:
-        """Every match of REF across all indexed layouts, each layout verified fresh."""
+    def find(self, ref: str, *, verify_all: bool = False) -> Matches:
+        """Every match of REF across the indexed layouts, each layout verified fresh.
+
+        With no live daemon, the roots the index was built from are walked as a no-change
+        ``ocidx scan`` does, and the layouts that appeared or changed since are read through, so
+        the answer is exact; where that cannot be proven, :attr:`Matches.unverified` says why.
+        """
         query = parse_ref(ref)
-        in_index, stored = _match_all(self.conn, query)
+        conn = self._require_database()
+        in_index, stored = _match_all(conn, query)
+        scope = set(in_index)
+        unverified = None
+        every = None
+        if not self._daemon_alive(conn):
+            every = {s.path: s for s in db.layouts(conn)}
+            changed, unverified = _changed_below_roots(conn, every)
+            scope.update(changed)
+            stored = every
         if verify_all:
-            stored = {s.path: s for s in db.layouts(self.conn)}
-        scope = sorted(stored) if verify_all else sorted(in_index)
-        answers: list[Answer] = []
-        for path in scope:
+            stored = every if every is not None else {s.path: s for s in db.layouts(conn)}
+            scope.update(stored)
+        answers = Matches(query, unverified)
+        for path in sorted(scope):
             try:
                 # Stored paths are resolved already: no realpath, no second SELECT per layout.
-                view = self._view(path, stored[path], strict=False)
+                view = self._view(path, stored.get(path), strict=False)
             except NotFound:
                 continue  # verified: the layout is gone, so are its matches
             except LayoutError as exc:
@@ -413,10 +480,25 @@ class Index:
             if view.freshness == INDEXED:
                 answers.extend(in_index.get(path, []))
                 continue
-            hits, warnings = _match(view, query, strict=False, blobs=False)
+            try:
+                hits, warnings = _match(view, query, strict=True, blobs=False)
+            except TagMismatch:
+                continue  # a search for NAME@DIGEST: the name points elsewhere in this layout
             answers.extend(_answers_by_digest(view, hits, warnings))
         answers.sort(key=lambda a: (a.layout, a.digest))
+        if unverified is not None:
+            answers[:] = [_with_warning(a, unverified) for a in answers]
+        elif not answers:
+            answers.hint = _tag_hint(conn, query, None)
         return answers
+
+    def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
+        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few intervals."""
+        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns FROM daemon WHERE id = 1").fetchone()
+        if row is None or row[1] is None or row[2] is not None or not _pid_alive(row[0]):
+            return False
+        age_s = (time.time_ns() - int(row[1])) / 1e9
+        return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s
 
     @_database_errors
     def layouts(self, under: str | None = None) -> list[dict[str, object]]:
@@ -424,7 +506,7 @@ class Index:
         if under:
             _no_nul(under, "directory")
         scope = os.path.realpath(under) if under else None
-        return [s.to_json() for s in db.layouts(self.conn, scope)]
+        return [s.to_json() for s in db.layouts(self._require_database(), scope)]
 
     @_database_errors
     def layout_detail(self, path: str) -> dict[str, object]:
@@ -451,7 +533,11 @@ class Index:
                     ],
                 }
             )
-        base = stored.to_json() if stored is not None else {"layout": view.path, "state": "not-indexed"}
+        if stored is None:  # read through: the keys of an indexed layout, describing this read
+            fresh = db.layout(view.conn, view.path)
+            base = {**(fresh.to_json() if fresh is not None else {}), "layout": view.path, "state": "not-indexed"}
+        else:
+            base = stored.to_json()
         return {
             **base,
             "freshness": view.freshness,
@@ -462,7 +548,7 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
-        conn = self.conn
+        conn = self._require_database()
         count = {
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
             for table in ("layouts", "entries", "names", "children")
@@ -473,7 +559,7 @@ class Index:
         ).fetchone()
         daemon: dict[str, object] | None = None
         now = time.time_ns()
-        if row is not None:
+        if row is not None and row[0] is not None:  # a row holding only the roots of a scan: no daemon ran
             pid, started, heartbeat, stopped, reconcile, mode = row
             daemon = {
                 "pid": pid,
@@ -490,9 +576,52 @@ class Index:
             "names": count["names"],
             "children": count["children"],
             "layouts_with_errors": errors,
+            "roots": [r.path for r in roots_mod.recorded(conn) or []],
             "daemon": daemon,
             **_fleet_status(conn, now),
         }
+
+
+def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> str:
+    """`` (did you mean the tag ':v1'?)`` when the bare word *query* was read as a name found nothing
+    but the tag ``:WORD`` would have (in the layout, or anywhere in the index for ``find``)."""
+    if query.word is None or query.digest is not None or not db.by_tag(conn, query.word, layout_id):
+        return ""
+    return f" (did you mean the tag ':{query.word}'?)"
+
+
+def _changed_below_roots(conn: sqlite3.Connection, stored: dict[str, db.StoredLayout]) -> tuple[list[str], str | None]:
+    """The layouts below the recorded roots that are new or changed since they were indexed, and why
+    that list may be incomplete (None when it is exact)."""
+    recorded = roots_mod.recorded(conn)
+    if recorded is None:
+        return [], (
+            "no daemon is running and this index records no roots, so layouts added or changed since "
+            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+        )
+    # A root that does not exist holds no layout: the walk of the others is still exact.
+    _present, changed, _gone, errors = changes(stored, [r for r in recorded if os.path.isdir(r.path)])
+    if errors:
+        why = f"no daemon is running and the roots could not all be read ({errors[0]})"
+        return changed, f"{why}: this answer may miss layouts"
+    return changed, None
+
+
+def _missing(text: str) -> str:
+    """What is at the path *text* (relative to the working directory), for a "no layout there" message."""
+    path = os.path.abspath(text)
+    if os.path.isdir(path):
+        return f"{path} is not an OCI layout (no index.json or oci-layout)"
+    if os.path.lexists(path):
+        return f"{path} is not a directory, so not an OCI layout"
+    return f"{path} does not exist" + _absolute_hint(text)
+
+
+def _absolute_hint(text: str) -> str:
+    """``; did you mean /PATH?`` when *text* is a relative path that does not exist but ``/PATH`` does."""
+    if os.path.isabs(text) or os.path.lexists(text) or not os.path.lexists("/" + text):
+        return ""
+    return f"; did you mean /{text}? (oci-layout:///{text}, with three slashes, names an absolute path)"
 
 
 def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:
@@ -585,7 +714,10 @@ def _match_all(conn: sqlite3.Connection, query: Query) -> tuple[dict[str, list[A
     for path, layout_hits in grouped.items():
         view = View(conn, layout_hits[0].layout_id, path, INDEXED, [])
         if query.digest is not None and (query.tag or query.name):
-            layout_hits, warnings = _match(view, query, strict=False, blobs=False)
+            try:
+                layout_hits, warnings = _match(view, query, strict=True, blobs=False)
+            except TagMismatch:
+                continue  # a search: list only the layouts where the name points at the digest
         else:
             warnings = []
         out[path] = _answers_by_digest(view, layout_hits, warnings, names_of)
@@ -634,14 +766,33 @@ def _with_warning(answer: Answer, warning: str) -> Answer:
     return Answer(**data)
 
 
-def _candidates(conn: sqlite3.Connection, hits: list[db.Hit]) -> list[dict[str, object]]:
+def _candidates(conn: sqlite3.Connection, hits: list[db.Hit], path: str) -> list[dict[str, object]]:
+    """Each digest of an ambiguity with its names, and ``pick``: the target that resolves to it alone."""
     names_of = db.names(conn, [h.entry_id for h in hits if h.source == "entry"])
     out: dict[str, dict[Name, None]] = {}
     for hit in hits:
         listed = out.setdefault(hit.digest, {})
         for name in names_of.get(hit.entry_id, []) if hit.source == "entry" else []:
             listed[name] = None
-    return [{"digest": digest, "names": [n.to_json() for n in names]} for digest, names in out.items()]
+    owners: dict[tuple[str, str], set[str]] = {}
+    for digest, names in out.items():
+        for name in names:
+            owners.setdefault((name.name, name.tag), set()).add(digest)
+    found: list[dict[str, object]] = []
+    for digest, names in out.items():
+        # A full name held by this digest alone picks it (oci-layout://PATH/alpine:3.16); else the digest.
+        unique = [n for n in names if n.name and n.tag and owners[(n.name, n.tag)] == {digest}]
+        pick = f"{SCHEME}{path}/{_familiar(unique[0].name)}:{unique[0].tag}" if unique else f"{SCHEME}{path}@{digest}"
+        found.append({"digest": digest, "names": [n.to_json() for n in names], "pick": pick})
+    return found
+
+
+def _familiar(name: str) -> str:
+    """``docker.io/library/alpine`` as ``alpine``: what a person types after ``oci-layout://PATH/``."""
+    try:
+        return reference.parse_normalized_named(name).familiar_name()
+    except ReferenceError_:
+        return name
 
 
 def _blob_hit(view: View, digest: str) -> db.Hit | None:

@@ -325,7 +325,7 @@ def parse_normalized_named(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGOR
     if remote.lower() != remote:
         raise ReferenceError_(
             f"invalid reference format: repository name ({remote}) must be lowercase",
-            category="name_not_lowercase",
+            category="name_contains_uppercase",  # one category for upper case, whichever check saw it
         )
     return _parse(f"{domain}/{remainder}", algorithms, s)
 
@@ -538,17 +538,17 @@ def sort_references(refs: Iterable[str], *, algorithms: frozenset[str] = DEFAULT
 
 
 def describe(s: str) -> dict[str, object]:
-    """One object of ``ocidx ref --json`` (SPEC.md §7) for *s*; ``error`` names the category on failure.
+    """One object of ``ocidx ref --json`` (docs/json.md) for *s*; ``error`` names the category on failure.
 
     ``ocidx ref`` normalizes names as ``docker`` does (``ParseNormalizedNamed``): a bare 64-hex
     string is the ``hex_name`` error, as ``docker pull`` says, and ``sha256:<hex>`` is a repository
-    with a tag. Upper case in a repository is ``name_contains_uppercase``, the category SPEC.md §7
+    with a tag. Upper case in a repository is ``name_contains_uppercase``, the category docs/json.md
     names; it covers Docker's ad-hoc "repository name must be lowercase" error of normalization.
     """
     try:
         ref = parse_normalized_named(s)
     except ReferenceError_ as exc:
-        category = "name_contains_uppercase" if exc.category == "name_not_lowercase" else exc.category
+        category = exc.category
         return {
             "input": s,
             "name": None,

@@ -21,6 +21,7 @@ import anyio.to_thread
 
 from indexer import config as config_mod
 from indexer import layout as layout_mod
+from indexer import roots as roots_mod
 from indexer.discovery import discover, roots_for, settled, vanished
 from indexer.errors import LayoutError, LayoutUnreadable, printable
 from indexer.store import open_writer
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from indexer.config import Config, Root
 
 COLD_BUILD_MIN_LAYOUTS = 500
+# How many changed (and removed) layouts a pass remembers by path, for the daemon's log.
+LOGGED_PATHS = 10
 # A layout another writer keeps rewriting is examined again at most this often in one batch; past
 # that, the other writer's rows (at least as new as ours) stand until the next change or pass.
 CONFLICT_RETRIES = 4
@@ -88,6 +91,9 @@ class Counts:
         self.removed = 0
         self.still_broken = 0  # unchanged since a scan found them broken: skipped, still in error
         self.error_messages: list[str] = []
+        # The first few layouts written or dropped, for the daemon's log (the counts say how many).
+        self.changed_paths: list[str] = []
+        self.removed_paths: list[str] = []
 
     def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
@@ -97,11 +103,15 @@ class Counts:
         for outcome in outcomes:
             if isinstance(outcome, Read):
                 self.changed += 1
+                if len(self.changed_paths) < LOGGED_PATHS:
+                    self.changed_paths.append(outcome.path)
             elif isinstance(outcome, Failed):
                 self.errors += 1
                 self.error_messages.append(outcome.error.message)
             elif isinstance(outcome, Gone):
                 self.removed += 1
+                if len(self.removed_paths) < LOGGED_PATHS:
+                    self.removed_paths.append(outcome.path)
             if not isinstance(outcome, Same):
                 written += 1
         self.unchanged += max(0, looked_at - written)
@@ -297,12 +307,15 @@ def run_scan(
         counts = Counts()
         counts.seen, counts.still_broken = quick
         counts.unchanged = counts.seen  # as the full pass counts: a skipped broken layout is unchanged too
-        return _summarize(counts, time.perf_counter() - started)
+        _record_roots(db_path, scan_roots)
+        return {**_summarize(counts, time.perf_counter() - started), "bad_roots": []}  # settled: every root is there
 
     async def go() -> Counts:
         scanner = Scanner(db_path, config)
         try:
-            return await scanner.full_pass(scan_roots, full=full, progress=bar)
+            counts = await scanner.full_pass(scan_roots, full=full, progress=bar)
+            roots_mod.record(scanner.conn, _resolved_roots(scan_roots))
+            return counts
         finally:
             scanner.close()
 
@@ -312,14 +325,47 @@ def run_scan(
         from indexer.errors import DatabaseError
 
         raise DatabaseError(f"index database {db_path} cannot be written: {exc}") from None
-    return _summarize(counts, time.perf_counter() - started)
+    # A root that does not exist or is not a directory is an error of this scan (discovery put its
+    # message first in error_messages); ``ocidx scan`` exits 2 for it, as for any bad argument.
+    bad_roots = [r.path for r in scan_roots if not os.path.isdir(r.path)]
+    counts.errors += len(bad_roots)
+    return {**_summarize(counts, time.perf_counter() - started), "bad_roots": bad_roots}
+
+
+def _resolved_roots(roots: list[Root]) -> list[Root]:
+    """*roots* with their paths resolved, as discovery compares them (and as ``find`` walks them again)."""
+    return [
+        config_mod.Root(os.path.realpath(r.path), max_depth=r.max_depth, follow_symlinks=r.follow_symlinks)
+        for r in roots
+        if os.path.isdir(r.path)
+    ]
+
+
+def _record_roots(db_path: str, roots: list[Root]) -> None:
+    """Record the roots of a scan that had nothing to write, unless they are recorded already."""
+    from indexer.store import open_reader
+
+    resolved = _resolved_roots(roots)
+    conn = open_reader(db_path)
+    try:
+        known = {r.path for r in roots_mod.recorded(conn) or []}
+    finally:
+        conn.close()
+    if all(r.path in known for r in resolved):
+        return
+    conn = open_writer(db_path)
+    try:
+        roots_mod.record(conn, resolved)
+    finally:
+        conn.close()
 
 
 def _summarize(counts: Counts, seconds: float) -> dict[str, object]:
     for message in counts.error_messages[:20]:
         sys.stderr.write(printable(f"ocidx: {message}") + "\n")
     sys.stderr.write(
-        f"ocidx: scanned {counts.seen} layouts in {seconds:.2f}s: {counts.changed} changed, "
+        f"ocidx: scanned {counts.seen} layout{'' if counts.seen == 1 else 's'} in {seconds:.2f}s: "
+        f"{counts.changed} changed, "
         f"{counts.unchanged} unchanged, {counts.errors + counts.still_broken} with errors, {counts.removed} removed\n"
     )
     return counts.to_json(seconds)

@@ -6,6 +6,8 @@
     python scripts/reliability.py load --layouts 2000 --readers 4 --rate 200 --seconds 60 [--daemon]
     python scripts/reliability.py resources --layouts 2000 --rate 100 --seconds 600
     python scripts/reliability.py hostile --good 2000
+    python scripts/reliability.py interleave --layouts 2000 --seconds 60 --scans 10  # scans beside a daemon
+    python scripts/reliability.py wal --layouts 2000 --seconds 60 --rate 200          # a reader pins the WAL
     python scripts/reliability.py all                                         # each of the above, default sizes
 
 Each command prints its figures as JSON on stdout (``--out FILE`` also writes them)
@@ -22,6 +24,7 @@ import json
 import os
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +34,11 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
 
 import hostile  # noqa: E402
+import test_interleaving  # noqa: E402
 import test_reliability as t  # noqa: E402
+import test_wal  # noqa: E402
+
+from indexer.store import maintenance  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -170,6 +177,68 @@ def hostile_check(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     }
 
 
+def interleave(args: argparse.Namespace, tmp: str) -> dict[str, object]:
+    """``ocidx scan`` processes one after another beside a churned daemon; then the index must equal a fresh
+    scan (the compare-and-set writes of docs/design.md)."""
+    figures = test_interleaving.scans_beside_a_daemon(
+        tmp, layouts=args.layouts, seconds=args.seconds, scans=args.scans, seed=args.seed
+    )
+    return {"check": "interleave", **figures, "failures": []}
+
+
+def wal_check(args: argparse.Namespace, tmp: str) -> dict[str, object]:
+    """A reader pins the WAL while the daemon ingests churn: how fast the WAL grows, that the daemon warns,
+    and how soon after the reader goes the WAL is back down; then the file after most layouts go."""
+    root, db = os.path.join(tmp, "wal-root"), os.path.join(tmp, "wal.db")
+    corpus = t.churn_corpus(root, args.layouts)
+    config = t.write_config(tmp, "[daemon]\nheartbeat_interval_s = 1\n")
+    reading, release = os.path.join(tmp, "reading"), os.path.join(tmp, "release")
+    flag = os.path.join(tmp, "wal-done")
+    with contextlib.ExitStack() as stack:
+        daemon = stack.enter_context(t.Daemon(tmp, db, root, config=config))
+        daemon.wait_ready(600)
+        reader = subprocess.Popen([sys.executable, "-c", test_wal.READER, db, reading, release])
+        stack.callback(lambda: reader.poll() is None and reader.kill())
+        t.wait_for(lambda: os.path.exists(reading), "the reader to hold its read transaction")
+        pinned_from = maintenance.wal_size(db)
+        churn = t.spawn("churner", corpus, args.rate, args.seconds, 5, [reading], flag, tmp=tmp, stack=stack)
+        churned = t.result_of(churn, timeout=args.seconds + 600)
+        pinned_to = maintenance.wal_size(db)
+        warned = b"cannot be checkpointed" in daemon.log()
+        released = time.monotonic()
+        open(release, "w").close()
+        reader.wait(60)
+        t.wait_for(lambda: maintenance.wal_size(db) <= maintenance.WAL_LIMIT_BYTES, "the WAL to come back down", 120)
+        down_s = time.monotonic() - released
+        t.wait_for(lambda: b"checkpointed again" in daemon.log(), "the daemon to say the WAL is released", 120)
+        after = maintenance.wal_size(db)
+        full_size = os.path.getsize(db)
+        for path in sorted(corpus)[1:]:
+            shutil.rmtree(path)
+        t.wait_for(lambda: t.layout_count(db) == 1, "the daemon to drop the removed layouts", 600)
+        t.wait_for(
+            lambda: test_wal.page_counts(db)[1] < maintenance.VACUUM_MIN_FREE_PAGES,
+            "the free pages to go back",
+            600,
+        )
+        rc = daemon.stop()
+    mib = 1024 * 1024
+    return {
+        "check": "wal",
+        "layouts": args.layouts,
+        "changes_while_pinned": churned["changes"],
+        "wal_mib_while_pinned": round(pinned_to / mib, 1),
+        "wal_growth_mib_per_s": round((pinned_to - pinned_from) / mib / args.seconds, 2),
+        "daemon_warned": warned,
+        "seconds_to_come_down": round(down_s, 2),
+        "wal_mib_after": round(after / mib, 2),
+        "db_mib_before_removals": round(full_size / mib, 1),
+        "db_mib_after_removals": round(os.path.getsize(db) / mib, 2),
+        "daemon_exit": rc,
+        "failures": [] if warned and rc == 0 and after <= maintenance.WAL_LIMIT_BYTES else ["see figures"],
+    }
+
+
 def _spread(values: list[int]) -> dict[str, int]:
     return {"first": values[0], "last": values[-1], "min": min(values), "max": max(values)}
 
@@ -184,6 +253,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], dict[str, object]]] = {
     "load": load,
     "resources": resources,
     "hostile": hostile_check,
+    "interleave": interleave,
+    "wal": wal_check,
 }
 
 
@@ -202,6 +273,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="changes per second (load: 200, resources: 100)")
     p.add_argument("--sample-every", type=float, default=5.0, help="resources: seconds between samples")
     p.add_argument("--good", type=int, default=2000, help="hostile: good layouts among the hostile ones")
+    p.add_argument("--scans", type=int, default=10, help="interleave: ocidx scan runs beside the daemon")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--out", help="also write the JSON figures to this file")
     return p
@@ -217,6 +289,8 @@ ALL = [
     ("load", True),
     ("resources", True),
     ("hostile", False),
+    ("interleave", True),
+    ("wal", True),
 ]
 
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -224,6 +298,8 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "load": {"layouts": 2000, "seconds": 60.0, "rate": 200.0},
     "torn": {"seconds": 30.0},
     "resources": {"layouts": 2000, "seconds": 600.0, "rate": 100.0},
+    "interleave": {"layouts": 2000, "seconds": 60.0},
+    "wal": {"layouts": 2000, "seconds": 60.0, "rate": 200.0},
 }
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from indexer.cli import main
 
-# The keys of `resolve --json` and of each `find --json` item, in order (SPEC.md §7).
+# The keys of `resolve --json` and of each `find --json` item, in order (docs/json.md).
 ANSWER_KEYS = [
     "layout",
     "digest",

@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import unicodedata
 from dataclasses import dataclass, field
 
 from layouts import (
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
 GIB = 1 << 30
 BAD_DIGEST_TRAVERSAL = "sha256:../../../../etc/passwd"
 ESCAPES = "\x1b[31mred\x1b[0m\x07\x1b]0;pwned\x07\x9b2J\x7f"
+# Invisible and bidirectional format characters: a name holding them can pass for another.
+INVISIBLE = "\u200b\u200f\u202e\u061c\ufeff\u00ad\U000e0041\u2066"
 
 
 @dataclass
@@ -283,7 +286,28 @@ def index_symlink_outside(root: str, outside: str) -> Built:
     with open(secret, "w") as f:
         f.write("root:x:0:0:root:/root:/bin/bash\n")
     os.symlink(secret, layout.index_path)
-    return Built("index_symlink_outside", _real(layout.path), "error", "index_invalid")
+    return Built("index_symlink_outside", _real(layout.path), "error", "layout_unreadable")
+
+
+@case("index.json is a symlink to a valid index outside the layout (a root-only file with a token)")
+def index_symlink_outside_valid(root: str, outside: str) -> Built:
+    layout = _layout(root, "index_symlink_outside_valid")
+    other = Layout(os.path.join(outside, "private-layout"))
+    image = other.manifest(label="private")
+    other.write_index([named(image, ref="latest", **{"org.example.token": "SECRET-TOKEN-index-symlink"})])
+    os.chmod(other.index_path, 0o600)
+    os.symlink(other.index_path, layout.index_path)
+    return Built("index_symlink_outside_valid", _real(layout.path), "error", "layout_unreadable")
+
+
+@case("index.json is a symlink to a file inside its own layout")
+def index_symlink_inside(root: str, outside: str) -> Built:
+    layout = _layout(root, "index_symlink_inside")
+    image = _good_image(layout, "good")
+    layout.write_index([image])
+    os.rename(layout.index_path, os.path.join(layout.path, "index.real.json"))
+    os.symlink("index.real.json", layout.index_path)
+    return Built("index_symlink_inside", _real(layout.path), "ok", good={":good": str(image["digest"])})
 
 
 @case("oci-layout present, index.json missing")
@@ -374,11 +398,12 @@ def control_chars_in_names(root: str, outside: str) -> Built:
     evil = layout.manifest(platform=LINUX_AMD64, label="evil")
     evil = {
         **evil,
-        "mediaType": OCI_MANIFEST + ESCAPES,
+        "mediaType": OCI_MANIFEST + ESCAPES + INVISIBLE,
         "annotations": {
             REF_NAME: "v1" + ESCAPES,
             "io.containerd.image.name": "docker.io/library/x\x00:1",
             "key" + ESCAPES: "value\r\n" + ESCAPES,
+            "org.example.invisible" + INVISIBLE: "val" + INVISIBLE,
         },
         "platform": {"os": "linux\x1b[2J", "architecture": "amd64\u202e"},
     }
@@ -679,12 +704,19 @@ def unreadable_catalogue(root: str) -> list[Built]:
 RAW_CONTROL = frozenset([*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)]) - {0x0A, 0x09}
 
 
+def is_invisible(ch: str) -> bool:
+    """A format character (Unicode Cf: bidi controls, zero-width ones, the BOM, soft hyphen, tags) or a
+    line/paragraph separator: shown raw, it hides or reorders what a terminal shows."""
+    return unicodedata.category(ch) in ("Cf", "Zl", "Zp") or 0xE0000 <= ord(ch) <= 0xE007F
+
+
 def control_characters(output: bytes) -> list[str]:
-    """The raw control characters in *output* (UTF-8; undecodable bytes count), with context."""
+    """The raw control and invisible characters in *output* (UTF-8; undecodable bytes count), with context."""
     text = output.decode("utf-8", errors="surrogateescape")
     found = []
     for i, ch in enumerate(text):
         code = ord(ch)
-        if code in RAW_CONTROL or 0xDC80 <= code <= 0xDC9F:  # raw C1 bytes outside UTF-8
+        # raw C1 bytes outside UTF-8 decode to U+DC80-U+DC9F
+        if code in RAW_CONTROL or 0xDC80 <= code <= 0xDC9F or (code > 0x7F and is_invisible(ch)):
             found.append(repr(text[max(0, i - 30) : i + 10]))
     return found

@@ -1,4 +1,4 @@
-"""The command line as scripts and terminals see it (SPEC.md §4 exit codes, §7 output contract)."""
+"""The command line as scripts and terminals see it (docs/semantics.md exit codes, docs/json.md output)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def test_ref_human_output(capsys: pytest.CaptureFixture[str]) -> None:
     assert second.split("\t") == [
         "localhost:5000/team/app:v2",
         "canonical=localhost:5000/team/app:v2",
-        "familiar=localhost:5000/team/app:v2 tag=v2",
+        "familiar=localhost:5000/team/app:v2",
+        "tag=v2",
     ]
 
 
@@ -68,7 +69,7 @@ def test_ref_json_keys_and_values(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.parametrize(
     ("text", "category"),
     [
-        ("Alpine", "name_contains_uppercase"),  # the normalizing parse's ad-hoc error, named as SPEC §7 does
+        ("Alpine", "name_contains_uppercase"),  # the normalizing parse's ad-hoc error, named as docs/json.md does
         ("a" * 256, "name_too_long"),
         (HEX, "hex_name"),  # normalized as docker does; lookups read it as a digest instead
         ("alpine@sha256:abc", "invalid_format"),
@@ -130,7 +131,7 @@ def indexed(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> tuple[str, Lay
         (["resolve", "oci-layout://root/lay:nosuch"], 1, "not_found"),
         (["resolve", "oci-layout://root/lay:"], 2, "tag_invalid_format"),
         (["resolve", "oci-layout://root/lay@sha256:1"], 2, "digest_invalid_length"),
-        (["resolve", "--layout", "root/lay", "UPPER"], 2, "name_not_lowercase"),
+        (["resolve", "--layout", "root/lay", "UPPER"], 2, "name_contains_uppercase"),
         (["resolve", "root/lay"], 2, "usage"),
         (["resolve", "oci-layout://root/lay"], 3, "ambiguous"),
         (["find", ":nosuch"], 1, None),
@@ -161,7 +162,7 @@ def test_ambiguity_json_lists_candidates(capsys: pytest.CaptureFixture[str], ind
     document = json.loads(out)
     assert list(document) == ["error", "message", "candidates"]
     assert len(document["candidates"]) == 2
-    assert all(list(c) == ["digest", "names"] for c in document["candidates"])
+    assert all(list(c) == ["digest", "names", "pick"] for c in document["candidates"])
 
 
 def test_success_json_and_warnings_are_separated(

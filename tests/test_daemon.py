@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEADLINE_S = 10.0
-# SPEC.md §6: a change is queryable "within a fraction of a second". Changes made while the
+# docs/operations.md: a change is answered from the index about 0.1 s after it. Changes made while the
 # daemon watches get this (generous) deadline, shorter than the 3 s after which the racy-clean
 # re-check would find them anyway: so these tests fail if the watch path itself is broken.
 FRESH_S = 2.0

@@ -191,12 +191,10 @@ def test_two_hosts_publish_and_find_fleet_answers_as_find_does_on_each(
         assert [(a.host, a.source, a.to_json()["platform"]) for a in arm] == [
             ("h2", "child", {"os": "linux", "architecture": "arm64", "variant": None})
         ]
-        # a tag that does not point at the digest is said, as locally
-        (warned,) = fleet.find(f":solo@{answers[1].digest}")
-        assert warned.warnings == [
-            f":solo in {a2.path} does not point at {answers[1].digest} (it points at "
-            f"{a2.manifest(label='solo')['digest']})"
-        ]
+        # :TAG@DIGEST is a search, as locally: a layout where the tag points elsewhere is not listed
+        assert fleet.find(f":solo@{answers[1].digest}") == []
+        (solo,) = fleet.find(f":solo@{a2.manifest(label='solo')['digest']}")
+        assert (solo.host, solo.layout, solo.warnings) == ("h2", a2.path, [])
 
     monkeypatch.setenv("OCIDX_FLEET_DSN", fleet_db.admin_dsn)
     code, out, err = ocidx(capsys, "find", "--fleet", "--json", "alpine:3.16")

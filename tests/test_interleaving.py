@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import cast
+from typing import Any, cast
 
 import anyio
 import pytest
@@ -207,30 +207,28 @@ def test_scans_beside_a_daemon_under_churn(tmp_path: Path) -> None:
     assert figures["scans"] == 6
 
 
-def versions(db: str) -> dict[str, int]:
-    """Each layout's version."""
+def select(db: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """The rows of one read-only query on *db*."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layouts")}
+        return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
+
+
+def versions(db: str) -> dict[str, int]:
+    """Each layout's version."""
+    return dict(select(db, "SELECT path, version FROM layouts"))
 
 
 def removals(db: str) -> dict[str, int]:
     """The removals kept for followers of the index."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {row[0]: row[1] for row in conn.execute("SELECT path, version FROM layout_removals")}
-    finally:
-        conn.close()
+    return dict(select(db, "SELECT path, version FROM layout_removals"))
 
 
 def counter(db: str, name: str) -> int:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return int(conn.execute("SELECT value FROM ocidx_counters WHERE name = ?", (name,)).fetchone()[0])
-    finally:
-        conn.close()
+    """A value of ocidx_counters."""
+    return int(select(db, "SELECT value FROM ocidx_counters WHERE name = ?", name)[0][0])
 
 
 def test_every_change_gets_a_new_version_and_nothing_else_does(tmp_path: Path) -> None:
@@ -408,3 +406,21 @@ def test_settles_at() -> None:
     future = 100 * window
     assert read.settles_at(future, future, 10 * window, 10 * window) == 11 * window
     assert read.settles_at(future, future, 10 * window, None) == future + window + 1
+
+
+def test_settles_at_sql_is_the_same_rule() -> None:
+    conn = sqlite3.connect(":memory:")
+    conn.execute(
+        "CREATE TABLE layouts (mtime_ns INTEGER, ctime_ns INTEGER, read_ns INTEGER, identity_since_ns INTEGER)"
+    )
+    window = read.RACY_WINDOW_NS
+    cases = [
+        (1_000, 2_000, 10 * window, None),
+        (1_000, 2_000, 10 * window, 9 * window),
+        (100 * window, 100 * window, 10 * window, 10 * window),
+        (100 * window, 5, 10 * window, None),
+        (5, 100 * window, 12 * window, 8 * window),
+    ]
+    conn.executemany("INSERT INTO layouts VALUES (?, ?, ?, ?)", cases)
+    got = [row[0] for row in conn.execute(f"SELECT {read.SETTLES_AT_SQL} FROM layouts ORDER BY rowid")]
+    assert got == [read.settles_at(*case) for case in cases]

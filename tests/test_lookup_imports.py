@@ -80,9 +80,10 @@ def test_every_lookup_form_imports_nothing_heavy(indexed: tuple[str, str, str]) 
             ["status", "--db", db],
             ["ref", "--json", "alpine", "Bad"],
             ["resolve", "--db", db + ".missing", f"oci-layout://{lay}"],
+            ["find", "--db", db + ".missing", ":latest"],
         ]
     )
-    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 4]
+    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4]
     assert heavy == []
 
 

@@ -1,4 +1,4 @@
-"""Annotations to names (SPEC.md §3), with the values real writers put in index.json."""
+"""Annotations to names (docs/semantics.md, Names), with the values real writers put in index.json."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Lookups (SPEC.md §4) and fresh answers without rescanning (§5), on real layouts and a real index.
+"""Lookups (docs/semantics.md) and fresh answers without rescanning (Freshness), on real layouts and a real index.
 
 Every test builds layouts on disk, indexes them with ``ocidx scan`` into a real
 SQLite file and asks ``ocidx`` (in-process ``main``) what a user would ask.
@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import time
 
 import pytest
 from cli_run import ANSWER_KEYS
@@ -94,7 +95,7 @@ def digest(descriptor: Descriptor) -> str:
     return str(descriptor["digest"])
 
 
-# -- the forms of the SPEC §4 table ---------------------------------------------------------------
+# -- the target forms of docs/semantics.md ---------------------------------------------------------------
 
 
 def test_path_tag_is_tag_only_whatever_the_repository(ocidx: Run, cache: Cache) -> None:
@@ -638,6 +639,9 @@ def test_find_verifies_the_layouts_in_its_answer(tmp_path: str, ocidx: Run) -> N
 
 def test_find_verify_all_sees_matches_the_index_does_not_hold(tmp_path: str, ocidx: Run) -> None:
     a, image_a, _, _ = _two_layouts(tmp_path, ocidx)
+    # A live daemon (this process, heartbeat now) that has not yet seen the change: find trusts it.
+    with sqlite3.connect(ocidx.db) as conn:
+        conn.execute("UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL", (os.getpid(), time.time_ns()))
     a.write_index([named(image_a, ref="latest"), named(image_a, ref="fresh")])
     assert ocidx("find", ":fresh")[0] == 1
     code, found = ocidx.json("find", "--verify-all", ":fresh")
@@ -890,7 +894,7 @@ def test_trusted_identity_answers_from_the_index(ocidx: Run, cache: Cache) -> No
 def test_a_name_without_tag_matches_digest_lookups_not_latest(tmp_path: str, ocidx: Run) -> None:
     lay = Layout(os.path.join(tmp_path, "root", "untagged"))
     image = lay.manifest()
-    lay.write_index([named(image, ref="docker.io/library/alpine")])  # SPEC §3.3: tag empty
+    lay.write_index([named(image, ref="docker.io/library/alpine")])  # docs/semantics.md, Names: tag empty
     ocidx.scan(os.path.join(tmp_path, "root"))
     assert ocidx("resolve", f"oci-layout://{lay.path}/alpine")[0] == 1  # not alpine:latest
     assert ocidx("resolve", f"oci-layout://{lay.path}")[0] == 1

@@ -77,7 +77,7 @@ CATEGORY = {
     "digest.ErrDigestInvalidFormat": "digest_invalid_format",
     "digest.ErrDigestInvalidLength": "digest_invalid_length",
     "digest.ErrDigestUnsupported": "digest_unsupported",
-    "adhoc:repository-name-must-be-lowercase": "name_not_lowercase",
+    "adhoc:repository-name-must-be-lowercase": "name_contains_uppercase",
     "adhoc:64-hex-name": "hex_name",
     "path.ErrBadPattern": "bad_pattern",
 }
@@ -317,10 +317,10 @@ def test_normalization_edges(text: str, string: str | None, domain: str, path: s
         ("[::1]", "invalid_format"),
         ("[fe80::1%eth0]:5000/app", "invalid_format"),
         ("a" * 248, "name_too_long"),
-        ("alpine@SHA256:" + HEX64, "name_not_lowercase"),
-        (HEX64.upper(), "name_not_lowercase"),
-        ("Alpine", "name_not_lowercase"),
-        ("docker.io/Library/alpine", "name_not_lowercase"),
+        ("alpine@SHA256:" + HEX64, "name_contains_uppercase"),
+        (HEX64.upper(), "name_contains_uppercase"),
+        ("Alpine", "name_contains_uppercase"),
+        ("docker.io/Library/alpine", "name_contains_uppercase"),
         ("Foo_Bar/baz", "name_contains_uppercase"),
         (HEX64, "hex_name"),
         ("alpine@sha256:" + HEX64[:32], "digest_invalid_length"),
@@ -590,7 +590,7 @@ def test_sort_normalizes_and_puts_the_unparseable_last() -> None:
 
 
 # ---------------------------------------------------------------------------
-# describe(): one object of `ocidx ref --json` (SPEC.md §7).
+# describe(): one object of `ocidx ref --json` (docs/json.md).
 # ---------------------------------------------------------------------------
 
 DESCRIBE_KEYS = {"input", "name", "domain", "path", "tag", "digest", "canonical", "familiar", "error"}
@@ -688,7 +688,7 @@ def test_describe(text: str, expected: dict[str, object]) -> None:
         ("alpine\n", "invalid_format"),
         ("Foo_Bar/baz", "name_contains_uppercase"),
         ("a" * 248, "name_too_long"),
-        ("Alpine:3.16", "name_contains_uppercase"),  # Docker's ad-hoc lowercase error, as SPEC §7 names it
+        ("Alpine:3.16", "name_contains_uppercase"),  # Docker's ad-hoc lowercase error, as docs/json.md names it
         (HEX64, "hex_name"),
         ("alpine@sha256:" + HEX64[:32], "digest_invalid_length"),
         ("alpine@md5:" + HEX64[:32], "digest_unsupported"),
@@ -704,7 +704,7 @@ def test_describe_error(text: str, category: str) -> None:
 
 
 def test_describe_refuses_64_hex_as_docker_does() -> None:
-    # SPEC §7 lists hex_name: `ocidx ref` normalizes as docker does; lookups (ParseAnyReference)
+    # docs/json.md lists hex_name: `ocidx ref` normalizes as docker does; lookups (ParseAnyReference)
     # read the same string as a digest instead.
     assert describe(HEX64)["error"] == "hex_name"
     assert parse_any_reference(HEX64).digest == SHA256

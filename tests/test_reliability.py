@@ -157,8 +157,9 @@ def scan_and_check(tmp: str, *, skip: frozenset[str] = frozenset(), only: str | 
     file_root = hostile.root_that_is_a_file(tmp)
 
     first = run(tmp, "scan", "--db", db, "--json", root, file_root)
-    assert first.rc == 0, first
+    assert first.rc == 2, first  # a root that is a file is a bad argument; the other root is scanned
     assert b"is not a directory" in first.err, first
+    assert first.json()["bad_roots"] == [file_root]  # type: ignore[index]
     for item in built:
         if item.after_first_scan is not None:
             item.after_first_scan()

@@ -251,12 +251,14 @@ def test_summary_counts_a_broken_layout_that_the_rescan_skips(scan: Scan) -> Non
     assert err.splitlines()[-1].endswith("0 changed, 2 unchanged, 1 with errors, 0 removed")
 
 
-def test_missing_root_is_reported(scan: Scan, tmp_path: str) -> None:
+def test_missing_root_is_an_error_counted_and_exit_2(scan: Scan, tmp_path: str) -> None:
     absent = os.path.join(tmp_path, "absent")
     code, out, err = scan.run("scan", "--no-progress", "--json", absent)
-    assert code == 0
+    assert code == 2
     assert absent in err
-    assert any(absent in message for message in json.loads(out)["error_messages"])
+    summary = json.loads(out)
+    assert any(absent in message for message in summary["error_messages"])
+    assert (summary["errors"], summary["bad_roots"]) == (1, [absent])
 
 
 # -- the writer's own failures, and the daemon's single-layout path -------------------------------------

@@ -193,7 +193,6 @@ def test_damaged_database_is_exit_4_not_a_traceback(
 def test_missing_database(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> None:
     db = os.path.join(tmp_path, "nowhere", "index.db")
     for args in (
-        ["resolve", "oci-layout:///x:latest"],
         ["find", ":latest"],
         ["ls"],
         ["status"],
@@ -201,6 +200,9 @@ def test_missing_database(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> 
         code, out, err = ocidx(capsys, args[0], "--db", db, *args[1:])
         assert (code, out) == (4, ""), args
         assert "ocidx scan" in err
+    # A single-layout lookup reads its layout through instead (tests/test_first_hour.py).
+    code, _, err = ocidx(capsys, "resolve", "--db", db, "oci-layout:///nonexistent-x:latest")
+    assert code == 1 and "does not exist" in err
     assert not os.path.exists(db)
     assert not os.path.exists(os.path.dirname(db))
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_interleaving import select
 from test_reliability import DEADLINE_S, Daemon, churn_corpus, run, wait_for, write_config
 
 from indexer.store import maintenance, migrate, open_writer
@@ -91,11 +92,9 @@ def test_a_reset_wal_is_cut_back_to_the_limit(tmp_path: Path) -> None:
 
 
 def page_counts(db: str) -> tuple[int, int]:
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute("PRAGMA page_count").fetchone()[0], conn.execute("PRAGMA freelist_count").fetchone()[0]
-    finally:
-        conn.close()
+    """The database's page count and free-list count."""
+    ((pages, free),) = select(db, "SELECT * FROM pragma_page_count(), pragma_freelist_count()")
+    return int(pages), int(free)
 
 
 def test_freed_pages_go_back_after_churn(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

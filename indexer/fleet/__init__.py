@@ -307,9 +307,10 @@ class Fleet:
             ([k[0] for k in entry_keys], [k[1] for k in entry_keys], [k[2] for k in entry_keys]),
         ):
             names.setdefault((str(host), int(lid), int(pos)), []).append(Name(str(name), str(tag), str(how)))
-        warnings_of = (
-            self._mismatches(query, keys, layouts) if query.digest is not None and (query.tag or query.name) else {}
-        )
+        if query.digest is not None and (query.tag or query.name):
+            # A search, as local find: only the layouts where the name or tag points at the digest.
+            for key in self._mismatches(query, keys, layouts):
+                layouts.pop(key, None)
         states = self._host_states()
         grouped: dict[tuple[str, int, str], list[_Hit]] = {}
         for hit in found:
@@ -319,10 +320,12 @@ class Fleet:
         for (host, lid, _digest), group in grouped.items():
             path, layout_state = layouts[(host, lid)]
             first = group[0]
-            merged: list[Name] = []
-            for hit in group:
-                if hit.source == "entry":
-                    merged.extend(n for n in names.get((host, lid, hit.entry_position), []) if n not in merged)
+            # Ordered, without repeats, in linear time (one entry can carry thousands of names).
+            merged = list(
+                dict.fromkeys(
+                    n for hit in group if hit.source == "entry" for n in names.get((host, lid, hit.entry_position), [])
+                )
+            )
             host_state, age = states.get(host, (STALE, None))
             answer = Answer(
                 layout=path,
@@ -335,7 +338,7 @@ class Fleet:
                 source=first.source,
                 # A layout whose index.json is broken on its host answers from its last good rows.
                 freshness=INDEXED if layout_state == "ok" else STALE,
-                warnings=list(warnings_of.get((host, lid), [])),
+                warnings=[],
             )
             answers.append(FleetAnswer(answer, host=host, host_state=host_state, heartbeat_age_s=age))
         answers.sort(key=lambda a: (a.host, a.layout, a.digest))
@@ -344,7 +347,7 @@ class Fleet:
     def _mismatches(
         self, query: Query, keys: list[tuple[str, int]], layouts: dict[tuple[str, int], tuple[str, str]]
     ) -> dict[tuple[str, int], list[str]]:
-        """The tag-mismatch warning of each layout where the query's name or tag points elsewhere."""
+        """The layouts where the query's name or tag points elsewhere, each with the mismatch message."""
         sql, values = lookup_sql(db.pointing_lookup(name=query.name, tag=query.tag))
         pointed: dict[tuple[str, int], set[str]] = {key: set() for key in keys}
         for row in self.conn.execute(

@@ -14,11 +14,13 @@ the schema with one pragma instead of a table read.
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
+import stat
 import time
 
-from indexer.errors import DatabaseError, SchemaTooNew
+from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
 SCHEMA_VERSION = 4  # the number of files in migrations/; a test holds them equal
@@ -79,8 +81,14 @@ def schema_script() -> str:
 
 def open_reader(path: str) -> sqlite3.Connection:
     """Open the index read-only for lookups, or raise DatabaseError (exit 4)."""
-    if not os.path.exists(path):
-        raise DatabaseError(f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first")
+    try:
+        kind = os.stat(path).st_mode
+    except OSError:
+        raise DatabaseError(
+            f"no index database at {path}: run 'ocidx scan ROOT' or start 'ocidx daemon' first"
+        ) from None
+    if not stat.S_ISREG(kind):  # opening a FIFO would block every lookup; a device has effects
+        raise DatabaseError(f"{path} is not a regular file, so not an index database")
     conn = _connect_reader(path, "mode=ro")
     try:
         conn.execute("PRAGMA application_id").fetchone()
@@ -91,7 +99,7 @@ def open_reader(path: str) -> sqlite3.Connection:
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
-        # read it as immutable. Answers are still checked against the layouts (SPEC §5).
+        # read it as immutable. Answers are still checked against the layouts (docs/semantics.md, Freshness).
         conn = _connect_reader(path, "mode=ro&immutable=1")
     try:
         check_schema(conn, path)
@@ -142,18 +150,95 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
         )
 
 
+# -- files beside the database ----------------------------------------------------------------
+#
+# The writer may run as root while other users can write the database's directory (the
+# group-writable set-up of docs/operations.md). Every file ocidx opens or creates there is opened
+# as if such a user prepared the name: a symlink is refused, never followed; anything but a
+# regular file with one link owned by this process's user is refused; nothing is truncated that
+# this user did not create. SQLite opens the database and its -wal/-shm itself (following
+# symlinks): those are checked just before it does (check_database_files); the window left
+# between the check and SQLite's open is described in docs/reliability.md.
+
+_BESIDE_FLAGS = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# The files SQLite keeps beside a database (a reader may create -shm: it need not be ours).
+SQLITE_SIDE_FILES = ("-wal", "-shm", "-journal")
+
+
+def _refuse_unsafe(path: str, st: os.stat_result, *, owned: bool) -> None:
+    if stat.S_ISLNK(st.st_mode):
+        raise UnsafeFile(f"{path} is a symbolic link: refusing to follow it (remove it; ocidx creates its own file)")
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafeFile(f"{path} is not a regular file: refusing to open it")
+    if st.st_nlink != 1:
+        raise UnsafeFile(f"{path} has {st.st_nlink} hard links: refusing to write a file linked elsewhere")
+    if owned and st.st_uid != os.geteuid():
+        raise UnsafeFile(
+            f"{path} belongs to uid {st.st_uid}, not to this user (uid {os.geteuid()}): refusing to write it"
+        )
+
+
+def open_beside_database(path: str) -> tuple[int, bool]:
+    """Open *path* (a lock file beside the database) read-write, creating it if absent, safely.
+
+    Returns the descriptor and whether this call created the file. A symlink (dangling or not),
+    a FIFO, a device, a hard-linked file or another user's file raises :class:`UnsafeFile`
+    naming the path; other failures (a read-only directory) raise the OSError.
+    """
+    try:
+        return os.open(path, _BESIDE_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+    except FileExistsError:
+        pass
+    _refuse_unsafe(path, os.lstat(path), owned=True)  # before the open: opening a device has effects
+    try:
+        fd = os.open(path, _BESIDE_FLAGS)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFile(f"{path} became a symbolic link while it was opened: refusing to follow it") from None
+        raise
+    try:
+        _refuse_unsafe(path, os.fstat(fd), owned=True)  # swapped between the lstat and the open
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, False
+
+
+def check_database_files(path: str) -> None:
+    """Raise :class:`UnsafeFile` unless the database at *path* (when present) is a regular file of this
+    user with one link, and its -wal, -shm and -journal (when present) are single-link regular files."""
+    for name, owned in ((path, True), *((path + suffix, False) for suffix in SQLITE_SIDE_FILES)):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise DatabaseError(f"cannot examine {name}: {exc.strerror}") from None
+        _refuse_unsafe(name, st, owned=owned)
+
+
 def open_writer(path: str) -> sqlite3.Connection:
     """Open (creating if needed) the index for the single writer, migrated to our schema."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(directory, exist_ok=True)
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-    except (OSError, sqlite3.Error) as exc:
+    except OSError as exc:
         raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
     # Two writers opening a new database at once (a scan and a daemon starting together) must not
     # see each other's half-applied migrations: the checks and migrations run under a lock file of
     # their own (not the daemon's lock, which a scan beside a running daemon must not wait for).
     guard = _exclusive(path + ".migrate-lock")
+    try:
+        check_database_files(path)
+        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        if guard is not None:
+            os.close(guard)
+        raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
+    except BaseException:
+        if guard is not None:
+            os.close(guard)
+        raise
     try:
         app_id = conn.execute("PRAGMA application_id").fetchone()[0]
         has_tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
@@ -188,7 +273,7 @@ def _exclusive(lock_path: str) -> int | None:
     import fcntl
 
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd, _created = open_beside_database(lock_path)
     except OSError:
         return None  # a read-only directory: the open that follows reports the real problem
     try:

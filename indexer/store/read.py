@@ -292,9 +292,11 @@ def hits(conn: sqlite3.Connection, lookup: Lookup, layout_id: int | None = None)
     if lookup.table == "names":
         where = " AND ".join(f"n.{column} = ?" for column in lookup.columns)
         scope, scope_args = _scope(layout_id, "n.layout_id")
+        # The entries are picked by id first: an entry with thousands of matching names (a comma list)
+        # is one id, where a DISTINCT over the joined rows compared its whole annotations once per name.
         rows = conn.execute(
-            f"SELECT DISTINCT {_ENTRY_COLUMNS} FROM names n JOIN entries e ON e.id = n.entry_id "
-            f"WHERE {where}{scope} ORDER BY e.layout_id, e.position",
+            f"SELECT {_ENTRY_COLUMNS} FROM entries e WHERE e.id IN (SELECT n.entry_id FROM names n "
+            f"WHERE {where}{scope}) ORDER BY e.layout_id, e.position",
             (*lookup.values, *scope_args),
         )
         return [_hit(row, "entry") for row in rows]
@@ -426,3 +428,13 @@ def sample_names(conn: sqlite3.Connection, layout_id: int, limit: int = 5) -> li
 def _chunks(values: list[int], size: int = 500) -> Iterable[list[int]]:
     for start in range(0, len(values), size):
         yield values[start : start + size]
+
+
+def count_names(conn: sqlite3.Connection, layout_id: int) -> int:
+    """How many distinct ``name:tag`` the layout holds (for "and N more")."""
+    row = conn.execute(
+        "SELECT count(*) FROM (SELECT DISTINCT name, tag FROM names "
+        "WHERE entry_id IN (SELECT id FROM entries WHERE layout_id = ?))",
+        (layout_id,),
+    ).fetchone()
+    return int(row[0])

@@ -1,0 +1,213 @@
+"""The root daemon must not be a tool for other users: files planted beside the database, symlinks
+out of a layout. Real files, real symlinks, real ``ocidx`` processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+from layouts import Layout, named
+from test_reliability import REPO, env, run
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+VICTIM_TEXT = b"root-only secret: do not truncate\n"
+
+
+@pytest.fixture
+def tmp(tmp_path: os.PathLike[str]) -> str:
+    return os.path.realpath(os.fspath(tmp_path))
+
+
+def victim(tmp: str) -> str:
+    """A file of another part of the system that a planted symlink points at."""
+    path = os.path.join(tmp, "etc", "shadow")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as fh:
+        fh.write(VICTIM_TEXT)
+    os.chmod(path, 0o600)
+    return path
+
+
+def daemon_once(tmp: str, db: str, root: str) -> subprocess.CompletedProcess[bytes]:
+    """Start ``ocidx daemon``; it must refuse and exit by itself (the timeout fails the test)."""
+    return subprocess.run(
+        [sys.executable, "-m", "indexer", "daemon", "--db", db, root],
+        capture_output=True,
+        env=env(tmp),
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+
+
+def one_layout(tmp: str) -> str:
+    root = os.path.join(tmp, "root")
+    lay = Layout(os.path.join(root, "app"))
+    lay.write_index([named(lay.manifest(label="app"), ref="v1")])
+    return root
+
+
+def plant_symlink(target: str) -> Callable[[str], None]:
+    return lambda name: os.symlink(target, name)
+
+
+def plant_hard_link(target: str) -> Callable[[str], None]:
+    return lambda name: os.link(target, name)
+
+
+def plant_foreign(name: str) -> None:
+    with open(name, "wb") as fh:
+        fh.write(b"someone else's file\n")
+    os.chown(name, 65534, 65534)
+
+
+def plant_fifo(name: str) -> None:
+    os.mkfifo(name)
+
+
+PLANTS: dict[str, Callable[[str], Callable[[str], None]]] = {
+    "symlink": plant_symlink,
+    "dangling symlink": lambda victim_path: plant_symlink(victim_path + ".created-by-root"),
+    "hard link": plant_hard_link,
+    "other user's file": lambda _victim: plant_foreign,
+    "fifo": lambda _victim: plant_fifo,
+}
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("plant", list(PLANTS))
+@pytest.mark.parametrize(("suffix", "command"), [(".lock", "daemon"), (".migrate-lock", "scan"), ("", "scan")])
+def test_a_file_planted_beside_the_database_is_refused_and_left_alone(
+    tmp: str, plant: str, suffix: str, command: str
+) -> None:
+    root = one_layout(tmp)
+    target = victim(tmp)
+    dbdir = os.path.join(tmp, "var")
+    os.makedirs(dbdir)
+    db = os.path.join(dbdir, "index.db")
+    planted = db + suffix
+    PLANTS[plant](target)(planted)
+    before = os.lstat(planted)
+
+    if command == "daemon":
+        proc = daemon_once(tmp, db, root)
+        rc, err = proc.returncode, proc.stderr.decode("utf-8", "replace")
+    else:
+        ran = run(tmp, "scan", "--db", db, "--no-progress", root)
+        rc, err = ran.rc, ran.err.decode("utf-8", "replace")
+    assert rc == 4, err
+    assert planted in err and "Traceback" not in err
+    with open(target, "rb") as fh:
+        assert fh.read() == VICTIM_TEXT  # neither truncated nor written
+    assert not os.path.lexists(target + ".created-by-root")  # nor created through a dangling link
+    after = os.lstat(planted)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+def test_a_symlink_planted_at_the_write_ahead_log_is_refused(tmp: str, suffix: str) -> None:
+    root = one_layout(tmp)
+    target = victim(tmp)
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
+    for leftover in ("-wal", "-shm"):  # the clean close left none; a user plants one
+        if os.path.lexists(db + leftover):
+            os.unlink(db + leftover)
+    os.symlink(target, db + suffix)
+    ran = run(tmp, "scan", "--db", db, "--no-progress", "--full", root)
+    assert ran.rc == 4 and (db + suffix).encode() in ran.err, ran
+    proc = daemon_once(tmp, db, root)
+    assert proc.returncode == 4 and (db + suffix).encode() in proc.stderr, proc.stderr
+    with open(target, "rb") as fh:
+        assert fh.read() == VICTIM_TEXT
+
+
+@pytest.mark.integration
+def test_the_daemons_own_lock_and_database_are_reused(tmp: str) -> None:
+    """The checks do not refuse what ocidx itself left: a second scan and a daemon run on them."""
+    root = one_layout(tmp)
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
+    assert run(tmp, "scan", "--db", db, "--no-progress", "--full", root).rc == 0
+    assert os.path.isfile(db + ".migrate-lock") and not os.path.islink(db + ".migrate-lock")
+
+
+# -- index.json pointing out of its layout ------------------------------------------------------------
+
+TOKEN = "SECRET-TOKEN-7f3a9c"
+
+
+def private_index(tmp: str) -> tuple[str, str]:
+    """A root-only index.json outside every root whose annotation holds a token; (path, its sha256)."""
+    import hashlib
+
+    other = Layout(os.path.join(tmp, "private", "layout"))
+    other.write_index([named(other.manifest(label="private"), ref="latest", **{"org.example.token": TOKEN})])
+    os.chmod(other.index_path, 0o600)
+    os.chmod(os.path.dirname(other.path), 0o700)
+    with open(other.index_path, "rb") as fh:
+        return other.index_path, hashlib.sha256(fh.read()).hexdigest()
+
+
+def database_bytes(db: str) -> bytes:
+    out = b""
+    for name in (db, db + "-wal"):
+        if os.path.exists(name):
+            with open(name, "rb") as fh:
+                out += fh.read()
+    return out
+
+
+@pytest.mark.integration
+def test_index_json_symlinked_out_of_its_layout_is_a_layout_error_and_leaks_nothing(tmp: str) -> None:
+    secret, secret_hash = private_index(tmp)
+    root = one_layout(tmp)
+    evil = Layout(os.path.join(root, "evil"))
+    os.symlink(secret, evil.index_path)
+    db = os.path.join(tmp, "index.db")
+    scanned = run(tmp, "scan", "--db", db, "--no-progress", root)
+    assert scanned.rc == 0 and b"outside the layout" in scanned.err, scanned
+
+    shown = run(tmp, "ls", "--db", db, "--json")
+    assert shown.rc == 0, shown
+    rows = {row["layout"]: row for row in shown.json()}  # type: ignore[attr-defined]
+    assert rows[evil.path]["state"] == "error" and rows[evil.path]["error"] == "layout_unreadable", rows
+    assert rows[evil.path]["entries"] == 0
+    refused = run(tmp, "ls", "--db", db, "--json", evil.path)
+    assert refused.rc == 5 and TOKEN.encode() not in refused.out, refused
+    assert run(tmp, "resolve", "--db", db, "--layout", evil.path, ":latest").rc != 0
+    found = run(tmp, "find", "--db", db, "--json", ":latest")
+    assert TOKEN.encode() not in found.out
+    stored = database_bytes(db)
+    assert TOKEN.encode() not in stored and secret_hash.encode() not in stored
+
+
+@pytest.mark.integration
+def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) -> None:
+    from test_daemon import Daemon, wait_until
+
+    secret, secret_hash = private_index(tmp)
+    root = one_layout(tmp)
+    daemon = Daemon(tmp, [root]).start()
+    try:
+        daemon.wait_ready()
+        evil = Layout(os.path.join(root, "evil"))  # writes oci-layout; index.json comes as a symlink
+        os.symlink(secret, evil.index_path)
+        wait_until(
+            lambda: (s := daemon.stored(evil.path)) is not None and s.state == "error",
+            "the symlinked-out layout is stored as an error",
+        )
+        stored = daemon.stored(evil.path)
+        assert stored is not None and stored.error_category == "layout_unreadable"
+        assert TOKEN.encode() not in database_bytes(daemon.db)
+        assert secret_hash.encode() not in database_bytes(daemon.db)
+        assert not daemon.exited()
+    finally:
+        assert daemon.stop() == 0
