@@ -49,7 +49,8 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the one throwaway-cluster hel
 
 import anyio  # noqa: E402
 import psycopg  # noqa: E402
-from pg_cluster import Cluster, bin_dir  # noqa: E402
+from pg_cluster import Cluster, bin_dir, sqlite_rows  # noqa: E402
+from pg_cluster import pg_rows as pg_table_rows  # noqa: E402
 
 from benchmarks.generate import generate_tree, past_mtime_ns  # noqa: E402
 from benchmarks.run import Figure, percentile, table  # noqa: E402
@@ -457,10 +458,6 @@ class Bench:
                     print(f"  host {host.name} differs", flush=True)
                     return False
         sample = self.hosts[:: max(1, len(self.hosts) // 5)]
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        from test_fleet import pg_rows as pg_table_rows
-        from test_fleet import sqlite_rows
-
         return all(pg_table_rows(admin_dsn, h.name) == sqlite_rows(h.db) for h in sample)
 
     def size_figures(self, admin_dsn: str) -> None:

@@ -14,6 +14,7 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 
@@ -183,3 +184,48 @@ class FleetDb:
 
         admin.add_host(self.admin_dsn, name)
         return self.dsn(name)
+
+
+# Each table as both sides hold it, keyed the same way; SQLite's side is computed here in SQL,
+# not by the publisher's code, so that a publisher bug cannot hide in both.
+SQLITE_ROWS = {
+    "layouts": "SELECT id, CAST(path AS BLOB), version, state, error_category, error, content_hash, entry_count "
+    "FROM layouts",
+    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
+    "FROM entries",
+    "names": "SELECT n.layout_id, e.position, row_number() OVER (PARTITION BY n.entry_id ORDER BY n.rowid) - 1, "
+    "n.name, n.tag, n.how FROM names n JOIN entries e ON e.id = n.entry_id",
+    "children": "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
+    "c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id",
+    "layout_warnings": "SELECT layout_id, row_number() OVER (PARTITION BY layout_id ORDER BY rowid) - 1, message "
+    "FROM layout_warnings",
+}
+PG_ROWS = {
+    "layouts": "SELECT id, path, version, state, error_category, error, content_hash, entry_count FROM layouts",
+    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
+    "FROM entries",
+    "names": "SELECT layout_id, entry_position, ordinal, name, tag, how FROM names",
+    "children": "SELECT layout_id, entry_position, position, parent, depth, digest, media_type, size, platform, "
+    "annotations FROM children",
+    "layout_warnings": "SELECT layout_id, ordinal, message FROM layout_warnings",
+}
+
+
+def sqlite_rows(db: str) -> dict[str, list[tuple[object, ...]]]:
+    """A host's SQLite index as the fleet should hold it, table by table, sorted."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        return {t: sorted(tuple(r) for r in conn.execute(sql)) for t, sql in SQLITE_ROWS.items()}
+    finally:
+        conn.close()
+
+
+def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
+    """The host's rows in the fleet database, table by table, sorted."""
+    import psycopg
+
+    with psycopg.connect(admin_dsn) as conn:
+        return {
+            t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
+        }

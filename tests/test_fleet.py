@@ -19,7 +19,7 @@ import psycopg
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
-from pg_cluster import FleetDb
+from pg_cluster import PG_ROWS, FleetDb, pg_rows, sqlite_rows
 from test_daemon import Daemon, wait_until
 
 from indexer.config import Config, FleetSettings
@@ -33,48 +33,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 CONVERGE_S = 30.0  # generous: two cores shared with other test runs
-
-# Each table as both sides hold it, keyed the same way; SQLite's side is computed here in SQL,
-# not by the publisher's code, so that a publisher bug cannot hide in both.
-SQLITE_ROWS = {
-    "layouts": "SELECT id, CAST(path AS BLOB), version, state, error_category, error, content_hash, entry_count "
-    "FROM layouts",
-    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
-    "FROM entries",
-    "names": "SELECT n.layout_id, e.position, row_number() OVER (PARTITION BY n.entry_id ORDER BY n.rowid) - 1, "
-    "n.name, n.tag, n.how FROM names n JOIN entries e ON e.id = n.entry_id",
-    "children": "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-    "c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id",
-    "layout_warnings": "SELECT layout_id, row_number() OVER (PARTITION BY layout_id ORDER BY rowid) - 1, message "
-    "FROM layout_warnings",
-}
-PG_ROWS = {
-    "layouts": "SELECT id, path, version, state, error_category, error, content_hash, entry_count FROM layouts",
-    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
-    "FROM entries",
-    "names": "SELECT layout_id, entry_position, ordinal, name, tag, how FROM names",
-    "children": "SELECT layout_id, entry_position, position, parent, depth, digest, media_type, size, platform, "
-    "annotations FROM children",
-    "layout_warnings": "SELECT layout_id, ordinal, message FROM layout_warnings",
-}
-
-
-def sqlite_rows(db: str) -> dict[str, list[tuple[object, ...]]]:
-    """The host's index as the fleet should hold it, table by table, sorted."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        conn.execute("BEGIN")
-        return {t: sorted(tuple(r) for r in conn.execute(sql)) for t, sql in SQLITE_ROWS.items()}
-    finally:
-        conn.close()
-
-
-def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
-    """The host's rows in the fleet database, table by table, sorted."""
-    with psycopg.connect(admin_dsn) as conn:
-        return {
-            t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
-        }
 
 
 def converged(fleet_db: FleetDb, host: str, daemon: Daemon) -> bool:
