@@ -270,18 +270,8 @@ def _fleet(table: Mapping[str, object], source: str) -> FleetSettings:
             f"{source}: fleet.dsn holds a password: keep it out of ocidx's config and give it to libpq "
             "(a ~/.pgpass or PGPASSFILE file, a service file, or a client certificate; docs/fleet.md)"
         )
-    stale = table.get("stale_after_s", 60.0)
-    low, high = STALE_AFTER_RANGE_S
-    if (
-        isinstance(stale, bool)
-        or not isinstance(stale, int | float)
-        or not math.isfinite(stale)
-        or not low <= stale <= high
-    ):
-        raise ConfigError(
-            f"{source}: fleet.stale_after_s must be a number of seconds from {low:g} to {high:g}, not {stale!r}"
-        )
-    return FleetSettings(dsn=dsn, stale_after_s=float(stale))
+    stale = _number(table, "stale_after_s", 60.0, "fleet.stale_after_s", source, *STALE_AFTER_RANGE_S)
+    return FleetSettings(dsn=dsn, stale_after_s=stale)
 
 
 def _has_password(dsn: str) -> bool:

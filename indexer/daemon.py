@@ -15,11 +15,17 @@ exactly one writer. It runs:
 * a second look at every layout whose ``index.json`` changed within the racy
   window of its read (``store.read.RACY_WINDOW_NS``), once that window has
   passed, so the stored identity becomes one a lookup can trust;
-* a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``.
+* a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``;
+* on a change of the mount table (``indexer.watcher.MountWatch``), a watch on
+  each file system newly mounted below a root and a rediscovery of it;
+* for every changed ``index.json`` with more than one hard link, the other
+  stored layouts sharing its (device, inode).
 
-SIGTERM and SIGINT cancel the work in hand: a batch already being written
-commits (the write runs in a worker thread that cancellation waits for), the
-row gets ``stopped_ns``, the connection is closed. A database that SQLite
+SIGHUP re-reads the config between two steps (roots re-watched, settings
+applied; an invalid file is logged and the running config kept). SIGTERM and
+SIGINT cancel the work in hand: a batch already being written commits (the
+write runs in a worker thread that cancellation waits for), the row gets
+``stopped_ns``, the connection is closed. A database that SQLite
 reports corrupt is moved aside to ``<db>.corrupt-<timestamp>`` and rebuilt: it
 is a cache of the layouts. The daemon never writes into a layout and never
 touches BuildKit's ``index.json.lock``.
@@ -45,12 +51,21 @@ import anyio.to_thread
 
 from indexer import config as config_mod
 from indexer import roots as roots_mod
-from indexer.discovery import discover, roots_for
-from indexer.errors import DaemonError, DatabaseError, UsageError, printable
+from indexer.discovery import discover, in_layout_blobs, roots_for
+from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
 from indexer.scanner import LOGGED_PATHS, Counts, Scanner
 from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
-from indexer.watcher import Dirty, OverflowAlarm, Pending, Watcher, watch_capacity
+from indexer.watcher import (
+    Dirty,
+    MountWatch,
+    OverflowAlarm,
+    Pending,
+    Watcher,
+    mount_points,
+    relative_parts,
+    watch_capacity,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -287,10 +302,24 @@ def open_scanner(db_path: str, config: Config) -> Scanner:
 class Daemon:
     """The loop: reconcile, drain watchdog's dirty set, re-check racy layouts, heartbeat."""
 
-    def __init__(self, db_path: str, config: Config, roots: list[Root]) -> None:
+    def __init__(
+        self,
+        db_path: str,
+        config: Config,
+        roots: list[Root],
+        *,
+        config_path: str | None = None,
+        cli_roots: tuple[str, ...] = (),
+    ) -> None:
         self.db_path = db_path
         self.config = config
         self.settings = config.daemon
+        self.config_path = config_path
+        self.cli_roots = cli_roots
+        self.reload_requested = False
+        self.full_pass_due = False
+        self.mount_watch: MountWatch | None = None
+        self.known_mounts: dict[int, str] = {}
         self.roots = [_resolved(root) for root in roots]
         self.scanner: Scanner | None = None
         self.watcher: Watcher | None = None
@@ -395,6 +424,7 @@ class Daemon:
         with anyio.CancelScope(shield=True):  # a signal now still leaves a scanner to close
             self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
+        await self._watch_mounts()
         log.info(
             "ocidx daemon %d started on %s, roots: %s",
             os.getpid(),
@@ -404,8 +434,13 @@ class Daemon:
         )
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    # systemd's ExecReload convention: the loop re-reads the config between two steps.
+                    self.reload_requested = True
+                    self.wake.set()
+                    continue
                 log.info(
                     "received %s: finishing the batch in hand and stopping",
                     signal.Signals(signum).name,
@@ -489,6 +524,9 @@ class Daemon:
             log.debug("returned %d free pages of %s", done.freed_pages, self.db_path)
 
     async def _shutdown(self) -> None:
+        mount_watch, self.mount_watch = self.mount_watch, None
+        if mount_watch is not None:
+            await anyio.to_thread.run_sync(mount_watch.stop)
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             await anyio.to_thread.run_sync(watcher.stop)
@@ -624,13 +662,129 @@ class Daemon:
         if self.pending_roots and await self._schedule_pending():
             self._request_reconcile("a root appeared")
 
+    # -- mounts -----------------------------------------------------------------------------------
+
+    async def _watch_mounts(self) -> None:
+        """Learn the mount table and start waiting for the kernel to say it changed."""
+        self.known_mounts = await anyio.to_thread.run_sync(mount_points)
+        watch = MountWatch(self.dirty.mark_mounts)
+        try:
+            await anyio.to_thread.run_sync(watch.start)
+        except OSError as exc:
+            log.warning(
+                "cannot watch the mount table (%s): file systems mounted below a root are found by reconcile",
+                exc.strerror or exc,
+            )
+            return
+        self.mount_watch = watch
+
+    async def _mounts_changed(self, pending: Pending) -> None:
+        """A file system was mounted or unmounted: watch new mount points below a root (inotify does not
+        cross into them) and rediscover both kinds in this step, as for a directory that appeared."""
+        current = await anyio.to_thread.run_sync(mount_points)
+        old, self.known_mounts = self.known_mounts, current
+        removed = [point for mount_id, point in old.items() if mount_id not in current]
+        added = [point for mount_id, point in current.items() if mount_id not in old]
+        for point, mounted in [(p, False) for p in removed] + [(p, True) for p in added]:
+            for root in self.roots:
+                parts = relative_parts(point, root.path)
+                if not parts:  # not below this root (a mount on the root itself is a replaced root)
+                    continue
+                left = root.max_depth - len(parts)
+                if left < 0 or await anyio.to_thread.run_sync(in_layout_blobs, root.path, parts):
+                    break
+                known = pending.trees.get(point)
+                if known is None or known.max_depth < left:
+                    pending.trees[point] = config_mod.Root(point, max_depth=left, follow_symlinks=root.follow_symlinks)
+                await self._watch_mount(root, point, mounted)
+                break
+
+    async def _watch_mount(self, root: Root, point: str, mounted: bool) -> None:
+        watcher = self.watcher
+        what = "mounted" if mounted else "unmounted"
+        log.info(
+            "a file system was %s at %s below root %s: %s",
+            what,
+            point,
+            root.path,
+            "watching and discovering it" if mounted else "rediscovering what is there now",
+            extra=_fields(event="mount", mounted=mounted, mount_point=point, root=root.path),
+        )
+        if watcher is None:
+            return
+        if not mounted:
+            await anyio.to_thread.run_sync(watcher.unschedule_mount, point)
+            return
+        try:
+            await anyio.to_thread.run_sync(watcher.schedule_mount, root, point)
+        except OSError as exc:
+            log.warning("cannot watch the file system mounted at %s: %s", point, exc.strerror or exc)
+            self._request_reconcile(f"a mount at {point} cannot be watched")
+
+    # -- reloading --------------------------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config file; apply its roots and settings, or keep the old ones if it is bad."""
+        self.reload_requested = False
+        source = self.config_path or config_mod.default_config_path() or "(no config file)"
+        try:
+            config, roots = await anyio.to_thread.run_sync(_load_config, self.config_path, self.cli_roots)
+        except (OcidxError, OSError) as exc:
+            message = exc.message if isinstance(exc, OcidxError) else str(exc)
+            log.error(
+                "SIGHUP: not reloading, the configuration is invalid (%s); keeping the running one",
+                message,
+                extra=_fields(event="reload_failed", config=source, error=message),
+            )
+            return
+        old, self.config = self.config, config
+        self.settings = config.daemon
+        if self.scanner is not None:
+            self.scanner.config = config
+        if config.database != old.database:
+            log.warning(
+                "SIGHUP: [database] path changed to %s; the daemon keeps %s until it is restarted",
+                config.database,
+                self.db_path,
+                extra=_fields(event="reload_database_ignored", database=config.database),
+            )
+        before = {root.path: root for root in self.roots}
+        after = {root.path: root for root in roots}
+        removed = [path for path in before if path not in after or before[path] != after[path]]
+        added = [path for path in after if path not in before or before[path] != after[path]]
+        self.roots = roots
+        watcher = self.watcher
+        for path in removed:
+            self.pending_roots.discard(path)
+            if watcher is not None:
+                await anyio.to_thread.run_sync(watcher.unschedule, path)
+                await anyio.to_thread.run_sync(watcher.unschedule_mounts_below, path)
+        self.pending_roots.update(added)
+        if watcher is not None and added:
+            # Too many new directories for inotify: the next mode check falls back to polling.
+            self.mode_check_due = time.monotonic()
+            await self._schedule_pending()
+        # Names and limits decide what is stored for every layout: a changed policy re-reads them all.
+        self.full_pass_due = (old.familiar, old.limits) != (config.familiar, config.limits)
+        log.info(
+            "SIGHUP: configuration reloaded from %s: %d roots (%d added, %d removed)%s",
+            source,
+            len(roots),
+            len(added),
+            len(removed),
+            "; names or limits changed: re-reading every layout" if self.full_pass_due else "",
+            extra=_fields(event="reloaded", config=source, added=added, removed=removed),
+        )
+        self._request_reconcile("configuration reloaded")
+
     # -- scanning ---------------------------------------------------------------------------------
 
     async def _reconcile(self, why: str) -> None:
         scanner = self.scanner
         assert scanner is not None
         started = time.perf_counter()
-        counts = await scanner.full_pass(self.roots)
+        full, self.full_pass_due = self.full_pass_due, False
+        counts = await scanner.full_pass(self.roots, full=full)
         self.last_pass_s = time.perf_counter() - started
         await self._set_row(last_reconcile_ns=time.time_ns())
         self._log_counts("reconcile", counts, time.perf_counter() - started, why)
@@ -640,12 +794,17 @@ class Daemon:
         scanner = self.scanner
         assert scanner is not None
         paths = set(pending.layouts)
+        if paths:
+            # An index.json hard-linked into other layouts changed for them too, but inotify reports
+            # a write only through the directory it was made in: find them by the file's identity.
+            paths.update(await self._db(functools.partial(_sharing_index_file, paths=sorted(paths))))
         now_ns = time.time_ns()
         due = [path for path, when in self.racy.items() if when <= now_ns]
         paths.update(due)
         if pending.trees:
             trees = outermost(pending.trees.values())
-            paths.update(await anyio.to_thread.run_sync(_discover_trees, trees))
+            tops = [root.path for root in self.roots]
+            paths.update(await anyio.to_thread.run_sync(_discover_trees, trees, tops))
             paths.update(await self._db(functools.partial(_stored_under, trees=[t.path for t in trees])))
         if not paths:
             return
@@ -710,6 +869,9 @@ class Daemon:
         self.health_due = time.monotonic() + HEALTH_INTERVAL_S
         while True:
             await self._wait()
+            if self.reload_requested:
+                await self._reload()
+                self._schedule_next_reconcile()
             now = time.monotonic()
             if self.wake.is_set():
                 self.wake = anyio.Event()
@@ -722,6 +884,8 @@ class Daemon:
                 self.mode_check_due = now + self.settings.reconcile_s
                 await self._choose_mode()
             pending = self.dirty.drain()
+            if pending.mounts:
+                await self._mounts_changed(pending)
             reasons = list(self.reconcile_reasons) + pending.lost
             self.reconcile_reasons.clear()
             if time.monotonic() >= self.reconcile_due:
@@ -795,6 +959,15 @@ class Daemon:
         self._request_reconcile("the database was rebuilt")
 
 
+def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[Config, list[Root]]:
+    """The config file read again and the roots it gives with the command line's (resolved)."""
+    config = config_mod.load(config_path)
+    roots = [_resolved(root) for root in roots_for(config, cli_roots)]
+    if not roots:
+        raise UsageError("the new config names no roots and none was given on the command line")
+    return config, roots
+
+
 def _missing_root(path: str) -> str:
     """What to do about a root that does not exist: one message, logged once."""
     return (
@@ -822,11 +995,22 @@ def _resolved(root: Root) -> Root:
     return Root(os.path.realpath(root.path), max_depth=root.max_depth, follow_symlinks=root.follow_symlinks)
 
 
-def _discover_trees(trees: list[Root]) -> list[str]:
+def _discover_trees(trees: list[Root], tops: list[str]) -> list[str]:
+    """The layouts below each changed directory of a root (*tops*: the roots' real paths).
+
+    A directory that is now a symlink leading out of every root (a layout directory replaced by
+    ``ln -s /elsewhere``) is not followed unless its root follows symlinks: discovery resolves the
+    directory it starts from, which is right for a root, not for a name below one.
+    """
+    prefixes = [top.rstrip("/") + "/" for top in tops]
     found: list[str] = []
     for tree in trees:
-        if os.path.isdir(tree.path):
-            found.extend(discover(tree))
+        if not os.path.isdir(tree.path):
+            continue
+        real = os.path.realpath(tree.path)
+        if real != tree.path and not tree.follow_symlinks and not any(real.startswith(p) for p in prefixes):
+            continue
+        found.extend(discover(tree))
     return found
 
 
@@ -849,15 +1033,44 @@ def outermost(trees: Iterable[Root]) -> list[Root]:
 
 
 def _stored_under(conn: sqlite3.Connection, *, trees: list[str]) -> list[str]:
-    """Stored layouts at or below each of *trees*, by a range scan of the path index."""
+    """Stored layouts at or below each of *trees*, by range scans of the path index.
+
+    ``layouts.path`` holds text for UTF-8 paths and raw bytes (a BLOB) for the others
+    (``store.path_value``), and SQLite orders every TEXT before every BLOB: below a tree, the
+    UTF-8 paths are one text range and the others one byte range (bytewise, as text compares).
+    """
     found: list[str] = []
     for tree in trees:
-        prefix = tree.rstrip("/") + "/"
-        upper = prefix[:-1] + chr(ord("/") + 1)
-        rows = conn.execute(
-            "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (tree, prefix, upper)
-        )
-        found.extend(path_of(row[0]) for row in rows)
+        raw = os.fsencode(tree.rstrip("/") or "/")
+        prefix = raw.rstrip(b"/") + b"/"
+        ranges: list[tuple[str | bytes, str | bytes, str | bytes]] = [(raw, prefix, prefix[:-1] + b"0")]
+        exact = path_value(tree)
+        if isinstance(exact, str):  # a UTF-8 tree: the text paths below it too
+            ranges.append((exact, prefix.decode(), prefix[:-1].decode() + "0"))
+        for equal, low, high in ranges:
+            rows = conn.execute(
+                "SELECT path FROM layouts WHERE path = ? OR (path >= ? AND path < ?)", (equal, low, high)
+            )
+            found.extend(path_of(row[0]) for row in rows)
+    return found
+
+
+def _sharing_index_file(conn: sqlite3.Connection, *, paths: list[str]) -> list[str]:
+    """Stored layouts whose ``index.json`` is (by device and inode) a hard link of one at *paths*.
+
+    One ``stat`` per changed layout; the index lookup (``layouts_identity``) only for a file with
+    more than one link.
+    """
+    found: list[str] = []
+    for path in paths:
+        try:
+            st = os.stat(os.path.join(path, "index.json"))
+        except OSError:
+            continue
+        if st.st_nlink < 2:
+            continue
+        rows = conn.execute("SELECT path FROM layouts WHERE dev = ? AND ino = ?", (st.st_dev, st.st_ino))
+        found.extend(other for other in map(path_of, (row[0] for row in rows)) if other != path)
     return found
 
 
@@ -893,7 +1106,8 @@ def run_daemon(*, db: str | None, config_path: str | None, roots: list[str], log
         lock = DatabaseLock(db_path)
         lock.acquire()
         try:
-            return anyio.run(Daemon(db_path, config, daemon_roots).run, backend="asyncio")
+            daemon = Daemon(db_path, config, daemon_roots, config_path=config_path, cli_roots=tuple(roots))
+            return anyio.run(daemon.run, backend="asyncio")
         finally:
             lock.release()
     finally:

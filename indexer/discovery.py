@@ -50,13 +50,14 @@ def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
                 errors.append(f"{directory}: {exc.strerror}")
             continue
         names = {e.name for e in listing}
-        if any(marker in names for marker in LAYOUT_MARKERS):
+        is_layout = any(marker in names for marker in LAYOUT_MARKERS)
+        if is_layout:
             yield directory
         if depth >= root.max_depth:
             continue
         for item in listing:
-            if item.name == "blobs":
-                continue
+            if is_layout and item.name == "blobs":
+                continue  # the layout's own content store; any other "blobs" is an ordinary directory
             try:
                 if item.is_symlink():
                     target = os.path.realpath(item.path)
@@ -70,6 +71,20 @@ def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
                 continue
 
 
+def in_layout_blobs(top: str, parts: list[str]) -> bool:
+    """Whether the directory *top*/*parts* is inside a layout's own ``blobs/`` (no layout is looked for there).
+
+    One ``lexists`` per ``blobs`` component of the path: a directory named ``blobs`` is a layout's
+    content store only when the directory holding it is a layout.
+    """
+    for i, part in enumerate(parts):
+        if part == "blobs":
+            parent = os.path.join(top, *parts[:i])
+            if any(os.path.lexists(os.path.join(parent, marker)) for marker in LAYOUT_MARKERS):
+                return True
+    return False
+
+
 def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     """The config's ``[[roots]]`` plus roots named on the command line (relative to the cwd)."""
     from indexer.config import Root
@@ -77,9 +92,15 @@ def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
 
 
-def vanished(stored: Iterable[str], present: Collection[str], tops: list[str]) -> list[str]:
-    """Stored layouts that are gone: below a root and not discovered, or elsewhere (reached through
-    a followed symlink, or by another scan's roots) and no longer a layout at all."""
+def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *, follow: bool = False) -> list[str]:
+    """Stored layouts that are gone: below a root and not discovered, or elsewhere and no longer a
+    layout at all, or (when *follow*: a root follows symlinks) elsewhere and no longer reached.
+
+    A stored layout outside every root got there through a symlink the pass followed, or through
+    another scan's roots. Where no root follows symlinks only the latter is possible, and such a
+    layout is kept while it is one. Where a root does, a layout outside the roots that this pass
+    did not reach was reached through a symlink that is gone, and is dropped (docs/semantics.md).
+    """
     from indexer.layout import is_layout_dir
 
     prefixes = [top.rstrip("/") + "/" for top in tops]
@@ -87,7 +108,7 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str]) -
         path
         for path in stored
         if path not in present
-        and (any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
+        and (follow or any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
     ]
 
 
@@ -100,7 +121,8 @@ def changes(stored: Mapping[str, StoredLayout], roots: list[Root]) -> tuple[list
         for path in discover(root, errors):
             found[path] = None
     present = list(found)
-    gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots])
+    follow = any(r.follow_symlinks for r in roots)
+    gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots], follow=follow)
     changed = []
     for path in present:
         known = stored.get(path)

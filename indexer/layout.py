@@ -625,7 +625,7 @@ def _read_index(
 def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | None:
     """One read of *path*; ``None`` when it changed while being read."""
     try:
-        target, inside = _index_target(path)
+        target = _index_target(path)
         # Refuse a device, FIFO or socket before opening it: opening some devices has effects
         # (a root daemon must never open a tape or a terminal a user's index.json points at).
         # The fstat after the open below still catches a swap between the two calls.
@@ -638,8 +638,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
             raise LayoutUnreadable(f"{path} became a symlink while it was opened; refused") from None
         raise LayoutUnreadable(_open_error(path, exc)) from None
     try:
-        if inside is not None:
-            _check_opened_inside(fd, path, inside)
+        _check_opened_inside(fd, path)
         before = os.fstat(fd)
         if not stat.S_ISREG(before.st_mode):
             raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
@@ -658,16 +657,16 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
     return data, identity
 
 
-def _index_target(path: str) -> tuple[str, str | None]:
+def _index_target(path: str) -> str:
     """What to open for *path* (``LAYOUT/index.json``): itself, or, when it is a symlink, its real path,
-    which must be inside the layout's real path (returned second, else None).
+    which must be inside the layout's real path.
 
     ``index.json`` is read as root into a database other users can read: a symlink to a file
     outside the layout (``/root/.docker/config.json``, another user's layout) would copy what it
     holds, or its hash, into the index. Like blobs, it may point only inside its own layout.
     """
     if not stat.S_ISLNK(os.lstat(path).st_mode):
-        return path, None
+        return path
     layout = os.path.realpath(os.path.dirname(path))
     inside = layout if layout.endswith(os.sep) else layout + os.sep
     real = os.path.realpath(path)
@@ -675,18 +674,27 @@ def _index_target(path: str) -> tuple[str, str | None]:
         raise LayoutUnreadable(f"{path} is a symlink leading outside the layout (to {real}); refused")
     if os.path.islink(real):
         raise LayoutUnreadable(f"{path} is a symlink that never resolves (a loop)")
-    return real, inside
+    return real
 
 
-def _check_opened_inside(fd: int, path: str, inside: str) -> None:
-    """Raise unless the file open at *fd* is inside the layout: a directory on the way may have been
-    swapped for a symlink between the resolution and the open (the kernel knows where *fd* is)."""
+def _check_opened_inside(fd: int, path: str) -> None:
+    """Raise unless the file open at *fd* is inside the layout directory as named, by the kernel's
+    account of where *fd* is (``/proc/self/fd``).
+
+    Layouts are read at their real paths (discovery resolves them; lookups resolve what they are
+    given). A layout directory replaced by a symlink after it was indexed (``mv app old; ln -s
+    /root/x app``), or a directory on the way swapped between the resolution and the open, would
+    otherwise make a root daemon read a file outside the layout under the layout's name.
+    """
     try:
         opened = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
-        return  # no /proc: the resolution just made is all there is
+        return  # no /proc: the checks before the open are all there is
+    opened = opened.removesuffix(" (deleted)")  # replaced by a rename since: still the file we opened
+    layout = os.path.dirname(os.path.abspath(path))
+    inside = layout if layout.endswith(os.sep) else layout + os.sep
     if not opened.startswith(inside):
-        raise LayoutUnreadable(f"{path} led outside the layout while it was opened (to {opened}); refused")
+        raise LayoutUnreadable(f"{path} led outside the layout directory when opened (to {opened}); refused")
 
 
 def _read_all(fd: int, limit: int, expected: int) -> bytes:

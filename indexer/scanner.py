@@ -256,7 +256,9 @@ class Scanner:
         stored = await self._stored()
         gone: list[Outcome] = [
             Gone(path, stored[path])
-            for path in await anyio.to_thread.run_sync(vanished, list(stored), set(paths), resolved)
+            for path in await anyio.to_thread.run_sync(
+                lambda: vanished(list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots))
+            )
         ]
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.

@@ -19,6 +19,11 @@ What watchdog 7 does and does not tell us, and how each gap is covered:
 * A queue overflow reaches no handler, only a WARNING from
   ``watchdog.observers.inotify_c``; :class:`OverflowAlarm` listens for it and
   files a *lost* mark, on which the loop runs a reconcile pass.
+* inotify does not cross mount points: a file system mounted below a root
+  after its watch was placed is invisible to that watch. :class:`MountWatch`
+  polls ``/proc/self/mountinfo`` (the kernel signals ``POLLPRI | POLLERR`` on
+  every mount or unmount in our namespace) and files a *mounts* mark; the loop
+  diffs :func:`mount_points`, watches each new mount point and rediscovers it.
 * The watch limit is not reported at all by watchdog 7.1 (watches are
   silently missing), so :func:`watch_capacity` compares ``/proc/sys/fs/inotify``
   with the number of directories before any watch is placed.
@@ -29,6 +34,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import select
 import threading
 import warnings
 
@@ -47,6 +54,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from indexer._record import Record
 from indexer.config import Root
+from indexer.discovery import in_layout_blobs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -76,17 +84,19 @@ INOTIFY_SYSCTL = "/proc/sys/fs/inotify"
 
 
 class Pending(Record):
-    """What :meth:`Dirty.drain` hands the loop: layouts to re-examine, trees to rediscover, lost marks."""
+    """What :meth:`Dirty.drain` hands the loop: layouts to re-examine, trees to rediscover, lost marks,
+    and whether the mount table changed."""
 
-    __slots__ = ("layouts", "lost", "trees")
+    __slots__ = ("layouts", "lost", "mounts", "trees")
 
-    def __init__(self, layouts: set[str], trees: dict[str, Root], lost: list[str]) -> None:
+    def __init__(self, layouts: set[str], trees: dict[str, Root], lost: list[str], mounts: bool = False) -> None:
         self.layouts = layouts
         self.trees = trees
         self.lost = lost
+        self.mounts = mounts
 
     def __bool__(self) -> bool:
-        return bool(self.layouts or self.trees or self.lost)
+        return bool(self.layouts or self.trees or self.lost or self.mounts)
 
 
 class Dirty:
@@ -97,10 +107,11 @@ class Dirty:
         self._layouts: set[str] = set()
         self._trees: dict[str, Root] = {}
         self._lost: list[str] = []
+        self._mounts = False
         self._wake = wake
 
     def _empty(self) -> bool:
-        return not (self._layouts or self._trees or self._lost)
+        return not (self._layouts or self._trees or self._lost or self._mounts)
 
     def add_layout(self, path: str) -> None:
         """File one layout directory; wake the loop if nothing was pending."""
@@ -129,11 +140,19 @@ class Dirty:
         if was_empty:
             self._wake()
 
+    def mark_mounts(self) -> None:
+        """The mount table changed (a file system mounted or unmounted somewhere)."""
+        with self._lock:
+            was_empty = self._empty()
+            self._mounts = True
+        if was_empty:
+            self._wake()
+
     def drain(self) -> Pending:
         """Take everything filed so far, leaving the set empty."""
         with self._lock:
-            pending = Pending(self._layouts, self._trees, self._lost)
-            self._layouts, self._trees, self._lost = set(), {}, []
+            pending = Pending(self._layouts, self._trees, self._lost, self._mounts)
+            self._layouts, self._trees, self._lost, self._mounts = set(), {}, [], False
         return pending
 
 
@@ -182,7 +201,7 @@ class LayoutEvents(FileSystemEventHandler):
     def _depth_left(self, directory: str) -> int | None:
         """How deep discovery may still go below *directory*, or None when no layout can be there."""
         parts = relative_parts(directory, self.root.path)
-        if parts is None or "blobs" in parts:
+        if parts is None or ("blobs" in parts and in_layout_blobs(self.root.path, parts)):
             return None
         left = self.root.max_depth - len(parts)
         return left if left >= 0 else None
@@ -195,6 +214,78 @@ class LayoutEvents(FileSystemEventHandler):
         left = self._depth_left(directory)
         if left is not None:
             self.dirty.add_tree(Root(directory, max_depth=left, follow_symlinks=self.root.follow_symlinks))
+
+
+MOUNTINFO = "/proc/self/mountinfo"
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def mount_points(path: str = MOUNTINFO) -> dict[int, str]:
+    """Every mount of our namespace: mount id to mount point (``/proc/self/mountinfo``), {} without /proc."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError:
+        return {}
+    found: dict[int, str] = {}
+    for line in data.splitlines():
+        fields = line.split(b" ")
+        if len(fields) < 5 or not fields[0].isdigit():
+            continue
+        # The kernel writes space, tab, newline and backslash in a mount point as \ooo.
+        point = _OCTAL.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        found[int(fields[0])] = os.fsdecode(point)
+    return found
+
+
+class MountWatch:
+    """A thread waiting for the kernel to say the mount table changed; calls *on_change* (never raises)."""
+
+    def __init__(self, on_change: Callable[[], None], path: str = MOUNTINFO) -> None:
+        self.on_change = on_change
+        self.path = path
+        self._thread: threading.Thread | None = None
+        self._stop_w: int | None = None
+
+    def start(self) -> None:
+        """Start watching; OSError when the mount table cannot be watched (no /proc)."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        poller = select.poll()
+        poller.register(fd, select.POLLPRI | select.POLLERR)
+        poller.register(stop_r, select.POLLIN)
+        poller.poll(0)  # the first poll reports the table as changed: consume that
+        self._stop_w = stop_w
+        self._thread = threading.Thread(target=self._run, args=(poller, fd, stop_r), name="ocidx-mounts", daemon=True)
+        self._thread.start()
+
+    def _run(self, poller: select.poll, fd: int, stop_r: int) -> None:
+        try:
+            while True:
+                events = poller.poll()
+                if any(which == stop_r for which, _ in events):
+                    return
+                if any(which == fd and mask & (select.POLLPRI | select.POLLERR) for which, mask in events):
+                    with contextlib.suppress(Exception):
+                        self.on_change()
+        except Exception as exc:  # the loop's periodic reconcile still covers what is missed
+            with contextlib.suppress(Exception):
+                log.error("watching the mount table failed: %s", exc)
+        finally:
+            os.close(fd)
+            os.close(stop_r)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the thread and wait for it (blocking: call it from a worker thread)."""
+        stop_w, self._stop_w = self._stop_w, None
+        thread, self._thread = self._thread, None
+        if stop_w is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(stop_w, b"x")
+        if thread is not None:
+            thread.join(timeout)
+        os.close(stop_w)
 
 
 class OverflowAlarm(logging.Handler):
@@ -363,6 +454,7 @@ class Watcher:
         self.dirty = dirty
         self._observer: InotifyObserver | None = None
         self._watches: dict[str, tuple[ObservedWatch, tuple[int, int]]] = {}
+        self._mounts: dict[str, ObservedWatch] = {}
 
     @property
     def roots(self) -> list[str]:
@@ -387,6 +479,33 @@ class Watcher:
             LayoutEvents(root, self.dirty), root.path, recursive=True, event_filter=list(EVENT_FILTER)
         )
         self._watches[root.path] = (watch, (st.st_dev, st.st_ino))
+
+    def schedule_mount(self, root: Root, point: str) -> None:
+        """Watch *point*, a file system mounted below *root* after its watch was placed (inotify does
+        not cross into it); events are routed as *root*'s. OSError when it cannot be watched."""
+        observer = self._observer
+        if observer is None:
+            raise RuntimeError("watcher not started")
+        self.unschedule_mount(point)
+        self._mounts[point] = observer.schedule(
+            LayoutEvents(root, self.dirty), point, recursive=True, event_filter=list(EVENT_FILTER)
+        )
+
+    def unschedule_mount(self, point: str) -> None:
+        """Stop watching the mount point *point* (it was unmounted)."""
+        watch = self._mounts.pop(point, None)
+        if watch is None or self._observer is None:
+            return
+        try:
+            self._observer.unschedule(watch)
+        except (KeyError, RuntimeError, OSError) as exc:
+            log.debug("unscheduling mount %s: %s", point, exc)
+
+    def unschedule_mounts_below(self, top: str) -> None:
+        """Stop watching every mount point below *top* (a root no longer watched)."""
+        prefix = top.rstrip("/") + "/"
+        for point in [p for p in self._mounts if p.startswith(prefix)]:
+            self.unschedule_mount(point)
 
     def unschedule(self, path: str) -> None:
         """Stop watching the root at *path* (it vanished, or its watch died)."""
@@ -426,6 +545,7 @@ class Watcher:
         """Stop and join the observer (blocking: call it from a worker thread)."""
         observer, self._observer = self._observer, None
         self._watches.clear()
+        self._mounts.clear()
         if observer is None:
             return
         try:

@@ -8,6 +8,7 @@
     python scripts/reliability.py hostile --good 2000
     python scripts/reliability.py interleave --layouts 2000 --seconds 60 --scans 10  # scans beside a daemon
     python scripts/reliability.py wal --layouts 2000 --seconds 60 --rate 200          # a reader pins the WAL
+    python scripts/reliability.py hostile-user --layouts 2000                    # other users and writers
     python scripts/reliability.py all                                         # each of the above, default sizes
 
 Each command prints its figures as JSON on stdout (``--out FILE`` also writes them)
@@ -34,11 +35,13 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
 
 import hostile  # noqa: E402
+import test_daemon  # noqa: E402
+import test_hostile_user  # noqa: E402
 import test_interleaving  # noqa: E402
 import test_reliability as t  # noqa: E402
 import test_wal  # noqa: E402
 
-from indexer.store import maintenance  # noqa: E402
+from indexer.store import maintenance, path_of  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -239,6 +242,193 @@ def wal_check(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     }
 
 
+def _content_hashes(db: str) -> dict[str, str | None]:
+    """Every stored layout's path and content hash, by one query."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {path_of(path): digest for path, digest in conn.execute("SELECT path, content_hash FROM layouts")}
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
+def _wait_fresh(db: str, want: dict[str, str | None], what: str, timeout: float = 120.0) -> float:
+    """Seconds until every path of *want* is stored with its hash (None: not stored at all)."""
+    started = time.monotonic()
+
+    def done() -> bool:
+        have = _content_hashes(db)
+        return all(have.get(path) == digest if digest else path not in have for path, digest in want.items())
+
+    t.wait_for(done, what, timeout)
+    return round(time.monotonic() - started, 3)
+
+
+def _write_layout(path: str, tag: str, label: str) -> str:
+    """A layout naming one image *label* as *tag*; the sha256 content hash of its index.json."""
+    import hashlib
+
+    data = test_daemon.index_bytes(tag, label)
+    test_daemon.Layout(path).write_index_bytes(data)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _rewrite(path: str, tag: str, label: str) -> str:
+    import hashlib
+
+    data = test_daemon.index_bytes(tag, label)
+    test_daemon.rewrite_in_place(os.path.join(path, "index.json"), data)
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _planted_files(tmp: str) -> dict[str, object]:
+    """Every way of planting a file beside the database, at every name ocidx opens there."""
+    names = [(".lock", "daemon"), (".migrate-lock", "scan"), ("", "scan"), ("-wal", "scan"), ("-shm", "daemon")]
+    tried = refused = intact = 0
+    failures = []
+    for plant, make in test_hostile_user.PLANTS.items():
+        for suffix, command in names:
+            if plant == "other user's file" and suffix in ("-wal", "-shm"):
+                continue  # a reader of the group may create -shm: only its type and links are checked
+            here = tempfile.mkdtemp(dir=tmp)
+            root = test_hostile_user.one_layout(here)
+            target = test_hostile_user.victim(here)
+            db = os.path.join(here, "var", "index.db")
+            os.makedirs(os.path.dirname(db))
+            make(target)(db + suffix)
+            if command == "daemon":
+                proc = test_hostile_user.daemon_once(here, db, root)
+                rc, err = proc.returncode, proc.stderr
+            else:
+                ran = t.run(here, "scan", "--db", db, "--no-progress", root)
+                rc, err = ran.rc, ran.err
+            tried += 1
+            ok = rc == 4 and (db + suffix).encode() in err
+            refused += ok
+            with open(target, "rb") as fh:
+                kept = fh.read() == test_hostile_user.VICTIM_TEXT and not os.path.lexists(target + ".created-by-root")
+            intact += kept
+            if not (ok and kept):
+                failures.append(f"{plant} at <db>{suffix} ({command}): rc {rc}")
+    return {"plants_tried": tried, "refused_naming_the_path": refused, "victim_intact": intact, "failures": failures}
+
+
+def hostile_user(args: argparse.Namespace, tmp: str) -> dict[str, object]:
+    """What other users and other writers can do to a root daemon, at benchmark size: files planted beside
+    the database, index.json symlinked out of its layout, non-UTF-8 names, hard links, mounts."""
+    n = args.layouts
+    figures: dict[str, object] = {"check": "hostile-user", "layouts": n}
+    failures: list[str] = []
+    planted = _planted_files(tmp)
+    failures += planted.pop("failures")  # type: ignore[arg-type]
+    figures["planted"] = planted
+
+    root = os.path.join(tmp, "root")
+    started = time.perf_counter()
+    good = {
+        os.path.join(root, "good", f"{i:05d}"): _write_layout(os.path.join(root, "good", f"{i:05d}"), "v1", "g")
+        for i in range(n)
+    }
+    secret, secret_hash = test_hostile_user.private_index(tmp)
+    evil = [os.path.join(root, "evil", f"{i:04d}") for i in range(max(10, n // 20))]
+    for path in evil:
+        test_daemon.Layout(path)
+        os.symlink(secret, os.path.join(path, "index.json"))
+    sharers = [os.path.join(root, "linked", f"{i:04d}") for i in range(max(10, n // 100))]
+    first = _write_layout(sharers[0], "v1", "linked")
+    for path in sharers[1:]:
+        test_daemon.Layout(path)
+        os.link(os.path.join(sharers[0], "index.json"), os.path.join(path, "index.json"))
+    figures["corpus_build_s"] = round(time.perf_counter() - started, 1)
+
+    db = os.path.join(tmp, "scan.db")
+    started = time.perf_counter()
+    scanned = t.run(tmp, "scan", "--db", db, "--no-progress", root, timeout=600)
+    figures["scan_s"] = round(time.perf_counter() - started, 2)
+    stored = test_hostile_user.database_bytes(db)
+    states = {str(r["layout"]): r for r in t.run(tmp, "ls", "--db", db, "--json").json()}  # type: ignore[attr-defined]
+    refused = sum(states[p]["error"] == "layout_unreadable" for p in evil)
+    leaked = test_hostile_user.TOKEN.encode() in stored or secret_hash.encode() in stored
+    figures["symlinked_out"] = {"layouts": len(evil), "refused": refused, "token_or_hash_in_database": leaked}
+    if scanned.rc != 0 or refused != len(evil) or leaked:
+        failures.append("index.json symlinked out of its layout: see symlinked_out")
+
+    daemon = test_daemon.Daemon(tmp, [root])
+    try:
+        daemon.start()
+        t.wait_for(lambda: "ready:" in daemon.log() or daemon.exited(), "the daemon to be ready", 600)
+        want = {**good, **dict.fromkeys(sharers, first)}
+        _wait_fresh(daemon.db, want, "the corpus indexed", 600)
+
+        # hard links: one in-place rewrite, every sharer fresh
+        second = _rewrite(sharers[0], "v2", "linked-two")
+        figures["hard_links"] = {
+            "layouts_sharing_one_index_json": len(sharers),
+            "seconds_until_all_fresh": _wait_fresh(daemon.db, dict.fromkeys(sharers, second), "hard-linked sharers"),
+        }
+
+        # non-UTF-8 names: a tree of layouts created, then renamed
+        count = max(20, n // 20)
+        base = os.fsencode(root) + b"/odd\xff"
+        made = {os.fsdecode(base + b"/app\xfe%05d" % i): "" for i in range(count)}
+        started_ns = time.monotonic()
+        for path in made:
+            made[path] = _write_layout(path, "v1", "odd")
+        created_s = _wait_fresh(daemon.db, made, "non-UTF-8 layouts indexed")
+        moved_base = os.fsencode(root) + b"/moved\xfd"
+        os.rename(base, moved_base)
+        moved = {path.replace(os.fsdecode(base), os.fsdecode(moved_base), 1): h for path, h in made.items()}
+        renamed_s = _wait_fresh(daemon.db, {**moved, **dict.fromkeys(made)}, "non-UTF-8 tree renamed")
+        figures["non_utf8"] = {
+            "layouts": count,
+            "seconds_until_indexed": created_s,
+            "seconds_until_rename_seen": renamed_s,
+            "wall_s": round(time.monotonic() - started_ns, 2),
+            "daemon_alive": not daemon.exited(),
+        }
+        if daemon.exited():
+            failures.append("the daemon died on non-UTF-8 names")
+
+        # a tmpfs mounted below the root after start
+        point = os.path.join(root, "mnt")
+        os.makedirs(point)
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", point], check=False).returncode
+        if mounted == 0:
+            try:
+                on_mount = {os.path.join(point, f"{i:04d}"): "" for i in range(max(20, n // 20))}
+                for path in on_mount:
+                    on_mount[path] = _write_layout(path, "v1", "mounted")
+                mount_s = _wait_fresh(daemon.db, on_mount, "layouts on the new mount")
+            finally:
+                subprocess.run(["umount", point], check=False)
+            unmount_s = _wait_fresh(daemon.db, dict.fromkeys(on_mount), "layouts of the unmounted file system dropped")
+            figures["mount"] = {
+                "layouts": len(on_mount),
+                "seconds_until_indexed": mount_s,
+                "seconds_until_dropped_after_umount": unmount_s,
+                "reconcile_interval_s": 300,
+            }
+        else:
+            figures["mount"] = "skipped: cannot mount a tmpfs here"
+        rc = daemon.stop()
+        log = daemon.log()
+    finally:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()
+    figures["daemon_exit"] = rc
+    warnings = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
+    figures["daemon_warnings"] = len(warnings)
+    figures["daemon_log_clean"] = "Traceback" not in log and not hostile.control_characters(log.encode())
+    if rc != 0 or not figures["daemon_log_clean"]:
+        failures.append("the daemon did not stop cleanly or its log is not clean")
+    figures["failures"] = failures
+    return figures
+
+
 def _spread(values: list[int]) -> dict[str, int]:
     return {"first": values[0], "last": values[-1], "min": min(values), "max": max(values)}
 
@@ -255,6 +445,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], dict[str, object]]] = {
     "hostile": hostile_check,
     "interleave": interleave,
     "wal": wal_check,
+    "hostile-user": hostile_user,
 }
 
 
@@ -291,6 +482,7 @@ ALL = [
     ("hostile", False),
     ("interleave", True),
     ("wal", True),
+    ("hostile-user", True),
 ]
 
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -300,6 +492,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "resources": {"layouts": 2000, "seconds": 600.0, "rate": 100.0},
     "interleave": {"layouts": 2000, "seconds": 60.0},
     "wal": {"layouts": 2000, "seconds": 60.0, "rate": 200.0},
+    "hostile-user": {"layouts": 2000},
 }
 
 

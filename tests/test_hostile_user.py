@@ -156,6 +156,18 @@ def private_index(tmp: str) -> tuple[str, str]:
         return other.index_path, hashlib.sha256(fh.read()).hexdigest()
 
 
+def stored_state(db: str, path: str) -> str | None:
+    """The stored state of the layout at exactly *path* (no symlink resolved), None when not stored."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT state FROM layouts WHERE path = ?", (path,)).fetchone()
+    finally:
+        conn.close()
+    return None if row is None else str(row[0])
+
+
 def database_bytes(db: str) -> bytes:
     out = b""
     for name in (db, db + "-wal"):
@@ -211,3 +223,66 @@ def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) ->
         assert not daemon.exited()
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("suffix", ["-wal", "-shm"])
+def test_a_lookup_refuses_a_symlink_planted_at_the_shared_memory_file(tmp: str, suffix: str) -> None:
+    """A lookup opens the database read-only, but SQLite opens (and may truncate) -shm read-write."""
+    root = one_layout(tmp)
+    target = victim(tmp)
+    db = os.path.join(tmp, "index.db")
+    assert run(tmp, "scan", "--db", db, "--no-progress", root).rc == 0
+    for leftover in ("-wal", "-shm"):
+        if os.path.lexists(db + leftover):
+            os.unlink(db + leftover)
+    os.symlink(target, db + suffix)
+    found = run(tmp, "find", "--db", db, ":v1")
+    assert found.rc == 4 and (db + suffix).encode() in found.err, found
+    with open(target, "rb") as fh:
+        assert fh.read() == VICTIM_TEXT
+
+
+@pytest.mark.integration
+def test_a_layout_directory_replaced_by_a_symlink_out_leaks_nothing(tmp: str) -> None:
+    """``mv app app.old; ln -s /root/private app`` under the daemon: nothing of the target is indexed."""
+    from test_daemon import FRESH_S, Daemon, wait_until
+
+    secret, secret_hash = private_index(tmp)
+    root = one_layout(tmp)
+    app = os.path.join(root, "app")
+    daemon = Daemon(tmp, [root]).start()
+    try:
+        daemon.wait_ready()
+        wait_until(lambda: daemon.stored(app) is not None, "the layout indexed")
+        os.rename(app, app + ".old")
+        os.symlink(os.path.dirname(secret), app)
+        wait_until(lambda: os.path.join(root, "app.old") in daemon.layouts(), "the moved layout indexed", FRESH_S)
+        # the old name is dropped or refused, never read through the link, nor is the link's target indexed
+        wait_until(lambda: stored_state(daemon.db, app) in (None, "error"), "the replaced layout refused", FRESH_S)
+        assert os.path.dirname(secret) not in daemon.layouts()
+        os.utime(os.path.join(app + ".old", "index.json"))  # one more event through the daemon
+        wait_until(lambda: not daemon.stored(os.path.join(root, "app.old")).is_racy(), "settled")  # type: ignore[union-attr]
+        stored = database_bytes(daemon.db)
+        assert TOKEN.encode() not in stored and secret_hash.encode() not in stored
+        assert not daemon.exited()
+    finally:
+        assert daemon.stop() == 0
+
+
+def test_a_swapped_in_directory_whose_index_json_links_inside_itself_is_refused(tmp: str) -> None:
+    """The swapped-in directory's own symlinked index.json resolves "inside" it: still not the layout named."""
+    from indexer.errors import LayoutUnreadable
+    from indexer.layout import read_layout
+
+    secret, _ = private_index(tmp)
+    private = os.path.dirname(secret)
+    os.rename(secret, os.path.join(private, "real.json"))
+    os.symlink("real.json", secret)
+    root = one_layout(tmp)
+    app = os.path.join(root, "app")
+    assert read_layout(app).entries  # readable at its real path
+    os.rename(app, app + ".old")
+    os.symlink(private, app)
+    with pytest.raises(LayoutUnreadable, match="led outside the layout"):
+        read_layout(app)

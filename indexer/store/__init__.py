@@ -89,6 +89,7 @@ def open_reader(path: str) -> sqlite3.Connection:
         ) from None
     if not stat.S_ISREG(kind):  # opening a FIFO would block every lookup; a device has effects
         raise DatabaseError(f"{path} is not a regular file, so not an index database")
+    check_database_files(path, reader=True)
     conn = _connect_reader(path, "mode=ro")
     try:
         conn.execute("PRAGMA application_id").fetchone()
@@ -204,10 +205,23 @@ def open_beside_database(path: str) -> tuple[int, bool]:
     return fd, False
 
 
-def check_database_files(path: str) -> None:
+def check_database_files(path: str, *, reader: bool = False) -> None:
     """Raise :class:`UnsafeFile` unless the database at *path* (when present) is a regular file of this
-    user with one link, and its -wal, -shm and -journal (when present) are single-link regular files."""
-    for name, owned in ((path, True), *((path + suffix, False) for suffix in SQLITE_SIDE_FILES)):
+    user with one link, and its -wal, -shm and -journal (when present) are single-link regular files.
+
+    A *reader* opens another user's database read-only, but SQLite still opens (and, first, may
+    create or truncate) its -shm read-write: only the side files are checked, beside the real path
+    of the database, where SQLite keeps them.
+    """
+    if reader:
+        try:  # symlinked parent directories lead lstat to the same side files: only a final link matters
+            base = os.path.realpath(path) if stat.S_ISLNK(os.lstat(path).st_mode) else path
+        except OSError:
+            base = path
+        names = [(base + suffix, False) for suffix in SQLITE_SIDE_FILES]
+    else:
+        names = [(path, True), *((path + suffix, False) for suffix in SQLITE_SIDE_FILES)]
+    for name, owned in names:
         try:
             st = os.lstat(name)
         except FileNotFoundError:

@@ -90,7 +90,9 @@ def maintain(conn: sqlite3.Connection, db_path: str) -> Maintenance:
     pages = conn.execute("PRAGMA page_count").fetchone()[0]
     if free >= VACUUM_MIN_FREE_PAGES and free >= pages * VACUUM_FREE_SHARE:
         step = min(free, VACUUM_STEP_PAGES)
-        conn.execute(f"PRAGMA incremental_vacuum({step})").fetchall()
+        # executescript steps the pragma to its end (sqlite3_exec): execute() steps it once, which
+        # frees a single page however many are asked for.
+        conn.executescript(f"PRAGMA incremental_vacuum({step});")
         freed = free - conn.execute("PRAGMA freelist_count").fetchone()[0]
     return Maintenance(
         wal_bytes_before=before, wal_bytes=wal_size(db_path), pinned=pinned, truncated=truncated, freed_pages=freed
