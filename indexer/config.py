@@ -75,6 +75,33 @@ class DaemonSettings(Record):
         self.log_format = log_format
 
 
+class MetricsSettings(Record):
+    """Where the daemon exposes Prometheus metrics (``[metrics]``); both None: no metrics."""
+
+    __slots__ = ("host", "port", "textfile")
+
+    def __init__(self, *, host: str | None = None, port: int | None = None, textfile: str | None = None) -> None:
+        self.host = host  # with port: serve /metrics over HTTP there
+        self.port = port
+        self.textfile = textfile  # write the metrics to this file for node_exporter's textfile collector
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any way of exposing metrics is configured."""
+        return self.port is not None or self.textfile is not None
+
+
+def parse_listen(text: str, full: str, source: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT``, ``:PORT`` or ``PORT`` as (host, port); no host is loopback, port 0 any free one."""
+    host, colon, port_text = text.rpartition(":")
+    if not colon:
+        host, port_text = "", text
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not port_text.isdigit() or not 0 <= int(port_text) < 65536 or "[" in host or "]" in host:
+        raise ConfigError(f"{source}: {full} must be HOST:PORT (127.0.0.1:9464), not {text!r}")
+    return host or "127.0.0.1", int(port_text)
+
+
 class FleetSettings(Record):
     """The fleet database (``[fleet]``): where to publish and look, and when a host counts as stale."""
 
@@ -88,7 +115,7 @@ class FleetSettings(Record):
 class Config(Record):
     """Everything ocidx reads from its config file, with defaults applied."""
 
-    __slots__ = ("daemon", "database", "familiar", "fleet", "limits", "roots", "source", "stores")
+    __slots__ = ("daemon", "database", "familiar", "fleet", "limits", "metrics", "roots", "source", "stores")
 
     def __init__(
         self,
@@ -101,6 +128,7 @@ class Config(Record):
         limits: Limits | None = None,
         daemon: DaemonSettings | None = None,
         fleet: FleetSettings | None = None,
+        metrics: MetricsSettings | None = None,
     ) -> None:
         self.source = source
         self.database = database
@@ -110,6 +138,7 @@ class Config(Record):
         self.limits = limits if limits is not None else Limits()
         self.daemon = daemon if daemon is not None else DaemonSettings()
         self.fleet = fleet if fleet is not None else FleetSettings()
+        self.metrics = metrics if metrics is not None else MetricsSettings()
 
 
 def default_config_path() -> str | None:
@@ -166,7 +195,7 @@ def load(path: str | None) -> Config:
 def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     """Validate an already-parsed TOML document; *source* names the file in errors."""
     here = os.path.dirname(source)
-    _only(data, {"database", "roots", "stores", "names", "limits", "daemon", "fleet"}, "", source)
+    _only(data, {"database", "roots", "stores", "names", "limits", "daemon", "fleet", "metrics"}, "", source)
 
     database_table = _table(data, "database", source)
     _only(database_table, {"path"}, "database.", source)
@@ -250,6 +279,16 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
         ),
         log_format=log_format,
     )
+    metrics_table = _table(data, "metrics", source)
+    _only(metrics_table, {"listen", "textfile"}, "metrics.", source)
+    listen = _opt_str(metrics_table, "listen", "metrics.listen", source)
+    host, port = parse_listen(listen, "metrics.listen", source) if listen is not None else (None, None)
+    textfile = _opt_str(metrics_table, "textfile", "metrics.textfile", source)
+    if textfile is not None and not textfile.endswith(".prom"):
+        raise ConfigError(f"{source}: metrics.textfile must end in .prom (node_exporter reads only those)")
+    metrics = MetricsSettings(
+        host=host, port=port, textfile=_resolve(here, textfile, "metrics.textfile", source) if textfile else None
+    )
     return Config(
         source=source,
         database=_resolve(here, database, "database.path", source) if database else None,
@@ -259,6 +298,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
         familiar=familiar,
         limits=limits,
         daemon=daemon,
+        metrics=metrics,
     )
 
 

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
     from typing import TypeVar
 
     from indexer.config import Config, Root
+    from indexer.metrics import Metrics
 
     T = TypeVar("T")
 
@@ -336,6 +337,8 @@ class Daemon:
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
+        self.metrics: Metrics | None = None  # [metrics] in the config (indexer.metrics, imported only then)
+        self.woke = time.monotonic()  # when a change last woke the loop: an update's latency starts there
         self.wal_pinned_since: float | None = None  # monotonic time a reader was first seen pinning the WAL
         self.wal_warned = False
 
@@ -370,7 +373,7 @@ class Daemon:
 
         def write(conn: sqlite3.Connection) -> None:
             # The layouts of earlier scans stay indexed: `find` keeps walking their roots too.
-            roots = roots_mod.to_json([*(roots_mod.recorded(conn) or []), *self.roots])
+            roots = roots_mod.merged(conn, self.roots, watched=True)
             conn.execute(
                 """
                 INSERT INTO daemon (id, pid, started_ns, heartbeat_ns, stopped_ns, watch_mode, roots)
@@ -424,6 +427,15 @@ class Daemon:
         with anyio.CancelScope(shield=True):  # a signal now still leaves a scanner to close
             self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
+        if self.config.metrics.enabled:
+            from indexer.metrics import Metrics
+
+            self.metrics = Metrics(self.config.metrics, self.db_path)
+            url = self.metrics.start()
+            where = ", ".join(w for w in (url, self.config.metrics.textfile) if w)
+            log.info(
+                "metrics: %s", where, extra=_fields(event="metrics", url=url, textfile=self.config.metrics.textfile)
+            )
         await self._watch_mounts()
         log.info(
             "ocidx daemon %d started on %s, roots: %s",
@@ -466,7 +478,10 @@ class Daemon:
             if self.scanner is not None:  # not while the database is being rebuilt
                 await self._db(fn)
 
-        await Publisher(dsn, self.db_path, heartbeat_s=self.settings.heartbeat_s, record=record).run()
+        on_backlog = self.metrics.set_publish_backlog if self.metrics is not None else None  # ocidx_publish_backlog
+        await Publisher(
+            dsn, self.db_path, heartbeat_s=self.settings.heartbeat_s, record=record, on_backlog=on_backlog
+        ).run()
 
     async def _heartbeat(self) -> None:
         while True:
@@ -474,9 +489,25 @@ class Daemon:
             if self.scanner is None:
                 continue  # the database is being rebuilt
             try:
-                await self._set_row(heartbeat_ns=time.time_ns())
+                beat_ns = time.time_ns()
+                await self._set_row(heartbeat_ns=beat_ns)
             except sqlite3.Error as exc:
                 log.warning("heartbeat not written: %s", exc)
+                continue
+            if self.metrics is not None:
+                self.metrics.beat(beat_ns)
+                await self._publish_metrics()
+
+    async def _publish_metrics(self) -> None:
+        """Refresh the gauges from the index and rewrite the textfile; a failure is logged once."""
+        metrics = self.metrics
+        if metrics is None or self.scanner is None:
+            return
+        try:
+            await self._db(metrics.refresh)
+            await anyio.to_thread.run_sync(metrics.write_textfile)
+        except (OSError, sqlite3.Error) as exc:
+            self._report(f"metrics not updated: {exc}")
 
     async def _maintenance(self) -> None:
         """Keep the WAL and the file bounded (store.maintenance); warn while a reader pins the WAL."""
@@ -524,6 +555,8 @@ class Daemon:
             log.debug("returned %d free pages of %s", done.freed_pages, self.db_path)
 
     async def _shutdown(self) -> None:
+        if self.metrics is not None:
+            await anyio.to_thread.run_sync(self.metrics.stop)
         mount_watch, self.mount_watch = self.mount_watch, None
         if mount_watch is not None:
             await anyio.to_thread.run_sync(mount_watch.stop)
@@ -598,9 +631,10 @@ class Daemon:
         await self._schedule_pending()
         await self._set_mode("inotify")
         log.info(
-            "watching %d roots with inotify (%d directories)",
-            len(watcher.roots),
+            "watching %s with inotify (%d director%s)",
+            "1 root" if len(watcher.roots) == 1 else f"{len(watcher.roots)} roots",
             directories,
+            "y" if directories == 1 else "ies",
             extra=_fields(event="watch_mode", watch_mode="inotify", directories=directories),
         )
 
@@ -613,9 +647,9 @@ class Daemon:
         for root in self.roots:
             if root.path not in self.pending_roots:
                 continue
-            missing = _missing_root(root.path)
-            if not await anyio.to_thread.run_sync(os.path.isdir, root.path):
-                self._report(missing)
+            problem = await anyio.to_thread.run_sync(_root_problem, root.path)
+            if problem is not None:
+                self._report(problem)
                 continue
             try:
                 await anyio.to_thread.run_sync(watcher.schedule, root)
@@ -623,7 +657,7 @@ class Daemon:
                 self._report(f"root {root.path} cannot be watched: {exc.strerror or exc}")
                 continue
             self.pending_roots.discard(root.path)
-            self.reported.discard(missing)
+            self.reported -= {m for m in self.reported if m.startswith(f"root {root.path} ")}  # said again if lost
             added = True
             log.info("watching root %s", root.path, extra=_fields(event="root_watched", root=root.path))
         return added
@@ -753,6 +787,13 @@ class Daemon:
         removed = [path for path in before if path not in after or before[path] != after[path]]
         added = [path for path in after if path not in before or before[path] != after[path]]
         self.roots = roots
+        # find trusts the index for watched roots only: the removed ones are walked again from now on.
+        await self._db(functools.partial(_record_watched, roots=roots))
+        if config.metrics != old.metrics:
+            log.warning(
+                "SIGHUP: [metrics] changed; the daemon keeps exposing them as at start-up until it is restarted",
+                extra=_fields(event="reload_metrics_ignored"),
+            )
         watcher = self.watcher
         for path in removed:
             self.pending_roots.discard(path)
@@ -786,8 +827,12 @@ class Daemon:
         full, self.full_pass_due = self.full_pass_due, False
         counts = await scanner.full_pass(self.roots, full=full)
         self.last_pass_s = time.perf_counter() - started
-        await self._set_row(last_reconcile_ns=time.time_ns())
+        ended_ns = time.time_ns()
+        await self._set_row(last_reconcile_ns=ended_ns)
         self._log_counts("reconcile", counts, time.perf_counter() - started, why)
+        if self.metrics is not None:
+            self.metrics.passed(counts, self.last_pass_s, reconcile=True, ended_ns=ended_ns)
+            await self._publish_metrics()
         self.racy = await self._db(_racy_layouts)
 
     async def _process(self, pending: Pending) -> None:
@@ -812,6 +857,10 @@ class Daemon:
         ordered = sorted(paths)
         counts = await scanner.process(ordered)
         self._log_counts("update", counts, time.perf_counter() - started, None)
+        if self.metrics is not None:
+            woken = bool(pending.layouts or pending.trees)  # not only the racy re-checks of a timer
+            latency = time.monotonic() - self.woke if woken else None
+            self.metrics.passed(counts, latency, reconcile=False, ended_ns=time.time_ns())
         for path in ordered:
             self.racy.pop(path, None)
         self.racy.update(await self._db(functools.partial(_racy_layouts, paths=ordered)))
@@ -853,9 +902,10 @@ class Daemon:
         )
 
     def _report_layout(self, message: str) -> None:
-        if message.startswith("root ") and "No such file" in message:
+        if message.startswith("root ") and ("No such file" in message or message.endswith(" is not a directory")):
             # A missing root: said once (the same words as the watcher's check), not on every poll.
-            self._report(_missing_root(message[len("root ") :].rpartition(": ")[0]))
+            path = message[len("root ") :].rpartition(": ")[0] or message[len("root ") : -len(" is not a directory")]
+            self._report(_root_problem(path) or message)
         else:
             log.warning("%s", message, extra=_fields(event="layout_error"))
 
@@ -874,6 +924,7 @@ class Daemon:
                 self._schedule_next_reconcile()
             now = time.monotonic()
             if self.wake.is_set():
+                self.woke = now
                 self.wake = anyio.Event()
                 if self.settings.debounce_ms and not self.reconcile_reasons:
                     await anyio.sleep(self.settings.debounce_ms / 1000)
@@ -884,6 +935,9 @@ class Daemon:
                 self.mode_check_due = now + self.settings.reconcile_s
                 await self._choose_mode()
             pending = self.dirty.drain()
+            if self.metrics is not None:
+                self.metrics.watched(len(pending.layouts) + len(pending.trees))
+                self.metrics.lost(len(pending.lost))
             if pending.mounts:
                 await self._mounts_changed(pending)
             reasons = list(self.reconcile_reasons) + pending.lost
@@ -968,8 +1022,19 @@ def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[C
     return config, roots
 
 
-def _missing_root(path: str) -> str:
-    """What to do about a root that does not exist: one message, logged once."""
+def _record_watched(conn: sqlite3.Connection, *, roots: list[Root]) -> None:
+    """The daemon watches *roots* (and no other recorded root) from now on (indexer.roots)."""
+    conn.execute("UPDATE daemon SET roots = ? WHERE id = 1", (roots_mod.merged(conn, roots, watched=True),))
+
+
+def _root_problem(path: str) -> str | None:
+    """What to do about a root that is not a directory (or None when it is one): logged once."""
+    if os.path.isdir(path):
+        return None
+    if os.path.lexists(path):
+        return (
+            f"root {path} is not a directory: point [[roots]] path (or the ROOT argument) at the directory of layouts"
+        )
     return (
         f"root {path} does not exist (yet); it is indexed as soon as it appears: create it "
         f"(mkdir -p {path}) and put layouts in it, for example "

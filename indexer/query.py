@@ -25,9 +25,7 @@ import time
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer import reference
-from indexer import roots as roots_mod
 from indexer._record import Record
-from indexer.discovery import changes
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
@@ -49,7 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from typing import Concatenate, ParamSpec, TypeVar
 
-    from indexer.config import Config
+    from indexer.config import Config, Root
 
     _P = ParamSpec("_P")
     _R = TypeVar("_R")
@@ -435,10 +433,11 @@ class Index:
 
     def _not_found_message(self, view: View, query: Query) -> str:
         held = db.sample_names(view.conn, view.layout_id, limit=SHOWN + 1)
+        more = ""
         if len(held) > SHOWN:
-            more = db.count_names(view.conn, view.layout_id) - SHOWN
-            held = [*held[:SHOWN], f"and {more} more (ocidx ls {view.path})"]
-        held_text = f"; it holds {', '.join(held)}" if held else "; it holds no named images"
+            more = f" and {db.count_names(view.conn, view.layout_id) - SHOWN} more (ocidx ls {view.path})"
+            held = held[:SHOWN]
+        held_text = f"; it holds {', '.join(held)}{more}" if held else "; it holds no named images"
         return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
 
     @_database_errors
@@ -455,9 +454,14 @@ class Index:
         scope = set(in_index)
         unverified = None
         every = None
-        if not self._daemon_alive(conn):
+        # A live daemon keeps its own roots current; the others (those only scans walked, or all of
+        # them without a daemon) are walked here.
+        from indexer import roots as roots_mod  # find and status only: resolve does not pay for it
+
+        walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
+        if walk is None or walk:
             every = {s.path: s for s in db.layouts(conn)}
-            changed, unverified = _changed_below_roots(conn, every)
+            changed, unverified = _changed_below_roots(every, walk)
             scope.update(changed)
             stored = every
         if verify_all:
@@ -493,9 +497,10 @@ class Index:
         return answers
 
     def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
-        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few intervals."""
-        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns FROM daemon WHERE id = 1").fetchone()
-        if row is None or row[1] is None or row[2] is not None or not _pid_alive(row[0]):
+        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few
+        intervals, and watching with inotify (polling sees a change only at its next pass)."""
+        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns, watch_mode FROM daemon WHERE id = 1").fetchone()
+        if row is None or row[1] is None or row[2] is not None or row[3] != "inotify" or not _pid_alive(row[0]):
             return False
         age_s = (time.time_ns() - int(row[1])) / 1e9
         return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s
@@ -548,6 +553,8 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
+        from indexer import roots
+
         conn = self._require_database()
         count = {
             table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
@@ -576,7 +583,7 @@ class Index:
             "names": count["names"],
             "children": count["children"],
             "layouts_with_errors": errors,
-            "roots": [r.path for r in roots_mod.recorded(conn) or []],
+            "roots": [r.path for r in roots.recorded(conn) or []],
             "daemon": daemon,
             **_fleet_status(conn, now),
         }
@@ -590,20 +597,23 @@ def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> 
     return f" (did you mean the tag ':{query.word}'?)"
 
 
-def _changed_below_roots(conn: sqlite3.Connection, stored: dict[str, db.StoredLayout]) -> tuple[list[str], str | None]:
-    """The layouts below the recorded roots that are new or changed since they were indexed, and why
-    that list may be incomplete (None when it is exact)."""
-    recorded = roots_mod.recorded(conn)
+def _changed_below_roots(
+    stored: dict[str, db.StoredLayout], recorded: list[Root] | None
+) -> tuple[list[str], str | None]:
+    """The layouts below the *recorded* roots that are new or changed since they were indexed, and
+    why that list may be incomplete (None when it is exact)."""
     if recorded is None:
         return [], (
             "no daemon is running and this index records no roots, so layouts added or changed since "
             "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
+    from indexer.discovery import changes  # the walk of a no-change scan: find only
+
     _present, changed, _gone, errors = changes(stored, [r for r in recorded if os.path.isdir(r.path)])
     if errors:
-        why = f"no daemon is running and the roots could not all be read ({errors[0]})"
-        return changed, f"{why}: this answer may miss layouts"
+        why = f"the roots no running daemon watches could not all be read ({errors[0]})"
+        return changed, f"{why}: this answer may miss layouts there"
     return changed, None
 
 
@@ -614,14 +624,16 @@ def _missing(text: str) -> str:
         return f"{path} is not an OCI layout (no index.json or oci-layout)"
     if os.path.lexists(path):
         return f"{path} is not a directory, so not an OCI layout"
-    return f"{path} does not exist" + _absolute_hint(text)
+    return f"{path} does not exist" + _absolute_hint(text, target=True)
 
 
-def _absolute_hint(text: str) -> str:
-    """``; did you mean /PATH?`` when *text* is a relative path that does not exist but ``/PATH`` does."""
+def _absolute_hint(text: str, *, target: bool = False) -> str:
+    """``; did you mean /PATH?`` when *text* is a relative path that does not exist but ``/PATH`` does
+    (with how to write it in an ``oci-layout://`` *target*, where one slash too few is easy to miss)."""
     if os.path.isabs(text) or os.path.lexists(text) or not os.path.lexists("/" + text):
         return ""
-    return f"; did you mean /{text}? (oci-layout:///{text}, with three slashes, names an absolute path)"
+    tip = f" (oci-layout:///{text}, with three slashes, names an absolute path)" if target else ""
+    return f"; did you mean /{text}?{tip}"
 
 
 def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:

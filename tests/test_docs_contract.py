@@ -203,3 +203,20 @@ def test_error_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
         p for p in _paths(ambiguous) | _paths(platform) if not p.startswith(("candidates[].names[].", "platforms[]."))
     }
     assert found == documented
+
+
+def test_nothing_cites_a_contract_outside_the_repository() -> None:
+    """docs/semantics.md and docs/json.md are the contract: no file cites one that is not shipped."""
+    outside = re.compile("SP" + r"EC(\.md| §)|\.\./sha" + "red")  # spelled apart: this file is scanned too
+    cited: list[str] = []
+    for top in ("indexer", "tests", "docs", "benchmarks", "migrations", "scripts"):
+        for directory, _dirs, files in os.walk(os.path.join(ROOT, top)):
+            for name in files:
+                if name.endswith((".py", ".md", ".sql", ".toml", ".service", ".sh")):
+                    path = os.path.join(directory, name)
+                    with open(path, encoding="utf-8", errors="replace") as f:
+                        cited.extend(f"{path}:{n}" for n, line in enumerate(f, 1) if outside.search(line))
+    for name in ("README.md", "config.example.toml", "pyproject.toml"):
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            cited.extend(f"{name}:{n}" for n, line in enumerate(f, 1) if outside.search(line))
+    assert cited == []

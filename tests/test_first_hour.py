@@ -12,7 +12,9 @@ import pytest
 from cli_run import ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
+from indexer import roots as roots_mod
 from indexer.cli import build_parser
+from indexer.config import Root
 
 Capsys = pytest.CaptureFixture[str]
 
@@ -83,6 +85,44 @@ def test_find_without_a_daemon_sees_layouts_that_appeared_or_changed_since_the_s
     assert not any(a["warnings"] for a in found)
     code, out, _ = ocidx(capsys, "status", "--db", db, "--json")
     assert json.loads(out)["roots"] == [os.path.realpath(root)]
+
+
+@pytest.mark.parametrize(
+    ("row", "walks"),
+    [
+        ("alive, inotify", False),  # the daemon keeps the index current: find trusts it
+        ("alive, polling", True),  # it sees changes only at its next pass
+        ("stale heartbeat", True),
+        ("stopped", True),
+        ("pid gone", True),
+    ],
+)
+def test_find_trusts_the_index_only_while_a_watching_daemon_is_alive(
+    tmp_path: str, capsys: Capsys, row: str, walks: bool
+) -> None:
+    root, db = os.path.join(tmp_path, "root"), os.path.join(tmp_path, "index.db")
+    Layout(os.path.join(root, "old")).write_index([])
+    _scan(capsys, db, root)
+    now = time.time_ns()
+    pid, heartbeat, stopped, mode = os.getpid(), now, None, "inotify"  # this process stands for the daemon
+    if row == "alive, polling":
+        mode = "polling: OCIDX_WATCH_MODE=polling"
+    elif row == "stale heartbeat":
+        heartbeat = now - 60 * 10**9  # twelve intervals of 5 s
+    elif row == "stopped":
+        stopped = now
+    elif row == "pid gone":
+        pid = 2**22 + 12345  # above pid_max's default: no such process
+    watching = roots_mod.to_json([(Root(os.path.realpath(root)), True)])  # as the daemon records its roots
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = ?, roots = ?",
+            (pid, heartbeat, stopped, mode, watching),
+        )
+    new = Layout(os.path.join(root, "new"))
+    new.write_index([named(new.manifest(), ref="v9")])
+    code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v9")
+    assert (code, len(json.loads(out))) == ((0, 1) if walks else (1, 0))
 
 
 def test_find_says_when_it_cannot_prove_the_index_exact(tmp_path: str, capsys: Capsys) -> None:
@@ -189,7 +229,7 @@ def test_not_found_says_how_many_more_names_the_layout_holds(tmp_path: str, caps
     lay.write_index([named(lay.manifest(), ref=f"t{i}") for i in range(8)])
     code, _, err = ocidx(capsys, "resolve", f"oci-layout://{lay.path}:nosuch")
     assert code == 1
-    assert "and 3 more" in err
+    assert ":t4 and 3 more" in err
     assert f"ocidx ls {os.path.realpath(lay.path)}" in err
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sqlite3
 
 import pytest
 from layouts import Layout, named
 from test_daemon import Daemon, daemons, run_daemon, tmp, wait_until
+
+from indexer.cli import main
 
 pytestmark = pytest.mark.integration
 __all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
@@ -41,6 +45,7 @@ def test_the_log_names_the_changed_layouts_and_counts_a_big_batch(daemons: list[
     shown = first[0].split("; changed: ")[1].removesuffix(" and 9 more").split(", ")
     assert len(shown) == 3 and set(shown) <= {lay.path for lay in many}, first[0]
     assert "12 layouts looked at" in first[0]
+    assert "watching 1 root with inotify (" in daemon.log()  # plurals as a person writes them
     one = many[5]
     one.write_index([named(one.manifest(label="again"), ref="v1")])
     wait_until(
@@ -65,4 +70,77 @@ def test_the_json_log_names_the_changed_layouts(daemons: list[Daemon], tmp: str)
         return any(e.get("event") in ("update", "reconcile") and e.get("changed_layouts") == [lay.path] for e in events)
 
     wait_until(named_in_log, "a JSON line with changed_layouts")
+    assert daemon.stop() == 0
+
+
+@pytest.mark.parametrize("mode", ["inotify", "polling"])
+def test_a_root_that_is_a_file_is_said_once(daemons: list[Daemon], tmp: str, mode: str) -> None:
+    readme = os.path.join(tmp, "README.md")
+    with open(readme, "w", encoding="utf-8") as f:
+        f.write("# not a directory\n")
+    daemon = Daemon(tmp, [readme], env={"OCIDX_WATCH_MODE": mode} if mode == "polling" else None)
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+
+    def reconciled() -> int:
+        with sqlite3.connect(f"file:{daemon.db}?mode=ro", uri=True) as conn:
+            return int(conn.execute("SELECT last_reconcile_ns FROM daemon").fetchone()[0] or 0)
+
+    first = reconciled()
+    if mode == "polling":  # another pass (every 2 s when polling) must not say it again
+        wait_until(lambda: reconciled() > first, "a second polling pass")
+    log = daemon.log()
+    assert log.count("is not a directory") == 1, log
+    assert f"root {readme} is not a directory: point [[roots]] path" in log
+    assert "does not exist" not in log
+    assert daemon.stop() == 0
+
+
+def test_find_walks_the_roots_of_earlier_scans_that_the_live_daemon_does_not_watch(
+    daemons: list[Daemon], tmp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    watched, scanned = os.path.join(tmp, "watched"), os.path.join(tmp, "scanned")
+    Layout(os.path.join(watched, "a")).write_index([])
+    Layout(os.path.join(scanned, "b")).write_index([])
+    daemon = Daemon(tmp, [watched])
+    assert main(["scan", "--db", daemon.db, "--no-progress", scanned]) == 0
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    late = Layout(os.path.join(scanned, "late"))  # below a root the daemon does not watch
+    image = late.manifest()
+    late.write_index([named(image, ref="late")])
+    capsys.readouterr()
+    assert main(["find", "--db", daemon.db, "--json", ":late"]) == 0
+    out, err = capsys.readouterr()
+    assert [(a["layout"], a["digest"], a["freshness"]) for a in json.loads(out)] == [
+        (late.path, image["digest"], "read-through")
+    ]
+    assert err == ""
+    assert daemon.stop() == 0
+
+
+def test_after_a_reload_drops_a_root_find_walks_it_again(
+    daemons: list[Daemon], tmp: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = os.path.join(tmp, "first"), os.path.join(tmp, "second")
+    Layout(os.path.join(first, "a")).write_index([])
+    Layout(os.path.join(second, "b")).write_index([])
+    daemon = Daemon(tmp, [])
+    with open(daemon.config, encoding="utf-8") as f:
+        settings = f.read()
+    with open(daemon.config, "a", encoding="utf-8") as f:
+        f.write(f'\n[[roots]]\npath = "{first}"\n\n[[roots]]\npath = "{second}"\n')
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    with open(daemon.config, "w", encoding="utf-8") as f:  # drop the first root
+        f.write(settings + f'\n[[roots]]\npath = "{second}"\n')
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
+    late = Layout(os.path.join(first, "late"))  # no daemon watches it now, but its layouts stay indexed
+    image = late.manifest()
+    late.write_index([named(image, ref="late")])
+    capsys.readouterr()
+    assert main(["find", "--db", daemon.db, "--json", ":late"]) == 0
+    out, _ = capsys.readouterr()
+    assert [(a["layout"], a["freshness"]) for a in json.loads(out)] == [(late.path, "read-through")]
     assert daemon.stop() == 0

@@ -242,3 +242,21 @@ def test_two_spellings_of_one_name(tmp_path: str, ocidx: Ocidx, source: dict[str
         skopeo_digest(differ, "docker.io/library/alpine:3.16"),
     }
     assert candidates == {source["one"], source["two"]}
+
+
+def test_the_readme_first_lookup_needs_no_database(
+    tmp_path: str, source: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """README "First lookup": skopeo copies into layouts/, resolve answers before any scan or daemon."""
+    os.mkdir("layouts")  # mkdir -p layouts: skopeo creates the layout, not its parent
+    copy(f"{source['path']}:one", "layouts/alpine:3.16")  # relative, as the README types it
+    code = main(["resolve", "--json", "oci-layout://layouts/alpine:3.16"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    answer = json.loads(out)
+    assert (answer["digest"], answer["freshness"]) == (skopeo_digest("layouts/alpine", "3.16"), "read-through")
+    assert answer["digest"] == source["one"]
+    assert not os.path.exists(os.path.join(tmp_path, "xdg-data", "ocidx"))  # no database was created
+    code = main(["find", ":3.16"])
+    _, err = capsys.readouterr()
+    assert code == 4 and "ocidx scan ROOT" in err

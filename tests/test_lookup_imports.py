@@ -17,7 +17,17 @@ from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
 
-HEAVY = ("asyncio", "anyio", "watchdog", "typing", "dataclasses", "logging", "psycopg", "socket")
+HEAVY = (
+    "asyncio",
+    "anyio",
+    "watchdog",
+    "typing",
+    "dataclasses",
+    "logging",
+    "psycopg",
+    "socket",
+    "prometheus_client",
+)
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PROBE = """

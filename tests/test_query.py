@@ -27,7 +27,9 @@ from layouts import (
     named,
 )
 
+from indexer import roots as roots_mod
 from indexer.cli import main
+from indexer.config import Root
 from indexer.errors import Ambiguous, NotFound, UsageError
 from indexer.query import Index
 
@@ -641,7 +643,10 @@ def test_find_verify_all_sees_matches_the_index_does_not_hold(tmp_path: str, oci
     a, image_a, _, _ = _two_layouts(tmp_path, ocidx)
     # A live daemon (this process, heartbeat now) that has not yet seen the change: find trusts it.
     with sqlite3.connect(ocidx.db) as conn:
-        conn.execute("UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL", (os.getpid(), time.time_ns()))
+        conn.execute(
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = NULL, watch_mode = 'inotify', roots = ?",
+            (os.getpid(), time.time_ns(), roots_mod.to_json([(Root(os.path.realpath(tmp_path) + "/root"), True)])),
+        )
     a.write_index([named(image_a, ref="latest"), named(image_a, ref="fresh")])
     assert ocidx("find", ":fresh")[0] == 1
     code, found = ocidx.json("find", "--verify-all", ":fresh")

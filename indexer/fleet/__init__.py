@@ -1,4 +1,4 @@
-"""The fleet: one index across many hosts, in PostgreSQL (SPEC §8, docs/fleet.md).
+"""The fleet: one index across many hosts, in PostgreSQL (docs/fleet.md).
 
 Each host keeps its own SQLite index; a daemon with a fleet DSN publishes it
 (:mod:`indexer.fleet.publisher`) as the PostgreSQL role it connects as. This

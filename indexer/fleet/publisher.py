@@ -1,4 +1,4 @@
-"""Publishing a host's SQLite index to the fleet database, as whole layouts (SPEC §8).
+"""Publishing a host's SQLite index to the fleet database, as whole layouts (docs/fleet.md).
 
 The SQLite writer stamps every change with a version (``layouts.version``,
 ``layout_removals``, the counter ``ocidx_counters.version``), handed out under

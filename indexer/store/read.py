@@ -266,7 +266,7 @@ class Lookup(Record):
 
 
 def lookups(*, name: str | None, tag: str | None, digest: str | None) -> list[Lookup]:
-    """The rows a query reaches across layouts (SPEC §4), in answer order.
+    """The rows a query reaches across layouts (docs/semantics.md), in answer order.
 
     A digest reaches top-level entries, then child manifests of nested indexes, whatever names
     come with it (those only check that the names point at it: :func:`pointing_lookup`); a name
