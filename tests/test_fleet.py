@@ -319,3 +319,29 @@ def test_readme_fleet_commands_run_as_shown(fleet_db: FleetDb, daemons: list[Dae
         [sys.executable, "-m", "indexer", "find", "--fleet", "alpine:3.16"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0 and done.stdout.startswith(f"h1\t{lay.path}\t"), done.stderr
+
+
+def test_a_nul_in_a_media_type_does_not_stop_its_host_publishing(
+    fleet_db: FleetDb, daemons: list[Daemon], base: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: the one column a layout can put one in is published escaped."""
+    h1 = start_host(daemons, fleet_db, base, "h1")
+    hostile = Layout(os.path.join(h1.roots[0], "hostile"))
+    image = hostile.manifest(label="nul")
+    hostile.write_index([named({**image, "mediaType": "app\x00x"}, ref="v1", **{"k\x00": "v\x00"})])
+    fine = Layout(os.path.join(h1.roots[0], "fine"))
+    fine.write_index([named(fine.manifest(label="fine"), ref="v1")])
+
+    def expected() -> dict[str, list[tuple[object, ...]]]:
+        local = sqlite_rows(h1.db)
+        local["entries"] = sorted(
+            (*row[:3], str(row[3]).replace("\x00", "\\x00"), *row[4:]) for row in local["entries"]
+        )
+        return local
+
+    wait_until(
+        lambda: len(expected()["layouts"]) == 2 and pg_rows(fleet_db.admin_dsn, "h1") == expected(),
+        "both layouts published, the NUL spelled \\x00",
+        CONVERGE_S,
+    )
+    assert sorted(host for host, _ in fleet_find(fleet_db, ":v1")) == ["h1", "h1"]
