@@ -328,7 +328,8 @@ def test_a_nul_in_a_media_type_does_not_stop_its_host_publishing(
     h1 = start_host(daemons, fleet_db, base, "h1")
     hostile = Layout(os.path.join(h1.roots[0], "hostile"))
     image = hostile.manifest(label="nul")
-    hostile.write_index([named({**image, "mediaType": "app\x00x"}, ref="v1", **{"k\x00": "v\x00"})])
+    more = {"k\x00": "v\x00", "note": "h\u00e9llo \U0001f600 \\u0000"}  # non-ASCII, astral, a literal \u0000
+    hostile.write_index([named({**image, "mediaType": "app\x00x"}, ref="v1", **more)])
     fine = Layout(os.path.join(h1.roots[0], "fine"))
     fine.write_index([named(fine.manifest(label="fine"), ref="v1")])
 

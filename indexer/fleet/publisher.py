@@ -29,6 +29,7 @@ and in PostgreSQL (the host row and its heartbeat, with the backlog).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -106,6 +107,17 @@ def insert_sql(table: str) -> str:
     columns = _PG_TABLES[table]
     arrays = ", ".join(f"%s::{kind}[]" for kind in _PG_TYPES[table])
     return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
+
+
+def insert_json_sql(table: str) -> str:
+    """One INSERT of many rows sent as one JSON array of arrays (no bytea columns).
+
+    ``json.dumps`` encodes the rows in C, where adapting a Python list per column cost psycopg about
+    half of an insert; measured 15-25% faster per batch than :func:`insert_sql` (docs/design.md).
+    """
+    columns = _PG_TABLES[table]
+    values = ", ".join(f"(r->>{i})::{kind}" for i, kind in enumerate(_PG_TYPES[table]))
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM json_array_elements(%s::json) AS r"
 
 
 class Rows:
@@ -291,8 +303,12 @@ async def publish_rows(
             )
             for table, columns in _PG_TABLES.items():
                 data = rows.tables[table]
-                if data:
+                if not data:
+                    continue
+                if table == "layouts":  # paths are bytea, which JSON cannot carry
                     await conn.execute(insert_sql(table), [[row[i] for row in data] for i in range(len(columns))])
+                else:
+                    await conn.execute(insert_json_sql(table), (json.dumps(data),))
         if watermark is not None:
             await conn.execute(
                 "UPDATE hosts SET watermark = %s, published_at = now() WHERE host = session_user", (watermark,)
