@@ -15,16 +15,18 @@ import sqlite3
 import subprocess
 import sys
 
-import psycopg
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
+from needs import module
 from pg_cluster import PG_ROWS, FleetDb, pg_rows, sqlite_rows
 from test_daemon import Daemon, wait_until
 
 from indexer.config import Config, FleetSettings
 from indexer.fleet import Fleet
 from indexer.query import Index
+
+psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration]
 
@@ -240,7 +242,7 @@ def test_sigkill_mid_publish_then_restart_converges(fleet_db: FleetDb, daemons: 
 
     def published() -> int:
         with psycopg.connect(fleet_db.admin_dsn) as conn:
-            return int(conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchone()[0])  # type: ignore[index]
+            return int(conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchone()[0])
 
     h1.start()
     wait_until(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
