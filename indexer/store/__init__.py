@@ -244,7 +244,10 @@ def open_writer(path: str) -> sqlite3.Connection:
     guard = _exclusive(path + ".migrate-lock")
     try:
         check_database_files(path)
+        created = not os.path.lexists(path)
         conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
+        if created:
+            _apply_umask(path)
     except sqlite3.Error as exc:
         if guard is not None:
             os.close(guard)
@@ -280,6 +283,32 @@ def open_writer(path: str) -> sqlite3.Connection:
         if guard is not None:
             os.close(guard)  # closing the descriptor releases the lock
     return conn
+
+
+def _umask() -> int:
+    """This process's umask, read without changing it (os.umask would, for every thread at once)."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def _apply_umask(path: str) -> None:
+    """Give a database the writer just created mode 0666 less the umask (SQLite creates it 0644 whatever
+    the umask), before its -wal and -shm exist: SQLite creates those with the database's mode, so a
+    daemon run with ``UMask=0002`` makes all three group-writable, as readers in its group need."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return  # SQLite has not created it (it does so lazily on some systems): nothing to widen
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+    finally:
+        os.close(fd)
 
 
 def _exclusive(lock_path: str) -> int | None:
