@@ -22,14 +22,19 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+BIN_DIRS = ("/usr/local/pgsql/bin",)  # besides Debian's /usr/lib/postgresql/VERSION/bin, newest first
 PG_USER = "ocidx-pg"  # created (as a system user) when we are root and it is missing
 PROGRAMS = ("initdb", "pg_ctl", "postgres")
 
 
 def bin_dir() -> str | None:
     """The directory holding initdb, pg_ctl and postgres, or None when PostgreSQL is not installed."""
-    for directory in BIN_DIRS:
+    import glob
+
+    debian = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0
+    )
+    for directory in [*reversed(debian), *BIN_DIRS]:
         if all(os.access(os.path.join(directory, p), os.X_OK) for p in PROGRAMS):
             return directory
     found = shutil.which("pg_ctl")
