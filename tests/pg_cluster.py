@@ -16,6 +16,7 @@ import shutil
 import socket
 import sqlite3
 import subprocess
+import sys
 import tempfile
 
 TYPE_CHECKING = False
@@ -71,9 +72,19 @@ def _unprivileged() -> tuple[int, int] | None:
 class Cluster:
     """One PostgreSQL cluster: ``start()``, ``stop()``, ``restart()``, ``dsn(user, dbname)``."""
 
-    def __init__(self, bindir: str) -> None:
+    def __init__(self, bindir: str, base: str | None = None) -> None:
         self.bindir = bindir
         self.ids = _unprivileged()
+        self.superuser = "postgres"
+        self.running = False
+        if base is not None:  # a cluster that .ci/run started: adopt it (its port is in its directory)
+            self.base = base
+            self.data = os.path.join(base, "data")
+            self.socket_dir = os.path.join(base, "sock")
+            with open(os.path.join(base, "port")) as fh:
+                self.port = int(fh.read())
+            self.running = True
+            return
         self.base = tempfile.mkdtemp(prefix="ocidx-pg-")
         self.data = os.path.join(self.base, "data")
         self.socket_dir = os.path.join(self.base, "sock")
@@ -82,8 +93,8 @@ class Cluster:
             os.chown(self.base, *self.ids)
             os.chown(self.socket_dir, *self.ids)
         self.port = _free_port()
-        self.superuser = "postgres"
-        self.running = False
+        with open(os.path.join(self.base, "port"), "w") as fh:
+            fh.write(str(self.port))
         self._run(
             "initdb",
             "-D",
@@ -157,18 +168,51 @@ class Cluster:
             shutil.rmtree(self.base)
 
 
+# Where .ci/run's throwaway cluster is, when it started one for the whole run.
+BASE_ENV = "OCIDX_TEST_PG_BASE"
+
+
 @contextlib.contextmanager
 def running_cluster() -> Iterator[Cluster]:
-    """A started cluster, destroyed on exit; RuntimeError when PostgreSQL is not installed."""
+    """A started cluster: the one named by $OCIDX_TEST_PG_BASE (left running: its starter stops it),
+    or a new one, destroyed on exit. RuntimeError when PostgreSQL is not installed."""
     directory = bin_dir()
     if directory is None:
         raise RuntimeError("PostgreSQL is not installed (initdb, pg_ctl, postgres)")
+    adopted = os.environ.get(BASE_ENV)
+    if adopted:
+        cluster = Cluster(directory, base=adopted)
+        try:
+            yield cluster
+        finally:
+            if not cluster.running:  # a test stopped it and failed before starting it again
+                cluster.start()
+        return
     cluster = Cluster(directory)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.destroy()
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/pg_cluster.py start`` prints the directory of a new running cluster;
+    ``python tests/pg_cluster.py stop DIR`` stops it and removes it (what .ci/run does)."""
+    directory = bin_dir()
+    if directory is None:
+        sys.stderr.write("PostgreSQL is not installed (initdb, pg_ctl, postgres)\n")
+        return 1
+    if argv == ["start"]:
+        cluster = Cluster(directory)
+        cluster.start()
+        sys.stdout.write(cluster.base + "\n")
+        return 0
+    if len(argv) == 2 and argv[0] == "stop":
+        Cluster(directory, base=argv[1]).destroy()
+        return 0
+    sys.stderr.write("usage: pg_cluster.py start | stop DIR\n")
+    return 2
 
 
 class FleetDb:
@@ -234,3 +278,7 @@ def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
         return {
             t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
         }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
