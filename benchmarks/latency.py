@@ -27,6 +27,7 @@ import os
 import random
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -120,6 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=20.0, help="writes per second (default 20)")
     parser.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measurement (default 5)")
     parser.add_argument("--debounce-ms", type=int, default=100, help="daemon.debounce_ms (default 100)")
+    parser.add_argument(
+        "--reconcile-s",
+        type=float,
+        default=300.0,
+        help="daemon.reconcile_interval_s (default 300; 1 keeps a reconcile pass running beside the writes)",
+    )
+    parser.add_argument("--workers", type=int, default=0, help="daemon.workers (default 0: one per core)")
+    parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     parser.add_argument("--seed", default="latency")
     parser.add_argument("--dir", help="work directory (default: a new temporary one, removed afterwards)")
     args = parser.parse_args(argv)
@@ -141,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"baseline: ocidx scan cold {cold:.3f}s, warm {warm:.3f}s")
 
         with open(config, "w", encoding="utf-8") as fh:
-            fh.write(f"[daemon]\ndebounce_ms = {args.debounce_ms}\n")
+            fh.write(
+                f"[daemon]\ndebounce_ms = {args.debounce_ms}\nreconcile_interval_s = {args.reconcile_s}\n"
+                f"workers = {args.workers}\n"
+            )
         env = {k: v for k, v in os.environ.items() if k not in ("OCIDX_DB", "OCIDX_CONFIG", "OCIDX_WATCH_MODE")}
         started = time.perf_counter()
         with open(log_path, "wb") as log:
@@ -211,6 +223,17 @@ def main(argv: list[str] | None = None) -> int:
         idle_cpu = (cpu_seconds(daemon.pid) - cpu_before) / (time.perf_counter() - wall_before)
 
         every = latencies["rename"] + latencies["in-place"]
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            # A periodic pass that changed nothing logs at debug level: only those that met a write count.
+            reconciles = [
+                line for line in fh if "reconcile (" in line and "start-up" not in line and "looked at" in line
+            ]
+        took = [float(line.split(" looked at in ")[1].split("s")[0]) for line in reconciles]
+        if took:
+            print(
+                f"reconcile passes that met a write: {len(took)}, "
+                f"{statistics.median(took) * 1000:.0f} ms median, {max(took) * 1000:.0f} ms longest"
+            )
         print(
             f"writes: {serial} at {args.rate:g}/s over {args.duration:g}s; {missed} not seen within 10s, "
             f"{superseded} rewritten again before they were seen"
@@ -227,6 +250,18 @@ def main(argv: list[str] | None = None) -> int:
             f"daemon RSS: {status.get('VmRSS', 0) / 1024:.1f} MiB (peak {status.get('VmHWM', 0) / 1024:.1f} MiB); "
             f"idle CPU: {idle_cpu * 100:.2f}% of one core over {args.idle:g}s"
         )
+        if args.json:
+            figures = {
+                "writes": serial,
+                "missed": missed,
+                "p50_ms": percentile(every, 0.5) * 1000,
+                "p99_ms": percentile(every, 0.99) * 1000,
+                "max_ms": percentile(every, 1.0) * 1000,
+                "warm_scan_s": warm,
+                "reconciles_meeting_a_write": len(took),
+                "rss_mib": status.get("VmRSS", 0) / 1024,
+            }
+            print(json.dumps(figures))
         return 0 if missed == 0 else 1
     finally:
         if daemon is not None and daemon.poll() is None:

@@ -6,8 +6,10 @@ the work that ``ocidx scan`` does in worker threads is visible (cProfile sees
 one thread only); ``rescan ROOT DB`` does the same for a pass where nothing
 changed; ``resolve DB TARGET`` and ``find DB REF`` profile the CLI in-process;
 ``digest DB LAYOUT DIGEST`` shows the query plans of a digest lookup;
-``memory ROOT`` reports the peak of Python allocations of a scan's steps.
-Each prints the top functions by cumulative time.
+``memory ROOT`` reports the peak of Python allocations of a scan's steps;
+``shares ROOT`` prints (as JSON) the CPU time of the cold scan's parse, transfer and write steps,
+each run alone in this process, for the runner's estimate of how the scan scales with cores.
+Each other profile prints the top functions by cumulative time.
 """
 
 from __future__ import annotations
@@ -173,6 +175,49 @@ def profile_memory(root: str) -> None:
             print("   ", line)
 
 
+def shares(root: str) -> dict[str, float]:
+    """CPU seconds of the cold scan's steps over *root*: parse (what the workers do), transfer (packing
+    in a worker, unpacking in the parent), write (deciding and applying, the one writer's part)."""
+    import marshal
+
+    from indexer import scanner, workers
+    from indexer.config import Config, Root
+    from indexer.discovery import discover
+    from indexer.store import open_writer
+    from indexer.store.write import apply, defer_indexes, restore_indexes
+
+    config = Config()
+    paths = list(discover(Root(os.path.abspath(root))))
+    size = config.daemon.batch_size
+    batches = [paths[i : i + size] for i in range(0, len(paths), size)]
+    started = time.process_time()
+    results = [workers.read_batch(b, config.familiar, config.limits) for b in batches]
+    parse = time.process_time() - started
+    started = time.process_time()
+    blobs = [marshal.dumps(r) for r in results]
+    pack = time.process_time() - started
+    started = time.process_time()
+    results = [workers.unpack(b) for b in blobs]
+    unpack = time.process_time() - started
+    with tempfile.TemporaryDirectory() as tmp:
+        conn = open_writer(os.path.join(tmp, "shares.db"))
+        started = time.process_time()
+        defer_indexes(conn)
+        for batch in results:
+            apply(conn, [o for r in batch if (o := scanner.decide(r, None, full=False)) is not None])
+        restore_indexes(conn)
+        write = time.process_time() - started
+        conn.close()
+    return {
+        "layouts": len(paths),
+        "parse_s": parse,
+        "pack_s": pack,
+        "unpack_s": unpack,
+        "write_s": write,
+        "transfer_bytes": sum(map(len, blobs)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch one profile."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n")[0])
@@ -193,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("layout")
     p.add_argument("digest")
     sub.add_parser("memory").add_argument("root")
+    sub.add_parser("shares").add_argument("root")
     args = parser.parse_args(argv)
     os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp(prefix="ocidx-profile-"))
     if args.what == "scan":
@@ -205,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         profile_cli(["find", "--db", args.db, args.ref], args.limit)
     elif args.what == "digest":
         explain_digest(args.db, args.layout, args.digest)
+    elif args.what == "shares":
+        import json
+
+        print(json.dumps(shares(args.root)))
     else:
         profile_memory(args.root)
     return 0

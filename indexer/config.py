@@ -38,6 +38,7 @@ RECONCILE_RANGE_S = (0.1, 7 * 24 * 3600.0)
 HEARTBEAT_RANGE_S = (0.1, 3600.0)
 DEBOUNCE_RANGE_MS = (0, 60_000)
 BATCH_RANGE = (1, 100_000)
+WORKERS_RANGE = (0, 256)  # 0: one per core
 MAX_DEPTH_RANGE = (0, 64)
 NESTED_DEPTH_RANGE = (0, 16)
 BYTES_RANGE = (2, 1 << 32)
@@ -57,7 +58,7 @@ class Root(Record):
 class DaemonSettings(Record):
     """Timing and batching of the daemon (``[daemon]``)."""
 
-    __slots__ = ("batch_size", "debounce_ms", "heartbeat_s", "log_format", "reconcile_s")
+    __slots__ = ("batch_size", "debounce_ms", "heartbeat_s", "log_format", "reconcile_s", "workers")
 
     def __init__(
         self,
@@ -67,7 +68,9 @@ class DaemonSettings(Record):
         batch_size: int = 500,
         heartbeat_s: float = 5.0,
         log_format: str = "text",
+        workers: int = 0,
     ) -> None:
+        self.workers = workers  # parsing processes: 0 = one per core, 1 = parse in this process
         self.debounce_ms = debounce_ms
         self.reconcile_s = reconcile_s
         self.batch_size = batch_size
@@ -261,7 +264,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     daemon_table = _table(data, "daemon", source)
     _only(
         daemon_table,
-        {"debounce_ms", "reconcile_interval_s", "batch_size", "heartbeat_interval_s", "log_format"},
+        {"debounce_ms", "reconcile_interval_s", "batch_size", "heartbeat_interval_s", "log_format", "workers"},
         "daemon.",
         source,
     )
@@ -278,6 +281,7 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
             daemon_table, "heartbeat_interval_s", 5.0, "daemon.heartbeat_interval_s", source, *HEARTBEAT_RANGE_S
         ),
         log_format=log_format,
+        workers=_int(daemon_table, "workers", 0, "daemon.workers", source, *WORKERS_RANGE),
     )
     metrics_table = _table(data, "metrics", source)
     _only(metrics_table, {"listen", "textfile"}, "metrics.", source)

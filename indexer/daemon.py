@@ -356,10 +356,10 @@ class Daemon:
         self.wake.set()
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Run *fn* on the writer's connection in the writer thread (serialized with its batches)."""
+        """Run *fn* on the writer's connection, on its thread (serialized with its batches)."""
         scanner = self.scanner
         assert scanner is not None
-        return await anyio.to_thread.run_sync(fn, scanner.conn, limiter=scanner._write_limiter)
+        return await scanner.on_writer(fn)
 
     def _request_reconcile(self, why: str) -> None:
         if why not in self.reconcile_reasons:
@@ -573,7 +573,7 @@ class Daemon:
             await self._set_row(stopped_ns=time.time_ns(), heartbeat_ns=time.time_ns())
         except sqlite3.Error as exc:
             log.error("could not record the stop in the database: %s", exc)
-        await anyio.to_thread.run_sync(scanner.close, limiter=scanner._write_limiter)
+        await scanner.aclose()
         self.scanner = None
         log.info("ocidx daemon %d stopped", os.getpid(), extra=_fields(event="stopped", pid=os.getpid()))
 
@@ -1001,7 +1001,7 @@ class Daemon:
         scanner = self.scanner
         assert scanner is not None
         with contextlib.suppress(sqlite3.Error):
-            await anyio.to_thread.run_sync(scanner.conn.close, limiter=scanner._write_limiter)
+            await scanner.abandon()
         self.scanner = None
         moved = await anyio.to_thread.run_sync(move_aside, self.db_path)
         log.error(

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 
 from indexer.layout import FileIdentity
+from indexer.store.read import settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -22,8 +24,26 @@ if TYPE_CHECKING:
 LAYOUT_MARKERS = ("oci-layout", "index.json")
 
 
-def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
-    """Yield the resolved path of every layout below *root* (never inside ``blobs/``)."""
+if TYPE_CHECKING:
+    # A listing as the directory cache keeps it: (dev, ino, mtime_ns, ctime_ns, listed_ns, layout,
+    # subdirectory names, symlink names), the names as NUL-separated bytes (migrations/0005).
+    Listing = tuple[int, int, int, int, int, int, bytes, bytes]
+
+
+def discover(
+    root: Root,
+    errors: list[str] | None = None,
+    cache: Mapping[str, Listing] | None = None,
+    listed: dict[str, Listing] | None = None,
+    visited: set[str] | None = None,
+) -> Iterator[str]:
+    """Yield the resolved path of every layout below *root* (never inside ``blobs/``).
+
+    With *cache* (the directory cache, :func:`load_cache`), a directory whose identity is the one
+    stored with its listing, settled when it was listed, is not listed again. Every directory
+    listed now goes into *listed*, for :func:`store_cache` (a directory that did not settle too:
+    its next listing may), and every directory walked into *visited*.
+    """
     top = os.path.realpath(root.path)
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[str, int]] = [(top, 0)]
@@ -42,33 +62,112 @@ def discover(root: Root, errors: list[str] | None = None) -> Iterator[str]:
         if (st.st_dev, st.st_ino) in seen:
             continue
         seen.add((st.st_dev, st.st_ino))
-        try:
-            with os.scandir(directory) as it:
-                listing = list(it)
-        except OSError as exc:
-            if errors is not None:
-                errors.append(f"{directory}: {exc.strerror}")
-            continue
-        names = {e.name for e in listing}
-        is_layout = any(marker in names for marker in LAYOUT_MARKERS)
+        if visited is not None:
+            visited.add(directory)
+        known = cache.get(directory) if cache is not None else None
+        if (
+            known is not None
+            and known[:4] == (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            and settles_at(known[2], known[3], known[4], None) <= known[4]  # listed a racy window after it changed
+        ):
+            is_layout = bool(known[5])
+            subdirs = [os.fsdecode(n) for n in known[6].split(b"\0")] if known[6] else []
+            links = [os.fsdecode(n) for n in known[7].split(b"\0")] if known[7] else []
+        else:
+            listed_ns = time.time_ns()
+            try:
+                with os.scandir(directory) as it:
+                    listing = list(it)
+            except OSError as exc:
+                if errors is not None:
+                    errors.append(f"{directory}: {exc.strerror}")
+                continue
+            names = {e.name for e in listing}
+            is_layout = any(marker in names for marker in LAYOUT_MARKERS)
+            subdirs, links = [], []
+            for item in listing:
+                if is_layout and item.name == "blobs":
+                    continue  # the layout's own content store; any other "blobs" is an ordinary directory
+                try:
+                    if item.is_symlink():
+                        links.append(item.name)
+                    elif item.is_dir(follow_symlinks=False):
+                        subdirs.append(item.name)
+                except OSError:
+                    continue
+            if listed is not None:
+                listed[directory] = (
+                    st.st_dev,
+                    st.st_ino,
+                    st.st_mtime_ns,
+                    st.st_ctime_ns,
+                    listed_ns,
+                    int(is_layout),
+                    b"\0".join(map(os.fsencode, subdirs)),
+                    b"\0".join(map(os.fsencode, links)),
+                )
         if is_layout:
             yield directory
         if depth >= root.max_depth:
             continue
-        for item in listing:
-            if is_layout and item.name == "blobs":
-                continue  # the layout's own content store; any other "blobs" is an ordinary directory
+        for name in links:
             try:
-                if item.is_symlink():
-                    target = os.path.realpath(item.path)
-                    inside = target == top or target.startswith(top.rstrip("/") + "/")
-                    if not (root.follow_symlinks or inside) or not os.path.isdir(target):
-                        continue
-                    stack.append((target, depth + 1))
-                elif item.is_dir(follow_symlinks=False):
-                    stack.append((item.path, depth + 1))
+                target = os.path.realpath(os.path.join(directory, name))
+                inside = target == top or target.startswith(top.rstrip("/") + "/")
+                if not (root.follow_symlinks or inside) or not os.path.isdir(target):
+                    continue
+                stack.append((target, depth + 1))
             except OSError:
                 continue
+        stack.extend((os.path.join(directory, name), depth + 1) for name in subdirs)
+
+
+def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
+    """The directory cache, by directory path (empty when the table is unreadable)."""
+    from indexer.store import path_of
+
+    try:
+        return {
+            path_of(row[0]): row[1:]
+            for row in conn.execute(
+                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links FROM directories"
+            )
+        }
+    except sqlite3.Error:
+        return {}
+
+
+def store_cache(
+    conn: sqlite3.Connection,
+    listed: Mapping[str, Listing],
+    visited: Collection[str],
+    tops: Collection[str],
+    cached: Collection[str],
+) -> None:
+    """Record the directories listed by a walk, and forget cached ones below *tops* (the walk's
+    resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
+    from indexer.store import path_value
+
+    prefixes = [top.rstrip("/") + "/" for top in tops]
+    forget = [
+        (path_value(path),)
+        for path in cached
+        if path not in visited and any(path == p[:-1] or path.startswith(p) for p in prefixes)
+    ]
+    if not listed and not forget:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.executemany("DELETE FROM directories WHERE path = ?", forget)
+        conn.executemany(
+            "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(path_value(path), *row) for path, row in listed.items()],
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
 
 
 def in_layout_blobs(top: str, parts: list[str]) -> bool:
@@ -112,13 +211,16 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *
     ]
 
 
-def changes(stored: Mapping[str, StoredLayout], roots: list[Root]) -> tuple[list[str], list[str], list[str], list[str]]:
-    """Compare *stored* with the layouts below *roots* by one listing walk and one ``stat`` per
-    ``index.json``: ``(layouts present, new or changed, stored ones that vanished, problems met)``."""
+def changes(
+    stored: Mapping[str, StoredLayout], roots: list[Root], cache: Mapping[str, Listing] | None = None
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """Compare *stored* with the layouts below *roots* by one walk (listing only the directories that
+    *cache* does not hold as they are) and one ``stat`` per ``index.json``:
+    ``(layouts present, new or changed, stored ones that vanished, problems met)``."""
     errors: list[str] = []
     found: dict[str, None] = {}
     for root in roots:
-        for path in discover(root, errors):
+        for path in discover(root, errors, cache):
             found[path] = None
     present = list(found)
     follow = any(r.follow_symlinks for r in roots)
@@ -138,22 +240,57 @@ def changes(stored: Mapping[str, StoredLayout], roots: list[Root]) -> tuple[list
 
 def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
     """``(layouts, still broken)`` when the index provably holds every layout below *roots* as it is
-    on disk (nothing to write), else None: one listing walk and one ``stat`` per ``index.json``."""
+    on disk (nothing to write), else None: one walk (the directory cache's listings where they hold)
+    and one ``stat`` per ``index.json``.
+
+    The same test as :func:`changes` with ``StoredLayout.is_current``, on plain rows: building a
+    record per layout and comparing identities field by field was a third of a 10,000-layout proof.
+    """
     from indexer.errors import DatabaseError
-    from indexer.store import open_reader
-    from indexer.store import read as db
+    from indexer.store import open_reader, path_of
 
     try:
         conn = open_reader(db_path)
     except DatabaseError:
         return None  # no database yet, or one to migrate: the full pass deals with it
     try:
-        stored = {s.path: s for s in db.layouts(conn)}
+        rows = conn.execute(
+            "SELECT path, state != 'ok', dev, ino, size, mtime_ns, ctime_ns, read_ns, identity_since_ns FROM layouts"
+        ).fetchall()
+        cache = load_cache(conn)
     except sqlite3.Error:
         return None  # a damaged database: the full pass reports it (exit 4)
     finally:
         conn.close()
-    present, changed, gone, errors = changes(stored, roots)
-    if errors or changed or gone:
+    stored = {path_of(row[0]): row for row in rows}
+    errors: list[str] = []
+    found: dict[str, None] = {}
+    for root in roots:
+        for path in discover(root, errors, cache):
+            found[path] = None
+    if errors or vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots]):
         return None  # the full pass writes the changes and reports the problems
-    return len(present), sum(stored[path].state != "ok" for path in present)
+    broken = 0
+    join, stat_of = os.path.join, os.stat
+    for path in found:
+        known = stored.get(path)
+        if known is None:
+            return None
+        _path, bad, dev, ino, size, mtime_ns, ctime_ns, read_ns, since = known
+        try:
+            st = stat_of(join(path, "index.json"))
+        except OSError:
+            return None  # a layout without a readable index.json: the full read says why
+        if (
+            dev is None
+            or read_ns is None
+            or st.st_mtime_ns != mtime_ns
+            or st.st_ctime_ns != ctime_ns
+            or st.st_size != size
+            or st.st_ino != ino
+            or st.st_dev != dev
+            or settles_at(mtime_ns, ctime_ns, read_ns, since) > read_ns  # racy: not a proof (is_racy)
+        ):
+            return None
+        broken += bad
+    return len(found), broken

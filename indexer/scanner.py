@@ -1,12 +1,11 @@
-"""Batch scanning: discover layouts, skip the unchanged, read and parse in worker threads, write in batches.
+"""Batch scanning: discover layouts, skip the unchanged, read and parse in worker processes, write in batches.
 
-One :class:`Scanner` owns the only write connection. ``ocidx scan`` runs one
-:meth:`Scanner.full_pass`; the daemon runs the same pass at start-up and on
-its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
-reported. Each batch is read, parsed and written (one transaction) in a single
-worker-thread call, serialized with every other write (one thread hop per batch:
-research/python-anchors.md B4). Reading beside writing in two threads measured
-slower on 2 cores: both are GIL-bound (benchmarks/RESULTS.md).
+One :class:`Scanner` owns the only write connection (:class:`indexer.store.writer.Writer`, an
+aiosqlite connection). ``ocidx scan`` runs one :meth:`Scanner.full_pass`; the daemon runs the same
+pass at start-up and on its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
+reported. Layouts are read and parsed in batches by worker processes (:mod:`indexer.workers`), which
+return compact rows; while the writer writes batch k (one compare-and-set transaction), batches
+k+1..k+n are being parsed.
 """
 
 from __future__ import annotations
@@ -16,23 +15,29 @@ import sqlite3
 import sys
 import time
 
-import anyio
-import anyio.to_thread
-
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer import roots as roots_mod
-from indexer.discovery import discover, roots_for, settled, vanished
-from indexer.errors import LayoutError, LayoutUnreadable, printable
+from indexer import workers
+from indexer.discovery import discover, load_cache, roots_for, settled, store_cache, vanished
+from indexer.errors import printable
 from indexer.store import open_writer
 from indexer.store import read as db
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+    import asyncio
+    from collections.abc import AsyncGenerator, Callable, Iterable
+    from concurrent.futures import Future
+    from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
+    from indexer.discovery import Listing
+    from indexer.store.write import LayoutRows
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
 
 COLD_BUILD_MIN_LAYOUTS = 500
 # How many changed (and removed) layouts a pass remembers by path, for the daemon's log.
@@ -40,38 +45,49 @@ LOGGED_PATHS = 10
 # A layout another writer keeps rewriting is examined again at most this often in one batch; past
 # that, the other writer's rows (at least as new as ours) stand until the next change or pass.
 CONFLICT_RETRIES = 4
+# A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
+POOL_MIN_LAYOUTS = 64
+# Layouts per worker task: a batch (one write transaction) is read as tasks of at most this many.
+# Smaller tasks keep each process's high-water memory low (measured at 10,000 layouts: 219 MB for
+# the scan and its workers with tasks of 500, 152 MB with tasks of 100, in the same time).
+TASK_LAYOUTS = 100
 
 
 def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: bool = False) -> Outcome | None:
     """Look at one layout: None when its stored state is provably current, else what to write."""
-    read_ns = time.time_ns()
+    if not full and stored is not None and _is_current(path, stored):
+        return None
+    return decide(workers.read_one(path, config.familiar, config.limits), stored, full=full)
+
+
+def _is_current(path: str, stored: db.StoredLayout) -> bool:
+    """Whether one ``stat`` of the layout's ``index.json`` proves its stored rows current."""
     try:
         st = os.stat(os.path.join(path, "index.json"))
-    except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
-        if not layout_mod.is_layout_dir(path):
-            return Gone(path, stored) if stored is not None else None
-        return Failed(path, LayoutUnreadable(f"{path}: no index.json"), None, read_ns, stored)
-    except OSError as exc:
-        return Failed(path, LayoutUnreadable(f"{path}/index.json: {exc.strerror}"), None, read_ns, stored)
-    identity = layout_mod.FileIdentity.of(st)
-    if not full and stored is not None and stored.is_current(identity):
-        return None
-    try:
-        snapshot = layout_mod.read_layout(path, familiar=config.familiar, limits=config.limits)
-    except LayoutError as exc:
-        return Failed(path, exc, identity, read_ns, stored)
-    except Exception as exc:
-        error = LayoutError(f"{path}: unexpected {type(exc).__name__}: {exc}")
+    except OSError:
+        return False  # gone, or unreadable: the read says which
+    return stored.is_current(layout_mod.FileIdentity.of(st))
+
+
+def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool) -> Outcome | None:
+    """What to write for one read layout (a worker's :data:`workers.Result`), against *stored*."""
+    path, read_ns, kind, detail = result
+    if kind == workers.GONE:
+        return Gone(path, stored) if stored is not None else None
+    if kind == workers.FAILED:
+        error, ident = workers.failed_error(detail)
+        identity = layout_mod.FileIdentity(*ident) if ident is not None else None
         return Failed(path, error, identity, read_ns, stored)
-    if not full and stored is not None and stored.state == "ok" and stored.content_hash == snapshot.content_hash:
-        return Same(path, snapshot.identity, read_ns, stored)
-    return Read(path, snapshot, read_ns, stored)
+    rows: LayoutRows = detail  # type: ignore[assignment]
+    if not full and stored is not None and stored.state == "ok" and stored.content_hash == rows[1]:
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored)
+    return Read(path, rows, read_ns, stored)
 
 
 def examine_batch(
     paths: Iterable[str], stored: dict[str, db.StoredLayout], *, config: Config, full: bool
 ) -> list[Outcome]:
-    """Examine a batch of layouts in one worker-thread call."""
+    """Examine a batch of layouts in this process."""
     out = []
     for path in paths:
         outcome = examine(path, stored.get(path), config=config, full=full)
@@ -134,40 +150,89 @@ class Scanner:
     """The single writer and the scanning passes that feed it."""
 
     def __init__(self, db_path: str, config: Config) -> None:
+        from indexer.store.writer import Writer  # aiosqlite: only once a pass is written
+
         self.db_path = db_path
-        self.config = config
-        self.conn: sqlite3.Connection = open_writer(db_path)
+        self.writer = Writer(db_path)
+        # The sqlite3 connection under the writer, for use outside a pass (no unit of the writer's
+        # thread is running then): tests, and the roots ``ocidx scan`` records after its pass.
+        self.conn: sqlite3.Connection = self.writer.conn
         restore_indexes(self.conn)  # a cold build killed half-way left them deferred
-        self._write_limiter = anyio.CapacityLimiter(1)
+        self.problems: list[str] = []  # said once per pass, in its error messages
+        self.pool: workers.Pool | None = None
+        self.config = config
+
+    @property
+    def config(self) -> Config:
+        """The configuration passes run with; setting it (the daemon's SIGHUP) applies to the next pass."""
+        return self._config
+
+    @config.setter
+    def config(self, config: Config) -> None:
+        self._config = config
+        count = config.daemon.workers or workers.default_workers()
+        pool = self.pool
+        if pool is not None and pool.workers == count:
+            pool.familiar, pool.limits = config.familiar, config.limits  # read by the next task submitted
+            return
+        if pool is not None:
+            pool.close()  # between passes (the daemon reloads between steps): no task is running
+        self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
     def close(self) -> None:
-        """Close the write connection (after PRAGMA optimize, when the database still allows it)."""
+        """Stop the workers and close the write connection."""
         try:
-            self.conn.execute("PRAGMA optimize")
-        except sqlite3.Error:
-            pass  # a full disk or a damaged file: the error that matters was raised already
+            if self.pool is not None:
+                self.pool.close()
         finally:
-            self.conn.close()
+            self.writer.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close` from the event loop (the workers are waited for in a thread)."""
+        import anyio.to_thread
+
+        with anyio.CancelScope(shield=True):
+            if self.pool is not None:
+                await anyio.to_thread.run_sync(self.pool.close)
+            await anyio.to_thread.run_sync(self.writer.close)
+
+    async def abandon(self) -> None:
+        """Stop the workers and close the connection without ``PRAGMA optimize`` (a corrupt database)."""
+        import anyio.to_thread
+
+        with anyio.CancelScope(shield=True):
+            if self.pool is not None:
+                await anyio.to_thread.run_sync(self.pool.close)
+            await anyio.to_thread.run_sync(self.writer.abandon)
+
+    async def on_writer(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs) -> T:
+        """Run ``fn(conn, *args)`` on the writer's connection, serialized with every batch."""
+        return await self.writer.run(fn, *args, **kw)
 
     async def _write(self, outcomes: list[Outcome]) -> list[Outcome]:
         """Write outcomes decided outside a batch (removals); a conflicting one is left to the next pass."""
         if not outcomes:
             return []
-        applied = await anyio.to_thread.run_sync(apply, self.conn, outcomes, limiter=self._write_limiter)
+        applied = await self.on_writer(apply, outcomes)
         return applied.written
 
     async def _stored(self, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
-        def load() -> dict[str, db.StoredLayout]:
+        def load(conn: sqlite3.Connection) -> dict[str, db.StoredLayout]:
             if paths is None:
-                return {s.path: s for s in db.layouts(self.conn)}
+                return {s.path: s for s in db.layouts(conn)}
             out = {}
             for path in paths:
-                found = db.layout(self.conn, path)
+                found = db.layout(conn, path)
                 if found is not None:
                     out[path] = found
             return out
 
-        return await anyio.to_thread.run_sync(load, limiter=self._write_limiter)
+        return await self.on_writer(load)
+
+    def _uses_pool(self, count: int) -> bool:
+        """Worker processes for a pass with enough to read; a handful of changes (the daemon's common
+        case) is read in this process: a round trip to a worker would only add to its latency."""
+        return self.pool is not None and count >= POOL_MIN_LAYOUTS
 
     async def process(
         self,
@@ -178,70 +243,212 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
         extra: list[Outcome] | None = None,
     ) -> Counts:
-        """Examine *paths* in batches and write what changed, a batch per worker-thread call.
+        """Examine *paths* and write what changed, one transaction per batch.
 
-        Reading and writing in one thread, batch after batch, measured 28% less wall time and
-        33% less CPU than a reader thread beside the writer on 2 cores: both are GIL-bound, and
-        the reader waited for the GIL after every read (benchmarks/RESULTS.md).
+        Layouts whose ``index.json`` one ``stat`` proves unchanged are skipped here; the others are
+        read in batches by the worker processes while this process writes the batches already read
+        (or, for a few layouts or ``workers = 1``, read in a thread of this process).
         """
+        import contextlib
+
+        import anyio.to_thread
+
         if stored is None:
             stored = await self._stored(paths)
         counts = Counts()
         size = max(1, self.config.daemon.batch_size)
-        batches = [paths[i : i + size] for i in range(0, len(paths), size)]
-        done = 0
-
-        def broken_and_skipped(batch: list[str], outcomes: list[Outcome]) -> int:
-            examined = {outcome.path for outcome in outcomes}
-            return sum(
+        if not self._uses_pool(len(paths)):
+            # A few layouts (the daemon's changes), or no workers: each batch is one unit of the writer.
+            done = 0
+            for start in range(0, len(paths), size):
+                batch = paths[start : start + size]
+                written, read = await self.on_writer(self._examine_and_write, batch, stored, full)
+                counts.add(written, read)
+                _count_skipped(counts, batch, stored, written, read)
+                done += len(batch)
+                if progress is not None:
+                    progress(done, len(paths))
+            return await self._finish(counts, extra)
+        if full:
+            unread: list[str] = list(paths)
+        else:
+            unread = await anyio.to_thread.run_sync(_unsettled, paths, stored)
+        skipped = len(paths) - len(unread)
+        if skipped:
+            unread_set = set(unread)
+            counts.seen += skipped
+            counts.unchanged += skipped
+            counts.still_broken += sum(
                 1
-                for path in batch
-                if path not in examined and (known := stored.get(path)) is not None and known.state == "error"
+                for path in paths
+                if path not in unread_set and (known := stored.get(path)) is not None and known.state == "error"
             )
+        batches = [unread[i : i + size] for i in range(0, len(unread), size)]
+        done = skipped
+        if progress is not None and skipped:
+            progress(done, len(paths))
+        try:
+            async with contextlib.aclosing(self._read(batches)) as reads:
+                async for batch, results in reads:
+                    outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+                    written = await self._apply(outcomes, stored, full)
+                    counts.add(written, len(batch))
+                    done += len(batch)
+                    if progress is not None:
+                        progress(done, len(paths))
+        finally:
+            if self.pool is not None:
+                # Idle workers would hold their memory (about 50 MB each) until the next big pass,
+                # which may be hours away in the daemon; starting them again costs about 0.1 s.
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self.pool.close)
+        return await self._finish(counts, extra)
 
-        def examine_and_write(batch: list[str]) -> list[Outcome]:
-            outcomes = examine_batch(batch, stored, config=self.config, full=full)
-            written: list[Outcome] = []
-            for _attempt in range(CONFLICT_RETRIES):
-                if not outcomes:
-                    break
-                applied = apply(self.conn, outcomes)
-                written.extend(applied.written)
-                if not applied.conflicts:
-                    break
-                # Another writer changed these layouts since *stored* was loaded: examine them again
-                # against the rows as they are now (compare-and-set, docs/design.md).
-                fresh = {path: found for path in applied.conflicts if (found := db.layout(self.conn, path))}
-                for path in applied.conflicts:
-                    stored.pop(path, None)
-                stored.update(fresh)
-                outcomes = examine_batch(applied.conflicts, stored, config=self.config, full=full)
-            return written
-
-        for batch in batches:
-            outcomes = await anyio.to_thread.run_sync(examine_and_write, batch, limiter=self._write_limiter)
-            counts.add(outcomes, len(batch), broken_and_skipped(batch, outcomes))
-            done += len(batch)
-            if progress is not None:
-                progress(done, len(paths))
+    async def _finish(self, counts: Counts, extra: list[Outcome] | None) -> Counts:
+        """Write the outcomes decided outside the batches (removals) and the pass's own problems."""
         if extra:
             applied = await self._write(list(extra))
             counts.add(applied, 0, 0)
+        counts.error_messages[:0] = self.problems
+        self.problems = []
         return counts
 
+    async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
+        """Each batch with its read results, in order; with a pool, the next batches are being read
+        (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
+        import collections
+        from concurrent.futures.process import BrokenProcessPool
+
+        import anyio.to_thread
+
+        familiar, limits = self.config.familiar, self.config.limits
+        pool = self.pool
+        if pool is None or not self._uses_pool(sum(map(len, batches))):
+            for batch in batches:
+                yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
+            return
+        queue: collections.deque[tuple[list[str], list[asyncio.Future[bytes]]]] = collections.deque()
+        upcoming = iter(batches)
+        try:
+            while True:
+                # Keep two batches (and at least two tasks per worker) in flight: while the writer
+                # writes one, the workers read the next.
+                while (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers) and (
+                    following := next(upcoming, None)
+                ) is not None:
+                    tasks = [following[i : i + TASK_LAYOUTS] for i in range(0, len(following), TASK_LAYOUTS)]
+                    queue.append((following, [_wrap(pool.submit(task)) for task in tasks]))
+                if not queue:
+                    return
+                batch, futures = queue.popleft()
+                try:
+                    results = [result for future in futures for result in workers.unpack(await future)]
+                except BrokenProcessPool:
+                    # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
+                    # Read them again one layout at a time in a fresh pool to find the one that kills it.
+                    lost = [batch, *(b for b, _ in queue)]
+                    for dropped in [*futures, *(f for _, fs in queue for f in fs)]:
+                        dropped.add_done_callback(_retrieved)
+                    queue.clear()
+                    pool.broken()
+                    if not await _starts(pool):
+                        # Workers that cannot even start (no interpreter for them, a process limit):
+                        # no layout is to blame; read the rest of the pass in this process.
+                        self.problems.append("worker processes could not be started: reading layouts in this process")
+                        for rest in [*lost, *upcoming]:
+                            yield rest, await anyio.to_thread.run_sync(workers.read_batch, rest, familiar, limits)
+                        return
+                    for lost_batch in lost:
+                        yield lost_batch, await self._read_alone(lost_batch)
+                    continue
+                yield batch, results
+        finally:
+            for _batch, futures in queue:
+                for future in futures:
+                    future.add_done_callback(_retrieved)
+                    future.cancel()
+
+    async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
+        """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self.pool
+        assert pool is not None
+        out: list[workers.Result] = []
+        for path in batch:
+            read_ns = time.time_ns()
+            try:
+                out.extend(workers.unpack(await _wrap(pool.submit([path]))))
+            except BrokenProcessPool as exc:
+                pool.broken()
+                out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
+        return out
+
+    async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
+        """Write one batch's outcomes (compare-and-set) in one unit of the writer (:meth:`_write_read`)."""
+        return await self.on_writer(self._write_read, outcomes, stored, full)
+
+    def _write_read(
+        self, conn: sqlite3.Connection, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool
+    ) -> list[Outcome]:
+        """On the writer's thread: apply *outcomes*; a conflicting layout is examined again against its
+        row as it is now, up to CONFLICT_RETRIES times (rare: another writer moved the row on)."""
+        written: list[Outcome] = []
+        familiar, limits = self.config.familiar, self.config.limits
+        for _attempt in range(CONFLICT_RETRIES):
+            if not outcomes:
+                break
+            applied = apply(conn, outcomes)
+            written.extend(applied.written)
+            if not applied.conflicts:
+                break
+            # Another writer changed these layouts since *stored* was loaded: examine them again
+            # against the rows as they are now (compare-and-set, docs/design.md).
+            for path in applied.conflicts:
+                stored.pop(path, None)
+                found = db.layout(conn, path)
+                if found is not None:
+                    stored[path] = found
+            again = applied.conflicts if full else _unsettled(applied.conflicts, stored)
+            results = workers.read_batch(again, familiar, limits)
+            outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+        return written
+
+    def _examine_and_write(
+        self, conn: sqlite3.Connection, batch: list[str], stored: dict[str, db.StoredLayout], full: bool
+    ) -> tuple[list[Outcome], int]:
+        """On the writer's thread: skip what one ``stat`` proves unchanged, read the rest, write them
+        (one unit: a few changed layouts cost one hop, and no other unit can slip in between);
+        the outcomes written and how many layouts were read."""
+        unread = batch if full else _unsettled(batch, stored)
+        results = workers.read_batch(unread, self.config.familiar, self.config.limits)
+        outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+        return self._write_read(conn, outcomes, stored, full), len(unread)
+
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
-        """Every layout below *roots*, the problems met on the way, and the roots resolved."""
+        """Every layout below *roots*, the problems met on the way, and the roots resolved.
+
+        The walk lists only the directories the directory cache does not hold as they are, and
+        records what it listed (discovery.discover, migrations/0005).
+        """
+        import anyio.to_thread
+
         roots = list(roots)
+        cache = await self.on_writer(load_cache)
+        listed: dict[str, Listing] = {}
+        visited: set[str] = set()
 
         def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
-                for path in discover(root, errors):
+                for path in discover(root, errors, cache, listed, visited):
                     found[path] = None
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
-        return await anyio.to_thread.run_sync(walk)
+        paths, errors, resolved = await anyio.to_thread.run_sync(walk)
+        await self.on_writer(store_cache, listed, visited, resolved, cache.keys())
+        return paths, errors, resolved
 
     async def full_pass(
         self,
@@ -251,9 +458,13 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
+        import anyio.to_thread
+
         roots = list(roots)
-        paths, problems, resolved = await self.discover(roots)
         stored = await self._stored()
+        if not stored and self.pool is not None:
+            self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
+        paths, problems, resolved = await self.discover(roots)
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(
@@ -264,15 +475,61 @@ class Scanner:
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS
         if cold:
-            await anyio.to_thread.run_sync(defer_indexes, self.conn, limiter=self._write_limiter)
+            await self.on_writer(defer_indexes)
         try:
             counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
         finally:
             if cold:
-                with anyio.CancelScope(shield=True):
-                    await anyio.to_thread.run_sync(restore_indexes, self.conn, limiter=self._write_limiter)
+                await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
         counts.error_messages[:0] = problems
         return counts
+
+
+async def _starts(pool: workers.Pool) -> bool:
+    """Whether a fresh pool runs a task at all."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        await _wrap(pool.submit([]))
+    except BrokenProcessPool:
+        pool.broken()
+        return False
+    return True
+
+
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    """Mark the outcome of a read no longer waited for as seen (its batch is read again, or the pass ended)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
+    import asyncio
+
+    return asyncio.wrap_future(future)
+
+
+def _count_skipped(
+    counts: Counts, batch: list[str], stored: dict[str, db.StoredLayout], written: list[Outcome], read: int
+) -> None:
+    """Account for the layouts of *batch* that were skipped unread (proven unchanged)."""
+    skipped = len(batch) - read
+    if not skipped:
+        return
+    counts.seen += skipped
+    counts.unchanged += skipped
+    examined = {outcome.path for outcome in written}
+    # A skipped layout last found broken is still broken (the full pass counts it apart).
+    counts.still_broken += sum(
+        1
+        for path in batch
+        if path not in examined and (known := stored.get(path)) is not None and known.state == "error"
+    )
+
+
+def _unsettled(paths: list[str], stored: dict[str, db.StoredLayout]) -> list[str]:
+    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read."""
+    return [path for path in paths if (known := stored.get(path)) is None or not _is_current(path, known)]
 
 
 def _progress_bar() -> Callable[[int, int], None]:
@@ -320,6 +577,8 @@ def run_scan(
             return counts
         finally:
             scanner.close()
+
+    import anyio  # with asyncio, about 30 ms: only once something is to be written
 
     try:
         counts = anyio.run(go)

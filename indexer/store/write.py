@@ -41,15 +41,20 @@ if TYPE_CHECKING:
 
 
 class Read(Record):
-    """A layout whose ``index.json`` was read and parsed."""
+    """A layout whose ``index.json`` was read and parsed, as the rows to store (:func:`snapshot_rows`)."""
 
-    __slots__ = ("expected", "path", "read_ns", "snapshot")
+    __slots__ = ("expected", "path", "read_ns", "rows")
 
-    def __init__(self, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> None:
+    def __init__(self, path: str, rows: LayoutRows, read_ns: int, expected: StoredLayout | None) -> None:
         self.path = path
-        self.snapshot = snapshot
+        self.rows = rows
         self.read_ns = read_ns
         self.expected = expected
+
+    @classmethod
+    def of(cls, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> Read:
+        """The outcome of reading *snapshot* (its rows computed here, in this process)."""
+        return cls(path, snapshot_rows(snapshot), read_ns, expected)
 
 
 class Same(Record):
@@ -115,7 +120,12 @@ MAX_REMOVALS = 10_000
 
 def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
     """Write *outcomes* in one transaction, each only if its layout's row is still the one it was
-    decided on (compare-and-set); the others are returned as conflicts, to be examined again."""
+    decided on (compare-and-set); the others are returned as conflicts, to be examined again.
+
+    Set-based: the stored rows of the whole batch are read with one statement, and the batch's
+    reads are diffed and written with a few statements for all of its layouts (:func:`_store_all`).
+    """
+    outcomes = list(outcomes)
     changed = 0
     written: list[Outcome] = []
     conflicts: list[str] = []
@@ -123,16 +133,21 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
     try:
         ids = _IdAllocator(conn)
         versions = _Versions(conn)
+        current_of = _current(conn, [outcome.path for outcome in outcomes])
+        reads: list[tuple[str, LayoutRows, int, StoredLayout | None]] = []
+        seen: set[str] = set()
         for outcome in outcomes:
-            current = read.layout(conn, outcome.path)
-            if current != outcome.expected:
+            current = current_of.get(outcome.path)
+            if current != outcome.expected or outcome.path in seen:
                 # Another writer (a scan beside the daemon, a second daemon pass) wrote this layout
                 # after the outcome's examination loaded it: the outcome may describe an older file.
+                # (A path twice in one batch: the second was decided before the first was written.)
                 conflicts.append(outcome.path)
                 continue
+            seen.add(outcome.path)
             written.append(outcome)
             if isinstance(outcome, Read):
-                changed += _store(conn, outcome.path, outcome.snapshot, outcome.read_ns, ids, versions, current)
+                reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
             elif isinstance(outcome, Same):
                 assert current is not None  # a Same is only decided against a stored row
                 _touch(conn, current, outcome.identity, outcome.read_ns, versions)
@@ -140,6 +155,7 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
                 _fail(conn, outcome, current, versions)
             else:
                 changed += _remove(conn, outcome.path, versions)
+        changed += _store_all(conn, reads, ids, versions)
         versions.finish()
         conn.execute("COMMIT")
     except BaseException:
@@ -147,6 +163,26 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
             conn.execute("ROLLBACK")
         raise
     return Applied(changed, written, conflicts)
+
+
+def _staged(conn: sqlite3.Connection, table: str, values: Iterable[object]) -> str:
+    """Fill the TEMP staging table *table* (one column, ``v``) with *values*; the subquery that reads it."""
+    conn.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (v PRIMARY KEY) WITHOUT ROWID")
+    conn.execute(f"DELETE FROM {table}")
+    conn.executemany(f"INSERT OR IGNORE INTO {table} (v) VALUES (?)", [(v,) for v in values])
+    return f"(SELECT v FROM temp.{table})"
+
+
+def _current(conn: sqlite3.Connection, paths: list[str]) -> dict[str, StoredLayout]:
+    """The stored rows of *paths*, read inside the write transaction with one statement."""
+    if not paths:
+        return {}
+    if len(paths) == 1:
+        found = read.layout(conn, paths[0])
+        return {} if found is None else {found.path: found}
+    wanted = _staged(conn, "ocidx_stage_paths", (path_value(p) for p in paths))
+    rows = conn.execute(f"SELECT {read._LAYOUT_COLUMNS} FROM layouts WHERE path IN {wanted}")
+    return {stored.path: stored for stored in map(read._stored, rows)}
 
 
 class _Versions:
@@ -182,13 +218,13 @@ class _Versions:
 
 
 class _IdAllocator:
-    """Entry ids assigned here so that entries, names and children go in with executemany.
+    """Ids assigned here (entries, new layouts) so that rows go in with executemany.
 
     Safe because there is exactly one writer, inside its own IMMEDIATE transaction.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.next_id = (conn.execute("SELECT max(id) FROM entries").fetchone()[0] or 0) + 1
+    def __init__(self, conn: sqlite3.Connection, table: str = "entries") -> None:
+        self.next_id = (conn.execute(f"SELECT max(id) FROM {table}").fetchone()[0] or 0) + 1
 
     def take(self) -> int:
         value = self.next_id
@@ -219,13 +255,85 @@ def _platform_key(platform: Platform | None) -> tuple[object, ...] | None:
     return (platform.os, platform.architecture, platform.variant, platform.os_version, platform.os_features)
 
 
+# json.dumps with sort_keys builds a new encoder on every call; one encoder, the same output.
+_encode_sorted = json.JSONEncoder(sort_keys=True).encode
+
+
 def _annotations_json(annotations: dict[str, str]) -> str:
-    return json.dumps(annotations, sort_keys=True) if annotations else "{}"
+    return _encode_sorted(annotations) if annotations else "{}"
+
+
+if TYPE_CHECKING:
+    # What one read layout crosses the process boundary as (plain tuples pickle compactly):
+    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children);
+    # an entry (row_key, position, digest, media_type, size, platform, annotations, invalid_names, warnings),
+    # a name (entry's index in entries, name, tag, how), a child (entry's index in entries, position,
+    # parent, depth, digest, media_type, size, platform, annotations); JSON columns already encoded.
+    EntryRow = tuple[str, int, str, str, int, str | None, str, str | None, str | None]
+    NameRow = tuple[int, str, str, str]
+    ChildRow = tuple[int, int, str, int, str, str, int, str | None, str]
+    LayoutRows = tuple[
+        tuple[int, int, int, int, int], str, tuple[str, ...], list[EntryRow], list[NameRow], list[ChildRow]
+    ]
+
+
+def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
+    """The rows of *snapshot* as stored: row keys taken, JSON encoded (in a parsing worker, or here)."""
+    children_of: dict[int, list[Child]] = {}
+    for child in snapshot.children:
+        children_of.setdefault(child.entry_position, []).append(child)
+    entries: list[EntryRow] = []
+    names: list[NameRow] = []
+    children: list[ChildRow] = []
+    occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
+    for index, entry in enumerate(snapshot.entries):
+        kids = children_of.get(entry.position, [])
+        key = _row_key(entry, kids)
+        occurrence = occurrences.get(key, 0)
+        occurrences[key] = occurrence + 1
+        entries.append(
+            (
+                f"{key}#{occurrence}",
+                entry.position,
+                entry.digest,
+                entry.media_type,
+                entry.size,
+                platform_json(entry.platform),
+                _annotations_json(entry.annotations),
+                json.dumps(list(entry.invalid_names)) if entry.invalid_names else None,
+                json.dumps(list(entry.warnings)) if entry.warnings else None,
+            )
+        )
+        names.extend((index, n.name, n.tag, n.how) for n in entry.names)
+        children.extend(
+            (
+                index,
+                i,
+                c.parent,
+                c.depth,
+                c.digest,
+                c.media_type,
+                c.size,
+                platform_json(c.platform),
+                _annotations_json(c.annotations),
+            )
+            for i, c in enumerate(kids)
+        )
+    identity = snapshot.identity
+    return (
+        (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns),
+        snapshot.content_hash,
+        tuple(printable(w) for w in snapshot.warnings),
+        entries,
+        names,
+        children,
+    )
 
 
 def store_snapshot(conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int) -> int:
     """Diff *snapshot* into the rows of layout *path* (caller holds the transaction); 1 if rows changed."""
-    return _store(conn, path, snapshot, read_ns, _IdAllocator(conn), _Versions(conn), read.layout(conn, path))
+    reads = [(path, snapshot_rows(snapshot), read_ns, read.layout(conn, path))]
+    return _store_all(conn, reads, _IdAllocator(conn), _Versions(conn))
 
 
 def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns: int) -> int:
@@ -235,136 +343,138 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
     return read_ns
 
 
-def _store(
+_LAYOUT_UPDATE = """
+    UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?, content_hash = ?,
+                       state = 'ok', error_category = NULL, error = NULL, last_good_ns = ?, checked_ns = ?,
+                       entry_count = ?, identity_since_ns = ?
+    WHERE id = ?
+"""
+
+
+def _store_all(
     conn: sqlite3.Connection,
-    path: str,
-    snapshot: Snapshot,
-    read_ns: int,
+    reads: list[tuple[str, LayoutRows, int, StoredLayout | None]],
     ids: _IdAllocator,
     versions: _Versions,
-    current: StoredLayout | None,
 ) -> int:
-    identity = snapshot.identity
+    """Diff the rows of every read layout in *reads* against their stored rows and write the
+    difference for all of them at once; return how many layouts' rows changed.
+
+    A few statements per batch, not per layout: the stored entries and warnings of every updated
+    layout are read with one statement each (their ids staged in a TEMP table), the diff is taken
+    on the row keys, and deletions, moves and insertions go in with one ``executemany`` per table.
+    Unchanged entries keep their ids. New layouts get their ids here, as entries do.
+    """
+    if not reads:
+        return 0
+    from indexer.layout import FileIdentity
+
     now = time.time_ns()
-    layout_id = conn.execute(
-        """
-        INSERT INTO layouts (path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
-        VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?)
-        ON CONFLICT (path) DO UPDATE SET
-            dev = excluded.dev, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns,
-            ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, content_hash = excluded.content_hash,
-            state = 'ok', error_category = NULL, error = NULL, last_good_ns = excluded.last_good_ns,
-            checked_ns = excluded.checked_ns, entry_count = excluded.entry_count,
-            identity_since_ns = excluded.identity_since_ns
-        RETURNING id
-        """,
-        (
-            path_value(path),
-            identity.dev,
-            identity.ino,
-            identity.size,
-            identity.mtime_ns,
-            identity.ctime_ns,
-            read_ns,
-            snapshot.content_hash,
-            now,
-            now,
-            len(snapshot.entries),
-            _since(current, identity, read_ns),
-        ),
-    ).fetchone()[0]
-    published_before = (
-        None
-        if current is None
-        else (current.content_hash, current.state, current.error_category, current.error, current.entry_count)
-    )
-    children_of: dict[int, list[Child]] = {}
-    for child in snapshot.children:
-        children_of.setdefault(child.entry_position, []).append(child)
-
-    wanted: dict[str, tuple[Entry, list[Child]]] = {}
-    occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
-    for entry in snapshot.entries:
-        kids = children_of.get(entry.position, [])
-        key = _row_key(entry, kids)
-        occurrence = occurrences.get(key, 0)
-        occurrences[key] = occurrence + 1
-        wanted[f"{key}#{occurrence}"] = (entry, kids)
-
-    existing = {
-        key: (entry_id, position)
-        for entry_id, key, position in conn.execute(
-            "SELECT id, row_key, position FROM entries WHERE layout_id = ?", (layout_id,)
+    known = [(path, rows, read_ns, current) for path, rows, read_ns, current in reads if current is not None]
+    existing: dict[int, dict[str, tuple[int, int]]] = {current.id: {} for *_, current in known if current}
+    old_warnings: dict[int, list[str]] = {lid: [] for lid in existing}
+    if existing:
+        staged = _staged(conn, "ocidx_stage_ids", existing)
+        for lid, entry_id, key, position in conn.execute(
+            f"SELECT layout_id, id, row_key, position FROM entries WHERE layout_id IN {staged}"
+        ):
+            existing[lid][key] = (entry_id, position)
+        for lid, message in conn.execute(
+            f"SELECT layout_id, message FROM layout_warnings WHERE layout_id IN {staged} ORDER BY rowid"
+        ):
+            old_warnings[lid].append(message)
+    layout_ids = _IdAllocator(conn, "layouts")
+    new_layouts: list[tuple[object, ...]] = []
+    updated_layouts: list[tuple[object, ...]] = []
+    stale: list[tuple[int]] = []
+    moved: list[tuple[int, int]] = []
+    entry_rows: list[tuple[object, ...]] = []
+    name_rows: list[tuple[object, ...]] = []
+    child_rows: list[tuple[object, ...]] = []
+    warnings_gone: list[tuple[int]] = []
+    warning_rows: list[tuple[int, str]] = []
+    stamped: list[tuple[int, str]] = []
+    changed = 0
+    for path, rows, read_ns, current in reads:
+        ident, content_hash, warnings_now, entries, names, children = rows
+        since = _since(current, FileIdentity(*ident), read_ns)
+        if current is None:
+            layout_id = layout_ids.take()
+            new_layouts.append(
+                (layout_id, path_value(path), *ident, read_ns, content_hash, now, now, len(entries), since)
+            )
+            have: dict[str, tuple[int, int]] = {}
+            published_before: tuple[object, ...] | None = None
+            warnings_before: list[str] = []
+        else:
+            layout_id = current.id
+            updated_layouts.append((*ident, read_ns, content_hash, now, now, len(entries), since, layout_id))
+            have = existing[layout_id]
+            published_before = (
+                current.content_hash,
+                current.state,
+                current.error_category,
+                current.error,
+                current.entry_count,
+            )
+            warnings_before = old_warnings[layout_id]
+        wanted = {row[0]: index for index, row in enumerate(entries)}
+        gone = [(entry_id,) for key, (entry_id, _position) in have.items() if key not in wanted]
+        stale.extend(gone)
+        shifted = [
+            (entries[wanted[key]][1], entry_id)
+            for key, (entry_id, position) in have.items()
+            if key in wanted and entries[wanted[key]][1] != position
+        ]
+        moved.extend(shifted)
+        fresh = {index for key, index in wanted.items() if key not in have}
+        if fresh:
+            id_of = {index: ids.take() for index in sorted(fresh)}
+            entry_rows.extend(
+                (id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh
+            )
+            name_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh)
+            child_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh)
+        warnings = list(warnings_now)
+        if warnings != warnings_before:
+            if warnings_before:
+                warnings_gone.append((layout_id,))
+            warning_rows.extend((layout_id, w) for w in warnings)
+        rows_changed = bool(gone or fresh or shifted)
+        changed += rows_changed
+        published_now = (content_hash, "ok", None, None, len(entries))
+        if rows_changed or warnings != warnings_before or published_before != published_now:
+            stamped.append((layout_id, path))
+    if new_layouts:
+        conn.executemany(
+            """
+            INSERT INTO layouts (id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
+                                 error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?)
+            """,
+            new_layouts,
         )
-    }
-    stale = [(existing[key][0],) for key in existing.keys() - wanted.keys()]
-    moved = [
-        (wanted[key][0].position, entry_id)
-        for key, (entry_id, position) in existing.items()
-        if key in wanted and wanted[key][0].position != position
-    ]
-    fresh = [key for key in wanted if key not in existing]
+    if updated_layouts:
+        conn.executemany(_LAYOUT_UPDATE, updated_layouts)
     if stale:
         conn.executemany("DELETE FROM names WHERE entry_id = ?", stale)
         conn.executemany("DELETE FROM children WHERE entry_id = ?", stale)
         conn.executemany("DELETE FROM entries WHERE id = ?", stale)
     if moved:
         conn.executemany("UPDATE entries SET position = ? WHERE id = ?", moved)
-    if fresh:
-        entry_rows: list[tuple[object, ...]] = []
-        name_rows: list[tuple[object, ...]] = []
-        child_rows: list[tuple[object, ...]] = []
-        for key in fresh:
-            entry, kids = wanted[key]
-            entry_id = ids.take()
-            entry_rows.append(
-                (
-                    entry_id,
-                    layout_id,
-                    entry.position,
-                    key,
-                    entry.digest,
-                    entry.media_type,
-                    entry.size,
-                    platform_json(entry.platform),
-                    _annotations_json(entry.annotations),
-                    json.dumps(list(entry.invalid_names)) if entry.invalid_names else None,
-                    json.dumps(list(entry.warnings)) if entry.warnings else None,
-                )
-            )
-            name_rows.extend((entry_id, layout_id, n.name, n.tag, n.how) for n in entry.names)
-            child_rows.extend(
-                (
-                    entry_id,
-                    layout_id,
-                    i,
-                    c.parent,
-                    c.depth,
-                    c.digest,
-                    c.media_type,
-                    c.size,
-                    platform_json(c.platform),
-                    _annotations_json(c.annotations),
-                )
-                for i, c in enumerate(kids)
-            )
+    if entry_rows:
         conn.executemany("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", entry_rows)
         conn.executemany("INSERT INTO names VALUES (?, ?, ?, ?, ?)", name_rows)
         conn.executemany("INSERT INTO children VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", child_rows)
-
-    old_warnings = [
-        row[0] for row in conn.execute("SELECT message FROM layout_warnings WHERE layout_id = ?", (layout_id,))
-    ]
-    warnings = [printable(w) for w in snapshot.warnings]
-    if old_warnings != warnings:
-        conn.execute("DELETE FROM layout_warnings WHERE layout_id = ?", (layout_id,))
-        conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", [(layout_id, w) for w in warnings])
-    rows_changed = bool(stale or fresh or moved)
-    published_now = (snapshot.content_hash, "ok", None, None, len(snapshot.entries))
-    if rows_changed or old_warnings != warnings or published_before != published_now:
-        _stamp(conn, layout_id, path, versions)
-    return 1 if rows_changed else 0
+    if warnings_gone:
+        conn.executemany("DELETE FROM layout_warnings WHERE layout_id = ?", warnings_gone)
+    if warning_rows:
+        conn.executemany("INSERT INTO layout_warnings VALUES (?, ?)", warning_rows)
+    if stamped:
+        version = versions.take()
+        conn.executemany("UPDATE layouts SET version = ? WHERE id = ?", [(version, lid) for lid, _ in stamped])
+        conn.executemany("DELETE FROM layout_removals WHERE path = ?", [(path_value(p),) for _, p in stamped])
+    return changed
 
 
 def _stamp(conn: sqlite3.Connection, layout_id: int, path: str, versions: _Versions) -> None:

@@ -1,0 +1,269 @@
+"""Parsing in worker processes: the same rows as in-process, no orphans, a dying worker is survived.
+
+Every test runs real ``ocidx scan`` or ``ocidx daemon`` processes with ``[daemon] workers = 2`` on
+enough layouts that the pass uses its worker processes (scanner.POOL_MIN_LAYOUTS).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import sqlite3
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from layouts import LINUX_AMD64, Layout, named
+from test_reliability import DEADLINE_S, Daemon, env, integrity, rows, run, wait_for, write_config
+
+from indexer.scanner import POOL_MIN_LAYOUTS
+from indexer.store.read import RACY_WINDOW_NS
+
+FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW, AT_FDCWD = 0x4, 0x1, 0x1, 0x10000, 0x1, -100
+EVENT = struct.Struct("=IBBHQii")  # struct fanotify_event_metadata
+RESPONSE = struct.Struct("=iI")  # struct fanotify_response
+
+
+def corpus(root: str, count: int) -> list[str]:
+    """*count* small layouts, some with a nested index (their blobs are read by the workers)."""
+    paths = []
+    for number in range(count):
+        lay = Layout(os.path.join(root, f"l{number // 10:02d}", f"layout-{number:03d}"))
+        image = lay.manifest(platform=LINUX_AMD64, label=f"image-{number}")
+        if number % 3 == 0:
+            image = lay.index([image, lay.manifest(platform={"architecture": "arm64", "os": "linux"})])
+        lay.write_index([named(image, ref=f"v{number}")])
+        paths.append(lay.path)
+    return paths
+
+
+def workers_of(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The worker processes of process *pid* (with ``marker=b"multiprocessing"``, its resource tracker too)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and marker in cmdline:
+            out.append(int(entry))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Whether *pid* is a live process (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
+def indexed(db: str) -> int:
+    """How many layouts *db* holds so far (0 while it does not exist yet)."""
+    if not os.path.exists(db):
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM layouts").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # not migrated yet
+    finally:
+        conn.close()
+
+
+def with_workers(tmp: str, extra: str = "") -> str:
+    return write_config(tmp, f"[daemon]\nworkers = 2\nbatch_size = 10\n{extra}")
+
+
+def test_workers_write_the_rows_an_in_process_scan_writes(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root = os.path.join(tmp, "root")
+    corpus(root, POOL_MIN_LAYOUTS + 16)
+    pooled, alone = os.path.join(tmp, "pooled.db"), os.path.join(tmp, "alone.db")
+    scan = run(tmp, "scan", "--db", pooled, "--config", with_workers(tmp), "--json", root)
+    assert scan.rc == 0, scan
+    one = write_config(tmp, "[daemon]\nworkers = 1\n")
+    assert run(tmp, "scan", "--db", alone, "--config", one, root).rc == 0
+    assert rows(pooled) == rows(alone)
+    assert scan.json()["changed"] == POOL_MIN_LAYOUTS + 16  # type: ignore[index]
+
+
+def _daemon(tmp: str) -> Daemon:
+    """A daemon on a cold build of 400 layouts read by two workers, in batches of 5 (a long pass)."""
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, 400)
+    return Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n"))
+
+
+def _mid_pass(daemon: Daemon, db: str) -> list[int]:
+    """Wait until the start-up pass has written some batches; its workers and resource tracker."""
+    wait_for(lambda: indexed(db) >= 20 or daemon.proc.poll() is not None, "the first batches written")
+    pids = workers_of(daemon.proc.pid, b"multiprocessing")
+    assert b" ready: " not in daemon.log(), "the start-up pass ended before the test could stop the daemon"
+    assert len(workers_of(daemon.proc.pid)) == 2
+    return pids
+
+
+def test_no_worker_outlives_a_daemon_killed_with_sigkill(tmp_path: Path) -> None:
+    with _daemon(str(tmp_path)) as daemon:
+        pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
+        daemon.kill()
+        wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to die with the daemon")
+
+
+def test_no_worker_outlives_a_daemon_stopped_with_sigterm(tmp_path: Path) -> None:
+    with _daemon(str(tmp_path)) as daemon:
+        pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
+        workers = workers_of(daemon.proc.pid)
+        assert daemon.stop() == 0
+        assert not any(alive(pid) for pid in workers)  # stopped before the daemon exited
+        # multiprocessing's resource tracker ends when the daemon's end of its pipe closes
+        wait_for(lambda: not any(alive(pid) for pid in pids), "the resource tracker to end")
+
+
+def test_the_daemon_keeps_no_idle_workers_between_passes(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, POOL_MIN_LAYOUTS + 6)
+    with Daemon(tmp, db, root, config=with_workers(tmp)) as daemon:
+        daemon.wait_ready()
+        wait_for(lambda: not workers_of(daemon.proc.pid), "the start-up pass's workers to stop")
+        assert indexed(db) == POOL_MIN_LAYOUTS + 6
+        assert daemon.stop() == 0
+
+
+class WorkerKiller:
+    """SIGKILL the worker process that opens *blob* while its open waits (a fanotify permission event),
+    as a crash or the OOM killer would while that layout is being read; anyone else's open is allowed.
+    Workers reading other layouts are left alone. Needs root (CAP_SYS_ADMIN)."""
+
+    def __init__(self, blob: str) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]
+        self.fd = self.libc.fanotify_init(FAN_CLASS_CONTENT | FAN_CLOEXEC, os.O_RDONLY)
+        if self.fd < 0:
+            pytest.skip(f"fanotify is not available here: {os.strerror(ctypes.get_errno())}")
+        if self.libc.fanotify_mark(self.fd, FAN_MARK_ADD, FAN_OPEN_PERM, AT_FDCWD, os.fsencode(blob)) < 0:
+            os.close(self.fd)
+            pytest.skip(f"fanotify permission events are not available here: {os.strerror(ctypes.get_errno())}")
+        self.parent: int | None = None
+        self.killed: set[int] = set()
+        self.opens = 0
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stopped.is_set():
+            ready, _, _ = select.select([self.fd], [], [], 0.05)
+            if not ready:
+                continue
+            data = os.read(self.fd, 4096)
+            for offset in range(0, len(data) - len(data) % EVENT.size, EVENT.size):
+                _length, _version, _, _, _mask, fd, pid = EVENT.unpack_from(data, offset)
+                self.opens += 1
+                if self.parent is not None and pid in workers_of(self.parent):
+                    os.kill(pid, signal.SIGKILL)  # while its open of the blob is held
+                    self.killed.add(pid)
+                os.write(self.fd, RESPONSE.pack(fd, FAN_ALLOW))
+                os.close(fd)
+
+    def __enter__(self) -> WorkerKiller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(DEADLINE_S)
+        os.close(self.fd)
+
+
+def test_a_layout_that_kills_its_worker_is_failed_and_the_pass_goes_on(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    good = corpus(root, POOL_MIN_LAYOUTS + 6)
+    # The hostile layout: a worker that opens its nested index blob dies (WorkerKiller).
+    deadly = Layout(os.path.join(root, "deadly"))
+    nested = deadly.index([deadly.manifest(platform=LINUX_AMD64, label="deadly")])
+    deadly.write_index([named(nested, ref="d")])
+    blob = os.path.join(deadly.path, "blobs", *str(nested["digest"]).split(":"))
+    # Settled before the scan (outside the racy window), so that its stored identity proves it unchanged later.
+    changed_ns = os.stat(os.path.join(deadly.path, "index.json")).st_ctime_ns
+    wait_for(lambda: time.time_ns() > changed_ns + RACY_WINDOW_NS, "index.json to leave the racy window")
+    args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", with_workers(tmp), "--json", root]
+    with WorkerKiller(blob) as killer:
+        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp), cwd=tmp)
+        killer.parent = scan.pid
+        out, err = scan.communicate(timeout=DEADLINE_S)
+    assert killer.killed, "no worker was killed: the hostile layout was not read in a worker"
+    assert scan.returncode == 0, err
+    summary = json.loads(out)
+    assert (summary["changed"], summary["errors"]) == (len(good), 1), (summary, killer.killed, killer.opens, err)
+    listed = {r["layout"]: r for r in run(tmp, "ls", "--db", db, "--json").json()}  # type: ignore[attr-defined]
+    assert listed[deadly.path]["state"] == "error", (listed[deadly.path], summary)
+    assert listed[deadly.path]["error"] == "layout_unreadable"
+    assert b"worker process reading it died" in err
+    assert all(listed[path]["state"] == "ok" for path in good)
+    assert integrity(db) == "ok"
+    wait_for(lambda: not any(alive(pid) for pid in killer.killed), "the killed workers to be reaped")
+    # Its identity was stored with the error: the next scan does not read it (nor lose a worker) again.
+    with WorkerKiller(blob) as watcher:
+        again = run(tmp, "scan", "--db", db, "--config", with_workers(tmp), "--json", root)
+    assert again.rc == 0, again
+    assert again.json()["still_broken"] == 1  # type: ignore[index]
+    assert watcher.opens == 0
+
+
+def test_no_worker_outlives_a_scan_killed_with_sigkill_mid_pass(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, 400)
+    config = write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n")  # many transactions: killed mid-way
+    args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root]
+    scan = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(tmp), cwd=tmp)
+    wait_for(lambda: indexed(db) >= 20 or scan.poll() is not None, "the scan to write its first batches")
+    pids = workers_of(scan.pid, b"multiprocessing")
+    assert scan.poll() is None, "the scan ended before it could be killed"
+    assert len(workers_of(scan.pid)) == 2
+    scan.kill()
+    scan.wait(DEADLINE_S)
+    wait_for(lambda: not any(alive(pid) for pid in pids), "the workers to die with the scan")
+    assert integrity(db) == "ok"
+    again = run(tmp, "scan", "--db", db, "--config", config, root)
+    assert again.rc == 0, again
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)
+
+
+def test_a_new_configuration_reaches_the_workers(tmp_path: Path) -> None:
+    # What the daemon's SIGHUP does: the next pass's workers read with the new [limits].
+    import anyio
+
+    from indexer.config import Config, DaemonSettings, Root
+    from indexer.layout import Limits
+    from indexer.scanner import Scanner
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    corpus(root, POOL_MIN_LAYOUTS + 6)
+    scanner = Scanner(db, Config(daemon=DaemonSettings(workers=2, batch_size=10)))
+    try:
+        scanner.config = Config(daemon=DaemonSettings(workers=2, batch_size=10), limits=Limits(max_entries=0))
+        counts = anyio.run(scanner.full_pass, [Root(root)])
+    finally:
+        scanner.close()
+    assert (counts.changed, counts.errors) == (0, POOL_MIN_LAYOUTS + 6)
+    assert all("over the limit of 0" in message for message in counts.error_messages)
