@@ -127,7 +127,7 @@ class Host:
             read_ns = time.time_ns()
             snapshot = layout_mod.read_layout(self.marker)
             expected = db.layout(self.writer, self.marker)
-            apply(self.writer, [Read(self.marker, snapshot, read_ns, expected)])
+            apply(self.writer, [Read.of(self.marker, snapshot, read_ns, expected)])
             self.churn_digest = _digest(churn)
             return _digest(marker)
 
