@@ -789,6 +789,11 @@ class Daemon:
         self.roots = roots
         # find trusts the index for watched roots only: the removed ones are walked again from now on.
         await self._db(functools.partial(_record_watched, roots=roots))
+        if config.fleet != old.fleet:
+            log.warning(
+                "SIGHUP: [fleet] changed; the daemon keeps publishing as at start-up until it is restarted",
+                extra=_fields(event="reload_fleet_ignored"),
+            )
         if config.metrics != old.metrics:
             log.warning(
                 "SIGHUP: [metrics] changed; the daemon keeps exposing them as at start-up until it is restarted",

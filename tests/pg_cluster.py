@@ -14,21 +14,28 @@ import os
 import pwd
 import shutil
 import socket
+import sqlite3
 import subprocess
+import sys
 import tempfile
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-BIN_DIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/17/bin")
+BIN_DIRS = ("/usr/local/pgsql/bin",)  # besides Debian's /usr/lib/postgresql/VERSION/bin, newest first
 PG_USER = "ocidx-pg"  # created (as a system user) when we are root and it is missing
 PROGRAMS = ("initdb", "pg_ctl", "postgres")
 
 
 def bin_dir() -> str | None:
     """The directory holding initdb, pg_ctl and postgres, or None when PostgreSQL is not installed."""
-    for directory in BIN_DIRS:
+    import glob
+
+    debian = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin"), key=lambda d: int(d.split("/")[-2]) if d.split("/")[-2].isdigit() else 0
+    )
+    for directory in [*reversed(debian), *BIN_DIRS]:
         if all(os.access(os.path.join(directory, p), os.X_OK) for p in PROGRAMS):
             return directory
     found = shutil.which("pg_ctl")
@@ -65,9 +72,19 @@ def _unprivileged() -> tuple[int, int] | None:
 class Cluster:
     """One PostgreSQL cluster: ``start()``, ``stop()``, ``restart()``, ``dsn(user, dbname)``."""
 
-    def __init__(self, bindir: str) -> None:
+    def __init__(self, bindir: str, base: str | None = None) -> None:
         self.bindir = bindir
         self.ids = _unprivileged()
+        self.superuser = "postgres"
+        self.running = False
+        if base is not None:  # a cluster that .ci/run started: adopt it (its port is in its directory)
+            self.base = base
+            self.data = os.path.join(base, "data")
+            self.socket_dir = os.path.join(base, "sock")
+            with open(os.path.join(base, "port")) as fh:
+                self.port = int(fh.read())
+            self.running = True
+            return
         self.base = tempfile.mkdtemp(prefix="ocidx-pg-")
         self.data = os.path.join(self.base, "data")
         self.socket_dir = os.path.join(self.base, "sock")
@@ -76,8 +93,8 @@ class Cluster:
             os.chown(self.base, *self.ids)
             os.chown(self.socket_dir, *self.ids)
         self.port = _free_port()
-        self.superuser = "postgres"
-        self.running = False
+        with open(os.path.join(self.base, "port"), "w") as fh:
+            fh.write(str(self.port))
         self._run(
             "initdb",
             "-D",
@@ -151,18 +168,51 @@ class Cluster:
             shutil.rmtree(self.base)
 
 
+# Where .ci/run's throwaway cluster is, when it started one for the whole run.
+BASE_ENV = "OCIDX_TEST_PG_BASE"
+
+
 @contextlib.contextmanager
 def running_cluster() -> Iterator[Cluster]:
-    """A started cluster, destroyed on exit; RuntimeError when PostgreSQL is not installed."""
+    """A started cluster: the one named by $OCIDX_TEST_PG_BASE (left running: its starter stops it),
+    or a new one, destroyed on exit. RuntimeError when PostgreSQL is not installed."""
     directory = bin_dir()
     if directory is None:
         raise RuntimeError("PostgreSQL is not installed (initdb, pg_ctl, postgres)")
+    adopted = os.environ.get(BASE_ENV)
+    if adopted:
+        cluster = Cluster(directory, base=adopted)
+        try:
+            yield cluster
+        finally:
+            if not cluster.running:  # a test stopped it and failed before starting it again
+                cluster.start()
+        return
     cluster = Cluster(directory)
     try:
         cluster.start()
         yield cluster
     finally:
         cluster.destroy()
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/pg_cluster.py start`` prints the directory of a new running cluster;
+    ``python tests/pg_cluster.py stop DIR`` stops it and removes it (what .ci/run does)."""
+    directory = bin_dir()
+    if directory is None:
+        sys.stderr.write("PostgreSQL is not installed (initdb, pg_ctl, postgres)\n")
+        return 1
+    if argv == ["start"]:
+        cluster = Cluster(directory)
+        cluster.start()
+        sys.stdout.write(cluster.base + "\n")
+        return 0
+    if len(argv) == 2 and argv[0] == "stop":
+        Cluster(directory, base=argv[1]).destroy()
+        return 0
+    sys.stderr.write("usage: pg_cluster.py start | stop DIR\n")
+    return 2
 
 
 class FleetDb:
@@ -183,3 +233,52 @@ class FleetDb:
 
         admin.add_host(self.admin_dsn, name)
         return self.dsn(name)
+
+
+# Each table as both sides hold it, keyed the same way; SQLite's side is computed here in SQL,
+# not by the publisher's code, so that a publisher bug cannot hide in both.
+SQLITE_ROWS = {
+    "layouts": "SELECT id, CAST(path AS BLOB), version, state, error_category, error, content_hash, entry_count "
+    "FROM layouts",
+    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
+    "FROM entries",
+    "names": "SELECT n.layout_id, e.position, row_number() OVER (PARTITION BY n.entry_id ORDER BY n.rowid) - 1, "
+    "n.name, n.tag, n.how FROM names n JOIN entries e ON e.id = n.entry_id",
+    "children": "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
+    "c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id",
+    "layout_warnings": "SELECT layout_id, row_number() OVER (PARTITION BY layout_id ORDER BY rowid) - 1, message "
+    "FROM layout_warnings",
+}
+PG_ROWS = {
+    "layouts": "SELECT id, path, version, state, error_category, error, content_hash, entry_count FROM layouts",
+    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
+    "FROM entries",
+    "names": "SELECT layout_id, entry_position, ordinal, name, tag, how FROM names",
+    "children": "SELECT layout_id, entry_position, position, parent, depth, digest, media_type, size, platform, "
+    "annotations FROM children",
+    "layout_warnings": "SELECT layout_id, ordinal, message FROM layout_warnings",
+}
+
+
+def sqlite_rows(db: str) -> dict[str, list[tuple[object, ...]]]:
+    """A host's SQLite index as the fleet should hold it, table by table, sorted."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        conn.execute("BEGIN")
+        return {t: sorted(tuple(r) for r in conn.execute(sql)) for t, sql in SQLITE_ROWS.items()}
+    finally:
+        conn.close()
+
+
+def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
+    """The host's rows in the fleet database, table by table, sorted."""
+    import psycopg
+
+    with psycopg.connect(admin_dsn) as conn:
+        return {
+            t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
+        }
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

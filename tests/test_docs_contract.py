@@ -176,6 +176,12 @@ def test_status_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
             "UPDATE daemon SET pid = 1, started_ns = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = 'inotify'",
             (now, now, now),
         )
+        # ... and the row of a daemon that published to a fleet (docs/fleet.md)
+        conn.execute(
+            "INSERT INTO fleet_publisher (id, host, state, since_ns, watermark, published_ns) "
+            "VALUES (1, 'build-17', 'connected', ?, 0, ?)",
+            (now, now),
+        )
     assert _paths(_json(capsys, "status", "--db", db)) == _documented_keys("`ocidx status")
 
 

@@ -15,16 +15,18 @@ import sqlite3
 import subprocess
 import sys
 
-import psycopg
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
-from pg_cluster import FleetDb
+from needs import module
+from pg_cluster import PG_ROWS, FleetDb, pg_rows, sqlite_rows
 from test_daemon import Daemon, wait_until
 
 from indexer.config import Config, FleetSettings
 from indexer.fleet import Fleet
 from indexer.query import Index
+
+psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration]
 
@@ -33,48 +35,6 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 CONVERGE_S = 30.0  # generous: two cores shared with other test runs
-
-# Each table as both sides hold it, keyed the same way; SQLite's side is computed here in SQL,
-# not by the publisher's code, so that a publisher bug cannot hide in both.
-SQLITE_ROWS = {
-    "layouts": "SELECT id, CAST(path AS BLOB), version, state, error_category, error, content_hash, entry_count "
-    "FROM layouts",
-    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
-    "FROM entries",
-    "names": "SELECT n.layout_id, e.position, row_number() OVER (PARTITION BY n.entry_id ORDER BY n.rowid) - 1, "
-    "n.name, n.tag, n.how FROM names n JOIN entries e ON e.id = n.entry_id",
-    "children": "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-    "c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id",
-    "layout_warnings": "SELECT layout_id, row_number() OVER (PARTITION BY layout_id ORDER BY rowid) - 1, message "
-    "FROM layout_warnings",
-}
-PG_ROWS = {
-    "layouts": "SELECT id, path, version, state, error_category, error, content_hash, entry_count FROM layouts",
-    "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
-    "FROM entries",
-    "names": "SELECT layout_id, entry_position, ordinal, name, tag, how FROM names",
-    "children": "SELECT layout_id, entry_position, position, parent, depth, digest, media_type, size, platform, "
-    "annotations FROM children",
-    "layout_warnings": "SELECT layout_id, ordinal, message FROM layout_warnings",
-}
-
-
-def sqlite_rows(db: str) -> dict[str, list[tuple[object, ...]]]:
-    """The host's index as the fleet should hold it, table by table, sorted."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        conn.execute("BEGIN")
-        return {t: sorted(tuple(r) for r in conn.execute(sql)) for t, sql in SQLITE_ROWS.items()}
-    finally:
-        conn.close()
-
-
-def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
-    """The host's rows in the fleet database, table by table, sorted."""
-    with psycopg.connect(admin_dsn) as conn:
-        return {
-            t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
-        }
 
 
 def converged(fleet_db: FleetDb, host: str, daemon: Daemon) -> bool:
@@ -282,7 +242,7 @@ def test_sigkill_mid_publish_then_restart_converges(fleet_db: FleetDb, daemons: 
 
     def published() -> int:
         with psycopg.connect(fleet_db.admin_dsn) as conn:
-            return int(conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchone()[0])  # type: ignore[index]
+            return int(conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchone()[0])
 
     h1.start()
     wait_until(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
@@ -361,3 +321,30 @@ def test_readme_fleet_commands_run_as_shown(fleet_db: FleetDb, daemons: list[Dae
         [sys.executable, "-m", "indexer", "find", "--fleet", "alpine:3.16"], capture_output=True, text=True, env=env
     )
     assert done.returncode == 0 and done.stdout.startswith(f"h1\t{lay.path}\t"), done.stderr
+
+
+def test_a_nul_in_a_media_type_does_not_stop_its_host_publishing(
+    fleet_db: FleetDb, daemons: list[Daemon], base: str
+) -> None:
+    """PostgreSQL text cannot hold NUL: the one column a layout can put one in is published escaped."""
+    h1 = start_host(daemons, fleet_db, base, "h1")
+    hostile = Layout(os.path.join(h1.roots[0], "hostile"))
+    image = hostile.manifest(label="nul")
+    more = {"k\x00": "v\x00", "note": "h\u00e9llo \U0001f600 \\u0000"}  # non-ASCII, astral, a literal \u0000
+    hostile.write_index([named({**image, "mediaType": "app\x00x"}, ref="v1", **more)])
+    fine = Layout(os.path.join(h1.roots[0], "fine"))
+    fine.write_index([named(fine.manifest(label="fine"), ref="v1")])
+
+    def expected() -> dict[str, list[tuple[object, ...]]]:
+        local = sqlite_rows(h1.db)
+        local["entries"] = sorted(
+            (*row[:3], str(row[3]).replace("\x00", "\\x00"), *row[4:]) for row in local["entries"]
+        )
+        return local
+
+    wait_until(
+        lambda: len(expected()["layouts"]) == 2 and pg_rows(fleet_db.admin_dsn, "h1") == expected(),
+        "both layouts published, the NUL spelled \\x00",
+        CONVERGE_S,
+    )
+    assert sorted(host for host, _ in fleet_find(fleet_db, ":v1")) == ["h1", "h1"]

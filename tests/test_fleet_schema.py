@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 
-import psycopg
 import pytest
 from cli_run import ocidx
+from needs import module
 from pg_cluster import FleetDb
 
 from indexer.fleet import admin, known_migrations
+
+psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = pytest.mark.fleet
 
@@ -50,7 +52,7 @@ def _seed_host_b(fleet_db: FleetDb) -> None:
 
 def _counts(fleet_db: FleetDb) -> dict[str, int]:
     with psycopg.connect(fleet_db.admin_dsn) as conn:
-        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}  # type: ignore[index]
+        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
 
 
 def _refused(dsn: str, statement: str) -> str | None:

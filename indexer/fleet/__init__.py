@@ -135,18 +135,7 @@ class FleetAnswer(Answer):
     __slots__ = ("heartbeat_age_s", "host", "host_state")
 
     def __init__(self, answer: Answer, *, host: str, host_state: str, heartbeat_age_s: float | None) -> None:
-        super().__init__(
-            layout=answer.layout,
-            digest=answer.digest,
-            media_type=answer.media_type,
-            size=answer.size,
-            names=answer.names,
-            annotations=answer.annotations,
-            platform=answer.platform,
-            source=answer.source,
-            freshness=answer.freshness,
-            warnings=answer.warnings,
-        )
+        super().__init__(**{name: getattr(answer, name) for name in Answer.__slots__})
         self.host = host
         self.host_state = host_state
         self.heartbeat_age_s = heartbeat_age_s

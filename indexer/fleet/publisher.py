@@ -29,6 +29,7 @@ and in PostgreSQL (the host row and its heartbeat, with the backlog).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -108,6 +109,17 @@ def insert_sql(table: str) -> str:
     return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
 
 
+def insert_json_sql(table: str) -> str:
+    """One INSERT of many rows sent as one JSON array of arrays (no bytea columns).
+
+    ``json.dumps`` encodes the rows in C, where adapting a Python list per column cost psycopg about
+    half of an insert; measured 15-25% faster per batch than :func:`insert_sql` (docs/design.md).
+    """
+    columns = _PG_TABLES[table]
+    values = ", ".join(f"(r->>{i})::{kind}" for i, kind in enumerate(_PG_TYPES[table]))
+    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM json_array_elements(%s::json) AS r"
+
+
 class Rows:
     """The published rows of some layouts, read from SQLite in one read transaction, by PostgreSQL table."""
 
@@ -129,13 +141,12 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
         rows.tables["layouts"].append((lid, rows.paths[-1], *rest))
     for chunk in _chunks(rows.ids):
         marks = ",".join("?" * len(chunk))
-        rows.tables["entries"].extend(
-            conn.execute(
-                "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
-                f"FROM entries WHERE layout_id IN ({marks})",
-                chunk,
-            )
-        )
+        entries = conn.execute(
+            "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
+            f"FROM entries WHERE layout_id IN ({marks})",
+            chunk,
+        ).fetchall()
+        rows.tables["entries"].extend(_no_nul(entries, 3))
         ordinal: dict[tuple[int, int], int] = {}
         for lid, pos, name, tag, how in conn.execute(
             "SELECT n.layout_id, e.position, n.name, n.tag, n.how FROM names n JOIN entries e ON e.id = n.entry_id "
@@ -145,14 +156,13 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             n = ordinal.get((lid, pos), 0)
             ordinal[(lid, pos)] = n + 1
             rows.tables["names"].append((lid, pos, n, name, tag, how))
-        rows.tables["children"].extend(
-            conn.execute(
-                "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-                f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
-                f"WHERE c.layout_id IN ({marks})",
-                chunk,
-            )
-        )
+        kids = conn.execute(
+            "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
+            f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
+            f"WHERE c.layout_id IN ({marks})",
+            chunk,
+        ).fetchall()
+        rows.tables["children"].extend(_no_nul(kids, 6))
         counter: dict[int, int] = {}
         for lid, message in conn.execute(
             f"SELECT layout_id, message FROM layout_warnings WHERE layout_id IN ({marks}) ORDER BY rowid", chunk
@@ -161,6 +171,19 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             counter[lid] = n + 1
             rows.tables["layout_warnings"].append((lid, n, message))
     return rows
+
+
+def pg_text(value: str) -> str:
+    """*value* as PostgreSQL text, which cannot hold NUL: a NUL is spelled ``\\x00``, as ocidx prints it.
+
+    Only a ``mediaType`` can carry one into the index (every other text column is validated, JSON or
+    escaped already); without this, one hostile ``index.json`` would stop its host publishing for good.
+    """
+    return value.replace("\x00", "\\x00") if "\x00" in value else value
+
+
+def _no_nul(rows: list[tuple[Any, ...]], column: int) -> list[tuple[Any, ...]]:
+    return [(*row[:column], pg_text(row[column]), *row[column + 1 :]) if "\x00" in row[column] else row for row in rows]
 
 
 def _chunks(values: list[int], size: int = 500) -> list[list[int]]:
@@ -280,8 +303,12 @@ async def publish_rows(
             )
             for table, columns in _PG_TABLES.items():
                 data = rows.tables[table]
-                if data:
+                if not data:
+                    continue
+                if table == "layouts":  # paths are bytea, which JSON cannot carry
                     await conn.execute(insert_sql(table), [[row[i] for row in data] for i in range(len(columns))])
+                else:
+                    await conn.execute(insert_json_sql(table), (json.dumps(data),))
         if watermark is not None:
             await conn.execute(
                 "UPDATE hosts SET watermark = %s, published_at = now() WHERE host = session_user", (watermark,)
