@@ -258,24 +258,16 @@ class Bench:
                 whole = process_times(
                     [sys.executable, "-m", "indexer", "find", "--fleet", ref], env, self.args.process_reps
                 )
-                self.fig(
-                    f"`ocidx find --fleet {label}`, whole process p50, {stage} hosts",
-                    percentile(sorted(whole), 0.5) * 1000,
-                    "ms",
-                    '`python -c "import sqlite3, json, argparse"`',
-                    percentile(sorted(base), 0.5) * 1000,
-                    "-",
-                    None,
-                )
-                self.fig(
-                    f"`ocidx find --fleet {label}`, whole process p99, {stage} hosts",
-                    percentile(sorted(whole), 0.99) * 1000,
-                    "ms",
-                    '`python -c "import sqlite3, json, argparse"`',
-                    percentile(sorted(base), 0.99) * 1000,
-                    "-",
-                    None,
-                )
+                for name, q in (("p50", 0.5), ("p99", 0.99)):
+                    self.fig(
+                        f"`ocidx find --fleet {label}`, whole process {name}, {stage} hosts",
+                        percentile(sorted(whole), q) * 1000,
+                        "ms",
+                        '`python -c "import sqlite3, json, argparse"`',
+                        percentile(sorted(base), q) * 1000,
+                        "-",
+                        None,
+                    )
             popular = fleet.find(self.args.popular)
             times = timed(lambda: fleet.find(self.args.popular), 5)
             self.fig(

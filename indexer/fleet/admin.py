@@ -10,12 +10,15 @@ is refused (exit 4), as the SQLite index is.
 
 from __future__ import annotations
 
+import contextlib
+
 from indexer.errors import FleetUnavailable, SchemaTooNew, UsageError
 from indexer.fleet import MIGRATIONS, _first_line, connect, describe_dsn, schema_problem
 from indexer.store import migration_files
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Iterator
     from typing import Any
 
     import psycopg
@@ -26,12 +29,23 @@ RESERVED_PREFIXES = ("pg_", "ocidx_")
 NAME_LIMIT = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
 
 
-def migrate(admin_dsn: str) -> list[str]:
-    """Create or upgrade the fleet schema and its group roles; the migrations applied now."""
+@contextlib.contextmanager
+def _session(admin_dsn: str, command: str) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    """An admin connection for ``ocidx fleet COMMAND``; a PostgreSQL error is FleetUnavailable (exit 4)."""
     import psycopg
 
-    conn = connect(admin_dsn, application="ocidx fleet migrate")
+    conn = connect(admin_dsn, application=f"ocidx fleet {command}")
     try:
+        yield conn
+    except psycopg.Error as exc:
+        raise FleetUnavailable(f"fleet {command} failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
+    finally:
+        conn.close()
+
+
+def migrate(admin_dsn: str) -> list[str]:
+    """Create or upgrade the fleet schema and its group roles; the migrations applied now."""
+    with _session(admin_dsn, "migrate") as conn:
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATE_LOCK,))
         conn.execute(
             "CREATE TABLE IF NOT EXISTS ocidx_migrations "
@@ -52,10 +66,6 @@ def migrate(admin_dsn: str) -> list[str]:
                 conn.execute("INSERT INTO ocidx_migrations (name) VALUES (%s)", (name,))
             done.append(name)
         return done
-    except psycopg.Error as exc:
-        raise FleetUnavailable(f"fleet migrate failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
-    finally:
-        conn.close()
 
 
 def check_host_name(name: str) -> None:
@@ -76,12 +86,10 @@ def _current(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
 
 def add_host(admin_dsn: str, name: str) -> dict[str, object]:
     """Create login role *name* when missing, let it publish, and register it as a host."""
-    import psycopg
     from psycopg import sql
 
     check_host_name(name)
-    conn = connect(admin_dsn, application="ocidx fleet add-host")
-    try:
+    with _session(admin_dsn, "add-host") as conn:
         _current(conn)
         with conn.transaction():
             row = conn.execute("SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = %s", (name,)).fetchone()
@@ -95,20 +103,14 @@ def add_host(admin_dsn: str, name: str) -> dict[str, object]:
             conn.execute(sql.SQL("GRANT ocidx_publisher TO {}").format(sql.Identifier(name)))
             conn.execute("INSERT INTO hosts (host) VALUES (%s) ON CONFLICT (host) DO NOTHING", (name,))
         return {"host": name, "role_created": created}
-    except psycopg.Error as exc:
-        raise FleetUnavailable(f"fleet add-host failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
-    finally:
-        conn.close()
 
 
 def remove_host(admin_dsn: str, name: str) -> dict[str, object]:
     """Delete every row host *name* published and stop it publishing (its login role is kept)."""
-    import psycopg
     from psycopg import sql
 
     check_host_name(name)
-    conn = connect(admin_dsn, application="ocidx fleet remove-host")
-    try:
+    with _session(admin_dsn, "remove-host") as conn:
         _current(conn)
         with conn.transaction():
             layouts = conn.execute("SELECT count(*) FROM layouts WHERE host = %s", (name,)).fetchone()
@@ -116,7 +118,3 @@ def remove_host(admin_dsn: str, name: str) -> dict[str, object]:
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is not None:
                 conn.execute(sql.SQL("REVOKE ocidx_publisher FROM {}").format(sql.Identifier(name)))
         return {"host": name, "removed": bool(gone), "layouts": int(layouts[0]) if layouts is not None else 0}
-    except psycopg.Error as exc:
-        raise FleetUnavailable(f"fleet remove-host failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
-    finally:
-        conn.close()
