@@ -130,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=0, help="daemon.workers (default 0: one per core)")
     parser.add_argument("--json", action="store_true", help="also print the figures as one JSON line at the end")
     parser.add_argument("--seed", default="latency")
-    parser.add_argument("--dir", help="work directory (default: a new temporary one, removed afterwards)")
+    parser.add_argument(
+        "--dir", help="work directory, kept afterwards with the daemon's log (default: a new temporary one, removed)"
+    )
+    parser.add_argument(
+        "--trace",
+        metavar="FILE",
+        help="write one JSON line per write (wall-clock time written, latency, layout, writer style) to FILE, "
+        "to set slow writes against the daemon's log lines of the same moment (the log: DIR/daemon.log with --dir)",
+    )
     args = parser.parse_args(argv)
 
     work = args.dir or tempfile.mkdtemp(prefix="ocidx-latency-")
@@ -182,8 +190,9 @@ def main(argv: list[str] | None = None) -> int:
         missed = superseded = 0
         interval = 1.0 / args.rate
         index = Index(db, config=Config())
-        # layout -> (digest written, writer style, when written): the writes not yet seen indexed
-        outstanding: dict[str, tuple[str, str, float]] = {}
+        # layout -> (digest written, writer style, when written, wall clock then): the writes not yet seen indexed
+        outstanding: dict[str, tuple[str, str, float, float]] = {}
+        traced: list[dict[str, object]] = []
         end = time.monotonic() + args.duration
         next_write = time.monotonic()
         serial = 0
@@ -199,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 (write_renamed if style == "rename" else write_in_place)(index_path, data)
                 if path in outstanding:
                     superseded += 1
-                outstanding[path] = (digest, style, time.perf_counter())
-            for path, (digest, style, written) in list(outstanding.items()):
+                outstanding[path] = (digest, style, time.perf_counter(), time.time())
+            for path, (digest, style, written, wall) in list(outstanding.items()):
                 try:
                     answer = index.resolve_in(path, f":{TAG}")
                     seen = answer.digest == digest and answer.freshness == "indexed"
@@ -213,8 +222,17 @@ def main(argv: list[str] | None = None) -> int:
                 elif now - written > 10.0:
                     missed += 1
                     del outstanding[path]
+                else:
+                    continue
+                if args.trace:
+                    stamp = time.strftime("%H:%M:%S", time.localtime(wall)) + f".{int(wall * 1000) % 1000:03d}"
+                    latency_ms = round((now - written) * 1000, 1) if seen else None
+                    traced.append({"written": stamp, "latency_ms": latency_ms, "layout": path, "style": style})
             time.sleep(0.001)
         index.close()
+        if args.trace:
+            with open(args.trace, "w", encoding="utf-8") as fh:
+                fh.writelines(json.dumps(record) + "\n" for record in traced)
 
         status = proc_status(daemon.pid)
         time.sleep(4.0)  # let the racy re-check of the last writes pass before measuring idle

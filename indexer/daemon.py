@@ -57,6 +57,7 @@ from indexer.scanner import LOGGED_PATHS, Counts, Scanner
 from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.watcher import (
+    Capacity,
     Dirty,
     MountWatch,
     OverflowAlarm,
@@ -71,6 +72,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterable
     from typing import TypeVar
+
+    from anyio.abc import TaskGroup
 
     from indexer.config import Config, Root
     from indexer.metrics import Metrics
@@ -327,6 +330,8 @@ class Daemon:
         self.alarm: OverflowAlarm | None = None
         self.mode = "starting"
         self.wake = anyio.Event()
+        self.changes = anyio.Event()  # as wake, for the task that indexes changes beside a reconcile pass
+        self.passing = False  # a reconcile pass is running (its companion task indexes the changes)
         self.dirty = Dirty(self._wake_from_thread)
         self._loop: asyncio.AbstractEventLoop | None = None
         self.racy: dict[str, int] = {}
@@ -334,6 +339,9 @@ class Daemon:
         self.last_pass_s = 0.0
         self.reconcile_reasons: list[str] = []
         self.mode_check_due = 0.0
+        self.counting = False  # the periodic mode check's walk is running (_count_watches)
+        self.counted: tuple[list[str], Capacity] | None = None  # its result (roots, capacity), not yet applied
+        self.tasks: TaskGroup | None = None
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
@@ -354,6 +362,7 @@ class Daemon:
 
     def _wake_now(self) -> None:
         self.wake.set()
+        self.changes.set()
 
     async def _db(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run *fn* on the writer's connection, on its thread (serialized with its batches)."""
@@ -407,6 +416,7 @@ class Daemon:
         self._loop = asyncio.get_running_loop()
         try:
             async with anyio.create_task_group() as tg:
+                self.tasks = tg
                 tg.start_soon(self._signals, tg.cancel_scope)
                 await self._start()
                 tg.start_soon(self._heartbeat)
@@ -583,20 +593,47 @@ class Daemon:
         """``min(reconcile_interval_s, 2 s)``, stretched so that polling a big tree stays under ~10% of a core."""
         return min(self.settings.reconcile_s, max(POLL_INTERVAL_S, POLL_DUTY_FACTOR * self.last_pass_s))
 
-    async def _choose_mode(self) -> None:
-        """inotify when every directory can be watched, else polling by reconcile, said plainly."""
-        forced = os.environ.get(WATCH_MODE_ENV, "").strip().lower()
-        if forced == "polling":
+    async def _choose_mode(self, capacity: Capacity | None = None) -> None:
+        """inotify when every directory can be watched, else polling by reconcile, said plainly
+        (*capacity*: counted already, for the roots the daemon has now)."""
+        if _forced_polling():
             await self._to_polling(f"{WATCH_MODE_ENV}=polling")
             return
-        tops = [root.path for root in self.roots]
-        capacity = await anyio.to_thread.run_sync(watch_capacity, tops)
+        if capacity is None:
+            tops = [root.path for root in self.roots]
+            capacity = await anyio.to_thread.run_sync(watch_capacity, tops)
         short = capacity.shortfall()
         if short is not None:
             await self._to_polling(short + "; raise the limit (docs/operations.md)")
             return
         if self.watcher is None:
             await self._to_inotify(capacity.directories)
+
+    def _check_mode_later(self) -> None:
+        """Start the periodic mode check: its count of every directory below the roots walks the whole
+        tree (a second and more at 10,000 layouts under load), so it runs in a task of its own while
+        the loop goes on indexing changes; the loop applies what it found (:meth:`_apply_count`)."""
+        if self.counting or self.tasks is None or _forced_polling():  # forced: set at start-up for good
+            return
+        self.counting = True
+        self.tasks.start_soon(self._count_watches, [root.path for root in self.roots])
+
+    async def _count_watches(self, tops: list[str]) -> None:
+        try:
+            capacity = await anyio.to_thread.run_sync(watch_capacity, tops)
+        finally:
+            self.counting = False
+        self.counted = (tops, capacity)
+        self.wake.set()
+
+    async def _apply_count(self) -> None:
+        """Switch mode if the last periodic count says so (a count for roots since replaced is dropped)."""
+        counted, self.counted = self.counted, None
+        if counted is None:
+            return
+        tops, capacity = counted
+        if tops == [root.path for root in self.roots]:
+            await self._choose_mode(capacity)
 
     async def _to_polling(self, why: str) -> None:
         mode = f"polling: {why}"
@@ -830,7 +867,14 @@ class Daemon:
         assert scanner is not None
         started = time.perf_counter()
         full, self.full_pass_due = self.full_pass_due, False
-        counts = await scanner.full_pass(self.roots, full=full, between=self._serve_changes)
+        async with anyio.create_task_group() as tg:
+            self.passing = True
+            tg.start_soon(self._serve_during_pass)
+            try:
+                counts = await scanner.full_pass(self.roots, full=full)
+            finally:
+                self.passing = False
+                self.changes.set()  # the companion task finishes the batch in hand and returns
         self.last_pass_s = time.perf_counter() - started
         ended_ns = time.time_ns()
         await self._set_row(last_reconcile_ns=ended_ns)
@@ -840,10 +884,27 @@ class Daemon:
             await self._publish_metrics()
         self.racy = await self._db(_racy_layouts)
 
+    async def _serve_during_pass(self) -> None:
+        """Beside a reconcile pass: index the changes watchdog reports as they come, debounced as
+        between passes, so that no step of the pass holds them back (a walk, the stat of every
+        layout, worker processes starting, all awaited by the pass while this loop runs). The
+        writer queues their transactions between the pass's; the pass's own decisions about those
+        layouts were taken from an older state, and compare-and-set sends them back to be examined
+        again."""
+        self.changes = anyio.Event()
+        if self.wake.is_set():
+            self.changes.set()  # reported after the loop drained, before the pass began
+        while True:
+            await self.changes.wait()
+            if not self.passing:
+                return
+            self.changes = anyio.Event()
+            if self.settings.debounce_ms:
+                await anyio.sleep(self.settings.debounce_ms / 1000)
+            await self._serve_changes()
+
     async def _serve_changes(self) -> None:
-        """Between the steps of a reconcile pass: index the changes watchdog reported meanwhile, so that
-        a long pass does not hold them back. The pass's own decisions about those layouts were taken
-        from an older state: compare-and-set sends them back to be examined again."""
+        """Index the changes watchdog reported during a reconcile pass (those since the last call)."""
         if not self.wake.is_set():
             return
         self.woke = time.monotonic()
@@ -934,11 +995,10 @@ class Daemon:
             log.warning("%s", message, extra=_fields(event="layout_error"))
 
     async def _main(self) -> None:
-        now = time.monotonic()
-        self.mode_check_due = now + self.settings.reconcile_s
         await self._choose_mode()
         await self._guarded(self._reconcile, "start-up")
         log.info("ready: %s", self.mode, extra=_fields(event="ready", watch_mode=self.mode, pid=os.getpid()))
+        self.mode_check_due = time.monotonic() + self.settings.reconcile_s  # counted just before the pass
         self._schedule_next_reconcile()
         self.health_due = time.monotonic() + HEALTH_INTERVAL_S
         while True:
@@ -957,7 +1017,8 @@ class Daemon:
                 await self._check_health()
             if now >= self.mode_check_due:
                 self.mode_check_due = now + self.settings.reconcile_s
-                await self._choose_mode()
+                self._check_mode_later()
+            await self._apply_count()
             pending = self.dirty.drain()
             if self.metrics is not None:
                 self.metrics.watched(len(pending.layouts) + len(pending.trees))
@@ -1037,6 +1098,11 @@ class Daemon:
         await self._write_start_row()
         await self._set_mode(mode)
         self._request_reconcile("the database was rebuilt")
+
+
+def _forced_polling() -> bool:
+    """Whether the environment asks for watching by reconcile only (OCIDX_WATCH_MODE=polling)."""
+    return os.environ.get(WATCH_MODE_ENV, "").strip().lower() == "polling"
 
 
 def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[Config, list[Root]]:

@@ -28,7 +28,7 @@ from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
+    from collections.abc import AsyncGenerator, Callable, Iterable
     from concurrent.futures import Future
     from typing import Concatenate, ParamSpec, TypeVar
 
@@ -160,6 +160,9 @@ class Scanner:
         restore_indexes(self.conn)  # a cold build killed half-way left them deferred
         self.problems: list[str] = []  # said once per pass, in its error messages
         self.pool: workers.Pool | None = None
+        # Set while a pass reads with the pool: the daemon indexes changes beside a reconcile pass, and
+        # a second pass using the pool at the same time would stop its workers under the first at its end.
+        self.pool_busy = False
         self.config = config
 
     @property
@@ -231,8 +234,9 @@ class Scanner:
 
     def _uses_pool(self, count: int) -> bool:
         """Worker processes for a pass with enough to read; a handful of changes (the daemon's common
-        case) is read in this process: a round trip to a worker would only add to its latency."""
-        return self.pool is not None and count >= POOL_MIN_LAYOUTS
+        case) is read in this process: a round trip to a worker would only add to its latency. A pass
+        running beside another that holds the pool reads in this process too."""
+        return self.pool is not None and not self.pool_busy and count >= POOL_MIN_LAYOUTS
 
     async def process(
         self,
@@ -242,12 +246,8 @@ class Scanner:
         stored: dict[str, db.StoredLayout] | None = None,
         progress: Callable[[int, int], None] | None = None,
         extra: list[Outcome] | None = None,
-        between: Callable[[], Awaitable[None]] | None = None,
     ) -> Counts:
         """Examine *paths* and write what changed, one transaction per batch.
-
-        *between* is awaited after each step and batch (the daemon indexes the changes that arrived
-        meanwhile there, so that a long pass does not hold them back).
 
         Layouts whose ``index.json`` one ``stat`` proves unchanged are skipped here; the others are
         read in batches by the worker processes while this process writes the batches already read
@@ -272,15 +272,11 @@ class Scanner:
                 done += len(batch)
                 if progress is not None:
                     progress(done, len(paths))
-                if between is not None:
-                    await between()
             return await self._finish(counts, extra)
         if full:
             unread: list[str] = list(paths)
         else:
             unread = await anyio.to_thread.run_sync(_unsettled, paths, stored)
-        if between is not None:
-            await between()
         skipped = len(paths) - len(unread)
         if skipped:
             unread_set = set(unread)
@@ -295,8 +291,10 @@ class Scanner:
         done = skipped
         if progress is not None and skipped:
             progress(done, len(paths))
+        pooled = self._uses_pool(len(unread))
+        self.pool_busy |= pooled
         try:
-            async with contextlib.aclosing(self._read(batches)) as reads:
+            async with contextlib.aclosing(self._read(batches, pooled)) as reads:
                 async for batch, results in reads:
                     outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
                     written = await self._apply(outcomes, stored, full)
@@ -304,14 +302,13 @@ class Scanner:
                     done += len(batch)
                     if progress is not None:
                         progress(done, len(paths))
-                    if between is not None:
-                        await between()
         finally:
-            if self.pool is not None:
+            if pooled and self.pool is not None:
                 # Idle workers would hold their memory (about 50 MB each) until the next big pass,
                 # which may be hours away in the daemon; starting them again costs about 0.1 s.
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.pool.close)
+                self.pool_busy = False
         return await self._finish(counts, extra)
 
     async def _finish(self, counts: Counts, extra: list[Outcome] | None) -> Counts:
@@ -323,9 +320,11 @@ class Scanner:
         self.problems = []
         return counts
 
-    async def _read(self, batches: list[list[str]]) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
-        """Each batch with its read results, in order; with a pool, the next batches are being read
-        (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
+    async def _read(
+        self, batches: list[list[str]], pooled: bool
+    ) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
+        """Each batch with its read results, in order; with the pool (*pooled*), the next batches are
+        being read (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
         import collections
         from concurrent.futures.process import BrokenProcessPool
 
@@ -333,7 +332,7 @@ class Scanner:
 
         familiar, limits = self.config.familiar, self.config.limits
         pool = self.pool
-        if pool is None or not self._uses_pool(sum(map(len, batches))):
+        if pool is None or not pooled:
             for batch in batches:
                 yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
             return
@@ -466,21 +465,15 @@ class Scanner:
         *,
         full: bool = False,
         progress: Callable[[int, int], None] | None = None,
-        between: Callable[[], Awaitable[None]] | None = None,
     ) -> Counts:
-        """Discover, examine every layout, and drop those that vanished from below the roots
-        (*between*: as for :meth:`process`, also after loading the stored state and discovering)."""
+        """Discover, examine every layout, and drop those that vanished from below the roots."""
         import anyio.to_thread
 
         roots = list(roots)
         stored = await self._stored()
         if not stored and self.pool is not None:
             self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
-        if between is not None:
-            await between()
         paths, problems, resolved = await self.discover(roots)
-        if between is not None:
-            await between()
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(
@@ -493,7 +486,7 @@ class Scanner:
         if cold:
             await self.on_writer(defer_indexes)
         try:
-            counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone, between=between)
+            counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
         finally:
             if cold:
                 await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
