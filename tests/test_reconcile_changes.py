@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import signal
 import sqlite3
 from pathlib import Path
 
 from test_daemon import image, index_bytes, make_layout, replace_atomically
 from test_reliability import Daemon, wait_for, write_config
-from test_workers import indexed
+from test_workers import indexed, workers_of
 
 from indexer import Index
 from indexer.config import Config
@@ -45,4 +46,50 @@ def test_a_change_during_a_long_reconcile_is_indexed_before_the_pass_ends(tmp_pa
         assert indexed(db) < count
         daemon.wait_ready()
         assert answers(db, target, "two")  # the pass's own, older, decision did not bring "one" back
+        assert daemon.stop() == 0
+
+
+def discovered(db: str) -> bool:
+    """Whether a pass has recorded its walk (the directory cache, written once discovery ends)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return conn.execute("SELECT 1 FROM directories LIMIT 1").fetchone() is not None
+    except sqlite3.OperationalError:
+        return False  # not created or not migrated yet
+    finally:
+        conn.close()
+
+
+def test_a_change_is_indexed_while_the_pass_waits_on_a_step(tmp_path: Path) -> None:
+    # The start-up pass reads its one batch in two worker processes, stopped here once discovery is
+    # over, as an overloaded machine can stall them: the pass waits on that step, and the change
+    # made meanwhile must not wait with it.
+    tmp = os.path.realpath(str(tmp_path))
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    count = 1000
+    paths = [os.path.join(root, f"g{number // 50:02d}", f"layout-{number:04d}") for number in range(count)]
+    for path in paths:
+        make_layout(path, "v1", "one")
+    config = write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 1000\ndebounce_ms = 20\n")
+    with Daemon(tmp, db, root, config=config) as daemon:
+        wait_for(
+            lambda: (len(workers_of(daemon.proc.pid)) == 2 and discovered(db)) or daemon.proc.poll() is not None,
+            "the start-up pass's discovery and workers",
+        )
+        stopped = workers_of(daemon.proc.pid)
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            assert indexed(db) == 0, "the pass wrote its batch before the test could stop its workers"
+            target = paths[count // 2]
+            replace_atomically(os.path.join(target, "index.json"), index_bytes("v1", "two"))
+            wait_for(lambda: answers(db, target, "two"), "the change indexed while the pass waits")
+            assert indexed(db) == 1  # the pass is still waiting on its workers
+            assert b" ready: " not in daemon.log()
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        daemon.wait_ready()
+        assert indexed(db) == count
+        assert answers(db, target, "two")
         assert daemon.stop() == 0
