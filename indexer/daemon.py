@@ -38,6 +38,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import gc
 import json
 import logging
 import os
@@ -997,6 +998,10 @@ class Daemon:
     async def _main(self) -> None:
         await self._choose_mode()
         await self._guarded(self._reconcile, "start-up")
+        # What the start-up pass left alive (modules, caches) lives as long as the daemon: kept out of
+        # the collector's full passes, which a reconcile's temporary objects set off every few passes.
+        gc.collect()
+        gc.freeze()
         log.info("ready: %s", self.mode, extra=_fields(event="ready", watch_mode=self.mode, pid=os.getpid()))
         self.mode_check_due = time.monotonic() + self.settings.reconcile_s  # counted just before the pass
         self._schedule_next_reconcile()
