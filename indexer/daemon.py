@@ -9,9 +9,12 @@ exactly one writer. It runs:
   overflow, a dead observer thread, a root that appeared, vanished or was
   replaced), and, when inotify cannot watch every directory, every
   ``min(reconcile_interval_s, 2 s)`` instead of watching part of the tree;
-* between passes, the layouts watchdog reported (``indexer.watcher``),
-  debounced by ``daemon.debounce_ms`` and coalesced per layout, fed to
-  :meth:`Scanner.process`;
+* the layouts watchdog reported (``indexer.watcher``), debounced by
+  ``daemon.debounce_ms`` and coalesced per layout, fed to :meth:`Scanner.process`:
+  by the loop between passes, and by a task beside a pass while one runs, so that
+  no step of a pass holds a change back;
+* every ``reconcile_interval_s``, a check that inotify can still watch every
+  directory (a count of them all, in a task of its own);
 * a second look at every layout whose ``index.json`` changed within the racy
   window of its read (``store.read.RACY_WINDOW_NS``), once that window has
   passed, so the stored identity becomes one a lookup can trust;
@@ -635,6 +638,8 @@ class Daemon:
         tops, capacity = counted
         if tops == [root.path for root in self.roots]:
             await self._choose_mode(capacity)
+        else:
+            self.mode_check_due = time.monotonic()  # a reload changed the roots meanwhile: count them
 
     async def _to_polling(self, why: str) -> None:
         mode = f"polling: {why}"
@@ -868,14 +873,19 @@ class Daemon:
         assert scanner is not None
         started = time.perf_counter()
         full, self.full_pass_due = self.full_pass_due, False
-        async with anyio.create_task_group() as tg:
-            self.passing = True
-            tg.start_soon(self._serve_during_pass)
-            try:
-                counts = await scanner.full_pass(self.roots, full=full)
-            finally:
-                self.passing = False
-                self.changes.set()  # the companion task finishes the batch in hand and returns
+        try:
+            async with anyio.create_task_group() as tg:
+                self.passing = True
+                tg.start_soon(self._serve_during_pass)
+                try:
+                    counts = await scanner.full_pass(self.roots, full=full)
+                finally:
+                    self.passing = False
+                    self.changes.set()  # the companion task finishes the batch in hand and returns
+        except BaseExceptionGroup as group:
+            if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):  # raised as itself
+                raise group.exceptions[0] from None
+            raise
         self.last_pass_s = time.perf_counter() - started
         ended_ns = time.time_ns()
         await self._set_row(last_reconcile_ns=ended_ns)
