@@ -404,7 +404,6 @@ def parse_index(
     entries: list[Entry] = []
     warnings: list[str] = []
     for position, item in enumerate(items):
-        where = f"manifests[{position}]"
         own: list[str] = []
         descriptor = _descriptor(item, own)
         if descriptor is not None:
@@ -424,7 +423,8 @@ def parse_index(
                     tuple(own),
                 )
             )
-        warnings.extend(f"{where}: {text}" for text in own)
+        if own:
+            warnings.extend(f"manifests[{position}]: {text}" for text in own)
     return tuple(entries), tuple(warnings)
 
 
@@ -474,6 +474,25 @@ def _manifests(document: object, what: str) -> list[object]:
 
 def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
     """Check one descriptor; ``None`` (with a warning) when it cannot be used."""
+    if type(item) is dict:
+        # The common case first: fields of the expected types, an ASCII media type, a digest
+        # already accepted (most repeat across layouts); anything else takes the checks below.
+        digest, size, media_type = item.get("digest"), item.get("size"), item.get("mediaType", "")
+        if (
+            type(digest) is str
+            and digest in reference.VALID_DIGESTS
+            and type(size) is int
+            and 0 <= size <= _MAX_SIZE
+            and type(media_type) is str
+            and media_type.isascii()
+        ):
+            return (
+                digest,
+                media_type,
+                size,
+                _annotations(item.get("annotations"), warnings),
+                _platform(item.get("platform"), warnings),
+            )
     if not isinstance(item, dict):
         warnings.append(f"descriptor is a JSON {_kind(item)}, not an object; skipped")
         return None
@@ -505,6 +524,14 @@ def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
 
 
 def _annotations(value: object, warnings: list[str]) -> dict[str, str]:
+    if type(value) is dict:
+        # The common case, checked in C: every value a string (join raises otherwise; JSON keys
+        # always are) and all of it ASCII, so nothing needs cleaning and the parsed dict is kept.
+        try:
+            if "".join(value.values()).isascii() and "".join(value).isascii():
+                return value
+        except TypeError:
+            pass
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -520,16 +547,29 @@ def _annotations(value: object, warnings: list[str]) -> dict[str, str]:
 
 
 def _platform(value: object, warnings: list[str]) -> Platform | None:
+    if type(value) is dict and "os.features" not in value:
+        # The common case: plain ASCII strings, no features; few distinct platforms, shared.
+        os_, arch = value.get("os", ""), value.get("architecture", "")
+        variant, os_version = value.get("variant", ""), value.get("os.version", "")
+        if type(os_) is str and type(arch) is str and type(variant) is str and type(os_version) is str:
+            key = (os_, arch, variant, os_version)
+            found = _platforms.get(key)
+            if found is None and (os_ + arch + variant + os_version).isascii():
+                if len(_platforms) >= _PLATFORMS_MAX:
+                    _platforms.clear()
+                found = _platforms[key] = Platform(os_, arch, variant, os_version)
+            if found is not None:
+                return found
     if value is None:
         return None
     if not isinstance(value, dict):
         warnings.append(f'"platform" is a JSON {_kind(value)}, not an object; ignored')
         return None
     fields: list[str] = []
-    for key in ("os", "architecture", "variant", "os.version"):
-        text = value.get(key, "")
+    for field in ("os", "architecture", "variant", "os.version"):
+        text = value.get(field, "")
         if not isinstance(text, str):
-            warnings.append(f'platform "{key}" is a JSON {_kind(text)}, not a string; platform ignored')
+            warnings.append(f'platform "{field}" is a JSON {_kind(text)}, not a string; platform ignored')
             return None
         fields.append(_clean(text))
     features = value.get("os.features", [])
@@ -537,6 +577,10 @@ def _platform(value: object, warnings: list[str]) -> Platform | None:
         warnings.append('platform "os.features" is not a list of strings; platform ignored')
         return None
     return Platform(fields[0], fields[1], fields[2], fields[3], tuple(_clean(f) for f in features))
+
+
+_PLATFORMS_MAX = 1024
+_platforms: dict[tuple[str, str, str, str], Platform] = {}
 
 
 def _clean(text: str) -> str:
@@ -922,7 +966,8 @@ def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tup
         descriptor = _descriptor(item, own)
         if descriptor is not None:
             found.append(descriptor)
-        warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
+        if own:
+            warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
     return found, tuple(warnings)
 
 
