@@ -324,7 +324,9 @@ def test_lone_surrogates_become_replacement_characters_like_go() -> None:
         pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "\u00e9"}}, id="non-ASCII platform"),
         pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "x\ud800"}}, id="surrogate platform"),
         pytest.param({**GOOD, "platform": {"os": ["linux"], "architecture": "amd64"}}, id="list os"),
-        pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "amd64", "variant": None}}, id="null variant"),
+        pytest.param(
+            {**GOOD, "platform": {"os": "linux", "architecture": "amd64", "variant": None}}, id="null variant"
+        ),
         pytest.param({**GOOD, "platform": {"os": "windows", "architecture": "amd64", "os.features": ["win32k"]}}),
         pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "amd64", "os.features": None}}),
         pytest.param({**GOOD, "platform": None}, id="null platform"),
