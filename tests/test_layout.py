@@ -662,6 +662,23 @@ def test_blobs_directory_symlinked_outside_is_refused(tmp_path: Path) -> None:
         read_blob(str(root), digest, None)
 
 
+@pytest.mark.parametrize("inside", [True, False], ids=["inside", "outside"])
+def test_an_algorithm_directory_symlinked_is_followed_only_inside_the_layout(tmp_path: Path, inside: bool) -> None:
+    content = b"in a symlinked blobs/sha256"
+    digest = digest_of(content)
+    root = tmp_path / "layout"
+    (root / "blobs").mkdir(parents=True)
+    store = (root / "store") if inside else (tmp_path / "store")
+    store.mkdir()
+    (store / digest.split(":")[1]).write_bytes(content)
+    os.symlink(store, root / "blobs" / "sha256")
+    if inside:
+        assert read_blob(str(root), digest, len(content)) == content
+    else:
+        with pytest.raises(BlobError, match="leads outside the layout"):
+            read_blob(str(root), digest, len(content))
+
+
 def test_blob_symlink_inside_the_layout_is_followed(layout: Layout) -> None:
     content = b"deduplicated"
     digest = digest_of(content)
