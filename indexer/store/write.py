@@ -231,6 +231,12 @@ class _IdAllocator:
         self.next_id += 1
         return value
 
+    def take_many(self, count: int) -> int:
+        """The first of *count* consecutive ids."""
+        value = self.next_id
+        self.next_id += count
+        return value
+
 
 _platform_json: dict[tuple[object, ...], str] = {}
 
@@ -436,29 +442,36 @@ def _store_all(
                 current.entry_count,
             )
             warnings_before = old_warnings[layout_id]
-        wanted = {row[0]: index for index, row in enumerate(entries)}
-        gone = [(entry_id,) for key, (entry_id, _position) in have.items() if key not in wanted]
-        stale.extend(gone)
-        shifted = [
-            (entries[wanted[key]][1], entry_id)
-            for key, (entry_id, position) in have.items()
-            if key in wanted and entries[wanted[key]][1] != position
-        ]
-        moved.extend(shifted)
-        fresh = {index for key, index in wanted.items() if key not in have}
-        if fresh:
-            id_of = {index: ids.take() for index in sorted(fresh)}
-            entry_rows.extend(
-                (id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh
-            )
-            name_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh)
-            child_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh)
+        if have:
+            wanted = {row[0]: index for index, row in enumerate(entries)}
+            gone = [(entry_id,) for key, (entry_id, _position) in have.items() if key not in wanted]
+            stale.extend(gone)
+            shifted = [
+                (entries[wanted[key]][1], entry_id)
+                for key, (entry_id, position) in have.items()
+                if key in wanted and entries[wanted[key]][1] != position
+            ]
+            moved.extend(shifted)
+            fresh = {index for key, index in wanted.items() if key not in have}
+            if fresh:
+                id_of = {index: ids.take() for index in sorted(fresh)}
+                entry_rows.extend(
+                    (id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh
+                )
+                name_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh)
+                child_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh)
+            rows_changed = bool(gone or fresh or shifted)
+        else:  # nothing stored (a new layout, or one that had no entries): every row is new, ids in a run
+            base = ids.take_many(len(entries))
+            entry_rows.extend((base + i, layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries))
+            name_rows.extend((base + row[0], layout_id, *row[1:]) for row in names)
+            child_rows.extend((base + row[0], layout_id, *row[1:]) for row in children)
+            rows_changed = bool(entries)
         warnings = list(warnings_now)
         if warnings != warnings_before:
             if warnings_before:
                 warnings_gone.append((layout_id,))
             warning_rows.extend((layout_id, w) for w in warnings)
-        rows_changed = bool(gone or fresh or shifted)
         changed += rows_changed
         published_now = (content_hash, "ok", None, None, len(entries))
         if rows_changed or warnings != warnings_before or published_before != published_now:
