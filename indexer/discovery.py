@@ -11,15 +11,13 @@ import sqlite3
 import stat
 import time
 
-from indexer.layout import FileIdentity
-from indexer.store.read import settles_at
+from indexer.store.read import SETTLES_AT_SQL, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Collection, Iterable, Iterator, Mapping
 
     from indexer.config import Config, Root
-    from indexer.store.read import StoredLayout
 
 LAYOUT_MARKERS = ("oci-layout", "index.json")
 
@@ -47,32 +45,40 @@ def discover(
     top = os.path.realpath(root.path)
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[str, int]] = [(top, 0)]
+    pop, push, extend, stat_of, is_dir = stack.pop, stack.append, stack.extend, os.stat, stat.S_ISDIR
+    cached = cache.get if cache is not None else None
+    max_depth = root.max_depth
     while stack:
-        directory, depth = stack.pop()
+        directory, depth = pop()
         try:
-            st = os.stat(directory)
+            st = stat_of(directory)
         except OSError as exc:
             if errors is not None and directory == top:
                 errors.append(f"root {top}: {exc.strerror}")
             continue
-        if not stat.S_ISDIR(st.st_mode):
+        if not is_dir(st.st_mode):
             if errors is not None and directory == top:
                 errors.append(f"root {top} is not a directory")
             continue
-        if (st.st_dev, st.st_ino) in seen:
+        here = (st.st_dev, st.st_ino)
+        if here in seen:
             continue
-        seen.add((st.st_dev, st.st_ino))
+        seen.add(here)
         if visited is not None:
             visited.add(directory)
-        known = cache.get(directory) if cache is not None else None
+        known = cached(directory) if cached is not None else None
         if (
             known is not None
-            and known[:4] == (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
+            and known[2] == st.st_mtime_ns
+            and known[3] == st.st_ctime_ns
+            and known[1] == st.st_ino
+            and known[0] == st.st_dev
             and settles_at(known[2], known[3], known[4], None) <= known[4]  # listed a racy window after it changed
         ):
             is_layout = bool(known[5])
-            subdirs = [os.fsdecode(n) for n in known[6].split(b"\0")] if known[6] else []
-            links = [os.fsdecode(n) for n in known[7].split(b"\0")] if known[7] else []
+            # One decode per directory: NUL is ASCII, so it splits the decoded text where it split the bytes.
+            subdirs = os.fsdecode(known[6]).split("\0") if known[6] else []
+            links = os.fsdecode(known[7]).split("\0") if known[7] else []
         else:
             listed_ns = time.time_ns()
             try:
@@ -108,7 +114,7 @@ def discover(
                 )
         if is_layout:
             yield directory
-        if depth >= root.max_depth:
+        if depth >= max_depth:
             continue
         for name in links:
             try:
@@ -116,10 +122,12 @@ def discover(
                 inside = target == top or target.startswith(top.rstrip("/") + "/")
                 if not (root.follow_symlinks or inside) or not os.path.isdir(target):
                     continue
-                stack.append((target, depth + 1))
+                push((target, depth + 1))
             except OSError:
                 continue
-        stack.extend((os.path.join(directory, name), depth + 1) for name in subdirs)
+        if subdirs:
+            prefix = directory if directory.endswith("/") else directory + "/"  # os.path.join, without its cost
+            extend([(prefix + name, depth + 1) for name in subdirs])
 
 
 def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
@@ -211,12 +219,33 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *
     ]
 
 
+if TYPE_CHECKING:
+    # What the walk compares with one layout's stat (:func:`stored_identities`): (path value, broken,
+    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns).
+    Identity = tuple[object, int, int, int, int, int, int, int]
+
+# The racy test is the same rule as settles_at, in SQL (SETTLES_AT_SQL); a row that can prove nothing
+# says so in one column, and each row's identity comes as one tuple to compare with stat's.
+_IDENTITIES_SQL = (
+    "SELECT path, state != 'ok', coalesce(dev IS NULL OR read_ns IS NULL OR "
+    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns FROM layouts"
+)
+
+
+def stored_identities(conn: sqlite3.Connection) -> dict[str, Identity]:
+    """Every stored layout's ``index.json`` identity as plain rows, by path, for :func:`changes`:
+    building a record per layout and comparing them field by field was a third of a 10,000-layout walk."""
+    from indexer.store import path_of
+
+    return {path_of(row[0]): row for row in conn.execute(_IDENTITIES_SQL)}
+
+
 def changes(
-    stored: Mapping[str, StoredLayout], roots: list[Root], cache: Mapping[str, Listing] | None = None
+    stored: Mapping[str, Identity], roots: list[Root], cache: Mapping[str, Listing] | None = None
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """Compare *stored* with the layouts below *roots* by one walk (listing only the directories that
     *cache* does not hold as they are) and one ``stat`` per ``index.json``:
-    ``(layouts present, new or changed, stored ones that vanished, problems met)``."""
+    ``(layouts present, new, changed or racily clean, stored ones that vanished, problems met)``."""
     errors: list[str] = []
     found: dict[str, None] = {}
     for root in roots:
@@ -226,71 +255,37 @@ def changes(
     follow = any(r.follow_symlinks for r in roots)
     gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots], follow=follow)
     changed = []
+    stat_of, get = os.stat, stored.get
     for path in present:
-        known = stored.get(path)
+        known = get(path)
         try:
-            st = os.stat(os.path.join(path, "index.json"))
+            st = stat_of(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
         except OSError:
             changed.append(path)  # a layout without a readable index.json: the full read says why
             continue
-        if known is None or not known.is_current(FileIdentity.of(st)):
+        if known is None or known[2] or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != known[3:]:
             changed.append(path)
     return present, changed, gone, errors
 
 
 def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
     """``(layouts, still broken)`` when the index provably holds every layout below *roots* as it is
-    on disk (nothing to write), else None: one walk (the directory cache's listings where they hold)
-    and one ``stat`` per ``index.json``.
-
-    The same test as :func:`changes` with ``StoredLayout.is_current``, on plain rows: building a
-    record per layout and comparing identities field by field was a third of a 10,000-layout proof.
-    """
+    on disk (nothing to write), else None: :func:`changes` on the stored rows and directory cache."""
     from indexer.errors import DatabaseError
-    from indexer.store import open_reader, path_of
+    from indexer.store import open_reader
 
     try:
         conn = open_reader(db_path)
     except DatabaseError:
         return None  # no database yet, or one to migrate: the full pass deals with it
     try:
-        rows = conn.execute(
-            "SELECT path, state != 'ok', dev, ino, size, mtime_ns, ctime_ns, read_ns, identity_since_ns FROM layouts"
-        ).fetchall()
+        stored = stored_identities(conn)
         cache = load_cache(conn)
     except sqlite3.Error:
         return None  # a damaged database: the full pass reports it (exit 4)
     finally:
         conn.close()
-    stored = {path_of(row[0]): row for row in rows}
-    errors: list[str] = []
-    found: dict[str, None] = {}
-    for root in roots:
-        for path in discover(root, errors, cache):
-            found[path] = None
-    if errors or vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots]):
+    present, changed, gone, errors = changes(stored, roots, cache)
+    if changed or gone or errors:
         return None  # the full pass writes the changes and reports the problems
-    broken = 0
-    join, stat_of = os.path.join, os.stat
-    for path in found:
-        known = stored.get(path)
-        if known is None:
-            return None
-        _path, bad, dev, ino, size, mtime_ns, ctime_ns, read_ns, since = known
-        try:
-            st = stat_of(join(path, "index.json"))
-        except OSError:
-            return None  # a layout without a readable index.json: the full read says why
-        if (
-            dev is None
-            or read_ns is None
-            or st.st_mtime_ns != mtime_ns
-            or st.st_ctime_ns != ctime_ns
-            or st.st_size != size
-            or st.st_ino != ino
-            or st.st_dev != dev
-            or settles_at(mtime_ns, ctime_ns, read_ns, since) > read_ns  # racy: not a proof (is_racy)
-        ):
-            return None
-        broken += bad
-    return len(found), broken
+    return len(present), sum(stored[path][1] for path in present)

@@ -135,6 +135,21 @@ class FileIdentity(Record):
         """The identity recorded in *st*."""
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
+    def __eq__(self, other: object) -> bool:
+        # Field by field: compared once per layout of every re-scan, where Record's generic
+        # tuple-building comparison was a tenth of the walk.
+        if type(other) is not FileIdentity:
+            return NotImplemented
+        return (
+            self.mtime_ns == other.mtime_ns
+            and self.ctime_ns == other.ctime_ns
+            and self.size == other.size
+            and self.ino == other.ino
+            and self.dev == other.dev
+        )
+
+    __hash__ = Record.__hash__
+
 
 class Platform(Record):
     """A descriptor's platform, strings as written (``""`` when absent)."""
@@ -404,7 +419,6 @@ def parse_index(
     entries: list[Entry] = []
     warnings: list[str] = []
     for position, item in enumerate(items):
-        where = f"manifests[{position}]"
         own: list[str] = []
         descriptor = _descriptor(item, own)
         if descriptor is not None:
@@ -424,7 +438,8 @@ def parse_index(
                     tuple(own),
                 )
             )
-        warnings.extend(f"{where}: {text}" for text in own)
+        if own:
+            warnings.extend(f"manifests[{position}]: {text}" for text in own)
     return tuple(entries), tuple(warnings)
 
 
@@ -474,6 +489,25 @@ def _manifests(document: object, what: str) -> list[object]:
 
 def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
     """Check one descriptor; ``None`` (with a warning) when it cannot be used."""
+    if type(item) is dict:
+        # The common case first: fields of the expected types, an ASCII media type, a digest
+        # already accepted (most repeat across layouts); anything else takes the checks below.
+        digest, size, media_type = item.get("digest"), item.get("size"), item.get("mediaType", "")
+        if (
+            type(digest) is str
+            and digest in reference.VALID_DIGESTS
+            and type(size) is int
+            and 0 <= size <= _MAX_SIZE
+            and type(media_type) is str
+            and media_type.isascii()
+        ):
+            return (
+                digest,
+                media_type,
+                size,
+                _annotations(item.get("annotations"), warnings),
+                _platform(item.get("platform"), warnings),
+            )
     if not isinstance(item, dict):
         warnings.append(f"descriptor is a JSON {_kind(item)}, not an object; skipped")
         return None
@@ -505,6 +539,14 @@ def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
 
 
 def _annotations(value: object, warnings: list[str]) -> dict[str, str]:
+    if type(value) is dict:
+        # The common case, checked in C: every value a string (join raises otherwise; JSON keys
+        # always are) and all of it ASCII, so nothing needs cleaning and the parsed dict is kept.
+        try:
+            if "".join(value.values()).isascii() and "".join(value).isascii():
+                return value
+        except TypeError:
+            pass
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -520,16 +562,29 @@ def _annotations(value: object, warnings: list[str]) -> dict[str, str]:
 
 
 def _platform(value: object, warnings: list[str]) -> Platform | None:
+    if type(value) is dict and "os.features" not in value:
+        # The common case: plain ASCII strings, no features; few distinct platforms, shared.
+        os_, arch = value.get("os", ""), value.get("architecture", "")
+        variant, os_version = value.get("variant", ""), value.get("os.version", "")
+        if type(os_) is str and type(arch) is str and type(variant) is str and type(os_version) is str:
+            key = (os_, arch, variant, os_version)
+            found = _platforms.get(key)
+            if found is None and (os_ + arch + variant + os_version).isascii():
+                if len(_platforms) >= _PLATFORMS_MAX:
+                    _platforms.clear()
+                found = _platforms[key] = Platform(os_, arch, variant, os_version)
+            if found is not None:
+                return found
     if value is None:
         return None
     if not isinstance(value, dict):
         warnings.append(f'"platform" is a JSON {_kind(value)}, not an object; ignored')
         return None
     fields: list[str] = []
-    for key in ("os", "architecture", "variant", "os.version"):
-        text = value.get(key, "")
+    for field in ("os", "architecture", "variant", "os.version"):
+        text = value.get(field, "")
         if not isinstance(text, str):
-            warnings.append(f'platform "{key}" is a JSON {_kind(text)}, not a string; platform ignored')
+            warnings.append(f'platform "{field}" is a JSON {_kind(text)}, not a string; platform ignored')
             return None
         fields.append(_clean(text))
     features = value.get("os.features", [])
@@ -537,6 +592,10 @@ def _platform(value: object, warnings: list[str]) -> Platform | None:
         warnings.append('platform "os.features" is not a list of strings; platform ignored')
         return None
     return Platform(fields[0], fields[1], fields[2], fields[3], tuple(_clean(f) for f in features))
+
+
+_PLATFORMS_MAX = 1024
+_platforms: dict[tuple[str, str, str, str], Platform] = {}
 
 
 def _clean(text: str) -> str:
@@ -773,18 +832,14 @@ def read_blob(
 
     path = blob_path(layout, digest)
     cache = resolved if resolved is not None else {}
-    root = cache.get("")
-    if root is None:
-        root = cache[""] = os.path.realpath(layout)
-    inside = root if root.endswith(os.sep) else root + os.sep
     algorithm, _, encoded = digest.partition(":")
     directory = cache.get(algorithm)
     if directory is None:
-        directory = cache[algorithm] = os.path.realpath(os.path.dirname(path))
-    real = os.path.join(directory, encoded)
-    if not directory.startswith(inside):
+        directory = cache[algorithm] = _blob_directory(layout, os.path.dirname(path), cache)
+    if not directory:
         real = os.path.realpath(path)
         raise BlobError(f"blob {digest} at {path} leads outside the layout (to {real}); refused")
+    real = directory + os.sep + encoded
     try:
         try:
             # The directory is resolved and inside the layout; O_NOFOLLOW refuses a symlinked blob,
@@ -794,7 +849,7 @@ def read_blob(
             if exc.errno != errno.ELOOP:
                 raise
             real = os.path.realpath(path)
-            if not real.startswith(inside):
+            if not real.startswith(_inside(layout, cache)):
                 raise BlobError(f"blob {digest} at {path} leads outside the layout (to {real}); refused") from None
             fd = os.open(real, _OPEN_FLAGS | _NOFOLLOW)
     except OSError as exc:
@@ -821,9 +876,37 @@ def read_blob(
         os.close(fd)
     if len(data) > limit or (size is not None and len(data) != size):
         raise BlobError(f"blob {digest} changed size while it was read")
-    if hashlib.new(algorithm, data).hexdigest() != encoded:
+    if getattr(hashlib, algorithm)(data).hexdigest() != encoded:  # a validated digest: sha256, sha384 or sha512
         raise BlobError(f"blob {digest} does not match its digest (content changed or corrupt)")
     return data
+
+
+def _inside(layout: str, cache: dict[str, str]) -> str:
+    """The layout's real path with a trailing separator: what every blob's real path starts with."""
+    inside = cache.get("")
+    if inside is None:
+        root = os.path.realpath(layout)
+        inside = cache[""] = root if root.endswith(os.sep) else root + os.sep
+    return inside
+
+
+def _blob_directory(layout: str, directory: str, cache: dict[str, str]) -> str:
+    """``LAYOUT/blobs/ALG`` as a path to open blobs below, ``""`` when it leads outside the layout.
+
+    Neither ``blobs`` nor ``ALG`` a symlink: the directory is inside the layout whatever the
+    layout's own path is, and two ``lstat`` calls showed it (resolving the layout and the directory
+    instead costs one ``lstat`` per component of each path: a tenth of a nested-index walk). Else
+    it is resolved, and must stay inside the layout's real path.
+    """
+    try:
+        blobs_mode, algorithm_mode = os.lstat(os.path.dirname(directory)).st_mode, os.lstat(directory).st_mode
+    except OSError:
+        pass  # missing (a partial export): resolved below, and the open says so
+    else:
+        if not (stat.S_ISLNK(blobs_mode) or stat.S_ISLNK(algorithm_mode)):
+            return directory
+    real = os.path.realpath(directory)
+    return real if real.startswith(_inside(layout, cache)) else ""
 
 
 # -- nested indexes ----------------------------------------------------------------------------
@@ -922,7 +1005,8 @@ def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tup
         descriptor = _descriptor(item, own)
         if descriptor is not None:
             found.append(descriptor)
-        warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
+        if own:
+            warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
     return found, tuple(warnings)
 
 

@@ -242,8 +242,23 @@ def _check_digest(digest: str, algorithms: frozenset[str], whole: str) -> None:
         raise ReferenceError_(f"{message}: {_quote(digest)}{where}", category=category)
 
 
+# Digests already accepted with the default algorithms (others read it, only validate_digest adds):
+# a scan checks the same popular digests in many layouts (and each again as a blob's name), and a
+# set lookup costs a tenth of the check.
+VALID_DIGESTS: set[str] = set()
+_VALID_DIGESTS_MAX = 16384  # about 2.4 MB when full
+
+
 def validate_digest(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGORITHMS) -> str:
     """Check *s* as go-digest does (algorithm available, exact length, lowercase hex); return it."""
+    if algorithms is DEFAULT_ALGORITHMS:
+        if s in VALID_DIGESTS:
+            return s
+        _check_digest(s, algorithms, s)
+        if len(VALID_DIGESTS) >= _VALID_DIGESTS_MAX:
+            VALID_DIGESTS.clear()
+        VALID_DIGESTS.add(s)
+        return s
     _check_digest(s, algorithms, s)
     return s
 

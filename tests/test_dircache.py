@@ -135,3 +135,23 @@ def test_a_directory_that_becomes_a_layout_is_found(tmp_path: Path) -> None:
     summary = scan(tmp, db, root)
     assert summary["changed"] == 1
     assert rows(db) == fresh(tmp, root)
+
+
+def test_find_without_a_daemon_walks_the_cached_tree_and_still_sees_every_change(tmp_path: Path) -> None:
+    # find, like the re-scan, takes settled listings from the cache; what changed must still show.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    layouts = deep_tree(root)
+    settle(root)
+    scan(tmp, db, root)
+    assert cached(db)  # the walk below has listings to take
+    rewritten = layouts[3]
+    rewritten.write_index([named(rewritten.manifest(platform=LINUX_AMD64, label="again"), ref="v9")], rename=False)
+    added = Layout(os.path.join(root, "team-1", "project", "p2", "cache", "late", "deeper"))
+    added.write_index([named(added.manifest(platform=LINUX_AMD64, label="late"), ref="v9")])
+    done = run(tmp, "find", "--db", db, "--json", ":v9")
+    assert done.rc == 0, done
+    found = done.json()
+    assert isinstance(found, list)
+    assert sorted(answer["layout"] for answer in found) == sorted([rewritten.path, added.path])
+    assert all(answer["freshness"] == "read-through" for answer in found)

@@ -305,6 +305,50 @@ def test_lone_surrogates_become_replacement_characters_like_go() -> None:
         text.encode("utf-8")  # storable
 
 
+@pytest.mark.parametrize(
+    "descriptor",
+    [
+        pytest.param(named(GOOD, containerd="docker.io/library/alpine:3.16", ref="3.16"), id="plain"),
+        pytest.param({**GOOD, "platform": LINUX_ARM_V7, "annotations": {"a": "b"}}, id="platform"),
+        pytest.param({**GOOD, "annotations": {REF_NAME: "v1", "note": "caf\u00e9"}}, id="non-ASCII value"),
+        pytest.param({**GOOD, "annotations": {"caf\u00e9": "v"}}, id="non-ASCII key"),
+        pytest.param({**GOOD, "annotations": {"k": "\ud800"}}, id="lone surrogate"),
+        pytest.param({**GOOD, "annotations": {"k\udfff": "v"}}, id="lone surrogate key"),
+        pytest.param({**GOOD, "annotations": {"k": 1, REF_NAME: "v1"}}, id="non-string value"),
+        pytest.param({**GOOD, "annotations": None}, id="null annotations"),
+        pytest.param({**GOOD, "annotations": []}, id="list annotations"),
+        pytest.param({**GOOD, "mediaType": "application/\u00e9"}, id="non-ASCII media type"),
+        pytest.param({**GOOD, "mediaType": "a\ud800"}, id="surrogate media type"),
+        pytest.param({**GOOD, "size": True}, id="boolean size"),
+        pytest.param({**GOOD, "size": -1}, id="negative size"),
+        pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "\u00e9"}}, id="non-ASCII platform"),
+        pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "x\ud800"}}, id="surrogate platform"),
+        pytest.param({**GOOD, "platform": {"os": ["linux"], "architecture": "amd64"}}, id="list os"),
+        pytest.param(
+            {**GOOD, "platform": {"os": "linux", "architecture": "amd64", "variant": None}}, id="null variant"
+        ),
+        pytest.param({**GOOD, "platform": {"os": "windows", "architecture": "amd64", "os.features": ["win32k"]}}),
+        pytest.param({**GOOD, "platform": {"os": "linux", "architecture": "amd64", "os.features": None}}),
+        pytest.param({**GOOD, "platform": None}, id="null platform"),
+        pytest.param({**GOOD, "platform": "linux/amd64"}, id="string platform"),
+    ],
+)
+def test_the_fast_path_for_seen_digests_reads_every_descriptor_as_the_full_checks_do(descriptor: object) -> None:
+    """A digest seen before skips its re-check; the descriptor must still read exactly the same."""
+    from indexer import reference
+
+    data = json.dumps({"manifests": [descriptor]}).encode()  # ASCII: lone surrogates as \\ud800 escapes
+    reference.VALID_DIGESTS.clear()  # the full checks, for a digest not seen yet
+    checked = parse_index(data)
+    assert GOOD["digest"] in reference.VALID_DIGESTS
+    assert parse_index(data) == checked  # the fast path, for a digest seen before
+    for entry in checked[0]:  # and whichever path a field took, what is kept can be stored as UTF-8
+        platform = entry.platform
+        fields = (platform.os, platform.architecture, platform.variant, platform.os_version) if platform else ()
+        for text in (entry.media_type, *entry.annotations, *entry.annotations.values(), *fields):
+            text.encode("utf-8")
+
+
 def test_familiar_policy_is_passed_through() -> None:
     manifests = [named(GOOD, ref="alpine:3.16")]
     assert names(parse(manifests)[0][0]) == [(ALPINE, "3.16", HOW_FAMILIAR)]
@@ -616,6 +660,23 @@ def test_blobs_directory_symlinked_outside_is_refused(tmp_path: Path) -> None:
     os.symlink(elsewhere, root / "blobs")
     with pytest.raises(BlobError, match="leads outside the layout"):
         read_blob(str(root), digest, None)
+
+
+@pytest.mark.parametrize("inside", [True, False], ids=["inside", "outside"])
+def test_an_algorithm_directory_symlinked_is_followed_only_inside_the_layout(tmp_path: Path, inside: bool) -> None:
+    content = b"in a symlinked blobs/sha256"
+    digest = digest_of(content)
+    root = tmp_path / "layout"
+    (root / "blobs").mkdir(parents=True)
+    store = (root / "store") if inside else (tmp_path / "store")
+    store.mkdir()
+    (store / digest.split(":")[1]).write_bytes(content)
+    os.symlink(store, root / "blobs" / "sha256")
+    if inside:
+        assert read_blob(str(root), digest, len(content)) == content
+    else:
+        with pytest.raises(BlobError, match="leads outside the layout"):
+            read_blob(str(root), digest, len(content))
 
 
 def test_blob_symlink_inside_the_layout_is_followed(layout: Layout) -> None:

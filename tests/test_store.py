@@ -474,3 +474,20 @@ def test_another_user_can_read_a_database_it_cannot_write() -> None:
             writer.close()
     finally:
         shutil.rmtree(base)
+
+
+@pytest.mark.parametrize(
+    "annotations",
+    [
+        {},
+        {"org.opencontainers.image.ref.name": "v1", "a": "b"},
+        {"z": "last", "a": "first", "m": "middle"},
+        {"quote": 'say "hi"', "back\\slash": "\\", "ctl": "\x00\x1b\n\t\x7f"},
+        {"caf\u00e9": "\u00fcber", "emoji": "\U0001f600", "rtl": "\u202e", "cjk": "\u4e2d"},
+    ],
+)
+def test_the_stored_annotations_json_is_what_json_dumps_gives(annotations: dict[str, str]) -> None:
+    """Stored JSON is read back by lookups and compared across versions: the fast encoder must not drift."""
+    from indexer.store.write import _annotations_json
+
+    assert _annotations_json(annotations) == json.dumps(annotations, sort_keys=True)

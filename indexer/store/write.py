@@ -33,10 +33,10 @@ from indexer.store import path_value, read
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import sqlite3
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     from indexer.errors import LayoutError
-    from indexer.layout import Child, Entry, FileIdentity, Platform, Snapshot
+    from indexer.layout import Child, FileIdentity, Platform, Snapshot
     from indexer.store.read import StoredLayout
 
 
@@ -231,6 +231,12 @@ class _IdAllocator:
         self.next_id += 1
         return value
 
+    def take_many(self, count: int) -> int:
+        """The first of *count* consecutive ids."""
+        value = self.next_id
+        self.next_id += count
+        return value
+
 
 _platform_json: dict[tuple[object, ...], str] = {}
 
@@ -248,15 +254,28 @@ def platform_json(platform: Platform | None) -> str | None:
     return text
 
 
-def _platform_key(platform: Platform | None) -> tuple[object, ...] | None:
-    """A platform as a plain tuple: hashing a Record field by field cost more than the JSON it saved."""
-    if platform is None:
-        return None
-    return (platform.os, platform.architecture, platform.variant, platform.os_version, platform.os_features)
+def _sorted_encoder() -> Callable[[dict[str, str]], str]:
+    """``json.dumps(value, sort_keys=True)`` for a dict of strings, without its per-call set-up.
+
+    ``JSONEncoder.encode`` builds a new C encoder on every call, half the cost of encoding a
+    descriptor's annotations (measured: 1.6 µs against 0.9 µs); this builds json's C encoder once,
+    with the same separators and escaping (ASCII), and no circular-reference check (a parsed
+    annotations object holds only strings). Without the C accelerator, the plain encoder.
+    """
+    from json import encoder
+
+    make = getattr(encoder, "c_make_encoder", None)
+    if make is None:
+        return json.JSONEncoder(sort_keys=True).encode
+    once = make(None, None, encoder.encode_basestring_ascii, None, ": ", ", ", True, False, True)
+
+    def encode(value: dict[str, str]) -> str:
+        return "".join(once(value, 0))
+
+    return encode
 
 
-# json.dumps with sort_keys builds a new encoder on every call; one encoder, the same output.
-_encode_sorted = json.JSONEncoder(sort_keys=True).encode
+_encode_sorted = _sorted_encoder()
 
 
 def _annotations_json(annotations: dict[str, str]) -> str:
@@ -287,8 +306,41 @@ def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
     children: list[ChildRow] = []
     occurrences: dict[str, int] = {}  # identical descriptors are numbered: linear however many repeat
     for index, entry in enumerate(snapshot.entries):
-        kids = children_of.get(entry.position, [])
-        key = _row_key(entry, kids)
+        platform = platform_json(entry.platform)
+        annotations = _annotations_json(entry.annotations)
+        invalid = json.dumps(list(entry.invalid_names)) if entry.invalid_names else None
+        warnings = json.dumps(list(entry.warnings)) if entry.warnings else None
+        entry_names = [(n.name, n.tag, n.how) for n in entry.names]
+        kids = children_of.get(entry.position)
+        kid_rows = (
+            [
+                (
+                    c.parent,
+                    c.depth,
+                    c.digest,
+                    c.media_type,
+                    c.size,
+                    platform_json(c.platform),
+                    _annotations_json(c.annotations),
+                )
+                for c in kids
+            ]
+            if kids
+            else []
+        )
+        key = _row_key(
+            (
+                entry.digest,
+                entry.media_type,
+                entry.size,
+                platform,
+                annotations,
+                entry_names,
+                invalid,
+                warnings,
+                kid_rows,
+            )
+        )
         occurrence = occurrences.get(key, 0)
         occurrences[key] = occurrence + 1
         entries.append(
@@ -298,27 +350,19 @@ def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
                 entry.digest,
                 entry.media_type,
                 entry.size,
-                platform_json(entry.platform),
-                _annotations_json(entry.annotations),
-                json.dumps(list(entry.invalid_names)) if entry.invalid_names else None,
-                json.dumps(list(entry.warnings)) if entry.warnings else None,
+                platform,
+                annotations,
+                invalid,
+                warnings,
             )
         )
-        names.extend((index, n.name, n.tag, n.how) for n in entry.names)
-        children.extend(
-            (
-                index,
-                i,
-                c.parent,
-                c.depth,
-                c.digest,
-                c.media_type,
-                c.size,
-                platform_json(c.platform),
-                _annotations_json(c.annotations),
+        if entry_names:
+            names.extend((index, name, tag, how) for name, tag, how in entry_names)
+        if kid_rows:
+            children.extend(
+                (index, i, parent, depth, digest, media_type, size, platform_text, annotations_text)
+                for i, (parent, depth, digest, media_type, size, platform_text, annotations_text) in enumerate(kid_rows)
             )
-            for i, c in enumerate(kids)
-        )
     identity = snapshot.identity
     return (
         (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns),
@@ -418,29 +462,36 @@ def _store_all(
                 current.entry_count,
             )
             warnings_before = old_warnings[layout_id]
-        wanted = {row[0]: index for index, row in enumerate(entries)}
-        gone = [(entry_id,) for key, (entry_id, _position) in have.items() if key not in wanted]
-        stale.extend(gone)
-        shifted = [
-            (entries[wanted[key]][1], entry_id)
-            for key, (entry_id, position) in have.items()
-            if key in wanted and entries[wanted[key]][1] != position
-        ]
-        moved.extend(shifted)
-        fresh = {index for key, index in wanted.items() if key not in have}
-        if fresh:
-            id_of = {index: ids.take() for index in sorted(fresh)}
-            entry_rows.extend(
-                (id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh
-            )
-            name_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh)
-            child_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh)
+        if have:
+            wanted = {row[0]: index for index, row in enumerate(entries)}
+            gone = [(entry_id,) for key, (entry_id, _position) in have.items() if key not in wanted]
+            stale.extend(gone)
+            shifted = [
+                (entries[wanted[key]][1], entry_id)
+                for key, (entry_id, position) in have.items()
+                if key in wanted and entries[wanted[key]][1] != position
+            ]
+            moved.extend(shifted)
+            fresh = {index for key, index in wanted.items() if key not in have}
+            if fresh:
+                id_of = {index: ids.take() for index in sorted(fresh)}
+                entry_rows.extend(
+                    (id_of[i], layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries) if i in fresh
+                )
+                name_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in names if row[0] in fresh)
+                child_rows.extend((id_of[row[0]], layout_id, *row[1:]) for row in children if row[0] in fresh)
+            rows_changed = bool(gone or fresh or shifted)
+        else:  # nothing stored (a new layout, or one that had no entries): every row is new, ids in a run
+            base = ids.take_many(len(entries))
+            entry_rows.extend((base + i, layout_id, row[1], row[0], *row[2:]) for i, row in enumerate(entries))
+            name_rows.extend((base + row[0], layout_id, *row[1:]) for row in names)
+            child_rows.extend((base + row[0], layout_id, *row[1:]) for row in children)
+            rows_changed = bool(entries)
         warnings = list(warnings_now)
         if warnings != warnings_before:
             if warnings_before:
                 warnings_gone.append((layout_id,))
             warning_rows.extend((layout_id, w) for w in warnings)
-        rows_changed = bool(gone or fresh or shifted)
         changed += rows_changed
         published_now = (content_hash, "ok", None, None, len(entries))
         if rows_changed or warnings != warnings_before or published_before != published_now:
@@ -483,27 +534,12 @@ def _stamp(conn: sqlite3.Connection, layout_id: int, path: str, versions: _Versi
     conn.execute("DELETE FROM layout_removals WHERE path = ?", (path_value(path),))
 
 
-def _row_key(entry: Entry, kids: list[Child]) -> str:
-    """A hash of everything stored for one entry; ``repr`` of values is exact and 4x cheaper than JSON."""
+def _row_key(stored: tuple[object, ...]) -> str:
+    """A hash of everything stored for one entry (its columns, names and children, JSON already
+    encoded); ``repr`` of plain strings and numbers is exact and cheaper than encoding them again."""
     import hashlib
 
-    material = repr(
-        (
-            entry.digest,
-            entry.media_type,
-            entry.size,
-            _platform_key(entry.platform),
-            entry.annotations,
-            [(n.name, n.tag, n.how) for n in entry.names],
-            entry.invalid_names,
-            entry.warnings,
-            [
-                (c.parent, c.depth, c.digest, c.media_type, c.size, _platform_key(c.platform), c.annotations)
-                for c in kids
-            ],
-        )
-    )
-    return hashlib.blake2b(material.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return hashlib.blake2b(repr(stored).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
 def _touch(
