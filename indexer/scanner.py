@@ -294,10 +294,10 @@ class Scanner:
             progress(done, len(paths))
         pooled = self._uses_pool(len(unread))
         self.pool_busy |= pooled
-        # A pass with the pool loads hundreds of thousands of rows from the workers: the cyclic
-        # collector's passes over them were 15% of this process's CPU in a cold build, for no
-        # cycle (rows are plain tuples). Paused for the pass; what it leaves is collected after.
-        paused = pooled and gc.isenabled()
+        # A big pass loads hundreds of thousands of rows (from the workers, or parsed here): the
+        # cyclic collector's passes over them were 15% of this process's CPU in a cold build, for
+        # no cycle (rows are plain tuples). Paused for the pass; what it leaves is collected after.
+        paused = len(unread) >= POOL_MIN_LAYOUTS and gc.isenabled()
         if paused:
             gc.disable()
         try:
