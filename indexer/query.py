@@ -609,10 +609,9 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None) 
             "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
-    from indexer.discovery import changes, load_cache, stored_identities  # the walk of a no-change scan
+    from indexer.discovery import changes  # the walk of a no-change scan
 
-    roots = [r for r in recorded if os.path.isdir(r.path)]
-    _present, changed, _gone, errors = changes(stored_identities(conn), roots, load_cache(conn))
+    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)])
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
         return changed, f"{why}: this answer may miss layouts there"
