@@ -914,6 +914,16 @@ class Daemon:
                 await anyio.sleep(self.settings.debounce_ms / 1000)
             await self._serve_changes()
 
+    async def _drain(self) -> Pending:
+        """What watchdog reported since the last drain, counted in the metrics, mounts seen to."""
+        pending = self.dirty.drain()
+        if self.metrics is not None:
+            self.metrics.watched(len(pending.layouts) + len(pending.trees))
+            self.metrics.lost(len(pending.lost))
+        if pending.mounts:
+            await self._mounts_changed(pending)
+        return pending
+
     async def _serve_changes(self) -> None:
         """Index the changes watchdog reported during a reconcile pass (those since the last call)."""
         if not self.wake.is_set():
@@ -921,12 +931,7 @@ class Daemon:
         self.woke = time.monotonic()
         if not self.reconcile_reasons and not self.reload_requested:
             self.wake = anyio.Event()  # else the loop wakes for them once the pass is done
-        pending = self.dirty.drain()
-        if self.metrics is not None:
-            self.metrics.watched(len(pending.layouts) + len(pending.trees))
-            self.metrics.lost(len(pending.lost))
-        if pending.mounts:
-            await self._mounts_changed(pending)
+        pending = await self._drain()
         if pending.lost:
             self._request_reconcile(f"events were lost ({', '.join(pending.lost)})")
         await self._process(pending)
@@ -1034,12 +1039,7 @@ class Daemon:
                 self.mode_check_due = now + self.settings.reconcile_s
                 self._check_mode_later()
             await self._apply_count()
-            pending = self.dirty.drain()
-            if self.metrics is not None:
-                self.metrics.watched(len(pending.layouts) + len(pending.trees))
-                self.metrics.lost(len(pending.lost))
-            if pending.mounts:
-                await self._mounts_changed(pending)
+            pending = await self._drain()
             reasons = list(self.reconcile_reasons) + pending.lost
             self.reconcile_reasons.clear()
             if time.monotonic() >= self.reconcile_due:
