@@ -24,7 +24,6 @@ read-through lookup, so indexed and read-through answers share one matcher.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 from indexer._record import Record
@@ -667,9 +666,12 @@ def restore_indexes(conn: sqlite3.Connection) -> int:
     if not rows:
         return 0
     # SQLite's sorter may use helper threads for CREATE INDEX: the build is the cold build's serial
-    # tail (0.6 s at 10,000 layouts), 13% shorter with two threads here.
+    # tail (0.6 s at 10,000 layouts), 13% shorter with two threads here; as many as the cores this
+    # process may run on (taskset, cpusets), at most 4.
+    from indexer.workers import default_workers
+
     threads = conn.execute("PRAGMA threads").fetchone()[0]
-    conn.execute(f"PRAGMA threads = {max(threads, min(4, os.cpu_count() or 1))}")
+    conn.execute(f"PRAGMA threads = {max(threads, min(4, default_workers()))}")
     conn.execute("BEGIN IMMEDIATE")
     try:
         for name, sql in rows:
