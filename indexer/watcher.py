@@ -37,6 +37,7 @@ import os
 import re
 import select
 import threading
+import time
 import warnings
 
 from watchdog.events import (
@@ -340,6 +341,43 @@ def _shorten_watch_group_repr() -> None:
     warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
+def _wake_on_paired_moves() -> None:
+    """Work around a watchdog 7.1 stall of every event for half a second after a rename.
+
+    watchdog holds an ``IN_MOVED_FROM`` for up to 0.5 s (``InotifyMoveEventGrouper.delay``) so that
+    its ``IN_MOVED_TO`` can be paired with it; the pair is queued again at the tail. But the
+    emitter's ``DelayedQueue.get``, finding the lone half at the head of the queue, sleeps out the
+    whole delay without looking again: when it looks between the two halves (its thread won the GIL
+    in between, more often while a reconcile keeps other threads busy), the pair arrives a moment
+    later and still every event queued behind it waits the rest of the 0.5 s. With a writer that
+    renames ``index.json`` into place (umoci, regclient), that was one 0.6 s gap in the daemon's
+    updates about every few minutes at 20 changes/s (docs/design.md, "The reconcile beside the
+    changes"). This ``get`` waits on the queue's condition instead, which every ``put`` notifies,
+    and looks at the head again: the same order, the same pairing, no wait for a half already paired.
+    """
+    from watchdog.utils.delayed_queue import DelayedQueue
+
+    if getattr(DelayedQueue.get, "_ocidx", False):
+        return
+
+    def get(self: DelayedQueue[object]) -> object | None:
+        with self._not_empty:
+            while True:
+                while not self._queue and not self._closed:
+                    self._not_empty.wait()
+                if self._closed:
+                    return None
+                head, inserted, delay = self._queue[0]
+                left = inserted + self.delay - time.monotonic() if delay else 0.0
+                if left <= 0:
+                    self._queue.popleft()
+                    return head
+                self._not_empty.wait(left)  # a put (the other half, paired) wakes it to look again
+
+    get._ocidx = True  # type: ignore[attr-defined]
+    DelayedQueue.get = get  # type: ignore[method-assign,assignment]
+
+
 def _quiet_shutdown(record: logging.LogRecord) -> bool:
     """Drop watchdog 7.1's ERROR when an emitter that is being stopped reads once more (harmless)."""
     return "called when the thread is inactive" not in str(record.msg)
@@ -464,6 +502,7 @@ class Watcher:
     def start(self) -> None:
         """Start the observer thread (raises OSError when inotify is unavailable)."""
         _shorten_watch_group_repr()
+        _wake_on_paired_moves()
         observer = InotifyObserver()
         observer.daemon = True
         observer.start()
