@@ -16,9 +16,13 @@ from indexer.store.read import SETTLES_AT_SQL, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Collection, Iterable, Iterator, Mapping
+    from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+    from typing import TypeVar
 
     from indexer.config import Config, Root
+
+    T = TypeVar("T")
+    R = TypeVar("R")
 
 LAYOUT_MARKERS = ("oci-layout", "index.json")
 
@@ -249,6 +253,12 @@ def changes(
     ``(layouts present, new, changed or racily clean, stored ones that vanished, problems met,
     the stored identities)``.
 
+    When the cache holds a settled listing of every directory the walk would reach, the walk is
+    planned from the cache alone (:func:`_planned_walk`) and its ``stat`` calls, of each directory
+    and each ``index.json``, are shared among the cores (:func:`_checked`); one directory that is
+    not as cached sends the whole comparison to the walk of :func:`discover`, so the answer is the
+    same either way.
+
     The cyclic collector is paused meanwhile: the walk holds a row per layout and directory and
     makes no cycle, and the collector's passes over those rows cost 7% of a no-change ``ocidx
     scan`` of 50,000 layouts (0.61 s against 0.57 s, median of 7).
@@ -260,31 +270,175 @@ def changes(
         cache = load_cache(conn)
         errors: list[str] = []
         found: dict[str, None] = {}
-        for root in roots:
-            for path in discover(root, errors, cache):
-                found[path] = None
+        changed: list[str] | None = None
+        plans = [_planned_walk(root, cache) for root in roots]
+        if all(plan is not None for plan in plans):
+            directories: list[tuple[str, Listing]] = []
+            for plan in plans:
+                assert plan is not None
+                found.update(dict.fromkeys(plan[0]))
+                directories.extend(plan[1])
+            changed = _checked(directories, list(found), stored)
+        if changed is None:  # a directory is not as cached: walk, listing what changed
+            found.clear()
+            for root in roots:
+                for path in discover(root, errors, cache):
+                    found[path] = None
+            changed = [path for path in found if _differs(path, stored.get(path))]
         present = list(found)
         follow = any(r.follow_symlinks for r in roots)
         gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots], follow=follow)
-        changed = []
-        stat_of, get = os.stat, stored.get
-        for path in present:
-            known = get(path)
-            try:
-                st = stat_of(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
-            except OSError:
-                changed.append(path)  # a layout without a readable index.json: the full read says why
-                continue
-            if (
-                known is None
-                or known[2]
-                or (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != known[3:]
-            ):
-                changed.append(path)
         return present, changed, gone, errors, stored
     finally:
         if collecting:
             gc.enable()
+
+
+def _differs(path: str, known: Identity | None) -> bool:
+    """Whether the layout at *path* must be read: never read, racily clean, or its ``index.json``
+    not the file stored (or not readable: the full read says why)."""
+    try:
+        st = os.stat(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
+    except OSError:
+        return True
+    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return known is None or bool(known[2]) or identity != known[3:]
+
+
+def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], list[tuple[str, Listing]]] | None:
+    """The walk :func:`discover` makes of *root* when every directory is as the cache holds it: the
+    layouts it yields, in its order, and each directory it would take from the cache with that
+    listing; None when it would reach a directory the cache holds no settled listing of.
+
+    Symbolic links are resolved as the walk resolves them; nothing else is looked at on disk: the
+    caller proves each directory is as cached (:func:`_checked`) before trusting the plan.
+    """
+    top = os.path.realpath(root.path)
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[str, int]] = [(top, 0)]
+    layouts: list[str] = []
+    directories: list[tuple[str, Listing]] = []
+    pop, push, extend, cached = stack.pop, stack.append, stack.extend, cache.get
+    max_depth = root.max_depth
+    while stack:
+        directory, depth = pop()
+        known = cached(directory)
+        if known is None or settles_at(known[2], known[3], known[4], None) > known[4]:
+            return None
+        here = (known[0], known[1])
+        if here in seen:
+            continue
+        seen.add(here)
+        directories.append((directory, known))
+        if known[5]:
+            layouts.append(directory)
+        if depth >= max_depth:
+            continue
+        if known[7]:
+            for name in os.fsdecode(known[7]).split("\0"):
+                try:
+                    target = os.path.realpath(os.path.join(directory, name))
+                    inside = target == top or target.startswith(top.rstrip("/") + "/")
+                    if not (root.follow_symlinks or inside) or not os.path.isdir(target):
+                        continue
+                    push((target, depth + 1))
+                except OSError:
+                    continue
+        if known[6]:
+            prefix = directory if directory.endswith("/") else directory + "/"
+            extend([(prefix + name, depth + 1) for name in os.fsdecode(known[6]).split("\0")])
+    return layouts, directories
+
+
+# Below this many stat calls, a pass shares none of them: a forked process costs about 1 ms.
+PARALLEL_MIN_STATS = 4096
+
+
+def _checked(
+    directories: list[tuple[str, Listing]], layouts: list[str], stored: Mapping[str, Identity]
+) -> list[str] | None:
+    """The layouts of a planned walk that differ from the stored rows (:func:`_differs`), or None when
+    a directory of the plan is not as cached. The stat calls are split among the cores this process
+    may run on: forked processes take a share each and send back what they found."""
+    from indexer.workers import default_workers
+
+    parts = min(default_workers(), max(1, (len(directories) + len(layouts)) // PARALLEL_MIN_STATS))
+    # Contiguous shares: a child touches (and so copies on write) only the pages of its own rows.
+    cut_d, cut_l = -(-len(directories) // parts), -(-len(layouts) // parts)
+    shares = [
+        (directories[i * cut_d : (i + 1) * cut_d], range(i * cut_l, min(len(layouts), (i + 1) * cut_l)))
+        for i in range(parts)
+    ]
+
+    def check(share: tuple[list[tuple[str, Listing]], range]) -> list[int] | None:
+        stat_of, is_dir = os.stat, stat.S_ISDIR
+        for directory, known in share[0]:
+            try:
+                st = stat_of(directory)
+            except OSError:
+                return None
+            if not is_dir(st.st_mode) or (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns) != known[:4]:
+                return None
+        get = stored.get
+        return [i for i in share[1] if _differs(layouts[i], get(layouts[i]))]
+
+    results = forked(check, shares)
+    if any(result is None for result in results):
+        return None
+    return [layouts[i] for i in sorted(i for result in results if result is not None for i in result)]
+
+
+def forked(fn: Callable[[T], R], shares: list[T]) -> list[R]:
+    """``[fn(share) for share in shares]``, the first share in this process and each other in a
+    process forked for it, which sends back its ``marshal``-able result on a pipe.
+
+    Forking is safe only with no other thread (a lock another thread held stays held in the child),
+    so a process that has threads, or cannot fork, runs every share itself, as it does a share whose
+    process died or sent nothing whole. A child only computes and exits with ``os._exit`` (no
+    ``atexit`` hook, no buffer the parent would flush again, the parent's database connection
+    never touched).
+    """
+    import marshal
+    import threading
+
+    if len(shares) < 2 or threading.active_count() > 1 or not hasattr(os, "fork"):
+        return [fn(share) for share in shares]
+    children: list[tuple[int, int, T]] = []  # (pid, the pipe's read end, its share)
+    try:
+        for share in shares[1:]:
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child
+                status = 1
+                try:
+                    os.close(read_end)
+                    data = marshal.dumps(fn(share))  # type: ignore[arg-type]  # R: what marshal takes
+                    with open(write_end, "wb", closefd=True) as out:
+                        out.write(data)
+                    status = 0
+                finally:
+                    os._exit(status)
+            os.close(write_end)
+            children.append((pid, read_end, share))
+        results = [fn(shares[0])]
+        while children:
+            pid, read_end, share = children.pop(0)
+            try:
+                with open(read_end, "rb", closefd=True) as pipe:
+                    data = pipe.read()
+            finally:
+                _, status = os.waitpid(pid, 0)
+            try:
+                if status != 0:
+                    raise ValueError(status)
+                results.append(marshal.loads(data))
+            except (ValueError, EOFError, TypeError):
+                results.append(fn(share))  # the child died or sent nothing whole: its share done here
+        return results
+    finally:
+        for pid, read_end, _share in children:  # left by an exception: reap them, leave no zombie
+            os.close(read_end)
+            os.waitpid(pid, 0)
 
 
 def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:

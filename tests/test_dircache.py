@@ -12,9 +12,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+import pytest
 from layouts import LINUX_AMD64, Layout, named
 from test_reliability import rows, run, wait_for
 
+from indexer.config import Root
 from indexer.store.read import RACY_WINDOW_NS
 
 
@@ -155,3 +157,164 @@ def test_find_without_a_daemon_walks_the_cached_tree_and_still_sees_every_change
     assert isinstance(found, list)
     assert sorted(answer["layout"] for answer in found) == sorted([rewritten.path, added.path])
     assert all(answer["freshness"] == "read-through" for answer in found)
+
+
+def _shaped_tree(root: str) -> list[Layout]:
+    """deep_tree, plus what the walk treats specially: a layout inside a layout, a symlink to a
+    directory inside the root (followed) and to one outside it (followed only by a root that
+    follows symlinks), a directory named blobs that is no layout's, a plain file."""
+    layouts = deep_tree(root)
+    nested = Layout(os.path.join(layouts[0].path, "sub", "inner"))
+    nested.write_index([named(nested.manifest(platform=LINUX_AMD64, label="inner"), ref="v1")])
+    elsewhere = os.path.join(os.path.dirname(root), "elsewhere")
+    outside = Layout(os.path.join(elsewhere, "out"))
+    outside.write_index([named(outside.manifest(platform=LINUX_AMD64, label="out"), ref="v1")])
+    os.symlink(elsewhere, os.path.join(root, "team-0", "to-elsewhere"))
+    os.symlink(os.path.join(root, "team-1"), os.path.join(root, "team-0", "to-team-1"))
+    plain = Layout(os.path.join(root, "blobs", "not-a-store"))
+    plain.write_index([named(plain.manifest(platform=LINUX_AMD64, label="plain"), ref="v1")])
+    with open(os.path.join(root, "team-1", "README"), "w", encoding="utf-8") as fh:
+        fh.write("not a layout\n")
+    return [*layouts, nested, plain]
+
+
+def _compare_both_ways(
+    db: str, roots: list[Root], monkeypatch: pytest.MonkeyPatch, *, proven: bool
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """discovery.changes with the planned walk (its stat calls shared among 3 processes) and with
+    the walk alone: they must give the same answer; that answer (without the stored rows). *proven*:
+    whether the plan is expected to hold (every directory as cached) or to be sent to the walk."""
+    from indexer import discovery, workers
+    from indexer.store import open_reader
+
+    checked = discovery._checked
+    outcomes: list[bool] = []
+
+    def spy(*args: object) -> list[str] | None:
+        result = checked(*args)  # type: ignore[arg-type]  # the arguments changes() gave
+        outcomes.append(result is not None)
+        return result
+
+    conn = open_reader(db)
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(discovery, "PARALLEL_MIN_STATS", 1)
+            patch.setattr(workers, "default_workers", lambda: 3)
+            patch.setattr(discovery, "_checked", spy)
+            planned = discovery.changes(conn, roots)
+        assert outcomes == [proven]
+        with monkeypatch.context() as patch:
+            patch.setattr(discovery, "_planned_walk", lambda root, cache: None)
+            walked = discovery.changes(conn, roots)
+    finally:
+        conn.close()
+    assert planned == walked
+    present, changed, gone, errors, _stored = planned
+    return present, changed, gone, errors
+
+
+def test_the_planned_walk_answers_as_the_walk_does_whatever_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The no-change proof plans its walk from the directory cache and shares its stat calls among
+    forked processes; after each kind of change its answer is the one the walk of discover gives."""
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    layouts = _shaped_tree(root)
+    settle(root)
+    scan(tmp, db, root)
+    # Overlapping roots: one shallow, one following symlinks out of the tree (to a layout not indexed).
+    followed = os.path.join(os.path.dirname(root), "elsewhere", "out")
+    roots = [Root(root), Root(os.path.join(root, "team-0"), max_depth=2), Root(root, follow_symlinks=True)]
+    scan(tmp, db, os.path.dirname(followed))  # the link's target listed and indexed as a root of its own
+    present, changed, gone, errors = _compare_both_ways(db, roots, monkeypatch, proven=True)
+    assert sorted(present) == sorted([*(lay.path for lay in layouts), followed])
+    assert (changed, gone, errors) == ([], [], [])
+
+    # Rewritten in place (no directory changes), deep and nested in another layout.
+    for lay in (layouts[4], layouts[6]):
+        lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label="again"), ref="v2")], rename=False)
+    _present, changed, _gone, _errors = _compare_both_ways(db, roots, monkeypatch, proven=True)
+    assert sorted(changed) == sorted([layouts[4].path, layouts[6].path])
+
+    # A layout added deep, one removed, a symlink retargeted: directories change, the walk lists them.
+    added = Layout(os.path.join(root, "team-1", "project", "p0", "cache", "late"))
+    added.write_index([named(added.manifest(platform=LINUX_AMD64, label="late"), ref="v1")])
+    os.rename(layouts[2].path, os.path.join(tmp, "away"))
+    link = os.path.join(root, "team-0", "to-team-1")
+    os.unlink(link)
+    os.symlink(os.path.join(root, "team-0", "project"), link)
+    present, changed, gone, _errors = _compare_both_ways(db, roots, monkeypatch, proven=False)
+    assert added.path in changed and added.path in present
+    assert gone == [layouts[2].path]
+
+    # Once scanned and settled again, the plan holds once more, and proves nothing changed.
+    settle(root)
+    scan(tmp, db, root)
+    scan(tmp, db, root)  # the listings of the changed directories, now settled, are kept
+    _present, changed, gone, errors = _compare_both_ways(db, roots, monkeypatch, proven=True)
+    assert (changed, gone, errors) == ([], [], [])
+
+    # A root that vanished: the walk reports it.
+    os.rename(root, os.path.join(tmp, "root-gone"))
+    _present, _changed, _gone, errors = _compare_both_ways(db, roots, monkeypatch, proven=False)
+    assert errors and all("No such file" in message for message in errors)
+
+
+def test_forked_shares_come_back_whole_even_when_a_child_dies() -> None:
+    """discovery.forked: a share per process, each result back in order, a child that dies has its
+    share done by the parent, no process is left behind, and a process with threads never forks."""
+    import threading
+
+    from indexer.discovery import forked
+
+    parent = os.getpid()
+
+    def which(share: int) -> tuple[int, int]:
+        if share == 2 and os.getpid() != parent:
+            os._exit(7)  # a child that dies before it answers
+        return share * 10, os.getpid()
+
+    results = forked(which, [0, 1, 2, 3])
+    assert [value for value, _pid in results] == [0, 10, 20, 30]
+    pids = [pid for _value, pid in results]
+    assert pids[0] == parent and pids[2] == parent  # the dead child's share, done here
+    assert parent not in (pids[1], pids[3]) and pids[1] != pids[3]
+    for pid in (pids[1], pids[3]):
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)  # reaped already
+
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, daemon=True)
+    other.start()
+    try:
+        assert {pid for _value, pid in forked(which, [0, 1, 3])} == {parent}
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_the_plan_takes_no_listing_made_in_the_racy_window(tmp_path: Path) -> None:
+    """A listing made less than the racy window after its directory changed proves nothing (a change
+    in the same timestamp tick would leave the identity as it was): the plan refuses it, so the
+    proof falls back to the walk, which lists that directory again."""
+    from indexer.discovery import _planned_walk, load_cache
+    from indexer.store import open_reader
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    deep_tree(root)
+    scan(tmp, db, root)  # at once: every listing is within the racy window of its directory's change
+    conn = open_reader(db)
+    try:
+        assert _planned_walk(Root(root), load_cache(conn)) is None
+    finally:
+        conn.close()
+    settle(root)
+    scan(tmp, db, root)
+    conn = open_reader(db)
+    try:
+        assert _planned_walk(Root(root), load_cache(conn)) is not None
+    finally:
+        conn.close()
