@@ -246,7 +246,7 @@ def stored_identities(conn: sqlite3.Connection) -> dict[str, Identity]:
 
 
 def changes(
-    conn: sqlite3.Connection, roots: list[Root]
+    conn: sqlite3.Connection, roots: list[Root], processes: int = 0
 ) -> tuple[list[str], list[str], list[str], list[str], dict[str, Identity]]:
     """Compare the layouts stored in *conn* with those below *roots* by one walk (listing only the
     directories the directory cache does not hold as they are) and one ``stat`` per ``index.json``:
@@ -255,7 +255,8 @@ def changes(
 
     When the cache holds a settled listing of every directory the walk would reach, the walk is
     planned from the cache alone (:func:`_planned_walk`) and its ``stat`` calls, of each directory
-    and each ``index.json``, are shared among the cores (:func:`_checked`); one directory that is
+    and each ``index.json``, are shared among *processes* (``[daemon] workers``: 0 for one per core,
+    1 for this process alone; :func:`_checked`); one directory that is
     not as cached sends the whole comparison to the walk of :func:`discover`, so the answer is the
     same either way.
 
@@ -278,7 +279,7 @@ def changes(
                 assert plan is not None
                 found.update(dict.fromkeys(plan[0]))
                 directories.extend(plan[1])
-            changed = _checked(directories, list(found), stored)
+            changed = _checked(directories, list(found), stored, processes)
         if changed is None:  # a directory is not as cached: walk, listing what changed
             found.clear()
             for root in roots:
@@ -355,14 +356,14 @@ PARALLEL_MIN_STATS = 4096
 
 
 def _checked(
-    directories: list[tuple[str, Listing]], layouts: list[str], stored: Mapping[str, Identity]
+    directories: list[tuple[str, Listing]], layouts: list[str], stored: Mapping[str, Identity], processes: int = 0
 ) -> list[str] | None:
     """The layouts of a planned walk that differ from the stored rows (:func:`_differs`), or None when
-    a directory of the plan is not as cached. The stat calls are split among the cores this process
-    may run on: forked processes take a share each and send back what they found."""
+    a directory of the plan is not as cached. The stat calls are split among *processes* (0: one per
+    core this process may run on): forked processes take a share each and send back what they found."""
     from indexer.workers import default_workers
 
-    parts = min(default_workers(), max(1, (len(directories) + len(layouts)) // PARALLEL_MIN_STATS))
+    parts = min(processes or default_workers(), max(1, (len(directories) + len(layouts)) // PARALLEL_MIN_STATS))
     # Contiguous shares: a child touches (and so copies on write) only the pages of its own rows.
     cut_d, cut_l = -(-len(directories) // parts), -(-len(layouts) // parts)
     shares = [
@@ -441,7 +442,7 @@ def forked(fn: Callable[[T], R], shares: list[T]) -> list[R]:
             os.waitpid(pid, 0)
 
 
-def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
+def settled(db_path: str, roots: list[Root], processes: int = 0) -> tuple[int, int] | None:
     """``(layouts, still broken)`` when the index provably holds every layout below *roots* as it is
     on disk (nothing to write), else None: :func:`changes` on the stored rows and directory cache."""
     from indexer.errors import DatabaseError
@@ -452,7 +453,7 @@ def settled(db_path: str, roots: list[Root]) -> tuple[int, int] | None:
     except DatabaseError:
         return None  # no database yet, or one to migrate: the full pass deals with it
     try:
-        present, changed, gone, errors, stored = changes(conn, roots)
+        present, changed, gone, errors, stored = changes(conn, roots, processes)
     except sqlite3.Error:
         return None  # a damaged database: the full pass reports it (exit 4)
     finally:

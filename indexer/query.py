@@ -459,7 +459,7 @@ class Index:
 
         walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
-            changed, unverified = _changed_below_roots(conn, walk)
+            changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
             scope.update(changed)
             # One SELECT per changed layout (each is then read through, which costs far more), not a
             # record of every stored layout (50 ms at 10,000).
@@ -599,10 +599,12 @@ def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> 
     return f" (did you mean the tag ':{query.word}'?)"
 
 
-def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None) -> tuple[list[str], str | None]:
+def _changed_below_roots(
+    conn: sqlite3.Connection, recorded: list[Root] | None, processes: int
+) -> tuple[list[str], str | None]:
     """The layouts below the *recorded* roots that are new or changed since they were indexed, and
     why that list may be incomplete (None when it is exact); directories the index's directory
-    cache holds as they are now are not listed again."""
+    cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
     if recorded is None:
         return [], (
             "no daemon is running and this index records no roots, so layouts added or changed since "
@@ -611,7 +613,7 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None) 
     # A root that does not exist holds no layout: the walk of the others is still exact.
     from indexer.discovery import changes  # the walk of a no-change scan
 
-    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)])
+    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
         return changed, f"{why}: this answer may miss layouts there"

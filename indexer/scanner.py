@@ -579,7 +579,7 @@ def run_scan(
     started = time.perf_counter()
     # Nothing changed is the common case on a build host: proving it takes a walk and a stat per
     # layout, and no event loop (asyncio alone costs about 40 ms of a 0.1 s re-scan).
-    quick = None if full else settled(db_path, scan_roots)
+    quick = None if full else settled(db_path, scan_roots, config.daemon.workers)
     if quick is not None:
         counts = Counts()
         counts.seen, counts.still_broken = quick

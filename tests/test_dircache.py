@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -318,3 +320,36 @@ def test_the_plan_takes_no_listing_made_in_the_racy_window(tmp_path: Path) -> No
         assert _planned_walk(Root(root), load_cache(conn)) is not None
     finally:
         conn.close()
+
+
+def test_workers_1_proves_no_change_without_forking(tmp_path: Path) -> None:
+    """``[daemon] workers = 1`` keeps everything in the command's own process: ``ocidx scan`` and
+    ``find`` prove nothing changed without forking, however large the tree (checked with a fork
+    that fails, at a threshold every tree passes)."""
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    deep_tree(root)
+    settle(root)
+    scan(tmp, db, root)
+    config = os.path.join(tmp, "ocidx.toml")
+    with open(config, "w", encoding="utf-8") as fh:
+        fh.write("[daemon]\nworkers = 1\n")
+    probe = (
+        "import os, sys\n"
+        "from indexer import discovery, workers\n"
+        "discovery.PARALLEL_MIN_STATS = 1\n"
+        "workers.default_workers = lambda: 4\n"
+        "def no_fork():\n"
+        "    raise AssertionError('forked')\n"
+        "os.fork = no_fork\n"
+        "from indexer.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    for argv in (["scan", "--db", db, "--json", root], ["find", "--db", db, ":v1"]):
+        done = subprocess.run(
+            [sys.executable, "-c", probe, *argv, "--config", config], capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+        # Without the setting, the same probe does fork (so the check above can fail).
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=False)
+        assert done.returncode != 0 and "forked" in done.stderr, done.stderr
