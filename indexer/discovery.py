@@ -17,7 +17,7 @@ from indexer.store.read import SETTLES_AT_SQL, settles_at
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
-    from typing import TypeVar
+    from typing import NoReturn, TypeVar
 
     from indexer.config import Config, Root
 
@@ -326,11 +326,13 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
         known = cached(directory)
         if known is None or settles_at(known[2], known[3], known[4], None) > known[4]:
             return None
+        # Proven like every other: a path skipped as a directory already walked is one only if its
+        # cached identity is its identity now (an entry out of date could name another's inode).
+        directories.append((directory, known))
         here = (known[0], known[1])
         if here in seen:
             continue
         seen.add(here)
-        directories.append((directory, known))
         if known[5]:
             layouts.append(directory)
         if depth >= max_depth:
@@ -394,36 +396,53 @@ def forked(fn: Callable[[T], R], shares: list[T]) -> list[R]:
     process forked for it, which sends back its ``marshal``-able result on a pipe.
 
     Forking is safe only with no other thread (a lock another thread held stays held in the child),
-    so a process that has threads, or cannot fork, runs every share itself, as it does a share whose
-    process died or sent nothing whole. A child only computes and exits with ``os._exit`` (no
-    ``atexit`` hook, no buffer the parent would flush again, the parent's database connection
-    never touched).
+    so a process that has threads (as far as ``threading`` knows them) runs every share itself, as
+    it does a share no process could be forked for (a process limit, no memory) and a share whose
+    process died or sent nothing whole. Signals are blocked from just before each fork until the
+    parent has recorded its child, and stay blocked in the child: no signal handler ever runs there
+    (it would raise into the parent's code), and a Ctrl-C leaves no child unreaped. A child only
+    computes, writes and exits with ``os._exit`` (no ``atexit`` hook, no buffer the parent would
+    flush again, the parent's database connection never touched); it lives as long as its share.
     """
     import marshal
+    import signal
     import threading
 
     if len(shares) < 2 or threading.active_count() > 1 or not hasattr(os, "fork"):
         return [fn(share) for share in shares]
-    children: list[tuple[int, int, T]] = []  # (pid, the pipe's read end, its share)
+    children: list[tuple[int, int, int]] = []  # (pid, the pipe's read end, the index of its share)
+    alone: list[int] = []  # the shares no process could be forked for
     try:
-        for share in shares[1:]:
-            read_end, write_end = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child
-                status = 1
-                try:
+        for index in range(1, len(shares)):
+            if alone:
+                alone.append(index)
+                continue
+            try:
+                read_end, write_end = os.pipe()
+            except OSError:
+                alone.append(index)
+                continue
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+            try:
+                pid = os.fork()
+            except OSError:
+                pid = -1
+            if pid == 0:
+                _child(fn, shares[index], read_end, write_end)
+            try:
+                os.close(write_end)
+                if pid < 0:
                     os.close(read_end)
-                    data = marshal.dumps(fn(share))  # type: ignore[arg-type]  # R: what marshal takes
-                    with open(write_end, "wb", closefd=True) as out:
-                        out.write(data)
-                    status = 0
-                finally:
-                    os._exit(status)
-            os.close(write_end)
-            children.append((pid, read_end, share))
-        results = [fn(shares[0])]
+                    alone.append(index)
+                else:
+                    children.append((pid, read_end, index))
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        results: dict[int, R] = {0: fn(shares[0])}
+        for index in alone:
+            results[index] = fn(shares[index])
         while children:
-            pid, read_end, share = children.pop(0)
+            pid, read_end, index = children.pop(0)
             try:
                 with open(read_end, "rb", closefd=True) as pipe:
                     data = pipe.read()
@@ -432,14 +451,29 @@ def forked(fn: Callable[[T], R], shares: list[T]) -> list[R]:
             try:
                 if status != 0:
                     raise ValueError(status)
-                results.append(marshal.loads(data))
+                results[index] = marshal.loads(data)
             except (ValueError, EOFError, TypeError):
-                results.append(fn(share))  # the child died or sent nothing whole: its share done here
-        return results
+                results[index] = fn(shares[index])  # the child died or sent nothing whole: done here
+        return [results[index] for index in range(len(shares))]
     finally:
-        for pid, read_end, _share in children:  # left by an exception: reap them, leave no zombie
+        for pid, read_end, _index in children:  # left by an exception: reap them, leave no zombie
             os.close(read_end)
             os.waitpid(pid, 0)
+
+
+def _child(fn: Callable[[T], R], share: T, read_end: int, write_end: int) -> NoReturn:
+    """A forked process's whole life: ``fn(share)``, its result on the pipe, ``os._exit``."""
+    import marshal
+
+    status = 1
+    try:
+        os.close(read_end)
+        data = marshal.dumps(fn(share))  # type: ignore[arg-type]  # R: what marshal takes
+        with open(write_end, "wb", closefd=True) as out:
+            out.write(data)
+        status = 0
+    finally:
+        os._exit(status)
 
 
 def settled(db_path: str, roots: list[Root], processes: int = 0) -> tuple[int, int] | None:

@@ -355,9 +355,23 @@ def _wake_on_paired_moves() -> None:
     changes"). This ``get`` waits on the queue's condition instead, which every ``put`` notifies,
     and looks at the head again: the same order, the same pairing, no wait for a half already paired.
     """
+    import collections
+
     from watchdog.utils.delayed_queue import DelayedQueue
 
     if getattr(DelayedQueue.get, "_ocidx", False):
+        return
+    # The replacement reads the queue's private state as watchdog 6 and 7 keep it; another
+    # watchdog keeps its own get (and its own delays) rather than a get that misreads it.
+    probe: DelayedQueue[object] = DelayedQueue(0.5)
+    probe.put(None)
+    state = getattr(probe, "_queue", None)
+    if not (
+        isinstance(state, collections.deque)
+        and len(state[0]) == 3
+        and isinstance(getattr(probe, "_not_empty", None), threading.Condition)
+        and hasattr(probe, "_closed")
+    ):
         return
 
     def get(self: DelayedQueue[object]) -> object | None:

@@ -11,6 +11,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -197,14 +198,23 @@ def _compare_both_ways(
         outcomes.append(result is not None)
         return result
 
+    real_fork, forks = os.fork, []
+
+    def counted_fork() -> int:
+        forks.append(1)
+        return real_fork()
+
     conn = open_reader(db)
     try:
         with monkeypatch.context() as patch:
             patch.setattr(discovery, "PARALLEL_MIN_STATS", 1)
             patch.setattr(workers, "default_workers", lambda: 3)
             patch.setattr(discovery, "_checked", spy)
+            patch.setattr(os, "fork", counted_fork)
             planned = discovery.changes(conn, roots)
         assert outcomes == [proven]
+        if outcomes and threading.active_count() == 1:  # (a thread another test left would rule forking out)
+            assert len(forks) == 2  # the shares of the plan's proof were checked in 3 processes
         with monkeypatch.context() as patch:
             patch.setattr(discovery, "_planned_walk", lambda root, cache: None)
             walked = discovery.changes(conn, roots)
@@ -267,7 +277,6 @@ def test_the_planned_walk_answers_as_the_walk_does_whatever_changed(
 def test_forked_shares_come_back_whole_even_when_a_child_dies() -> None:
     """discovery.forked: a share per process, each result back in order, a child that dies has its
     share done by the parent, no process is left behind, and a process with threads never forks."""
-    import threading
 
     from indexer.discovery import forked
 
@@ -353,3 +362,57 @@ def test_workers_1_proves_no_change_without_forking(tmp_path: Path) -> None:
         # Without the setting, the same probe does fork (so the check above can fail).
         done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, check=False)
         assert done.returncode != 0 and "forked" in done.stderr, done.stderr
+
+
+def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_proven(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan skips a directory whose cached device and inode it already walked, as the walk does
+    with the live ones; an entry out of date can name another directory's inode (an entry outside
+    the roots, reached through a symlink, is never forgotten, and inodes are reused), so even a
+    skipped path is proven, and here the proof falls back to the walk, which finds the layout."""
+    from indexer import discovery
+    from indexer.store import open_reader
+
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    layouts = deep_tree(root)
+    settle(root)
+    scan(tmp, db, root)
+    conn = open_reader(db)
+    try:
+        cache = discovery.load_cache(conn)
+    finally:
+        conn.close()
+    # The entry of one layout's directory now names the inode of the tree's first directory walked
+    # (the root): the plan, taking it at its word, would skip that layout as walked already.
+    target = layouts[3].path
+    top = cache[root]
+    cache[target] = (top[0], top[1], *cache[target][2:])
+    monkeypatch.setattr(discovery, "load_cache", lambda conn: cache)
+    present, changed, gone, errors = _compare_both_ways(db, [Root(root)], monkeypatch, proven=False)
+    assert target in present
+    assert (changed, gone, errors) == ([], [], [])
+
+
+def test_forked_shares_are_done_here_when_no_process_can_be_forked(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fork that fails (a process limit, no memory) costs speed, not the answer: the shares no
+    process could take are done in this process, and no pipe is left open."""
+    from indexer.discovery import forked
+
+    real_fork, calls = os.fork, []
+
+    def fork_once() -> int:
+        calls.append(1)
+        if len(calls) > 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "fork", fork_once)
+    parent = os.getpid()
+    results = forked(lambda share: (share * 2, os.getpid()), [1, 2, 3, 4])
+    monkeypatch.undo()
+    assert [value for value, _pid in results] == [2, 4, 6, 8]
+    assert results[1][1] != parent and {pid for _value, pid in (results[0], *results[2:])} == {parent}
+    assert len(os.listdir("/proc/self/fd")) == before
