@@ -121,18 +121,25 @@ def discover(
             yield directory
         if depth >= max_depth:
             continue
-        for name in links:
-            try:
-                target = os.path.realpath(os.path.join(directory, name))
-                inside = target == top or target.startswith(top.rstrip("/") + "/")
-                if not (root.follow_symlinks or inside) or not os.path.isdir(target):
-                    continue
-                push((target, depth + 1))
-            except OSError:
-                continue
+        for target in _entered(directory, links, top, root.follow_symlinks):
+            push((target, depth + 1))
         if subdirs:
             prefix = directory if directory.endswith("/") else directory + "/"  # os.path.join, without its cost
             extend([(prefix + name, depth + 1) for name in subdirs])
+
+
+def _entered(directory: str, links: Iterable[str], top: str, follow: bool) -> Iterator[str]:
+    """The directories a walk enters through the symlinks *links* of *directory*: each resolved
+    anew (its target may change without the directory changing), and only inside the root *top*
+    unless the root follows symlinks out of it."""
+    for name in links:
+        try:
+            target = os.path.realpath(os.path.join(directory, name))
+            inside = target == top or target.startswith(top.rstrip("/") + "/")
+            if (follow or inside) and os.path.isdir(target):
+                yield target
+        except OSError:
+            continue
 
 
 def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
@@ -338,15 +345,8 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
         if depth >= max_depth:
             continue
         if known[7]:
-            for name in os.fsdecode(known[7]).split("\0"):
-                try:
-                    target = os.path.realpath(os.path.join(directory, name))
-                    inside = target == top or target.startswith(top.rstrip("/") + "/")
-                    if not (root.follow_symlinks or inside) or not os.path.isdir(target):
-                        continue
-                    push((target, depth + 1))
-                except OSError:
-                    continue
+            for target in _entered(directory, os.fsdecode(known[7]).split("\0"), top, root.follow_symlinks):
+                push((target, depth + 1))
         if known[6]:
             prefix = directory if directory.endswith("/") else directory + "/"
             extend([(prefix + name, depth + 1) for name in os.fsdecode(known[6]).split("\0")])

@@ -67,6 +67,16 @@ def fresh(tmp: str, root: str) -> dict[str, list[tuple[object, ...]]]:
     return rows(other)
 
 
+def scanned_tree(tmp_path: Path) -> tuple[str, str, str, list[Layout]]:
+    """A deep tree below TMP/root, settled and scanned into TMP/index.db: (tmp, root, db, layouts)."""
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    layouts = deep_tree(root)
+    settle(root)
+    scan(tmp, db, root)
+    return tmp, root, db, layouts
+
+
 def test_the_scan_keeps_every_directory_it_listed(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
@@ -91,11 +101,7 @@ def test_the_scan_keeps_every_directory_it_listed(tmp_path: Path) -> None:
 
 def test_a_file_rewritten_in_place_deep_in_a_cached_tree_is_seen(tmp_path: Path) -> None:
     # Rewriting index.json in place changes no directory's mtime: the cache must not hide it.
-    tmp = str(tmp_path)
-    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
-    layouts = deep_tree(root)
-    settle(root)
-    scan(tmp, db, root)
+    tmp, root, db, layouts = scanned_tree(tmp_path)
     assert scan(tmp, db, root)["changed"] == 0
     target = layouts[4]
     parent = os.stat(os.path.dirname(target.path))
@@ -107,11 +113,7 @@ def test_a_file_rewritten_in_place_deep_in_a_cached_tree_is_seen(tmp_path: Path)
 
 
 def test_a_layout_added_or_removed_deep_in_a_cached_tree_is_seen(tmp_path: Path) -> None:
-    tmp = str(tmp_path)
-    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
-    layouts = deep_tree(root)
-    settle(root)
-    scan(tmp, db, root)
+    tmp, root, db, layouts = scanned_tree(tmp_path)
     added = Layout(os.path.join(root, "team-0", "project", "p0", "cache", "new-one", "deeper"))
     added.write_index([named(added.manifest(platform=LINUX_AMD64, label="added"), ref="v1")])
     summary = scan(tmp, db, root)
@@ -144,11 +146,7 @@ def test_a_directory_that_becomes_a_layout_is_found(tmp_path: Path) -> None:
 
 def test_find_without_a_daemon_walks_the_cached_tree_and_still_sees_every_change(tmp_path: Path) -> None:
     # find, like the re-scan, takes settled listings from the cache; what changed must still show.
-    tmp = str(tmp_path)
-    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
-    layouts = deep_tree(root)
-    settle(root)
-    scan(tmp, db, root)
+    tmp, root, db, layouts = scanned_tree(tmp_path)
     assert cached(db)  # the walk below has listings to take
     rewritten = layouts[3]
     rewritten.write_index([named(rewritten.manifest(platform=LINUX_AMD64, label="again"), ref="v9")], rename=False)
@@ -374,11 +372,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
     from indexer import discovery
     from indexer.store import open_reader
 
-    tmp = str(tmp_path)
-    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
-    layouts = deep_tree(root)
-    settle(root)
-    scan(tmp, db, root)
+    _tmp, root, db, layouts = scanned_tree(tmp_path)
     conn = open_reader(db)
     try:
         cache = discovery.load_cache(conn)
