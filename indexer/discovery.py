@@ -78,12 +78,10 @@ def discover(
             and known[3] == st.st_ctime_ns
             and known[1] == st.st_ino
             and known[0] == st.st_dev
-            and settles_at(known[2], known[3], known[4], None) <= known[4]  # listed a racy window after it changed
+            and _settled(known)
         ):
             is_layout = bool(known[5])
-            # One decode per directory: NUL is ASCII, so it splits the decoded text where it split the bytes.
-            subdirs = os.fsdecode(known[6]).split("\0") if known[6] else []
-            links = os.fsdecode(known[7]).split("\0") if known[7] else []
+            subdirs, links = _names(known[6]), _names(known[7])
         else:
             listed_ns = time.time_ns()
             try:
@@ -126,6 +124,18 @@ def discover(
         if subdirs:
             prefix = directory if directory.endswith("/") else directory + "/"  # os.path.join, without its cost
             extend([(prefix + name, depth + 1) for name in subdirs])
+
+
+def _settled(known: Listing) -> bool:
+    """Whether a cached listing proves the directory's entries: it was made a racy window after the
+    directory last changed (the rule ``index.json`` identities follow, ``settles_at``)."""
+    return settles_at(known[2], known[3], known[4], None) <= known[4]
+
+
+def _names(joined: bytes) -> list[str]:
+    """The names a cached listing holds NUL-separated (none for empty bytes). One decode for all:
+    NUL is ASCII, so it splits the decoded text where it split the bytes."""
+    return os.fsdecode(joined).split("\0") if joined else []
 
 
 def _entered(directory: str, links: Iterable[str], top: str, follow: bool) -> Iterator[str]:
@@ -330,7 +340,7 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
     while stack:
         directory, depth = pop()
         known = cached(directory)
-        if known is None or settles_at(known[2], known[3], known[4], None) > known[4]:
+        if known is None or not _settled(known):
             return None
         # Proven like every other: a path skipped as a directory already walked is one only if its
         # cached identity is its identity now (an entry out of date could name another's inode).
@@ -344,11 +354,11 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
         if depth >= max_depth:
             continue
         if known[7]:
-            for target in _entered(directory, os.fsdecode(known[7]).split("\0"), top, root.follow_symlinks):
+            for target in _entered(directory, _names(known[7]), top, root.follow_symlinks):
                 push((target, depth + 1))
         if known[6]:
             prefix = directory if directory.endswith("/") else directory + "/"
-            extend([(prefix + name, depth + 1) for name in os.fsdecode(known[6]).split("\0")])
+            extend([(prefix + name, depth + 1) for name in _names(known[6])])
     return layouts, directories
 
 

@@ -136,8 +136,8 @@ class FileIdentity(Record):
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
     def __eq__(self, other: object) -> bool:
-        # Field by field: compared once per layout of every re-scan, where Record's generic
-        # tuple-building comparison was a tenth of the walk.
+        # Field by field: compared once per layout of every full pass (the daemon's reconcile), where
+        # Record's generic tuple-building comparison was a tenth of the walk.
         if type(other) is not FileIdentity:
             return NotImplemented
         return (
