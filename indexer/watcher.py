@@ -351,8 +351,8 @@ def _wake_on_paired_moves() -> None:
     in between, more often while a reconcile keeps other threads busy), the pair arrives a moment
     later and still every event queued behind it waits the rest of the 0.5 s. With a writer that
     renames ``index.json`` into place (umoci, regclient), that was one 0.6 s gap in the daemon's
-    updates about every few minutes at 20 changes/s (docs/design.md, "The reconcile beside the
-    changes"). This ``get`` waits on the queue's condition instead, which every ``put`` notifies,
+    updates about every few minutes at 20 changes/s (docs/design.md, "The last half-second
+    stalls"). This ``get`` waits on the queue's condition instead, which every ``put`` notifies,
     and looks at the head again: the same order, the same pairing, no wait for a half already paired.
     """
     import collections
