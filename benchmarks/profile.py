@@ -56,8 +56,8 @@ def _profiled(label: str, func: Callable[[], object], limit: int) -> object:
 def profile_scan(root: str, limit: int) -> None:
     """The cold scan's three steps, one after the other, each under cProfile."""
     from indexer.config import Config, Root
-    from indexer.discovery import discover
-    from indexer.scanner import examine_batch
+    from indexer.scan.discovery import discover
+    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store.write import apply, defer_indexes, restore_indexes
 
@@ -88,8 +88,8 @@ def profile_scan(root: str, limit: int) -> None:
 def profile_rescan(root: str, db: str, limit: int) -> None:
     """A pass where nothing changed: load the stored state, discover, stat."""
     from indexer.config import Config, Root
-    from indexer.discovery import discover
-    from indexer.scanner import examine_batch
+    from indexer.scan.discovery import discover
+    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store import read as db_read
 
@@ -147,8 +147,8 @@ def profile_memory(root: str) -> None:
     import tracemalloc
 
     from indexer.config import Config, Root
-    from indexer.discovery import discover
-    from indexer.scanner import examine_batch
+    from indexer.scan.discovery import discover
+    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store.write import apply
 
@@ -180,9 +180,9 @@ def shares(root: str) -> dict[str, float]:
     in a worker, unpacking in the parent), write (deciding and applying, the one writer's part)."""
     import marshal
 
-    from indexer import scanner, workers
     from indexer.config import Config, Root
-    from indexer.discovery import discover
+    from indexer.scan import scanner, workers
+    from indexer.scan.discovery import discover
     from indexer.store import open_writer
     from indexer.store.write import apply, defer_indexes, restore_indexes
 

@@ -1,10 +1,10 @@
 """How fast the daemon's watcher hears of an ``index.json`` renamed into place, with and without the
-workaround for watchdog 7.1's move grouper (``indexer.watcher._wake_on_paired_moves``).
+workaround for watchdog 7.1's move grouper (``indexer.watch.watcher._wake_on_paired_moves``).
 
 ``python -m benchmarks.renames [--seconds 60] [--layouts 50] [--pause-ms 1]``
 
 Each mode runs in a process of its own (the workaround patches watchdog in the process that uses
-it): ocidx's :class:`indexer.watcher.Watcher` watches a root of *--layouts* layout directories, and
+it): ocidx's :class:`indexer.watch.watcher.Watcher` watches a root of *--layouts* layout directories, and
 one thread renames a temporary file over a layout's ``index.json`` (as umoci and regclient write),
 then waits until the watcher has filed that layout, and records the time. The baseline, measured in
 the same run, is the same watcher on watchdog's own ``DelayedQueue.get``, which sleeps out the
@@ -35,7 +35,7 @@ SLOW_S = 0.4
 def measure(seconds: float, layouts: int, pause_s: float, workaround: bool) -> dict[str, float]:
     """Rename ``index.json`` into place over and over for *seconds*; the latency figures."""
     from indexer.config import Root
-    from indexer.watcher import Dirty, Watcher
+    from indexer.watch.watcher import Dirty, Watcher
 
     if not workaround:
         # Watchdog as shipped: mark its get as already replaced, so Watcher.start leaves it alone.

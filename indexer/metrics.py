@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
     from indexer.config import MetricsSettings
-    from indexer.scanner import Counts
+    from indexer.scan.scanner import Counts
 
 # Seconds: a reconcile pass takes milliseconds for a few layouts and seconds for 100,000.
 RECONCILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

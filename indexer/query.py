@@ -455,7 +455,7 @@ class Index:
         unverified = None
         # A live daemon keeps its own roots current; the others (those only scans walked, or all of
         # them without a daemon) are walked here.
-        from indexer import roots as roots_mod  # find and status only: resolve does not pay for it
+        from indexer.store import state as roots_mod  # find and status only: resolve does not pay for it
 
         walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
@@ -555,7 +555,7 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
-        from indexer import roots
+        from indexer.store import state as roots
 
         conn = self._require_database()
         count = {
@@ -611,7 +611,7 @@ def _changed_below_roots(
             "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
-    from indexer.discovery import changes  # the walk of a no-change scan
+    from indexer.scan.discovery import changes  # the walk of a no-change scan
 
     _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     if errors:

@@ -28,14 +28,14 @@ import anyio.to_thread
 import pytest
 from layouts import OCI_MANIFEST, Layout, digest_of, named
 
-from indexer import watcher as watcher_module
 from indexer.config import Config, Root
 from indexer.daemon import Daemon as DaemonLoop
 from indexer.errors import OcidxError
 from indexer.query import Index
-from indexer.scanner import Scanner
+from indexer.scan.scanner import Scanner
 from indexer.store import read as db
-from indexer.watcher import Capacity, Dirty, count_directories
+from indexer.watch import watcher as watcher_module
+from indexer.watch.watcher import Capacity, Dirty, count_directories
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

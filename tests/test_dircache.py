@@ -185,7 +185,7 @@ def _compare_both_ways(
     """discovery.changes with the planned walk (its stat calls shared among 3 processes) and with
     the walk alone: they must give the same answer; that answer (without the stored rows). *proven*:
     whether the plan is expected to hold (every directory as cached) or to be sent to the walk."""
-    from indexer import discovery, workers
+    from indexer.scan import discovery, workers
     from indexer.store import open_reader
 
     checked = discovery._checked
@@ -276,7 +276,7 @@ def test_forked_shares_come_back_whole_even_when_a_child_dies() -> None:
     """discovery.forked: a share per process, each result back in order, a child that dies has its
     share done by the parent, no process is left behind, and a process with threads never forks."""
 
-    from indexer.discovery import forked
+    from indexer.scan.discovery import forked
 
     parent = os.getpid()
 
@@ -308,7 +308,7 @@ def test_the_plan_takes_no_listing_made_in_the_racy_window(tmp_path: Path) -> No
     """A listing made less than the racy window after its directory changed proves nothing (a change
     in the same timestamp tick would leave the identity as it was): the plan refuses it, so the
     proof falls back to the walk, which lists that directory again."""
-    from indexer.discovery import _planned_walk, load_cache
+    from indexer.scan.discovery import _planned_walk, load_cache
     from indexer.store import open_reader
 
     tmp = str(tmp_path)
@@ -343,7 +343,7 @@ def test_workers_1_proves_no_change_without_forking(tmp_path: Path) -> None:
         fh.write("[daemon]\nworkers = 1\n")
     probe = (
         "import os, sys\n"
-        "from indexer import discovery, workers\n"
+        "from indexer.scan import discovery, workers\n"
         "discovery.PARALLEL_MIN_STATS = 1\n"
         "workers.default_workers = lambda: 4\n"
         "def no_fork():\n"
@@ -369,7 +369,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
     with the live ones; an entry out of date can name another directory's inode (an entry outside
     the roots, reached through a symlink, is never forgotten, and inodes are reused), so even a
     skipped path is proven, and here the proof falls back to the walk, which finds the layout."""
-    from indexer import discovery
+    from indexer.scan import discovery
     from indexer.store import open_reader
 
     _tmp, root, db, layouts = scanned_tree(tmp_path)
@@ -392,7 +392,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
 def test_forked_shares_are_done_here_when_no_process_can_be_forked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fork that fails (a process limit, no memory) costs speed, not the answer: the shares no
     process could take are done in this process, and no pipe is left open."""
-    from indexer.discovery import forked
+    from indexer.scan.discovery import forked
 
     real_fork, calls = os.fork, []
 

@@ -12,9 +12,9 @@ import pytest
 from cli_run import ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
-from indexer import roots as roots_mod
 from indexer.cli import build_parser
 from indexer.config import Root
+from indexer.store import state as roots_mod
 
 Capsys = pytest.CaptureFixture[str]
 

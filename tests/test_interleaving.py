@@ -23,7 +23,7 @@ from test_reliability import DEADLINE_S, Daemon, churn_corpus, env, integrity, r
 
 from indexer import Index
 from indexer.config import Config
-from indexer.scanner import Scanner
+from indexer.scan.scanner import Scanner
 from indexer.store import open_reader, read
 
 TAG = ":churn"
@@ -367,7 +367,7 @@ def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
     # forever. Two reads a racy window apart that see the same identity now prove it settled.
     from indexer.config import Root
     from indexer.daemon import _racy_layouts
-    from indexer.discovery import settled
+    from indexer.scan.discovery import settled
 
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")

@@ -27,11 +27,11 @@ from layouts import (
     named,
 )
 
-from indexer import roots as roots_mod
 from indexer.cli import main
 from indexer.config import Root
 from indexer.errors import Ambiguous, NotFound, UsageError
 from indexer.query import Index
+from indexer.store import state as roots_mod
 
 
 class Run:

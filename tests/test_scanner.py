@@ -17,8 +17,8 @@ from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
 from indexer.config import Config, Root
-from indexer.discovery import discover
-from indexer.scanner import Scanner
+from indexer.scan.discovery import discover
+from indexer.scan.scanner import Scanner
 
 
 def make(path: str, tag: str = "latest") -> Layout:
@@ -428,7 +428,7 @@ def test_a_layout_reached_through_a_followed_symlink_is_removed_when_it_vanishes
 
 
 def test_settled_proves_an_unchanged_tree_and_refuses_any_change(scan: Scan) -> None:
-    from indexer.discovery import settled
+    from indexer.scan.discovery import settled
 
     a = make(os.path.join(scan.root, "a"))
     make(os.path.join(scan.root, "b"))

@@ -15,7 +15,7 @@ from test_reliability import run
 from indexer.config import Config
 from indexer.errors import LayoutUnreadable
 from indexer.layout import read_layout
-from indexer.scanner import Scanner
+from indexer.scan.scanner import Scanner
 
 SECRET = "token-3f9a7c"
 

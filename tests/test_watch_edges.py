@@ -422,7 +422,7 @@ def test_a_rename_read_in_two_halves_holds_no_event_back() -> None:
     import threading
     import time
 
-    from indexer.watcher import _wake_on_paired_moves
+    from indexer.watch.watcher import _wake_on_paired_moves
 
     _wake_on_paired_moves()
     grouper = InotifyMoveEventGrouper()

@@ -23,7 +23,7 @@ import pytest
 from layouts import LINUX_AMD64, Layout, named
 from test_reliability import DEADLINE_S, Daemon, env, integrity, rows, run, wait_for, write_config
 
-from indexer.scanner import POOL_MIN_LAYOUTS
+from indexer.scan.scanner import POOL_MIN_LAYOUTS
 from indexer.store.read import RACY_WINDOW_NS
 
 FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW, AT_FDCWD = 0x4, 0x1, 0x1, 0x10000, 0x1, -100
@@ -254,7 +254,7 @@ def test_a_new_configuration_reaches_the_workers(tmp_path: Path) -> None:
 
     from indexer.config import Config, DaemonSettings, Root
     from indexer.layout import Limits
-    from indexer.scanner import Scanner
+    from indexer.scan.scanner import Scanner
 
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")

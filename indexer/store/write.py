@@ -668,7 +668,7 @@ def restore_indexes(conn: sqlite3.Connection) -> int:
     # SQLite's sorter may use helper threads for CREATE INDEX: the build is the cold build's serial
     # tail (0.6 s at 10,000 layouts), 13% shorter with two threads here; as many as the cores this
     # process may run on (taskset, cpusets), at most 4.
-    from indexer.workers import default_workers
+    from indexer.scan.workers import default_workers
 
     threads = conn.execute("PRAGMA threads").fetchone()[0]
     conn.execute(f"PRAGMA threads = {max(threads, min(4, default_workers()))}")

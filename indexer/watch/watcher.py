@@ -55,7 +55,7 @@ from watchdog.observers.inotify import InotifyObserver
 
 from indexer._record import Record
 from indexer.config import Root
-from indexer.discovery import in_layout_blobs
+from indexer.scan.discovery import in_layout_blobs
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -3,7 +3,7 @@
 One :class:`Scanner` owns the only write connection (:class:`indexer.store.writer.Writer`, an
 aiosqlite connection). ``ocidx scan`` runs one :meth:`Scanner.full_pass`; the daemon runs the same
 pass at start-up and on its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
-reported. Layouts are read and parsed in batches by worker processes (:mod:`indexer.workers`), which
+reported. Layouts are read and parsed in batches by worker processes (:mod:`indexer.scan.workers`), which
 return compact rows; while the writer writes batch k (one compare-and-set transaction), batches
 k+1..k+n are being parsed.
 """
@@ -18,12 +18,12 @@ import time
 
 from indexer import config as config_mod
 from indexer import layout as layout_mod
-from indexer import roots as roots_mod
-from indexer import workers
-from indexer.discovery import discover, load_cache, roots_for, settled, store_cache, vanished
 from indexer.errors import printable
+from indexer.scan import workers
+from indexer.scan.discovery import discover, load_cache, roots_for, settled, store_cache, vanished
 from indexer.store import open_writer
 from indexer.store import read as db
+from indexer.store import state as roots_mod
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
 
 TYPE_CHECKING = False
@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
-    from indexer.discovery import Listing
+    from indexer.scan.discovery import Listing
     from indexer.store.write import LayoutRows
 
     P = ParamSpec("P")

@@ -9,7 +9,7 @@ exactly one writer. It runs:
   overflow, a dead observer thread, a root that appeared, vanished or was
   replaced), and, when inotify cannot watch every directory, every
   ``min(reconcile_interval_s, 2 s)`` instead of watching part of the tree;
-* the layouts watchdog reported (``indexer.watcher``), debounced by
+* the layouts watchdog reported (``indexer.watch.watcher``), debounced by
   ``daemon.debounce_ms`` and coalesced per layout, fed to :meth:`Scanner.process`:
   by the loop between passes, and by a task beside a pass while one runs, so that
   no step of a pass holds a change back;
@@ -19,7 +19,7 @@ exactly one writer. It runs:
   window of its read (``store.read.RACY_WINDOW_NS``), once that window has
   passed, so the stored identity becomes one a lookup can trust;
 * a heartbeat in the ``daemon`` row every ``daemon.heartbeat_interval_s``;
-* on a change of the mount table (``indexer.watcher.MountWatch``), a watch on
+* on a change of the mount table (``indexer.watch.watcher.MountWatch``), a watch on
   each file system newly mounted below a root and a rediscovery of it;
 * for every changed ``index.json`` with more than one hard link, the other
   stored layouts sharing its (device, inode).
@@ -54,13 +54,13 @@ import anyio
 import anyio.to_thread
 
 from indexer import config as config_mod
-from indexer import roots as roots_mod
-from indexer.discovery import discover, in_layout_blobs, roots_for
 from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
-from indexer.scanner import LOGGED_PATHS, Counts, Scanner
+from indexer.scan.discovery import discover, in_layout_blobs, roots_for
+from indexer.scan.scanner import LOGGED_PATHS, Counts, Scanner
 from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
-from indexer.watcher import (
+from indexer.store import state as roots_mod
+from indexer.watch.watcher import (
     Capacity,
     Dirty,
     MountWatch,
@@ -1130,7 +1130,7 @@ def _load_config(config_path: str | None, cli_roots: tuple[str, ...]) -> tuple[C
 
 
 def _record_watched(conn: sqlite3.Connection, *, roots: list[Root]) -> None:
-    """The daemon watches *roots* (and no other recorded root) from now on (indexer.roots)."""
+    """The daemon watches *roots* (and no other recorded root) from now on (indexer.store.state)."""
     conn.execute("UPDATE daemon SET roots = ? WHERE id = 1", (roots_mod.merged(conn, roots, watched=True),))
 
 

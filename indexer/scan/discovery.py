@@ -372,7 +372,7 @@ def _checked(
     """The layouts of a planned walk that differ from the stored rows (:func:`_differs`), or None when
     a directory of the plan is not as cached. The stat calls are split among *processes* (0: one per
     core this process may run on): forked processes take a share each and send back what they found."""
-    from indexer.workers import default_workers
+    from indexer.scan.workers import default_workers
 
     parts = min(processes or default_workers(), max(1, (len(directories) + len(layouts)) // PARALLEL_MIN_STATS))
     # Contiguous shares: a child touches (and so copies on write) only the pages of its own rows.

@@ -1,0 +1,1 @@
+"""Watching the roots for changes: inotify, the mount table, and what the kernel lets us watch."""
