@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from indexer import Index
 from indexer.errors import NotFound
-from indexer.scan.scanner import run_scan
+from indexer.scan.command import run_scan
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -461,7 +461,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_scan(args: argparse.Namespace) -> int:
     """``ocidx scan``: one batch pass (async, imported here, off the lookup path)."""
-    from indexer.scan.scanner import run_scan
+    from indexer.scan.command import run_scan
 
     summary = run_scan(
         db=args.db, config_path=args.config, roots=args.roots, full=args.full, progress=not args.no_progress

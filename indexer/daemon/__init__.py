@@ -80,7 +80,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup
 
     from indexer.config import Config, Root
-    from indexer.metrics import Metrics
+    from indexer.daemon.metrics import Metrics
 
     T = TypeVar("T")
 
@@ -349,7 +349,7 @@ class Daemon:
         self.health_due = 0.0
         self.pending_roots: set[str] = set()
         self.reported: set[str] = set()
-        self.metrics: Metrics | None = None  # [metrics] in the config (indexer.metrics, imported only then)
+        self.metrics: Metrics | None = None  # [metrics] in the config (indexer.daemon.metrics, imported only then)
         self.woke = time.monotonic()  # when a change last woke the loop: an update's latency starts there
         self.wal_pinned_since: float | None = None  # monotonic time a reader was first seen pinning the WAL
         self.wal_warned = False
@@ -442,7 +442,7 @@ class Daemon:
             self.scanner = await anyio.to_thread.run_sync(open_scanner, self.db_path, self.config)
         await self._write_start_row()
         if self.config.metrics.enabled:
-            from indexer.metrics import Metrics
+            from indexer.daemon.metrics import Metrics
 
             self.metrics = Metrics(self.config.metrics, self.db_path)
             url = self.metrics.start()
