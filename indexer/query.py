@@ -54,8 +54,6 @@ if TYPE_CHECKING:
 
 SCHEME = "oci-layout://"
 INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
-# A daemon whose heartbeat is older than this many of its intervals is not keeping the index current.
-HEARTBEAT_MISSES = 3
 # How many candidates an ambiguity, and how many names a not-found message, lists in text.
 SHOWN = 5
 
@@ -450,14 +448,15 @@ class Index:
         """
         query = parse_ref(ref)
         conn = self._require_database()
+        # A live daemon keeps its own roots current once it has taken every change made before this
+        # lookup (the barrier, before the index is read); the other roots (those only scans walked,
+        # or all of them without a daemon that vouches for its index) are walked here.
+        from indexer.store import state  # find and status only: resolve does not pay for it
+
+        walk = state.unwatched(conn) if self._daemon_synced(conn) else state.recorded(conn)
         in_index, stored = _match_all(conn, query)
         scope = set(in_index)
         unverified = None
-        # A live daemon keeps its own roots current; the others (those only scans walked, or all of
-        # them without a daemon) are walked here.
-        from indexer.store import state as roots_mod  # find and status only: resolve does not pay for it
-
-        walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
             changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
             scope.update(changed)
@@ -498,14 +497,16 @@ class Index:
             answers.hint = _tag_hint(conn, query, None)
         return answers
 
-    def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
-        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few
-        intervals, and watching with inotify (polling sees a change only at its next pass)."""
-        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns, watch_mode FROM daemon WHERE id = 1").fetchone()
-        if row is None or row[1] is None or row[2] is not None or row[3] != "inotify" or not _pid_alive(row[0]):
+    def _daemon_synced(self, conn: sqlite3.Connection) -> bool:
+        """Whether a live daemon vouches that its index holds every change made before now: its row says
+        it runs, and it answered a barrier with ``ok`` (indexer.sync) within the bound."""
+        from indexer.store import state
+        from indexer.sync import barrier
+
+        row = state.daemon_row(conn)
+        if row is None or not row.running():
             return False
-        age_s = (time.time_ns() - int(row[1])) / 1e9
-        return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s
+        return barrier(self.db_path) == "ok"
 
     @_database_errors
     def layouts(self, under: str | None = None) -> list[dict[str, object]]:
@@ -555,39 +556,35 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
-        from indexer.store import state as roots
+        from indexer.store import state
 
         conn = self._require_database()
-        count = {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("layouts", "entries", "names", "children")
-        }
-        errors = conn.execute("SELECT count(*) FROM layouts WHERE state = 'error'").fetchone()[0]
-        row = conn.execute(
-            "SELECT pid, started_ns, heartbeat_ns, stopped_ns, last_reconcile_ns, watch_mode FROM daemon"
-        ).fetchone()
+        counts = state.counts(conn)
+        row = state.daemon_row(conn)
         daemon: dict[str, object] | None = None
         now = time.time_ns()
-        if row is not None and row[0] is not None:  # a row holding only the roots of a scan: no daemon ran
-            pid, started, heartbeat, stopped, reconcile, mode = row
+        if row is not None:
             daemon = {
-                "pid": pid,
-                "running": stopped is None and _pid_alive(pid),
-                "started_ns": started,
-                "heartbeat_age_s": None if heartbeat is None else round((now - heartbeat) / 1e9, 3),
-                "last_reconcile_age_s": None if reconcile is None else round((now - reconcile) / 1e9, 3),
-                "watch_mode": mode,
+                "pid": row.pid,
+                "running": row.running(),
+                "started_ns": row.started_ns,
+                "heartbeat_age_s": None if row.heartbeat_ns is None else round((now - row.heartbeat_ns) / 1e9, 3),
+                "last_reconcile_age_s": (
+                    None if row.last_reconcile_ns is None else round((now - row.last_reconcile_ns) / 1e9, 3)
+                ),
+                "watch_mode": row.watch_mode,
             }
+        fleet = state.fleet_status(conn, now)
         return {
             "database": os.path.abspath(self.db_path),
-            "layouts": count["layouts"],
-            "entries": count["entries"],
-            "names": count["names"],
-            "children": count["children"],
-            "layouts_with_errors": errors,
-            "roots": [r.path for r in roots.recorded(conn) or []],
+            "layouts": counts.layouts,
+            "entries": counts.entries,
+            "names": counts.names,
+            "children": counts.children,
+            "layouts_with_errors": counts.errors,
+            "roots": [r.path for r in state.recorded(conn) or []],
             "daemon": daemon,
-            **_fleet_status(conn, now),
+            **({"fleet": fleet} if fleet is not None else {}),
         }
 
 
@@ -639,44 +636,10 @@ def _absolute_hint(text: str, *, target: bool = False) -> str:
     return f"; did you mean /{text}?{tip}"
 
 
-def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:
-    """``fleet`` of ``status`` on a publishing host: connected or why not, the backlog, the last publish."""
-    row = conn.execute("SELECT host, state, since_ns, watermark, published_ns FROM fleet_publisher").fetchone()
-    if row is None:
-        return {}
-    host, state, since, watermark, published = row
-    backlog = (
-        conn.execute("SELECT count(*) FROM layouts WHERE version > ?", (watermark,)).fetchone()[0]
-        + conn.execute("SELECT count(*) FROM layout_removals WHERE version > ?", (watermark,)).fetchone()[0]
-    )
-    return {
-        "fleet": {
-            "host": host,
-            "connected": state == "connected",
-            "state": state,
-            "state_age_s": round((now - since) / 1e9, 3),
-            "backlog": backlog,
-            "last_published_age_s": None if published is None else round((now - published) / 1e9, 3),
-        }
-    }
-
-
 def _no_nul(text: str, what: str) -> None:
     """No path holds a NUL character; os functions would raise ValueError on one."""
     if "\0" in text:
         raise UsageError(f"the {what} {text!r} contains a NUL character")
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list[db.Hit], list[str]]:

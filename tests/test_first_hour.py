@@ -10,6 +10,7 @@ import time
 
 import pytest
 from cli_run import ocidx
+from harness import barrier_answering
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import build_parser
@@ -88,40 +89,38 @@ def test_find_without_a_daemon_sees_layouts_that_appeared_or_changed_since_the_s
 
 
 @pytest.mark.parametrize(
-    ("row", "walks"),
+    ("row", "answer", "walks"),
     [
-        ("alive, inotify", False),  # the daemon keeps the index current: find trusts it
-        ("alive, polling", True),  # it sees changes only at its next pass
-        ("stale heartbeat", True),
-        ("stopped", True),
-        ("pid gone", True),
+        ("alive", "ok", False),  # the daemon took every change made before the lookup: find trusts it
+        ("alive", None, True),  # it does not answer the barrier (hung, or gone): not live
+        ("alive", "inexact the daemon is polling: OCIDX_WATCH_MODE=polling", True),
+        ("alive", "inexact events were lost and the reconcile pass that finds them is not done", True),
+        ("stopped", "ok", True),
+        ("pid gone", "ok", True),
     ],
 )
-def test_find_trusts_the_index_only_while_a_watching_daemon_is_alive(
-    tmp_path: str, capsys: Capsys, row: str, walks: bool
+def test_find_trusts_the_index_only_when_a_live_daemon_answers_its_barrier(
+    tmp_path: str, capsys: Capsys, row: str, answer: str | None, walks: bool
 ) -> None:
     root, db = os.path.join(tmp_path, "root"), os.path.join(tmp_path, "index.db")
     Layout(os.path.join(root, "old")).write_index([])
     _scan(capsys, db, root)
     now = time.time_ns()
-    pid, heartbeat, stopped, mode = os.getpid(), now, None, "inotify"  # this process stands for the daemon
-    if row == "alive, polling":
-        mode = "polling: OCIDX_WATCH_MODE=polling"
-    elif row == "stale heartbeat":
-        heartbeat = now - 60 * 10**9  # twelve intervals of 5 s
-    elif row == "stopped":
+    pid, stopped = os.getpid(), None  # this process stands for the daemon
+    if row == "stopped":
         stopped = now
     elif row == "pid gone":
         pid = 2**22 + 12345  # above pid_max's default: no such process
     watching = roots_mod.to_json([(Root(os.path.realpath(root)), True)])  # as the daemon records its roots
     with sqlite3.connect(db) as conn:
         conn.execute(
-            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = ?, roots = ?",
-            (pid, heartbeat, stopped, mode, watching),
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = 'inotify', roots = ?",
+            (pid, now, stopped, watching),
         )
     new = Layout(os.path.join(root, "new"))
     new.write_index([named(new.manifest(), ref="v9")])
-    code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v9")
+    with barrier_answering(db, answer):
+        code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v9")
     assert (code, len(json.loads(out))) == ((0, 1) if walks else (1, 0))
 
 

@@ -22,6 +22,14 @@ import time
 
 from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Concatenate, ParamSpec, TypeVar
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
+
 APPLICATION_ID = 0x6F636478  # "ocdx"
 SCHEMA_VERSION = 5  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
@@ -358,6 +366,25 @@ def migrate(conn: sqlite3.Connection, path: str = ":memory:") -> list[str]:
             raise
         done.append(name)
     return done
+
+
+def transaction(
+    conn: sqlite3.Connection, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs
+) -> T:
+    """Run ``fn(conn, ...)`` inside ``BEGIN IMMEDIATE ... COMMIT``; roll back whatever it raises.
+
+    The one way a change reaches the index: :meth:`Store.unit` runs it on the writer's thread, and
+    ``ocidx scan``'s no-change path (which starts no event loop) calls it directly.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args, **kw)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _uri_path(path: str) -> str:
