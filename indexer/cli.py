@@ -386,6 +386,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     raise
         if args.path is None or rows is not None:
             rows = index.layouts() if rows is None else rows
+            if rows.unverified is not None:
+                _warn(f"ocidx: warning: {rows.unverified}")
             if args.json:
                 _emit(rows)
             else:
@@ -437,6 +439,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``ocidx status``: counts, errors, daemon heartbeat, last reconcile."""
     with _index(args) as index:
         status = index.status()
+    if status["unverified"]:
+        _warn(f"ocidx: warning: {status['unverified']}")
     if args.json:
         _emit(status)
         return 0

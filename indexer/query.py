@@ -169,6 +169,14 @@ class Matches(list[Answer]):
         self.hint = ""  # for no answer: " (did you mean the tag ':v1'?)" when that would have matched
 
 
+class Rows(list[dict[str, object]]):
+    """What :meth:`Index.layouts` found: the rows, and why they may miss a change (None when exact)."""
+
+    def __init__(self, rows: list[dict[str, object]], unverified: str | None) -> None:
+        super().__init__(rows)
+        self.unverified = unverified
+
+
 class View(Record):
     """Where one layout's rows come from for this lookup, and how fresh they are."""
 
@@ -448,23 +456,16 @@ class Index:
         """
         query = parse_ref(ref)
         conn = self._require_database()
-        # A live daemon keeps its own roots current once it has taken every change made before this
-        # lookup (the barrier, before the index is read); the other roots (those only scans walked,
-        # or all of them without a daemon that vouches for its index) are walked here.
-        from indexer.store import state  # find and status only: resolve does not pay for it
-
-        walk = state.unwatched(conn) if self._daemon_synced(conn) else state.recorded(conn)
+        fresh = self._changed(conn)
         in_index, stored = _match_all(conn, query)
         scope = set(in_index)
-        unverified = None
-        if walk is None or walk:
-            changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
-            scope.update(changed)
-            # One SELECT per changed layout (each is then read through, which costs far more), not a
-            # record of every stored layout (50 ms at 10,000).
-            for path in changed:
-                if path not in stored and (known := db.layout(conn, path)) is not None:
-                    stored[path] = known
+        unverified = fresh.unverified
+        scope.update(fresh.changed)
+        # One SELECT per changed layout (each is then read through, which costs far more), not a record
+        # of every stored layout (50 ms at 10,000).
+        for path in fresh.changed:
+            if path not in stored and (known := db.layout(conn, path)) is not None:
+                stored[path] = known
         if verify_all:
             stored = {s.path: s for s in db.layouts(conn)}
             scope.update(stored)
@@ -497,6 +498,16 @@ class Index:
             answers.hint = _tag_hint(conn, query, None)
         return answers
 
+    def _changed(self, conn: sqlite3.Connection) -> Changed:
+        """What the index does not hold yet of the changes made before this lookup (before it reads the
+        index): a live daemon keeps its own roots current once it answered a barrier; the other roots
+        (those only scans walked, or all of them without a daemon that vouches for its index) are
+        walked here, as a no-change ``ocidx scan`` walks them."""
+        from indexer.store import state  # find, ls and status only: resolve does not pay for it
+
+        walk = state.unwatched(conn) if self._daemon_synced(conn) else state.recorded(conn)
+        return _changed_below_roots(conn, walk, self.config.daemon.workers)
+
     def _daemon_synced(self, conn: sqlite3.Connection) -> bool:
         """Whether a live daemon vouches that its index holds every change made before now: its row says
         it runs, and it answered a barrier with ``ok`` (indexer.sync) within the bound."""
@@ -509,12 +520,43 @@ class Index:
         return barrier(self.db_path) == "ok"
 
     @_database_errors
-    def layouts(self, under: str | None = None) -> list[dict[str, object]]:
-        """Every indexed layout with its state (``ls``)."""
+    def layouts(self, under: str | None = None) -> Rows:
+        """Every layout below the roots with its state (``ls``): as indexed, or read through when it
+        changed or appeared since (``freshness``), without those that are gone."""
         if under:
             _no_nul(under, "directory")
         scope = os.path.realpath(under) if under else None
-        return [s.to_json() for s in db.layouts(self._require_database(), scope)]
+        conn = self._require_database()
+        fresh = self._changed(conn)
+        rows = {s.path: s for s in db.layouts(conn, scope)}
+        out: dict[str, dict[str, object]] = {}
+        for path, stored in rows.items():
+            if path not in fresh.gone:
+                out[path] = {**stored.to_json(), "freshness": INDEXED}
+        for path in fresh.changed:
+            if scope is not None and path != scope and not path.startswith(scope.rstrip("/") + "/"):
+                continue
+            row = self._row_now(path, rows.get(path) or db.layout(conn, path))
+            if row is None:
+                out.pop(path, None)
+            else:
+                out[path] = row
+        return Rows([out[path] for path in sorted(out)], fresh.unverified)
+
+    def _row_now(self, path: str, stored: db.StoredLayout | None) -> dict[str, object] | None:
+        """``ls``'s row for a layout that changed or appeared since it was indexed (None: no longer one)."""
+        try:
+            view = self._view(path, stored, strict=False)
+        except NotFound:
+            return None
+        except LayoutError as exc:
+            base = stored.to_json() if stored is not None else {"layout": path, "entries": 0, "content_hash": None}
+            return {**base, "state": "error", "error": exc.category, "message": exc.message, "freshness": READ_THROUGH}
+        now = db.layout(view.conn, path)
+        base = now.to_json() if now is not None else {"layout": path}
+        if stored is None:
+            base["state"] = "not-indexed"
+        return {**base, "freshness": view.freshness}
 
     @_database_errors
     def layout_detail(self, path: str) -> dict[str, object]:
@@ -559,7 +601,25 @@ class Index:
         from indexer.store import state
 
         conn = self._require_database()
+        fresh = self._changed(conn)
         counts = state.counts(conn)
+        for path in [*fresh.gone, *fresh.changed]:
+            stored = db.layout(conn, path)
+            if stored is not None:
+                counts = counts.minus(state.layout_counts(conn, stored.id, error=stored.state != "ok"))
+            if path in fresh.gone:
+                continue
+            try:
+                view = self._view(path, stored, strict=False)
+            except NotFound:
+                continue
+            except LayoutError:
+                if stored is not None:  # what the index still answers for it
+                    counts = counts.plus(state.layout_counts(conn, stored.id, error=True))
+                else:
+                    counts = counts.plus(state.Counts(layouts=1, entries=0, names=0, children=0, errors=1))
+                continue
+            counts = counts.plus(state.layout_counts(view.conn, view.layout_id, error=view.freshness == STALE))
         row = state.daemon_row(conn)
         daemon: dict[str, object] | None = None
         now = time.time_ns()
@@ -583,6 +643,7 @@ class Index:
             "children": counts.children,
             "layouts_with_errors": counts.errors,
             "roots": [r.path for r in state.recorded(conn) or []],
+            "unverified": fresh.unverified,
             "daemon": daemon,
             **({"fleet": fleet} if fleet is not None else {}),
         }
@@ -596,25 +657,38 @@ def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> 
     return f" (did you mean the tag ':{query.word}'?)"
 
 
-def _changed_below_roots(
-    conn: sqlite3.Connection, recorded: list[Root] | None, processes: int
-) -> tuple[list[str], str | None]:
-    """The layouts below the *recorded* roots that are new or changed since they were indexed, and
-    why that list may be incomplete (None when it is exact); directories the index's directory
-    cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
+class Changed(Record):
+    """What the roots that no live daemon vouches for hold that the index does not: layouts new or
+    changed since they were indexed, stored layouts that are gone, and why that may be incomplete."""
+
+    __slots__ = ("changed", "gone", "unverified")
+
+    def __init__(self, changed: list[str], gone: set[str], unverified: str | None) -> None:
+        self.changed = changed
+        self.gone = gone
+        self.unverified = unverified
+
+
+def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, processes: int) -> Changed:
+    """What the *recorded* roots hold that the index does not (:class:`Changed`); directories the index's
+    directory cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
     if recorded is None:
-        return [], (
+        return Changed(
+            [],
+            set(),
             "no daemon is running and this index records no roots, so layouts added or changed since "
-            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all",
         )
+    if not recorded:
+        return Changed([], set(), None)
     # A root that does not exist holds no layout: the walk of the others is still exact.
     from indexer.scan.discovery import changes  # the walk of a no-change scan
 
-    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
+    _present, changed, gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
-        return changed, f"{why}: this answer may miss layouts there"
-    return changed, None
+        return Changed(changed, set(gone), f"{why}: this answer may miss layouts there")
+    return Changed(changed, set(gone), None)
 
 
 def _missing(text: str) -> str:

@@ -256,6 +256,34 @@ class Counts:
         self.children = children
         self.errors = errors
 
+    def plus(self, other: Counts) -> Counts:
+        """These counts and *other*'s."""
+        return Counts(
+            layouts=self.layouts + other.layouts,
+            entries=self.entries + other.entries,
+            names=self.names + other.names,
+            children=self.children + other.children,
+            errors=self.errors + other.errors,
+        )
+
+    def minus(self, other: Counts) -> Counts:
+        """These counts without *other*'s."""
+        return Counts(
+            layouts=self.layouts - other.layouts,
+            entries=self.entries - other.entries,
+            names=self.names - other.names,
+            children=self.children - other.children,
+            errors=self.errors - other.errors,
+        )
+
+
+def layout_counts(conn: sqlite3.Connection, layout_id: int, *, error: bool) -> Counts:
+    """One layout's share of :func:`counts` (*error*: its state is an error)."""
+    entries = conn.execute("SELECT count(*) FROM entries WHERE layout_id = ?", (layout_id,)).fetchone()[0]
+    names = conn.execute("SELECT count(*) FROM names WHERE layout_id = ?", (layout_id,)).fetchone()[0]
+    children = conn.execute("SELECT count(*) FROM children WHERE layout_id = ?", (layout_id,)).fetchone()[0]
+    return Counts(layouts=1, entries=entries, names=names, children=children, errors=int(error))
+
 
 def counts(conn: sqlite3.Connection, *, rows: bool = True) -> Counts:
     """The index's counts; *rows* False counts from the layouts table alone (what the daemon's gauges
