@@ -44,4 +44,4 @@ async def heartbeat(shared: Shared, lock: DatabaseLock | None, reports: Reports)
         except sqlite3.Error as exc:
             log.warning("heartbeat not written: %s", exc)
             continue
-        reports.beat(beat_ns)
+        await reports.beat(beat_ns)

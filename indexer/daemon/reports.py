@@ -53,6 +53,7 @@ class Reports:
                     where,
                     extra=fields(event="metrics", url=url, textfile=self.metrics.settings.textfile),
                 )
+            await self.refresh()  # the index as it is now, before the first pass is written
             task_status.started()
             async for report in shared.reports_in:
                 self._log(report)
@@ -99,10 +100,14 @@ class Reports:
         if self.metrics is not None:
             self.metrics.watching(mode, watches, unwatched)
 
-    def beat(self, when_ns: int) -> None:
-        """The heartbeat was written."""
+    async def beat(self, when_ns: int) -> None:
+        """The heartbeat was written: its gauge, and the textfile (node_exporter reports its age)."""
         if self.metrics is not None:
             self.metrics.beat(when_ns)
+            try:
+                await anyio.to_thread.run_sync(self.metrics.write_textfile)
+            except OSError as exc:
+                self.problem(f"metrics not updated: {exc}")
 
     def backlog(self, pending: int) -> None:
         """The fleet publisher's backlog."""
