@@ -119,6 +119,9 @@ class Daemon:
                         outer.cancel_scope.cancel()
         except BaseExceptionGroup as group:
             raise _single(group) from None
+        finally:
+            self._reload.close()
+            self._reloads_in.close()
         return 0
 
     async def _signals(
@@ -157,6 +160,8 @@ class Daemon:
                 rebuild = _rebuild_in(raised)
                 if rebuild is None:
                     raise
+            finally:
+                shared.close()
             with anyio.CancelScope(shield=True):
                 await shared.scanner.aclose()
                 store = await anyio.to_thread.run_sync(reopen, shared.store, rebuild)

@@ -78,6 +78,18 @@ class Shared:
         self._changes, self._requests, self._reports = send_changes, send_requests, send_reports
         self._woken = False
 
+    def close(self) -> None:
+        """Close the streams (the generation is over)."""
+        for end in (
+            self._changes,
+            self.changes_in,
+            self._requests,
+            self.requests_in,
+            self._reports,
+            self.reports_in,
+        ):
+            end.close()
+
     # -- sending ------------------------------------------------------------------------------------
 
     def wake(self) -> None:
