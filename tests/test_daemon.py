@@ -26,6 +26,7 @@ from layouts import OCI_MANIFEST, Layout, digest_of, named
 from indexer.config import Config
 from indexer.errors import OcidxError
 from indexer.query import Index
+from indexer.store import path_of
 from indexer.store import read as db
 
 TYPE_CHECKING = False
@@ -173,11 +174,17 @@ class Daemon:
         )
 
     def layouts(self) -> set[str]:
+        """The layouts the daemon's index holds (its rows, not what a lookup would read through)."""
         try:
-            with Index(self.db, config=Config()) as index:
-                return {str(row["layout"]) for row in index.layouts()}
-        except OcidxError:
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        except sqlite3.Error:
             return set()
+        try:
+            return {path_of(row[0]) for row in conn.execute("SELECT path FROM layouts")}
+        except sqlite3.Error:
+            return set()
+        finally:
+            conn.close()
 
     def status(self) -> dict[str, object]:
         with Index(self.db, config=Config()) as index:
