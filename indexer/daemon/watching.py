@@ -255,32 +255,10 @@ class Watching:
         if mode == self.shared.mode:
             return
         self.shared.mode = mode
-        self.reports.mode(mode, self.watcher.watches if self.watcher is not None else 0, self.unwatched_count())
+        watches = self.watcher.watches if self.watcher is not None else 0
+        self.reports.mode(mode, watches, self.unwatched_count())
         await self.shared.store.unit(state.update_daemon, watch_mode=mode)
-        if mode.startswith("polling"):
-            log.warning(
-                "not watching with inotify: %s; polling every %.1fs by reconcile instead",
-                mode.removeprefix("polling: "),
-                poll_interval(self.shared),
-                extra=fields(event="watch_mode", watch_mode="polling", reason=mode),
-            )
-        elif mode == "inotify":
-            watches = self.watcher.watches if self.watcher is not None else 0
-            log.info(
-                "watching %s with inotify (%d director%s)",
-                "1 root" if len(self.shared.roots) == 1 else f"{len(self.shared.roots)} roots",
-                watches,
-                "y" if watches == 1 else "ies",
-                extra=fields(event="watch_mode", watch_mode="inotify", directories=watches),
-            )
-        else:
-            unwatched = self.watcher.unwatched if self.watcher is not None else {}
-            log.warning(
-                "%s: %s",
-                mode,
-                ", ".join(sorted(unwatched)[:5]) + (" and more" if len(unwatched) > 5 else ""),
-                extra=fields(event="watch_mode", watch_mode="inotify-partial", unwatched=sorted(unwatched)[:50]),
-            )
+        _log_mode(mode, self.shared, watches, self.watcher.unwatched if self.watcher is not None else {})
 
     def unwatched_count(self) -> int:
         """How many trees below the roots no watch covers."""
@@ -327,6 +305,34 @@ class Watching:
                     self.watcher.watch_tree(point)  # the mounted file system, or the directory it covered
                 break
         return forced
+
+
+def _log_mode(mode: str, shared: Shared, watches: int, unwatched: dict[str, str]) -> None:
+    """Say the watch mode the daemon is in now, and what to do about it."""
+    if mode.startswith("polling"):
+        log.warning(
+            "not watching with inotify: %s; polling every %.1fs by reconcile instead",
+            mode.removeprefix("polling: "),
+            poll_interval(shared),
+            extra=fields(event="watch_mode", watch_mode="polling", reason=mode),
+        )
+    elif mode == "inotify":
+        roots = len(shared.roots)
+        log.info(
+            "watching %s with inotify (%d director%s)",
+            "1 root" if roots == 1 else f"{roots} roots",
+            watches,
+            "y" if watches == 1 else "ies",
+            extra=fields(event="watch_mode", watch_mode="inotify", directories=watches),
+        )
+    else:
+        shown = sorted(unwatched)
+        log.warning(
+            "%s: %s",
+            mode,
+            ", ".join(shown[:5]) + (" and more" if len(shown) > 5 else ""),
+            extra=fields(event="watch_mode", watch_mode="inotify-partial", unwatched=shown[:50]),
+        )
 
 
 def root_problem(path: str) -> str | None:
