@@ -8,6 +8,9 @@ readable, with :meth:`Watcher.read`, which never waits; what the events mean pil
 
 * ``index.json`` or ``oci-layout`` closed after a write, created, deleted, renamed in or out, or
   its attributes changed (a ``chmod`` that makes it unreadable): that *layout* is examined again;
+* a blob added to or removed from a layout's ``blobs/ALG`` (a partial export completed, a nested
+  index blob that arrives after ``index.json``, garbage collected): that *layout* too, since what its
+  answers depend on (its children, the blobs it holds) changed;
 * a directory created, deleted or renamed in or out (a whole layout renamed into place, ``rm -r``):
   the *tree* below it is rediscovered (the watches for a new directory are placed first, then it is
   listed, so nothing made in it in between is missed);
@@ -47,6 +50,9 @@ if TYPE_CHECKING:
 
 # The files whose change means "read this layout again".
 LAYOUT_FILES = frozenset(LAYOUT_MARKERS)
+# The directories below a layout's blobs/ that a digest can name (go-digest's algorithms): a blob
+# added or removed there changes what the layout holds (a partial export completed, garbage).
+BLOB_ALGORITHMS = frozenset({"sha256", "sha384", "sha512"})
 
 # What a watched directory reports. Never IN_OPEN, IN_ACCESS or IN_CLOSE_NOWRITE (our own reads
 # would feed the queue), never IN_MODIFY (it fires while a writer is mid-write: IN_CLOSE_WRITE and
@@ -132,14 +138,16 @@ def relative_parts(path: str, top: str) -> list[str] | None:
 
 
 class _Dir(Record):
-    """A watched directory: its path, the root whose rules apply below it, and its depth below that root."""
+    """A watched directory: its path, the root whose rules apply below it, its depth below that root,
+    and, for a layout's ``blobs/`` or ``blobs/ALG/``, that layout."""
 
-    __slots__ = ("depth", "path", "root")
+    __slots__ = ("blobs_of", "depth", "path", "root")
 
-    def __init__(self, path: str, root: Root, depth: int) -> None:
+    def __init__(self, path: str, root: Root, depth: int, blobs_of: str | None = None) -> None:
         self.path = path
         self.root = root
         self.depth = depth
+        self.blobs_of = blobs_of
 
 
 class Watcher:
@@ -210,7 +218,9 @@ class Watcher:
             return root, len(parts)
         return None
 
-    def _add(self, directory: str, root: Root, depth: int, *, raise_errors: bool = False) -> bool:
+    def _add(
+        self, directory: str, root: Root, depth: int, *, raise_errors: bool = False, blobs_of: str | None = None
+    ) -> bool:
         try:
             wd = self._inotify.add_watch(directory, DIRECTORY_MASK)
         except OSError as exc:
@@ -224,7 +234,7 @@ class Watcher:
         if known is None or known.path != directory or depth < known.depth:
             if known is not None and self._wd_of.get(known.path) == wd:
                 del self._wd_of[known.path]
-            self._dirs[wd] = _Dir(directory, root, depth)
+            self._dirs[wd] = _Dir(directory, root, depth, blobs_of)
             self._wd_of[directory] = wd
         self.unwatched.pop(directory, None)
         return True
@@ -247,6 +257,7 @@ class Watcher:
             prefix = directory if directory.endswith("/") else directory + "/"
             for item in listing:
                 if is_layout and item.name == "blobs":
+                    self._watch_blobs(prefix + "blobs", directory, root, level)
                     continue
                 try:
                     if item.is_dir(follow_symlinks=False):
@@ -261,6 +272,15 @@ class Watcher:
                     continue
                 if self._add(target, root, level + 1):
                     stack.append((target, level + 1))
+
+    def _watch_blobs(self, blobs: str, layout: str, root: Root, level: int) -> None:
+        """Watch a layout's ``blobs/`` and its ``blobs/ALG/`` directories: their changes are the layout's."""
+        if not self._add(blobs, root, level + 1, blobs_of=layout):
+            return
+        for algorithm in BLOB_ALGORITHMS:
+            path = f"{blobs}/{algorithm}"
+            if os.path.isdir(path) and not os.path.islink(path):
+                self._add(path, root, level + 2, blobs_of=layout)
 
     def _forget_below(self, top: str, *, remove: bool) -> None:
         """Drop the watches of *top* and every directory below it (*remove*: tell the kernel too)."""
@@ -312,6 +332,12 @@ class Watcher:
             return
         name = os.fsdecode(event.name)
         path = (watched.path if watched.path.endswith("/") else watched.path + "/") + name
+        if watched.blobs_of is None and (layout := _blobs_owner(watched.path)) is not None:
+            # Watched before its layout had index.json (a writer makes blobs/ first): its role now.
+            watched = self._dirs[event.wd] = _Dir(watched.path, watched.root, watched.depth, layout)
+        if watched.blobs_of is not None:
+            self._blob_changed(watched, name, path, mask)
+            return
         if mask & inotify.IN_ISDIR:
             if mask & _TREE_CHANGE and watched.depth < watched.root.max_depth:
                 self._tree_changed(path, watched, appeared=bool(mask & _APPEARED))
@@ -328,10 +354,24 @@ class Watcher:
             if leads_to_directory:
                 self._tree_changed(path, watched, appeared=True)
 
+    def _blob_changed(self, watched: _Dir, name: str, path: str, mask: int) -> None:
+        """A blob (or a ``blobs/ALG/`` directory) added or removed: the layout is examined again."""
+        layout = watched.blobs_of
+        assert layout is not None
+        self.pending.layouts.add(layout)
+        is_blobs_dir = os.path.basename(watched.path) == "blobs"
+        if is_blobs_dir and mask & inotify.IN_ISDIR and name in BLOB_ALGORITHMS:
+            if mask & _APPEARED:
+                self._add(path, watched.root, watched.depth + 1, blobs_of=layout)
+            else:
+                self._forget_below(path, remove=True)
+
     def _tree_changed(self, path: str, parent: _Dir, *, appeared: bool) -> None:
         root = parent.root
         parts = relative_parts(path, root.path)
         if parts is not None and "blobs" in parts and in_layout_blobs(root.path, parts):
+            if appeared and parts[-1] == "blobs":  # a layout's blobs/ made after its index.json
+                self._watch_blobs(path, parent.path, root, parent.depth)
             return
         if appeared:
             target = os.path.realpath(path) if os.path.islink(path) else path
@@ -364,6 +404,20 @@ class Watcher:
         self._dirs.clear()
         self._wd_of.clear()
         self._roots.clear()
+
+
+def _blobs_owner(directory: str) -> str | None:
+    """The layout whose ``blobs/`` or ``blobs/ALG/`` *directory* is, or None."""
+    name = os.path.basename(directory)
+    if name == "blobs":
+        layout = os.path.dirname(directory)
+    elif name in BLOB_ALGORITHMS and os.path.basename(os.path.dirname(directory)) == "blobs":
+        layout = os.path.dirname(os.path.dirname(directory))
+    else:
+        return None
+    if any(os.path.lexists(os.path.join(layout, marker)) for marker in LAYOUT_MARKERS):
+        return layout
+    return None
 
 
 def _inside(path: str, top: str) -> bool:
