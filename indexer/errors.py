@@ -4,7 +4,7 @@
 
     OcidxError                      root; never raised itself
     ├── UsageError                  bad command line or query form        exit 2
-    ├── ReferenceError_             an invalid reference or digest        exit 2
+    ├── InvalidReference            an invalid reference or digest        exit 2
     ├── ConfigError                 a bad config file (names the key)     exit 2
     ├── NotFound                    nothing matches                       exit 1
     │   ├── TagMismatch             --strict: the tag does not point at the digest
@@ -112,7 +112,7 @@ class UsageError(OcidxError):
     exit_code = 2
 
 
-class ReferenceError_(OcidxError):  # noqa: N801 - the builtin ReferenceError is unrelated
+class InvalidReference(OcidxError):
     """A reference or digest that Docker's grammar rejects; ``category`` says why."""
 
     category = "invalid_format"

@@ -29,11 +29,11 @@ from indexer._record import Record
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
+    InvalidReference,
     LayoutError,
     LayoutUnreadable,
     NotFound,
     PlatformNotFound,
-    ReferenceError_,
     TagMismatch,
     UsageError,
     printable,
@@ -193,9 +193,9 @@ def parse_ref(text: str) -> Query:
     if text.startswith(":") or text.startswith("@"):
         tag_part, at, digest_part = text[1:].partition("@") if text.startswith(":") else ("", "@", text[1:])
         if text.startswith(":") and tag_part == "":
-            raise ReferenceError_(f"empty tag in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"empty tag in {text!r}", category="tag_invalid_format")
         if tag_part and not reference.is_tag(tag_part):
-            raise ReferenceError_(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
         digest = reference.validate_digest(digest_part) if at else None
         return Query(text, tag=tag_part or None, digest=digest)
     ref = reference.parse_any_reference(text)
@@ -360,21 +360,21 @@ class Index:
         if at and "/" not in tail:
             try:
                 digest = reference.validate_digest(tail)
-            except ReferenceError_ as exc:
-                raise ReferenceError_(f"{exc.message} in {target!r}", category=exc.category) from None
+            except InvalidReference as exc:
+                raise InvalidReference(f"{exc.message} in {target!r}", category=exc.category) from None
             rest = head
         store, colon, store_tag = rest.partition(":")
         if store in self.config.stores and "/" not in store:
             if colon and not store_tag:
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if colon and not reference.is_tag(store_tag):
-                raise ReferenceError_(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
             return self.config.stores[store], self._tag_query(target, store_tag or None, digest)
         path, colon, tag = rest.rpartition(":")
         bad_tag = None
         if colon and "/" not in tag and self._is_layout(path or "/"):
             if tag == "":
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if reference.is_tag(tag):
                 return path, self._tag_query(target, tag, digest)
             bad_tag = tag
@@ -387,10 +387,10 @@ class Index:
                 name_text = "/".join(parts[cut:])
                 query = parse_ref(name_text + (f"@{digest}" if digest else ""))
                 if query.name is None:
-                    raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
+                    raise InvalidReference(f"{name_text!r} in {target!r} is not an image name")
                 return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest, word=query.word)
         if bad_tag is not None:  # PATH is a layout, and no longer prefix is: the tag is what is wrong
-            raise ReferenceError_(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         head_path, colon, tail_tag = rest.rpartition(":")
         tried = head_path if colon and "/" not in tail_tag and head_path else rest
         raise NotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
@@ -806,7 +806,7 @@ def _familiar(name: str) -> str:
     """``docker.io/library/alpine`` as ``alpine``: what a person types after ``oci-layout://PATH/``."""
     try:
         return reference.parse_normalized_named(name).familiar_name()
-    except ReferenceError_:
+    except InvalidReference:
         return name
 
 

@@ -83,7 +83,7 @@ def _code_categories() -> dict[str, int]:
         stack.extend(cls.__subclasses__())
         if cls is not errors.OcidxError:
             found.setdefault(cls.category, cls.exit_code)
-    # Categories given as literals when a ReferenceError_ is raised (reference.py and the lookups).
+    # Categories given as literals when a InvalidReference is raised (reference.py and the lookups).
     literal = re.compile(
         r'category\s*=\s*"([a-z_]+)"|_error\([^()]*(?:\([^()]*\)[^()]*)*,\s*"([a-z_]+)"\)|_MSG_\w+, "([a-z_]+)"'
     )
@@ -92,7 +92,7 @@ def _code_categories() -> dict[str, int]:
         with open(module.__file__, encoding="utf-8") as f:
             for match in literal.finditer(f.read()):
                 name = next(group for group in match.groups() if group)
-                found.setdefault(name, errors.ReferenceError_.exit_code)
+                found.setdefault(name, errors.InvalidReference.exit_code)
     return found
 
 
