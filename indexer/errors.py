@@ -7,6 +7,7 @@
     ├── InvalidReference            an invalid reference or digest        exit 2
     ├── ConfigError                 a bad config file (names the key)     exit 2
     ├── NotFound                    nothing matches                       exit 1
+    │   ├── LayoutNotFound          the PATH does not exist or is not a layout
     │   ├── TagMismatch             --strict: the tag does not point at the digest
     │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
@@ -131,6 +132,12 @@ class NotFound(OcidxError):
 
     category = "not_found"
     exit_code = 1
+
+
+class LayoutNotFound(NotFound):
+    """The layout PATH of a lookup does not exist, or is not an OCI layout (no ``index.json`` nor ``oci-layout``)."""
+
+    category = "layout_not_found"
 
 
 class TagMismatch(NotFound):

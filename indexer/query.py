@@ -31,6 +31,7 @@ from indexer.errors import (
     DatabaseError,
     InvalidReference,
     LayoutError,
+    LayoutNotFound,
     LayoutUnreadable,
     NotFound,
     PlatformNotFound,
@@ -283,10 +284,10 @@ class Index:
         real = os.path.realpath(path)
         try:
             return self._view(real, db.layout(self.conn, real), strict)
-        except NotFound as exc:
+        except LayoutNotFound as exc:
             hint = _absolute_hint(path)
             if hint:
-                raise NotFound(exc.message + hint) from None
+                raise LayoutNotFound(exc.message + hint) from None
             raise
 
     def _view(self, real: str, stored: db.StoredLayout | None, strict: bool) -> View:
@@ -297,7 +298,7 @@ class Index:
         except OSError as exc:
             if not layout_mod.is_layout_dir(real):
                 was = "; it was indexed but is gone now" if stored is not None else ""
-                raise NotFound(f"{_missing(real)}{was}") from None
+                raise LayoutNotFound(f"{_missing(real)}{was}") from None
             unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, unreadable.message, strict, unreadable)
@@ -393,7 +394,7 @@ class Index:
             raise InvalidReference(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         head_path, colon, tail_tag = rest.rpartition(":")
         tried = head_path if colon and "/" not in tail_tag and head_path else rest
-        raise NotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
+        raise LayoutNotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
 
     @staticmethod
     def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:

@@ -371,3 +371,30 @@ def test_ls_json_keys_are_the_same_indexed_or_not(tmp_path: str, capsys: Capsys)
     assert list(documents[0]) == list(documents[1])
     assert (documents[0]["state"], documents[1]["state"]) == ("ok", "not-indexed")
     assert len(documents[1]["entries"]) == 1 and documents[1]["content_hash"]
+
+
+@pytest.mark.parametrize("what", ["missing", "plain directory", "file"])
+def test_a_missing_layout_has_its_own_category_apart_from_a_missing_tag(
+    tmp_path: str, capsys: Capsys, what: str
+) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "lay"))
+    lay.write_index([named(lay.manifest(), ref="v1")])
+    db = os.path.join(tmp_path, "index.db")
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    code, out, _ = ocidx(capsys, "resolve", "--json", f"oci-layout://{lay.path}:v2")
+    assert (code, json.loads(out)["error"]) == (1, "not_found")  # the layout is there, the tag is not
+    path = os.path.join(tmp_path, "export")
+    if what == "plain directory":
+        os.mkdir(path)
+    elif what == "file":
+        with open(path, "w") as f:
+            f.write("not a layout\n")
+    for args in (
+        ["resolve", f"oci-layout://{path}:v1"],
+        ["resolve", "--layout", path, ":v1"],
+        ["ls", path],
+    ):
+        code, out, err = ocidx(capsys, *args, "--db", db, "--json")
+        assert code == 1, args
+        assert json.loads(out)["error"] == "layout_not_found", args
+        assert path in err
