@@ -16,14 +16,14 @@ import os
 import sys
 
 from indexer import __version__
-from indexer.errors import Ambiguous, OcidxError, UsageError, printable
+from indexer.errors import Ambiguous, DatabaseError, OcidxError, UsageError, printable
 
 # How many candidates of an ambiguity the text output lists.
 SHOWN = 5
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
     from indexer.query import Answer, Index
@@ -88,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("refs", nargs="+", metavar="REF", help="references; '-' reads one per line from stdin")
     _options(p, db=False, config=False)
 
-    p = sub.add_parser("resolve", help="resolve oci-layout://PATH[:TAG][@DIGEST] (or --layout PATH REF)")
+    p = sub.add_parser(
+        "resolve", help="resolve oci-layout://PATH[:TAG][@DIGEST] (or --layout PATH REF); several at once, or '-'"
+    )
     p.add_argument(
-        "target",
-        metavar="TARGET|REF",
-        help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]; with --layout, a REF",
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]; with --layout, a REF; "
+        "'-' reads one per line from stdin (several targets: one answer line each, JSON Lines with --json)",
     )
     p.add_argument("--layout", metavar="PATH", help="the layout; TARGET is then :TAG, @DIGEST or NAME[:TAG][@DIGEST]")
     p.add_argument(
@@ -111,7 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     _options(p)
 
     p = sub.add_parser("find", help="find :TAG, @DIGEST or NAME[:TAG][@DIGEST] across every indexed layout")
-    p.add_argument("ref", metavar="REF", help=":TAG, @DIGEST, NAME[:TAG] or NAME@DIGEST (NAME as docker run reads it)")
+    p.add_argument(
+        "refs",
+        nargs="+",
+        metavar="REF",
+        help=":TAG, @DIGEST, NAME[:TAG] or NAME@DIGEST (NAME as docker run reads it); '-' reads one per line "
+        "from stdin (several: each line starts with the REF, JSON Lines with --json)",
+    )
     p.add_argument("--verify-all", action="store_true", help="re-check every layout, not just those that match")
     p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
     _options(p)
@@ -253,25 +263,72 @@ def cmd_ref(args: argparse.Namespace) -> int:
     return 0 if all(r["error"] is None for r in results) else 2
 
 
+def _targets(given: Sequence[str]) -> Iterator[str]:
+    """The targets of a command line, ``-`` read from stdin one per line (lazily: a script may feed
+    one line and wait for its answer); blank lines are skipped."""
+    for text in given:
+        if text != "-":
+            yield text
+            continue
+        for line in sys.stdin:
+            target = line.rstrip("\r\n")
+            if target:
+                yield target
+
+
+def _is_batch(given: Sequence[str]) -> bool:
+    """Several targets, or targets from stdin: one answer line per target (docs/semantics.md, Batches)."""
+    return len(given) > 1 or "-" in given
+
+
+def _emit_line(document: dict[str, object]) -> None:
+    """One JSON Lines record, flushed: a script reading answers as it feeds targets gets each at once."""
+    sys.stdout.write(json.dumps(document, ensure_ascii=True) + "\n")
+    sys.stdout.flush()
+
+
+def _failed(target: str, exc: OcidxError, want_json: bool) -> int:
+    """Report one target's error in a batch (its JSON Lines record, and the message on stderr)."""
+    if want_json:
+        _emit_line({"target": target, **exc.to_json()})
+    _warn(f"ocidx: {target}: {exc.message}")
+    if isinstance(exc, Ambiguous) and not want_json:
+        _show_candidates(exc)
+    return exc.exit_code
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
-    """``ocidx resolve``: one image, printed as a digest, JSON, or a build context."""
+    """``ocidx resolve``: one image per target, printed as a digest, JSON, or a build context."""
     if args.json and args.format not in (None, "json"):
         raise UsageError(f"--json and --format {args.format} ask for two different outputs: give one of them")
-    with _index(args) as index:
-        if args.layout is not None:
-            answer = index.resolve_in(args.layout, args.target, platform=args.platform, strict=args.strict)
-        else:
-            answer = index.resolve(args.target, platform=args.platform, strict=args.strict)
-    for warning in answer.warnings:
-        _warn(f"ocidx: warning: {warning}")
     fmt = "json" if args.json else (args.format or "digest")
-    if fmt == "json":
-        _emit(answer.to_json())
-    elif fmt == "context":
-        _line(answer.context())
-    else:
-        _line(answer.digest)
-    return 0
+    batch = _is_batch(args.targets)
+    worst = 0
+    with _index(args) as index:
+        results = index.resolve_many(
+            _targets(args.targets), layout=args.layout, platform=args.platform, strict=args.strict
+        )
+        for target, result in results:
+            if isinstance(result, OcidxError):
+                if not batch:
+                    raise result
+                worst = max(worst, _failed(target, result, fmt == "json"))
+                continue
+            for warning in result.warnings:
+                _warn(f"ocidx: warning: {target}: {warning}" if batch else f"ocidx: warning: {warning}")
+            if fmt == "json":
+                if batch:
+                    _emit_line({"target": target, **result.to_json()})
+                else:
+                    _emit(result.to_json())
+                continue
+            value = result.context() if fmt == "context" else result.digest
+            if batch:
+                _line(target, value)
+                sys.stdout.flush()
+            else:
+                _line(value)
+    return worst
 
 
 def _name_text(name: str, tag: str) -> str:
@@ -284,43 +341,71 @@ def _describe_answer(answer: Answer) -> tuple[str, str, str]:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    """``ocidx find``: every match across the index, one line each."""
+    """``ocidx find``: every match across the index, one line each; one answer per REF of a batch."""
     if args.fleet:
         return cmd_find_fleet(args)
+    batch = _is_batch(args.refs)
+    worst = 0
+    said: set[str] = set()  # the warning that the index could not be proven exact, said once
     with _index(args) as index:
-        answers = index.find(args.ref, verify_all=args.verify_all)
-    if answers.unverified is not None:
-        _warn(f"ocidx: warning: {answers.unverified}")
-    for answer in answers:
-        for warning in answer.warnings:
-            if warning != answers.unverified:
-                _warn(f"ocidx: warning: {warning}")
-    if args.json:
-        _emit([a.to_json() for a in answers])
-    else:
-        for answer in answers:
-            _line(*_describe_answer(answer))
-    if not answers:
-        _warn(f"ocidx: {answers.query.describe()} not found in any indexed layout{answers.hint}")
-        return 1
-    return 0
+        for ref, result in index.find_many(_targets(args.refs), verify_all=args.verify_all):
+            if isinstance(result, OcidxError):
+                if not batch:
+                    raise result
+                worst = max(worst, _failed(ref, result, args.json))
+                continue
+            if result.unverified is not None and result.unverified not in said:
+                said.add(result.unverified)
+                _warn(f"ocidx: warning: {result.unverified}")
+            for answer in result:
+                for warning in answer.warnings:
+                    if warning != result.unverified:
+                        _warn(f"ocidx: warning: {warning}")
+            if args.json:
+                if batch:
+                    _emit_line({"target": ref, "matches": [a.to_json() for a in result]})
+                else:
+                    _emit([a.to_json() for a in result])
+            else:
+                for answer in result:
+                    _line(*([ref] if batch else []), *_describe_answer(answer))
+                if batch:
+                    sys.stdout.flush()
+            if not result:
+                _warn(f"ocidx: {result.query.describe()} not found in any indexed layout{result.hint}")
+                worst = max(worst, 1)
+    return worst
 
 
 def cmd_find_fleet(args: argparse.Namespace) -> int:
     """``ocidx find --fleet``: every match on every host; a stale host's lines say so."""
     from indexer.fleet import Fleet
 
+    batch = _is_batch(args.refs)
+    worst = 0
     with Fleet(config=args.config) as fleet:
-        answers = fleet.find(args.ref)
-    if args.json:
-        _emit([a.to_json() for a in answers])
-    else:
-        for answer in answers:
-            _line(answer.host, *_describe_answer(answer), answer.host_state)
-    if not answers:
-        _warn(f"ocidx: {args.ref} not found on any host of the fleet")
-        return 1
-    return 0
+        for ref in _targets(args.refs):
+            try:
+                answers = fleet.find(ref)
+            except OcidxError as exc:
+                if not batch:
+                    raise
+                worst = max(worst, _failed(ref, exc, args.json))
+                if isinstance(exc, DatabaseError):
+                    return worst  # unreachable: every REF after it would wait out the same timeout
+                continue
+            if args.json:
+                if batch:
+                    _emit_line({"target": ref, "matches": [a.to_json() for a in answers]})
+                else:
+                    _emit([a.to_json() for a in answers])
+            else:
+                for answer in answers:
+                    _line(*([ref] if batch else []), answer.host, *_describe_answer(answer), answer.host_state)
+            if not answers:
+                _warn(f"ocidx: {ref} not found on any host of the fleet")
+                worst = max(worst, 1)
+    return worst
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ from indexer.errors import (
     LayoutNotFound,
     LayoutUnreadable,
     NotFound,
+    OcidxError,
     PlatformNotFound,
     TagMismatch,
     UsageError,
@@ -45,7 +46,7 @@ from indexer.store import read as db
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
     from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
@@ -451,22 +452,75 @@ class Index:
         """
         query = parse_ref(ref)
         conn = self._require_database()
-        in_index, stored = _match_all(conn, query)
-        scope = set(in_index)
-        unverified = None
+        return self._find(conn, query, self._walk(conn), verify_all)
+
+    def resolve_many(
+        self,
+        targets: Iterable[str],
+        *,
+        layout: str | None = None,
+        platform: str | None = None,
+        strict: bool = False,
+    ) -> Iterator[tuple[str, Answer | OcidxError]]:
+        """:meth:`resolve` (or, with *layout*, :meth:`resolve_in`) of each target, in order, on this one
+        connection: ``(target, answer)``, or ``(target, error)`` for a target that failed (the others
+        go on). A bad *platform* raises at once, before any target."""
+        if platform:
+            layout_mod.parse_platform_spec(platform)
+        for target in targets:
+            try:
+                if layout is not None:
+                    answer = self.resolve_in(layout, target, platform=platform, strict=strict)
+                else:
+                    answer = self.resolve(target, platform=platform, strict=strict)
+            except OcidxError as exc:
+                yield target, exc
+            else:
+                yield target, answer
+
+    def find_many(self, refs: Iterable[str], *, verify_all: bool = False) -> Iterator[tuple[str, Matches | OcidxError]]:
+        """:meth:`find` of each REF, in order: ``(ref, matches)`` or ``(ref, error)``. The roots are walked
+        once, before the first REF is answered, so every answer sees every change made before then."""
+        walked: tuple[list[str], str | None] | None = None
+        for ref in refs:
+            try:
+                query = parse_ref(ref)
+                conn = self._require_database()
+                if walked is None:
+                    walked = self._walk(conn)
+                found = self._find(conn, query, walked, verify_all)
+            except OcidxError as exc:
+                yield ref, exc
+            else:
+                yield ref, found
+
+    @_database_errors
+    def _walk(self, conn: sqlite3.Connection) -> tuple[list[str], str | None]:
+        """The layouts below the roots no live daemon keeps current that changed since they were
+        indexed, and why that list may be incomplete (None: it is exact)."""
         # A live daemon keeps its own roots current; the others (those only scans walked, or all of
         # them without a daemon) are walked here.
         from indexer.store import state as roots_mod  # find and status only: resolve does not pay for it
 
         walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
-            changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
-            scope.update(changed)
-            # One SELECT per changed layout (each is then read through, which costs far more), not a
-            # record of every stored layout (50 ms at 10,000).
-            for path in changed:
-                if path not in stored and (known := db.layout(conn, path)) is not None:
-                    stored[path] = known
+            return _changed_below_roots(conn, walk, self.config.daemon.workers)
+        return [], None
+
+    @_database_errors
+    def _find(
+        self, conn: sqlite3.Connection, query: Query, walked: tuple[list[str], str | None], verify_all: bool
+    ) -> Matches:
+        """:meth:`find` of a parsed *query*, the changed layouts below the roots *walked* already."""
+        in_index, stored = _match_all(conn, query)
+        scope = set(in_index)
+        changed, unverified = walked
+        scope.update(changed)
+        # One SELECT per changed layout (each is then read through, which costs far more), not a
+        # record of every stored layout (50 ms at 10,000).
+        for path in changed:
+            if path not in stored and (known := db.layout(conn, path)) is not None:
+                stored[path] = known
         if verify_all:
             stored = {s.path: s for s in db.layouts(conn)}
             scope.update(stored)

@@ -220,3 +220,15 @@ def test_nothing_cites_a_contract_outside_the_repository() -> None:
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             cited.extend(f"{name}:{n}" for n, line in enumerate(f, 1) if outside.search(line))
     assert cited == []
+
+
+def test_batch_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
+    db, lay = indexed
+    batch = _documented_keys("Batches")
+    _code, out, _ = ocidx(capsys, "resolve", "--db", db, "--json", f"oci-layout://{lay.path}:v1", "oci-layout://x")
+    found, failed = (json.loads(line) for line in out.splitlines())
+    assert _paths(found) - {"target"} <= _documented_keys("`ocidx resolve") and "digest" in found
+    assert set(failed) == {"target", "error", "message"} <= batch
+    _code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v1", "Bad")
+    found, failed = (json.loads(line) for line in out.splitlines())
+    assert set(found) | set(failed) == batch
