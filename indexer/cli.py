@@ -114,6 +114,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _options(p)
 
+    p = sub.add_parser("wait", help="block until oci-layout://... resolves (an export landing), then print it")
+    p.add_argument("target", metavar="TARGET", help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="give up after S seconds: exit 1, error timeout (default: wait as long as it takes)",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="wait for the manifest of this platform (linux/arm64, linux/arm/v7), as resolve --platform",
+    )
+    p.add_argument("--strict", action="store_true", help="as resolve --strict: a tag mismatch is not an answer")
+    p.add_argument(
+        "--format",
+        choices=("digest", "json", "context"),
+        default=None,
+        help="as resolve: digest (the default), json (as --json), or context (oci-layout://PATH@DIGEST)",
+    )
+    _options(p)
+
     p = sub.add_parser("find", help="find :TAG, @DIGEST or NAME[:TAG][@DIGEST] across every indexed layout")
     p.add_argument(
         "refs",
@@ -329,6 +351,49 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             else:
                 _line(value)
     return worst
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds, 0 or more (argparse turns ValueError into exit 2)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _print_answer(answer: Answer, fmt: str) -> None:
+    """One answer as ``resolve`` prints it: the digest, the JSON document, or the build context."""
+    for warning in answer.warnings:
+        _warn(f"ocidx: warning: {warning}")
+    if fmt == "json":
+        _emit(answer.to_json())
+    elif fmt == "context":
+        _line(answer.context())
+    else:
+        _line(answer.digest)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """``ocidx wait``: block until the target resolves (inotify, no daemon), then print it as resolve does."""
+    if args.json and args.format not in (None, "json"):
+        raise UsageError(f"--json and --format {args.format} ask for two different outputs: give one of them")
+    from indexer.wait import wait
+
+    if args.platform:
+        from indexer.layout import parse_platform_spec
+
+        parse_platform_spec(args.platform)  # a bad platform is exit 2 now, not after the wait
+    with _index(args) as index:
+        answer = wait(
+            index,
+            args.target,
+            timeout=args.timeout,
+            platform=args.platform,
+            strict=args.strict,
+            waiting=lambda why: _warn(f"ocidx: waiting for {args.target} ({why})"),
+        )
+    _print_answer(answer, "json" if args.json else (args.format or "digest"))
+    return 0
 
 
 def _name_text(name: str, tag: str) -> str:
@@ -568,6 +633,7 @@ _COMMANDS = {
     "ref": cmd_ref,
     "resolve": cmd_resolve,
     "find": cmd_find,
+    "wait": cmd_wait,
     "ls": cmd_ls,
     "status": cmd_status,
     "scan": cmd_scan,

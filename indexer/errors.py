@@ -9,7 +9,8 @@
     ├── NotFound                    nothing matches                       exit 1
     │   ├── LayoutNotFound          the PATH does not exist or is not a layout
     │   ├── TagMismatch             --strict: the tag does not point at the digest
-    │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
+    │   ├── PlatformNotFound        --platform: no child for it (lists .platforms)
+    │   └── WaitTimeout             ocidx wait: the target did not resolve in time
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
     │   ├── SchemaTooNew            the database was written by a newer ocidx
@@ -20,7 +21,7 @@
     │   ├── IndexParseError         index.json is not a valid image index
     │   ├── TornRead                index.json changed while it was read
     │   └── BlobError               a nested blob is bad (path, size, hash)
-    └── DaemonError                 the daemon cannot run (lock held, watch limits)
+    └── DaemonError                 the daemon cannot run (lock held, watch limits), or wait cannot watch
 
 Every error carries a snake_case ``category`` (the ``error`` key of ``--json``
 output) and its exit code; the CLI maps them in one place (``cli.main``).
@@ -158,6 +159,12 @@ class PlatformNotFound(NotFound):
     def to_json(self) -> dict[str, object]:
         """Adds the platforms that are present."""
         return {**super().to_json(), "platforms": self.platforms}
+
+
+class WaitTimeout(NotFound):
+    """``ocidx wait``: the target did not resolve within the timeout (the message says why not)."""
+
+    category = "timeout"
 
 
 class Ambiguous(OcidxError):

@@ -91,9 +91,13 @@ def test_every_lookup_form_imports_nothing_heavy(indexed: tuple[str, str, str]) 
             ["ref", "--json", "alpine", "Bad"],
             ["resolve", "--db", db + ".missing", f"oci-layout://{lay}"],
             ["find", "--db", db + ".missing", ":latest"],
+            ["resolve", "--db", db, "--json", f"oci-layout://{lay}", f"oci-layout://{changed}:latest"],
+            ["find", "--db", db, ":latest", "nosuch"],
+            ["wait", "--db", db, "--timeout", "0.01", f"oci-layout://{lay}:nosuch"],
+            ["wait", "--db", db, f"oci-layout://{lay}"],
         ]
     )
-    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4]
+    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4, 0, 1, 1, 0]
     assert heavy == []
 
 
