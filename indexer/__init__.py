@@ -1,7 +1,8 @@
 """ocidx: an index of OCI image layouts, kept fresh, queried in milliseconds.
 
-``from indexer import Index`` is the Python API of the lookups in docs/api.md, and the exceptions a
-caller catches come from here too (``from indexer import NotFound, Ambiguous``). Each is imported on first use, so that
+``from indexer import Index`` is the Python API of the lookups in docs/api.md (``AsyncIndex`` for
+asyncio and trio), and the exceptions a caller catches come from here too
+(``from indexer import NotFound, Ambiguous``). Each is imported on first use, so that
 ``import indexer`` (and the lookup CLI) stays cheap.
 """
 
@@ -11,6 +12,7 @@ __version__ = "0.1.0"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from indexer.aio import AsyncIndex as AsyncIndex
     from indexer.errors import Ambiguous as Ambiguous
     from indexer.errors import ConfigError as ConfigError
     from indexer.errors import DatabaseError as DatabaseError
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from indexer.errors import PlatformNotFound as PlatformNotFound
     from indexer.errors import TagMismatch as TagMismatch
     from indexer.errors import UsageError as UsageError
+    from indexer.errors import WaitTimeout as WaitTimeout
     from indexer.query import Index as Index
 
 # The exceptions of indexer.errors that a caller of the API catches (docs/api.md, Errors).
@@ -37,9 +40,10 @@ _ERRORS = (
     "PlatformNotFound",
     "TagMismatch",
     "UsageError",
+    "WaitTimeout",
 )
 
-__all__ = ["Index", "__version__", *_ERRORS]
+__all__ = ["AsyncIndex", "Index", "__version__", *_ERRORS]
 
 
 def __getattr__(name: str) -> object:
@@ -47,6 +51,10 @@ def __getattr__(name: str) -> object:
         from indexer.query import Index
 
         return Index
+    if name == "AsyncIndex":
+        from indexer.aio import AsyncIndex
+
+        return AsyncIndex
     if name in _ERRORS:
         from indexer import errors
 

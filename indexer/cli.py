@@ -258,7 +258,9 @@ def _line(*fields: object) -> None:
 def _index(args: argparse.Namespace) -> Index:
     from indexer.query import Index
 
-    return Index(args.db, config=args.config)
+    index = Index(args.db, config=args.config)
+    index.speaks_cli = True
+    return index
 
 
 def cmd_ref(args: argparse.Namespace) -> int:

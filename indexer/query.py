@@ -60,6 +60,9 @@ INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
 HEARTBEAT_MISSES = 3
 # How many candidates an ambiguity, and how many names a not-found message, lists in text.
 SHOWN = 5
+# Where a database of a system-wide daemon is (docs/operations.md): named when the user's own is missing.
+SHARED_DATABASES = ("/var/lib/ocidx/index.db",)
+VERIFY_ALL = "\0verify-all\0"  # placeholder in a message, spelled as the caller speaks
 
 
 class Query(Record):
@@ -231,6 +234,15 @@ class Index:
         self.db_path = config_mod.database_path(db_path, self.config)
         self._conn: sqlite3.Connection | None = None
         self.has_database = True  # False once a lookup found no database file (and read through)
+        # The connection may pass from one thread to the next (AsyncIndex's pool), never to two at once.
+        self.shared_between_threads = False
+        # Messages name options as the command line spells them (--verify-all) instead of as the
+        # API's arguments (verify_all=True): set by the CLI only.
+        self.speaks_cli = False
+
+    def _option(self, cli: str, api: str) -> str:
+        """*cli* (``--verify-all``) for the command line, *api* (``verify_all=True``) for the Python API."""
+        return cli if self.speaks_cli else api
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -245,21 +257,27 @@ class Index:
         if self._conn is None:
             if not os.path.exists(self.db_path):
                 self.has_database = False
-                mem = sqlite3.connect(":memory:", isolation_level=None)
+                mem = sqlite3.connect(
+                    ":memory:", isolation_level=None, check_same_thread=not self.shared_between_threads
+                )
                 mem.executescript(schema_script())
                 self._conn = mem
             else:
-                self._conn = open_reader(self.db_path)
+                self._conn = open_reader(self.db_path, any_thread=self.shared_between_threads)
         return self._conn
 
     def _require_database(self) -> sqlite3.Connection:
         """The connection to a database file, or the DatabaseError saying what to run (exit 4)."""
         conn = self.conn
         if not self.has_database:
+            elsewhere = self._option("--db PATH or $OCIDX_DB", "db_path or $OCIDX_DB")
+            shared = next((p for p in SHARED_DATABASES if p != self.db_path and os.path.exists(p)), None)
             raise DatabaseError(
                 f"no index database at {os.path.abspath(self.db_path)}: run 'ocidx scan ROOT' once, or start "
                 "'ocidx daemon', to index the layouts below ROOT (a single layout needs none: "
-                "ocidx resolve oci-layout://PATH:TAG)"
+                f"ocidx resolve oci-layout://PATH:TAG); to use the database of a daemon that runs already, "
+                f"name it with {elsewhere}"
+                + (f" ({shared} exists: the system daemon's, docs/operations.md)" if shared else "")
             )
         return conn
 
@@ -350,9 +368,13 @@ class Index:
         """Split ``oci-layout://...`` into a layout path and a query (docs/semantics.md, Targets)."""
         _no_nul(target, "target")
         if not target.startswith(SCHEME):
+            if target.startswith("oci:") and len(target) > 4:
+                raise UsageError(
+                    f"target {target!r} is skopeo's oci:PATH:REF; here it is written {_from_skopeo(target)}"
+                )
+            plain = self._option("'resolve --layout PATH REF' or 'find REF'", "resolve_in(layout, ref) or find(ref)")
             raise UsageError(
-                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; "
-                "for a plain reference use 'resolve --layout PATH REF' or 'find REF'"
+                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; for a plain reference use {plain}"
             )
         rest = target[len(SCHEME) :]
         if not rest:
@@ -562,6 +584,15 @@ class Index:
         age_s = (time.time_ns() - int(row[1])) / 1e9
         return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s
 
+    def wait(
+        self, target: str, *, timeout: float | None = None, platform: str | None = None, strict: bool = False
+    ) -> Answer:
+        """Block until *target* resolves (inotify, no daemon needed) and return the answer; WaitTimeout
+        after *timeout* seconds (docs/semantics.md, Waiting)."""
+        from indexer.wait import wait  # its inotify wrapper is for this call only
+
+        return wait(self, target, timeout=timeout, platform=platform, strict=strict)
+
     @_database_errors
     def layouts(self, under: str | None = None) -> list[dict[str, object]]:
         """Every indexed layout with its state (``ls``)."""
@@ -663,7 +694,7 @@ def _changed_below_roots(
     if recorded is None:
         return [], (
             "no daemon is running and this index records no roots, so layouts added or changed since "
-            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+            f"it was built are not seen: run 'ocidx scan ROOT' to record them, or use {VERIFY_ALL}"
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
     from indexer.scan.discovery import changes  # the walk of a no-change scan
@@ -673,6 +704,15 @@ def _changed_below_roots(
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
         return changed, f"{why}: this answer may miss layouts there"
     return changed, None
+
+
+def _from_skopeo(target: str) -> str:
+    """``oci:PATH[:REF]`` (skopeo's: the path ends at the first colon) as the ``oci-layout://`` target
+    that means the same: ``PATH:TAG`` for a tag, ``PATH/NAME[:TAG]`` for a name."""
+    path, colon, ref = target[len("oci:") :].partition(":")
+    if not colon or not ref:
+        return f"{SCHEME}{path}"
+    return f"{SCHEME}{path}:{ref}" if reference.is_tag(ref) else f"{SCHEME}{path}/{ref}"
 
 
 def _missing(text: str) -> str:

@@ -17,6 +17,7 @@ for the asynchronous API, which waits for the descriptor on its own event loop.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import time
@@ -35,7 +36,7 @@ from indexer.watch import inotify
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
     from indexer.errors import OcidxError
     from indexer.query import Answer, Index
@@ -57,7 +58,7 @@ _SELF = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED | ino
 _LAYOUT_FILES = (b"index.json", b"oci-layout")
 
 
-def watch_path(target: str, stores: dict[str, str]) -> str:
+def watch_path(target: str, stores: Mapping[str, str]) -> str:
     """The absolute directory the layout of *target* is at or below: its text after the scheme, less
     a ``@DIGEST`` and a ``:TAG`` suffix (a store name is its configured path)."""
     if not target.startswith(SCHEME):
@@ -76,14 +77,11 @@ def watch_path(target: str, stores: dict[str, str]) -> str:
 
 
 class Watch:
-    """inotify watches on every existing directory along a target's path, and the check."""
+    """inotify watches on every existing directory along a target's path (a store name: its path)."""
 
-    def __init__(self, index: Index, target: str, *, platform: str | None = None, strict: bool = False) -> None:
-        self.index = index
+    def __init__(self, target: str, stores: Mapping[str, str]) -> None:
         self.target = target
-        self.platform = platform
-        self.strict = strict
-        self.path = watch_path(target, index.config.stores)
+        self.path = watch_path(target, stores)
         self.reason = ""  # why the target did not resolve at the last check
         self._watches: dict[int, tuple[str, bytes]] = {}  # wd: (directory, the next name along the path)
         try:
@@ -122,21 +120,6 @@ class Watch:
             self._inotify.rm_watch(wd)  # a directory no longer along the path (it was replaced)
         self._watches = watches
 
-    def check(self) -> Answer | None:
-        """Resolve the target now: the answer, or None (the reason kept) while it cannot resolve yet.
-
-        Errors that waiting cannot change end the wait: a bad target or reference, an ambiguity, an
-        unusable database. A missing layout, tag or platform, and a layout that cannot be read
-        (a writer is half-way through ``index.json``), are waited out.
-        """
-        try:
-            return self.index.resolve(self.target, platform=self.platform, strict=self.strict)
-        except (UsageError, InvalidReference, DatabaseError):
-            raise
-        except (NotFound, LayoutError) as exc:
-            self.reason = exc.message
-            return None
-
     def drain(self) -> bool:
         """Read every queued event; whether one concerns the path (the watches are then placed again)."""
         relevant = False
@@ -167,6 +150,21 @@ class Watch:
         self.close()
 
 
+def attempt(index: Index, target: str, *, platform: str | None = None, strict: bool = False) -> Answer | str:
+    """Resolve *target* now: the answer, or why it does not resolve yet (a message).
+
+    Errors that waiting cannot change are raised: a bad target or reference, an ambiguity, an
+    unusable database. A missing layout, tag or platform, and a layout that cannot be read (a
+    writer is half-way through ``index.json``), are reasons to wait.
+    """
+    try:
+        return index.resolve(target, platform=platform, strict=strict)
+    except (UsageError, InvalidReference, DatabaseError):
+        raise
+    except (NotFound, LayoutError) as exc:
+        return exc.message
+
+
 def _unwatchable(exc: OSError, what: str) -> OcidxError:
     if exc.errno in (errno.ENOSPC, errno.EMFILE):
         return DaemonError(
@@ -174,6 +172,12 @@ def _unwatchable(exc: OSError, what: str) -> OcidxError:
             "max_user_instances are reached: raise them with sysctl, docs/operations.md)"
         )
     return DaemonError(f"{what}: {exc.strerror or exc}")
+
+
+def check_timeout(timeout: float | None) -> None:
+    """A timeout is None (no limit) or a finite number of seconds, 0 or more (UsageError)."""
+    if timeout is not None and not 0 <= timeout < math.inf:
+        raise UsageError(f"timeout must be a number of seconds, 0 or more, not {timeout!r}")
 
 
 def wait(
@@ -188,17 +192,17 @@ def wait(
     """Block until *target* resolves and return its answer; :class:`WaitTimeout` after *timeout* seconds.
 
     *waiting* is called once, with why the target does not resolve yet, when the wait begins."""
-    if timeout is not None and not timeout >= 0:
-        raise UsageError(f"the timeout must be a number of seconds, 0 or more, not {timeout!r}")
+    check_timeout(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
-    with Watch(index, target, platform=platform, strict=strict) as watch:
+    with Watch(target, index.config.stores) as watch:
         poller = select.poll()
         poller.register(watch.fileno(), select.POLLIN)
         watch.arm()
         while True:
-            answer = watch.check()
-            if answer is not None:
-                return answer
+            result = attempt(index, target, platform=platform, strict=strict)
+            if not isinstance(result, str):
+                return result
+            watch.reason = result
             if waiting is not None:
                 waiting(watch.reason)
                 waiting = None

@@ -398,3 +398,29 @@ def test_a_missing_layout_has_its_own_category_apart_from_a_missing_tag(
         assert code == 1, args
         assert json.loads(out)["error"] == "layout_not_found", args
         assert path in err
+
+
+def test_a_missing_database_says_how_to_name_a_daemons_database(tmp_path: str, capsys: Capsys) -> None:
+    code, _, err = ocidx(capsys, "find", ":v1")
+    assert code == 4
+    assert "--db PATH or $OCIDX_DB" in err  # a user on a host whose daemon keeps its index elsewhere
+    from indexer import DatabaseError, Index
+
+    with Index(os.path.join(tmp_path, "none.db")) as index, pytest.raises(DatabaseError) as raised:
+        index.find(":v1")
+    assert "db_path or $OCIDX_DB" in raised.value.message and "--db" not in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("oci:/srv/app:v1", "oci-layout:///srv/app:v1"),
+        ("oci:layouts/alpine:3.16", "oci-layout://layouts/alpine:3.16"),
+        ("oci:/srv/app:docker.io/library/alpine:3.16", "oci-layout:///srv/app/docker.io/library/alpine:3.16"),
+        ("oci:/srv/app", "oci-layout:///srv/app"),
+    ],
+)
+def test_skopeos_oci_syntax_is_answered_with_the_target_it_means(capsys: Capsys, typed: str, meant: str) -> None:
+    code, _, err = ocidx(capsys, "resolve", typed)
+    assert code == 2
+    assert f"here it is written {meant}" in err and "--layout" not in err
