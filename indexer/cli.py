@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--verify-all", action="store_true", help="re-check every layout, not just those that match")
     p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
+    p.add_argument("--dsn", metavar="DSN", help=f"with --fleet: the {_DSN_HELP}")
     _options(p)
 
     p = sub.add_parser("ls", help="list indexed layouts, or one layout's entries")
@@ -171,9 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DSN_HELP = "libpq connection string of the fleet database (default: $OCIDX_FLEET_DSN, then [fleet] dsn)"
+
+
 def _fleet_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``hosts`` and ``fleet migrate|add-host|remove-host`` (docs/fleet.md)."""
     p = sub.add_parser("hosts", help="every host of the fleet database with its heartbeat, counts and backlog")
+    p.add_argument("--dsn", metavar="DSN", help=_DSN_HELP)
     _options(p, db=False)
     p = sub.add_parser("fleet", help="set up the fleet database (run as its administrator, never as a host)")
     actions = p.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
@@ -185,10 +190,22 @@ def _fleet_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
         action = actions.add_parser(name, help=help_text)
         if name != "migrate":
             action.add_argument("name", metavar="NAME", help="the host: its PostgreSQL login role and host name")
-        action.add_argument(
-            "--dsn", required=True, metavar="ADMIN_DSN", help="libpq connection string of an admin role"
+        action.add_argument("--dsn", metavar="ADMIN_DSN", help=f"an admin role's {_DSN_HELP}")
+        _options(action, db=False)
+
+
+def _fleet_dsn(args: argparse.Namespace) -> str:
+    """One rule for every fleet command: ``--dsn``, then ``$OCIDX_FLEET_DSN``, then ``[fleet] dsn``."""
+    from indexer import config as config_mod
+
+    dsn = (args.dsn or "").strip() or config_mod.fleet_dsn(config_mod.load(args.config))
+    if not dsn:
+        from indexer.errors import FleetUnavailable
+
+        raise FleetUnavailable(
+            "no fleet database is configured: give --dsn, or set $OCIDX_FLEET_DSN or [fleet] dsn in the config file"
         )
-        action.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    return dsn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -197,7 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     want_json = "--json" in args_list or "--format=json" in args_list
     try:
         parser = build_parser()
-        args = parser.parse_args(args_list)
+        args, extras = parser.parse_known_args(args_list)
+        if extras:  # argparse would point at the top-level help; the subcommand's says what it takes
+            prog = " ".join(["ocidx", *(v for k in ("command", "fleet_command") if (v := getattr(args, k, None)))])
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see '{prog} --help')")
         if args.command is None:  # `ocidx` alone: what it can do, on stderr, as a usage error
             sys.stderr.write(parser.format_help())
             return UsageError.exit_code
@@ -411,6 +431,8 @@ def cmd_find(args: argparse.Namespace) -> int:
     """``ocidx find``: every match across the index, one line each; one answer per REF of a batch."""
     if args.fleet:
         return cmd_find_fleet(args)
+    if args.dsn is not None:
+        raise UsageError("--dsn names the fleet database: it goes with --fleet")
     batch = _is_batch(args.refs)
     worst = 0
     said: set[str] = set()  # the warning that the index could not be proven exact, said once
@@ -450,7 +472,7 @@ def cmd_find_fleet(args: argparse.Namespace) -> int:
 
     batch = _is_batch(args.refs)
     worst = 0
-    with Fleet(config=args.config) as fleet:
+    with Fleet(_fleet_dsn(args), config=args.config) as fleet:
         for ref in _targets(args.refs):
             try:
                 answers = fleet.find(ref)
@@ -479,7 +501,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     """``ocidx hosts``: every host with its state, heartbeat age, counts and backlog."""
     from indexer.fleet import Fleet
 
-    with Fleet(config=args.config) as fleet:
+    with Fleet(_fleet_dsn(args), config=args.config) as fleet:
         rows = fleet.hosts()
     if args.json:
         _emit(rows)
@@ -491,8 +513,8 @@ def cmd_hosts(args: argparse.Namespace) -> int:
                 row["host"],
                 row["host_state"],
                 f"heartbeat {age}",
-                f"{row['layouts']} layouts",
-                f"{row['entries']} entries",
+                _plural(row["layouts"], "layout"),
+                _plural(row["entries"], "entry"),
                 f"backlog {backlog}",
             )
     return 0
@@ -500,19 +522,23 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     """``ocidx fleet migrate|add-host|remove-host``: the administrator's set-up of the fleet database."""
+    from indexer.errors import NotFound
     from indexer.fleet import admin
 
+    dsn = _fleet_dsn(args)
     result: dict[str, object]
     if args.fleet_command == "migrate":
-        applied = admin.migrate(args.dsn)
+        applied = admin.migrate(dsn)
         result = {"applied": applied}
         message = f"applied {', '.join(applied)}" if applied else "the fleet schema is up to date"
     elif args.fleet_command == "add-host":
-        result = admin.add_host(args.dsn, args.name)
+        result = admin.add_host(dsn, args.name)
         message = f"host {args.name} can publish" + (" (login role created)" if result["role_created"] else "")
     else:
-        result = admin.remove_host(args.dsn, args.name)
-        message = f"host {args.name}: {result['layouts']} layouts removed; it can no longer publish"
+        result = admin.remove_host(dsn, args.name)
+        if not result["removed"]:
+            raise NotFound(f"{args.name} is not a host of the fleet: nothing to remove ('ocidx hosts' lists them)")
+        message = f"host {args.name}: {_plural(result['layouts'], 'layout')} removed; it can no longer publish"
     if args.json:
         _emit(result)
     else:
@@ -607,8 +633,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = f"running, pid {daemon['pid']}" if daemon["running"] else "not running"
     _line(f"daemon: {state}, heartbeat {_age(daemon['heartbeat_age_s'])}")
     _line(f"last reconcile: {_age(daemon['last_reconcile_age_s'])}")
-    _line(f"watch mode: {daemon['watch_mode']}")
+    if daemon["running"]:  # a stopped daemon watches nothing: what it did when it ran is history
+        _line(f"watch mode: {daemon['watch_mode']}")
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        _line(_fleet_line(fleet, running=bool(daemon["running"])))
     return 0
+
+
+def _fleet_line(fleet: dict[str, object], *, running: bool) -> str:
+    """``fleet: publishing as host build-17 (connected 2m ago), backlog 0, last published 4s ago``."""
+    if not running:
+        head = f"fleet: host {fleet['host']}, not publishing (the daemon is not running)"
+    elif fleet["connected"]:
+        head = f"fleet: publishing as host {fleet['host']} (connected {_age(fleet['state_age_s'])})"
+    else:
+        lasting = _age(fleet["state_age_s"]).removesuffix(" ago")
+        head = f"fleet: host {fleet['host']}, not publishing for {lasting}: {fleet['state']}"
+    published = fleet["last_published_age_s"]
+    last = "never published" if published is None else f"last published {_age(published)}"
+    return f"{head}, {_plural(fleet['backlog'], 'change')} not yet published, {last}"
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
