@@ -424,3 +424,45 @@ def test_skopeos_oci_syntax_is_answered_with_the_target_it_means(capsys: Capsys,
     code, _, err = ocidx(capsys, "resolve", typed)
     assert code == 2
     assert f"here it is written {meant}" in err and "--layout" not in err
+
+
+def test_status_shows_the_fleet_and_no_watch_mode_for_a_stopped_daemon(tmp_path: str, capsys: Capsys) -> None:
+    db = os.path.join(tmp_path, "index.db")
+    Layout(os.path.join(tmp_path, "root", "lay")).write_index([])
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    now = time.time_ns()
+    with sqlite3.connect(db) as conn:  # a daemon that published as build-17, then stopped
+        conn.execute(
+            "UPDATE daemon SET pid = 1, started_ns = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = 'inotify'",
+            (now - 100 * 10**9, now - 10 * 10**9, now - 10 * 10**9),
+        )
+        conn.execute(
+            "INSERT INTO fleet_publisher (id, host, state, since_ns, watermark, published_ns) "
+            "VALUES (1, 'build-17', 'connected', ?, 0, ?)",
+            (now - 90 * 10**9, now - 12 * 10**9),
+        )
+    code, out, _ = ocidx(capsys, "status", "--db", db)
+    assert code == 0
+    assert "watch mode" not in out  # it watches nothing now
+    assert "fleet: host build-17, not publishing (the daemon is not running), 1 change not yet published" in out
+    with sqlite3.connect(db) as conn:  # the same daemon alive (this process stands for it)
+        conn.execute("UPDATE daemon SET pid = ?, stopped_ns = NULL, heartbeat_ns = ?", (os.getpid(), now))
+    code, out, _ = ocidx(capsys, "status", "--db", db)
+    assert "watch mode: inotify" in out
+    assert "fleet: publishing as host build-17 (connected 1m 30s ago), 1 change not yet published, last " in out
+
+
+@pytest.mark.parametrize(
+    ("args", "helps"),
+    [
+        (["resolve", "--bogus", "oci-layout://x"], "ocidx resolve --help"),
+        (["fleet", "migrate", "--bogus"], "ocidx fleet migrate --help"),
+        (["--bogus"], "ocidx --help"),
+    ],
+)
+def test_an_unrecognized_argument_points_at_the_help_of_its_command(
+    capsys: Capsys, args: list[str], helps: str
+) -> None:
+    code, _, err = ocidx(capsys, *args)
+    assert code == 2
+    assert f"unrecognized arguments: --bogus (see '{helps}')" in err
