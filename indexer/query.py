@@ -462,7 +462,8 @@ class Index:
             more = f" and {db.count_names(view.conn, view.layout_id) - SHOWN} more (ocidx ls {view.path})"
             held = held[:SHOWN]
         held_text = f"; it holds {', '.join(held)}{more}" if held else "; it holds no named images"
-        return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
+        hint = _tag_hint(view.conn, query, view.layout_id, lambda tag: f"{SCHEME}{view.path}:{tag}")
+        return f"{query.describe()} not found in {view.path}{held_text}{hint}"
 
     @_database_errors
     def find(self, ref: str, *, verify_all: bool = False) -> Matches:
@@ -572,7 +573,9 @@ class Index:
         if unverified is not None:
             answers[:] = [_with_warning(a, unverified) for a in answers]
         elif not answers:
-            answers.hint = _tag_hint(conn, query, None)
+            answers.hint = _tag_hint(
+                conn, query, None, lambda tag: self._option(f"ocidx find :{tag}", f"find(':{tag}')")
+            )
         return answers
 
     def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
@@ -677,12 +680,22 @@ class Index:
         }
 
 
-def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> str:
-    """`` (did you mean the tag ':v1'?)`` when the bare word *query* was read as a name found nothing
-    but the tag ``:WORD`` would have (in the layout, or anywhere in the index for ``find``)."""
-    if query.word is None or query.digest is not None or not db.by_tag(conn, query.word, layout_id):
+def _tag_hint(
+    conn: sqlite3.Connection, query: Query, layout_id: int | None, instead: Callable[[str], str] | None = None
+) -> str:
+    """Why a name found nothing where a tag would have (in the layout, or anywhere in the index for
+    ``find``): `` (did you mean the tag ':v1'?)`` for a bare word read as a name; for ``NAME:TAG``
+    whose tag is held without that name (``skopeo copy ... oci:DIR:TAG`` writes the tag only), that
+    the tag is there, with *instead*: how to look the tag up."""
+    if query.digest is not None:
         return ""
-    return f" (did you mean the tag ':{query.word}'?)"
+    if query.word is not None:
+        return f" (did you mean the tag ':{query.word}'?)" if db.by_tag(conn, query.word, layout_id) else ""
+    if query.name is None or not query.tag or instead is None or not db.by_tag(conn, query.tag, layout_id):
+        return ""
+    held = "a layout holds" if layout_id is None else "the layout holds"
+    how = instead(query.tag)
+    return f" ({held} the tag {query.tag} without that name, as skopeo's oci:DIR:TAG writes it: {how})"
 
 
 def _changed_below_roots(

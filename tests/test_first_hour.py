@@ -466,3 +466,20 @@ def test_an_unrecognized_argument_points_at_the_help_of_its_command(
     code, _, err = ocidx(capsys, *args)
     assert code == 2
     assert f"unrecognized arguments: --bogus (see '{helps}')" in err
+
+
+def test_a_name_that_finds_nothing_where_its_tag_is_held_says_how_to_find_it(tmp_path: str, capsys: Capsys) -> None:
+    """skopeo copy ... oci:DIR:3.16 writes the tag only: alpine:3.16 finds nothing, :3.16 does."""
+    lay = Layout(os.path.join(tmp_path, "root", "alpine"))
+    lay.write_index([named(lay.manifest(), ref="3.16")])
+    db = os.path.join(tmp_path, "index.db")
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    code, _, err = ocidx(capsys, "find", "--db", db, "alpine:3.16")
+    assert code == 1
+    assert "a layout holds the tag 3.16 without that name" in err and "ocidx find :3.16" in err
+    code, _, err = ocidx(capsys, "resolve", "--db", db, f"oci-layout://{lay.path}/alpine:3.16")
+    assert code == 1
+    assert f"oci-layout://{lay.path}:3.16)" in err
+    assert ocidx(capsys, "find", "--db", db, ":3.16")[0] == 0  # the command the hint gives finds it
+    code, _, err = ocidx(capsys, "find", "--db", db, "alpine:3.17")
+    assert code == 1 and "without that name" not in err  # no hint where the tag is not held either
