@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", metavar="DSN", help=f"with --fleet: the {_DSN_HELP}")
     _options(p)
 
+    p = sub.add_parser("lint", help="what BuildKit, containerd, skopeo, regclient, zot and ocidx call each entry")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="layouts to read (no database is used)")
+    _options(p, db=False, config=False)
+
     p = sub.add_parser("ls", help="list indexed layouts, or one layout's entries")
     p.add_argument("path", nargs="?", metavar="PATH", help="a layout (its entries), or a directory (its layouts)")
     _options(p)
@@ -592,6 +596,44 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    """``ocidx lint``: each entry as each reader names it, and the findings; exit 1 with findings."""
+    from indexer.lint import READERS, lint_many
+
+    results = lint_many(args.paths)
+    worst = 0
+    documents: list[dict[str, object]] = []
+    findings = 0
+    for result in results:
+        if isinstance(result, tuple):
+            path, exc = result
+            documents.append({"layout": path, **exc.to_json()})
+            _warn(f"ocidx: {exc.message}")
+            worst = max(worst, exc.exit_code)
+            continue
+        documents.append(result.to_json())
+        findings += len(result.findings)
+        if result.findings:
+            worst = max(worst, 1)
+        if args.json:
+            continue
+        _line(result.path)
+        for i, entry in enumerate(result.entries):
+            _line(f"  {entry.digest}", entry.media_type)
+            for reader in READERS:
+                reading = result.readings[i].get(reader)
+                _line(f"    {reader}", "-" if reading is None else reading.ref)
+        for finding in result.findings:
+            where = f" {finding.digest}" if finding.digest else ""
+            _line(_Said(f"  {finding.code}{where}: {finding.message}"))
+            _line(_Said(f"    fix: {finding.fix}"))
+    if args.json:
+        _emit(documents)
+    linted = sum(1 for r in results if not isinstance(r, tuple))
+    _warn(f"ocidx: {_plural(findings, 'finding')} in {_plural(linted, 'layout')}")
+    return worst
+
+
 def _platform(platform: dict[str, object] | None) -> str:
     """``linux/arm64/v8``, or ``-`` for a descriptor that names no platform."""
     if not platform:
@@ -681,6 +723,7 @@ _COMMANDS = {
     "find": cmd_find,
     "wait": cmd_wait,
     "ls": cmd_ls,
+    "lint": cmd_lint,
     "status": cmd_status,
     "scan": cmd_scan,
     "daemon": cmd_daemon,

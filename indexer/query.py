@@ -317,7 +317,7 @@ class Index:
         except OSError as exc:
             if not layout_mod.is_layout_dir(real):
                 was = "; it was indexed but is gone now" if stored is not None else ""
-                raise LayoutNotFound(f"{_missing(real)}{was}") from None
+                raise LayoutNotFound(f"{describe_missing(real)}{was}") from None
             unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, unreadable.message, strict, unreadable)
@@ -417,7 +417,7 @@ class Index:
             raise InvalidReference(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         head_path, colon, tail_tag = rest.rpartition(":")
         tried = head_path if colon and "/" not in tail_tag and head_path else rest
-        raise LayoutNotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
+        raise LayoutNotFound(f"no OCI layout found in {target!r}: {describe_missing(tried)}")
 
     @staticmethod
     def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:
@@ -728,7 +728,7 @@ def _from_skopeo(target: str) -> str:
     return f"{SCHEME}{path}:{ref}" if reference.is_tag(ref) else f"{SCHEME}{path}/{ref}"
 
 
-def _missing(text: str) -> str:
+def describe_missing(text: str) -> str:
     """What is at the path *text* (relative to the working directory), for a "no layout there" message."""
     path = os.path.abspath(text)
     if os.path.isdir(path):

@@ -232,3 +232,13 @@ def test_batch_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
     _code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v1", "Bad")
     found, failed = (json.loads(line) for line in out.splitlines())
     assert set(found) | set(failed) == batch
+
+
+def test_lint_keys(capsys: Capsys, indexed: tuple[str, Layout], tmp_path: str) -> None:
+    _db, lay = indexed
+    _code, out, _ = ocidx(capsys, "lint", "--json", lay.path, os.path.join(tmp_path, "nothing"))
+    linted, failed = json.loads(out)
+    assert linted["findings"], "the fixture's layout has findings (familiar names in ref.name)"
+    readers = re.compile(r"\.readers\.(buildkit|containerd|skopeo|regclient|zot|ocidx)")
+    found = {readers.sub(".readers.READER", p) for p in _paths(linted) | _paths(failed)}
+    assert found == _documented_keys("`ocidx lint")
