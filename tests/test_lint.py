@@ -285,3 +285,17 @@ def test_text_output_and_a_missing_path(tmp_path: str, capsys: Capsys) -> None:
     clean, gone = json.loads(out)
     assert clean["findings"] == [] and (gone["layout"], gone["error"]) == (missing, "layout_not_found")
     assert f"{missing} does not exist" in err
+
+
+def test_the_clean_example_of_docs_lint_md_is_what_lint_prints(tmp_path: str, capsys: Capsys) -> None:
+    """docs/lint.md shows the text output for a layout as containerd and docker save write it."""
+    import re
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "lint.md")) as f:
+        (shown,) = re.findall(r"^```text\n(.*?)^```$", f.read(), re.S | re.M)
+    lay = Layout(os.path.join(tmp_path, "alpine"))
+    index = lay.index([lay.manifest(platform=LINUX_AMD64), lay.manifest(platform=LINUX_ARM64)])
+    lay.write_index([named(index, ref="3.16", containerd="docker.io/library/alpine:3.16")])
+    code, out, _err = ocidx(capsys, "lint", lay.path)
+    assert code == 0
+    assert out.replace(lay.path, "/srv/exports/alpine").replace(str(index["digest"]), "sha256:...") == shown
