@@ -154,7 +154,10 @@ def test_the_recipes_runuser_check_catches_a_venv_the_service_user_cannot_run(
 ) -> None:
     """A venv made by an interpreter under a mode-700 home links to it: the service user cannot run
     ocidx, systemd-analyze verify does not see it, and the recipe's runuser check does."""
-    if os.geteuid() != 0 or shutil.which("runuser") is None:
+    runuser = shutil.which("runuser") or next(
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)), None
+    )
+    if os.geteuid() != 0 or runuser is None:
         pytest.skip("needs root and runuser (util-linux) to run a command as another user")
     recipe = "\n".join(_blocks(os.path.join(REPO, "docs", "operations.md"), "sh"))
     (check,) = [line.split("  #")[0].split() for line in recipe.splitlines() if line.startswith("runuser ")]
@@ -175,6 +178,7 @@ def test_the_recipes_runuser_check_catches_a_venv_the_service_user_cannot_run(
 
     def as_service_user(script: str) -> subprocess.CompletedProcess[str]:
         argv = [script if arg == "/opt/ocidx/bin/ocidx" else "nobody" if arg == "ocidx" else arg for arg in check]
+        argv[0] = runuser  # root's PATH has /usr/sbin; a test's may not
         return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
 
     assert as_service_user(good).stdout == "ocidx 0.1.0\n"
