@@ -22,6 +22,7 @@ import os
 import select
 import time
 
+from indexer import layout as layout_mod
 from indexer.errors import (
     DaemonError,
     DatabaseError,
@@ -55,7 +56,8 @@ _MASK = (
 )
 # Events about the watched directory itself: the path changed shape, so every watch is placed again.
 _SELF = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF | inotify.IN_IGNORED | inotify.IN_Q_OVERFLOW
-_LAYOUT_FILES = (b"index.json", b"oci-layout")
+_LAYOUT_FILES = (b"index.json", b"oci-layout", b"blobs")
+ANY = b"/"  # no name holds a slash: a watch on which every event counts (a layout's blobs)
 
 
 def watch_path(target: str, stores: Mapping[str, str]) -> str:
@@ -116,9 +118,29 @@ class Watch:
             if depth == len(parts):
                 break
             directory = os.path.join(directory, parts[depth])
+        for layout in [d for d, _ in watches.values() if layout_mod.is_layout_dir(d)]:
+            self._watch_blobs(layout, watches)
         for wd in set(self._watches) - set(watches):
             self._inotify.rm_watch(wd)  # a directory no longer along the path (it was replaced)
         self._watches = watches
+
+    def _watch_blobs(self, layout: str, watches: dict[int, tuple[str, bytes]]) -> None:
+        """Watch ``blobs/`` and ``blobs/ALG/`` of a layout along the path: a digest target may be a bare
+        blob, and a platform's manifest may arrive after ``index.json`` names it (a partial export
+        completed later). Any event there is worth a check."""
+        blobs = os.path.join(layout, "blobs")
+        try:
+            algorithms = [os.path.join(blobs, name) for name in os.listdir(blobs)]
+        except OSError:
+            return  # no blobs/ yet: its creation is an event in the layout, which is watched
+        for directory in [blobs, *algorithms]:
+            try:
+                wd = self._inotify.add_watch(directory, _MASK)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                    continue  # gone, not a directory, or not ours to read: resolve says what it can
+                raise _unwatchable(exc, f"cannot watch {directory}") from None
+            watches[wd] = (directory, ANY)
 
     def drain(self) -> bool:
         """Read every queued event; whether one concerns the path (the watches are then placed again)."""
@@ -128,7 +150,7 @@ class Watch:
                 relevant = True
                 continue
             watched = self._watches.get(event.wd)
-            if watched is not None and (event.name == watched[1] or event.name in _LAYOUT_FILES):
+            if watched is not None and (watched[1] in (ANY, event.name) or event.name in _LAYOUT_FILES):
                 relevant = True
         if relevant:
             self.arm()

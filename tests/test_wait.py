@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from layouts import Layout, named
+from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 from needs import require
 
 TYPE_CHECKING = False
@@ -197,3 +197,36 @@ def test_a_bad_platform_or_timeout_is_a_usage_error(tmp_path: str, waiters: list
     for args in (["--platform", "linux"], ["--timeout", "-1"], ["--timeout", "nan"]):
         got, _out, err = start(waiters, tmp_path, *args, "oci-layout://x:v1").result()
         assert got == 2, (args, err)
+
+
+def test_wait_for_a_digest_sees_its_blob_arrive(tmp_path: str, waiters: list[Waiter]) -> None:
+    """A digest target is answered by a bare blob of the layout too: its arrival under blobs/ wakes the wait."""
+    lay = Layout(os.path.join(tmp_path, "lay"))
+    lay.write_index([named(lay.manifest(label="other"), ref="v1")])
+    elsewhere = Layout(os.path.join(tmp_path, "elsewhere"))
+    image = elsewhere.manifest(label="awaited")
+    digest = str(image["digest"])
+    waiter = start(waiters, tmp_path, "--json", f"oci-layout://{lay.path}@{digest}")
+    assert "not found" in waiter.waiting()
+    shutil.copy(elsewhere.blob_path(digest), lay.blob_path(digest) + ".tmp")
+    os.rename(lay.blob_path(digest) + ".tmp", lay.blob_path(digest))  # as writers land a blob
+    code, out, err = waiter.result()
+    assert code == 0, err
+    answer = json.loads(out)
+    assert (answer["digest"], answer["source"]) == (digest, "blob")
+
+
+def test_wait_for_a_platform_sees_its_manifest_complete_a_partial_export(tmp_path: str, waiters: list[Waiter]) -> None:
+    lay = Layout(os.path.join(tmp_path, "lay"))
+    amd64, arm64 = lay.manifest(platform=LINUX_AMD64), lay.manifest(platform=LINUX_ARM64)
+    lay.write_index([named(lay.index([amd64, arm64]), ref="v1")])
+    with open(lay.blob_path(str(arm64["digest"])), "rb") as f:
+        kept = f.read()
+    lay.remove_blob(arm64)  # a partial export: index.json names arm64, its blob is not there
+    waiter = start(waiters, tmp_path, "--platform", "linux/arm64", f"oci-layout://{lay.path}:v1")
+    assert "absent from the layout" in waiter.waiting()
+    with open(lay.blob_path(str(arm64["digest"])), "wb") as f:
+        f.write(kept)
+    code, out, err = waiter.result()
+    assert code == 0, err
+    assert out.strip() == arm64["digest"]
