@@ -3,10 +3,11 @@
 No daemon and no database are needed: the layout itself is watched with inotify. Every directory
 along the target's path that exists is watched (any of them may turn out to be the layout, as in
 ``oci-layout://PATH/NAME:TAG``), and each new directory along it is watched as soon as it appears,
-so a layout created by ``skopeo copy`` into a new directory tree is seen. After each batch of
-events that concerns the path (the next directory of the path, ``index.json``, ``oci-layout``), a
-real :meth:`Index.resolve <indexer.query.Index.resolve>` decides; nothing is checked on a timer,
-so the file system is never polled. The watches are placed before each check, so a change made
+so a layout created by ``skopeo copy`` into a new directory tree is seen; ``blobs/`` and
+``blobs/ALG/`` of a layout along the path are watched too. After each batch of events that concerns
+the path (the next directory of the path, ``index.json``, ``oci-layout``, a blob), a real
+:meth:`Index.resolve <indexer.query.Index.resolve>` decides; nothing is checked on a timer, so the
+file system is never polled. The watches are placed before each check, so a change made
 between a check and the wait that follows it is an event, never a lost wake-up.
 
 Standard library only (``select``, and :mod:`indexer.watch.inotify` over ``ctypes``): it is a
