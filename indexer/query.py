@@ -29,11 +29,13 @@ from indexer._record import Record
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
+    InvalidReference,
     LayoutError,
+    LayoutNotFound,
     LayoutUnreadable,
     NotFound,
+    OcidxError,
     PlatformNotFound,
-    ReferenceError_,
     TagMismatch,
     UsageError,
     printable,
@@ -44,7 +46,7 @@ from indexer.store import read as db
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
     from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
@@ -56,6 +58,9 @@ SCHEME = "oci-layout://"
 INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
 # How many candidates an ambiguity, and how many names a not-found message, lists in text.
 SHOWN = 5
+# Where a database of a system-wide daemon is (docs/operations.md): named when the user's own is missing.
+SHARED_DATABASES = ("/var/lib/ocidx/index.db",)
+VERIFY_ALL = "\0verify-all\0"  # placeholder in a message, spelled as the caller speaks
 
 
 class Query(Record):
@@ -199,9 +204,9 @@ def parse_ref(text: str) -> Query:
     if text.startswith(":") or text.startswith("@"):
         tag_part, at, digest_part = text[1:].partition("@") if text.startswith(":") else ("", "@", text[1:])
         if text.startswith(":") and tag_part == "":
-            raise ReferenceError_(f"empty tag in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"empty tag in {text!r}", category="tag_invalid_format")
         if tag_part and not reference.is_tag(tag_part):
-            raise ReferenceError_(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
         digest = reference.validate_digest(digest_part) if at else None
         return Query(text, tag=tag_part or None, digest=digest)
     ref = reference.parse_any_reference(text)
@@ -235,6 +240,15 @@ class Index:
         self.db_path = config_mod.database_path(db_path, self.config)
         self._conn: sqlite3.Connection | None = None
         self.has_database = True  # False once a lookup found no database file (and read through)
+        # The connection may pass from one thread to the next (AsyncIndex's pool), never to two at once.
+        self.shared_between_threads = False
+        # Messages name options as the command line spells them (--verify-all) instead of as the
+        # API's arguments (verify_all=True): set by the CLI only.
+        self.speaks_cli = False
+
+    def _option(self, cli: str, api: str) -> str:
+        """*cli* (``--verify-all``) for the command line, *api* (``verify_all=True``) for the Python API."""
+        return cli if self.speaks_cli else api
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -249,21 +263,27 @@ class Index:
         if self._conn is None:
             if not os.path.exists(self.db_path):
                 self.has_database = False
-                mem = sqlite3.connect(":memory:", isolation_level=None)
+                mem = sqlite3.connect(
+                    ":memory:", isolation_level=None, check_same_thread=not self.shared_between_threads
+                )
                 mem.executescript(schema_script())
                 self._conn = mem
             else:
-                self._conn = open_reader(self.db_path)
+                self._conn = open_reader(self.db_path, any_thread=self.shared_between_threads)
         return self._conn
 
     def _require_database(self) -> sqlite3.Connection:
         """The connection to a database file, or the DatabaseError saying what to run (exit 4)."""
         conn = self.conn
         if not self.has_database:
+            elsewhere = self._option("--db PATH or $OCIDX_DB", "db_path or $OCIDX_DB")
+            shared = next((p for p in SHARED_DATABASES if p != self.db_path and os.path.exists(p)), None)
             raise DatabaseError(
                 f"no index database at {os.path.abspath(self.db_path)}: run 'ocidx scan ROOT' once, or start "
                 "'ocidx daemon', to index the layouts below ROOT (a single layout needs none: "
-                "ocidx resolve oci-layout://PATH:TAG)"
+                f"ocidx resolve oci-layout://PATH:TAG); to use the database of a daemon that runs already, "
+                f"name it with {elsewhere}"
+                + (f" ({shared} exists: the system daemon's, docs/operations.md)" if shared else "")
             )
         return conn
 
@@ -289,10 +309,10 @@ class Index:
         real = os.path.realpath(path)
         try:
             return self._view(real, db.layout(self.conn, real), strict)
-        except NotFound as exc:
+        except LayoutNotFound as exc:
             hint = _absolute_hint(path)
             if hint:
-                raise NotFound(exc.message + hint) from None
+                raise LayoutNotFound(exc.message + hint) from None
             raise
 
     def _view(self, real: str, stored: db.StoredLayout | None, strict: bool) -> View:
@@ -303,7 +323,7 @@ class Index:
         except OSError as exc:
             if not layout_mod.is_layout_dir(real):
                 was = "; it was indexed but is gone now" if stored is not None else ""
-                raise NotFound(f"{_missing(real)}{was}") from None
+                raise LayoutNotFound(f"{describe_missing(real)}{was}") from None
             unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, unreadable.message, strict, unreadable)
@@ -354,9 +374,13 @@ class Index:
         """Split ``oci-layout://...`` into a layout path and a query (docs/semantics.md, Targets)."""
         _no_nul(target, "target")
         if not target.startswith(SCHEME):
+            if target.startswith("oci:") and len(target) > 4:
+                raise UsageError(
+                    f"target {target!r} is skopeo's oci:PATH:REF; here it is written {_from_skopeo(target)}"
+                )
+            plain = self._option("'resolve --layout PATH REF' or 'find REF'", "resolve_in(layout, ref) or find(ref)")
             raise UsageError(
-                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; "
-                "for a plain reference use 'resolve --layout PATH REF' or 'find REF'"
+                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; for a plain reference use {plain}"
             )
         rest = target[len(SCHEME) :]
         if not rest:
@@ -366,21 +390,21 @@ class Index:
         if at and "/" not in tail:
             try:
                 digest = reference.validate_digest(tail)
-            except ReferenceError_ as exc:
-                raise ReferenceError_(f"{exc.message} in {target!r}", category=exc.category) from None
+            except InvalidReference as exc:
+                raise InvalidReference(f"{exc.message} in {target!r}", category=exc.category) from None
             rest = head
         store, colon, store_tag = rest.partition(":")
         if store in self.config.stores and "/" not in store:
             if colon and not store_tag:
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if colon and not reference.is_tag(store_tag):
-                raise ReferenceError_(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
             return self.config.stores[store], self._tag_query(target, store_tag or None, digest)
         path, colon, tag = rest.rpartition(":")
         bad_tag = None
         if colon and "/" not in tag and self._is_layout(path or "/"):
             if tag == "":
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if reference.is_tag(tag):
                 return path, self._tag_query(target, tag, digest)
             bad_tag = tag
@@ -393,13 +417,13 @@ class Index:
                 name_text = "/".join(parts[cut:])
                 query = parse_ref(name_text + (f"@{digest}" if digest else ""))
                 if query.name is None:
-                    raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
+                    raise InvalidReference(f"{name_text!r} in {target!r} is not an image name")
                 return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest, word=query.word)
         if bad_tag is not None:  # PATH is a layout, and no longer prefix is: the tag is what is wrong
-            raise ReferenceError_(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         head_path, colon, tail_tag = rest.rpartition(":")
         tried = head_path if colon and "/" not in tail_tag and head_path else rest
-        raise NotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
+        raise LayoutNotFound(f"no OCI layout found in {target!r}: {describe_missing(tried)}")
 
     @staticmethod
     def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:
@@ -444,7 +468,8 @@ class Index:
             more = f" and {db.count_names(view.conn, view.layout_id) - SHOWN} more (ocidx ls {view.path})"
             held = held[:SHOWN]
         held_text = f"; it holds {', '.join(held)}{more}" if held else "; it holds no named images"
-        return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
+        hint = _tag_hint(view.conn, query, view.layout_id, lambda tag: f"{SCHEME}{view.path}:{tag}")
+        return f"{query.describe()} not found in {view.path}{held_text}{hint}"
 
     @_database_errors
     def find(self, ref: str, *, verify_all: bool = False) -> Matches:
@@ -456,7 +481,52 @@ class Index:
         """
         query = parse_ref(ref)
         conn = self._require_database()
-        fresh = self._changed(conn)
+        return self._find(conn, query, self._changed(conn), verify_all)
+
+    def resolve_many(
+        self,
+        targets: Iterable[str],
+        *,
+        layout: str | None = None,
+        platform: str | None = None,
+        strict: bool = False,
+    ) -> Iterator[tuple[str, Answer | OcidxError]]:
+        """:meth:`resolve` (or, with *layout*, :meth:`resolve_in`) of each target, in order, on this one
+        connection: ``(target, answer)``, or ``(target, error)`` for a target that failed (the others
+        go on). A bad *platform* raises at once, before any target."""
+        if platform:
+            layout_mod.parse_platform_spec(platform)
+        for target in targets:
+            try:
+                if layout is not None:
+                    answer = self.resolve_in(layout, target, platform=platform, strict=strict)
+                else:
+                    answer = self.resolve(target, platform=platform, strict=strict)
+            except OcidxError as exc:
+                yield target, exc
+            else:
+                yield target, answer
+
+    def find_many(self, refs: Iterable[str], *, verify_all: bool = False) -> Iterator[tuple[str, Matches | OcidxError]]:
+        """:meth:`find` of each REF, in order: ``(ref, matches)`` or ``(ref, error)``. The barrier (or the
+        walk of the roots) is made once, before the first REF is answered, so every answer sees every
+        change made before then."""
+        fresh: Changed | None = None
+        for ref in refs:
+            try:
+                query = parse_ref(ref)
+                conn = self._require_database()
+                if fresh is None:
+                    fresh = self._changed(conn)
+                found = self._find(conn, query, fresh, verify_all)
+            except OcidxError as exc:
+                yield ref, exc
+            else:
+                yield ref, found
+
+    @_database_errors
+    def _find(self, conn: sqlite3.Connection, query: Query, fresh: Changed, verify_all: bool) -> Matches:
+        """:meth:`find` of a parsed *query*, with what changed below the roots (:meth:`_changed`) known."""
         in_index, stored = _match_all(conn, query)
         scope = set(in_index)
         unverified = fresh.unverified
@@ -495,7 +565,9 @@ class Index:
         if unverified is not None:
             answers[:] = [_with_warning(a, unverified) for a in answers]
         elif not answers:
-            answers.hint = _tag_hint(conn, query, None)
+            answers.hint = _tag_hint(
+                conn, query, None, lambda tag: self._option(f"ocidx find :{tag}", f"find(':{tag}')")
+            )
         return answers
 
     def _changed(self, conn: sqlite3.Connection) -> Changed:
@@ -518,6 +590,15 @@ class Index:
         if row is None or not row.running():
             return False
         return barrier(self.db_path) == "ok"
+
+    def wait(
+        self, target: str, *, timeout: float | None = None, platform: str | None = None, strict: bool = False
+    ) -> Answer:
+        """Block until *target* resolves (inotify, no daemon needed) and return the answer; WaitTimeout
+        after *timeout* seconds (docs/semantics.md, Waiting)."""
+        from indexer.wait import wait  # its inotify wrapper is for this call only
+
+        return wait(self, target, timeout=timeout, platform=platform, strict=strict)
 
     @_database_errors
     def layouts(self, under: str | None = None) -> Rows:
@@ -649,12 +730,22 @@ class Index:
         }
 
 
-def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> str:
-    """`` (did you mean the tag ':v1'?)`` when the bare word *query* was read as a name found nothing
-    but the tag ``:WORD`` would have (in the layout, or anywhere in the index for ``find``)."""
-    if query.word is None or query.digest is not None or not db.by_tag(conn, query.word, layout_id):
+def _tag_hint(
+    conn: sqlite3.Connection, query: Query, layout_id: int | None, instead: Callable[[str], str] | None = None
+) -> str:
+    """Why a name found nothing where a tag would have (in the layout, or anywhere in the index for
+    ``find``): `` (did you mean the tag ':v1'?)`` for a bare word read as a name; for ``NAME:TAG``
+    whose tag is held without that name (``skopeo copy ... oci:DIR:TAG`` writes the tag only), that
+    the tag is there, with *instead*: how to look the tag up."""
+    if query.digest is not None:
         return ""
-    return f" (did you mean the tag ':{query.word}'?)"
+    if query.word is not None:
+        return f" (did you mean the tag ':{query.word}'?)" if db.by_tag(conn, query.word, layout_id) else ""
+    if query.name is None or not query.tag or instead is None or not db.by_tag(conn, query.tag, layout_id):
+        return ""
+    held = "a layout holds" if layout_id is None else "the layout holds"
+    how = instead(query.tag)
+    return f" ({held} the tag {query.tag} without that name, as skopeo's oci:DIR:TAG writes it: {how})"
 
 
 class Changed(Record):
@@ -677,7 +768,7 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, 
             [],
             set(),
             "no daemon is running and this index records no roots, so layouts added or changed since "
-            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all",
+            f"it was built are not seen: run 'ocidx scan ROOT' to record them, or use {VERIFY_ALL}",
         )
     if not recorded:
         return Changed([], set(), None)
@@ -691,7 +782,16 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, 
     return Changed(changed, set(gone), None)
 
 
-def _missing(text: str) -> str:
+def _from_skopeo(target: str) -> str:
+    """``oci:PATH[:REF]`` (skopeo's: the path ends at the first colon) as the ``oci-layout://`` target
+    that means the same: ``PATH:TAG`` for a tag, ``PATH/NAME[:TAG]`` for a name."""
+    path, colon, ref = target[len("oci:") :].partition(":")
+    if not colon or not ref:
+        return f"{SCHEME}{path}"
+    return f"{SCHEME}{path}:{ref}" if reference.is_tag(ref) else f"{SCHEME}{path}/{ref}"
+
+
+def describe_missing(text: str) -> str:
     """What is at the path *text* (relative to the working directory), for a "no layout there" message."""
     path = os.path.abspath(text)
     if os.path.isdir(path):
@@ -843,7 +943,7 @@ def _familiar(name: str) -> str:
     """``docker.io/library/alpine`` as ``alpine``: what a person types after ``oci-layout://PATH/``."""
     try:
         return reference.parse_normalized_named(name).familiar_name()
-    except ReferenceError_:
+    except InvalidReference:
         return name
 
 
