@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                 stderr=log,
             )
         deadline = time.monotonic() + 600
-        while barrier(db) != "ok":
+        while barrier(db, daemon.pid) != "ok":
             if daemon.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit("the daemon did not become ready")
             time.sleep(0.05)
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         round_trips = []
         for _ in range(200):
             started = time.perf_counter()
-            answer = barrier(db)
+            answer = barrier(db, daemon.pid)
             round_trips.append(time.perf_counter() - started)
             assert answer == "ok", answer
         print(

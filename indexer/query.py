@@ -570,6 +570,7 @@ class Index:
             )
         return answers
 
+    @_database_errors
     def _changed(self, conn: sqlite3.Connection) -> Changed:
         """What the index does not hold yet of the changes made before this lookup (before it reads the
         index): a live daemon keeps its own roots current once it answered a barrier; the other roots
@@ -589,7 +590,7 @@ class Index:
         row = state.daemon_row(conn)
         if row is None or not row.running():
             return False
-        return barrier(self.db_path) == "ok"
+        return barrier(self.db_path, row.pid) == "ok"
 
     def wait(
         self, target: str, *, timeout: float | None = None, platform: str | None = None, strict: bool = False

@@ -14,6 +14,8 @@ Standard library only, and not even the ``socket`` module (the lookup path's imp
 from __future__ import annotations
 
 import _socket
+import os
+import sys
 import time
 
 SUFFIX = ".sock"
@@ -24,21 +26,37 @@ TIMEOUT_S = 2.0
 _MAX_ANSWER = 4096
 
 
+def _peer(sock: _socket.socket) -> tuple[int, int]:
+    """(pid, uid) of the process at the other end of a connected Unix socket, as the kernel says."""
+    raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(raw[0:4], sys.byteorder, signed=True), int.from_bytes(raw[4:8], sys.byteorder)
+
+
 def socket_path(db_path: str) -> str:
     """Where the daemon of the database at *db_path* listens for barriers."""
     return db_path + SUFFIX
 
 
-def barrier(db_path: str, timeout_s: float = TIMEOUT_S) -> str | None:
-    """The daemon's answer to a barrier (``ok``, or ``inexact ...``), or None when none came in time."""
+def barrier(db_path: str, pid: int | None, timeout_s: float = TIMEOUT_S) -> str | None:
+    """The answer to a barrier of the daemon *pid* (``ok``, or ``inexact ...``), or None when none came in
+    time, or when what listens at the socket is not that daemon.
+
+    Whoever may write the database's directory could plant a socket there that always says ``ok``:
+    the peer's credentials (``SO_PEERCRED``, from the kernel) must be the daemon's process, which the
+    database's row names, and the user owning the database file.
+    """
     deadline = time.monotonic() + timeout_s
     try:
+        owner = os.stat(db_path).st_uid
         sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     except OSError:
         return None
     try:
         sock.settimeout(timeout_s)
         sock.connect(socket_path(db_path))
+        peer_pid, peer_uid = _peer(sock)
+        if peer_pid != pid or peer_uid != owner:
+            return None
         sock.sendall(REQUEST)
         data = b""
         while not data.endswith(b"\n"):

@@ -33,7 +33,7 @@ def _slow_daemon(daemons: list[Daemon], tmp: str, root: str) -> Daemon:
         fh.write(text)
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: barrier(daemon.db) == "ok", "the daemon answers barriers")
+    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
     return daemon
 
 
@@ -101,7 +101,7 @@ def test_the_barrier_answers_one_question_and_stays_bounded(tmp: str, daemons: l
     finally:
         for client in idle:
             client.close()
-    wait_until(lambda: barrier(daemon.db) == "ok", "barriers answered again once the flood is gone")
+    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "barriers answered again once the flood is gone")
 
 
 def test_a_socket_that_is_not_the_daemons_is_never_replaced(tmp: str, daemons: list[Daemon]) -> None:

@@ -181,7 +181,7 @@ def test_the_watch_limit_in_force_is_said_and_unwatched_trees_stay_exact(tmp: st
             late = os.path.realpath(os.path.join(root, f"group{i}", "late"))
             make_layout(late, f"late{i}")
             assert _find(daemon.db, f":late{i}") == [late]  # exact at once, watched or not
-        assert barrier(daemon.db) == "ok"
+        assert barrier(daemon.db, proc.pid) == "ok"
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(DEADLINE_S)

@@ -137,6 +137,7 @@ def test_reconcile_runs_the_start_up_pass_then_one_per_request(tmp_path: str) ->
     first = _layout(os.path.join(root, "a"), "v1")
 
     async def test(shared: Shared) -> None:
+        shared.mode = "inotify"  # as the watching duty sets it
         async with anyio.create_task_group() as tg:
             tg.start_soon(Reconcile(shared).run)
             report = await _next_report(shared)
@@ -145,12 +146,11 @@ def test_reconcile_runs_the_start_up_pass_then_one_per_request(tmp_path: str) ->
                 await shared.ready.wait()
             assert await shared.changes_in.receive() == RECHECK
             second = _layout(os.path.join(root, "b"), "v2")
-            shared.lost += 1  # what the changes duty does when events were lost
+            shared.owe_pass("inotify queue overflow")  # what the changes duty does when events were lost
             assert shared.inexact() is not None
-            shared.request_reconcile("inotify queue overflow")
             report = await _next_report(shared)
             assert (report.why, report.counts.changed) == ("inotify queue overflow", 1)
-            assert shared.lost_reconciled == shared.lost
+            assert shared.settled == shared.owed and shared.inexact() is None
             tg.cancel_scope.cancel()
         assert _tags(shared.db_path) == {(os.path.realpath(first.path), "v1"), (os.path.realpath(second.path), "v2")}
         ((last,),) = _rows(shared.db_path, "SELECT last_reconcile_ns FROM daemon")

@@ -279,7 +279,7 @@ def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: O
         fh.write(text)
     daemon.start().wait_ready()
     try:
-        wait_until(lambda: barrier(daemon.db) == "ok", "the daemon answers barriers")
+        wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
         for trial, image in enumerate(("one", "two", "three", "four", "base")):
             app = os.path.join(root, f"app{trial}")
             copy(f"{source['path']}:{image}", f"{app}:v9")

@@ -58,9 +58,11 @@ def test_the_http_endpoint_serves_the_metrics(daemons: list[Daemon], tmp: str) -
     url = match.group(1)
 
     first = wait_until(
-        lambda: (s := _scrape(url)).get("ocidx_heartbeat_timestamp_seconds", 0) > 0
-        and s.get("ocidx_reconcile_duration_seconds_count") == 1
-        and s,
+        lambda: (
+            (s := _scrape(url)).get("ocidx_heartbeat_timestamp_seconds", 0) > 0
+            and s.get("ocidx_reconcile_duration_seconds_count") == 1
+            and s
+        ),
         "a beat and the start-up pass",
     )
     assert isinstance(first, dict)

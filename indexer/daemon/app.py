@@ -42,7 +42,7 @@ import anyio.to_thread
 from indexer import config as config_mod
 from indexer.daemon.barrier import Barrier
 from indexer.daemon.changes import Changes
-from indexer.daemon.database import Rebuild, open_store, reopen
+from indexer.daemon.database import Rebuild, open_store, persist, reopen
 from indexer.daemon.heartbeat import heartbeat
 from indexer.daemon.logs import fields
 from indexer.daemon.maintenance import Maintenance
@@ -168,8 +168,14 @@ class Daemon:
             generation += 1
 
     async def _generation(self, shared: Shared, generation: int) -> None:
-        await shared.store.unit(
-            state.record_start, pid=os.getpid(), now_ns=time.time_ns(), mode=shared.mode, roots=shared.roots
+        await persist(
+            shared,
+            "the daemon row",
+            state.record_start,
+            pid=shared.pid,
+            now_ns=time.time_ns(),
+            mode=shared.mode,
+            roots=shared.roots,
         )
         watching = Watching(shared, self.reports)
         async with anyio.create_task_group() as tg:
@@ -197,7 +203,7 @@ class Daemon:
             if shared is not None:
                 now = time.time_ns()
                 try:
-                    await shared.store.unit(state.update_daemon, stopped_ns=now, heartbeat_ns=now)
+                    await shared.store.unit(state.update_daemon, pid=shared.pid, stopped_ns=now, heartbeat_ns=now)
                 except sqlite3.Error as exc:
                     log.error("could not record the stop in the database: %s", exc)
                 await shared.scanner.aclose()
@@ -247,9 +253,12 @@ class Daemon:
         added, removed = await watching.set_roots(roots)
         self.roots = roots
         # find trusts the index for watched roots only: the removed ones are walked again from now on.
-        await shared.store.unit(state.record_watched, roots)
-        # Names and limits decide what is stored for every layout: a changed policy re-reads them all.
+        await persist(shared, "the watched roots", state.record_watched, roots)
+        # Names and limits decide what is stored for every layout: a changed policy re-reads them all,
+        # and the index cannot vouch for its names until that pass is written.
         shared.full_pass_due = (old.familiar, old.limits) != (config.familiar, config.limits)
+        if shared.full_pass_due:
+            shared.owe_pass("names or limits changed")
         log.info(
             "SIGHUP: configuration reloaded from %s: %d roots (%d added, %d removed)%s",
             source,

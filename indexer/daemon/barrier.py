@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ocidx.daemon")
 
-MAX_CLIENTS = 64
-REQUEST_DEADLINE_S = 10.0
+MAX_CLIENTS = 256
+PER_USER = 32
+REQUEST_DEADLINE_S = 10.0  # the request and the answer: a drain can take a burst's writing
+REQUEST_READ_S = 0.5  # the request line alone: a client that sends nothing gives its slot back soon
 
 
 def socket_mode(db_path: str) -> int:
@@ -82,13 +84,16 @@ class Barrier:
                 name="barrier",
                 max_clients=MAX_CLIENTS,
                 deadline_s=REQUEST_DEADLINE_S,
+                per_user=PER_USER,
                 task_status=task_status,
             )
         finally:
             _remove_own(self.path)
 
     async def _answer(self, client: SocketStream) -> None:
-        request = await read_request(client, b"\n")
+        request = None
+        with anyio.move_on_after(REQUEST_READ_S):
+            request = await read_request(client, b"\n")
         if request != REQUEST:
             await client.send(b"error: the only request is 'sync'\n")
             return

@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import stat
 import time
 
 import anyio
@@ -91,6 +92,9 @@ class Changes:
                 await guarded(self.shared, self._load_racy)
             self.watching.read_now()
             pending = self.watching.take(unwatched=bool(syncs))
+            if syncs:
+                # A root that appeared or was replaced since the last look is watched and taken now.
+                await self.watching.settle_roots(pending)
             try:
                 await guarded(self.shared, functools.partial(self._index, pending, woken))
             finally:
@@ -129,14 +133,13 @@ class Changes:
         """Index what *pending* says changed, and the racy layouts now due."""
         shared = self.shared
         if pending.lost:
-            shared.lost += 1
             log.warning(
                 "events were lost (%s): reconciling now",
                 ", ".join(pending.lost),
                 extra=fields(event="events_lost", reasons=pending.lost),
             )
             self.watching.reports.lost(len(pending.lost))
-            shared.request_reconcile(", ".join(pending.lost))
+            shared.owe_pass(", ".join(pending.lost))
         forced: set[str] = set()
         if pending.mounts:
             forced = await self.watching.apply_mounts(pending)
@@ -153,10 +156,17 @@ class Changes:
         if pending.trees:
             trees = outermost(pending.trees.values())
             tops = [root.path for root in shared.roots]
-            below = await anyio.to_thread.run_sync(_discover_trees, trees, tops)
+            below, errors = await anyio.to_thread.run_sync(_discover_trees, trees, tops)
+            if errors:
+                # A listing that failed proves nothing: the pass owed for it lists it again.
+                shared.owe_pass(f"a directory could not be listed ({errors[0]})")
             below.extend(await shared.store.read(state.stored_under, [t.path for t in trees]))
             paths.update(below)
             reread = {path for path in below if any(_at_or_below(path, top) for top in forced)}
+        # Read again whatever their index.json says: below a mount that changed (the same identities
+        # can name other files), and layouts whose blobs/ changed (what their answers depend on).
+        reread |= pending.blobs
+        paths |= pending.blobs
         if not paths:
             return
         ordered = sorted(paths - reread)
@@ -198,8 +208,9 @@ def _at_or_below(path: str, top: str) -> bool:
     return path == top or path.startswith(top.rstrip("/") + "/")
 
 
-def _discover_trees(trees: list[Root], tops: list[str]) -> list[str]:
-    """The layouts below each changed directory of a root (*tops*: the roots' real paths).
+def _discover_trees(trees: list[Root], tops: list[str]) -> tuple[list[str], list[str]]:
+    """The layouts below each changed directory of a root (*tops*: the roots' real paths), and the
+    problems met listing them.
 
     A directory that is now a symlink leading out of every root (a layout directory replaced by
     ``ln -s /elsewhere``) is not followed unless its root follows symlinks: discovery resolves the
@@ -207,14 +218,22 @@ def _discover_trees(trees: list[Root], tops: list[str]) -> list[str]:
     """
     prefixes = [top.rstrip("/") + "/" for top in tops]
     found: list[str] = []
+    errors: list[str] = []
     for tree in trees:
-        if not os.path.isdir(tree.path):
+        try:
+            st = os.stat(tree.path)
+        except FileNotFoundError:
+            continue  # gone: the stored layouts below it are looked at (and dropped)
+        except OSError as exc:
+            errors.append(f"{tree.path}: {exc.strerror}")
+            continue
+        if not stat.S_ISDIR(st.st_mode):
             continue
         real = os.path.realpath(tree.path)
         if real != tree.path and not tree.follow_symlinks and not any(real.startswith(p) for p in prefixes):
             continue
-        found.extend(discover(tree))
-    return found
+        found.extend(discover(tree, errors))
+    return found, errors
 
 
 def outermost(trees: Iterable[Root]) -> list[Root]:

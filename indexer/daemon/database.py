@@ -149,6 +149,23 @@ def reopen(store: Store, rebuild: Rebuild) -> Store:
     return open_store(db_path)
 
 
+async def persist(shared: Shared, what: str, fn: Callable[..., None], *args: object, **kw: object) -> None:
+    """Write a unit the daemon cannot do without (its row, its watch mode, its roots): a busy or full
+    database is waited out (said once), a corrupt one raises :class:`Rebuild`."""
+    said = False
+    while True:
+        try:
+            await shared.store.unit(fn, *args, **kw)
+            return
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                raise Rebuild(str(exc), corrupt=True) from None
+            if not said:
+                said = True
+                log.warning("%s not written yet, retrying: %s", what, exc, extra=fields(event="database_error"))
+            await anyio.sleep(RETRY_DELAY_S)
+
+
 async def guarded(shared: Shared, step: Callable[[], Awaitable[None]]) -> None:
     """Run one step of a duty that writes: a corrupt database raises :class:`Rebuild` (the daemon makes
     it anew), any other database error ("database is locked", a full disk) is said, waited out, and
@@ -167,5 +184,6 @@ async def guarded(shared: Shared, step: Callable[[], Awaitable[None]]) -> None:
             exc,
             extra=fields(event="database_error", error=str(exc)),
         )
+        # What the step did not write is owed: the index cannot vouch for it until a pass wrote it.
+        shared.owe_pass(f"retry after a database error: {exc}")
         await anyio.sleep(RETRY_DELAY_S)
-        shared.request_reconcile("retry after a database error")

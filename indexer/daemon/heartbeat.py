@@ -40,7 +40,7 @@ async def heartbeat(shared: Shared, lock: DatabaseLock | None, reports: Reports)
             lock.renew()
         beat_ns = time.time_ns()
         try:
-            await shared.store.unit(state.update_daemon, heartbeat_ns=beat_ns)
+            await shared.store.unit(state.update_daemon, pid=shared.pid, heartbeat_ns=beat_ns)
         except sqlite3.Error as exc:
             log.warning("heartbeat not written: %s", exc)
             continue

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 
 from indexer import config as config_mod
+from indexer.daemon.database import persist
 from indexer.store import state
 
 TYPE_CHECKING = False
@@ -24,7 +25,7 @@ async def publish(shared: Shared, reports: Reports) -> None:
     """Publish until cancelled; without a fleet DSN, forget any earlier publisher's state and return."""
     dsn = config_mod.fleet_dsn(shared.config)
     if not dsn:
-        await shared.store.unit(state.forget_fleet)  # status shows no stale fleet
+        await persist(shared, "the fleet's state", state.forget_fleet)  # status shows no stale fleet
         return
     try:
         from indexer.fleet.publisher import Publisher

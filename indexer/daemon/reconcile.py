@@ -75,7 +75,7 @@ class Reconcile:
 
     async def _pass(self, why: str) -> None:
         shared = self.shared
-        covers = shared.lost
+        covers = shared.owed
         full, shared.full_pass_due = shared.full_pass_due, False
         started = time.perf_counter()
         try:
@@ -85,8 +85,8 @@ class Reconcile:
             raise
         shared.last_pass_s = time.perf_counter() - started
         ended_ns = time.time_ns()
-        await shared.store.unit(state.update_daemon, last_reconcile_ns=ended_ns)
-        shared.lost_reconciled = max(shared.lost_reconciled, covers)
+        await shared.store.unit(state.update_daemon, pid=shared.pid, last_reconcile_ns=ended_ns)
+        shared.settled = max(shared.settled, covers)
         self._passed = True
         shared.report(PassReport("reconcile", counts, shared.last_pass_s, why))
         shared.recheck()

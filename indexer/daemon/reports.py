@@ -18,6 +18,7 @@ import anyio.to_thread
 
 from indexer.daemon.logs import fields
 from indexer.scan.scanner import LOGGED_PATHS
+from indexer.scan.workers import INCOMPLETE
 from indexer.store import state
 
 TYPE_CHECKING = False
@@ -155,7 +156,10 @@ class Reports:
         )
 
     def _layout_problem(self, message: str) -> None:
-        if message.startswith("root ") and ("No such file" in message or message.endswith(" is not a directory")):
+        if message.endswith(INCOMPLETE):
+            # Every skopeo copy passes through this state: said, not warned (ocidx ls shows it if it stays).
+            log.info("%s (being written?)", message, extra=fields(event="layout_incomplete"))
+        elif message.startswith("root ") and ("No such file" in message or message.endswith(" is not a directory")):
             from indexer.daemon.watching import root_problem
 
             # A missing root: said once (the same words as the watching duty's), not on every poll.

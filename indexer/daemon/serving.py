@@ -6,16 +6,20 @@ does) let about a thousand idle connections use up the daemon's descriptors, aft
 work failed with ``EMFILE``. Here every endpoint serves at most ``max_clients`` connections at once,
 each for at most ``deadline_s`` seconds from its accept to its close; past that many, a client waits
 in the kernel's listen backlog, which costs the daemon no descriptor, until one is closed. A client
-that sends nothing, or too much, or too slowly, is dropped at its deadline.
+that sends nothing, or too much, or too slowly, is dropped at its deadline. On a Unix socket, one
+user may hold at most ``per_user`` of the slots (the kernel says who the peer is), so that one
+user's flood cannot make everyone else's lookups wait.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import socket
+import struct
 
 import anyio
-from anyio.abc import Listener, SocketStream
+from anyio.abc import Listener, SocketAttribute, SocketStream
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,10 +42,12 @@ async def serve(
     name: str,
     max_clients: int,
     deadline_s: float,
+    per_user: int | None = None,
     task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept clients of *listener* and run ``handle(stream)`` for each, within the bounds above."""
     slots = anyio.Semaphore(max_clients)
+    held: dict[int, int] = {}  # uid -> slots that user holds (Unix sockets with per_user)
     said = False
     async with listener, anyio.create_task_group() as tg:
         task_status.started()
@@ -58,7 +64,14 @@ async def serve(
                     await anyio.sleep(ACCEPT_BACKOFF_S)
                 continue
             said = False
-            tg.start_soon(_serve_one, client, handle, slots, deadline_s)
+            uid = _peer_uid(client) if per_user is not None else None
+            if uid is not None and per_user is not None and held.get(uid, 0) >= per_user:
+                slots.release()
+                await client.aclose()  # that user holds its share already: an immediate end of stream
+                continue
+            if uid is not None:
+                held[uid] = held.get(uid, 0) + 1
+            tg.start_soon(_serve_one, client, handle, slots, deadline_s, held, uid)
 
 
 async def _serve_one(
@@ -66,6 +79,8 @@ async def _serve_one(
     handle: Callable[[SocketStream], Awaitable[None]],
     slots: anyio.Semaphore,
     deadline_s: float,
+    held: dict[int, int],
+    uid: int | None,
 ) -> None:
     try:
         with anyio.move_on_after(deadline_s):
@@ -76,6 +91,22 @@ async def _serve_one(
         with anyio.CancelScope(shield=True):
             await client.aclose()
         slots.release()
+        if uid is not None:
+            held[uid] -= 1
+            if not held[uid]:
+                del held[uid]
+
+
+def _peer_uid(client: SocketStream) -> int | None:
+    """The uid of the process at the other end of a Unix socket (None for any other socket)."""
+    raw = client.extra(SocketAttribute.raw_socket)
+    if raw.family != socket.AF_UNIX:
+        return None
+    try:
+        _pid, uid, _gid = struct.unpack("3i", raw.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    except OSError:
+        return None
+    return int(uid)
 
 
 async def read_request(client: SocketStream, end: bytes) -> bytes | None:

@@ -15,6 +15,7 @@ they talk through anyio memory object streams:
 from __future__ import annotations
 
 import math
+import os
 
 import anyio
 
@@ -61,6 +62,7 @@ class Shared:
     """The state the duties of one daemon share (written by the duty named, read by any)."""
 
     def __init__(self, db_path: str, config: Config, roots: list[Root], store: Store, scanner: Scanner) -> None:
+        self.pid = os.getpid()
         self.db_path = db_path
         self.config = config  # the reload in app.py
         self.roots = roots  # the reload in app.py
@@ -68,8 +70,9 @@ class Shared:
         self.scanner = scanner  # app.py, with the store
         self.mode = "starting"  # watching.py: "inotify", "inotify: N unwatched ...", "polling: why"
         self.ready = anyio.Event()  # reconcile.py, once the start-up pass is written
-        self.lost = 0  # changes.py: how many times events were lost (each asks for a reconcile)
-        self.lost_reconciled = 0  # reconcile.py: the losses a finished pass covered
+        self.owed = 0  # any duty (owe_pass): reconcile passes asked for that the index waits for
+        self.owed_why = ""  # why the last of them was asked for
+        self.settled = 0  # reconcile.py: how many of those a finished pass covered
         self.full_pass_due = False  # app.py's reload (names or limits changed), reconcile.py clears it
         self.last_pass_s = 0.0  # reconcile.py
         send_changes, self.changes_in = anyio.create_memory_object_stream[Message](math.inf)
@@ -111,7 +114,14 @@ class Shared:
         self._changes.send_nowait(RECHECK)
 
     def request_reconcile(self, why: str) -> None:
-        """Ask the reconcile duty for a pass."""
+        """Ask the reconcile duty for a pass (a routine one: the index vouches for itself meanwhile)."""
+        self._requests.send_nowait(why)
+
+    def owe_pass(self, why: str) -> None:
+        """Ask for a pass without which the index may miss a change (events were lost, a step failed):
+        until one that started after this ends, barriers are answered ``inexact``."""
+        self.owed += 1
+        self.owed_why = why
         self._requests.send_nowait(why)
 
     def report(self, report: PassReport) -> None:
@@ -126,6 +136,6 @@ class Shared:
             return "the daemon's start-up pass is not written yet"
         if not self.mode.startswith("inotify"):
             return f"the daemon is {self.mode}"
-        if self.lost != self.lost_reconciled:
-            return "events were lost and the reconcile pass that finds them is not done"
+        if self.owed != self.settled:
+            return f"a reconcile pass is owed and not done ({self.owed_why})"
         return None

@@ -27,11 +27,12 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from indexer.config import Root
+from indexer.daemon.database import persist
 from indexer.daemon.logs import fields
 from indexer.scan.discovery import in_layout_blobs
 from indexer.store import state
 from indexer.watch.mounts import MountWatch, mount_points
-from indexer.watch.watcher import Pending, Watcher, relative_parts
+from indexer.watch.watcher import Pending, Watcher, blobs_owner, relative_parts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -86,25 +87,26 @@ class Watching:
         """What the watcher saw since the last take; *unwatched*: with every tree no watch covers."""
         pending = self.watcher.take() if self.watcher is not None else Pending()
         if unwatched:
-            for tree in self.unwatched_trees():
-                pending.add_tree(tree)
+            self.file_unwatched(pending)
         return pending
 
-    def unwatched_trees(self) -> list[Root]:
-        """The trees below the roots that no watch covers (the watch limit, an unreadable directory)."""
+    def file_unwatched(self, pending: Pending) -> None:
+        """Add to *pending* what no watch covers: each unwatched tree to rediscover, and the layout of an
+        unwatched ``blobs/`` to read again (the watch limit, an unreadable directory)."""
         watcher = self.watcher
         if watcher is None:
-            return []
-        found = []
+            return
         for path in watcher.unwatched:
+            layout = blobs_owner(path)
+            if layout is not None:
+                pending.blobs.add(layout)
+                continue
             for root in self.shared.roots:
                 parts = relative_parts(path, root.path)
                 if parts is not None:
-                    found.append(
-                        Root(path, max_depth=root.max_depth - len(parts), follow_symlinks=root.follow_symlinks)
-                    )
+                    depth = root.max_depth - len(parts)
+                    pending.add_tree(Root(path, max_depth=depth, follow_symlinks=root.follow_symlinks))
                     break
-        return found
 
     # -- the duty -------------------------------------------------------------------------------------
 
@@ -169,42 +171,70 @@ class Watching:
             await anyio.sleep(HEALTH_INTERVAL_S)
             if self.watcher is None:
                 continue
-            for path in self.watcher.broken_roots():
-                log.warning(
-                    "root %s vanished or was replaced: its watch is gone; reconciling",
-                    path,
-                    extra=fields(event="root_lost", root=path),
-                )
-                self.watcher.unwatch_root(path)
-                self.waiting_roots.add(path)
-                self.shared.request_reconcile(f"root {path} vanished or was replaced")
-            if self.waiting_roots and await self._watch_waiting():
-                self.shared.request_reconcile("a root appeared")
+            if await self.settle_roots(self.watcher.pending):
+                self.shared.wake()
             mode = self._inotify_mode()
             if mode != self.shared.mode:
                 await self._set_mode(mode)
             if self.watcher.unwatched and anyio.current_time() - polled >= poll_interval(self.shared):
                 polled = anyio.current_time()
-                for tree in self.unwatched_trees():
-                    self.watcher.pending.add_tree(tree)
+                self._retry_unwatched()
+                self.file_unwatched(self.watcher.pending)
                 self.shared.wake()
+
+    async def settle_roots(self, pending: Pending) -> bool:
+        """Watch again a root that vanished or was replaced, and a waiting root that appeared, and file
+        each as a tree to rediscover in *pending* (the changes duty indexes it: no pass to wait for);
+        whether any was."""
+        watcher = self.watcher
+        if watcher is None:
+            return False
+        changed = False
+        for path in watcher.broken_roots():
+            log.warning(
+                "root %s vanished or was replaced: watching it again when it is there",
+                path,
+                extra=fields(event="root_lost", root=path),
+            )
+            watcher.unwatch_root(path)
+            self.waiting_roots.add(path)
+            changed = True
+            for root in self.shared.roots:  # what it held is looked at again, gone or not
+                if root.path == path:
+                    pending.add_tree(root)
+        for root in await self._watch_waiting():
+            pending.add_tree(root)
+            changed = True
+        return changed
+
+    def _retry_unwatched(self) -> None:
+        """Place the watches that did not fit again (the limit may have been raised, another program may
+        have let some go); forget unwatched trees that are gone."""
+        watcher = self.watcher
+        if watcher is None:
+            return
+        for path in list(watcher.unwatched):
+            if not os.path.isdir(path):
+                watcher.unwatched.pop(path, None)
+            else:
+                watcher.rewatch(path)
 
     # -- roots ------------------------------------------------------------------------------------------
 
-    async def _watch_waiting(self, *, threaded: bool = False) -> bool:
-        """Watch the waiting roots that exist now; True when one was added.
+    async def _watch_waiting(self, *, threaded: bool = False) -> list[Root]:
+        """Watch the waiting roots that exist now; those that were.
 
         The watcher is the loop's own once its events are being read: only the first placement, before
         that, walks the tree in a worker thread.
         """
         watcher = self.watcher
         if watcher is None:
-            return False
-        added = False
+            return []
+        added = []
         for root in self.shared.roots:
             if root.path not in self.waiting_roots:
                 continue
-            problem = await anyio.to_thread.run_sync(root_problem, root.path)
+            problem = root_problem(root.path)
             if problem is not None:
                 self.reports.problem(problem)
                 continue
@@ -218,7 +248,7 @@ class Watching:
                 continue
             self.waiting_roots.discard(root.path)
             self.reports.forget(f"root {root.path} ")
-            added = True
+            added.append(root)
             log.info("watching root %s", root.path, extra=fields(event="root_watched", root=root.path))
         return added
 
@@ -235,7 +265,9 @@ class Watching:
                 self.watcher.unwatch_root(path)
         self.waiting_roots.update(added)
         if self.watcher is not None and added:
-            await self._watch_waiting()
+            for root in await self._watch_waiting():
+                self.watcher.pending.add_tree(root)  # indexed by the changes duty, now
+            self.shared.wake()
             await self._set_mode(self._inotify_mode())
         return added, removed
 
@@ -257,7 +289,7 @@ class Watching:
         self.shared.mode = mode
         watches = self.watcher.watches if self.watcher is not None else 0
         self.reports.mode(mode, watches, self.unwatched_count())
-        await self.shared.store.unit(state.update_daemon, watch_mode=mode)
+        await persist(self.shared, "the watch mode", state.update_daemon, pid=self.shared.pid, watch_mode=mode)
         _log_mode(mode, self.shared, watches, self.watcher.unwatched if self.watcher is not None else {})
 
     def unwatched_count(self) -> int:

@@ -10,6 +10,7 @@ k+1..k+n are being parsed.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import sqlite3
@@ -176,13 +177,21 @@ class Scanner:
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
+        if not self.pool_busy:
+            self._fit_pool()
+        # else a pass is reading with the pool (the daemon's duties run side by side): it is fitted
+        # to the new configuration once that pass lets it go.
+
+    def _fit_pool(self) -> None:
+        """Make the pool what the configuration asks for (its size, and what its workers read with)."""
+        config = self._config
         count = config.daemon.workers or config_mod.default_workers()
         pool = self.pool
         if pool is not None and pool.workers == count:
             pool.familiar, pool.limits = config.familiar, config.limits  # read by the next task submitted
             return
         if pool is not None:
-            pool.close()  # between passes (the daemon reloads between steps): no task is running
+            pool.close()  # no pass is reading with it
         self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
     def close(self) -> None:
@@ -325,6 +334,7 @@ class Scanner:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.pool.close)
                 self.pool_busy = False
+                self._fit_pool()  # a configuration reloaded during the pass
         return await self._finish(counts, stored, extra)
 
     async def _finish(self, counts: Counts, stored: dict[str, db.StoredLayout], extra: list[Outcome] | None) -> Counts:
@@ -459,9 +469,15 @@ class Scanner:
             await self.store.unit(defer_indexes)
         try:
             counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
-        finally:
+        except BaseException:
             if cold:
-                await self.store.run(restore_indexes)  # shielded, as everything queued to the writer
+                # The indexes back before the error goes on (shielded, as everything queued to the
+                # writer); a database too damaged for that must not hide the error itself.
+                with contextlib.suppress(sqlite3.Error):
+                    await self.store.run(restore_indexes)
+            raise
+        if cold:
+            await self.store.run(restore_indexes)
         counts.error_messages[:0] = problems
         return counts
 

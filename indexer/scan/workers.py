@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     Result = tuple[str, int, int, object]
 
 READ, FAILED, GONE = 0, 1, 2
+# A layout directory (oci-layout is there) whose index.json is not: a writer making it (skopeo writes
+# oci-layout and the blobs first), or one that left it half-written.
+INCOMPLETE = "no index.json yet"
 PR_SET_PDEATHSIG = 1
 
 
@@ -51,7 +54,7 @@ def read_one(path: str, familiar: str, limits: Limits) -> Result:
     except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
         if not layout_mod.is_layout_dir(path):
             return (path, read_ns, GONE, None)
-        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: no index.json", None))
+        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: {INCOMPLETE}", None))
     except OSError as exc:
         return (path, read_ns, FAILED, ("layout_unreadable", f"{path}/index.json: {exc.strerror}", None))
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

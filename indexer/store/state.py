@@ -132,13 +132,14 @@ def record_start(conn: sqlite3.Connection, *, pid: int, now_ns: int, mode: str, 
 _DAEMON_COLUMNS = frozenset({"heartbeat_ns", "stopped_ns", "watch_mode", "last_reconcile_ns"})
 
 
-def update_daemon(conn: sqlite3.Connection, /, **values: object) -> None:
-    """A unit: set columns of the daemon row (heartbeat, stop, watch mode, last reconcile)."""
+def update_daemon(conn: sqlite3.Connection, /, *, pid: int, **values: object) -> None:
+    """A unit: set columns of the daemon row (heartbeat, stop, watch mode, last reconcile), if the row is
+    still daemon *pid*'s (another daemon may have taken the database over: its row is left alone)."""
     unknown = set(values) - _DAEMON_COLUMNS
     if unknown:
         raise ValueError(f"not a column of the daemon row: {', '.join(sorted(unknown))}")
     columns = ", ".join(f"{name} = ?" for name in values)
-    conn.execute(f"UPDATE daemon SET {columns} WHERE id = 1", tuple(values.values()))
+    conn.execute(f"UPDATE daemon SET {columns} WHERE id = 1 AND pid = ?", (*values.values(), pid))
 
 
 def record_watched(conn: sqlite3.Connection, roots: list[Root]) -> None:

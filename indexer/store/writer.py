@@ -156,8 +156,8 @@ class Store:
             st = os.stat(self.path)
         except FileNotFoundError:
             return f"{self.path} was deleted"
-        except OSError as exc:
-            return f"{self.path} cannot be examined: {exc.strerror}"
+        except OSError:
+            return None  # EIO, EACCES...: nothing proves it was replaced; the next look may
         if (st.st_dev, st.st_ino) != self.identity:
             return f"{self.path} was replaced by another file"
         return None

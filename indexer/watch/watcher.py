@@ -79,6 +79,7 @@ _LAYOUT_CHANGE = (
 )
 _TREE_CHANGE = inotify.IN_CREATE | inotify.IN_DELETE | inotify.IN_MOVED_FROM | inotify.IN_MOVED_TO | inotify.IN_ATTRIB
 _APPEARED = inotify.IN_CREATE | inotify.IN_MOVED_TO
+_WENT = inotify.IN_DELETE | inotify.IN_MOVED_FROM
 _SELF_GONE = inotify.IN_DELETE_SELF | inotify.IN_MOVE_SELF
 
 OVERFLOW = "inotify queue overflow"
@@ -89,7 +90,7 @@ class Pending(Record):
     """What the watcher saw since it was last taken: layouts to examine again, trees to rediscover,
     why events were lost (a reconcile is due), and whether the mount table changed."""
 
-    __slots__ = ("layouts", "lost", "mounts", "trees")
+    __slots__ = ("blobs", "layouts", "lost", "mounts", "trees")
 
     def __init__(
         self,
@@ -97,14 +98,17 @@ class Pending(Record):
         trees: dict[str, Root] | None = None,
         lost: list[str] | None = None,
         mounts: bool = False,
+        blobs: set[str] | None = None,
     ) -> None:
         self.layouts = layouts if layouts is not None else set()
         self.trees = trees if trees is not None else {}
         self.lost = lost if lost is not None else []
         self.mounts = mounts
+        # Layouts whose blobs/ changed: read again even when index.json is as stored.
+        self.blobs = blobs if blobs is not None else set()
 
     def __bool__(self) -> bool:
-        return bool(self.layouts or self.trees or self.lost or self.mounts)
+        return bool(self.layouts or self.trees or self.lost or self.mounts or self.blobs)
 
     def add_tree(self, tree: Root) -> None:
         """File a directory below which layouts may have appeared or vanished (the deepest reach wins)."""
@@ -120,6 +124,7 @@ class Pending(Record):
     def merge(self, other: Pending) -> None:
         """Add everything *other* holds to this one."""
         self.layouts |= other.layouts
+        self.blobs |= other.blobs
         for tree in other.trees.values():
             self.add_tree(tree)
         for why in other.lost:
@@ -193,10 +198,24 @@ class Watcher:
         self._watch_below(root.path, root, 0)
 
     def unwatch_root(self, path: str) -> None:
-        """Stop watching the root at *path* and every directory below it."""
+        """Stop watching the root at *path* and every directory below it (a root nested inside it keeps
+        its watches: they are placed again)."""
         self._roots.pop(path, None)
         self._forget_below(path, remove=True)
         self.unwatched = {p: why for p, why in self.unwatched.items() if relative_parts(p, path) is None}
+        for root, _ident in list(self._roots.values()):
+            if relative_parts(root.path, path) is not None:
+                self.rewatch(root.path)
+
+    def rewatch(self, top: str) -> None:
+        """Place the watches below *top* again (idempotent): after an overflow, whose lost events may have
+        been directories that appeared; for a tree left unwatched, now that the limit may allow it."""
+        found = self._placement(top)
+        if found is None:
+            return
+        root, depth = found
+        if self._add(top, root, depth):
+            self._watch_below(top, root, depth)
 
     def watch_tree(self, directory: str) -> None:
         """Watch *directory* (a mount point, a directory that appeared) and below, by the rules of its root."""
@@ -208,15 +227,18 @@ class Watcher:
             self._watch_below(directory, root, depth)
 
     def _placement(self, directory: str) -> tuple[Root, int] | None:
-        """The root whose rules apply at *directory* and its depth there, or None (no layout can be there)."""
+        """The root whose rules apply at *directory* (the innermost that holds it) and its depth there,
+        or None (no layout can be there)."""
+        found: tuple[Root, int] | None = None
         for root, _ident in self._roots.values():
             parts = relative_parts(directory, root.path)
             if parts is None or len(parts) > root.max_depth:
                 continue
             if "blobs" in parts and in_layout_blobs(root.path, parts):
                 return None
-            return root, len(parts)
-        return None
+            if found is None or len(parts) < found[1]:
+                found = (root, len(parts))
+        return found
 
     def _add(
         self, directory: str, root: Root, depth: int, *, raise_errors: bool = False, blobs_of: str | None = None
@@ -235,7 +257,7 @@ class Watcher:
             if known is not None and self._wd_of.get(known.path) == wd:
                 del self._wd_of[known.path]
             self._dirs[wd] = _Dir(directory, root, depth, blobs_of)
-            self._wd_of[directory] = wd
+        self._wd_of[directory] = wd
         self.unwatched.pop(directory, None)
         return True
 
@@ -312,7 +334,11 @@ class Watcher:
     def _route(self, event: inotify.Event) -> None:
         mask = event.mask
         if mask & inotify.IN_Q_OVERFLOW:
+            # Events were dropped: directories may have appeared with no watch placed. Every watch is
+            # placed again (the reconcile pass requested for the loss finds the layouts).
             self.pending.add_lost(OVERFLOW)
+            for top in list(self._roots):
+                self.rewatch(top)
             return
         watched = self._dirs.get(event.wd)
         if watched is None:
@@ -332,7 +358,7 @@ class Watcher:
             return
         name = os.fsdecode(event.name)
         path = (watched.path if watched.path.endswith("/") else watched.path + "/") + name
-        if watched.blobs_of is None and (layout := _blobs_owner(watched.path)) is not None:
+        if watched.blobs_of is None and (layout := blobs_owner(watched.path)) is not None:
             # Watched before its layout had index.json (a writer makes blobs/ first): its role now.
             watched = self._dirs[event.wd] = _Dir(watched.path, watched.root, watched.depth, layout)
         if watched.blobs_of is not None:
@@ -340,7 +366,9 @@ class Watcher:
             return
         if mask & inotify.IN_ISDIR:
             if mask & _TREE_CHANGE and watched.depth < watched.root.max_depth:
-                self._tree_changed(path, watched, appeared=bool(mask & _APPEARED))
+                # An attribute change (chmod, touch, cp -a restoring times) leaves the directory there:
+                # its watches are placed again (it may have become readable) and it is rediscovered.
+                self._tree_changed(path, watched, appeared=not mask & _WENT)
             return
         if name in LAYOUT_FILES:
             if mask & _LAYOUT_CHANGE:
@@ -351,20 +379,22 @@ class Watcher:
                 leads_to_directory = os.path.islink(path) and os.path.isdir(path)
             except OSError:
                 leads_to_directory = False
-            if leads_to_directory:
+            root = watched.root
+            if leads_to_directory and (root.follow_symlinks or _inside(path, root.path)):
                 self._tree_changed(path, watched, appeared=True)
 
     def _blob_changed(self, watched: _Dir, name: str, path: str, mask: int) -> None:
-        """A blob (or a ``blobs/ALG/`` directory) added or removed: the layout is examined again."""
+        """A blob (or a ``blobs/ALG/`` directory) added or removed: the layout is read again, whatever
+        its ``index.json`` says (what its answers depend on changed)."""
         layout = watched.blobs_of
         assert layout is not None
-        self.pending.layouts.add(layout)
+        self.pending.blobs.add(layout)
         is_blobs_dir = os.path.basename(watched.path) == "blobs"
         if is_blobs_dir and mask & inotify.IN_ISDIR and name in BLOB_ALGORITHMS:
-            if mask & _APPEARED:
-                self._add(path, watched.root, watched.depth + 1, blobs_of=layout)
-            else:
+            if mask & _WENT:
                 self._forget_below(path, remove=True)
+            else:
+                self._add(path, watched.root, watched.depth + 1, blobs_of=layout)
 
     def _tree_changed(self, path: str, parent: _Dir, *, appeared: bool) -> None:
         root = parent.root
@@ -374,7 +404,11 @@ class Watcher:
                 self._watch_blobs(path, parent.path, root, parent.depth)
             return
         if appeared:
-            target = os.path.realpath(path) if os.path.islink(path) else path
+            target = path
+            if os.path.islink(path):
+                if not (root.follow_symlinks or _inside(path, root.path)):
+                    return  # a link leading out of a root that does not follow links: never watched
+                target = os.path.realpath(path)
             if self._add(target, root, parent.depth + 1):
                 self._watch_below(target, root, parent.depth + 1)
         else:
@@ -406,7 +440,7 @@ class Watcher:
         self._roots.clear()
 
 
-def _blobs_owner(directory: str) -> str | None:
+def blobs_owner(directory: str) -> str | None:
     """The layout whose ``blobs/`` or ``blobs/ALG/`` *directory* is, or None."""
     name = os.path.basename(directory)
     if name == "blobs":
