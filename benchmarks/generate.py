@@ -22,16 +22,42 @@ A writer never leaves two entries with the same name annotation in one layout
 different repositories may share a tag, as in real multi-writer layouts.
 
 Multi-platform images are nested indexes (OCI index or Docker manifest list)
-with ``linux/amd64``, ``linux/arm64/v8`` and ``linux/arm/v7`` children, some
-with BuildKit attestation manifests; the nested index blob and its child
-manifest blobs are written, except in partial exports where some child blobs
-(rarely the index blob itself) are missing. Image content is a function of
-(repository, tag, build): popular images are byte-identical across layouts,
-as they are on a real build host, so their digests repeat.
+with ``linux/amd64``, ``linux/arm64/v8`` and ``linux/arm/v7`` children (a few
+with ``windows/amd64`` and its ``os.version``), some with BuildKit attestation
+manifests. Image content is a function of (repository, tag, build): popular
+images are byte-identical across layouts, as they are on a real build host, so
+their digests repeat (75% of picks are an image's shared build).
 
-Not written, because ocidx never reads them: config and layer blobs, and the
-manifest blobs of single-platform top-level entries (except the target of a
-huge layout, which ``skopeo inspect --raw`` reads).
+Layouts are content graphs (the default): every blob a real writer leaves is
+written, as valid content-addressed storage (every blob hashes to its name):
+
+* every manifest, single-platform entries' too, with its config (os,
+  architecture, variant, os.version, ``created``, rootfs diff_ids, history)
+  and its layers: a base image's (Alpine, Debian, Ubuntu, distroless, and
+  bases built on them: python-slim on debian-slim, ...; each rebuilt a few
+  times), dependency layers shared by the builds that did not change them, and
+  the application's own; about 6 per image, most a few MB, many tiny, a few
+  hundreds of MB. Layers up to 16 KiB are real bytes; bigger ones are sparse
+  files of zeros whose size is the descriptor's (``du``/``gc`` stat them; their
+  digest is that of their zeros, so a 10,000-layout tree holds tens of TB by
+  size in a few GB of disk);
+* Docker images converted to OCI by skopeo/podman (a new manifest, the same
+  config and layers);
+* referrers for about 10% of images: OCI 1.1 manifests with ``subject`` and
+  ``artifactType`` (cosign bundles, notation signatures, SPDX/CycloneDX SBOMs,
+  and the older form that says its type with the config's media type) listed
+  unnamed in ``index.json``; cosign's ``sha256-HEX.sig``/``.att``/``.sbom``
+  tags; the OCI fallback tag ``sha256-HEX`` on an index listing referrers; and
+  the BuildKit attestation manifests inside multi-platform indexes;
+* partial exports (15% of layouts) missing child manifests (a single-platform
+  export), rarely a nested index, or layers never fetched;
+* about 20% more blobs than the referenced ones held, that nothing references:
+  earlier builds' manifests, configs and layers, layers first (what a writer
+  that replaces ``index.json`` entries without collecting garbage leaves).
+
+With ``graph=False`` (``--no-graph``) layouts hold ``index.json`` and nested
+indexes with their child manifests only, byte for byte the corpus from before
+the content graph.
 
 Generation is deterministic: the same seed gives the same bytes, file for
 file (each layout draws from its own ``random.Random(f"{seed}:{kind}:{n}")``).

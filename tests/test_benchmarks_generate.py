@@ -7,6 +7,9 @@ import hashlib
 import json
 import os
 import re
+import sqlite3
+import subprocess
+import sys
 
 import pytest
 
@@ -401,3 +404,49 @@ def test_huge_layout_has_one_entry_with_the_target_tag_at_its_end(tmp_path: Path
     assert tagged[0]["mediaType"] in MANIFEST_TYPES
     walk = Walk(path)
     assert not walk.missing() and not walk.unreferenced()
+
+
+def test_the_baseline_script_reads_the_graph_the_generator_wrote(
+    graph_tree: tuple[gen.TreeInfo, int, list[gen.LayoutModel]], tmp_path: Path
+) -> None:
+    info, _, models = graph_tree
+    script = os.path.join(os.path.dirname(gen.__file__), "baseline_scan.py")
+    db = str(tmp_path / "baseline.db")
+    done = subprocess.run([sys.executable, script, "--graph", info.root, db], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(GRAPH_LAYOUTS)
+    conn = sqlite3.connect(db)
+    try:
+        paths = dict(conn.execute("SELECT path, id FROM layouts"))
+        manifests: set[str] = set()
+        for path, model in zip(info.layouts, models, strict=True):
+            layout_id = paths[path]
+            missing = {
+                d for (d,) in conn.execute("SELECT digest FROM baseline_missing WHERE layout_id = ?", (layout_id,))
+            }
+            assert missing == model.missing, path
+            garbage = dict(
+                conn.execute("SELECT digest, size FROM baseline_unreferenced WHERE layout_id = ?", (layout_id,))
+            )
+            assert set(garbage) == model.unreferenced, path
+            walk = Walk(path)
+            assert all(os.stat(walk.blob(d)).st_size == size for d, size in garbage.items())
+            held_manifests = {
+                d for d, doc in walk.documents.items() if "layers" in doc and isinstance(doc.get("config"), dict)
+            }
+            linked = {
+                d
+                for (d,) in conn.execute(
+                    "SELECT digest FROM baseline_layout_manifests WHERE layout_id = ?", (layout_id,)
+                )
+            }
+            assert linked == held_manifests, path
+            manifests |= held_manifests
+        rows = dict(conn.execute("SELECT digest, layers FROM baseline_manifests"))
+        assert set(rows) == manifests
+        platforms = {tuple(r) for r in conn.execute("SELECT DISTINCT os, architecture FROM baseline_manifests")}
+        assert ("linux", "amd64") in platforms and ("windows", "amd64") in platforms
+        subjects = conn.execute("SELECT count(*) FROM baseline_manifests WHERE subject IS NOT NULL").fetchone()[0]
+        assert subjects > 0
+    finally:
+        conn.close()
