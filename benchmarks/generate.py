@@ -190,7 +190,7 @@ _REPO_CUM = tuple(itertools.accumulate(_REPO_WEIGHTS))
 
 
 def _stable_int(*parts: object) -> int:
-    material = "\0".join(str(p) for p in parts).encode()
+    material = "\0".join(map(str, parts)).encode()
     return int.from_bytes(hashlib.blake2b(material, digest_size=8).digest(), "big")
 
 
@@ -1167,6 +1167,14 @@ class _LayoutContent:
         return {digest for digest in self.wanted if digest not in self.present}
 
 
+EARLIER_BUILDS = 3
+
+
+def _earlier_build(repo: str, tag: str, k: int) -> int:
+    """The *k*-th earlier build of repo:tag (never build 0, the shared current one)."""
+    return 1 + _stable_int("earlier", repo, tag, k) % ((1 << 30) - 1)
+
+
 def _hold_blobs(model: LayoutModel, blobs: Iterable[Blob]) -> None:
     for blob in blobs:
         if blob.data is None:
@@ -1231,14 +1239,15 @@ def _build_graph_layout(
             referrers += 1
     # Earlier builds of the layout's images, as a writer that never collects garbage leaves them
     # (skopeo, BuildKit's exporter replace index.json entries, not blobs); layers first, as an
-    # interrupted copy leaves them.
+    # interrupted copy leaves them. An image has a few earlier builds, the same in every layout
+    # that pulled it before (last month's alpine:3.19 lingers in many).
     target = round(len(content.present) * GARBAGE_SHARE * rng.uniform(0.5, 1.5))
     garbage: dict[str, Blob] = {}
     tries = 0
     while len(garbage) < target and placed and tries < 50:
         tries += 1
         repo_name, tag = rng.choice(placed)
-        older = images.graph_image(repo_name, tag, rng.randrange(1 << 30), keep=False)
+        older = images.graph_image(repo_name, tag, _earlier_build(repo_name, tag, rng.randrange(EARLIER_BUILDS)))
         for blob in reversed(older.blobs()):
             if len(garbage) >= target:
                 break
