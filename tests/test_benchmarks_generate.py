@@ -450,3 +450,31 @@ def test_the_baseline_script_reads_the_graph_the_generator_wrote(
         assert subjects > 0
     finally:
         conn.close()
+
+
+def test_the_du_reference_walk_counts_what_the_generator_wrote(
+    graph_tree: tuple[gen.TreeInfo, int, list[gen.LayoutModel]],
+) -> None:
+    from benchmarks.graph import walk_tree
+
+    info, _, models = graph_tree
+    stats = walk_tree(info.root)
+    assert stats.layouts == GRAPH_LAYOUTS and stats.blob_files == info.blobs
+    walks = [Walk(path) for path in info.layouts]
+    holders: dict[str, int] = {}
+    for walk in walks:
+        for name in walk.held:
+            holders[name] = holders.get(name, 0) + 1
+    rows = {str(row["layout"]): row for row in stats.du}
+    for walk, model in zip(walks, models, strict=True):
+        row = rows[os.path.realpath(walk.path)]
+        assert row["unreferenced_blobs"] == len(model.unreferenced)
+        assert row["missing_blobs"] == len(model.missing)
+        sizes = {name: os.stat(os.path.join(walk.path, "blobs", "sha256", name)).st_size for name in walk.held}
+        referenced = {d.partition(":")[2] for d in walk.referenced} & walk.held
+        shared = sum(sizes[name] for name in referenced if holders[name] > 1)
+        assert row["referenced_bytes"] == sum(sizes[name] for name in referenced)
+        assert row["shared_bytes"] == shared
+        assert row["unique_bytes"] == sum(sizes[name] for name in referenced) - shared
+        assert row["unreferenced_bytes"] == sum(sizes[name] for name in walk.held - referenced)
+    assert stats.total()["unreferenced_blobs"] == info.unreferenced_blobs
