@@ -342,7 +342,8 @@ def measure(layouts: int, seed: str, reps: int, data: str) -> tuple[list[Figure]
         json.dump({"layouts": stats.du, "total": total}, fh)
     notes.append(
         "du totals of a plain walk (" + ", ".join(f"{key} {value:,}" for key, value in total.items()) + "); "
-        f"per layout in {reference}, the shape of `ocidx du --json`; the walk took {stats.seconds:.1f} s"
+        f"per layout in {os.path.relpath(reference, REPO)}, the shape of `ocidx du --json`; "
+        f"the walk took {stats.seconds:.1f} s"
     )
     return figures, notes
 
