@@ -1,6 +1,6 @@
 """Figures of the content graph that need only the generator and the baseline script.
 
-``python -m benchmarks.graph [--layouts 10000] [--seed 1] [--reps 3] [--data DIR] [--results]``
+``python -m benchmarks.graph [--layouts 10000] [--seed 1] [--reps 3] [--data DIR] [--write-results]``
 generates (or reuses) the runner's graph tree and prints, each beside its baseline as the runner
 does:
 
@@ -14,7 +14,7 @@ does:
 
 It also writes what ``ocidx du --json`` must answer for the tree, computed by a plain walk
 (``DATA/du-reference-TREE.json``, the keys of ``ocidx du --json``), to check ocidx against. With
-``--results`` it rewrites its own section of ``benchmarks/RESULTS.md`` (between ``graph:begin`` and
+``--write-results`` it rewrites its own section of ``benchmarks/RESULTS.md`` (between ``graph:begin`` and
 ``graph:end``); the runner's section is left alone.
 """
 
@@ -380,13 +380,13 @@ def write_results(figures: list[Figure], notes: list[str], command: str, seconds
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, measure, print the table; with --results, write it to RESULTS.md."""
+    """Parse options, measure, print the table; with --write-results, write it to RESULTS.md."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.graph", description=__doc__.split("\n")[0])
     parser.add_argument("--layouts", type=int, default=10_000)
     parser.add_argument("--seed", default="1")
     parser.add_argument("--reps", type=int, default=3, help="runs of each baseline (median)")
     parser.add_argument("--data", default=os.path.join(REPO, "bench-data"), help="where generated data goes")
-    parser.add_argument("--results", action="store_true", help="rewrite this module's section of RESULTS.md")
+    parser.add_argument("--write-results", action="store_true", help="rewrite this module's section of RESULTS.md")
     args = parser.parse_args(argv)
     data = os.path.abspath(args.data)
     os.makedirs(data, exist_ok=True)
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table(figures)))
     for note in notes:
         print(f"- {note}")
-    if args.results:
+    if args.write_results:
         given = sys.argv[1:] if argv is None else argv
         write_results(figures, notes, " ".join(["python -m benchmarks.graph", *given]), seconds)
         print(f"wrote {RESULTS}")

@@ -2,8 +2,9 @@
 
 ``python -m benchmarks`` (quick mode) or ``python -m benchmarks --full`` (the
 issue's sizes: 10,000 layouts, huge layouts of 10,000 and 50,000 entries,
-lookups at 1k, 100k and 1M names). It prints a table and rewrites the results
-section of ``benchmarks/RESULTS.md`` (text outside the markers is kept).
+lookups at 1k, 100k and 1M names). It prints a table; with ``--write-results``
+it also rewrites the results section of ``benchmarks/RESULTS.md`` (text outside
+the markers is kept), which a casual run must not do: the file is tracked.
 
 Whole-process figures run the ``ocidx`` console script of the running
 interpreter's environment (its shebang is the real interpreter, not a pyenv
@@ -113,8 +114,11 @@ class Proc:
 TIME = "/usr/bin/time"
 
 
-def run_process(argv: list[str], *, env: dict[str, str] | None = None, rss: bool = False) -> Proc:
-    """Run *argv* to completion: wall time, output, and with *rss* its peak RSS.
+def run_process(
+    argv: list[str], *, env: dict[str, str] | None = None, rss: bool = False, stdin: str | None = None
+) -> Proc:
+    """Run *argv* to completion (reading the file *stdin*, if given): wall time, output, and with *rss*
+    its peak RSS.
 
     Peak RSS comes from ``/usr/bin/time``, not from ``os.wait4`` here: Python starts children
     with vfork, and Linux carries the parent's high-water RSS into the child's ``ru_maxrss`` at
@@ -123,9 +127,10 @@ def run_process(argv: list[str], *, env: dict[str, str] | None = None, rss: bool
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss_file:
         command = [TIME, "-f", "%M", "-o", rss_file.name, *argv] if rss and os.path.exists(TIME) else argv
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        started = time.perf_counter()
-        proc = subprocess.run(command, stdout=out, stderr=err, env=env, check=False)
-        seconds = time.perf_counter() - started
+        with open(stdin or os.devnull, "rb") as source:
+            started = time.perf_counter()
+            proc = subprocess.run(command, stdin=source, stdout=out, stderr=err, env=env, check=False)
+            seconds = time.perf_counter() - started
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         out.seek(0)
@@ -302,6 +307,7 @@ class Settings:
     data: str
     process_reps: int
     scan_reps: int
+    batch_reps: int
     lookup_iterations: int
     mode: str
     what_if: bool
@@ -665,6 +671,54 @@ class Bench:
                 )
             )
 
+    def bench_batch(self, db: str, count: int = 1000) -> None:
+        """*count* ``oci-layout://PATH:TAG`` lookups: one ``ocidx resolve -`` reading them on stdin,
+        against the loop of *count* ``ocidx resolve TARGET`` processes a shell script would run."""
+        pairs = pick_probes(db, limit=count, kinds=("tag",))["tag"]
+        if not pairs:
+            raise RuntimeError("no tag resolves uniquely")
+        targets = [f"oci-layout://{path}{ref}" for path, ref in (pairs * (count // len(pairs) + 1))[:count]]
+        listing = os.path.join(self.home, "targets.txt")
+        with open(listing, "w", encoding="utf-8") as fh:
+            fh.write("".join(f"{target}\n" for target in targets))
+        batch_argv = [self.ocidx, "resolve", "--db", db, "-"]
+
+        def loop() -> Proc:
+            started = time.perf_counter()
+            digests = []
+            for target in targets:
+                proc = run_process([self.ocidx, "resolve", "--db", db, target], env=self.env)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"ocidx resolve {target} exited {proc.returncode}: {proc.stderr[-2000:]}")
+                digests.append(f"{target}\t{proc.stdout}")
+            return Proc(time.perf_counter() - started, 0, 0, "".join(digests), "")
+
+        batches: list[Proc] = []
+        loops: list[Proc] = []
+        run_process(batch_argv, env=self.env, stdin=listing)  # warm: page cache, bytecode
+        for _ in range(self.s.batch_reps):
+            batch = run_process(batch_argv, env=self.env, stdin=listing)
+            if batch.returncode != 0:
+                raise RuntimeError(f"ocidx resolve - exited {batch.returncode}: {batch.stderr[-2000:]}")
+            batches.append(batch)
+            loops.append(loop())
+        batch, looped = median_of(batches), median_of(loops)
+        if batch.stdout != looped.stdout:
+            raise RuntimeError("the batch and the loop of processes answered differently")
+        self.add(
+            Figure(
+                f"`ocidx resolve -`, {count:,} `oci-layout://PATH:TAG` targets on stdin, whole process",
+                batch.seconds,
+                "s",
+                f"{count:,} `ocidx resolve TARGET` processes, one after another",
+                looped.seconds,
+                "≤ 0.04x (≥ 25x faster)",
+                batch.seconds * 25 <= looped.seconds,
+                f"median of {self.s.batch_reps} each, interleaved; {len(set(targets)):,} distinct targets in "
+                f"{len({p for p, _ in pairs}):,} layouts, database of {self.s.layouts:,} layouts; same answers",
+            )
+        )
+
     def bench_lookups(self) -> None:
         """In-process resolve_in by tag, name and digest at each database size, warm."""
         probe_root = os.path.join(
@@ -825,7 +879,7 @@ class Bench:
 
     def run(self, only: set[str] | None) -> None:
         """Every figure, in order."""
-        if only is None or only & {"scan", "resolve", "find"}:
+        if only is None or only & {"scan", "resolve", "find", "batch"}:
             info = self.ensure_tree()
             self.notes.append(
                 f"main tree: {len(info.layouts):,} layouts, {info.entries:,} entries, {info.names:,} names, "
@@ -841,6 +895,8 @@ class Bench:
                 self.bench_resolve_process(db)
             if only is None or "find" in only:
                 self.bench_find(db, info)
+            if only is None or "batch" in only:
+                self.bench_batch(db)
         if (only is None and self.s.mode == "full") or (only is not None and "rescan50k" in only):
             self.bench_rescan_large(50_000)
         if (only is None and self.s.mode == "full") or (only is not None and "latency" in only):
@@ -889,7 +945,9 @@ def _index(db: str) -> object:
     return Index(db, config=Config())
 
 
-def pick_probes(db: str, limit: int = 300) -> dict[str, list[tuple[str, str]]]:
+def pick_probes(
+    db: str, limit: int = 300, kinds: tuple[str, ...] = ("tag", "name", "digest")
+) -> dict[str, list[tuple[str, str]]]:
     """(layout, ref) pairs of each kind that resolve to one image in *db*, answered from the index."""
     from indexer.errors import OcidxError
     from indexer.query import Index
@@ -915,6 +973,8 @@ def pick_probes(db: str, limit: int = 300) -> dict[str, list[tuple[str, str]]]:
     probes: dict[str, list[tuple[str, str]]] = {}
     with index:
         for kind, pairs in candidates.items():
+            if kind not in kinds:
+                continue
             unique = sorted(set(pairs))
             rng.shuffle(unique)
             kept = []
@@ -1241,7 +1301,7 @@ def write_results(bench: Bench, command: str, seconds: float) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, run the suite, print the table, write RESULTS.md."""
+    """Parse options, run the suite, print the table; write RESULTS.md when asked."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="ocidx benchmarks")
     parser.add_argument("--full", action="store_true", help="the issue's sizes (about 10 minutes on 2 cores)")
     parser.add_argument("--layouts", type=int, help="layouts in the main tree (quick 1000, full 10000)")
@@ -1253,10 +1313,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=os.path.join(REPO, "bench-data"), help="where generated data goes")
     parser.add_argument(
         "--only",
-        help="comma-separated subset of: scan,resolve,find,rescan50k,latency (these two: full mode),huge,lookup",
+        help="comma-separated subset of: scan,resolve,find,batch,rescan50k,latency (these two: full mode),huge,lookup",
     )
     parser.add_argument("--no-what-if", action="store_true", help="skip the what-if digest index measurement")
-    parser.add_argument("--no-results", action="store_true", help="do not rewrite benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--write-results",
+        action="store_true",
+        help="rewrite the results section of benchmarks/RESULTS.md with this run (only a full run should)",
+    )
     parser.add_argument(
         "--no-graph",
         action="store_true",
@@ -1272,6 +1336,7 @@ def main(argv: list[str] | None = None) -> int:
         data=os.path.abspath(args.data),
         process_reps=5,
         scan_reps=3,
+        batch_reps=3,
         lookup_iterations=2000,
         mode="full" if full else "quick",
         what_if=not args.no_what_if,
@@ -1307,7 +1372,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"- {note}")
     missed = [f.name for f in bench.figures if f.met is False]
     print(f"\n{len(bench.figures)} figures, {len(missed)} targets missed, {seconds:.0f} s")
-    if not args.no_results:
+    if args.write_results:
         write_results(bench, command, seconds)
         print(f"wrote {RESULTS}")
+    else:
+        print(f"(not written to {os.path.relpath(RESULTS)}: --write-results does that)")
     return 0

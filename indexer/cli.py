@@ -16,14 +16,14 @@ import os
 import sys
 
 from indexer import __version__
-from indexer.errors import Ambiguous, OcidxError, UsageError, printable
+from indexer.errors import Ambiguous, DatabaseError, OcidxError, UsageError, printable
 
 # How many candidates of an ambiguity the text output lists.
 SHOWN = 5
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
     from typing import Any
 
     from indexer.query import Answer, Index
@@ -88,11 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("refs", nargs="+", metavar="REF", help="references; '-' reads one per line from stdin")
     _options(p, db=False, config=False)
 
-    p = sub.add_parser("resolve", help="resolve oci-layout://PATH[:TAG][@DIGEST] (or --layout PATH REF)")
+    p = sub.add_parser(
+        "resolve", help="resolve oci-layout://PATH[:TAG][@DIGEST] (or --layout PATH REF); several at once, or '-'"
+    )
     p.add_argument(
-        "target",
-        metavar="TARGET|REF",
-        help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]; with --layout, a REF",
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]; with --layout, a REF; "
+        "'-' reads one per line from stdin (several targets: one answer line each, JSON Lines with --json)",
     )
     p.add_argument("--layout", metavar="PATH", help="the layout; TARGET is then :TAG, @DIGEST or NAME[:TAG][@DIGEST]")
     p.add_argument(
@@ -110,11 +114,44 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _options(p)
 
+    p = sub.add_parser("wait", help="block until oci-layout://... resolves (an export landing), then print it")
+    p.add_argument("target", metavar="TARGET", help="oci-layout://PATH[:TAG][@DIGEST] or oci-layout://PATH/NAME[:TAG]")
+    p.add_argument(
+        "--timeout",
+        type=_seconds,
+        metavar="S",
+        help="give up after S seconds: exit 1, error timeout (default: wait as long as it takes)",
+    )
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[/VARIANT]",
+        help="wait for the manifest of this platform (linux/arm64, linux/arm/v7), as resolve --platform",
+    )
+    p.add_argument("--strict", action="store_true", help="as resolve --strict: a tag mismatch is not an answer")
+    p.add_argument(
+        "--format",
+        choices=("digest", "json", "context"),
+        default=None,
+        help="as resolve: digest (the default), json (as --json), or context (oci-layout://PATH@DIGEST)",
+    )
+    _options(p)
+
     p = sub.add_parser("find", help="find :TAG, @DIGEST or NAME[:TAG][@DIGEST] across every indexed layout")
-    p.add_argument("ref", metavar="REF", help=":TAG, @DIGEST, NAME[:TAG] or NAME@DIGEST (NAME as docker run reads it)")
+    p.add_argument(
+        "refs",
+        nargs="+",
+        metavar="REF",
+        help=":TAG, @DIGEST, NAME[:TAG] or NAME@DIGEST (NAME as docker run reads it); '-' reads one per line "
+        "from stdin (several: each line starts with the REF, JSON Lines with --json)",
+    )
     p.add_argument("--verify-all", action="store_true", help="re-check every layout, not just those that match")
     p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
+    p.add_argument("--dsn", metavar="DSN", help=f"with --fleet: the {_DSN_HELP}")
     _options(p)
+
+    p = sub.add_parser("lint", help="what BuildKit, containerd, skopeo, regclient, zot and ocidx call each entry")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="layouts to read (no database is used)")
+    _options(p, db=False, config=False)
 
     p = sub.add_parser("ls", help="list indexed layouts, or one layout's entries")
     p.add_argument("path", nargs="?", metavar="PATH", help="a layout (its entries), or a directory (its layouts)")
@@ -139,9 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_DSN_HELP = "libpq connection string of the fleet database (default: $OCIDX_FLEET_DSN, then [fleet] dsn)"
+
+
 def _fleet_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
     """``hosts`` and ``fleet migrate|add-host|remove-host`` (docs/fleet.md)."""
     p = sub.add_parser("hosts", help="every host of the fleet database with its heartbeat, counts and backlog")
+    p.add_argument("--dsn", metavar="DSN", help=_DSN_HELP)
     _options(p, db=False)
     p = sub.add_parser("fleet", help="set up the fleet database (run as its administrator, never as a host)")
     actions = p.add_subparsers(dest="fleet_command", required=True, parser_class=_Parser)
@@ -153,10 +194,22 @@ def _fleet_parsers(sub: argparse._SubParsersAction[_Parser]) -> None:
         action = actions.add_parser(name, help=help_text)
         if name != "migrate":
             action.add_argument("name", metavar="NAME", help="the host: its PostgreSQL login role and host name")
-        action.add_argument(
-            "--dsn", required=True, metavar="ADMIN_DSN", help="libpq connection string of an admin role"
+        action.add_argument("--dsn", metavar="ADMIN_DSN", help=f"an admin role's {_DSN_HELP}")
+        _options(action, db=False)
+
+
+def _fleet_dsn(args: argparse.Namespace) -> str:
+    """One rule for every fleet command: ``--dsn``, then ``$OCIDX_FLEET_DSN``, then ``[fleet] dsn``."""
+    from indexer import config as config_mod
+
+    dsn = (args.dsn or "").strip() or config_mod.fleet_dsn(config_mod.load(args.config))
+    if not dsn:
+        from indexer.errors import FleetUnavailable
+
+        raise FleetUnavailable(
+            "no fleet database is configured: give --dsn, or set $OCIDX_FLEET_DSN or [fleet] dsn in the config file"
         )
-        action.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    return dsn
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -165,7 +218,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     want_json = "--json" in args_list or "--format=json" in args_list
     try:
         parser = build_parser()
-        args = parser.parse_args(args_list)
+        args, extras = parser.parse_known_args(args_list)
+        if extras:  # argparse would point at the top-level help; the subcommand's says what it takes
+            prog = " ".join(["ocidx", *(v for k in ("command", "fleet_command") if (v := getattr(args, k, None)))])
+            raise UsageError(f"unrecognized arguments: {' '.join(extras)} (see '{prog} --help')")
         if args.command is None:  # `ocidx` alone: what it can do, on stderr, as a usage error
             sys.stderr.write(parser.format_help())
             return UsageError.exit_code
@@ -226,7 +282,9 @@ def _line(*fields: object) -> None:
 def _index(args: argparse.Namespace) -> Index:
     from indexer.query import Index
 
-    return Index(args.db, config=args.config)
+    index = Index(args.db, config=args.config)
+    index.speaks_cli = True
+    return index
 
 
 def cmd_ref(args: argparse.Namespace) -> int:
@@ -253,24 +311,114 @@ def cmd_ref(args: argparse.Namespace) -> int:
     return 0 if all(r["error"] is None for r in results) else 2
 
 
+def _targets(given: Sequence[str]) -> Iterator[str]:
+    """The targets of a command line, ``-`` read from stdin one per line (lazily: a script may feed
+    one line and wait for its answer); blank lines are skipped."""
+    for text in given:
+        if text != "-":
+            yield text
+            continue
+        for line in sys.stdin:
+            target = line.rstrip("\r\n")
+            if target:
+                yield target
+
+
+def _is_batch(given: Sequence[str]) -> bool:
+    """Several targets, or targets from stdin: one answer line per target (docs/semantics.md, Batches)."""
+    return len(given) > 1 or "-" in given
+
+
+def _emit_line(document: dict[str, object]) -> None:
+    """One JSON Lines record, flushed: a script reading answers as it feeds targets gets each at once."""
+    sys.stdout.write(json.dumps(document, ensure_ascii=True) + "\n")
+    sys.stdout.flush()
+
+
+def _failed(target: str, exc: OcidxError, want_json: bool) -> int:
+    """Report one target's error in a batch (its JSON Lines record, and the message on stderr)."""
+    if want_json:
+        _emit_line({"target": target, **exc.to_json()})
+    _warn(f"ocidx: {target}: {exc.message}")
+    if isinstance(exc, Ambiguous) and not want_json:
+        _show_candidates(exc)
+    return exc.exit_code
+
+
 def cmd_resolve(args: argparse.Namespace) -> int:
-    """``ocidx resolve``: one image, printed as a digest, JSON, or a build context."""
+    """``ocidx resolve``: one image per target, printed as a digest, JSON, or a build context."""
     if args.json and args.format not in (None, "json"):
         raise UsageError(f"--json and --format {args.format} ask for two different outputs: give one of them")
+    fmt = "json" if args.json else (args.format or "digest")
+    batch = _is_batch(args.targets)
+    worst = 0
     with _index(args) as index:
-        if args.layout is not None:
-            answer = index.resolve_in(args.layout, args.target, platform=args.platform, strict=args.strict)
-        else:
-            answer = index.resolve(args.target, platform=args.platform, strict=args.strict)
+        results = index.resolve_many(
+            _targets(args.targets), layout=args.layout, platform=args.platform, strict=args.strict
+        )
+        for target, result in results:
+            if isinstance(result, OcidxError):
+                if not batch:
+                    raise result
+                worst = max(worst, _failed(target, result, fmt == "json"))
+                continue
+            for warning in result.warnings:
+                _warn(f"ocidx: warning: {target}: {warning}" if batch else f"ocidx: warning: {warning}")
+            if fmt == "json":
+                if batch:
+                    _emit_line({"target": target, **result.to_json()})
+                else:
+                    _emit(result.to_json())
+                continue
+            value = result.context() if fmt == "context" else result.digest
+            if batch:
+                _line(target, value)
+                sys.stdout.flush()
+            else:
+                _line(value)
+    return worst
+
+
+def _seconds(text: str) -> float:
+    """A ``--timeout``: a finite number of seconds, 0 or more (argparse turns ValueError into exit 2)."""
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+def _print_answer(answer: Answer, fmt: str) -> None:
+    """One answer as ``resolve`` prints it: the digest, the JSON document, or the build context."""
     for warning in answer.warnings:
         _warn(f"ocidx: warning: {warning}")
-    fmt = "json" if args.json else (args.format or "digest")
     if fmt == "json":
         _emit(answer.to_json())
     elif fmt == "context":
         _line(answer.context())
     else:
         _line(answer.digest)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    """``ocidx wait``: block until the target resolves (inotify, no daemon), then print it as resolve does."""
+    if args.json and args.format not in (None, "json"):
+        raise UsageError(f"--json and --format {args.format} ask for two different outputs: give one of them")
+    from indexer.wait import wait
+
+    if args.platform:
+        from indexer.layout import parse_platform_spec
+
+        parse_platform_spec(args.platform)  # a bad platform is exit 2 now, not after the wait
+    with _index(args) as index:
+        answer = wait(
+            index,
+            args.target,
+            timeout=args.timeout,
+            platform=args.platform,
+            strict=args.strict,
+            waiting=lambda why: _warn(f"ocidx: waiting for {args.target} ({why})"),
+        )
+    _print_answer(answer, "json" if args.json else (args.format or "digest"))
     return 0
 
 
@@ -284,50 +432,80 @@ def _describe_answer(answer: Answer) -> tuple[str, str, str]:
 
 
 def cmd_find(args: argparse.Namespace) -> int:
-    """``ocidx find``: every match across the index, one line each."""
+    """``ocidx find``: every match across the index, one line each; one answer per REF of a batch."""
     if args.fleet:
         return cmd_find_fleet(args)
+    if args.dsn is not None:
+        raise UsageError("--dsn names the fleet database: it goes with --fleet")
+    batch = _is_batch(args.refs)
+    worst = 0
+    said: set[str] = set()  # the warning that the index could not be proven exact, said once
     with _index(args) as index:
-        answers = index.find(args.ref, verify_all=args.verify_all)
-    if answers.unverified is not None:
-        _warn(f"ocidx: warning: {answers.unverified}")
-    for answer in answers:
-        for warning in answer.warnings:
-            if warning != answers.unverified:
-                _warn(f"ocidx: warning: {warning}")
-    if args.json:
-        _emit([a.to_json() for a in answers])
-    else:
-        for answer in answers:
-            _line(*_describe_answer(answer))
-    if not answers:
-        _warn(f"ocidx: {answers.query.describe()} not found in any indexed layout{answers.hint}")
-        return 1
-    return 0
+        for ref, result in index.find_many(_targets(args.refs), verify_all=args.verify_all):
+            if isinstance(result, OcidxError):
+                if not batch:
+                    raise result
+                worst = max(worst, _failed(ref, result, args.json))
+                continue
+            if result.unverified is not None and result.unverified not in said:
+                said.add(result.unverified)
+                _warn(f"ocidx: warning: {result.unverified}")
+            for answer in result:
+                for warning in answer.warnings:
+                    if warning != result.unverified:
+                        _warn(f"ocidx: warning: {warning}")
+            if args.json:
+                if batch:
+                    _emit_line({"target": ref, "matches": [a.to_json() for a in result]})
+                else:
+                    _emit([a.to_json() for a in result])
+            else:
+                for answer in result:
+                    _line(*([ref] if batch else []), *_describe_answer(answer))
+                if batch:
+                    sys.stdout.flush()
+            if not result:
+                _warn(f"ocidx: {result.query.describe()} not found in any indexed layout{result.hint}")
+                worst = max(worst, 1)
+    return worst
 
 
 def cmd_find_fleet(args: argparse.Namespace) -> int:
     """``ocidx find --fleet``: every match on every host; a stale host's lines say so."""
     from indexer.fleet import Fleet
 
-    with Fleet(config=args.config) as fleet:
-        answers = fleet.find(args.ref)
-    if args.json:
-        _emit([a.to_json() for a in answers])
-    else:
-        for answer in answers:
-            _line(answer.host, *_describe_answer(answer), answer.host_state)
-    if not answers:
-        _warn(f"ocidx: {args.ref} not found on any host of the fleet")
-        return 1
-    return 0
+    batch = _is_batch(args.refs)
+    worst = 0
+    with Fleet(_fleet_dsn(args), config=args.config) as fleet:
+        for ref in _targets(args.refs):
+            try:
+                answers = fleet.find(ref)
+            except OcidxError as exc:
+                if not batch:
+                    raise
+                worst = max(worst, _failed(ref, exc, args.json))
+                if isinstance(exc, DatabaseError):
+                    return worst  # unreachable: every REF after it would wait out the same timeout
+                continue
+            if args.json:
+                if batch:
+                    _emit_line({"target": ref, "matches": [a.to_json() for a in answers]})
+                else:
+                    _emit([a.to_json() for a in answers])
+            else:
+                for answer in answers:
+                    _line(*([ref] if batch else []), answer.host, *_describe_answer(answer), answer.host_state)
+            if not answers:
+                _warn(f"ocidx: {ref} not found on any host of the fleet")
+                worst = max(worst, 1)
+    return worst
 
 
 def cmd_hosts(args: argparse.Namespace) -> int:
     """``ocidx hosts``: every host with its state, heartbeat age, counts and backlog."""
     from indexer.fleet import Fleet
 
-    with Fleet(config=args.config) as fleet:
+    with Fleet(_fleet_dsn(args), config=args.config) as fleet:
         rows = fleet.hosts()
     if args.json:
         _emit(rows)
@@ -339,8 +517,8 @@ def cmd_hosts(args: argparse.Namespace) -> int:
                 row["host"],
                 row["host_state"],
                 f"heartbeat {age}",
-                f"{row['layouts']} layouts",
-                f"{row['entries']} entries",
+                _plural(row["layouts"], "layout"),
+                _plural(row["entries"], "entry"),
                 f"backlog {backlog}",
             )
     return 0
@@ -348,19 +526,23 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
 def cmd_fleet(args: argparse.Namespace) -> int:
     """``ocidx fleet migrate|add-host|remove-host``: the administrator's set-up of the fleet database."""
+    from indexer.errors import NotFound
     from indexer.fleet import admin
 
+    dsn = _fleet_dsn(args)
     result: dict[str, object]
     if args.fleet_command == "migrate":
-        applied = admin.migrate(args.dsn)
+        applied = admin.migrate(dsn)
         result = {"applied": applied}
         message = f"applied {', '.join(applied)}" if applied else "the fleet schema is up to date"
     elif args.fleet_command == "add-host":
-        result = admin.add_host(args.dsn, args.name)
+        result = admin.add_host(dsn, args.name)
         message = f"host {args.name} can publish" + (" (login role created)" if result["role_created"] else "")
     else:
-        result = admin.remove_host(args.dsn, args.name)
-        message = f"host {args.name}: {result['layouts']} layouts removed; it can no longer publish"
+        result = admin.remove_host(dsn, args.name)
+        if not result["removed"]:
+            raise NotFound(f"{args.name} is not a host of the fleet: nothing to remove ('ocidx hosts' lists them)")
+        message = f"host {args.name}: {_plural(result['layouts'], 'layout')} removed; it can no longer publish"
     if args.json:
         _emit(result)
     else:
@@ -386,6 +568,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
                     raise
         if args.path is None or rows is not None:
             rows = index.layouts() if rows is None else rows
+            if rows.unverified is not None:
+                _warn(f"ocidx: warning: {rows.unverified}")
             if args.json:
                 _emit(rows)
             else:
@@ -414,6 +598,44 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lint(args: argparse.Namespace) -> int:
+    """``ocidx lint``: each entry as each reader names it, and the findings; exit 1 with findings."""
+    from indexer.lint import READERS, lint_many
+
+    results = lint_many(args.paths)
+    worst = 0
+    documents: list[dict[str, object]] = []
+    findings = 0
+    for result in results:
+        if isinstance(result, tuple):
+            path, exc = result
+            documents.append({"layout": path, **exc.to_json()})
+            _warn(f"ocidx: {exc.message}")
+            worst = max(worst, exc.exit_code)
+            continue
+        documents.append(result.to_json())
+        findings += len(result.findings)
+        if result.findings:
+            worst = max(worst, 1)
+        if args.json:
+            continue
+        _line(result.path)
+        for i, entry in enumerate(result.entries):
+            _line(f"  {entry.digest}", entry.media_type)
+            for reader in READERS:
+                reading = result.readings[i].get(reader)
+                _line(f"    {reader}", "-" if reading is None else reading.ref)
+        for finding in result.findings:
+            where = f" {finding.digest}" if finding.digest else ""
+            _line(_Said(f"  {finding.code}{where}: {finding.message}"))
+            _line(_Said(f"    fix: {finding.fix}"))
+    if args.json:
+        _emit(documents)
+    linted = sum(1 for r in results if not isinstance(r, tuple))
+    _warn(f"ocidx: {_plural(findings, 'finding')} in {_plural(linted, 'layout')}")
+    return worst
+
+
 def _platform(platform: dict[str, object] | None) -> str:
     """``linux/arm64/v8``, or ``-`` for a descriptor that names no platform."""
     if not platform:
@@ -437,6 +659,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``ocidx status``: counts, errors, daemon heartbeat, last reconcile."""
     with _index(args) as index:
         status = index.status()
+    if status["unverified"]:
+        _warn(f"ocidx: warning: {status['unverified']}")
     if args.json:
         _emit(status)
         return 0
@@ -455,8 +679,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = f"running, pid {daemon['pid']}" if daemon["running"] else "not running"
     _line(f"daemon: {state}, heartbeat {_age(daemon['heartbeat_age_s'])}")
     _line(f"last reconcile: {_age(daemon['last_reconcile_age_s'])}")
-    _line(f"watch mode: {daemon['watch_mode']}")
+    if daemon["running"]:  # a stopped daemon watches nothing: what it did when it ran is history
+        _line(f"watch mode: {daemon['watch_mode']}")
+    fleet = status.get("fleet")
+    if isinstance(fleet, dict):
+        _line(_fleet_line(fleet, running=bool(daemon["running"])))
     return 0
+
+
+def _fleet_line(fleet: dict[str, object], *, running: bool) -> str:
+    """``fleet: publishing as host build-17 (connected 2m ago), backlog 0, last published 4s ago``."""
+    if not running:
+        head = f"fleet: host {fleet['host']}, not publishing (the daemon is not running)"
+    elif fleet["connected"]:
+        head = f"fleet: publishing as host {fleet['host']} (connected {_age(fleet['state_age_s'])})"
+    else:
+        lasting = _age(fleet["state_age_s"]).removesuffix(" ago")
+        head = f"fleet: host {fleet['host']}, not publishing for {lasting}: {fleet['state']}"
+    published = fleet["last_published_age_s"]
+    last = "never published" if published is None else f"last published {_age(published)}"
+    return f"{head}, {_plural(fleet['backlog'], 'change')} not yet published, {last}"
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
@@ -483,7 +725,9 @@ _COMMANDS = {
     "ref": cmd_ref,
     "resolve": cmd_resolve,
     "find": cmd_find,
+    "wait": cmd_wait,
     "ls": cmd_ls,
+    "lint": cmd_lint,
     "status": cmd_status,
     "scan": cmd_scan,
     "daemon": cmd_daemon,

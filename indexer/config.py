@@ -144,6 +144,14 @@ class Config(Record):
         self.metrics = metrics if metrics is not None else MetricsSettings()
 
 
+def default_workers() -> int:
+    """One worker per core this process may run on (``taskset``, cgroup cpusets)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
 def default_config_path() -> str | None:
     """The config file used when none is named, or None when there is none."""
     env = os.environ.get("OCIDX_CONFIG")

@@ -4,11 +4,13 @@
 
     OcidxError                      root; never raised itself
     ├── UsageError                  bad command line or query form        exit 2
-    ├── ReferenceError_             an invalid reference or digest        exit 2
+    ├── InvalidReference            an invalid reference or digest        exit 2
     ├── ConfigError                 a bad config file (names the key)     exit 2
     ├── NotFound                    nothing matches                       exit 1
+    │   ├── LayoutNotFound          the PATH does not exist or is not a layout
     │   ├── TagMismatch             --strict: the tag does not point at the digest
-    │   └── PlatformNotFound        --platform: no child for it (lists .platforms)
+    │   ├── PlatformNotFound        --platform: no child for it (lists .platforms)
+    │   └── WaitTimeout             ocidx wait: the target did not resolve in time
     ├── Ambiguous                   several digests match (lists .candidates) exit 3
     ├── DatabaseError               no usable index database              exit 4
     │   ├── SchemaTooNew            the database was written by a newer ocidx
@@ -19,7 +21,7 @@
     │   ├── IndexParseError         index.json is not a valid image index
     │   ├── TornRead                index.json changed while it was read
     │   └── BlobError               a nested blob is bad (path, size, hash)
-    └── DaemonError                 the daemon cannot run (lock held, watch limits)
+    └── DaemonError                 the daemon cannot run (lock held, watch limits), or wait cannot watch
 
 Every error carries a snake_case ``category`` (the ``error`` key of ``--json``
 output) and its exit code; the CLI maps them in one place (``cli.main``).
@@ -112,7 +114,7 @@ class UsageError(OcidxError):
     exit_code = 2
 
 
-class ReferenceError_(OcidxError):  # noqa: N801 - the builtin ReferenceError is unrelated
+class InvalidReference(OcidxError):
     """A reference or digest that Docker's grammar rejects; ``category`` says why."""
 
     category = "invalid_format"
@@ -133,6 +135,12 @@ class NotFound(OcidxError):
     exit_code = 1
 
 
+class LayoutNotFound(NotFound):
+    """The layout PATH of a lookup does not exist, or is not an OCI layout (no ``index.json`` nor ``oci-layout``)."""
+
+    category = "layout_not_found"
+
+
 class TagMismatch(NotFound):
     """Under ``--strict``, the tag or name given with a digest does not point at it."""
 
@@ -151,6 +159,12 @@ class PlatformNotFound(NotFound):
     def to_json(self) -> dict[str, object]:
         """Adds the platforms that are present."""
         return {**super().to_json(), "platforms": self.platforms}
+
+
+class WaitTimeout(NotFound):
+    """``ocidx wait``: the target did not resolve within the timeout (the message says why not)."""
+
+    category = "timeout"
 
 
 class Ambiguous(OcidxError):

@@ -78,8 +78,8 @@ from indexer._record import Record
 from indexer.errors import (
     BlobError,
     IndexParseError,
+    InvalidReference,
     LayoutUnreadable,
-    ReferenceError_,
     TornRead,
     UsageError,
 )
@@ -517,7 +517,7 @@ def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
         return None
     try:
         reference.validate_digest(digest)
-    except ReferenceError_ as exc:
+    except InvalidReference as exc:
         warnings.append(f"digest {quote_value(digest)} is invalid ({exc.category}); skipped")
         return None
     size = item.get("size")
@@ -809,7 +809,7 @@ def blob_path(layout: str, digest: str) -> str:
     """``LAYOUT/blobs/ALG/HEX`` for a digest validated first; :class:`BlobError` when invalid."""
     try:
         reference.validate_digest(digest)
-    except ReferenceError_ as exc:
+    except InvalidReference as exc:
         raise BlobError(f"invalid digest {quote_value(digest)} ({exc.category})") from None
     algorithm, _, encoded = digest.partition(":")
     return os.path.join(layout, "blobs", algorithm, encoded)

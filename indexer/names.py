@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from indexer import reference
 from indexer._record import Record
-from indexer.errors import ReferenceError_, printable
+from indexer.errors import InvalidReference, printable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def _read_names(containerd: str | None, ref_name: str | None, familiar: str) -> 
     if isinstance(containerd, str) and containerd:
         try:
             ref = reference.parse_normalized_named(containerd)
-        except ReferenceError_ as exc:
+        except InvalidReference as exc:
             reading.warnings.append(
                 f"{CONTAINERD_NAME} {quote_value(containerd)} is not a valid reference ({exc.category}); ignored"
             )
@@ -194,7 +194,7 @@ def _classify(value: str, c_repo: str | None, c_tag: str, familiar: str, reading
         return
     try:
         ref = reference.parse_normalized_named(value)
-    except ReferenceError_ as exc:
+    except InvalidReference as exc:
         _invalid(value, exc.category, reading)
         return
     first, slash, _ = value.partition("/")

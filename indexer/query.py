@@ -29,11 +29,13 @@ from indexer._record import Record
 from indexer.errors import (
     Ambiguous,
     DatabaseError,
+    InvalidReference,
     LayoutError,
+    LayoutNotFound,
     LayoutUnreadable,
     NotFound,
+    OcidxError,
     PlatformNotFound,
-    ReferenceError_,
     TagMismatch,
     UsageError,
     printable,
@@ -44,7 +46,7 @@ from indexer.store import read as db
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Callable, Iterable, Iterator, Mapping
     from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
@@ -54,10 +56,11 @@ if TYPE_CHECKING:
 
 SCHEME = "oci-layout://"
 INDEXED, READ_THROUGH, STALE = "indexed", "read-through", "stale"
-# A daemon whose heartbeat is older than this many of its intervals is not keeping the index current.
-HEARTBEAT_MISSES = 3
 # How many candidates an ambiguity, and how many names a not-found message, lists in text.
 SHOWN = 5
+# Where a database of a system-wide daemon is (docs/operations.md): named when the user's own is missing.
+SHARED_DATABASES = ("/var/lib/ocidx/index.db",)
+VERIFY_ALL = "\0verify-all\0"  # placeholder in a message, spelled as the caller speaks
 
 
 class Query(Record):
@@ -171,6 +174,14 @@ class Matches(list[Answer]):
         self.hint = ""  # for no answer: " (did you mean the tag ':v1'?)" when that would have matched
 
 
+class Rows(list[dict[str, object]]):
+    """What :meth:`Index.layouts` found: the rows, and why they may miss a change (None when exact)."""
+
+    def __init__(self, rows: list[dict[str, object]], unverified: str | None) -> None:
+        super().__init__(rows)
+        self.unverified = unverified
+
+
 class View(Record):
     """Where one layout's rows come from for this lookup, and how fresh they are."""
 
@@ -193,9 +204,9 @@ def parse_ref(text: str) -> Query:
     if text.startswith(":") or text.startswith("@"):
         tag_part, at, digest_part = text[1:].partition("@") if text.startswith(":") else ("", "@", text[1:])
         if text.startswith(":") and tag_part == "":
-            raise ReferenceError_(f"empty tag in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"empty tag in {text!r}", category="tag_invalid_format")
         if tag_part and not reference.is_tag(tag_part):
-            raise ReferenceError_(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {tag_part!r} in {text!r}", category="tag_invalid_format")
         digest = reference.validate_digest(digest_part) if at else None
         return Query(text, tag=tag_part or None, digest=digest)
     ref = reference.parse_any_reference(text)
@@ -229,6 +240,15 @@ class Index:
         self.db_path = config_mod.database_path(db_path, self.config)
         self._conn: sqlite3.Connection | None = None
         self.has_database = True  # False once a lookup found no database file (and read through)
+        # The connection may pass from one thread to the next (AsyncIndex's pool), never to two at once.
+        self.shared_between_threads = False
+        # Messages name options as the command line spells them (--verify-all) instead of as the
+        # API's arguments (verify_all=True): set by the CLI only.
+        self.speaks_cli = False
+
+    def _option(self, cli: str, api: str) -> str:
+        """*cli* (``--verify-all``) for the command line, *api* (``verify_all=True``) for the Python API."""
+        return cli if self.speaks_cli else api
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -243,21 +263,27 @@ class Index:
         if self._conn is None:
             if not os.path.exists(self.db_path):
                 self.has_database = False
-                mem = sqlite3.connect(":memory:", isolation_level=None)
+                mem = sqlite3.connect(
+                    ":memory:", isolation_level=None, check_same_thread=not self.shared_between_threads
+                )
                 mem.executescript(schema_script())
                 self._conn = mem
             else:
-                self._conn = open_reader(self.db_path)
+                self._conn = open_reader(self.db_path, any_thread=self.shared_between_threads)
         return self._conn
 
     def _require_database(self) -> sqlite3.Connection:
         """The connection to a database file, or the DatabaseError saying what to run (exit 4)."""
         conn = self.conn
         if not self.has_database:
+            elsewhere = self._option("--db PATH or $OCIDX_DB", "db_path or $OCIDX_DB")
+            shared = next((p for p in SHARED_DATABASES if p != self.db_path and os.path.exists(p)), None)
             raise DatabaseError(
                 f"no index database at {os.path.abspath(self.db_path)}: run 'ocidx scan ROOT' once, or start "
                 "'ocidx daemon', to index the layouts below ROOT (a single layout needs none: "
-                "ocidx resolve oci-layout://PATH:TAG)"
+                f"ocidx resolve oci-layout://PATH:TAG); to use the database of a daemon that runs already, "
+                f"name it with {elsewhere}"
+                + (f" ({shared} exists: the system daemon's, docs/operations.md)" if shared else "")
             )
         return conn
 
@@ -283,10 +309,10 @@ class Index:
         real = os.path.realpath(path)
         try:
             return self._view(real, db.layout(self.conn, real), strict)
-        except NotFound as exc:
+        except LayoutNotFound as exc:
             hint = _absolute_hint(path)
             if hint:
-                raise NotFound(exc.message + hint) from None
+                raise LayoutNotFound(exc.message + hint) from None
             raise
 
     def _view(self, real: str, stored: db.StoredLayout | None, strict: bool) -> View:
@@ -297,7 +323,7 @@ class Index:
         except OSError as exc:
             if not layout_mod.is_layout_dir(real):
                 was = "; it was indexed but is gone now" if stored is not None else ""
-                raise NotFound(f"{_missing(real)}{was}") from None
+                raise LayoutNotFound(f"{describe_missing(real)}{was}") from None
             unreadable = LayoutUnreadable(f"{index_file}: {exc.strerror or exc}")
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, unreadable.message, strict, unreadable)
@@ -348,9 +374,13 @@ class Index:
         """Split ``oci-layout://...`` into a layout path and a query (docs/semantics.md, Targets)."""
         _no_nul(target, "target")
         if not target.startswith(SCHEME):
+            if target.startswith("oci:") and len(target) > 4:
+                raise UsageError(
+                    f"target {target!r} is skopeo's oci:PATH:REF; here it is written {_from_skopeo(target)}"
+                )
+            plain = self._option("'resolve --layout PATH REF' or 'find REF'", "resolve_in(layout, ref) or find(ref)")
             raise UsageError(
-                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; "
-                "for a plain reference use 'resolve --layout PATH REF' or 'find REF'"
+                f"target {target!r} is not oci-layout://PATH[:TAG][@DIGEST]; for a plain reference use {plain}"
             )
         rest = target[len(SCHEME) :]
         if not rest:
@@ -360,21 +390,21 @@ class Index:
         if at and "/" not in tail:
             try:
                 digest = reference.validate_digest(tail)
-            except ReferenceError_ as exc:
-                raise ReferenceError_(f"{exc.message} in {target!r}", category=exc.category) from None
+            except InvalidReference as exc:
+                raise InvalidReference(f"{exc.message} in {target!r}", category=exc.category) from None
             rest = head
         store, colon, store_tag = rest.partition(":")
         if store in self.config.stores and "/" not in store:
             if colon and not store_tag:
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if colon and not reference.is_tag(store_tag):
-                raise ReferenceError_(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"invalid tag {store_tag!r} in {target!r}", category="tag_invalid_format")
             return self.config.stores[store], self._tag_query(target, store_tag or None, digest)
         path, colon, tag = rest.rpartition(":")
         bad_tag = None
         if colon and "/" not in tag and self._is_layout(path or "/"):
             if tag == "":
-                raise ReferenceError_(f"empty tag in {target!r}", category="tag_invalid_format")
+                raise InvalidReference(f"empty tag in {target!r}", category="tag_invalid_format")
             if reference.is_tag(tag):
                 return path, self._tag_query(target, tag, digest)
             bad_tag = tag
@@ -387,13 +417,13 @@ class Index:
                 name_text = "/".join(parts[cut:])
                 query = parse_ref(name_text + (f"@{digest}" if digest else ""))
                 if query.name is None:
-                    raise ReferenceError_(f"{name_text!r} in {target!r} is not an image name")
+                    raise InvalidReference(f"{name_text!r} in {target!r} is not an image name")
                 return prefix, Query(target, name=query.name, tag=query.tag, digest=query.digest, word=query.word)
         if bad_tag is not None:  # PATH is a layout, and no longer prefix is: the tag is what is wrong
-            raise ReferenceError_(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
+            raise InvalidReference(f"invalid tag {bad_tag!r} in {target!r}", category="tag_invalid_format")
         head_path, colon, tail_tag = rest.rpartition(":")
         tried = head_path if colon and "/" not in tail_tag and head_path else rest
-        raise NotFound(f"no OCI layout found in {target!r}: {_missing(tried)}")
+        raise LayoutNotFound(f"no OCI layout found in {target!r}: {describe_missing(tried)}")
 
     @staticmethod
     def _tag_query(target: str, tag: str | None, digest: str | None) -> Query:
@@ -438,7 +468,8 @@ class Index:
             more = f" and {db.count_names(view.conn, view.layout_id) - SHOWN} more (ocidx ls {view.path})"
             held = held[:SHOWN]
         held_text = f"; it holds {', '.join(held)}{more}" if held else "; it holds no named images"
-        return f"{query.describe()} not found in {view.path}{held_text}{_tag_hint(view.conn, query, view.layout_id)}"
+        hint = _tag_hint(view.conn, query, view.layout_id, lambda tag: f"{SCHEME}{view.path}:{tag}")
+        return f"{query.describe()} not found in {view.path}{held_text}{hint}"
 
     @_database_errors
     def find(self, ref: str, *, verify_all: bool = False) -> Matches:
@@ -450,22 +481,61 @@ class Index:
         """
         query = parse_ref(ref)
         conn = self._require_database()
+        return self._find(conn, query, self._changed(conn), verify_all)
+
+    def resolve_many(
+        self,
+        targets: Iterable[str],
+        *,
+        layout: str | None = None,
+        platform: str | None = None,
+        strict: bool = False,
+    ) -> Iterator[tuple[str, Answer | OcidxError]]:
+        """:meth:`resolve` (or, with *layout*, :meth:`resolve_in`) of each target, in order, on this one
+        connection: ``(target, answer)``, or ``(target, error)`` for a target that failed (the others
+        go on). A bad *platform* raises at once, before any target."""
+        if platform:
+            layout_mod.parse_platform_spec(platform)
+        for target in targets:
+            try:
+                if layout is not None:
+                    answer = self.resolve_in(layout, target, platform=platform, strict=strict)
+                else:
+                    answer = self.resolve(target, platform=platform, strict=strict)
+            except OcidxError as exc:
+                yield target, exc
+            else:
+                yield target, answer
+
+    def find_many(self, refs: Iterable[str], *, verify_all: bool = False) -> Iterator[tuple[str, Matches | OcidxError]]:
+        """:meth:`find` of each REF, in order: ``(ref, matches)`` or ``(ref, error)``. The barrier (or the
+        walk of the roots) is made once, before the first REF is answered, so every answer sees every
+        change made before then."""
+        fresh: Changed | None = None
+        for ref in refs:
+            try:
+                query = parse_ref(ref)
+                conn = self._require_database()
+                if fresh is None:
+                    fresh = self._changed(conn)
+                found = self._find(conn, query, fresh, verify_all)
+            except OcidxError as exc:
+                yield ref, exc
+            else:
+                yield ref, found
+
+    @_database_errors
+    def _find(self, conn: sqlite3.Connection, query: Query, fresh: Changed, verify_all: bool) -> Matches:
+        """:meth:`find` of a parsed *query*, with what changed below the roots (:meth:`_changed`) known."""
         in_index, stored = _match_all(conn, query)
         scope = set(in_index)
-        unverified = None
-        # A live daemon keeps its own roots current; the others (those only scans walked, or all of
-        # them without a daemon) are walked here.
-        from indexer.store import state as roots_mod  # find and status only: resolve does not pay for it
-
-        walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
-        if walk is None or walk:
-            changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
-            scope.update(changed)
-            # One SELECT per changed layout (each is then read through, which costs far more), not a
-            # record of every stored layout (50 ms at 10,000).
-            for path in changed:
-                if path not in stored and (known := db.layout(conn, path)) is not None:
-                    stored[path] = known
+        unverified = fresh.unverified
+        scope.update(fresh.changed)
+        # One SELECT per changed layout (each is then read through, which costs far more), not a record
+        # of every stored layout (50 ms at 10,000).
+        for path in fresh.changed:
+            if path not in stored and (known := db.layout(conn, path)) is not None:
+                stored[path] = known
         if verify_all:
             stored = {s.path: s for s in db.layouts(conn)}
             scope.update(stored)
@@ -495,25 +565,79 @@ class Index:
         if unverified is not None:
             answers[:] = [_with_warning(a, unverified) for a in answers]
         elif not answers:
-            answers.hint = _tag_hint(conn, query, None)
+            answers.hint = _tag_hint(
+                conn, query, None, lambda tag: self._option(f"ocidx find :{tag}", f"find(':{tag}')")
+            )
         return answers
 
-    def _daemon_alive(self, conn: sqlite3.Connection) -> bool:
-        """Whether a daemon keeps this index current: not stopped, pid alive, heartbeat within a few
-        intervals, and watching with inotify (polling sees a change only at its next pass)."""
-        row = conn.execute("SELECT pid, heartbeat_ns, stopped_ns, watch_mode FROM daemon WHERE id = 1").fetchone()
-        if row is None or row[1] is None or row[2] is not None or row[3] != "inotify" or not _pid_alive(row[0]):
+    def _changed(self, conn: sqlite3.Connection) -> Changed:
+        """What the index does not hold yet of the changes made before this lookup (before it reads the
+        index): a live daemon keeps its own roots current once it answered a barrier; the other roots
+        (those only scans walked, or all of them without a daemon that vouches for its index) are
+        walked here, as a no-change ``ocidx scan`` walks them."""
+        from indexer.store import state  # find, ls and status only: resolve does not pay for it
+
+        walk = state.unwatched(conn) if self._daemon_synced(conn) else state.recorded(conn)
+        return _changed_below_roots(conn, walk, self.config.daemon.workers)
+
+    def _daemon_synced(self, conn: sqlite3.Connection) -> bool:
+        """Whether a live daemon vouches that its index holds every change made before now: its row says
+        it runs, and it answered a barrier with ``ok`` (indexer.sync) within the bound."""
+        from indexer.store import state
+        from indexer.sync import barrier
+
+        row = state.daemon_row(conn)
+        if row is None or not row.running():
             return False
-        age_s = (time.time_ns() - int(row[1])) / 1e9
-        return age_s <= HEARTBEAT_MISSES * self.config.daemon.heartbeat_s
+        return barrier(self.db_path) == "ok"
+
+    def wait(
+        self, target: str, *, timeout: float | None = None, platform: str | None = None, strict: bool = False
+    ) -> Answer:
+        """Block until *target* resolves (inotify, no daemon needed) and return the answer; WaitTimeout
+        after *timeout* seconds (docs/semantics.md, Waiting)."""
+        from indexer.wait import wait  # its inotify wrapper is for this call only
+
+        return wait(self, target, timeout=timeout, platform=platform, strict=strict)
 
     @_database_errors
-    def layouts(self, under: str | None = None) -> list[dict[str, object]]:
-        """Every indexed layout with its state (``ls``)."""
+    def layouts(self, under: str | None = None) -> Rows:
+        """Every layout below the roots with its state (``ls``): as indexed, or read through when it
+        changed or appeared since (``freshness``), without those that are gone."""
         if under:
             _no_nul(under, "directory")
         scope = os.path.realpath(under) if under else None
-        return [s.to_json() for s in db.layouts(self._require_database(), scope)]
+        conn = self._require_database()
+        fresh = self._changed(conn)
+        rows = {s.path: s for s in db.layouts(conn, scope)}
+        out: dict[str, dict[str, object]] = {}
+        for path, stored in rows.items():
+            if path not in fresh.gone:
+                out[path] = {**stored.to_json(), "freshness": INDEXED}
+        for path in fresh.changed:
+            if scope is not None and path != scope and not path.startswith(scope.rstrip("/") + "/"):
+                continue
+            row = self._row_now(path, rows.get(path) or db.layout(conn, path))
+            if row is None:
+                out.pop(path, None)
+            else:
+                out[path] = row
+        return Rows([out[path] for path in sorted(out)], fresh.unverified)
+
+    def _row_now(self, path: str, stored: db.StoredLayout | None) -> dict[str, object] | None:
+        """``ls``'s row for a layout that changed or appeared since it was indexed (None: no longer one)."""
+        try:
+            view = self._view(path, stored, strict=False)
+        except NotFound:
+            return None
+        except LayoutError as exc:
+            base = stored.to_json() if stored is not None else {"layout": path, "entries": 0, "content_hash": None}
+            return {**base, "state": "error", "error": exc.category, "message": exc.message, "freshness": READ_THROUGH}
+        now = db.layout(view.conn, path)
+        base = now.to_json() if now is not None else {"layout": path}
+        if stored is None:
+            base["state"] = "not-indexed"
+        return {**base, "freshness": view.freshness}
 
     @_database_errors
     def layout_detail(self, path: str) -> dict[str, object]:
@@ -555,72 +679,119 @@ class Index:
     @_database_errors
     def status(self) -> dict[str, object]:
         """Counts, errors, the daemon's heartbeat and last reconcile (``status``)."""
-        from indexer.store import state as roots
+        from indexer.store import state
 
         conn = self._require_database()
-        count = {
-            table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-            for table in ("layouts", "entries", "names", "children")
-        }
-        errors = conn.execute("SELECT count(*) FROM layouts WHERE state = 'error'").fetchone()[0]
-        row = conn.execute(
-            "SELECT pid, started_ns, heartbeat_ns, stopped_ns, last_reconcile_ns, watch_mode FROM daemon"
-        ).fetchone()
+        fresh = self._changed(conn)
+        counts = state.counts(conn)
+        for path in [*fresh.gone, *fresh.changed]:
+            stored = db.layout(conn, path)
+            if stored is not None:
+                counts = counts.minus(state.layout_counts(conn, stored.id, error=stored.state != "ok"))
+            if path in fresh.gone:
+                continue
+            try:
+                view = self._view(path, stored, strict=False)
+            except NotFound:
+                continue
+            except LayoutError:
+                if stored is not None:  # what the index still answers for it
+                    counts = counts.plus(state.layout_counts(conn, stored.id, error=True))
+                else:
+                    counts = counts.plus(state.Counts(layouts=1, entries=0, names=0, children=0, errors=1))
+                continue
+            counts = counts.plus(state.layout_counts(view.conn, view.layout_id, error=view.freshness == STALE))
+        row = state.daemon_row(conn)
         daemon: dict[str, object] | None = None
         now = time.time_ns()
-        if row is not None and row[0] is not None:  # a row holding only the roots of a scan: no daemon ran
-            pid, started, heartbeat, stopped, reconcile, mode = row
+        if row is not None:
             daemon = {
-                "pid": pid,
-                "running": stopped is None and _pid_alive(pid),
-                "started_ns": started,
-                "heartbeat_age_s": None if heartbeat is None else round((now - heartbeat) / 1e9, 3),
-                "last_reconcile_age_s": None if reconcile is None else round((now - reconcile) / 1e9, 3),
-                "watch_mode": mode,
+                "pid": row.pid,
+                "running": row.running(),
+                "started_ns": row.started_ns,
+                "heartbeat_age_s": None if row.heartbeat_ns is None else round((now - row.heartbeat_ns) / 1e9, 3),
+                "last_reconcile_age_s": (
+                    None if row.last_reconcile_ns is None else round((now - row.last_reconcile_ns) / 1e9, 3)
+                ),
+                "watch_mode": row.watch_mode,
             }
+        fleet = state.fleet_status(conn, now)
         return {
             "database": os.path.abspath(self.db_path),
-            "layouts": count["layouts"],
-            "entries": count["entries"],
-            "names": count["names"],
-            "children": count["children"],
-            "layouts_with_errors": errors,
-            "roots": [r.path for r in roots.recorded(conn) or []],
+            "layouts": counts.layouts,
+            "entries": counts.entries,
+            "names": counts.names,
+            "children": counts.children,
+            "layouts_with_errors": counts.errors,
+            "roots": [r.path for r in state.recorded(conn) or []],
+            "unverified": fresh.unverified,
             "daemon": daemon,
-            **_fleet_status(conn, now),
+            **({"fleet": fleet} if fleet is not None else {}),
         }
 
 
-def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> str:
-    """`` (did you mean the tag ':v1'?)`` when the bare word *query* was read as a name found nothing
-    but the tag ``:WORD`` would have (in the layout, or anywhere in the index for ``find``)."""
-    if query.word is None or query.digest is not None or not db.by_tag(conn, query.word, layout_id):
+def _tag_hint(
+    conn: sqlite3.Connection, query: Query, layout_id: int | None, instead: Callable[[str], str] | None = None
+) -> str:
+    """Why a name found nothing where a tag would have (in the layout, or anywhere in the index for
+    ``find``): `` (did you mean the tag ':v1'?)`` for a bare word read as a name; for ``NAME:TAG``
+    whose tag is held without that name (``skopeo copy ... oci:DIR:TAG`` writes the tag only), that
+    the tag is there, with *instead*: how to look the tag up."""
+    if query.digest is not None:
         return ""
-    return f" (did you mean the tag ':{query.word}'?)"
+    if query.word is not None:
+        return f" (did you mean the tag ':{query.word}'?)" if db.by_tag(conn, query.word, layout_id) else ""
+    if query.name is None or not query.tag or instead is None or not db.by_tag(conn, query.tag, layout_id):
+        return ""
+    held = "a layout holds" if layout_id is None else "the layout holds"
+    how = instead(query.tag)
+    return f" ({held} the tag {query.tag} without that name, as skopeo's oci:DIR:TAG writes it: {how})"
 
 
-def _changed_below_roots(
-    conn: sqlite3.Connection, recorded: list[Root] | None, processes: int
-) -> tuple[list[str], str | None]:
-    """The layouts below the *recorded* roots that are new or changed since they were indexed, and
-    why that list may be incomplete (None when it is exact); directories the index's directory
-    cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
+class Changed(Record):
+    """What the roots that no live daemon vouches for hold that the index does not: layouts new or
+    changed since they were indexed, stored layouts that are gone, and why that may be incomplete."""
+
+    __slots__ = ("changed", "gone", "unverified")
+
+    def __init__(self, changed: list[str], gone: set[str], unverified: str | None) -> None:
+        self.changed = changed
+        self.gone = gone
+        self.unverified = unverified
+
+
+def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, processes: int) -> Changed:
+    """What the *recorded* roots hold that the index does not (:class:`Changed`); directories the index's
+    directory cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
     if recorded is None:
-        return [], (
+        return Changed(
+            [],
+            set(),
             "no daemon is running and this index records no roots, so layouts added or changed since "
-            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+            f"it was built are not seen: run 'ocidx scan ROOT' to record them, or use {VERIFY_ALL}",
         )
+    if not recorded:
+        return Changed([], set(), None)
     # A root that does not exist holds no layout: the walk of the others is still exact.
     from indexer.scan.discovery import changes  # the walk of a no-change scan
 
-    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
+    _present, changed, gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
-        return changed, f"{why}: this answer may miss layouts there"
-    return changed, None
+        return Changed(changed, set(gone), f"{why}: this answer may miss layouts there")
+    return Changed(changed, set(gone), None)
 
 
-def _missing(text: str) -> str:
+def _from_skopeo(target: str) -> str:
+    """``oci:PATH[:REF]`` (skopeo's: the path ends at the first colon) as the ``oci-layout://`` target
+    that means the same: ``PATH:TAG`` for a tag, ``PATH/NAME[:TAG]`` for a name."""
+    path, colon, ref = target[len("oci:") :].partition(":")
+    if not colon or not ref:
+        return f"{SCHEME}{path}"
+    return f"{SCHEME}{path}:{ref}" if reference.is_tag(ref) else f"{SCHEME}{path}/{ref}"
+
+
+def describe_missing(text: str) -> str:
     """What is at the path *text* (relative to the working directory), for a "no layout there" message."""
     path = os.path.abspath(text)
     if os.path.isdir(path):
@@ -639,44 +810,10 @@ def _absolute_hint(text: str, *, target: bool = False) -> str:
     return f"; did you mean /{text}?{tip}"
 
 
-def _fleet_status(conn: sqlite3.Connection, now: int) -> dict[str, object]:
-    """``fleet`` of ``status`` on a publishing host: connected or why not, the backlog, the last publish."""
-    row = conn.execute("SELECT host, state, since_ns, watermark, published_ns FROM fleet_publisher").fetchone()
-    if row is None:
-        return {}
-    host, state, since, watermark, published = row
-    backlog = (
-        conn.execute("SELECT count(*) FROM layouts WHERE version > ?", (watermark,)).fetchone()[0]
-        + conn.execute("SELECT count(*) FROM layout_removals WHERE version > ?", (watermark,)).fetchone()[0]
-    )
-    return {
-        "fleet": {
-            "host": host,
-            "connected": state == "connected",
-            "state": state,
-            "state_age_s": round((now - since) / 1e9, 3),
-            "backlog": backlog,
-            "last_published_age_s": None if published is None else round((now - published) / 1e9, 3),
-        }
-    }
-
-
 def _no_nul(text: str, what: str) -> None:
     """No path holds a NUL character; os functions would raise ValueError on one."""
     if "\0" in text:
         raise UsageError(f"the {what} {text!r} contains a NUL character")
-
-
-def _pid_alive(pid: object) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _match(view: View, query: Query, *, strict: bool, blobs: bool) -> tuple[list[db.Hit], list[str]]:
@@ -806,7 +943,7 @@ def _familiar(name: str) -> str:
     """``docker.io/library/alpine`` as ``alpine``: what a person types after ``oci-layout://PATH/``."""
     try:
         return reference.parse_normalized_named(name).familiar_name()
-    except ReferenceError_:
+    except InvalidReference:
         return name
 
 

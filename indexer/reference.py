@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 
 from indexer._record import Record
-from indexer.errors import ReferenceError_
+from indexer.errors import InvalidReference
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -161,8 +161,8 @@ def _quote(text: str) -> str:
     return f'"{text}"'
 
 
-def _error(message: str, subject: str, category: str) -> ReferenceError_:
-    return ReferenceError_(f"{message}: {_quote(subject)}", category=category)
+def _error(message: str, subject: str, category: str) -> InvalidReference:
+    return InvalidReference(f"{message}: {_quote(subject)}", category=category)
 
 
 class Reference(Record):
@@ -239,7 +239,7 @@ def _check_digest(digest: str, algorithms: frozenset[str], whole: str) -> None:
         message, category = _MSG_CHECKSUM_FORMAT, "digest_invalid_format"
     if message:
         where = "" if whole == digest else f" in {_quote(whole)}"
-        raise ReferenceError_(f"{message}: {_quote(digest)}{where}", category=category)
+        raise InvalidReference(f"{message}: {_quote(digest)}{where}", category=category)
 
 
 # Digests already accepted with the default algorithms (others read it, only validate_digest adds):
@@ -267,7 +267,7 @@ def is_digest(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGORITHMS) -> boo
     """True when go-digest accepts *s* as a digest of one of *algorithms*."""
     try:
         _check_digest(s, algorithms, s)
-    except ReferenceError_:
+    except InvalidReference:
         return False
     return True
 
@@ -332,13 +332,13 @@ def _split_docker_domain(s: str) -> tuple[str, str]:
 def parse_normalized_named(s: str, *, algorithms: frozenset[str] = DEFAULT_ALGORITHMS) -> Reference:
     """``ParseNormalizedNamed``: what ``docker pull`` accepts, as a canonical reference."""
     if ANCHORED_IDENTIFIER_RE.fullmatch(s) is not None:
-        raise ReferenceError_(
+        raise InvalidReference(
             f"invalid repository name ({s}), cannot specify 64-byte hexadecimal strings", category="hex_name"
         )
     domain, remainder = _split_docker_domain(s)
     remote = remainder.partition(":")[0]
     if remote.lower() != remote:
-        raise ReferenceError_(
+        raise InvalidReference(
             f"invalid reference format: repository name ({remote}) must be lowercase",
             category="name_contains_uppercase",  # one category for upper case, whichever check saw it
         )
@@ -540,7 +540,7 @@ def sort_references(refs: Iterable[str], *, algorithms: frozenset[str] = DEFAULT
     for text in refs:
         try:
             ref = parse_any_reference(text, algorithms=algorithms)
-        except ReferenceError_:
+        except InvalidReference:
             bad.append(text)
         else:
             parsed.append((_rank(ref), str(ref)))
@@ -562,7 +562,7 @@ def describe(s: str) -> dict[str, object]:
     """
     try:
         ref = parse_normalized_named(s)
-    except ReferenceError_ as exc:
+    except InvalidReference as exc:
         category = exc.category
         return {
             "input": s,

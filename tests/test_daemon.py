@@ -8,11 +8,9 @@ synchronize. "Indexed" below means the lookup API answered with
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import glob
 import json
-import logging
 import os
 import shutil
 import signal
@@ -20,22 +18,16 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
-import anyio
-import anyio.to_thread
 import pytest
 from layouts import OCI_MANIFEST, Layout, digest_of, named
 
-from indexer.config import Config, Root
-from indexer.daemon import Daemon as DaemonLoop
+from indexer.config import Config
 from indexer.errors import OcidxError
 from indexer.query import Index
-from indexer.scan.scanner import Scanner
+from indexer.store import path_of
 from indexer.store import read as db
-from indexer.watch import watcher as watcher_module
-from indexer.watch.watcher import Capacity, Dirty, count_directories
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -182,11 +174,17 @@ class Daemon:
         )
 
     def layouts(self) -> set[str]:
+        """The layouts the daemon's index holds (its rows, not what a lookup would read through)."""
         try:
-            with Index(self.db, config=Config()) as index:
-                return {str(row["layout"]) for row in index.layouts()}
-        except OcidxError:
+            conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True)
+        except sqlite3.Error:
             return set()
+        try:
+            return {path_of(row[0]) for row in conn.execute("SELECT path FROM layouts")}
+        except sqlite3.Error:
+            return set()
+        finally:
+            conn.close()
 
     def status(self) -> dict[str, object]:
         with Index(self.db, config=Config()) as index:
@@ -544,113 +542,3 @@ def test_json_logs_are_one_object_per_line(tmp: str, daemons: list[Daemon]) -> N
     records = [json.loads(line) for line in daemon.log().splitlines() if line.strip()]
     assert {r["event"] for r in records if "event" in r} >= {"started", "ready", "stopped"}
     assert all({"time", "level", "message"} <= r.keys() for r in records)
-
-
-# -- the pieces, without a process --------------------------------------------------------------
-
-
-def test_dirty_set_wakes_the_loop_once_until_drained() -> None:
-    wakes: list[int] = []
-    dirty = Dirty(lambda: wakes.append(1))
-    threads = [threading.Thread(target=dirty.add_layout, args=(f"/r/l{i % 10}",)) for i in range(200)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert len(wakes) == 1
-    pending = dirty.drain()
-    assert pending.layouts == {f"/r/l{i}" for i in range(10)} and not pending.lost
-    assert not dirty.drain()
-    dirty.mark_lost("inotify queue overflow")
-    assert len(wakes) == 2 and dirty.drain().lost == ["inotify queue overflow"]
-
-
-def test_watch_capacity_says_what_is_short() -> None:
-    fits = Capacity(directories=900, max_watches=8192, watches_in_use=100, max_instances=128, instances_in_use=3)
-    assert fits.shortfall() is None
-    short = Capacity(directories=9000, max_watches=8192, watches_in_use=100, max_instances=128, instances_in_use=3)
-    message = short.shortfall()
-    assert message is not None and "9000 directories" in message and "max_user_watches=8192" in message
-    no_instance = Capacity(directories=1, max_watches=8192, watches_in_use=0, max_instances=128, instances_in_use=128)
-    assert "max_user_instances=128" in str(no_instance.shortfall())
-
-
-@integration
-@needs_inotify
-def test_a_dead_observer_thread_is_restarted_and_reconciled(tmp: str, caplog: pytest.LogCaptureFixture) -> None:
-    root = os.path.join(tmp, "root")
-    lay = make_layout(os.path.join(root, "cache"), "v1", "one")
-
-    async def scenario() -> list[str]:
-        daemon = DaemonLoop(os.path.join(tmp, "index.db"), Config(), [Root(root)])
-        daemon.scanner = Scanner(daemon.db_path, daemon.config)
-        daemon._loop = asyncio.get_running_loop()
-        try:
-            await daemon._write_start_row()
-            await daemon._choose_mode()
-            watcher = daemon.watcher
-            assert watcher is not None and watcher.observer_alive()
-            observer = watcher._observer
-            assert observer is not None
-
-            def crash() -> None:
-                observer.stop()
-                observer.join()
-
-            await anyio.to_thread.run_sync(crash)  # as if an exception had ended it
-            assert not watcher.observer_alive()
-            await daemon._check_health()
-            restarted = daemon.watcher
-            assert restarted is not None and restarted is not watcher and restarted.observer_alive()
-            # The new observer delivers events again, and wakes the loop for them.
-            daemon.wake = anyio.Event()
-            replace_atomically(lay.index_path, index_bytes("v1", "two"))
-            with anyio.fail_after(FRESH_S):
-                await daemon.wake.wait()
-            assert lay.path in daemon.dirty.drain().layouts
-            return list(daemon.reconcile_reasons)
-        finally:
-            await daemon._shutdown()
-
-    with caplog.at_level(logging.INFO, logger="ocidx"):
-        reasons = anyio.run(scenario, backend="asyncio")
-    assert reasons == ["the observer thread was restarted"]
-    assert "observer thread died" in caplog.text
-
-
-@integration
-@needs_inotify
-def test_too_few_inotify_watches_means_polling_said_plainly(
-    tmp: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    root = os.path.join(tmp, "root")
-    for name in ("a", "b"):
-        make_layout(os.path.join(root, name))
-    assert count_directories([root]) == 7  # the root, and layout/, blobs/, blobs/sha256/ twice
-    limits = os.path.join(tmp, "sysctl")
-    os.makedirs(limits)
-    for name, value in (("max_user_watches", "5"), ("max_user_instances", "128")):
-        with open(os.path.join(limits, name), "w", encoding="ascii") as fh:
-            fh.write(value + "\n")
-    monkeypatch.setattr(watcher_module, "INOTIFY_SYSCTL", limits)  # as if the kernel allowed 5 watches
-
-    async def scenario() -> str:
-        daemon = DaemonLoop(os.path.join(tmp, "index.db"), Config(), [Root(root)])
-        daemon.scanner = Scanner(daemon.db_path, daemon.config)
-        try:
-            await daemon._write_start_row()
-            await daemon._choose_mode()
-            assert daemon.watcher is None  # no partial watch
-            return daemon.mode
-        finally:
-            await daemon._shutdown()
-
-    with caplog.at_level(logging.INFO, logger="ocidx"):
-        mode = anyio.run(scenario, backend="asyncio")
-    assert mode.startswith("polling: 7 directories below the roots need as many inotify watches")
-    assert "max_user_watches=5" in mode and "max_user_watches=5" in caplog.text
-    conn = sqlite3.connect(os.path.join(tmp, "index.db"))
-    try:
-        assert conn.execute("SELECT watch_mode FROM daemon").fetchone()[0] == mode
-    finally:
-        conn.close()

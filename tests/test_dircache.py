@@ -185,7 +185,8 @@ def _compare_both_ways(
     """discovery.changes with the planned walk (its stat calls shared among 3 processes) and with
     the walk alone: they must give the same answer; that answer (without the stored rows). *proven*:
     whether the plan is expected to hold (every directory as cached) or to be sent to the walk."""
-    from indexer.scan import discovery, workers
+    from indexer import config as config_mod
+    from indexer.scan import discovery
     from indexer.store import open_reader
 
     checked = discovery._checked
@@ -206,7 +207,7 @@ def _compare_both_ways(
     try:
         with monkeypatch.context() as patch:
             patch.setattr(discovery, "PARALLEL_MIN_STATS", 1)
-            patch.setattr(workers, "default_workers", lambda: 3)
+            patch.setattr(config_mod, "default_workers", lambda: 3)
             patch.setattr(discovery, "_checked", spy)
             patch.setattr(os, "fork", counted_fork)
             planned = discovery.changes(conn, roots)
@@ -343,9 +344,10 @@ def test_workers_1_proves_no_change_without_forking(tmp_path: Path) -> None:
         fh.write("[daemon]\nworkers = 1\n")
     probe = (
         "import os, sys\n"
-        "from indexer.scan import discovery, workers\n"
+        "from indexer import config\n"
+        "from indexer.scan import discovery\n"
         "discovery.PARALLEL_MIN_STATS = 1\n"
-        "workers.default_workers = lambda: 4\n"
+        "config.default_workers = lambda: 4\n"
         "def no_fork():\n"
         "    raise AssertionError('forked')\n"
         "os.fork = no_fork\n"

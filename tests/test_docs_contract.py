@@ -83,7 +83,7 @@ def _code_categories() -> dict[str, int]:
         stack.extend(cls.__subclasses__())
         if cls is not errors.OcidxError:
             found.setdefault(cls.category, cls.exit_code)
-    # Categories given as literals when a ReferenceError_ is raised (reference.py and the lookups).
+    # Categories given as literals when a InvalidReference is raised (reference.py and the lookups).
     literal = re.compile(
         r'category\s*=\s*"([a-z_]+)"|_error\([^()]*(?:\([^()]*\)[^()]*)*,\s*"([a-z_]+)"\)|_MSG_\w+, "([a-z_]+)"'
     )
@@ -92,7 +92,7 @@ def _code_categories() -> dict[str, int]:
         with open(module.__file__, encoding="utf-8") as f:
             for match in literal.finditer(f.read()):
                 name = next(group for group in match.groups() if group)
-                found.setdefault(name, errors.ReferenceError_.exit_code)
+                found.setdefault(name, errors.InvalidReference.exit_code)
     return found
 
 
@@ -220,3 +220,25 @@ def test_nothing_cites_a_contract_outside_the_repository() -> None:
         with open(os.path.join(ROOT, name), encoding="utf-8") as f:
             cited.extend(f"{name}:{n}" for n, line in enumerate(f, 1) if outside.search(line))
     assert cited == []
+
+
+def test_batch_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
+    db, lay = indexed
+    batch = _documented_keys("Batches")
+    _code, out, _ = ocidx(capsys, "resolve", "--db", db, "--json", f"oci-layout://{lay.path}:v1", "oci-layout://x")
+    found, failed = (json.loads(line) for line in out.splitlines())
+    assert _paths(found) - {"target"} <= _documented_keys("`ocidx resolve") and "digest" in found
+    assert set(failed) == {"target", "error", "message"} <= batch
+    _code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v1", "Bad")
+    found, failed = (json.loads(line) for line in out.splitlines())
+    assert set(found) | set(failed) == batch
+
+
+def test_lint_keys(capsys: Capsys, indexed: tuple[str, Layout], tmp_path: str) -> None:
+    _db, lay = indexed
+    _code, out, _ = ocidx(capsys, "lint", "--json", lay.path, os.path.join(tmp_path, "nothing"))
+    linted, failed = json.loads(out)
+    assert linted["findings"], "the fixture's layout has findings (familiar names in ref.name)"
+    readers = re.compile(r"\.readers\.(buildkit|containerd|skopeo|regclient|zot|ocidx)")
+    found = {readers.sub(".readers.READER", p) for p in _paths(linted) | _paths(failed)}
+    assert found == _documented_keys("`ocidx lint")

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from cli_run import ocidx
+from harness import barrier_answering
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import build_parser
@@ -88,40 +89,38 @@ def test_find_without_a_daemon_sees_layouts_that_appeared_or_changed_since_the_s
 
 
 @pytest.mark.parametrize(
-    ("row", "walks"),
+    ("row", "answer", "walks"),
     [
-        ("alive, inotify", False),  # the daemon keeps the index current: find trusts it
-        ("alive, polling", True),  # it sees changes only at its next pass
-        ("stale heartbeat", True),
-        ("stopped", True),
-        ("pid gone", True),
+        ("alive", "ok", False),  # the daemon took every change made before the lookup: find trusts it
+        ("alive", None, True),  # it does not answer the barrier (hung, or gone): not live
+        ("alive", "inexact the daemon is polling: OCIDX_WATCH_MODE=polling", True),
+        ("alive", "inexact events were lost and the reconcile pass that finds them is not done", True),
+        ("stopped", "ok", True),
+        ("pid gone", "ok", True),
     ],
 )
-def test_find_trusts_the_index_only_while_a_watching_daemon_is_alive(
-    tmp_path: str, capsys: Capsys, row: str, walks: bool
+def test_find_trusts_the_index_only_when_a_live_daemon_answers_its_barrier(
+    tmp_path: str, capsys: Capsys, row: str, answer: str | None, walks: bool
 ) -> None:
     root, db = os.path.join(tmp_path, "root"), os.path.join(tmp_path, "index.db")
     Layout(os.path.join(root, "old")).write_index([])
     _scan(capsys, db, root)
     now = time.time_ns()
-    pid, heartbeat, stopped, mode = os.getpid(), now, None, "inotify"  # this process stands for the daemon
-    if row == "alive, polling":
-        mode = "polling: OCIDX_WATCH_MODE=polling"
-    elif row == "stale heartbeat":
-        heartbeat = now - 60 * 10**9  # twelve intervals of 5 s
-    elif row == "stopped":
+    pid, stopped = os.getpid(), None  # this process stands for the daemon
+    if row == "stopped":
         stopped = now
     elif row == "pid gone":
         pid = 2**22 + 12345  # above pid_max's default: no such process
     watching = roots_mod.to_json([(Root(os.path.realpath(root)), True)])  # as the daemon records its roots
     with sqlite3.connect(db) as conn:
         conn.execute(
-            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = ?, roots = ?",
-            (pid, heartbeat, stopped, mode, watching),
+            "UPDATE daemon SET pid = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = 'inotify', roots = ?",
+            (pid, now, stopped, watching),
         )
     new = Layout(os.path.join(root, "new"))
     new.write_index([named(new.manifest(), ref="v9")])
-    code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v9")
+    with barrier_answering(db, answer):
+        code, out, _ = ocidx(capsys, "find", "--db", db, "--json", ":v9")
     assert (code, len(json.loads(out))) == ((0, 1) if walks else (1, 0))
 
 
@@ -371,3 +370,115 @@ def test_ls_json_keys_are_the_same_indexed_or_not(tmp_path: str, capsys: Capsys)
     assert list(documents[0]) == list(documents[1])
     assert (documents[0]["state"], documents[1]["state"]) == ("ok", "not-indexed")
     assert len(documents[1]["entries"]) == 1 and documents[1]["content_hash"]
+
+
+@pytest.mark.parametrize("what", ["missing", "plain directory", "file"])
+def test_a_missing_layout_has_its_own_category_apart_from_a_missing_tag(
+    tmp_path: str, capsys: Capsys, what: str
+) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "lay"))
+    lay.write_index([named(lay.manifest(), ref="v1")])
+    db = os.path.join(tmp_path, "index.db")
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    code, out, _ = ocidx(capsys, "resolve", "--json", f"oci-layout://{lay.path}:v2")
+    assert (code, json.loads(out)["error"]) == (1, "not_found")  # the layout is there, the tag is not
+    path = os.path.join(tmp_path, "export")
+    if what == "plain directory":
+        os.mkdir(path)
+    elif what == "file":
+        with open(path, "w") as f:
+            f.write("not a layout\n")
+    for args in (
+        ["resolve", f"oci-layout://{path}:v1"],
+        ["resolve", "--layout", path, ":v1"],
+        ["ls", path],
+    ):
+        code, out, err = ocidx(capsys, *args, "--db", db, "--json")
+        assert code == 1, args
+        assert json.loads(out)["error"] == "layout_not_found", args
+        assert path in err
+
+
+def test_a_missing_database_says_how_to_name_a_daemons_database(tmp_path: str, capsys: Capsys) -> None:
+    code, _, err = ocidx(capsys, "find", ":v1")
+    assert code == 4
+    assert "--db PATH or $OCIDX_DB" in err  # a user on a host whose daemon keeps its index elsewhere
+    from indexer import DatabaseError, Index
+
+    with Index(os.path.join(tmp_path, "none.db")) as index, pytest.raises(DatabaseError) as raised:
+        index.find(":v1")
+    assert "db_path or $OCIDX_DB" in raised.value.message and "--db" not in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("oci:/srv/app:v1", "oci-layout:///srv/app:v1"),
+        ("oci:layouts/alpine:3.16", "oci-layout://layouts/alpine:3.16"),
+        ("oci:/srv/app:docker.io/library/alpine:3.16", "oci-layout:///srv/app/docker.io/library/alpine:3.16"),
+        ("oci:/srv/app", "oci-layout:///srv/app"),
+    ],
+)
+def test_skopeos_oci_syntax_is_answered_with_the_target_it_means(capsys: Capsys, typed: str, meant: str) -> None:
+    code, _, err = ocidx(capsys, "resolve", typed)
+    assert code == 2
+    assert f"here it is written {meant}" in err and "--layout" not in err
+
+
+def test_status_shows_the_fleet_and_no_watch_mode_for_a_stopped_daemon(tmp_path: str, capsys: Capsys) -> None:
+    db = os.path.join(tmp_path, "index.db")
+    Layout(os.path.join(tmp_path, "root", "lay")).write_index([])
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    now = time.time_ns()
+    with sqlite3.connect(db) as conn:  # a daemon that published as build-17, then stopped
+        conn.execute(
+            "UPDATE daemon SET pid = 1, started_ns = ?, heartbeat_ns = ?, stopped_ns = ?, watch_mode = 'inotify'",
+            (now - 100 * 10**9, now - 10 * 10**9, now - 10 * 10**9),
+        )
+        conn.execute(
+            "INSERT INTO fleet_publisher (id, host, state, since_ns, watermark, published_ns) "
+            "VALUES (1, 'build-17', 'connected', ?, 0, ?)",
+            (now - 90 * 10**9, now - 12 * 10**9),
+        )
+    code, out, _ = ocidx(capsys, "status", "--db", db)
+    assert code == 0
+    assert "watch mode" not in out  # it watches nothing now
+    assert "fleet: host build-17, not publishing (the daemon is not running), 1 change not yet published" in out
+    with sqlite3.connect(db) as conn:  # the same daemon alive (this process stands for it)
+        conn.execute("UPDATE daemon SET pid = ?, stopped_ns = NULL, heartbeat_ns = ?", (os.getpid(), now))
+    code, out, _ = ocidx(capsys, "status", "--db", db)
+    assert "watch mode: inotify" in out
+    assert "fleet: publishing as host build-17 (connected 1m 30s ago), 1 change not yet published, last " in out
+
+
+@pytest.mark.parametrize(
+    ("args", "helps"),
+    [
+        (["resolve", "--bogus", "oci-layout://x"], "ocidx resolve --help"),
+        (["fleet", "migrate", "--bogus"], "ocidx fleet migrate --help"),
+        (["--bogus"], "ocidx --help"),
+    ],
+)
+def test_an_unrecognized_argument_points_at_the_help_of_its_command(
+    capsys: Capsys, args: list[str], helps: str
+) -> None:
+    code, _, err = ocidx(capsys, *args)
+    assert code == 2
+    assert f"unrecognized arguments: --bogus (see '{helps}')" in err
+
+
+def test_a_name_that_finds_nothing_where_its_tag_is_held_says_how_to_find_it(tmp_path: str, capsys: Capsys) -> None:
+    """skopeo copy ... oci:DIR:3.16 writes the tag only: alpine:3.16 finds nothing, :3.16 does."""
+    lay = Layout(os.path.join(tmp_path, "root", "alpine"))
+    lay.write_index([named(lay.manifest(), ref="3.16")])
+    db = os.path.join(tmp_path, "index.db")
+    _scan(capsys, db, os.path.join(tmp_path, "root"))
+    code, _, err = ocidx(capsys, "find", "--db", db, "alpine:3.16")
+    assert code == 1
+    assert "a layout holds the tag 3.16 without that name" in err and "ocidx find :3.16" in err
+    code, _, err = ocidx(capsys, "resolve", "--db", db, f"oci-layout://{lay.path}/alpine:3.16")
+    assert code == 1
+    assert f"oci-layout://{lay.path}:3.16)" in err
+    assert ocidx(capsys, "find", "--db", db, ":3.16")[0] == 0  # the command the hint gives finds it
+    code, _, err = ocidx(capsys, "find", "--db", db, "alpine:3.17")
+    assert code == 1 and "without that name" not in err  # no hint where the tag is not held either

@@ -18,12 +18,11 @@ from typing import Any, cast
 
 import anyio
 import pytest
+from harness import scanner_on
 from layouts import LINUX_AMD64, Layout, named
 from test_reliability import DEADLINE_S, Daemon, churn_corpus, env, integrity, rows, run, wait_for, write_config
 
 from indexer import Index
-from indexer.config import Config
-from indexer.scan.scanner import Scanner
 from indexer.store import open_reader, read
 
 TAG = ":churn"
@@ -70,11 +69,8 @@ def flip(path: str, text: str, *, rename: bool = True) -> None:
 
 def slow_pass(db: str, paths: list[str], stored: dict[str, read.StoredLayout]) -> None:
     """A pass that loaded *stored* at its start and examines *paths* only now (a long scan's tail)."""
-    scanner = Scanner(db, Config())
-    try:
+    with scanner_on(db) as scanner:
         anyio.run(functools.partial(scanner.process, paths, stored=stored))
-    finally:
-        scanner.close()
 
 
 @pytest.mark.parametrize("rename", [True, False], ids=["rename", "in-place"])
@@ -118,12 +114,9 @@ def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_pa
 
     from indexer.store.write import Gone
 
-    scanner = Scanner(db, Config())
-    try:
+    with scanner_on(db) as scanner:
         # the removal the slow pass decided from its stale walk, written after the other writer
         anyio.run(functools.partial(scanner.process, [], stored=stale, extra=[Gone(victim, stale[victim])]))
-    finally:
-        scanner.close()
     with Index(db) as index:
         assert index.resolve_in(victim, TAG).digest == churn_digest(corpus, victim, 1)
     assert rows(db) == fresh_rows(tmp, root)
@@ -303,15 +296,11 @@ def test_removals_stay_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus = churn_corpus(root, 10)
-    config = Config()
-    scanner = Scanner(db, config)
-    try:
+    with scanner_on(db) as scanner:
         anyio.run(scanner.process, sorted(corpus))
         for number, path in enumerate(sorted(corpus)):
             os.rename(path, os.path.join(tmp, f"away-{number}"))
             anyio.run(scanner.process, [path])  # one removal per transaction
-    finally:
-        scanner.close()
     kept = removals(db)
     assert len(kept) == 4
     assert counter(db, "removals_pruned_through") == min(kept.values()) - 1
@@ -366,8 +355,8 @@ def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
     # have "changed well before it was read": before, every lookup and every re-scan hashed it again,
     # forever. Two reads a racy window apart that see the same identity now prove it settled.
     from indexer.config import Root
-    from indexer.daemon import _racy_layouts
     from indexer.scan.discovery import settled
+    from indexer.store.state import racy_layouts
 
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
@@ -383,7 +372,7 @@ def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
     assert settled(db, [Root(root)]) == (2, 0)
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        assert _racy_layouts(conn) == {}
+        assert racy_layouts(conn) == {}
     finally:
         conn.close()
     with Index(db) as index:

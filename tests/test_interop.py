@@ -260,3 +260,31 @@ def test_the_readme_first_lookup_needs_no_database(
     code = main(["find", ":3.16"])
     _, err = capsys.readouterr()
     assert code == 4 and "ocidx scan ROOT" in err
+
+
+@pytest.mark.integration
+def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: Ocidx, source: dict[str, str]) -> None:
+    # The README's way, tried as a new user would, with the daemon running: `skopeo copy ... && ocidx
+    # find :v9` missed the new image 5 times in 5 before lookups asked the daemon for a barrier.
+    from test_daemon import Daemon, wait_until
+
+    from indexer.sync import barrier
+
+    root = os.path.join(tmp_path, "layouts")
+    os.makedirs(root)
+    daemon = Daemon(str(tmp_path), [root])
+    with open(daemon.config, encoding="utf-8") as fh:
+        text = fh.read().replace("debounce_ms = 20", "debounce_ms = 500")  # a slow daemon makes it plain
+    with open(daemon.config, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    daemon.start().wait_ready()
+    try:
+        wait_until(lambda: barrier(daemon.db) == "ok", "the daemon answers barriers")
+        for trial, image in enumerate(("one", "two", "three", "four", "base")):
+            app = os.path.join(root, f"app{trial}")
+            copy(f"{source['path']}:{image}", f"{app}:v9")
+            code, out, err = ocidx("find", "--db", daemon.db, "--json", ":v9")
+            assert code == 0, err
+            assert os.path.realpath(app) in {answer["layout"] for answer in json.loads(out)}, f"trial {trial}"
+    finally:
+        assert daemon.stop() == 0

@@ -91,9 +91,13 @@ def test_every_lookup_form_imports_nothing_heavy(indexed: tuple[str, str, str]) 
             ["ref", "--json", "alpine", "Bad"],
             ["resolve", "--db", db + ".missing", f"oci-layout://{lay}"],
             ["find", "--db", db + ".missing", ":latest"],
+            ["resolve", "--db", db, "--json", f"oci-layout://{lay}", f"oci-layout://{changed}:latest"],
+            ["find", "--db", db, ":latest", "nosuch"],
+            ["wait", "--db", db, "--timeout", "0.01", f"oci-layout://{lay}:nosuch"],
+            ["wait", "--db", db, f"oci-layout://{lay}"],
         ]
     )
-    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4]
+    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4, 0, 1, 1, 0]
     assert heavy == []
 
 
@@ -127,3 +131,29 @@ def test_find_fleet_is_what_imports_the_driver(indexed: tuple[str, str, str], mo
     codes, heavy = probe([["find", "--db", db, "--fleet", ":latest"]])
     assert codes == [4]
     assert "psycopg" in heavy
+
+
+def test_the_exceptions_come_from_indexer_itself_and_import_indexer_stays_cheap() -> None:
+    """``from indexer import NotFound`` works, and ``import indexer`` alone imports neither the
+    lookups (sqlite3) nor anything heavy: each name is imported when it is first used."""
+    probe = (
+        "import json, sys\n"
+        "import indexer\n"
+        "light = [m for m in ('sqlite3', 'indexer.query', 'indexer.errors', 'anyio') if m in sys.modules]\n"
+        "from indexer import Ambiguous, InvalidReference, LayoutNotFound, NotFound, OcidxError\n"
+        "from indexer.errors import NotFound as Same\n"
+        "sys.stdout.write(json.dumps([light, NotFound is Same, issubclass(LayoutNotFound, NotFound), "
+        "sorted(n for n in indexer.__all__ if n[0].isupper())]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": CHECKOUT},
+        check=True,
+    )
+    light, same, subclass, exported = json.loads(done.stdout)
+    assert light == []
+    assert same and subclass
+    assert {"Ambiguous", "InvalidReference", "LayoutNotFound", "NotFound", "OcidxError", "Index"} <= set(exported)

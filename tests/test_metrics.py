@@ -9,7 +9,7 @@ import urllib.request
 import pytest
 from layouts import Layout, named
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import Daemon, daemons, tmp, wait_until
+from test_daemon import FRESH_S, Daemon, daemons, tmp, wait_until
 
 from indexer import config as config_mod
 from indexer.errors import ConfigError
@@ -57,7 +57,12 @@ def test_the_http_endpoint_serves_the_metrics(daemons: list[Daemon], tmp: str) -
     assert match is not None, daemon.log()
     url = match.group(1)
 
-    first = wait_until(lambda: (s := _scrape(url)).get("ocidx_heartbeat_timestamp_seconds", 0) > 0 and s, "a beat")
+    first = wait_until(
+        lambda: (s := _scrape(url)).get("ocidx_heartbeat_timestamp_seconds", 0) > 0
+        and s.get("ocidx_reconcile_duration_seconds_count") == 1
+        and s,
+        "a beat and the start-up pass",
+    )
     assert isinstance(first, dict)
     assert (first["ocidx_layouts"], first["ocidx_entries"], first["ocidx_layouts_with_errors"]) == (2, 2, 1)
     assert first["ocidx_reconcile_duration_seconds_count"] == 1
@@ -84,6 +89,28 @@ def test_the_http_endpoint_serves_the_metrics(daemons: list[Daemon], tmp: str) -
         urllib.request.urlopen(url, timeout=2)  # stopped with the daemon
 
 
+def test_the_gauges_follow_each_pass_not_the_heartbeat(daemons: list[Daemon], tmp: str) -> None:
+    # Before: the gauges were refreshed at each heartbeat, so they lagged the change they count by up
+    # to an interval. With a heartbeat of a minute, only the pass itself can have refreshed them.
+    root = os.path.join(tmp, "root")
+    lay = Layout(os.path.join(root, "lay"))
+    lay.write_index([named(lay.manifest(), ref="v1")])
+    daemon = _with_metrics(tmp, [root], 'listen = "127.0.0.1:0"')
+    with open(daemon.config, encoding="utf-8") as f:
+        text = f.read().replace("heartbeat_interval_s = 0.2", "heartbeat_interval_s = 60")
+    with open(daemon.config, "w", encoding="utf-8") as f:
+        f.write(text)
+    daemons.append(daemon)
+    daemon.start().wait_ready()
+    match = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", daemon.log())
+    assert match is not None, daemon.log()
+    url = match.group(1)
+    wait_until(lambda: _scrape(url)["ocidx_entries"] == 1, "the start-up pass counted", FRESH_S)
+    lay.write_index([named(lay.manifest(), ref="v1"), named(lay.manifest(label="two"), ref="v2")])
+    wait_until(lambda: _scrape(url)["ocidx_entries"] == 2, "the update counted at once", FRESH_S)
+    assert daemon.stop() == 0
+
+
 def test_the_textfile_is_replaced_atomically_and_never_through_a_symlink(daemons: list[Daemon], tmp: str) -> None:
     root = os.path.join(tmp, "root")
     lay = Layout(os.path.join(root, "lay"))
@@ -104,7 +131,8 @@ def test_the_textfile_is_replaced_atomically_and_never_through_a_symlink(daemons
             return None
         with open(textfile, encoding="utf-8") as f:
             samples = _samples(f.read())
-        return samples if samples.get("ocidx_heartbeat_timestamp_seconds", 0) > 0 else None
+        beat = samples.get("ocidx_heartbeat_timestamp_seconds", 0) > 0
+        return samples if beat and samples.get("ocidx_reconcile_duration_seconds_count") == 1 else None
 
     samples = wait_until(written, "the textfile is written")
     assert isinstance(samples, dict)

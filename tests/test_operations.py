@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -47,8 +48,10 @@ def _ocidx_command() -> str:
     return script
 
 
-def _verify(tmp_path: str, unit: str, installed_as: str, *, user: bool) -> subprocess.CompletedProcess[str]:
-    """``systemd-analyze verify`` on *unit* with its ocidx path replaced by this environment's.
+def _verify(
+    tmp_path: str, unit: str, installed_as: str, *, user: bool, ocidx: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``systemd-analyze verify`` on *unit* with its ocidx path replaced by this environment's (or *ocidx*).
 
     Only the path of the executable changes: verify checks that ExecStart's program exists, and
     /opt/ocidx (or ~/.local/bin) is not installed on a test machine.
@@ -57,7 +60,7 @@ def _verify(tmp_path: str, unit: str, installed_as: str, *, user: bool) -> subpr
     assert installed_as in text
     copy = os.path.join(tmp_path, "ocidx.service")
     with open(copy, "w", encoding="utf-8") as f:
-        f.write(text.replace(installed_as, _ocidx_command()))
+        f.write(text.replace(installed_as, ocidx or _ocidx_command()))
     env = dict(os.environ)
     if user:  # a user manager needs a runtime directory; a test process may have none
         runtime = os.path.join(tmp_path, "runtime")
@@ -133,3 +136,55 @@ def test_the_readme_opens_with_the_two_commands_and_shows_a_first_lookup() -> No
     assert "oci:layouts/alpine:3.16" in blocks[2]
     example = config_mod.load(os.path.join(REPO, "config.example.toml"))
     assert [root.path for root in example.roots] == [os.path.join(REPO, "layouts")]
+
+
+def _venv_with_ocidx(python: str, venv: str) -> str:
+    """A venv made by *python* (no pip: nothing is installed from the network), with an ``ocidx``
+    console script as pip writes one (its shebang is the venv's interpreter); the script's path."""
+    subprocess.run([python, "-m", "venv", "--without-pip", venv], check=True, capture_output=True, timeout=120)
+    script = os.path.join(venv, "bin", "ocidx")
+    with open(script, "w", encoding="utf-8") as f:
+        f.write(f"#!{venv}/bin/python3\nprint('ocidx 0.1.0')\n")
+    os.chmod(script, 0o755)
+    return script
+
+
+def test_the_recipes_runuser_check_catches_a_venv_the_service_user_cannot_run(
+    tmp_path: str, request: pytest.FixtureRequest
+) -> None:
+    """A venv made by an interpreter under a mode-700 home links to it: the service user cannot run
+    ocidx, systemd-analyze verify does not see it, and the recipe's runuser check does."""
+    runuser = shutil.which("runuser") or next(
+        (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if os.access(p, os.X_OK)), None
+    )
+    if os.geteuid() != 0 or runuser is None:
+        pytest.skip("needs root and runuser (util-linux) to run a command as another user")
+    recipe = "\n".join(_blocks(os.path.join(REPO, "docs", "operations.md"), "sh"))
+    (check,) = [line.split("  #")[0].split() for line in recipe.splitlines() if line.startswith("runuser ")]
+    assert check == ["runuser", "-u", "ocidx", "--", "/opt/ocidx/bin/ocidx", "--version"]
+    assert "/usr/bin/python3 -m venv /opt/ocidx" in recipe
+    # Outside pytest's own temporary directories, which only root may enter: the service user must
+    # reach the venv's directory, as it reaches /opt.
+    base = tempfile.mkdtemp(prefix="ocidx-venv-")
+    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
+    os.chmod(base, 0o755)
+    home = os.path.join(base, "home")
+    os.makedirs(os.path.join(home, "bin"))
+    os.chmod(home, 0o700)
+    private_python = os.path.join(home, "bin", "python3")  # a Python of root's own, as pyenv installs one
+    shutil.copy(os.path.realpath("/usr/bin/python3"), private_python)
+    bad = _venv_with_ocidx(private_python, os.path.join(base, "opt-bad"))
+    good = _venv_with_ocidx("/usr/bin/python3", os.path.join(base, "opt-good"))
+
+    def as_service_user(script: str) -> subprocess.CompletedProcess[str]:
+        argv = [script if arg == "/opt/ocidx/bin/ocidx" else "nobody" if arg == "ocidx" else arg for arg in check]
+        argv[0] = runuser  # root's PATH has /usr/sbin; a test's may not
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+    assert as_service_user(good).stdout == "ocidx 0.1.0\n"
+    failed = as_service_user(bad)
+    assert failed.returncode != 0 and "Permission denied" in failed.stderr
+    unit = os.path.join(tmp_path, "unit")
+    os.mkdir(unit)
+    verified = _verify(unit, SYSTEM_UNIT, "/opt/ocidx/bin/ocidx", user=False, ocidx=bad)
+    assert (verified.returncode, verified.stderr) == (0, "")  # verify cannot tell

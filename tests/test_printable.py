@@ -13,7 +13,7 @@ from hostile import control_characters, is_invisible
 from layouts import Layout, named
 from test_reliability import run
 
-from indexer.daemon import TextFormatter
+from indexer.daemon.logs import TextFormatter
 from indexer.errors import printable
 
 _ESCAPE = re.compile(r"\\(\\|x[0-9a-f]{2}|u[0-9a-f]{4}|U[0-9a-f]{8})")

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexer import reference
-from indexer.errors import ReferenceError_
+from indexer.errors import InvalidReference
 from indexer.reference import (
     ANCHORED_IDENTIFIER_RE,
     ANCHORED_NAME_RE,
@@ -147,7 +147,7 @@ def test_parse_vector(vector: dict[str, Any]) -> None:
     parser = PARSERS[vector["func"]]
     category = expected_category(vector)
     if category is not None:
-        with pytest.raises(ReferenceError_) as caught:
+        with pytest.raises(InvalidReference) as caught:
             parser(vector["input"], algorithms=SHA256_ONLY)
         assert caught.value.category == category
         assert caught.value.exit_code == 2
@@ -162,7 +162,7 @@ def test_parse_vector(vector: dict[str, Any]) -> None:
 def test_with_name_vector(vector: dict[str, Any]) -> None:
     category = expected_category(vector)
     if category is not None:
-        with pytest.raises(ReferenceError_) as caught:
+        with pytest.raises(InvalidReference) as caught:
             with_name(vector["input"])
         assert caught.value.category == category
         return
@@ -202,7 +202,7 @@ def run_steps(vector: dict[str, Any]) -> Reference | bool:
 def test_builder_and_match_vector(vector: dict[str, Any]) -> None:
     category = expected_category(vector)
     if category is not None:
-        with pytest.raises(ReferenceError_) as caught:
+        with pytest.raises(InvalidReference) as caught:
             run_steps(vector)
         assert caught.value.category == category
         return
@@ -264,19 +264,19 @@ def test_regex_constants_are_compiled_ascii_patterns() -> None:
 )
 def test_no_trailing_newline_or_unicode_digit_gets_through(text: str) -> None:
     for parser in (parse, parse_normalized_named, parse_any_reference):
-        with pytest.raises(ReferenceError_):
+        with pytest.raises(InvalidReference):
             parser(text)
 
 
 def test_go_lowercasing_decides_the_uppercase_error() -> None:
     # Go lowercases "İ" (U+0130) to "i", Python to "i" plus a combining dot.
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("\u0130")
     assert caught.value.category == "name_contains_uppercase"
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("\u212a")  # the Kelvin sign lowercases to "k" in both languages
     assert caught.value.category == "name_contains_uppercase"
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("\u00e9")  # é lowercases to itself: plain bad format
     assert caught.value.category == "invalid_format"
 
@@ -331,7 +331,7 @@ def test_normalization_edges(text: str, string: str | None, domain: str, path: s
     ],
 )
 def test_normalization_errors(text: str, category: str) -> None:
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse_normalized_named(text)
     assert caught.value.category == category
 
@@ -341,7 +341,7 @@ def test_parse_and_normalization_split_the_domain_differently() -> None:
     assert parse_normalized_named("foo/bar").domain == "docker.io"
     assert parse("a" * 248).path == "a" * 248  # Parse adds no library/, so 248 fits
     assert parse("test_com/foo").domain == ""
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("domain/" + "a" * 256)
     assert caught.value.category == "name_too_long"
 
@@ -421,7 +421,7 @@ def test_validate_digest(text: str, algorithms: frozenset[str], category: str | 
     if category is None:
         assert validate_digest(text, algorithms=algorithms) == text
         return
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         validate_digest(text, algorithms=algorithms)
     assert caught.value.category == category
 
@@ -481,13 +481,13 @@ def test_builders() -> None:
     assert tag_name_only(name).tag == "latest"
     assert tag_name_only(tagged) is tagged
     assert tag_name_only(with_digest(name, SHA256)).tag is None
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         with_tag(name, "-v2")
     assert caught.value.category == "tag_invalid_format"
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         with_digest(name, "sha256:abc")
     assert caught.value.category == "digest_invalid_format"
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         with_name("localhost:5000")  # a tag, not a port, when no path follows
     assert caught.value.category == "invalid_format"
 
@@ -500,7 +500,7 @@ def test_builders_refuse_a_bare_digest() -> None:
         lambda: trim_named(bare),
     ]
     for build in builds:
-        with pytest.raises(ReferenceError_):
+        with pytest.raises(InvalidReference):
             build()
     assert tag_name_only(bare) is bare
 
@@ -542,7 +542,7 @@ def test_familiar_match(pattern: str, text: str, expected: bool) -> None:
 @pytest.mark.parametrize("pattern", ["[", "[^", "[]a]", "[-x]", "[x-]", "[a-b-c]", "\\", "a[", "*[x", "ok/\\"])
 def test_familiar_match_rejects_a_malformed_pattern_whatever_the_name(pattern: str) -> None:
     for text in ("alpine", "zzz/yyy:x", SHA256):
-        with pytest.raises(ReferenceError_) as caught:
+        with pytest.raises(InvalidReference) as caught:
             familiar_match(pattern, parse_any_reference(text))
         assert caught.value.category == "bad_pattern"
 
@@ -708,7 +708,7 @@ def test_describe_refuses_64_hex_as_docker_does() -> None:
     # read the same string as a digest instead.
     assert describe(HEX64)["error"] == "hex_name"
     assert parse_any_reference(HEX64).digest == SHA256
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse_normalized_named(HEX64)
     assert caught.value.category == "hex_name"
     assert caught.value.message == (f"invalid repository name ({HEX64}), cannot specify 64-byte hexadecimal strings")
@@ -726,7 +726,7 @@ def test_describe_refuses_64_hex_as_docker_does() -> None:
     ],
 )
 def test_messages_are_dockers_and_name_the_input(call: Any, text: str) -> None:
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         call(text, algorithms=SHA256_ONLY)
     docker_text = {
         "name_empty": "repository name must have at least one component",
@@ -741,11 +741,11 @@ def test_messages_are_dockers_and_name_the_input(call: Any, text: str) -> None:
 
 
 def test_messages_shorten_hostile_input_and_escape_control_characters() -> None:
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("a" * 5000 + "\x1b[2J!")
     assert len(caught.value.message) < 400
     assert "5005 characters" in caught.value.message
-    with pytest.raises(ReferenceError_) as caught:
+    with pytest.raises(InvalidReference) as caught:
         parse("alp\x1bine")
     assert "\x1b" not in caught.value.message
     assert "\\x1b" in caught.value.message
@@ -841,7 +841,7 @@ def test_sort_does_not_depend_on_input_order(texts: list[str], rnd: random.Rando
 
 
 # ---------------------------------------------------------------------------
-# Hostile input: every parser answers (a result or a ReferenceError_) quickly.
+# Hostile input: every parser answers (a result or a InvalidReference) quickly.
 # The regexes are linear; an exponential one would take hours on these.
 # ---------------------------------------------------------------------------
 TIME_BOUND_S = 0.5
@@ -885,7 +885,7 @@ def call_everything(text: str) -> None:
     ]
     for index, call in enumerate(entry_points):
         start = time.perf_counter()
-        with suppress(ReferenceError_):
+        with suppress(InvalidReference):
             call()
         elapsed = time.perf_counter() - start
         assert elapsed < TIME_BOUND_S, f"entry point {index} took {elapsed:.3f} s on {text[:40]!r}..."
@@ -950,7 +950,7 @@ def test_hostile_input_cannot_hang_the_suite() -> None:
         "    for call in (r.parse, r.parse_normalized_named, r.parse_any_reference, r.with_name):\n"
         "        try:\n"
         "            call(text)\n"
-        "        except r.ReferenceError_:\n"
+        "        except r.InvalidReference:\n"
         "            pass\n"
         "print('done')\n"
     )

@@ -13,12 +13,12 @@ import sys
 
 import anyio
 import pytest
+from harness import scanner_on
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 
 from indexer.cli import main
-from indexer.config import Config, Root
+from indexer.config import Root
 from indexer.scan.discovery import discover
-from indexer.scan.scanner import Scanner
 
 
 def make(path: str, tag: str = "latest") -> Layout:
@@ -273,17 +273,15 @@ def _fat(root: str, count: int) -> None:
 def test_a_full_database_is_the_sqlite_error_not_an_exception_group(scan: Scan) -> None:
     _fat(scan.root, 40)
 
-    async def go() -> None:
-        scanner = Scanner(scan.db, Config())
-        try:
-            pages = scanner.conn.execute("PRAGMA page_count").fetchone()[0]
-            scanner.conn.execute(f"PRAGMA max_page_count = {pages + 20}")  # the disk fills up mid-scan
-            await scanner.full_pass([Root(scan.root)])
-        finally:
-            scanner.close()
+    def full_disk(conn: sqlite3.Connection) -> None:
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages + 20}")  # the disk fills up mid-scan
 
-    with pytest.raises(sqlite3.OperationalError, match="full"):
-        anyio.run(go)  # the daemon retries (or rebuilds) on exactly this; run_scan makes it exit 4
+    with scanner_on(scan.db) as scanner, pytest.raises(sqlite3.OperationalError, match="full"):
+        scanner.store.run_now(full_disk)
+        anyio.run(
+            scanner.full_pass, [Root(scan.root)]
+        )  # the daemon retries (or rebuilds) on exactly this; run_scan makes it exit 4
     code, out, _ = scan.run("ls", "--json")
     assert code == 0
     rows = json.loads(out)
@@ -299,15 +297,9 @@ def test_processing_a_layout_replaced_by_a_file_removes_it(scan: Scan, tmp_path:
     with open(lay.path, "w") as f:
         f.write("I used to be a layout\n")
 
-    async def go() -> None:
-        scanner = Scanner(scan.db, Config())
-        try:
-            counts = await scanner.process([lay.path])  # what the daemon does on an inotify event
-            assert (counts.removed, counts.errors) == (1, 0)
-        finally:
-            scanner.close()
-
-    anyio.run(go)
+    with scanner_on(scan.db) as scanner:
+        counts = anyio.run(scanner.process, [lay.path])  # what the daemon does on an inotify event
+    assert (counts.removed, counts.errors) == (1, 0)
     assert list(scan.layouts()) == [keep.path]
 
 

@@ -9,13 +9,12 @@ from pathlib import Path
 
 import anyio
 import pytest
+from harness import scanner_on
 from layouts import Layout, named
 from test_reliability import run
 
-from indexer.config import Config
 from indexer.errors import LayoutUnreadable
 from indexer.layout import read_layout
-from indexer.scan.scanner import Scanner
 
 SECRET = "token-3f9a7c"
 
@@ -58,10 +57,7 @@ def test_read_layout_refuses_a_path_whose_directory_became_a_symlink(swapped: tu
 
 def test_the_daemons_read_of_a_swapped_layout_stores_nothing_of_the_target(swapped: tuple[str, str, str]) -> None:
     _tmp, db, path = swapped
-    scanner = Scanner(db, Config())
-    try:
+    with scanner_on(db) as scanner:
         counts = anyio.run(scanner.process, [path])  # what the daemon does for an event on the path
-    finally:
-        scanner.close()
     assert counts.errors == 1 and "led outside the layout" in counts.error_messages[0]
     assert SECRET not in _everything(db)

@@ -28,12 +28,6 @@ from test_daemon import (
     wait_until,
 )
 from test_reliability import run
-from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, Mask, WatchDescriptor
-from watchdog.observers.inotify_move_event_grouper import (
-    GroupedInotifyEvent,
-    InotifyMoveEventGrouper,
-    PathedInotifyEvent,
-)
 
 integration = pytest.mark.integration
 __all__ = ["daemons"]  # the fixture, shared with test_daemon.py
@@ -407,54 +401,3 @@ def test_a_file_system_mounted_before_start_is_watched(tmp: str, daemons: list[D
         _umount(point)
     wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
     assert daemon.stop() == 0
-
-
-def _move_half(mask: Mask, cookie: int, name: bytes) -> PathedInotifyEvent:
-    """One inotify event of a watched layout directory, as watchdog's reader thread queues it."""
-    return PathedInotifyEvent(InotifyEvent(WatchDescriptor(1), mask, cookie, name), b"/layouts/a/" + name)
-
-
-def test_a_rename_read_in_two_halves_holds_no_event_back() -> None:
-    """watchdog 7.1's move grouper, read between a rename's two halves, slept out its whole 0.5 s
-    delay with every event behind the pair waiting (the daemon's 0.6 s gaps); with the workaround
-    the pair and what follows it come as soon as the second half is in, in the same order, and a
-    half that is never paired is still held for the delay."""
-    import threading
-    import time
-
-    from indexer.watch.watcher import _wake_on_paired_moves
-
-    _wake_on_paired_moves()
-    grouper = InotifyMoveEventGrouper()
-    got: list[tuple[float, GroupedInotifyEvent | None]] = []
-
-    def read(count: int) -> None:
-        for _ in range(count):
-            event = grouper.read_event()
-            got.append((time.monotonic(), event))
-
-    reader = threading.Thread(target=read, args=(2,), daemon=True)
-    try:
-        reader.start()
-        grouper.put_event(_move_half(InotifyConstants.IN_MOVED_FROM, 7, b".index.json.tmp"))
-        time.sleep(0.05)  # the reader is now waiting on the lone half at the head
-        put = time.monotonic()
-        grouper.put_event(_move_half(InotifyConstants.IN_MOVED_TO, 7, b"index.json"))
-        grouper.put_event(_move_half(InotifyConstants.IN_CLOSE_WRITE, 0, b"index.json"))
-        reader.join(5)
-        assert not reader.is_alive()
-        (paired_at, paired), (after_at, after) = got
-        assert paired is not None and not isinstance(paired, PathedInotifyEvent)  # a pair: (from, to)
-        assert [half.path for half in paired] == [b"/layouts/a/.index.json.tmp", b"/layouts/a/index.json"]
-        assert isinstance(after, PathedInotifyEvent) and after.ev.is_close_write
-        assert paired_at - put < 0.2 and after_at - put < 0.2, (paired_at - put, after_at - put)
-
-        # A half with no partner (moved out of the watched tree) is still held for the delay, then read alone.
-        started = time.monotonic()
-        grouper.put_event(_move_half(InotifyConstants.IN_MOVED_FROM, 8, b"gone"))
-        lone = grouper.read_event()
-        assert isinstance(lone, PathedInotifyEvent) and lone.ev.is_moved_from
-        assert time.monotonic() - started >= grouper.delay - 0.01
-    finally:
-        grouper.close()  # a reader still waiting returns None
-        reader.join(5)

@@ -251,19 +251,16 @@ def test_no_worker_outlives_a_scan_killed_with_sigkill_mid_pass(tmp_path: Path) 
 def test_a_new_configuration_reaches_the_workers(tmp_path: Path) -> None:
     # What the daemon's SIGHUP does: the next pass's workers read with the new [limits].
     import anyio
+    from harness import scanner_on
 
     from indexer.config import Config, DaemonSettings, Root
     from indexer.layout import Limits
-    from indexer.scan.scanner import Scanner
 
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus(root, POOL_MIN_LAYOUTS + 6)
-    scanner = Scanner(db, Config(daemon=DaemonSettings(workers=2, batch_size=10)))
-    try:
+    with scanner_on(db, Config(daemon=DaemonSettings(workers=2, batch_size=10))) as scanner:
         scanner.config = Config(daemon=DaemonSettings(workers=2, batch_size=10), limits=Limits(max_entries=0))
         counts = anyio.run(scanner.full_pass, [Root(root)])
-    finally:
-        scanner.close()
     assert (counts.changed, counts.errors) == (0, POOL_MIN_LAYOUTS + 6)
     assert all("over the limit of 0" in message for message in counts.error_messages)

@@ -3,8 +3,10 @@
 Imported by the daemon only, and only when ``[metrics]`` asks for metrics: ``prometheus_client``
 is never on the lookup path. Two ways out, either or both:
 
-* ``listen = "127.0.0.1:9464"``: ``prometheus_client``'s own HTTP server in a thread, serving
-  ``/metrics`` (a host left out is loopback: exposing the metrics further is a decision to write);
+* ``listen = "127.0.0.1:9464"``: ``GET /metrics`` over HTTP, served on the daemon's event loop
+  within the bounds of :mod:`indexer.daemon.serving` (at most 16 clients at once, 5 s each: a
+  local user's idle connections never use up the daemon's descriptors); a host left out is
+  loopback: exposing the metrics further is a decision to write;
 * ``textfile = "/var/lib/prometheus/node-exporter/ocidx.prom"``: the same text, rewritten after
   every pass and every heartbeat for node_exporter's textfile collector. The file is replaced
   atomically (a temporary file in the same directory, created ``O_EXCL | O_NOFOLLOW``, then
@@ -18,20 +20,29 @@ The fleet (another process publishing this index elsewhere) reports its backlog 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
-import sqlite3
+import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import anyio
+from anyio.abc import SocketAttribute
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from indexer.daemon.serving import read_request, serve
 from indexer.errors import DaemonError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
+    from anyio.abc import SocketStream, TaskStatus
 
     from indexer.config import MetricsSettings
     from indexer.scan.scanner import Counts
+    from indexer.store.state import Counts as IndexCounts
+
+# The HTTP endpoint's bounds: a scraper needs one connection for milliseconds.
+MAX_CLIENTS = 16
+REQUEST_DEADLINE_S = 5.0
 
 # Seconds: a reconcile pass takes milliseconds for a few layouts and seconds for 100,000.
 RECONCILE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
@@ -61,9 +72,7 @@ class Metrics:
         self.last_reconcile = Gauge(
             "ocidx_last_reconcile_timestamp_seconds", "When the last full reconcile pass ended (Unix time)", registry=r
         )
-        self.events = Counter(
-            "ocidx_watch_events", "Changes reported by the watcher, coalesced per layout or tree", registry=r
-        )
+        self.events = Counter("ocidx_watch_events", "inotify events the watcher read", registry=r)
         self.lost_events = Counter(
             "ocidx_lost_events",
             "Times the watcher lost events (inotify queue overflow, ...): each forced a reconcile",
@@ -86,32 +95,67 @@ class Metrics:
             buckets=UPDATE_BUCKETS,
             registry=r,
         )
+        self.watches = Gauge("ocidx_inotify_watches", "Directories the daemon watches with inotify", registry=r)
+        self.unwatched = Gauge(
+            "ocidx_unwatched_directories",
+            "Trees below the roots no inotify watch covers (the watch limit): rediscovered by polling",
+            registry=r,
+        )
+        self.exact = Gauge(
+            "ocidx_watching_exactly",
+            "1 while every directory where a layout can be is watched with inotify, else 0 (polling)",
+            registry=r,
+        )
         self.publish_backlog: Gauge | None = None
-        self._server: WSGIServer | None = None
+        self._events_seen = 0
 
     # -- exposing --------------------------------------------------------------------------------
 
-    def start(self) -> str | None:
-        """Start the HTTP server when ``listen`` is set; its ``http://HOST:PORT/metrics`` URL, or None."""
-        if self.settings.port is None or self.settings.host is None:
-            return None
-        from prometheus_client import start_http_server
-
+    async def serve(self, *, task_status: TaskStatus[str | None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve ``/metrics`` when ``listen`` is set (its ``http://HOST:PORT/metrics`` URL is the start
+        value, None when not set), until cancelled."""
+        settings = self.settings
+        if settings.port is None or settings.host is None:
+            task_status.started(None)
+            return
         try:
-            self._server, _thread = start_http_server(self.settings.port, self.settings.host, registry=self.registry)
+            multi = await anyio.create_tcp_listener(local_host=settings.host, local_port=settings.port)
         except OSError as exc:
-            where = f"{self.settings.host}:{self.settings.port}"
+            where = f"{settings.host}:{settings.port}"
             raise DaemonError(f"metrics.listen {where} cannot be served: {exc.strerror or exc}") from None
-        host, port = str(self._server.server_address[0]), int(self._server.server_address[1])
+        address = multi.listeners[0].extra(SocketAttribute.local_address)
+        host, port = str(address[0]), int(address[1])
         shown = f"[{host}]" if ":" in host else host
-        return f"http://{shown}:{port}/metrics"
+        async with anyio.create_task_group() as tg:
+            for listener in multi.listeners:
+                tg.start_soon(
+                    functools.partial(
+                        serve,
+                        listener,
+                        self._answer,
+                        name="metrics",
+                        max_clients=MAX_CLIENTS,
+                        deadline_s=REQUEST_DEADLINE_S,
+                    )
+                )
+            task_status.started(f"http://{shown}:{port}/metrics")
 
-    def stop(self) -> None:
-        """Stop the HTTP server (the textfile stays: node_exporter reports its age)."""
-        server, self._server = self._server, None
-        if server is not None:
-            server.shutdown()
-            server.server_close()
+    async def _answer(self, client: SocketStream) -> None:
+        """One HTTP/1.0 exchange: ``GET /metrics`` (or ``/``) gets the exposition, anything else 404."""
+        request = await read_request(client, b"\r\n\r\n")
+        if request is None:
+            return
+        method, _, rest = request.partition(b" ")
+        target = rest.partition(b" ")[0].partition(b"?")[0]
+        if method not in (b"GET", b"HEAD") or target not in (b"/metrics", b"/"):
+            await client.send(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            return
+        body = generate_latest(self.registry)
+        head = (
+            f"HTTP/1.0 200 OK\r\nContent-Type: {CONTENT_TYPE_LATEST}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode("ascii")
+        await client.send(head + (body if method == b"GET" else b""))
 
     def write_textfile(self) -> None:
         """Replace the textfile atomically, never following a symlink; OSError when it cannot be written."""
@@ -139,14 +183,11 @@ class Metrics:
 
     # -- what the daemon reports -----------------------------------------------------------------
 
-    def refresh(self, conn: sqlite3.Connection) -> None:
-        """Read the index's counts and the WAL size (in the writer's thread, on its connection)."""
-        layouts, errors, entries = conn.execute(
-            "SELECT count(*), coalesce(sum(state = 'error'), 0), coalesce(sum(entry_count), 0) FROM layouts"
-        ).fetchone()
-        self.layouts.set(layouts)
-        self.layouts_with_errors.set(errors)
-        self.entries.set(entries)
+    def counted(self, counts: IndexCounts) -> None:
+        """Set the index's gauges from *counts*, and the WAL's size."""
+        self.layouts.set(counts.layouts)
+        self.layouts_with_errors.set(counts.errors)
+        self.entries.set(counts.entries)
         try:
             self.wal_bytes.set(os.stat(self.db_path + "-wal").st_size)
         except FileNotFoundError:
@@ -156,17 +197,24 @@ class Metrics:
         """The heartbeat was written at *when_ns*."""
         self.heartbeat.set(when_ns / 1e9)
 
-    def watched(self, changes: int) -> None:
-        """The watcher reported *changes* layouts or trees."""
-        if changes:
-            self.events.inc(changes)
+    def watched_total(self, events: int) -> None:
+        """The watcher has read *events* inotify events since it started."""
+        if events > self._events_seen:
+            self.events.inc(events - self._events_seen)
+        self._events_seen = events
+
+    def watching(self, mode: str, watches: int, unwatched: int) -> None:
+        """The watch mode changed: how many directories are watched, how many trees are not."""
+        self.watches.set(watches)
+        self.unwatched.set(unwatched)
+        self.exact.set(1 if mode == "inotify" else 0)
 
     def lost(self, times: int) -> None:
         """The watcher lost events *times* times since the last drain."""
         if times:
             self.lost_events.inc(times)
 
-    def passed(self, counts: Counts, seconds: float | None, *, reconcile: bool, ended_ns: int) -> None:
+    def passed(self, counts: Counts, seconds: float | None, *, reconcile: bool) -> None:
         """One pass ended: a reconcile (*seconds*: its duration) or an update (*seconds*: its latency
         from the change that woke the daemon; None for the daemon's own re-checks, which no change woke)."""
         self.changed.inc(counts.changed)
@@ -175,7 +223,7 @@ class Metrics:
         if reconcile:
             if seconds is not None:
                 self.reconcile_seconds.observe(seconds)
-            self.last_reconcile.set(ended_ns / 1e9)
+            self.last_reconcile.set(time.time())
         elif seconds is not None:
             self.update_seconds.observe(seconds)
 

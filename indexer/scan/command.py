@@ -11,7 +11,7 @@ from indexer import config as config_mod
 from indexer.errors import printable
 from indexer.scan.discovery import roots_for, settled
 from indexer.scan.scanner import Counts, Scanner
-from indexer.store import open_writer
+from indexer.store import open_writer, transaction
 from indexer.store import state as roots_mod
 
 TYPE_CHECKING = False
@@ -59,13 +59,17 @@ def run_scan(
         return {**_summarize(counts, time.perf_counter() - started), "bad_roots": []}  # settled: every root is there
 
     async def go() -> Counts:
-        scanner = Scanner(db_path, config)
+        from indexer.store.writer import Store  # aiosqlite: only once something is to be written
+
+        store = Store(db_path)
+        scanner = Scanner(store, config)
         try:
             counts = await scanner.full_pass(scan_roots, full=full, progress=bar)
-            roots_mod.record(scanner.conn, _resolved_roots(scan_roots))
+            await store.unit(roots_mod.record, _resolved_roots(scan_roots))
             return counts
         finally:
-            scanner.close()
+            await scanner.aclose()
+            await store.aclose()
 
     import anyio  # with asyncio, about 30 ms: only once something is to be written
 
@@ -105,7 +109,7 @@ def _record_roots(db_path: str, roots: list[Root]) -> None:
         return
     conn = open_writer(db_path)
     try:
-        roots_mod.record(conn, resolved)
+        transaction(conn, roots_mod.record, resolved)
     finally:
         conn.close()
 

@@ -12,7 +12,7 @@ import sqlite3
 import stat
 import time
 
-from indexer.store.read import SETTLES_AT_SQL, settles_at
+from indexer.store.read import RACY_SQL, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -174,8 +174,8 @@ def store_cache(
     tops: Collection[str],
     cached: Collection[str],
 ) -> None:
-    """Record the directories listed by a walk, and forget cached ones below *tops* (the walk's
-    resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
+    """A unit of the writer: record the directories listed by a walk, and forget cached ones below
+    *tops* (the walk's resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
     from indexer.store import path_value
 
     prefixes = [top.rstrip("/") + "/" for top in tops]
@@ -186,18 +186,11 @@ def store_cache(
     ]
     if not listed and not forget:
         return
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.executemany("DELETE FROM directories WHERE path = ?", forget)
-        conn.executemany(
-            "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(path_value(path), *row) for path, row in listed.items()],
-        )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    conn.executemany("DELETE FROM directories WHERE path = ?", forget)
+    conn.executemany(
+        "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(path_value(path), *row) for path, row in listed.items()],
+    )
 
 
 def in_layout_blobs(top: str, parts: list[str]) -> bool:
@@ -246,12 +239,9 @@ if TYPE_CHECKING:
     # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns).
     Identity = tuple[object, int, int, int, int, int, int, int]
 
-# The racy test is the same rule as settles_at, in SQL (SETTLES_AT_SQL); a row that can prove nothing
-# says so in one column, and each row's identity comes as one tuple to compare with stat's.
-_IDENTITIES_SQL = (
-    "SELECT path, state != 'ok', coalesce(dev IS NULL OR read_ns IS NULL OR "
-    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns FROM layouts"
-)
+# A row that can prove nothing (read.RACY_SQL) says so in one column, and each row's identity comes
+# as one tuple to compare with stat's.
+_IDENTITIES_SQL = f"SELECT path, state != 'ok', {RACY_SQL}, dev, ino, size, mtime_ns, ctime_ns FROM layouts"
 
 
 def stored_identities(conn: sqlite3.Connection) -> dict[str, Identity]:
@@ -372,7 +362,7 @@ def _checked(
     """The layouts of a planned walk that differ from the stored rows (:func:`_differs`), or None when
     a directory of the plan is not as cached. The stat calls are split among *processes* (0: one per
     core this process may run on): forked processes take a share each and send back what they found."""
-    from indexer.scan.workers import default_workers
+    from indexer.config import default_workers
 
     parts = min(processes or default_workers(), max(1, (len(directories) + len(layouts)) // PARALLEL_MIN_STATS))
     # Contiguous shares: a child touches (and so copies on write) only the pages of its own rows.

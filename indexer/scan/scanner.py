@@ -2,7 +2,7 @@
 
 One :class:`Scanner` owns the only write connection (:class:`indexer.store.writer.Writer`, an
 aiosqlite connection). ``ocidx scan`` runs one :meth:`Scanner.full_pass`; the daemon runs the same
-pass at start-up and on its reconcile timer, and :meth:`Scanner.process` for the layouts watchdog
+pass at start-up and on its reconcile timer, and :meth:`Scanner.process` for the layouts the watcher
 reported. Layouts are read and parsed in batches by worker processes (:mod:`indexer.scan.workers`), which
 return compact rows; while the writer writes batch k (one compare-and-set transaction), batches
 k+1..k+n are being parsed.
@@ -15,6 +15,7 @@ import os
 import sqlite3
 import time
 
+from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer.scan import workers
 from indexer.scan.discovery import discover, load_cache, store_cache, vanished
@@ -23,17 +24,13 @@ from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import AsyncGenerator, Callable, Iterable
     from concurrent.futures import Future
-    from typing import Concatenate, ParamSpec, TypeVar
 
     from indexer.config import Config, Root
     from indexer.scan.discovery import Listing
     from indexer.store.write import LayoutRows
-
-    P = ParamSpec("P")
-    T = TypeVar("T")
+    from indexer.store.writer import Store
 
 COLD_BUILD_MIN_LAYOUTS = 500
 # How many changed (and removed) layouts a pass remembers by path, for the daemon's log.
@@ -128,6 +125,18 @@ class Counts:
                 written += 1
         self.unchanged += max(0, looked_at - written)
 
+    def merge(self, other: Counts) -> None:
+        """Add what *other* (another pass's counts) did to these."""
+        self.seen += other.seen
+        self.changed += other.changed
+        self.unchanged += other.unchanged
+        self.errors += other.errors
+        self.removed += other.removed
+        self.still_broken += other.still_broken
+        self.error_messages.extend(other.error_messages)
+        self.changed_paths.extend(other.changed_paths[: max(0, LOGGED_PATHS - len(self.changed_paths))])
+        self.removed_paths.extend(other.removed_paths[: max(0, LOGGED_PATHS - len(self.removed_paths))])
+
     def to_json(self, seconds: float) -> dict[str, object]:
         """The summary ``ocidx scan --json`` prints."""
         return {
@@ -143,17 +152,15 @@ class Counts:
 
 
 class Scanner:
-    """The single writer and the scanning passes that feed it."""
+    """The scanning passes that feed the store's one writer (:class:`indexer.store.writer.Store`).
 
-    def __init__(self, db_path: str, config: Config) -> None:
-        from indexer.store.writer import Writer  # aiosqlite: only once a pass is written
+    What a pass decides to write is decided off the writer's thread: ``stat`` calls, reads and
+    parses run in a worker thread or in worker processes, and each batch's outcomes are then one
+    unit of the writer (:func:`indexer.store.write.apply`, compare-and-set).
+    """
 
-        self.db_path = db_path
-        self.writer = Writer(db_path)
-        # The sqlite3 connection under the writer, for use outside a pass (no unit of the writer's
-        # thread is running then): tests, and the roots ``ocidx scan`` records after its pass.
-        self.conn: sqlite3.Connection = self.writer.conn
-        restore_indexes(self.conn)  # a cold build killed half-way left them deferred
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
         self.problems: list[str] = []  # said once per pass, in its error messages
         self.pool: workers.Pool | None = None
         # Set while a pass reads with the pool: the daemon indexes changes beside a reconcile pass, and
@@ -169,7 +176,7 @@ class Scanner:
     @config.setter
     def config(self, config: Config) -> None:
         self._config = config
-        count = config.daemon.workers or workers.default_workers()
+        count = config.daemon.workers or config_mod.default_workers()
         pool = self.pool
         if pool is not None and pool.workers == count:
             pool.familiar, pool.limits = config.familiar, config.limits  # read by the next task submitted
@@ -179,12 +186,9 @@ class Scanner:
         self.pool = workers.Pool(count, config.familiar, config.limits) if count > 1 else None
 
     def close(self) -> None:
-        """Stop the workers and close the write connection."""
-        try:
-            if self.pool is not None:
-                self.pool.close()
-        finally:
-            self.writer.close()
+        """Stop the workers (the store is its owner's to close)."""
+        if self.pool is not None:
+            self.pool.close()
 
     async def aclose(self) -> None:
         """:meth:`close` from the event loop (the workers are waited for in a thread)."""
@@ -193,40 +197,39 @@ class Scanner:
         with anyio.CancelScope(shield=True):
             if self.pool is not None:
                 await anyio.to_thread.run_sync(self.pool.close)
-            await anyio.to_thread.run_sync(self.writer.close)
 
-    async def abandon(self) -> None:
-        """Stop the workers and close the connection without ``PRAGMA optimize`` (a corrupt database)."""
+    async def _write(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
+        """Write *outcomes* as one unit of the writer; a layout whose stored row moved on meanwhile
+        (another writer wrote it: compare-and-set) is examined again against its row as it is now and
+        written in a unit of its own, up to CONFLICT_RETRIES times (rare)."""
         import anyio.to_thread
 
-        with anyio.CancelScope(shield=True):
-            if self.pool is not None:
-                await anyio.to_thread.run_sync(self.pool.close)
-            await anyio.to_thread.run_sync(self.writer.abandon)
+        written: list[Outcome] = []
+        familiar, limits = self.config.familiar, self.config.limits
+        for _attempt in range(CONFLICT_RETRIES):
+            if not outcomes:
+                break
+            applied = await self.store.unit(apply, outcomes)
+            written.extend(applied.written)
+            if not applied.conflicts:
+                break
+            conflicts = applied.conflicts
+            now = await self.store.read(_stored_rows, conflicts)
+            for path in conflicts:
+                stored.pop(path, None)
+                if path in now:
+                    stored[path] = now[path]
 
-    async def on_writer(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs) -> T:
-        """Run ``fn(conn, *args)`` on the writer's connection, serialized with every batch."""
-        return await self.writer.run(fn, *args, **kw)
+            def examine_again(paths: list[str] = conflicts) -> list[workers.Result]:
+                again = paths if full else _unsettled(paths, stored)
+                return workers.read_batch(again, familiar, limits)
 
-    async def _write(self, outcomes: list[Outcome]) -> list[Outcome]:
-        """Write outcomes decided outside a batch (removals); a conflicting one is left to the next pass."""
-        if not outcomes:
-            return []
-        applied = await self.on_writer(apply, outcomes)
-        return applied.written
+            results = await anyio.to_thread.run_sync(examine_again)
+            outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+        return written
 
     async def _stored(self, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
-        def load(conn: sqlite3.Connection) -> dict[str, db.StoredLayout]:
-            if paths is None:
-                return {s.path: s for s in db.layouts(conn)}
-            out = {}
-            for path in paths:
-                found = db.layout(conn, path)
-                if found is not None:
-                    out[path] = found
-            return out
-
-        return await self.on_writer(load)
+        return await self.store.read(_stored_rows, paths)
 
     def _uses_pool(self, count: int) -> bool:
         """Worker processes for a pass with enough to read; a handful of changes (the daemon's common
@@ -243,11 +246,11 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
         extra: list[Outcome] | None = None,
     ) -> Counts:
-        """Examine *paths* and write what changed, one transaction per batch.
+        """Examine *paths* and write what changed, one unit of the writer per batch.
 
         Layouts whose ``index.json`` one ``stat`` proves unchanged are skipped here; the others are
-        read in batches by the worker processes while this process writes the batches already read
-        (or, for a few layouts or ``workers = 1``, read in a thread of this process).
+        read in batches by the worker processes while the writer writes the batches already read
+        (or, for a few layouts or ``workers = 1``, read in a worker thread of this process).
         """
         import contextlib
 
@@ -257,18 +260,27 @@ class Scanner:
             stored = await self._stored(paths)
         counts = Counts()
         size = max(1, self.config.daemon.batch_size)
+        familiar, limits = self.config.familiar, self.config.limits
         if not self._uses_pool(len(paths)):
-            # A few layouts (the daemon's changes), or no workers: each batch is one unit of the writer.
+            # A few layouts (the daemon's changes), or no workers: each batch is read in a worker
+            # thread, then written as one unit.
             done = 0
             for start in range(0, len(paths), size):
                 batch = paths[start : start + size]
-                written, read = await self.on_writer(self._examine_and_write, batch, stored, full)
+
+                def examine(batch: list[str] = batch) -> tuple[list[workers.Result], int]:
+                    unread = batch if full else _unsettled(batch, stored)
+                    return workers.read_batch(unread, familiar, limits), len(unread)
+
+                results, read = await anyio.to_thread.run_sync(examine)
+                outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+                written = await self._write(outcomes, stored, full)
                 counts.add(written, read)
                 _count_skipped(counts, batch, stored, written, read)
                 done += len(batch)
                 if progress is not None:
                     progress(done, len(paths))
-            return await self._finish(counts, extra)
+            return await self._finish(counts, stored, extra)
         if full:
             unread: list[str] = list(paths)
         else:
@@ -299,7 +311,7 @@ class Scanner:
             async with contextlib.aclosing(self._read(batches, pooled)) as reads:
                 async for batch, results in reads:
                     outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
-                    written = await self._apply(outcomes, stored, full)
+                    written = await self._write(outcomes, stored, full)
                     counts.add(written, len(batch))
                     done += len(batch)
                     if progress is not None:
@@ -313,13 +325,13 @@ class Scanner:
                 with anyio.CancelScope(shield=True):
                     await anyio.to_thread.run_sync(self.pool.close)
                 self.pool_busy = False
-        return await self._finish(counts, extra)
+        return await self._finish(counts, stored, extra)
 
-    async def _finish(self, counts: Counts, extra: list[Outcome] | None) -> Counts:
+    async def _finish(self, counts: Counts, stored: dict[str, db.StoredLayout], extra: list[Outcome] | None) -> Counts:
         """Write the outcomes decided outside the batches (removals) and the pass's own problems."""
         if extra:
-            applied = await self._write(list(extra))
-            counts.add(applied, 0, 0)
+            applied = await self.store.unit(apply, list(extra))  # a conflicting removal is left to the next pass
+            counts.add(applied.written, 0, 0)
         counts.error_messages[:0] = self.problems
         self.problems = []
         return counts
@@ -340,7 +352,7 @@ class Scanner:
             for batch in batches:
                 yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
             return
-        queue: collections.deque[tuple[list[str], list[asyncio.Future[bytes]]]] = collections.deque()
+        queue: collections.deque[tuple[list[str], list[Future[bytes]]]] = collections.deque()
         upcoming = iter(batches)
         try:
             while True:
@@ -350,18 +362,16 @@ class Scanner:
                     following := next(upcoming, None)
                 ) is not None:
                     tasks = [following[i : i + TASK_LAYOUTS] for i in range(0, len(following), TASK_LAYOUTS)]
-                    queue.append((following, [_wrap(pool.submit(task)) for task in tasks]))
+                    queue.append((following, [pool.submit(task) for task in tasks]))
                 if not queue:
                     return
                 batch, futures = queue.popleft()
                 try:
-                    results = [result for future in futures for result in workers.unpack(await future)]
+                    results = [result for future in futures for result in workers.unpack(await _result(future))]
                 except BrokenProcessPool:
                     # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
                     # Read them again one layout at a time in a fresh pool to find the one that kills it.
                     lost = [batch, *(b for b, _ in queue)]
-                    for dropped in [*futures, *(f for _, fs in queue for f in fs)]:
-                        dropped.add_done_callback(_retrieved)
                     queue.clear()
                     pool.broken()
                     if not await _starts(pool):
@@ -378,7 +388,6 @@ class Scanner:
         finally:
             for _batch, futures in queue:
                 for future in futures:
-                    future.add_done_callback(_retrieved)
                     future.cancel()
 
     async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
@@ -391,52 +400,11 @@ class Scanner:
         for path in batch:
             read_ns = time.time_ns()
             try:
-                out.extend(workers.unpack(await _wrap(pool.submit([path]))))
+                out.extend(workers.unpack(await _result(pool.submit([path]))))
             except BrokenProcessPool as exc:
                 pool.broken()
                 out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
         return out
-
-    async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
-        """Write one batch's outcomes (compare-and-set) in one unit of the writer (:meth:`_write_read`)."""
-        return await self.on_writer(self._write_read, outcomes, stored, full)
-
-    def _write_read(
-        self, conn: sqlite3.Connection, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool
-    ) -> list[Outcome]:
-        """On the writer's thread: apply *outcomes*; a conflicting layout is examined again against its
-        row as it is now, up to CONFLICT_RETRIES times (rare: another writer moved the row on)."""
-        written: list[Outcome] = []
-        familiar, limits = self.config.familiar, self.config.limits
-        for _attempt in range(CONFLICT_RETRIES):
-            if not outcomes:
-                break
-            applied = apply(conn, outcomes)
-            written.extend(applied.written)
-            if not applied.conflicts:
-                break
-            # Another writer changed these layouts since *stored* was loaded: examine them again
-            # against the rows as they are now (compare-and-set, docs/design.md).
-            for path in applied.conflicts:
-                stored.pop(path, None)
-                found = db.layout(conn, path)
-                if found is not None:
-                    stored[path] = found
-            again = applied.conflicts if full else _unsettled(applied.conflicts, stored)
-            results = workers.read_batch(again, familiar, limits)
-            outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
-        return written
-
-    def _examine_and_write(
-        self, conn: sqlite3.Connection, batch: list[str], stored: dict[str, db.StoredLayout], full: bool
-    ) -> tuple[list[Outcome], int]:
-        """On the writer's thread: skip what one ``stat`` proves unchanged, read the rest, write them
-        (one unit: a few changed layouts cost one hop, and no other unit can slip in between);
-        the outcomes written and how many layouts were read."""
-        unread = batch if full else _unsettled(batch, stored)
-        results = workers.read_batch(unread, self.config.familiar, self.config.limits)
-        outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
-        return self._write_read(conn, outcomes, stored, full), len(unread)
 
     async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
         """Every layout below *roots*, the problems met on the way, and the roots resolved.
@@ -447,7 +415,7 @@ class Scanner:
         import anyio.to_thread
 
         roots = list(roots)
-        cache = await self.on_writer(load_cache)
+        cache = await self.store.read(load_cache)
         listed: dict[str, Listing] = {}
         visited: set[str] = set()
 
@@ -460,7 +428,7 @@ class Scanner:
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
         paths, errors, resolved = await anyio.to_thread.run_sync(walk)
-        await self.on_writer(store_cache, listed, visited, resolved, cache.keys())
+        await self.store.unit(store_cache, listed, visited, resolved, cache.keys())
         return paths, errors, resolved
 
     async def full_pass(
@@ -488,12 +456,12 @@ class Scanner:
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS
         if cold:
-            await self.on_writer(defer_indexes)
+            await self.store.unit(defer_indexes)
         try:
             counts = await self.process(paths, full=full, stored=stored, progress=progress, extra=gone)
         finally:
             if cold:
-                await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
+                await self.store.run(restore_indexes)  # shielded, as everything queued to the writer
         counts.error_messages[:0] = problems
         return counts
 
@@ -503,23 +471,30 @@ async def _starts(pool: workers.Pool) -> bool:
     from concurrent.futures.process import BrokenProcessPool
 
     try:
-        await _wrap(pool.submit([]))
+        await _result(pool.submit([]))
     except BrokenProcessPool:
         pool.broken()
         return False
     return True
 
 
-def _retrieved(future: asyncio.Future[bytes]) -> None:
-    """Mark the outcome of a read no longer waited for as seen (its batch is read again, or the pass ended)."""
-    if not future.cancelled():
-        future.exception()
+async def _result(future: Future[bytes]) -> bytes:
+    """The result of a worker's task, waited for in a worker thread (the event loop never blocks)."""
+    import anyio.to_thread
+
+    return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
 
 
-def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
-    import asyncio
-
-    return asyncio.wrap_future(future)
+def _stored_rows(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
+    """The stored rows of *paths* (all layouts when None), by path."""
+    if paths is None:
+        return {s.path: s for s in db.layouts(conn)}
+    out = {}
+    for path in paths:
+        found = db.layout(conn, path)
+        if found is not None:
+            out[path] = found
+    return out
 
 
 def _count_skipped(

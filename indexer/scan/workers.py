@@ -115,14 +115,6 @@ def _die_with_parent(parent: int) -> None:
     gc.disable()
 
 
-def default_workers() -> int:
-    """One worker per core this process may run on (``taskset``, cgroup cpusets)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
-
-
 class Pool:
     """Worker processes that read batches of layouts (started on first use, restarted after a crash)."""
 
@@ -137,7 +129,7 @@ class Pool:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            # spawn, not fork: the parent has threads (the writer's, watchdog's) whose locks a
+            # spawn, not fork: the parent has threads (the writer's, the event loop's workers) whose locks a
             # forked child would inherit held; a spawned worker starts clean and is a direct child.
             self._executor = ProcessPoolExecutor(
                 self.workers,

@@ -22,6 +22,14 @@ import time
 
 from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Concatenate, ParamSpec, TypeVar
+
+    P = ParamSpec("P")
+    T = TypeVar("T")
+
 APPLICATION_ID = 0x6F636478  # "ocdx"
 SCHEMA_VERSION = 5  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
@@ -79,8 +87,9 @@ def schema_script() -> str:
     return "\n".join(parts)
 
 
-def open_reader(path: str) -> sqlite3.Connection:
-    """Open the index read-only for lookups, or raise DatabaseError (exit 4)."""
+def open_reader(path: str, *, any_thread: bool = False) -> sqlite3.Connection:
+    """Open the index read-only for lookups, or raise DatabaseError (exit 4); with *any_thread*, the
+    connection may be used from one thread after another (never from two at once)."""
     try:
         kind = os.stat(path).st_mode
     except OSError:
@@ -90,7 +99,7 @@ def open_reader(path: str) -> sqlite3.Connection:
     if not stat.S_ISREG(kind):  # opening a FIFO would block every lookup; a device has effects
         raise DatabaseError(f"{path} is not a regular file, so not an index database")
     check_database_files(path, reader=True)
-    conn = _connect_reader(path, "mode=ro")
+    conn = _connect_reader(path, "mode=ro", any_thread)
     try:
         conn.execute("PRAGMA application_id").fetchone()
     except sqlite3.DatabaseError as exc:  # OperationalError is one; "file is not a database" another
@@ -101,7 +110,7 @@ def open_reader(path: str) -> sqlite3.Connection:
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
         # read it as immutable. Answers are still checked against the layouts (docs/semantics.md, Freshness).
-        conn = _connect_reader(path, "mode=ro&immutable=1")
+        conn = _connect_reader(path, "mode=ro&immutable=1", any_thread)
     try:
         check_schema(conn, path)
     except BaseException:
@@ -110,9 +119,14 @@ def open_reader(path: str) -> sqlite3.Connection:
     return conn
 
 
-def _connect_reader(path: str, options: str) -> sqlite3.Connection:
+def _connect_reader(path: str, options: str, any_thread: bool) -> sqlite3.Connection:
     try:
-        return sqlite3.connect(f"file:{_uri_path(path)}?{options}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        return sqlite3.connect(
+            f"file:{_uri_path(path)}?{options}",
+            uri=True,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+            check_same_thread=not any_thread,
+        )
     except sqlite3.Error as exc:
         raise DatabaseError(f"cannot open index database {path}: {exc}") from None
 
@@ -142,7 +156,7 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
     if version > SCHEMA_VERSION:
         raise SchemaTooNew(
             f"{path} has schema version {version}, newer than this ocidx knows ({SCHEMA_VERSION}): "
-            "upgrade ocidx, or point --db at another file"
+            "upgrade ocidx, or use another index database"
         )
     if version < SCHEMA_VERSION:
         raise DatabaseError(
@@ -358,6 +372,25 @@ def migrate(conn: sqlite3.Connection, path: str = ":memory:") -> list[str]:
             raise
         done.append(name)
     return done
+
+
+def transaction(
+    conn: sqlite3.Connection, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs
+) -> T:
+    """Run ``fn(conn, ...)`` inside ``BEGIN IMMEDIATE ... COMMIT``; roll back whatever it raises.
+
+    The one way a change reaches the index: :meth:`Store.unit` runs it on the writer's thread, and
+    ``ocidx scan``'s no-change path (which starts no event loop) calls it directly.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn(conn, *args, **kw)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
 
 
 def _uri_path(path: str) -> str:

@@ -43,9 +43,11 @@ def settles_at(mtime_ns: int, ctime_ns: int, read_ns: int, since_ns: int | None)
     return min(by_change, since_ns + RACY_WINDOW_NS)
 
 
-# The same rule in SQL, for the daemon's search of layouts to re-read (columns of ``layouts``).
+# The same rule in SQL, on the columns of ``layouts``: when a read settles the stored identity, and
+# whether the stored identity proves nothing (never read, or racily clean: StoredLayout.is_racy).
 _BY_CHANGE_SQL = f"(max(mtime_ns, ctime_ns) + {RACY_WINDOW_NS + 1})"
 SETTLES_AT_SQL = f"min({_BY_CHANGE_SQL}, coalesce(identity_since_ns + {RACY_WINDOW_NS}, {_BY_CHANGE_SQL}))"
+RACY_SQL = f"coalesce(dev IS NULL OR read_ns IS NULL OR {SETTLES_AT_SQL} > read_ns, 1)"
 
 _ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations"
 

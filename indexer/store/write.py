@@ -9,14 +9,14 @@ A scan (batch or daemon) turns every layout it looks at into one outcome:
   the layout is flagged with the error;
 * :class:`Gone` - the layout is no longer there: its rows are removed.
 
-:func:`apply` writes a list of outcomes inside one ``BEGIN IMMEDIATE``, each only if the layout's
-stored row is still the one the outcome was decided against (compare-and-set): two writers (a scan
-beside the daemon) can interleave in any order and never leave a row describing an older file; a
-conflicting outcome comes back to be examined again. Every change is stamped with one new version
-per transaction (``layouts.version``, ``layout_removals``), which is what followers of the index read. Entry
-rows are keyed by a hash of their content (``row_key``): an edit that adds one
-tag deletes and inserts only the entries that changed, which measured 8-15x
-cheaper than rewriting the layout (research/python-anchors.md B6).
+:func:`apply`, a unit of the store's writer (one ``BEGIN IMMEDIATE``), writes a list of outcomes,
+each only if the layout's stored row is still the one the outcome was decided against
+(compare-and-set): two writers (a scan beside the daemon) can interleave in any order and never
+leave a row describing an older file; a conflicting outcome comes back to be examined again. Every
+change is stamped with one new version per transaction (``layouts.version``, ``layout_removals``),
+which is what followers of the index read. Entry rows are keyed by a hash of their content
+(``row_key``): an edit that adds one tag deletes and inserts only the entries that changed, which
+measured 8-15x cheaper than rewriting the layout (docs/design.md).
 The same :func:`store_snapshot` fills the in-memory database of a
 read-through lookup, so indexed and read-through answers share one matcher.
 """
@@ -119,8 +119,9 @@ MAX_REMOVALS = 10_000
 
 
 def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
-    """Write *outcomes* in one transaction, each only if its layout's row is still the one it was
-    decided on (compare-and-set); the others are returned as conflicts, to be examined again.
+    """A unit of work (:meth:`indexer.store.writer.Store.unit`): write *outcomes*, each only if its
+    layout's row is still the one it was decided on (compare-and-set); the others are returned as
+    conflicts, to be examined again.
 
     Set-based: the stored rows of the whole batch are read with one statement, and the batch's
     reads are diffed and written with a few statements for all of its layouts (:func:`_store_all`).
@@ -129,39 +130,32 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
     changed = 0
     written: list[Outcome] = []
     conflicts: list[str] = []
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        ids = _IdAllocator(conn)
-        versions = _Versions(conn)
-        current_of = _current(conn, [outcome.path for outcome in outcomes])
-        reads: list[tuple[str, LayoutRows, int, StoredLayout | None]] = []
-        seen: set[str] = set()
-        for outcome in outcomes:
-            current = current_of.get(outcome.path)
-            if current != outcome.expected or outcome.path in seen:
-                # Another writer (a scan beside the daemon, a second daemon pass) wrote this layout
-                # after the outcome's examination loaded it: the outcome may describe an older file.
-                # (A path twice in one batch: the second was decided before the first was written.)
-                conflicts.append(outcome.path)
-                continue
-            seen.add(outcome.path)
-            written.append(outcome)
-            if isinstance(outcome, Read):
-                reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
-            elif isinstance(outcome, Same):
-                assert current is not None  # a Same is only decided against a stored row
-                _touch(conn, current, outcome.identity, outcome.read_ns, versions)
-            elif isinstance(outcome, Failed):
-                _fail(conn, outcome, current, versions)
-            else:
-                changed += _remove(conn, outcome.path, versions)
-        changed += _store_all(conn, reads, ids, versions)
-        versions.finish()
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    ids = _IdAllocator(conn)
+    versions = _Versions(conn)
+    current_of = _current(conn, [outcome.path for outcome in outcomes])
+    reads: list[tuple[str, LayoutRows, int, StoredLayout | None]] = []
+    seen: set[str] = set()
+    for outcome in outcomes:
+        current = current_of.get(outcome.path)
+        if current != outcome.expected or outcome.path in seen:
+            # Another writer (a scan beside the daemon, a second daemon pass) wrote this layout
+            # after the outcome's examination loaded it: the outcome may describe an older file.
+            # (A path twice in one batch: the second was decided before the first was written.)
+            conflicts.append(outcome.path)
+            continue
+        seen.add(outcome.path)
+        written.append(outcome)
+        if isinstance(outcome, Read):
+            reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
+        elif isinstance(outcome, Same):
+            assert current is not None  # a Same is only decided against a stored row
+            _touch(conn, current, outcome.identity, outcome.read_ns, versions)
+        elif isinstance(outcome, Failed):
+            _fail(conn, outcome, current, versions)
+        else:
+            changed += _remove(conn, outcome.path, versions)
+    changed += _store_all(conn, reads, ids, versions)
+    versions.finish()
     return Applied(changed, written, conflicts)
 
 
@@ -642,49 +636,46 @@ DEFERRABLE_INDEXES = (
 
 
 def defer_indexes(conn: sqlite3.Connection) -> int:
-    """Drop the lookup indexes for a cold build, their definitions kept in the same transaction."""
+    """A unit of work: drop the lookup indexes for a cold build, their definitions kept in the same transaction."""
     marks = ",".join("?" * len(DEFERRABLE_INDEXES))
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        rows = conn.execute(
-            f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN ({marks})", DEFERRABLE_INDEXES
-        ).fetchall()
-        for name, sql in rows:
-            conn.execute("INSERT OR REPLACE INTO ocidx_deferred_indexes (name, sql) VALUES (?, ?)", (name, sql))
-            conn.execute(f'DROP INDEX "{name}"')
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+    rows = conn.execute(
+        f"SELECT name, sql FROM sqlite_master WHERE type = 'index' AND name IN ({marks})", DEFERRABLE_INDEXES
+    ).fetchall()
+    for name, sql in rows:
+        conn.execute("INSERT OR REPLACE INTO ocidx_deferred_indexes (name, sql) VALUES (?, ?)", (name, sql))
+        conn.execute(f'DROP INDEX "{name}"')
     return len(rows)
 
 
 def restore_indexes(conn: sqlite3.Connection) -> int:
-    """Recreate the indexes a cold build deferred (after the build, or after one that was killed)."""
+    """Recreate the indexes a cold build deferred (after the build, or after one that was killed).
+
+    Run outside a transaction (:meth:`indexer.store.writer.Store.run`): the sorter's threads are a
+    setting, and ``ANALYZE`` follows the one transaction that builds the indexes.
+    """
+    from indexer.store import transaction
+
     rows = conn.execute("SELECT name, sql FROM ocidx_deferred_indexes ORDER BY name").fetchall()
     if not rows:
         return 0
     # SQLite's sorter may use helper threads for CREATE INDEX: the build is the cold build's serial
     # tail (0.6 s at 10,000 layouts), 13% shorter with two threads here; as many as the cores this
     # process may run on (taskset, cpusets), at most 4.
-    from indexer.scan.workers import default_workers
+    from indexer.config import default_workers
 
     threads = conn.execute("PRAGMA threads").fetchone()[0]
     conn.execute(f"PRAGMA threads = {max(threads, min(4, default_workers()))}")
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        for name, sql in rows:
-            exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
-            if exists.fetchone() is None:
-                conn.execute(sql)
-        conn.execute("DELETE FROM ocidx_deferred_indexes")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
+        transaction(conn, _create_deferred, rows)
     finally:
         conn.execute(f"PRAGMA threads = {threads}")
     conn.execute("ANALYZE")
     return len(rows)
+
+
+def _create_deferred(conn: sqlite3.Connection, rows: list[tuple[str, str]]) -> None:
+    for name, sql in rows:
+        exists = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = ?", (name,))
+        if exists.fetchone() is None:
+            conn.execute(sql)
+    conn.execute("DELETE FROM ocidx_deferred_indexes")
