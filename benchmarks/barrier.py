@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = rng.choice(layouts)
                 index_path = os.path.join(path, "index.json")
                 with open(index_path, "rb") as fh:
-                    data, _digest = new_index(fh.read(), trial)
+                    data, _digest = new_index(path, fh.read(), trial)
                 wanted = f"trial-{trial}"
                 data = data.replace(b'"ocidx-latency"', json.dumps(wanted).encode())
                 (write_renamed if trial % 2 else write_in_place)(index_path, data)

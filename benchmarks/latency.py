@@ -4,9 +4,9 @@
 (or ``python benchmarks/latency.py ...``) writes a realistic tree of layouts
 (``benchmarks.generate``, modification times an hour old so nothing is racily
 clean), starts ``ocidx daemon`` on it as a subprocess, then rewrites random
-layouts' ``index.json`` at a steady rate, alternating the two ways real writers
-do it (temporary file + rename as umoci and regclient; open, write at 0 and
-truncate as BuildKit and skopeo). After each write it polls
+layouts' ``index.json`` at a steady rate (the new image's blobs written
+first), alternating the two ways real writers do it (temporary file + rename
+as umoci and regclient; open, write at 0 and truncate as BuildKit and skopeo). After each write it polls
 ``Index.resolve_in(layout, ":ocidx-latency")`` until the new digest comes back
 with ``freshness == "indexed"``, and records the time.
 
@@ -44,6 +44,8 @@ from indexer.query import Index
 TAG = "ocidx-latency"
 REF_NAME = "org.opencontainers.image.ref.name"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -56,12 +58,39 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[rank]
 
 
-def new_index(current: bytes, serial: int) -> tuple[bytes, str]:
-    """*current* with its ``ocidx-latency`` entry replaced by a new image; (bytes, the new digest)."""
+def new_index(layout: str, current: bytes, serial: int) -> tuple[bytes, str]:
+    """*current* with its ``ocidx-latency`` entry replaced by a new image; (bytes, the new digest).
+
+    The image's blobs (a layer, its config, its manifest) are written into the layout first, as every
+    writer puts blobs before ``index.json``, so that a reader of the content graph finds them."""
+    layer = hashlib.sha256(f"latency layer {serial}".encode()).digest() * 8
+    layer_digest = "sha256:" + hashlib.sha256(layer).hexdigest()
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "config": {"Env": [f"SERIAL={serial}"]},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        },
+        separators=(",", ":"),
+    ).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    blob = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": len(layer)}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    for data, blob_digest in ((layer, layer_digest), (config, config_digest), (blob, digest)):
+        with open(os.path.join(layout, "blobs", "sha256", blob_digest.partition(":")[2]), "wb") as fh:
+            fh.write(data)
     document = json.loads(current)
     manifests = [m for m in document.get("manifests") or [] if (m.get("annotations") or {}).get(REF_NAME) != TAG]
-    blob = f'{{"schemaVersion":2,"serial":{serial}}}'.encode()
-    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     manifests.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": len(blob), "annotations": {REF_NAME: TAG}})
     document["manifests"] = manifests
     return json.dumps(document, separators=(",", ":")).encode(), digest
@@ -202,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                 path = rng.choice(tree.layouts)
                 index_path = os.path.join(path, "index.json")
                 with open(index_path, "rb") as fh:
-                    data, digest = new_index(fh.read(), serial)
+                    data, digest = new_index(path, fh.read(), serial)
                 style = "rename" if serial % 2 == 0 else "in-place"
                 serial += 1
                 (write_renamed if style == "rename" else write_in_place)(index_path, data)

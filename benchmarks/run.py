@@ -23,6 +23,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -34,6 +35,10 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks import generate as gen
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -103,6 +108,7 @@ class Proc:
     returncode: int
     stdout: str
     stderr: str
+    cpu_s: float = 0.0  # user + system time of the process and its children
 
 
 TIME = "/usr/bin/time"
@@ -120,17 +126,20 @@ def run_process(
     """
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, tempfile.NamedTemporaryFile() as rss_file:
         command = [TIME, "-f", "%M", "-o", rss_file.name, *argv] if rss and os.path.exists(TIME) else argv
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with open(stdin or os.devnull, "rb") as source:
             started = time.perf_counter()
             proc = subprocess.run(command, stdin=source, stdout=out, stderr=err, env=env, check=False)
             seconds = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         out.seek(0)
         err.seek(0)
         maxrss = 0
         if command is not argv:
             text = rss_file.read().decode().strip().splitlines()
             maxrss = int(text[-1]) if text and text[-1].isdigit() else 0
-        return Proc(seconds, maxrss, proc.returncode, out.read().decode(errors="replace"), err.read().decode())
+        return Proc(seconds, maxrss, proc.returncode, out.read().decode(errors="replace"), err.read().decode(), cpu)
 
 
 def median_process(argv: list[str], reps: int, *, env: dict[str, str] | None = None, ok: int = 0) -> Proc:
@@ -197,6 +206,36 @@ def percentile(sorted_values: list[float], q: float) -> float:
     """The *q* quantile (0..1) of already-sorted values, nearest rank."""
     index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
     return sorted_values[index]
+
+
+# -- generated data ----------------------------------------------------------------------------
+
+
+def tree_path(data: str, layouts: int, seed: str, *, graph: bool) -> str:
+    """Where the runner keeps a generated tree: content graphs under a name that says the generator's
+    graph version (a tree of another version is never reused), the corpus before the graph as before."""
+    suffix = f"-graph{gen.GRAPH_VERSION}" if graph else ""
+    return os.path.join(data, f"tree-{layouts}-s{seed}{suffix}")
+
+
+def ensure_tree(path: str, layouts: int, seed: str, *, graph: bool, say: Callable[[str], None]) -> gen.TreeInfo:
+    """The tree at *path*: reused when complete (generation is deterministic), else generated afresh."""
+    marker = os.path.join(path, ".complete")
+    if os.path.exists(marker):
+        with open(marker) as fh:
+            info = gen.TreeInfo(**json.load(fh))
+        say(f"reusing {path}: {len(info.layouts)} layouts, {info.names} names")
+        return info
+    shutil.rmtree(path, ignore_errors=True)
+    say(f"generating {layouts} layouts under {path}")
+    info = gen.generate_tree(path, layouts, seed, mtime_ns=gen.past_mtime_ns(), graph=graph)
+    with open(marker, "w") as fh:
+        json.dump(info.__dict__, fh)
+    say(
+        f"  {info.entries} entries, {info.names} names, {info.files} files in {info.seconds:.1f}s "
+        f"({info.names / max(1, len(info.layouts)):.1f} names per layout)"
+    )
+    return info
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -272,6 +311,7 @@ class Settings:
     lookup_iterations: int
     mode: str
     what_if: bool
+    graph: bool = True  # content-graph layouts (the generator's default); False: the corpus before the graph
     notes: list[str] = field(default_factory=list)
 
 
@@ -293,7 +333,7 @@ class Bench:
         # An installed package has its bytecode compiled (pip does it); this environment may say
         # PYTHONDONTWRITEBYTECODE, which would make every ocidx process compile its modules anew.
         self.env.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.tree = os.path.join(self.s.data, f"tree-{self.s.layouts}-s{self.s.seed}")
+        self.tree = tree_path(self.s.data, self.s.layouts, self.s.seed, graph=self.s.graph)
         self.dbs = os.path.join(self.s.data, "db")
         os.makedirs(self.dbs, exist_ok=True)
         self.last_write = 0.0
@@ -324,22 +364,10 @@ class Bench:
 
     def ensure_tree(self) -> gen.TreeInfo:
         """Generate the main tree (kept between runs: generation is deterministic)."""
-        marker = os.path.join(self.tree, ".complete")
-        if os.path.exists(marker):
-            with open(marker) as fh:
-                info = gen.TreeInfo(**json.load(fh))
-            self.say(f"reusing {self.tree}: {len(info.layouts)} layouts, {info.names} names")
-            return info
-        shutil.rmtree(self.tree, ignore_errors=True)
-        self.say(f"generating {self.s.layouts} layouts under {self.tree}")
-        info = gen.generate_tree(self.tree, self.s.layouts, self.s.seed, mtime_ns=gen.past_mtime_ns())
-        self.last_write = time.time()
-        with open(marker, "w") as fh:
-            json.dump(info.__dict__, fh)
-        self.say(
-            f"  {info.entries} entries, {info.names} names, {info.files} files in {info.seconds:.1f}s "
-            f"({info.names / max(1, len(info.layouts)):.1f} names per layout)"
-        )
+        generated = not os.path.exists(os.path.join(self.tree, ".complete"))
+        info = ensure_tree(self.tree, self.s.layouts, self.s.seed, graph=self.s.graph, say=self.say)
+        if generated:
+            self.last_write = time.time()
         return info
 
     def scan(self, db: str, root: str, *, fresh: bool, rss: bool = False) -> tuple[Proc, dict[str, object]]:
@@ -533,15 +561,12 @@ class Bench:
 
     def bench_rescan_large(self, count: int) -> None:
         """The no-change re-scan of a larger tree (generated once, kept like the main tree)."""
-        tree = os.path.join(self.s.data, f"tree-{count}-s{self.s.seed}")
-        marker = os.path.join(tree, ".complete")
-        if not os.path.exists(marker):
-            shutil.rmtree(tree, ignore_errors=True)
-            self.say(f"generating {count} layouts under {tree}")
-            info = gen.generate_tree(tree, count, self.s.seed, mtime_ns=gen.past_mtime_ns())
+        # The corpus before the content graph: 50,000 graph layouts are 14 million files, most of the
+        # inodes of a build host's file system (and of this machine's).
+        tree = tree_path(self.s.data, count, self.s.seed, graph=False)
+        if not os.path.exists(os.path.join(tree, ".complete")):
+            ensure_tree(tree, count, self.s.seed, graph=False, say=self.say)
             self.last_write = time.time()
-            with open(marker, "w") as fh:
-                json.dump(info.__dict__, fh)
         self.settle()
         db = os.path.join(self.dbs, f"tree-{count}.db")
         started = time.perf_counter()
@@ -696,7 +721,9 @@ class Bench:
 
     def bench_lookups(self) -> None:
         """In-process resolve_in by tag, name and digest at each database size, warm."""
-        probe_root = os.path.join(self.s.data, f"probe-s{self.s.seed}")
+        probe_root = os.path.join(
+            self.s.data, f"probe-s{self.s.seed}" + (f"-graph{gen.GRAPH_VERSION}" if self.s.graph else "")
+        )
         marker = os.path.join(probe_root, ".complete")
         if not os.path.exists(marker):
             shutil.rmtree(probe_root, ignore_errors=True)
@@ -704,7 +731,7 @@ class Bench:
             names = number = 0
             mtime = gen.past_mtime_ns()
             while names < 1000:
-                model = gen.build_layout(self.s.seed, number, images, kind="probe")
+                model = gen.build_layout(self.s.seed, number, images, kind="probe", graph=self.s.graph)
                 gen.write_layout(gen.layout_path(probe_root, number), model, mtime_ns=mtime)
                 names += model.expected_names
                 number += 1
@@ -778,7 +805,9 @@ class Bench:
 
     def bench_huge(self) -> None:
         """Resolving one tag in a huge layout: ocidx (process, in-process) vs linear scan and skopeo."""
-        root = os.path.join(self.s.data, f"huge-s{self.s.seed}")
+        root = os.path.join(
+            self.s.data, f"huge-s{self.s.seed}" + (f"-graph{gen.GRAPH_VERSION}" if self.s.graph else "")
+        )
         paths = {}
         for entries in self.s.huge:
             path = os.path.join(root, f"huge-{entries}")
@@ -786,7 +815,14 @@ class Bench:
             if not os.path.exists(marker):
                 shutil.rmtree(path, ignore_errors=True)
                 self.say(f"generating a layout of {entries:,} entries")
-                gen.generate_huge(path, entries, self.s.seed, target_tag=TARGET_TAG, mtime_ns=gen.past_mtime_ns())
+                gen.generate_huge(
+                    path,
+                    entries,
+                    self.s.seed,
+                    target_tag=TARGET_TAG,
+                    mtime_ns=gen.past_mtime_ns(),
+                    graph=self.s.graph,
+                )
                 self.last_write = time.time()
                 with open(marker, "w") as fh:
                     fh.write("ok\n")
@@ -995,8 +1031,10 @@ def pick_find_tags(db: str, layouts: int) -> list[tuple[str, int]]:
     return [(tag, held), ("latest", latest)]
 
 
-def fill_database(source: str, target: str, names: int, seed: str) -> int:
-    """Copy *source* to *target* and add filler layouts until it holds at least *names* names."""
+def fill_database(source: str, target: str, names: int, seed: str, *, graph: bool = False) -> int:
+    """Copy *source* to *target* and add filler layouts until it holds at least *names* names (rows
+    only: the filler layouts are not on disk). Their index.json is the corpus before the content graph
+    unless *graph*: name lookups need names, and a graph layout takes six times longer to build."""
     from indexer.layout import Child, FileIdentity, Platform, Snapshot, parse_index
     from indexer.store import open_writer
     from indexer.store.write import Read, apply
@@ -1017,15 +1055,19 @@ def fill_database(source: str, target: str, names: int, seed: str) -> int:
         old = gen.past_mtime_ns()
         batch: list[Read] = []
         while have < names:
-            model = gen.build_layout(seed, number, images, kind="filler")
+            model = gen.build_layout(seed, number, images, kind="filler", graph=graph)
             entries, warnings = parse_index(model.index_bytes)
             children = []
             for position, index_digest, kids, present in model.nested:
                 if not present:
                     continue
                 for kid in kids:
-                    plat = kid.get("platform")
-                    assert isinstance(plat, dict)
+                    plat = kid.get("platform")  # none for the referrers a referrers tag index lists
+                    kid_platform = None
+                    if isinstance(plat, dict):
+                        kid_platform = Platform(
+                            plat["os"], plat["architecture"], plat.get("variant", ""), plat.get("os.version", "")
+                        )
                     notes = kid.get("annotations")
                     children.append(
                         Child(
@@ -1035,7 +1077,7 @@ def fill_database(source: str, target: str, names: int, seed: str) -> int:
                             str(kid["digest"]),
                             str(kid["mediaType"]),
                             int(str(kid["size"])),
-                            Platform(plat["os"], plat["architecture"], plat.get("variant", "")),
+                            kid_platform,
                             dict(notes) if isinstance(notes, dict) else {},
                         )
                     )
@@ -1279,6 +1321,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="rewrite the results section of benchmarks/RESULTS.md with this run (only a full run should)",
     )
+    parser.add_argument(
+        "--no-graph",
+        action="store_true",
+        help="layouts without the content graph (index.json and nested indexes), the corpus before the graph",
+    )
     args = parser.parse_args(argv)
     full = args.full
     settings = Settings(
@@ -1293,6 +1340,7 @@ def main(argv: list[str] | None = None) -> int:
         lookup_iterations=2000,
         mode="full" if full else "quick",
         what_if=not args.no_what_if,
+        graph=not args.no_graph,
     )
     os.makedirs(settings.data, exist_ok=True)
     only = set(args.only.split(",")) if args.only else None
