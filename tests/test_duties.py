@@ -290,3 +290,13 @@ def test_counts_merge_adds_every_figure() -> None:
     two.seen, two.removed, two.removed_paths = 3, 1, ["/b"]
     one.merge(two)
     assert (one.seen, one.changed, one.removed, one.changed_paths, one.removed_paths) == (5, 1, 1, ["/a"], ["/b"])
+
+
+def test_a_tree_is_covered_by_an_ancestor_only_as_deep_as_it_reaches() -> None:
+    from indexer.daemon.changes import outermost
+
+    same_root = [Root("/r/a", max_depth=3), Root("/r/a/b", max_depth=2), Root("/r/a/b/c", max_depth=1)]
+    assert outermost(same_root) == [Root("/r/a", max_depth=3)]  # an rm -r's events: one rediscovery
+    # A root nested in another, reaching deeper than the outer root's limit, keeps its own tree.
+    nested = [Root("/r/a", max_depth=1), Root("/r/a/inner/x", max_depth=6)]
+    assert outermost(nested) == nested

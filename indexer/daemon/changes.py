@@ -237,16 +237,19 @@ def _discover_trees(trees: list[Root], tops: list[str]) -> tuple[list[str], list
 
 
 def outermost(trees: Iterable[Root]) -> list[Root]:
-    """*trees* without those inside another of them (an ``rm -r`` reports every directory it removes).
+    """*trees* without those another of them covers (an ``rm -r`` reports every directory it removes).
 
-    Trees of one root reach the same depth below it, so an ancestor covers its descendants.
+    An ancestor covers a tree inside it when its discovery reaches at least as deep (trees of one root
+    do; a root nested in another may reach deeper than the outer one's depth limit).
     """
     by_path = {tree.path: tree for tree in trees}
     kept = []
     for path, tree in by_path.items():
-        here = path
+        here, below = path, 0
         while (parent := os.path.dirname(here)) != here:
-            if parent in by_path:
+            below += 1
+            ancestor = by_path.get(parent)
+            if ancestor is not None and ancestor.max_depth >= tree.max_depth + below:
                 break
             here = parent
         else:
