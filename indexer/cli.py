@@ -312,6 +312,8 @@ def cmd_find_fleet(args: argparse.Namespace) -> int:
 
     with Fleet(config=args.config) as fleet:
         answers = fleet.find(args.ref)
+    for warning in answers.warnings:  # a host's malformed rows, dropped
+        _warn(f"ocidx: warning: {warning}")
     if args.json:
         _emit([a.to_json() for a in answers])
     else:
@@ -329,6 +331,8 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
     with Fleet(config=args.config) as fleet:
         rows = fleet.hosts()
+    for warning in rows.warnings:
+        _warn(f"ocidx: warning: {warning}")
     if args.json:
         _emit(rows)
     else:
@@ -340,7 +344,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
                 row["host_state"],
                 f"heartbeat {age}",
                 f"{row['layouts']} layouts",
-                f"{row['entries']} entries",
+                "entries unknown" if row["entries"] is None else f"{row['entries']} entries",
                 f"backlog {backlog}",
             )
     return 0
