@@ -494,7 +494,12 @@ class Daemon:
 
         on_backlog = self.metrics.set_publish_backlog if self.metrics is not None else None  # ocidx_publish_backlog
         await Publisher(
-            dsn, self.db_path, heartbeat_s=self.settings.heartbeat_s, record=record, on_backlog=on_backlog
+            dsn,
+            self.db_path,
+            heartbeat_s=self.settings.heartbeat_s,
+            record=record,
+            on_backlog=on_backlog,
+            reconcile_s=self.settings.reconcile_s,  # the fleet's rows are checked as often as the roots
         ).run()
 
     async def _heartbeat(self) -> None:
