@@ -424,17 +424,14 @@ class Fleet:
                 why += ": an administrator's migration or maintenance may be holding the fleet's tables"
             raise FleetUnavailable(f"the fleet database failed ({describe_dsn(self.dsn)}): {why}") from None
 
-    def _host_states(self, dropped: Dropped) -> dict[str, tuple[str, float | None, int | None]]:
-        """Every host's (state, heartbeat age in seconds by the server's clock, backlog as reported)."""
-        out: dict[str, tuple[str, float | None, int | None]] = {}
+    def _host_states(self, dropped: Dropped) -> dict[str, tuple[str, float | None, object]]:
+        """Every host's (state, heartbeat age in seconds by the server's clock, backlog as reported, unchecked)."""
+        out: dict[str, tuple[str, float | None, object]] = {}
         for host, age, backlog in self.conn.execute("SELECT * FROM ocidx.hosts()"):
             if type(host) is not str or not host:
                 dropped.add(host, None, "hosts", "the host is not a name")
                 continue
             age_s = None if age is None else round(max(0.0, float(age)), 3)
-            if backlog is not None and (type(backlog) is not int or backlog < 0):
-                dropped.add(host, None, "heartbeats", f"backlog is {backlog!r}, not a count")
-                backlog = None
             state = LIVE if age_s is not None and age_s <= self.stale_after_s else STALE
             out[host] = (state, age_s, backlog)
         return out
@@ -560,6 +557,9 @@ class Fleet:
         out: list[dict[str, object]] = []
         for host in sorted(states):
             state, age, backlog = states[host]
+            if backlog is not None and (type(backlog) is not int or backlog < 0):
+                dropped.add(host, None, "heartbeats", f"backlog is {backlog!r}, not a count")
+                backlog = None
             layouts, entries = counts.get(host, (0, 0))
             out.append(
                 {
