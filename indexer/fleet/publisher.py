@@ -572,7 +572,7 @@ class Publisher:
             rewrite = (
                 f"its rows came from another index (incarnation {remote_incarnation}, now {incarnation})"
                 if remote_incarnation is not None
-                else "the fleet holds no incarnation for its rows"
+                else "its rows in the fleet were not published from this index"
             )
         if rewrite is None and counter < remote_watermark:
             rewrite = f"the index went back from version {remote_watermark} to {counter}"
@@ -609,11 +609,11 @@ class Publisher:
         self.checked_at = time.monotonic()
         self._set_backlog(await self._local(backlog_of, counter))
         log.info(
-            "fleet: reconciled host %s: %d layouts published, %d removed%s",
+            "fleet: reconciled host %s: %s",
             self.host,
-            len(differ),
-            len(stale),
-            f" (all of them again: {rewrite})" if rewrite is not None else "",
+            f"{len(differ)} layouts published, {len(stale)} removed"
+            if rewrite is None
+            else f"every row replaced, {len(differ)} layouts published ({rewrite})",
             extra={
                 "fields": {
                     "event": "fleet_reconciled",
