@@ -5,7 +5,8 @@ out the same (id, version) pairs again for other contents, and a fleet database 
 holds rows older than the watermark its publishers follow. Each side has an incarnation; the publisher
 starts over when either changes, and a check of counts and a checksum once per reconcile interval
 catches a data-only restore, which changes neither. Every test ends with the host's rows in
-PostgreSQL equal, table by table, to its SQLite index as a fresh read of that file gives them.
+PostgreSQL equal, table by table, to its SQLite index as a fresh read of that file gives them, and
+holding what a fresh ``ocidx scan`` of its layouts finds.
 """
 
 # ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
@@ -85,6 +86,24 @@ def matches(fleet_db: FleetDb, host: str, db: str) -> bool:
         return False
 
 
+def by_path(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[object, ...]]]:
+    """*rows* (of pg_rows or sqlite_rows) with each layout id replaced by its path, and the ids and versions
+    that only one index's life gives left out: what two indexes of the same layouts hold alike."""
+    paths = {row[0]: bytes(row[1]) for row in rows["layouts"]}  # type: ignore[call-overload]
+    out = {"layouts": sorted((paths[row[0]], *row[3:]) for row in rows["layouts"])}
+    for table, table_rows in rows.items():
+        if table != "layouts":
+            out[table] = sorted((paths[row[0]], *row[1:]) for row in table_rows)
+    return out
+
+
+def fresh_scan(root: str, tmp: str) -> dict[str, list[tuple[object, ...]]]:
+    """What a fresh ``ocidx scan`` of *root* into a new index holds, by path."""
+    db = os.path.join(tmp, f"fresh-{len(os.listdir(tmp))}.db")
+    scan(db, root)
+    return by_path(sqlite_rows(db))
+
+
 def remove_index(db: str) -> None:
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(db + suffix):
@@ -116,6 +135,7 @@ def test_an_index_rebuilt_under_a_publisher_is_published_again_in_full(
     assert sqlite_rows(db)["entries"] != old["entries"]  # ...for another digest
 
     wait_until(lambda: matches(fleet_db, "h1", db), "the rebuilt index is published", CONVERGE_S)
+    assert by_path(pg_rows(fleet_db.admin_dsn, "h1")) == fresh_scan(root, tmp)
     with open(os.path.join(tmp, "publisher.log"), encoding="utf-8") as fh:
         assert "every row replaced, 2 layouts published (its rows came from another index" in fh.read()
 
@@ -156,6 +176,8 @@ def test_a_fleet_restored_from_an_older_dump_while_publishers_stay_connected_con
     )
     wait_converged(fleet_db, "h1", h1)
     wait_converged(fleet_db, "h2", h2)
+    for name, daemon in (("h1", h1), ("h2", h2)):
+        assert by_path(pg_rows(fleet_db.admin_dsn, name)) == fresh_scan(daemon.roots[0], os.fspath(tmp_path))
     assert "fleet: the fleet database was restored or replaced" in h1.log()
     assert (h1.pid, h2.pid) == pids and not h1.exited() and not h2.exited()
 
@@ -195,4 +217,5 @@ def test_a_data_only_restore_is_caught_by_the_check_of_counts_and_checksum(
         dbname=fleet_db.dbname,
     )
     wait_converged(fleet_db, "h1", h1)
+    assert by_path(pg_rows(fleet_db.admin_dsn, "h1")) == fresh_scan(h1.roots[0], os.fspath(tmp_path))
     assert "its rows differ from the index" in h1.log()
