@@ -88,7 +88,8 @@ IDLE_IN_TRANSACTION_S = 60.0
 RECONCILE_S = 300.0  # the default of [daemon] reconcile_interval_s: how often the rows are checked
 CONNECTED = "connected"
 
-# What a batch reads from SQLite for each layout, and writes to PostgreSQL.
+# What a batch reads from SQLite for each layout, and sends to PostgreSQL: the columns of
+# ocidx.put_layouts and ocidx.put_rows, in their order.
 _LAYOUT_COLUMNS = "id, path, version, state, error_category, error, content_hash, entry_count"
 _PG_TABLES = {
     "layouts": ("id", "path", "version", "state", "error_category", "error", "content_hash", "entry_count"),
