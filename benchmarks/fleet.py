@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.join(REPO, "tests"))  # the one throwaway-cluster hel
 
 import anyio  # noqa: E402
 import psycopg  # noqa: E402
-from pg_cluster import Cluster, bin_dir, sqlite_rows  # noqa: E402
+from pg_cluster import Cluster, admin_connect, bin_dir, sqlite_rows  # noqa: E402
 from pg_cluster import pg_rows as pg_table_rows  # noqa: E402
 
 from benchmarks.generate import generate_tree, past_mtime_ns  # noqa: E402
@@ -157,7 +157,7 @@ def copy_baseline(cluster: Cluster, source_db: str, hosts: list[str]) -> float:
     cluster.psql(f"CREATE DATABASE {target}")
     admin.migrate(cluster.dsn(dbname=target))
     dumps: dict[str, bytes] = {}
-    with psycopg.connect(cluster.dsn(dbname=source_db)) as src:
+    with admin_connect(cluster.dsn(dbname=source_db)) as src:
         for table in ("hosts", *TABLES):
             buffer = bytearray()
             query = f"COPY (SELECT * FROM {table} WHERE host = ANY(%s)) TO STDOUT"
@@ -165,7 +165,7 @@ def copy_baseline(cluster: Cluster, source_db: str, hosts: list[str]) -> float:
                 for chunk in copy:
                     buffer += chunk
             dumps[table] = bytes(buffer)
-    with psycopg.connect(cluster.dsn(dbname=target)) as dst:
+    with admin_connect(cluster.dsn(dbname=target)) as dst:
         dst.execute("SET row_security = off")  # as superuser, PostgreSQL's own fastest path
         started = time.perf_counter()
         with dst.transaction():
@@ -307,7 +307,7 @@ class Bench:
                     tg.start_soon(host.publisher.run)
                 await self.wait_caught_up(new, deadline_s=3600)
                 seconds = time.perf_counter() - started
-                with psycopg.connect(admin_dsn) as conn:
+                with admin_connect(admin_dsn) as conn:
                     rows = pg_rows(conn, names)
                 copy_s = copy_baseline(cluster, dbname, names)
                 self.fig(
@@ -353,7 +353,7 @@ class Bench:
 
         def poller() -> None:
             give_up = None
-            with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            with admin_connect(admin_dsn, autocommit=True) as conn:
                 while not stop.is_set() or pending:
                     if stop.is_set():
                         give_up = give_up or time.perf_counter() + 60
@@ -425,7 +425,7 @@ class Bench:
 
     def verify(self, admin_dsn: str) -> bool:
         """Every host's layouts (path, version, entry count) equal SQLite's; every row for a sample of hosts."""
-        with psycopg.connect(admin_dsn) as conn:
+        with admin_connect(admin_dsn) as conn:
             for host in self.hosts:
                 local = sqlite3.connect(f"file:{host.db}?mode=ro", uri=True)
                 try:
@@ -453,7 +453,7 @@ class Bench:
         return all(pg_table_rows(admin_dsn, h.name) == sqlite_rows(h.db) for h in sample)
 
     def size_figures(self, admin_dsn: str) -> None:
-        with psycopg.connect(admin_dsn) as conn:
+        with admin_connect(admin_dsn) as conn:
             entries = conn.execute("SELECT count(*) FROM entries").fetchone()[0]  # type: ignore[index]
             per_table = conn.execute(
                 "SELECT relname, pg_total_relation_size(oid) FROM pg_class WHERE relname = ANY(%s) ORDER BY 2 DESC",

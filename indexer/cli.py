@@ -487,6 +487,8 @@ def cmd_find_fleet(args: argparse.Namespace) -> int:
                 if isinstance(exc, DatabaseError):
                     return worst  # unreachable: every REF after it would wait out the same timeout
                 continue
+            for warning in answers.warnings:  # a host's malformed rows, dropped
+                _warn(f"ocidx: warning: {warning}")
             if args.json:
                 if batch:
                     _emit_line({"target": ref, "matches": [a.to_json() for a in answers]})
@@ -507,6 +509,8 @@ def cmd_hosts(args: argparse.Namespace) -> int:
 
     with Fleet(_fleet_dsn(args), config=args.config) as fleet:
         rows = fleet.hosts()
+    for warning in rows.warnings:
+        _warn(f"ocidx: warning: {warning}")
     if args.json:
         _emit(rows)
     else:
@@ -518,7 +522,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
                 row["host_state"],
                 f"heartbeat {age}",
                 _plural(row["layouts"], "layout"),
-                _plural(row["entries"], "entry"),
+                "entries unknown" if row["entries"] is None else _plural(row["entries"], "entry"),
                 f"backlog {backlog}",
             )
     return 0

@@ -22,6 +22,9 @@ import tempfile
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import Any
+
+    import psycopg
 
 BIN_DIRS = ("/usr/local/pgsql/bin",)  # besides Debian's /usr/lib/postgresql/VERSION/bin, newest first
 PG_USER = "ocidx-pg"  # created (as a system user) when we are root and it is missing
@@ -161,6 +164,26 @@ class Cluster:
         with psycopg.connect(self.dsn(dbname=dbname), autocommit=True) as conn:
             conn.execute(sql)
 
+    def client(self, program: str, *args: str, dbname: str) -> subprocess.CompletedProcess[bytes]:
+        """Run PostgreSQL's client *program* (pg_dump, pg_restore, psql) as the superuser on *dbname*."""
+        return subprocess.run(
+            [
+                os.path.join(self.bindir, program),
+                "-h",
+                self.socket_dir,
+                "-p",
+                str(self.port),
+                "-U",
+                self.superuser,
+                "-d",
+                dbname,
+                *args,
+            ],
+            capture_output=True,
+            check=True,
+            timeout=300,
+        )
+
     def destroy(self) -> None:
         """Stop the server and remove its directory."""
         self.stop("immediate")
@@ -234,6 +257,17 @@ class FleetDb:
         admin.add_host(self.admin_dsn, name)
         return self.dsn(name)
 
+    def add_reader(self, name: str) -> str:
+        """A login role *name* that is a member of ocidx_reader, as docs/fleet.md's recipe makes one; its DSN."""
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(self.admin_dsn, autocommit=True) as conn:
+            if conn.execute("SELECT FROM pg_roles WHERE rolname = %s", (name,)).fetchone() is None:
+                conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("GRANT ocidx_reader TO {}").format(sql.Identifier(name)))
+        return self.dsn(name)
+
 
 # Each table as both sides hold it, keyed the same way; SQLite's side is computed here in SQL,
 # not by the publisher's code, so that a publisher bug cannot hide in both.
@@ -270,11 +304,22 @@ def sqlite_rows(db: str) -> dict[str, list[tuple[object, ...]]]:
         conn.close()
 
 
-def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
-    """The host's rows in the fleet database, table by table, sorted."""
+def admin_connect(admin_dsn: str, *, autocommit: bool = False) -> psycopg.Connection[tuple[Any, ...]]:
+    """A connection as the fleet's administrator that finds the tables by their names (in schema
+    ocidx_data since fleet migration 0002, where only the administrator may look), and gives up
+    waiting for a lock after 10 s (a test never waits for one but where something is wrong)."""
     import psycopg
 
-    with psycopg.connect(admin_dsn) as conn:
+    conn = psycopg.connect(admin_dsn, autocommit=autocommit, options="-c lock_timeout=10s")
+    conn.execute("SELECT set_config('search_path', 'ocidx_data, ' || current_setting('search_path'), false)")
+    if not autocommit:
+        conn.commit()
+    return conn
+
+
+def pg_rows(admin_dsn: str, host: str) -> dict[str, list[tuple[object, ...]]]:
+    """The host's rows in the fleet database, table by table, sorted."""
+    with admin_connect(admin_dsn) as conn:
         return {
             t: sorted(tuple(r) for r in conn.execute(f"{sql} WHERE host = %s", (host,))) for t, sql in PG_ROWS.items()
         }

@@ -19,7 +19,7 @@ import pytest
 from cli_run import ANSWER_KEYS, ocidx
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 from needs import module
-from pg_cluster import PG_ROWS, FleetDb, pg_rows, sqlite_rows
+from pg_cluster import PG_ROWS, FleetDb, admin_connect, pg_rows, sqlite_rows
 from test_daemon import Daemon, wait_until
 
 from indexer.config import Config, FleetSettings
@@ -227,7 +227,7 @@ def test_postgres_stopped_during_churn_then_restarted_converges_exactly(
     finally:
         cluster.start()
     wait_converged(fleet_db, "h1", h1)
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
+    with admin_connect(fleet_db.admin_dsn) as conn:
         paths = {bytes(r[0]).decode() for r in conn.execute("SELECT path FROM layouts WHERE host = 'h1'")}
     assert paths == h1.layouts()
     wait_until(lambda: h1.status()["fleet"]["connected"] is True, "status says connected again")  # type: ignore[index]
@@ -241,8 +241,9 @@ def test_sigkill_mid_publish_then_restart_converges(fleet_db: FleetDb, daemons: 
     churn(root, 300, "v1")
 
     def published() -> int:
-        with psycopg.connect(fleet_db.admin_dsn) as conn:
-            return int(conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchone()[0])
+        with admin_connect(fleet_db.admin_dsn) as conn:
+            (count,) = conn.execute("SELECT count(*) FROM layouts WHERE host = 'h1'").fetchall()
+            return int(count[0])
 
     h1.start()
     wait_until(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
@@ -298,7 +299,7 @@ def test_a_removed_host_leaves_no_row_and_stops_publishing(
     churn(h1.roots[0], 6, "v2")
     wait_until(lambda: "not a host of the fleet" in str(h1.status()["fleet"]["state"]), "the host says why it stopped")  # type: ignore[index]
     assert pg_rows(fleet_db.admin_dsn, "h1") == {t: [] for t in PG_ROWS}
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
+    with admin_connect(fleet_db.admin_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM heartbeats").fetchone() == (0,)
 
 

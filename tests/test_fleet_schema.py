@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 from cli_run import ocidx
 from needs import module
-from pg_cluster import FleetDb
+from pg_cluster import PG_ROWS, Cluster, FleetDb, admin_connect, pg_rows
 
 from indexer.fleet import admin, known_migrations
 
@@ -15,127 +16,157 @@ psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = pytest.mark.fleet
 
-OTHER_ROWS = {
-    # table: (an INSERT of a row belonging to host b, a WHERE picking b's rows)
-    "layouts": "INSERT INTO layouts (host, id, path, version, state, entry_count) VALUES ('b', 99, 'x', 1, 'ok', 0)",
-    "entries": "INSERT INTO entries (host, layout_id, position, digest, media_type, size, annotations) "
-    "VALUES ('b', 1, 9, 'sha256:x', 't', 1, '{}')",
-    "names": "INSERT INTO names (host, layout_id, entry_position, ordinal, name, tag, how) "
-    "VALUES ('b', 1, 0, 9, 'n', 't', 'full')",
-    "children": "INSERT INTO children (host, layout_id, entry_position, position, parent, depth, digest, media_type, "
-    "size, annotations) VALUES ('b', 1, 0, 9, 'p', 1, 'd', 't', 1, '{}')",
-    "layout_warnings": "INSERT INTO layout_warnings (host, layout_id, ordinal, message) VALUES ('b', 1, 9, 'm')",
-    "heartbeats": "INSERT INTO heartbeats (host, backlog) VALUES ('b', 0)",
-    "hosts": "INSERT INTO hosts (host) VALUES ('c')",
-}
-TABLES = list(OTHER_ROWS)
+TABLES = ["hosts", "heartbeats", "layouts", "entries", "names", "children", "layout_warnings"]
+B_DIGEST = "sha256:" + "b" * 64
+
+# What a host or a reader could send to write another host's rows, or to get around the functions: each
+# must be refused or change nothing of host b's (the test compares b's rows before and after).
+DIRECT = [
+    *(
+        f"{verb} {schema}{table}"
+        for table in TABLES
+        for schema in ("", "public.", "ocidx_data.")
+        for verb in (
+            "DELETE FROM",
+            "TRUNCATE",
+        )
+    ),
+    "INSERT INTO ocidx_data.layouts (host, id, path, version, state, entry_count) VALUES ('b', 99, 'x', 1, 'ok', 0)",
+    "UPDATE ocidx_data.hosts SET watermark = 7 WHERE host = 'b'",
+    "UPDATE ocidx_data.layouts SET host = 'a'",
+    "CREATE TABLE mine (x int)",
+    "CREATE TABLE ocidx.mine (x int)",
+    "CREATE TABLE ocidx_data.mine (x int)",
+    "ALTER TABLE ocidx_data.layouts DISABLE ROW LEVEL SECURITY",
+    "DROP POLICY layouts_api_write ON ocidx_data.layouts",
+    "SET ROLE ocidx_api",
+    "ALTER FUNCTION ocidx.forget_host() SECURITY INVOKER",
+    "CREATE OR REPLACE FUNCTION ocidx.forget_host() RETURNS void LANGUAGE sql AS 'SELECT'",
+    "DROP FUNCTION ocidx.forget_host()",
+    "GRANT ocidx_api TO CURRENT_USER",
+]
+# Through the functions, aimed at host b's rows: they only ever touch the caller's own.
+THROUGH_FUNCTIONS = [
+    "SELECT ocidx.remove_layouts(ARRAY['x'::bytea])",
+    "SELECT ocidx.forget_host()",
+    "SELECT ocidx.put_rows('[[1, 5, \"sha256:" + "c" * 64 + '", "t", 1, null, "{}", null, null]]\', '
+    "'[[1, 0, 5, \"n\", \"t\", \"full\"]]', '[]', '[]')",
+    "SELECT ocidx.beat(3, 1, 9, 'mine')",
+]
 
 
 def _seed_host_b(fleet_db: FleetDb) -> None:
-    """Host b publishes one layout with one entry, name, child and warning, and a heartbeat."""
+    """Host b publishes one layout with one entry, name, child and warning, and a heartbeat, as its publisher does."""
     with psycopg.connect(fleet_db.add_host("b"), autocommit=True) as b, b.transaction():
-        b.execute("INSERT INTO layouts (id, path, version, state, entry_count) VALUES (1, 'x', 1, 'ok', 1)")
         b.execute(
-            "INSERT INTO entries (layout_id, position, digest, media_type, size, annotations) "
-            "VALUES (1, 0, 'sha256:b', 't', 1, '{}')"
+            "SELECT ocidx.put_layouts(ARRAY[1]::bigint[], ARRAY['x'::bytea], ARRAY[1]::bigint[], ARRAY['ok'], "
+            "ARRAY[NULL]::text[], ARRAY[NULL]::text[], ARRAY[NULL]::text[], ARRAY[1])"
         )
         b.execute(
-            "INSERT INTO names (layout_id, entry_position, ordinal, name, tag, how) VALUES (1, 0, 0, 'n', 't', 'full')"
+            "SELECT ocidx.put_rows(%s, %s, %s, %s)",
+            (
+                json.dumps([[1, 0, B_DIGEST, "t", 1, None, "{}", None, None]]),
+                json.dumps([[1, 0, 0, "", "t", "tag-only"]]),
+                json.dumps([[1, 0, 0, B_DIGEST, 1, "sha256:" + "d" * 64, "t", 1, None, "{}"]]),
+                json.dumps([[1, 0, "m"]]),
+            ),
         )
-        b.execute(
-            "INSERT INTO children (layout_id, entry_position, position, parent, depth, digest, media_type, size, "
-            "annotations) VALUES (1, 0, 0, 'p', 1, 'd', 't', 1, '{}')"
-        )
-        b.execute("INSERT INTO layout_warnings (layout_id, ordinal, message) VALUES (1, 0, 'm')")
-        b.execute("INSERT INTO heartbeats (backlog) VALUES (0)")
+        b.execute("SELECT ocidx.beat(0, 1, 1, 'b-index')")
 
 
-def _counts(fleet_db: FleetDb) -> dict[str, int]:
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
-        return {t: int(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in TABLES}
+def _rows_of_b(fleet_db: FleetDb) -> dict[str, object]:
+    with admin_connect(fleet_db.admin_dsn) as conn:
+        hosts = conn.execute("SELECT host, watermark, sqlite_incarnation FROM hosts ORDER BY host").fetchall()
+        beats = conn.execute("SELECT host, backlog FROM heartbeats ORDER BY host").fetchall()
+    return {"rows": pg_rows(fleet_db.admin_dsn, "b"), "hosts": hosts, "heartbeats": beats}
 
 
-def _refused(dsn: str, statement: str) -> str | None:
-    """None when *statement* was refused (an error, or no row touched), else what it did."""
+def _attempt(dsn: str, statements: list[str]) -> list[str]:
+    """Run each statement in its own transaction, committed when it worked; the ones that worked."""
+    worked = []
     with psycopg.connect(dsn) as conn:
-        try:
-            cur = conn.execute(statement)
-        except psycopg.Error:
-            return None
-        touched = cur.rowcount
-        conn.commit()
-    return None if touched == 0 else f"{statement!r} touched {touched} rows"
-
-
-def _every_write(table: str) -> list[str]:
-    column = "message" if table == "layout_warnings" else "host"
-    return [
-        OTHER_ROWS[table],
-        f"UPDATE {table} SET {column} = {column} WHERE host = 'b'",
-        f"UPDATE {table} SET host = 'a' WHERE host = 'b'",
-        f"DELETE FROM {table} WHERE host = 'b'",
-        f"TRUNCATE {table} CASCADE",
-    ]
+        for statement in statements:
+            try:
+                conn.execute(statement)
+            except psycopg.Error:
+                conn.rollback()
+                continue
+            conn.commit()
+            worked.append(statement)
+    return worked
 
 
 def test_a_host_cannot_write_another_hosts_rows(fleet_db: FleetDb) -> None:
     _seed_host_b(fleet_db)
     a = fleet_db.add_host("a")
-    before = _counts(fleet_db)
-    done = [what for table in TABLES for s in _every_write(table) if (what := _refused(a, s)) is not None]
-    # ... nor move its own rows to another host, nor write rows in another host's name
-    with psycopg.connect(a, autocommit=True) as conn:
-        conn.execute("INSERT INTO layouts (id, path, version, state, entry_count) VALUES (5, 'mine', 1, 'ok', 0)")
-    done += [
-        w
-        for s in (
-            "UPDATE layouts SET host = 'b' WHERE host = 'a'",
-            "INSERT INTO layouts (host, id, path, version, state, entry_count) VALUES ('b', 6, 'y', 1, 'ok', 0)",
-            "UPDATE hosts SET watermark = 7 WHERE host = 'b'",
-            "UPDATE hosts SET host = 'z' WHERE host = 'a'",
-            "CREATE TABLE mine (x int)",
-            "ALTER TABLE layouts DISABLE ROW LEVEL SECURITY",
-            "DROP POLICY layouts_read ON layouts",
-        )
-        if (w := _refused(a, s)) is not None
-    ]
-    assert done == []
-    after = _counts(fleet_db)
-    assert after == {**before, "layouts": before["layouts"] + 1}
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
-        assert conn.execute("SELECT host, watermark FROM hosts ORDER BY host").fetchall() == [("a", 0), ("b", 0)]
+    before = _rows_of_b(fleet_db)
+    assert _attempt(a, DIRECT) == []
+    # Through the functions a host writes only its own rows: b's stay as they were.
+    assert _attempt(a, THROUGH_FUNCTIONS) == [THROUGH_FUNCTIONS[0], THROUGH_FUNCTIONS[1], THROUGH_FUNCTIONS[3]]
+    after = _rows_of_b(fleet_db)
+    assert after["rows"] == before["rows"]
+    assert after["hosts"] == [("a", 9, "mine"), ("b", 1, "b-index")]
+    assert after["heartbeats"] == [("a", 3), ("b", 0)]
 
 
-def test_a_host_writes_its_own_rows(fleet_db: FleetDb) -> None:
-    """The refusals above are row-level security, not a host that cannot write at all."""
+def test_a_host_writes_its_own_rows_through_the_functions_only(fleet_db: FleetDb) -> None:
     _seed_host_b(fleet_db)
     b = fleet_db.dsn("b")
+    assert pg_rows(fleet_db.admin_dsn, "b")["names"] == [(1, 0, 0, "", "t", "tag-only")]
     with psycopg.connect(b, autocommit=True) as conn:
-        assert conn.execute("UPDATE hosts SET watermark = 3 WHERE host = 'b'").rowcount == 1
-        assert conn.execute("UPDATE heartbeats SET backlog = 2").rowcount == 1
-        assert conn.execute("DELETE FROM layouts").rowcount == 1  # its own only: cascades to its entries
-    counts = _counts(fleet_db)
-    assert {t: counts[t] for t in ("layouts", "entries", "names", "children", "layout_warnings")} == dict.fromkeys(
-        ("layouts", "entries", "names", "children", "layout_warnings"), 0
-    )
+        # Objects a caller makes cannot stand in for the tables: the functions' search_path is pinned.
+        conn.execute("CREATE TEMP TABLE layouts (LIKE pg_class)")
+        conn.execute("SELECT ocidx.remove_layouts(ARRAY['x'::bytea])")  # its own layout, and all below it
+    assert pg_rows(fleet_db.admin_dsn, "b") == {t: [] for t in PG_ROWS}
+    assert _attempt(b, ["DELETE FROM layouts", "LOCK TABLE ocidx_data.layouts", "SELECT * FROM ocidx_data.hosts"]) == []
 
 
 def test_a_reader_can_only_read(fleet_db: FleetDb) -> None:
     _seed_host_b(fleet_db)
-    with psycopg.connect(fleet_db.admin_dsn, autocommit=True) as conn:
-        conn.execute("DROP ROLE IF EXISTS dash")
-        conn.execute("CREATE ROLE dash LOGIN IN ROLE ocidx_reader")
-    reader = fleet_db.dsn("dash")
-    before = _counts(fleet_db)
-    done = [what for table in TABLES for s in _every_write(table) if (what := _refused(reader, s)) is not None]
-    assert done == []
-    assert _counts(fleet_db) == before
+    reader = fleet_db.add_reader("dash")
+    before = _rows_of_b(fleet_db)
+    assert _attempt(reader, DIRECT) == []
+    assert _attempt(reader, THROUGH_FUNCTIONS) == []  # the publishing functions are the hosts' only
+    assert _rows_of_b(fleet_db) == before
     with psycopg.connect(reader) as conn:
-        assert conn.execute("SELECT host, path FROM layouts").fetchall() == [("b", b"x")]
+        assert conn.execute(
+            "SELECT host, id, path FROM ocidx.layouts_of(ARRAY['b'], ARRAY[1]::bigint[])"
+        ).fetchall() == [("b", 1, b"x")]
+        assert conn.execute(
+            "SELECT host, digest FROM ocidx.lookup('entries', ARRAY['digest'], %s)", ([B_DIGEST],)
+        ).fetchall() == [("b", B_DIGEST)]
+
+
+def test_a_non_superuser_administrator_sets_up_the_fleet(
+    pg_cluster: Cluster, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/fleet.md's recipe: an administrator with CREATEROLE that owns the database, not a superuser."""
+    dbname = f"recipe_{os.getpid()}"
+    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{dbname}"')
+    with psycopg.connect(pg_cluster.dsn(), autocommit=True) as conn:
+        if conn.execute("SELECT FROM pg_roles WHERE rolname = 'fleet_admin'").fetchone() is None:
+            conn.execute("CREATE ROLE fleet_admin LOGIN CREATEROLE")
+    pg_cluster.psql(f'CREATE DATABASE "{dbname}" OWNER fleet_admin')
+    admin_dsn = pg_cluster.dsn("fleet_admin", dbname)
+    for argv in (["migrate"], ["add-host", "recipe_host"]):
+        code, _out, err = ocidx(capsys, "fleet", *argv, "--dsn", admin_dsn)
+        assert code == 0, err
+    fleet_db = FleetDb(pg_cluster, dbname)
+    fleet_db.admin_dsn = admin_dsn
+    with psycopg.connect(fleet_db.dsn("recipe_host"), autocommit=True) as conn:
+        conn.execute("SELECT ocidx.beat(0, 1, 0, 'i')")
+    with admin_connect(admin_dsn) as conn:  # the administrator owns the tables and reads them
+        assert conn.execute("SELECT host, backlog FROM heartbeats").fetchall() == [("recipe_host", 0)]
+    monkeypatch.setenv("OCIDX_FLEET_DSN", fleet_db.add_reader("recipe_reader"))
+    code, out, err = ocidx(capsys, "hosts", "--json")
+    assert code == 0, err
+    assert [h["host"] for h in json.loads(out)] == ["recipe_host"]
+    code, _out, err = ocidx(capsys, "fleet", "remove-host", "--dsn", admin_dsn, "recipe_host")
+    assert code == 0, err
 
 
 def test_migrate_is_recorded_and_idempotent(fleet_db: FleetDb, capsys: pytest.CaptureFixture[str]) -> None:
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
+    with admin_connect(fleet_db.admin_dsn) as conn:
         assert [r[0] for r in conn.execute("SELECT name FROM ocidx_migrations ORDER BY name")] == known_migrations()
     code, out, err = ocidx(capsys, "fleet", "migrate", "--dsn", fleet_db.admin_dsn, "--json")
     assert (code, out.strip()) == (0, '{\n  "applied": []\n}'), err
@@ -145,7 +176,7 @@ def test_a_newer_fleet_schema_is_refused_with_exit_4(
     fleet_db: FleetDb, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     host = fleet_db.add_host("a")
-    with psycopg.connect(fleet_db.admin_dsn, autocommit=True) as conn:
+    with admin_connect(fleet_db.admin_dsn, autocommit=True) as conn:
         conn.execute("INSERT INTO ocidx_migrations (name) VALUES ('9999_from_the_future')")
     monkeypatch.setenv("OCIDX_FLEET_DSN", host)
     for argv in (["find", "--fleet", ":latest"], ["hosts"], ["fleet", "migrate", "--dsn", fleet_db.admin_dsn]):
@@ -182,5 +213,5 @@ def test_add_host_refuses_reserved_and_privileged_roles(fleet_db: FleetDb, capsy
         conn.execute("CREATE ROLE mighty LOGIN BYPASSRLS")
     code, _out, err = ocidx(capsys, "fleet", "add-host", "--dsn", fleet_db.admin_dsn, "mighty")
     assert code == 2 and "bypasses row-level security" in err
-    with psycopg.connect(fleet_db.admin_dsn) as conn:
+    with admin_connect(fleet_db.admin_dsn) as conn:
         assert conn.execute("SELECT host FROM hosts").fetchall() == []

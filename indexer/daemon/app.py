@@ -22,7 +22,8 @@ the store is made anew, and the next generation starts with a full pass.
 
 SIGTERM and SIGINT cancel the work in hand: a unit being written commits (the store's calls are
 shielded), then the row gets ``stopped_ns`` and the workers and the connections are closed, which
-gives up after :data:`SHUTDOWN_S` (a unit in hand is not counted in it: it commits or rolls back first). The signal receiver stays installed until the very end, so a second SIGTERM (what
+gives up after :data:`SHUTDOWN_S` (a unit in hand is not counted in it: it commits or rolls back
+first). The signal receiver stays installed until the very end, so a second SIGTERM (what
 ``timeout`` and many supervisors send) is noted, not fatal. SIGHUP re-reads the configuration (roots
 watched again, settings applied; an invalid file is logged and the running configuration kept).
 """

@@ -37,5 +37,10 @@ async def publish(shared: Shared, reports: Reports) -> None:
         await shared.store.unit(fn)
 
     await Publisher(
-        dsn, shared.db_path, heartbeat_s=shared.config.daemon.heartbeat_s, record=record, on_backlog=reports.backlog
+        dsn,
+        shared.db_path,
+        heartbeat_s=shared.config.daemon.heartbeat_s,
+        reconcile_s=shared.config.daemon.reconcile_s,  # its check of the host's rows runs as often
+        record=record,
+        on_backlog=reports.backlog,
     ).run()

@@ -7,6 +7,12 @@ module is the reading side: :class:`Fleet` answers ``find --fleet`` and
 reference parsing of :func:`indexer.query.parse_ref` and the matching rules of
 :func:`indexer.store.read.lookups`, rendered here as PostgreSQL.
 
+Readers reach the fleet only through the functions of schema ``ocidx``
+(``migrations/postgres/0002_functions_only.sql``), every statement bounded by
+``lock_timeout`` and ``statement_timeout``, and validate every row they read: a
+host's malformed rows are dropped with a warning naming the host, and never
+hide another host's answers.
+
 Nothing here is imported by a lookup without ``--fleet``: psycopg is an
 optional extra (``pip install 'ocidx[fleet]'``).
 """
@@ -17,7 +23,9 @@ import json
 import os
 
 from indexer import config as config_mod
-from indexer.errors import DatabaseError, FleetUnavailable, SchemaTooNew
+from indexer import names as names_mod
+from indexer import reference
+from indexer.errors import DatabaseError, FleetUnavailable, SchemaTooNew, printable
 from indexer.names import Name
 from indexer.query import INDEXED, STALE, Answer, Query, mismatch, parse_ref
 from indexer.store import migration_files
@@ -39,6 +47,10 @@ if TYPE_CHECKING:
 LIVE = "live"
 MIGRATIONS = "postgres"  # migrations/postgres/NNNN_name.sql
 CONNECT_TIMEOUT_S = 10
+# A reader waits this long for a lock (only an administrator's migration or maintenance takes one that
+# conflicts with reading), and this long for any one statement, then fails with exit 4.
+READ_LOCK_TIMEOUT_S = 10.0
+READ_STATEMENT_TIMEOUT_S = 60.0
 NO_FLEET = "no fleet database is configured: set [fleet] dsn in the config file or $OCIDX_FLEET_DSN"
 
 
@@ -81,6 +93,26 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def bounds_sql(*, lock_s: float, statement_s: float | None = None, idle_s: float | None = None) -> str:
+    """The statement that bounds a session's waits (``lock_timeout``, and ``statement_timeout`` and
+    ``idle_in_transaction_session_timeout`` when given), for the whole session."""
+    settings = {"lock_timeout": lock_s, "statement_timeout": statement_s, "idle_in_transaction_session_timeout": idle_s}
+    return "SELECT " + ", ".join(
+        f"set_config('{name}', '{round(value * 1000)}', false)" for name, value in settings.items() if value is not None
+    )
+
+
+def failure(exc: BaseException, *, lock_s: float, statement_s: float | None = None) -> str:
+    """What a PostgreSQL error means, for a message: a lock or statement timeout says which, and how long."""
+    import psycopg
+
+    if isinstance(exc, psycopg.errors.LockNotAvailable):
+        return f"another session held a lock it needed for over {lock_s:g}s (lock_timeout)"
+    if isinstance(exc, psycopg.errors.QueryCanceled) and statement_s is not None and "statement timeout" in str(exc):
+        return f"a statement ran for over {statement_s:g}s (statement_timeout)"
+    return _first_line(exc)
+
+
 def known_migrations() -> list[str]:
     """The names of the fleet migrations this ocidx knows, in order."""
     return [name for name, _path in migration_files(MIGRATIONS)]
@@ -102,28 +134,37 @@ def schema_problem(applied: Sequence[str]) -> DatabaseError | None:
     return None
 
 
+# How a session finds the migrations applied: ocidx.applied_migrations() from schema version 2 on,
+# else the table of a version 1 schema (an administrator's session finds either).
+PROBE_MIGRATIONS_SQL = (
+    "SELECT to_regprocedure('ocidx.applied_migrations()') IS NOT NULL, to_regclass('ocidx_migrations') IS NOT NULL"
+)
+APPLIED_SQL = "SELECT ocidx.applied_migrations()"
+APPLIED_V1_SQL = "SELECT name FROM ocidx_migrations ORDER BY name"
+NOT_A_READER = "this role may not read the fleet database: grant it ocidx_reader (or add it as a host)"
+NO_SCHEMA = "the fleet database has no ocidx fleet schema: run 'ocidx fleet migrate --dsn ADMIN_DSN'"
+
+
 def applied_migrations(conn: psycopg.Connection[tuple[Any, ...]]) -> list[str] | None:
     """The fleet migrations recorded in the database, or None when it has no fleet schema."""
     import psycopg
 
-    exists = conn.execute("SELECT to_regclass('ocidx_migrations') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
-        return None
     try:
-        return [str(row[0]) for row in conn.execute("SELECT name FROM ocidx_migrations ORDER BY name")]
+        row = conn.execute(PROBE_MIGRATIONS_SQL).fetchone()
+        if row is not None and row[0]:
+            return [str(r[0]) for r in conn.execute(APPLIED_SQL)]
+        if row is not None and row[1]:
+            return [str(r[0]) for r in conn.execute(APPLIED_V1_SQL)]
     except psycopg.errors.InsufficientPrivilege:
-        raise FleetUnavailable(
-            "this role may not read the fleet database: grant it ocidx_reader (or add it as a host)"
-        ) from None
+        raise FleetUnavailable(NOT_A_READER) from None
+    return None
 
 
 def check_schema(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
     """Raise FleetUnavailable or SchemaTooNew (exit 4) unless the database has exactly our fleet schema."""
     applied = applied_migrations(conn)
     if applied is None:
-        raise FleetUnavailable(
-            "the fleet database has no ocidx fleet schema: run 'ocidx fleet migrate --dsn ADMIN_DSN'"
-        )
+        raise FleetUnavailable(NO_SCHEMA)
     problem = schema_problem(applied)
     if problem is not None:
         raise problem
@@ -150,34 +191,156 @@ class FleetAnswer(Answer):
         }
 
 
-# The hit columns of every lookup: host, layout id, position, the entry position names hang on, digest, ...
-_ENTRY_HIT = (
-    "e.host, e.layout_id, e.position, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations, 'entry'"
-)
-_CHILD_HIT = (
-    "c.host, c.layout_id, c.position, c.entry_position, c.digest, c.media_type, c.size, c.platform, c.annotations, "
-    "'child'"
-)
+class FleetMatches(list[FleetAnswer]):
+    """What :meth:`Fleet.find` found: the answers, and warnings about rows dropped as malformed."""
+
+    def __init__(self, answers: Sequence[FleetAnswer] = (), warnings: Sequence[str] = ()) -> None:
+        super().__init__(answers)
+        self.warnings = list(warnings)
 
 
-def lookup_sql(lookup: db.Lookup) -> tuple[str, tuple[str, ...]]:
-    """The PostgreSQL statement of one matching lookup (:func:`indexer.store.read.lookups`) across hosts."""
-    if lookup.table == "names":
-        where = " AND ".join(f"n.{column} = %s" for column in lookup.columns)
-        return (
-            f"SELECT DISTINCT {_ENTRY_HIT} FROM names n JOIN entries e "
-            "ON e.host = n.host AND e.layout_id = n.layout_id AND e.position = n.entry_position "
-            f"WHERE {where}",
-            lookup.values,
-        )
-    where = " AND ".join(f"{lookup.table[0]}.{column} = %s" for column in lookup.columns)
-    if lookup.table == "entries":
-        return f"SELECT {_ENTRY_HIT} FROM entries e WHERE {where}", lookup.values
-    return f"SELECT {_CHILD_HIT} FROM children c WHERE {where}", lookup.values
+class HostRows(list[dict[str, object]]):
+    """What :meth:`Fleet.hosts` found: one dict per host, and warnings about values dropped as malformed."""
+
+    def __init__(self, rows: Sequence[dict[str, object]] = (), warnings: Sequence[str] = ()) -> None:
+        super().__init__(rows)
+        self.warnings = list(warnings)
+
+
+# -- validating what the fleet holds --------------------------------------------------------------
+#
+# A row is published by its host, or left by a restore, or planted by hand: a reader trusts none of
+# it. Each row is checked against what ocidx's own publisher writes (the SQLite index's rows, whose
+# JSON columns ocidx's writer encoded); a row that fails is dropped and counted against its host.
+
+MAX_PATH_BYTES = 4096  # PATH_MAX: no layout directory has a longer absolute path
+_HOWS = frozenset((names_mod.HOW_CONTAINERD, names_mod.HOW_TAG, names_mod.HOW_FULL, names_mod.HOW_FAMILIAR))
+_STATES = frozenset(("ok", "error"))
+
+
+class Malformed(Exception):
+    """A row of the fleet that is not what a publisher writes; the message says what is wrong with it."""
+
+
+def _integer(value: object, what: str, low: int = 0) -> int:
+    if type(value) is not int or not low <= value < 2**63:
+        raise Malformed(f"{what} is {value!r}, not an integer from {low}")
+    return value
+
+
+def _text(value: object, what: str) -> str:
+    if type(value) is not str:
+        raise Malformed(f"{what} is not text")
+    return value
+
+
+def _json(value: object, what: str) -> object:
+    try:
+        return json.loads(_text(value, what))
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise Malformed(f"{what} is not valid JSON") from None
+
+
+def _strings(value: object, what: str) -> list[str]:
+    """A JSON column holding NULL or a list of strings (invalid names, warnings)."""
+    if value is None:
+        return []
+    found = _json(value, what)
+    if type(found) is not list or not all(type(item) is str for item in found):
+        raise Malformed(f"{what} is not a JSON list of strings")
+    return found
+
+
+def annotations_of(value: object, what: str = "annotations") -> dict[str, str]:
+    """The annotations column: a JSON object of strings."""
+    found = _json(value, what)
+    if type(found) is not dict or not all(type(item) is str for item in found.values()):
+        raise Malformed(f"{what} is not a JSON object of strings")
+    return found
+
+
+def platform_of(value: object, what: str = "platform") -> dict[str, object] | None:
+    """The platform column: NULL, or a JSON object whose ``os`` and ``architecture`` are strings and whose
+    ``variant`` is a string or null (keys a later ocidx may add are left alone)."""
+    if value is None:
+        return None
+    found = _json(value, what)
+    if (
+        type(found) is not dict
+        or type(found.get("os")) is not str
+        or type(found.get("architecture")) is not str
+        or type(found.get("variant")) not in (str, type(None))
+    ):
+        raise Malformed(f"{what} is not a JSON object with os and architecture strings")
+    return found
+
+
+def digest_of(value: object, what: str = "digest") -> str:
+    """A digest go-digest accepts."""
+    if type(value) is not str or not reference.is_digest(value):
+        raise Malformed(f"{what} {printable(str(value)[:80])!r} is not a valid digest")
+    return value
+
+
+def path_of(value: object) -> str:
+    """A layout's path: the bytes of a normalized absolute path, without NUL, at most PATH_MAX long."""
+    if type(value) is not bytes:
+        raise Malformed("path is not bytes")
+    if (
+        not value.startswith(b"/")
+        or b"\0" in value
+        or len(value) > MAX_PATH_BYTES
+        or os.path.normpath(value) != value
+        or value.startswith(b"//")
+    ):
+        raise Malformed(f"path {printable(os.fsdecode(value[:200]))!r} is not a normalized absolute path")
+    return os.fsdecode(value)
+
+
+def name_of(row: Sequence[object]) -> Name:
+    """A names row's (name, tag, how): a canonical repository or '', a valid tag or '', a known way."""
+    name, tag, how = row
+    if type(name) is not str or (name and not reference.ANCHORED_NAME_RE.match(name)):
+        raise Malformed(f"name {printable(str(name)[:80])!r} is not a repository name")
+    if type(tag) is not str or (tag and not reference.is_tag(tag)):
+        raise Malformed(f"tag {printable(str(tag)[:80])!r} is not a valid tag")
+    if how not in _HOWS:
+        raise Malformed(f"how {printable(str(how)[:80])!r} is not one of {', '.join(sorted(_HOWS))}")
+    return Name(name, tag, how)
+
+
+class Dropped:
+    """The rows a reader dropped as malformed: per host how many and why the first was, per layout how many."""
+
+    def __init__(self) -> None:
+        self.hosts: dict[str, tuple[int, str]] = {}
+        self.layouts: dict[tuple[str, int], int] = {}
+
+    def add(self, host: object, layout_id: object, table: str, why: str) -> None:
+        """Count one dropped row of *table* published by *host* (in layout *layout_id* when known)."""
+        name = host if type(host) is str else repr(host)
+        count, first = self.hosts.get(name, (0, f"{table}: {why}"))
+        self.hosts[name] = (count + 1, first)
+        if type(layout_id) is int:
+            self.layouts[(name, layout_id)] = self.layouts.get((name, layout_id), 0) + 1
+
+    def warnings(self) -> list[str]:
+        """One warning per host that had rows dropped, naming it."""
+        return [
+            f"host {host}: {count} malformed row{'s' if count != 1 else ''} dropped (the first: {first})"
+            for host, (count, first) in sorted(self.hosts.items())
+        ]
+
+    def about(self, host: str, layout_id: int) -> list[str]:
+        """The warning an answer from this layout carries when rows of it were dropped."""
+        count = self.layouts.get((host, layout_id))
+        if not count:
+            return []
+        return [f"host {host} published {count} malformed row{'s' if count != 1 else ''} for this layout: dropped"]
 
 
 class _Hit:
-    """One row a lookup reached on one host."""
+    """One row a lookup reached on one host, checked."""
 
     __slots__ = (
         "annotations",
@@ -192,15 +355,22 @@ class _Hit:
     )
 
     def __init__(self, row: Sequence[Any]) -> None:
-        self.host: str = row[0]
-        self.layout_id: int = row[1]
-        self.entry_position: int = row[3]
-        self.digest: str = row[4]
-        self.media_type: str = row[5]
-        self.size: int = row[6]
-        self.platform: dict[str, object] | None = json.loads(row[7]) if row[7] else None
-        self.annotations: dict[str, str] = json.loads(row[8])
-        self.source: str = row[9]
+        host, layout_id, position, entry_position, digest, media_type, size, platform, annotations = row[:9]
+        invalid_names, warnings, source = row[9:12]
+        if type(host) is not str or not host:
+            raise Malformed("the host is not a name")
+        self.host: str = host
+        self.layout_id: int = _integer(layout_id, "layout_id", -(2**63))
+        _integer(position, "position")
+        self.entry_position: int = _integer(entry_position, "entry_position")
+        self.digest: str = digest_of(digest)
+        self.media_type: str = _text(media_type, "mediaType")
+        self.size: int = _integer(size, "size")
+        self.platform: dict[str, object] | None = platform_of(platform)
+        self.annotations: dict[str, str] = annotations_of(annotations)
+        _strings(invalid_names, "invalid_names")
+        _strings(warnings, "warnings")
+        self.source: str = source
 
 
 class Fleet:
@@ -216,10 +386,12 @@ class Fleet:
 
     @property
     def conn(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The connection, opened and its schema checked on first use."""
+        """The connection, opened, its waits bounded and its schema checked on first use."""
         if self._conn is None:
             conn = connect(self.dsn)
             try:
+                bounds = bounds_sql(lock_s=READ_LOCK_TIMEOUT_S, statement_s=READ_STATEMENT_TIMEOUT_S)
+                self._guarded(lambda: conn.execute(bounds))
                 self._guarded(lambda: check_schema(conn))
             except BaseException:
                 conn.close()
@@ -240,67 +412,84 @@ class Fleet:
         self.close()
 
     def _guarded(self, fn: Callable[[], T]) -> T:
-        """Run *fn*; a PostgreSQL failure mid-way (a restart, a failover) is FleetUnavailable, exit 4."""
+        """Run *fn*; a PostgreSQL failure mid-way (a restart, a failover, a timeout) is FleetUnavailable, exit 4."""
         import psycopg
 
         try:
             return fn()
         except psycopg.Error as exc:
             self.close()
-            raise FleetUnavailable(
-                f"the fleet database failed ({describe_dsn(self.dsn)}): {_first_line(exc)}"
-            ) from None
+            why = failure(exc, lock_s=READ_LOCK_TIMEOUT_S, statement_s=READ_STATEMENT_TIMEOUT_S)
+            if isinstance(exc, psycopg.errors.LockNotAvailable):
+                why += ": an administrator's migration or maintenance may be holding the fleet's tables"
+            raise FleetUnavailable(f"the fleet database failed ({describe_dsn(self.dsn)}): {why}") from None
 
-    def _host_states(self) -> dict[str, tuple[str, float | None]]:
-        """Every host's (state, heartbeat age in seconds by the server's clock)."""
-        rows = self.conn.execute(
-            "SELECT h.host, extract(epoch FROM now() - b.beat_at)::float8 FROM hosts h "
-            "LEFT JOIN heartbeats b ON b.host = h.host"
-        ).fetchall()
-        out: dict[str, tuple[str, float | None]] = {}
-        for host, age in rows:
+    def _host_states(self, dropped: Dropped) -> dict[str, tuple[str, float | None, object]]:
+        """Every host's (state, heartbeat age in seconds by the server's clock, backlog as reported, unchecked)."""
+        out: dict[str, tuple[str, float | None, object]] = {}
+        for host, age, backlog in self.conn.execute("SELECT * FROM ocidx.hosts()"):
+            if type(host) is not str or not host:
+                dropped.add(host, None, "hosts", "the host is not a name")
+                continue
             age_s = None if age is None else round(max(0.0, float(age)), 3)
             state = LIVE if age_s is not None and age_s <= self.stale_after_s else STALE
-            out[str(host)] = (state, age_s)
+            out[host] = (state, age_s, backlog)
         return out
 
-    def find(self, ref: str) -> list[FleetAnswer]:
+    def _hits(self, dropped: Dropped, lookup: db.Lookup, only: Sequence[tuple[str, int]] | None = None) -> list[_Hit]:
+        """The checked rows one lookup reaches (in the layouts *only*, when given)."""
+        args: tuple[object, ...] = (lookup.table, list(lookup.columns), list(lookup.values))
+        sql = "SELECT * FROM ocidx.lookup(%s, %s::text[], %s::text[])"
+        if only is not None:
+            sql = "SELECT * FROM ocidx.lookup(%s, %s::text[], %s::text[], %s::text[], %s::bigint[])"
+            args += ([k[0] for k in only], [k[1] for k in only])
+        out: list[_Hit] = []
+        for row in self.conn.execute(sql, args):
+            try:
+                out.append(_Hit(row))
+            except Malformed as exc:
+                dropped.add(row[0], row[1], "children" if row[11] == "child" else "entries", str(exc))
+        return out
+
+    def find(self, ref: str) -> FleetMatches:
         """Every match of REF (the forms of ``find``) on every host, by host, layout and digest."""
         query = parse_ref(ref)  # a bad reference is exit 2 before any connection
         return self._guarded(lambda: self._find(query))
 
-    def _find(self, query: Query) -> list[FleetAnswer]:
+    def _find(self, query: Query) -> FleetMatches:
         conn = self.conn
+        dropped = Dropped()
         found: list[_Hit] = []
         for lookup in db.lookups(name=query.name, tag=query.tag, digest=query.digest):
-            sql, values = lookup_sql(lookup)
-            found.extend(_Hit(row) for row in conn.execute(sql, values))
+            found.extend(self._hits(dropped, lookup))
         if not found:
-            return []
+            return FleetMatches(warnings=dropped.warnings())
         keys = sorted({(h.host, h.layout_id) for h in found})
-        layouts = {
-            (str(host), int(lid)): (os.fsdecode(bytes(path)), str(state))
-            for host, lid, path, state in conn.execute(
-                "SELECT l.host, l.id, l.path, l.state FROM layouts l "
-                "JOIN unnest(%s::text[], %s::bigint[]) AS k (host, id) ON l.host = k.host AND l.id = k.id",
-                ([k[0] for k in keys], [k[1] for k in keys]),
-            )
-        }
+        layouts: dict[tuple[str, int], tuple[str, str]] = {}
+        for host, lid, path, state in conn.execute(
+            "SELECT * FROM ocidx.layouts_of(%s::text[], %s::bigint[])", ([k[0] for k in keys], [k[1] for k in keys])
+        ):
+            try:
+                if state not in _STATES:
+                    raise Malformed(f"state {printable(str(state)[:40])!r} is not ok or error")
+                layouts[(host, lid)] = (path_of(path), state)
+            except Malformed as exc:
+                dropped.add(host, lid, "layouts", str(exc))
         entry_keys = sorted({(h.host, h.layout_id, h.entry_position) for h in found if h.source == "entry"})
         names: dict[tuple[str, int, int], list[Name]] = {}
-        for host, lid, pos, name, tag, how in conn.execute(
-            "SELECT n.host, n.layout_id, n.entry_position, n.name, n.tag, n.how FROM names n "
-            "JOIN unnest(%s::text[], %s::bigint[], %s::integer[]) AS k (host, layout_id, position) "
-            "ON n.host = k.host AND n.layout_id = k.layout_id AND n.entry_position = k.position "
-            "ORDER BY n.host, n.layout_id, n.entry_position, n.ordinal",
+        for host, lid, pos, *name_row in conn.execute(
+            "SELECT * FROM ocidx.names_of(%s::text[], %s::bigint[], %s::integer[])",
             ([k[0] for k in entry_keys], [k[1] for k in entry_keys], [k[2] for k in entry_keys]),
         ):
-            names.setdefault((str(host), int(lid), int(pos)), []).append(Name(str(name), str(tag), str(how)))
+            try:
+                names.setdefault((host, lid, pos), []).append(name_of(name_row))
+            except Malformed as exc:
+                dropped.add(host, lid, "names", str(exc))
         if query.digest is not None and (query.tag or query.name):
             # A search, as local find: only the layouts where the name or tag points at the digest.
-            for key in self._mismatches(query, keys, layouts):
+            for key in self._mismatches(dropped, query, keys, layouts):
                 layouts.pop(key, None)
-        states = self._host_states()
+        states = self._host_states(dropped)
         grouped: dict[tuple[str, int, str], list[_Hit]] = {}
         for hit in found:
             if (hit.host, hit.layout_id) in layouts:  # a layout replaced between the two reads is left out
@@ -315,7 +504,7 @@ class Fleet:
                     n for hit in group if hit.source == "entry" for n in names.get((host, lid, hit.entry_position), [])
                 )
             )
-            host_state, age = states.get(host, (STALE, None))
+            host_state, age, _backlog = states.get(host, (STALE, None, None))
             answer = Answer(
                 layout=path,
                 digest=first.digest,
@@ -327,23 +516,23 @@ class Fleet:
                 source=first.source,
                 # A layout whose index.json is broken on its host answers from its last good rows.
                 freshness=INDEXED if layout_state == "ok" else STALE,
-                warnings=[],
+                warnings=dropped.about(host, lid),
             )
             answers.append(FleetAnswer(answer, host=host, host_state=host_state, heartbeat_age_s=age))
         answers.sort(key=lambda a: (a.host, a.layout, a.digest))
-        return answers
+        return FleetMatches(answers, dropped.warnings())
 
     def _mismatches(
-        self, query: Query, keys: list[tuple[str, int]], layouts: dict[tuple[str, int], tuple[str, str]]
+        self,
+        dropped: Dropped,
+        query: Query,
+        keys: list[tuple[str, int]],
+        layouts: dict[tuple[str, int], tuple[str, str]],
     ) -> dict[tuple[str, int], list[str]]:
         """The layouts where the query's name or tag points elsewhere, each with the mismatch message."""
-        sql, values = lookup_sql(db.pointing_lookup(name=query.name, tag=query.tag))
         pointed: dict[tuple[str, int], set[str]] = {key: set() for key in keys}
-        for row in self.conn.execute(
-            f"{sql} AND (e.host, e.layout_id) IN (SELECT * FROM unnest(%s::text[], %s::bigint[]))",
-            (*values, [k[0] for k in keys], [k[1] for k in keys]),
-        ):
-            pointed.setdefault((str(row[0]), int(row[1])), set()).add(str(row[4]))
+        for hit in self._hits(dropped, db.pointing_lookup(name=query.name, tag=query.tag), keys):
+            pointed.setdefault((hit.host, hit.layout_id), set()).add(hit.digest)
         out: dict[tuple[str, int], list[str]] = {}
         for key, digests in pointed.items():
             if key in layouts:
@@ -352,24 +541,25 @@ class Fleet:
                     out[key] = [message]
         return out
 
-    def hosts(self) -> list[dict[str, object]]:
+    def hosts(self) -> HostRows:
         """Every host: ``host``, ``host_state``, ``heartbeat_age_s``, ``layouts``, ``entries``, ``backlog``."""
         return self._guarded(self._hosts)
 
-    def _hosts(self) -> list[dict[str, object]]:
-        states = self._host_states()
-        counts = {
-            str(host): (int(n), int(entries))
-            for host, n, entries in self.conn.execute(
-                "SELECT host, count(*), coalesce(sum(entry_count), 0) FROM layouts GROUP BY host"
-            )
-        }
-        backlogs = {
-            str(host): int(backlog) for host, backlog in self.conn.execute("SELECT host, backlog FROM heartbeats")
-        }
+    def _hosts(self) -> HostRows:
+        dropped = Dropped()
+        states = self._host_states(dropped)
+        counts: dict[str, tuple[int, int | None]] = {}
+        for host, n, entries in self.conn.execute("SELECT * FROM ocidx.host_counts()"):
+            if type(entries) is not int or entries < 0:  # the sum of what the host said its layouts hold
+                dropped.add(host, None, "layouts", f"the entry counts add up to {entries!r}")
+                entries = None
+            counts[host] = (int(n), entries)
         out: list[dict[str, object]] = []
         for host in sorted(states):
-            state, age = states[host]
+            state, age, backlog = states[host]
+            if backlog is not None and (type(backlog) is not int or backlog < 0):
+                dropped.add(host, None, "heartbeats", f"backlog is {backlog!r}, not a count")
+                backlog = None
             layouts, entries = counts.get(host, (0, 0))
             out.append(
                 {
@@ -378,7 +568,7 @@ class Fleet:
                     "heartbeat_age_s": age,
                     "layouts": layouts,
                     "entries": entries,
-                    "backlog": backlogs.get(host),
+                    "backlog": backlog,
                 }
             )
-        return out
+        return HostRows(out, dropped.warnings())

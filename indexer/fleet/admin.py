@@ -6,6 +6,12 @@ forward-only, each applied in its own transaction with its row in
 ``ocidx_migrations``, under an advisory lock so two administrators migrating at
 once apply each file once; a database with a migration this ocidx does not know
 is refused (exit 4), as the SQLite index is.
+
+An administrator's session finds the tables through its search_path (schema
+``ocidx_data`` first, where migration 0002 moved them) and waits at most
+ADMIN_LOCK_TIMEOUT_S for any lock: a host or reader in an open transaction, or
+another administrator, makes a command fail with a clear message instead of
+queueing a strong lock that every reader and publisher would then wait behind.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import contextlib
 
 from indexer.errors import FleetUnavailable, SchemaTooNew, UsageError
-from indexer.fleet import MIGRATIONS, _first_line, connect, describe_dsn, schema_problem
+from indexer.fleet import MIGRATIONS, bounds_sql, connect, describe_dsn, failure, schema_problem
 from indexer.store import migration_files
 
 TYPE_CHECKING = False
@@ -27,6 +33,8 @@ if TYPE_CHECKING:
 MIGRATE_LOCK = 0x6F636478
 RESERVED_PREFIXES = ("pg_", "ocidx_")
 NAME_LIMIT = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes
+# Short: while a migration waits for a lock, every session that asks for one after it waits too.
+ADMIN_LOCK_TIMEOUT_S = 5.0
 
 
 @contextlib.contextmanager
@@ -36,9 +44,17 @@ def _session(admin_dsn: str, command: str) -> Iterator[psycopg.Connection[tuple[
 
     conn = connect(admin_dsn, application=f"ocidx fleet {command}")
     try:
+        conn.execute(bounds_sql(lock_s=ADMIN_LOCK_TIMEOUT_S))
+        conn.execute("SELECT set_config('search_path', 'ocidx_data, ' || current_setting('search_path'), false)")
         yield conn
     except psycopg.Error as exc:
-        raise FleetUnavailable(f"fleet {command} failed on {describe_dsn(admin_dsn)}: {_first_line(exc)}") from None
+        why = failure(exc, lock_s=ADMIN_LOCK_TIMEOUT_S)
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            why += (
+                " (another 'ocidx fleet' command, or a host or reader in a transaction it keeps open: "
+                "see pg_stat_activity, then try again)"
+            )
+        raise FleetUnavailable(f"fleet {command} failed on {describe_dsn(admin_dsn)}: {why}") from None
     finally:
         conn.close()
 

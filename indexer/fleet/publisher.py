@@ -5,30 +5,44 @@ The SQLite writer stamps every change with a version (``layouts.version``,
 its write lock, so that a read transaction that sees the counter at W has seen
 every change with a version up to W. The publisher follows those versions:
 
-* on every (re)connect it reconciles in full: the host's layout paths, ids and
-  versions in PostgreSQL against SQLite's; what differs is published, what
+* on every (re)connect it reconciles: the host's layout paths, ids, versions and
+  content hashes in PostgreSQL against SQLite's; what differs is published, what
   PostgreSQL has and SQLite does not is deleted; its watermark becomes the
   counter it read;
 * then, polling SQLite, it publishes the layouts with a version above its
   watermark and the removals above it, in one PostgreSQL transaction per batch:
-  a layout's rows replace its previous rows (delete, then insert), and the
-  host row's watermark moves in the same transaction, so a retry of a batch
-  whose commit was lost is harmless;
+  a layout's rows replace its previous rows, and the host row's watermark moves
+  in the same transaction, so a retry of a batch whose commit was lost is
+  harmless;
 * a watermark below ``removals_pruned_through`` (the writer keeps the newest
   10,000 removals), a counter below the watermark or a database file replaced
-  under it (a corrupt index rebuilt) means a full reconcile again.
+  under it means a reconcile again.
+
+Versions only mean something within one life of each database. The SQLite index
+has an incarnation (``ocidx_incarnation``, made with the file) and so has the
+fleet database (``ocidx.fleet_incarnation()``: a restore or a failover changes
+it); every batch ends by reading the fleet's, and the host row records the
+SQLite incarnation its rows came from. A rebuilt index (another incarnation, or
+a counter gone back) is published again in full, every row replaced; a restored
+fleet database is reconciled. A data-only restore changes neither: once per
+``reconcile_s`` the publisher compares counts and a checksum of the host's rows
+with SQLite's, and publishes in full when they differ.
 
 It reads SQLite on its own read-only connection in a worker thread, so it never
 holds up local indexing or local answers; PostgreSQL down, slow, restarted or
 failed over means it logs once per change of state, retries with exponential
-backoff (capped), and catches up. Its state (connected or why not, watermark,
-last publish) is kept in SQLite's ``fleet_publisher`` row for ``ocidx status``
-and in PostgreSQL (the host row and its heartbeat, with the backlog).
+backoff (capped), and catches up. Every statement is bounded by
+``lock_timeout`` and ``statement_timeout``. It writes only through the
+functions of schema ``ocidx`` (migration 0002), which keep a host to its own
+rows. Its state (connected or why not, watermark, last publish) is kept in
+SQLite's ``fleet_publisher`` row for ``ocidx status`` and in PostgreSQL (the
+host row and its heartbeat, with the backlog).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -39,7 +53,17 @@ import anyio
 import anyio.to_thread
 
 from indexer.errors import DatabaseError, FleetUnavailable
-from indexer.fleet import CONNECT_TIMEOUT_S, _first_line, describe_dsn, schema_problem
+from indexer.fleet import (
+    APPLIED_SQL,
+    APPLIED_V1_SQL,
+    CONNECT_TIMEOUT_S,
+    NO_SCHEMA,
+    PROBE_MIGRATIONS_SQL,
+    bounds_sql,
+    describe_dsn,
+    failure,
+    schema_problem,
+)
 from indexer.store import check_schema, path_of
 
 TYPE_CHECKING = False
@@ -56,9 +80,16 @@ BATCH_LAYOUTS = 500  # layouts per PostgreSQL transaction (a version is never sp
 BACKOFF_FIRST_S = 0.5
 BACKOFF_CAP_S = 30.0
 BATCH_TIMEOUT_S = 120.0  # a batch PostgreSQL has not committed by then counts as a lost connection
+# Every statement: a lock wait (only an administrator's DDL conflicts with publishing), a statement,
+# and a transaction left idle (a publisher stopped mid-batch) are each bounded.
+LOCK_TIMEOUT_S = 10.0
+STATEMENT_TIMEOUT_S = 60.0
+IDLE_IN_TRANSACTION_S = 60.0
+RECONCILE_S = 300.0  # the default of [daemon] reconcile_interval_s: how often the rows are checked
 CONNECTED = "connected"
 
-# What a batch reads from SQLite for each layout, and writes to PostgreSQL.
+# What a batch reads from SQLite for each layout, and sends to PostgreSQL: the columns of
+# ocidx.put_layouts and ocidx.put_rows, in their order.
 _LAYOUT_COLUMNS = "id, path, version, state, error_category, error, content_hash, entry_count"
 _PG_TABLES = {
     "layouts": ("id", "path", "version", "state", "error_category", "error", "content_hash", "entry_count"),
@@ -88,36 +119,11 @@ _PG_TABLES = {
     ),
     "layout_warnings": ("layout_id", "ordinal", "message"),
 }
-_PG_TYPES = {
-    "layouts": ("bigint", "bytea", "bigint", "text", "text", "text", "text", "integer"),
-    "entries": ("bigint", "integer", "text", "text", "bigint", "text", "text", "text", "text"),
-    "names": ("bigint", "integer", "integer", "text", "text", "text"),
-    "children": ("bigint", "integer", "integer", "text", "integer", "text", "text", "bigint", "text", "text"),
-    "layout_warnings": ("bigint", "integer", "text"),
-}
 
 
 def pg_path(value: str | bytes) -> bytes:
     """A ``layouts.path`` value of SQLite as PostgreSQL's ``bytea`` path: the directory's bytes."""
     return value if isinstance(value, bytes) else os.fsencode(path_of(value))
-
-
-def insert_sql(table: str) -> str:
-    """One INSERT of a whole column set as arrays (row-level security forbids COPY FROM for hosts)."""
-    columns = _PG_TABLES[table]
-    arrays = ", ".join(f"%s::{kind}[]" for kind in _PG_TYPES[table])
-    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({arrays})"
-
-
-def insert_json_sql(table: str) -> str:
-    """One INSERT of many rows sent as one JSON array of arrays (no bytea columns).
-
-    ``json.dumps`` encodes the rows in C, where adapting a Python list per column cost psycopg about
-    half of an insert; measured 15-25% faster per batch than :func:`insert_sql` (docs/design.md).
-    """
-    columns = _PG_TABLES[table]
-    values = ", ".join(f"(r->>{i})::{kind}" for i, kind in enumerate(_PG_TYPES[table]))
-    return f"INSERT INTO {table} ({', '.join(columns)}) SELECT {values} FROM json_array_elements(%s::json) AS r"
 
 
 class Rows:
@@ -193,14 +199,22 @@ def _chunks(values: list[int], size: int = 500) -> list[list[int]]:
 class Changes:
     """What one look at SQLite found above the watermark."""
 
-    __slots__ = ("backlog", "full", "removed", "rows", "through")
+    __slots__ = ("backlog", "full", "incarnation", "removed", "rows", "through")
 
-    def __init__(self, *, through: int, rows: Rows | None, removed: list[bytes], backlog: int, full: bool) -> None:
+    def __init__(
+        self, *, through: int, rows: Rows | None, removed: list[bytes], backlog: int, full: bool, incarnation: str
+    ) -> None:
         self.through = through  # the version this batch publishes through
         self.rows = rows
         self.removed = removed
         self.backlog = backlog  # changes still unpublished after this batch
         self.full = full  # the watermark cannot be followed: reconcile in full
+        self.incarnation = incarnation  # the index's, as this read transaction saw it
+
+
+def incarnation_of(conn: sqlite3.Connection) -> str:
+    """The index's incarnation (caller holds the read transaction)."""
+    return str(conn.execute("SELECT incarnation FROM ocidx_incarnation").fetchone()[0])
 
 
 def backlog_of(conn: sqlite3.Connection, watermark: int) -> int:
@@ -216,10 +230,11 @@ def read_changes(conn: sqlite3.Connection, watermark: int, limit: int = BATCH_LA
     try:
         counters = dict(conn.execute("SELECT name, value FROM ocidx_counters").fetchall())
         counter, pruned = int(counters["version"]), int(counters["removals_pruned_through"])
+        incarnation = incarnation_of(conn)
         if counter < watermark or watermark < pruned:
-            return Changes(through=counter, rows=None, removed=[], backlog=0, full=True)
+            return Changes(through=counter, rows=None, removed=[], backlog=0, full=True, incarnation=incarnation)
         if counter == watermark:
-            return Changes(through=counter, rows=None, removed=[], backlog=0, full=False)
+            return Changes(through=counter, rows=None, removed=[], backlog=0, full=False, incarnation=incarnation)
         cut = conn.execute(
             "SELECT version FROM layouts WHERE version > ? ORDER BY version LIMIT 1 OFFSET ?", (watermark, limit)
         ).fetchone()
@@ -234,21 +249,84 @@ def read_changes(conn: sqlite3.Connection, watermark: int, limit: int = BATCH_LA
                 "SELECT path FROM layout_removals WHERE version > ? AND version <= ?", (watermark, through)
             )
         ]
-        return Changes(through=through, rows=rows, removed=removed, backlog=backlog_of(conn, through), full=False)
+        return Changes(
+            through=through,
+            rows=rows,
+            removed=removed,
+            backlog=backlog_of(conn, through),
+            full=False,
+            incarnation=incarnation,
+        )
     finally:
         conn.execute("COMMIT")
 
 
-def read_all(conn: sqlite3.Connection) -> tuple[int, dict[bytes, tuple[int, int]]]:
-    """The version counter and every layout's (id, version) by path, in one read transaction."""
+def read_all(conn: sqlite3.Connection) -> tuple[int, str, dict[bytes, tuple[int, int, str | None]]]:
+    """The version counter, the incarnation, and every layout's (id, version, content hash) by path,
+    in one read transaction."""
     conn.execute("BEGIN")
     try:
         counter = conn.execute("SELECT value FROM ocidx_counters WHERE name = 'version'").fetchone()[0]
         layouts = {
-            pg_path(path): (lid, version)
-            for lid, path, version in conn.execute("SELECT id, path, version FROM layouts")
+            pg_path(path): (lid, version, content_hash)
+            for lid, path, version, content_hash in conn.execute("SELECT id, path, version, content_hash FROM layouts")
         }
-        return int(counter), layouts
+        return int(counter), incarnation_of(conn), layouts
+    finally:
+        conn.execute("COMMIT")
+
+
+def layout_checksum(lid: int, version: int, content_hash: str | None, path: bytes) -> int:
+    """One layout's term of the checksum ``ocidx.host_summary()`` computes in PostgreSQL."""
+    return int(hashlib.md5(f"{lid}:{version}:{content_hash or ''}:".encode() + path).hexdigest()[:15], 16)
+
+
+class Summary:
+    """A host's rows in brief: counts per table and a checksum of its layouts (ids, versions, hashes, paths)."""
+
+    __slots__ = ("checksum", "children", "entries", "layout_warnings", "layouts", "names")
+
+    def __init__(
+        self, *, layouts: int, checksum: int, entries: int, names: int, children: int, layout_warnings: int
+    ) -> None:
+        self.layouts = layouts
+        self.checksum = checksum
+        self.entries = entries
+        self.names = names
+        self.children = children
+        self.layout_warnings = layout_warnings
+
+    def differences(self, other: Summary) -> list[str]:
+        """What differs from *other*, as ``name here/there``."""
+        return [
+            f"{name} {getattr(self, name)}/{getattr(other, name)}"
+            for name in self.__slots__
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+
+def read_summary(conn: sqlite3.Connection) -> tuple[int, str, Summary]:
+    """The version counter, the incarnation and the summary of the index, in one read transaction."""
+    conn.execute("BEGIN")
+    try:
+        counter = conn.execute("SELECT value FROM ocidx_counters WHERE name = 'version'").fetchone()[0]
+        layouts = checksum = 0
+        for lid, path, version, content_hash in conn.execute("SELECT id, path, version, content_hash FROM layouts"):
+            layouts += 1
+            checksum += layout_checksum(lid, version, content_hash, pg_path(path))
+        counts = [
+            int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+            for table in ("entries", "names", "children", "layout_warnings")
+        ]
+        summary = Summary(
+            layouts=layouts,
+            checksum=checksum,
+            entries=counts[0],
+            names=counts[1],
+            children=counts[2],
+            layout_warnings=counts[3],
+        )
+        return int(counter), incarnation_of(conn), summary
     finally:
         conn.execute("COMMIT")
 
@@ -280,6 +358,15 @@ def open_sqlite(path: str) -> tuple[sqlite3.Connection, int]:
     return conn, ino
 
 
+class FleetReplaced(Exception):
+    """The fleet database is not the one the host's rows were reconciled against (restored, failed over)."""
+
+    def __init__(self, expected: str | None, found: str) -> None:
+        super().__init__(f"the fleet database's incarnation is {found}, not {expected}")
+        self.expected = expected
+        self.found = found
+
+
 async def publish_rows(
     conn: psycopg.AsyncConnection[tuple[Any, ...]],
     rows: Rows | None,
@@ -287,44 +374,45 @@ async def publish_rows(
     *,
     watermark: int | None,
     backlog: int | None,
+    incarnation: str | None,
+    fleet: str | None,
     stale_paths: Sequence[bytes] = (),
-) -> None:
-    """One PostgreSQL transaction: remove paths, replace whole layouts, move the watermark, beat."""
+    forget: bool = False,
+) -> str:
+    """One PostgreSQL transaction: (forget every row of the host,) remove paths, replace whole layouts,
+    move the watermark (recording the SQLite *incarnation*), beat; return the fleet's incarnation.
+
+    When the fleet's incarnation is not *fleet* (the one the rows were reconciled against), the
+    transaction is rolled back and :class:`FleetReplaced` raised.
+    """
     async with conn.transaction():
+        if forget:
+            await conn.execute("SELECT ocidx.forget_host()")
         gone = [*removed, *stale_paths]
         if gone:
-            await conn.execute("DELETE FROM layouts WHERE host = session_user AND path = ANY(%s)", (gone,))
+            await conn.execute("SELECT ocidx.remove_layouts(%s::bytea[])", (gone,))
         if rows is not None and rows.ids:
-            # A layout's previous rows go with it (the foreign keys cascade), whether the host knew it
-            # by this path or this id: a retried batch writes the same rows again.
+            data = rows.tables["layouts"]
             await conn.execute(
-                "DELETE FROM layouts WHERE host = session_user AND (id = ANY(%s) OR path = ANY(%s))",
-                (rows.ids, rows.paths),
+                "SELECT ocidx.put_layouts(%s::bigint[], %s::bytea[], %s::bigint[], %s::text[], %s::text[], "
+                "%s::text[], %s::text[], %s::integer[])",
+                [[row[i] for row in data] for i in range(len(_PG_TABLES["layouts"]))],
             )
-            for table, columns in _PG_TABLES.items():
-                data = rows.tables[table]
-                if not data:
-                    continue
-                if table == "layouts":  # paths are bytea, which JSON cannot carry
-                    await conn.execute(insert_sql(table), [[row[i] for row in data] for i in range(len(columns))])
-                else:
-                    await conn.execute(insert_json_sql(table), (json.dumps(data),))
-        if watermark is not None:
+            # JSON encodes the rows in C, where adapting a Python list per column cost psycopg about half
+            # of an insert (docs/design.md); paths, which JSON cannot carry, went as bytea above.
             await conn.execute(
-                "UPDATE hosts SET watermark = %s, published_at = now() WHERE host = session_user", (watermark,)
+                "SELECT ocidx.put_rows(%s::json, %s::json, %s::json, %s::json)",
+                tuple(json.dumps(rows.tables[t]) for t in ("entries", "names", "children", "layout_warnings")),
             )
-        if backlog is not None:
-            await beat(conn, backlog)
-
-
-async def beat(conn: psycopg.AsyncConnection[tuple[Any, ...]], backlog: int) -> None:
-    """The host's heartbeat row (the server's clock), with the backlog as it stands."""
-    await conn.execute(
-        "INSERT INTO heartbeats (host, beat_at, backlog, pid, started_at) "
-        "VALUES (session_user, now(), %s, %s, now()) "
-        "ON CONFLICT (host) DO UPDATE SET beat_at = now(), backlog = excluded.backlog, pid = excluded.pid",
-        (backlog, os.getpid()),
-    )
+        cur = await conn.execute(
+            "SELECT ocidx.beat(%s, %s, %s, %s)",
+            (backlog, os.getpid(), watermark, incarnation if watermark is not None else None),
+        )
+        row = await cur.fetchone()
+        found = str(row[0]) if row is not None else ""
+        if fleet is not None and found != fleet:
+            raise FleetReplaced(fleet, found)
+    return found
 
 
 class Publisher:
@@ -339,6 +427,7 @@ class Publisher:
         record: Callable[[Callable[[sqlite3.Connection], None]], Awaitable[None]] | None = None,
         batch_layouts: int = BATCH_LAYOUTS,
         on_backlog: Callable[[int], None] | None = None,
+        reconcile_s: float = RECONCILE_S,
     ) -> None:
         self.dsn = dsn
         self.db_path = db_path
@@ -346,11 +435,15 @@ class Publisher:
         self.record = record  # runs a write on the daemon's SQLite writer (serialized with its batches)
         self.batch_layouts = batch_layouts
         self.on_backlog = on_backlog
+        self.reconcile_s = reconcile_s  # at least this often, the host's rows are checked (counts, checksum)
         self.state = "starting"
         self.host: str | None = None
         self.watermark = 0
         self.backlog = 0
         self.published_batches = 0
+        self.sqlite_incarnation: str | None = None  # the index's, as the rows in PostgreSQL were made from
+        self.fleet_incarnation: str | None = None  # the fleet database's, as last reconciled against
+        self.checked_at = 0.0  # time.monotonic() of the last check of the rows (or reconcile)
         self._sqlite: sqlite3.Connection | None = None
         self._ino = 0
         self._limiter = anyio.CapacityLimiter(1)  # one thread at a time on the SQLite connection
@@ -435,45 +528,65 @@ class Publisher:
             self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S, application_name="ocidx publisher"
         )
         try:
+            await conn.execute(
+                bounds_sql(lock_s=LOCK_TIMEOUT_S, statement_s=STATEMENT_TIMEOUT_S, idle_s=IDLE_IN_TRANSACTION_S)
+            )
             row = await (
                 await conn.execute("SELECT session_user, pg_has_role(session_user, 'ocidx_publisher', 'MEMBER')")
             ).fetchone()
             assert row is not None
             self.host = str(row[0])
-            not_a_host = FleetUnavailable(
-                f"role {self.host} is not a host of the fleet (run 'ocidx fleet add-host --dsn ADMIN_DSN {self.host}')"
-            )
             if not row[1]:
-                raise not_a_host
-            exists = await (await conn.execute("SELECT to_regclass('ocidx_migrations') IS NOT NULL")).fetchone()
-            if not exists or not exists[0]:
-                raise FleetUnavailable("the fleet database has no ocidx fleet schema (run 'ocidx fleet migrate')")
-            applied = [str(r[0]) for r in await (await conn.execute("SELECT name FROM ocidx_migrations")).fetchall()]
+                raise self._not_a_host()
+            probe = await (await conn.execute(PROBE_MIGRATIONS_SQL)).fetchone()
+            if probe is None or not (probe[0] or probe[1]):
+                raise FleetUnavailable(NO_SCHEMA)
+            cur = await conn.execute(APPLIED_SQL if probe[0] else APPLIED_V1_SQL)
+            applied = [str(r[0]) for r in await cur.fetchall()]
             problem = schema_problem(applied)
             if problem is not None:
                 raise problem
-            registered = await (
-                await conn.execute("SELECT EXISTS (SELECT FROM hosts WHERE host = session_user)")
-            ).fetchone()
-            if not registered or not registered[0]:
-                raise not_a_host
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await conn.close()
             raise
         return conn
 
-    async def reconcile(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
-        """Make the host's rows in PostgreSQL those of SQLite: publish what differs, delete what SQLite lacks."""
-        counter, local = await self._local(read_all)
-        remote = {
-            bytes(path): (int(lid), int(version))
-            for lid, path, version in await (
-                await conn.execute("SELECT id, path, version FROM layouts WHERE host = session_user")
-            ).fetchall()
-        }
+    def _not_a_host(self) -> FleetUnavailable:
+        return FleetUnavailable(
+            f"role {self.host} is not a host of the fleet (run 'ocidx fleet add-host --dsn ADMIN_DSN {self.host}')"
+        )
+
+    async def reconcile(self, conn: psycopg.AsyncConnection[tuple[Any, ...]], *, rewrite: str | None = None) -> None:
+        """Make the host's rows in PostgreSQL those of SQLite: publish what differs, delete what SQLite lacks.
+
+        With *rewrite* (why), or when the rows were published from another incarnation of the index, or
+        from a later state of it (its counter went back: versions will be handed out again), every row
+        of the host is deleted and every layout published again.
+        """
+        row = await (await conn.execute("SELECT * FROM ocidx.publisher_state()")).fetchone()
+        if row is None or not row[0]:
+            raise self._not_a_host()
+        remote_watermark, remote_incarnation, fleet = int(row[1]), row[2], str(row[3])
+        counter, incarnation, local = await self._local(read_all)
+        if rewrite is None and remote_incarnation != incarnation:
+            rewrite = (
+                f"its rows came from another index (incarnation {remote_incarnation}, now {incarnation})"
+                if remote_incarnation is not None
+                else "its rows in the fleet were not published from this index"
+            )
+        if rewrite is None and counter < remote_watermark:
+            rewrite = f"the index went back from version {remote_watermark} to {counter}"
+        remote: dict[bytes, tuple[int, int, str | None]] = {}
+        if rewrite is None:
+            remote = {
+                bytes(path): (int(lid), int(version), content_hash)
+                for lid, path, version, content_hash in await (
+                    await conn.execute("SELECT * FROM ocidx.host_layouts()")
+                ).fetchall()
+            }
         stale = [path for path in remote if path not in local]
-        differ = sorted(lid for path, (lid, version) in local.items() if remote.get(path) != (lid, version))
+        differ = sorted(values[0] for path, values in local.items() if remote.get(path) != values)
         chunks = [differ[i : i + self.batch_layouts] for i in range(0, len(differ), self.batch_layouts)] or [[]]
         for n, ids in enumerate(chunks):
             rows = await self._local(read_some, ids) if ids else None
@@ -485,46 +598,131 @@ class Publisher:
                     rows,
                     [],
                     stale_paths=stale if n == 0 else (),
+                    forget=rewrite is not None and n == 0,
                     watermark=counter if last else None,
                     backlog=backlog,
+                    incarnation=incarnation,
+                    fleet=fleet,
                 )
         self.watermark = counter
+        self.sqlite_incarnation = incarnation
+        self.fleet_incarnation = fleet
+        self.checked_at = time.monotonic()
         self._set_backlog(await self._local(backlog_of, counter))
         log.info(
-            "fleet: reconciled host %s: %d layouts published, %d removed",
+            "fleet: reconciled host %s: %s",
             self.host,
-            len(differ),
-            len(stale),
-            extra={"fields": {"event": "fleet_reconciled", "published": len(differ), "removed": len(stale)}},
+            f"{len(differ)} layouts published, {len(stale)} removed"
+            if rewrite is None
+            else f"every row replaced, {len(differ)} layouts published ({rewrite})",
+            extra={
+                "fields": {
+                    "event": "fleet_reconciled",
+                    "published": len(differ),
+                    "removed": len(stale),
+                    "rewrite": rewrite,
+                }
+            },
         )
         await self._record_row(published=True)
+
+    async def check(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> bool:
+        """Compare the host's rows in PostgreSQL with SQLite (counts, a checksum of the layouts, the watermark
+        and incarnation recorded) and publish everything again when they differ (a data-only restore
+        keeps the fleet's incarnation). False when SQLite moved meanwhile: nothing was compared."""
+        counter, incarnation, local = await self._local(read_summary)
+        if counter != self.watermark or incarnation != self.sqlite_incarnation:
+            return False
+        row = await (await conn.execute("SELECT * FROM ocidx.host_summary()")).fetchone()
+        assert row is not None
+        remote = Summary(
+            layouts=int(row[0]),
+            checksum=int(row[1]),
+            entries=int(row[2]),
+            names=int(row[3]),
+            children=int(row[4]),
+            layout_warnings=int(row[5]),
+        )
+        differences = local.differences(remote)
+        if row[6] != self.watermark:
+            differences.append(f"watermark {self.watermark}/{row[6]}")
+        if row[7] != self.sqlite_incarnation:
+            differences.append(f"incarnation {self.sqlite_incarnation}/{row[7]}")
+        self.checked_at = time.monotonic()
+        if differences:
+            why = f"its rows differ from the index (here/in the fleet: {', '.join(differences)})"
+            log.warning(
+                "fleet: host %s: %s; a restored fleet database? publishing every layout again",
+                self.host,
+                why,
+                extra={"fields": {"event": "fleet_rows_differ", "differences": differences}},
+            )
+            await self.reconcile(conn, rewrite=why)
+        return True
 
     async def follow(self, conn: psycopg.AsyncConnection[tuple[Any, ...]]) -> None:
         """Publish each change above the watermark as it commits locally; return only by raising."""
         beat_due = time.monotonic() + self.heartbeat_s
         while True:
-            if await self._replaced():
-                self._close_sqlite()
-                await self.reconcile(conn)
-            changes: Changes = await self._local(read_changes, self.watermark, self.batch_layouts)
-            if changes.full:
+            try:
+                if await self._replaced():
+                    self._close_sqlite()
+                    await self.reconcile(conn)
+                    continue
+                changes: Changes = await self._local(read_changes, self.watermark, self.batch_layouts)
+                if changes.incarnation != self.sqlite_incarnation:
+                    log.warning(
+                        "fleet: the index was rebuilt (incarnation %s, now %s): publishing every layout again",
+                        self.sqlite_incarnation,
+                        changes.incarnation,
+                        extra={"fields": {"event": "fleet_index_rebuilt"}},
+                    )
+                    await self.reconcile(conn)
+                    continue
+                if changes.full:
+                    await self.reconcile(conn)
+                    continue
+                if changes.rows is not None or changes.removed:
+                    with anyio.fail_after(BATCH_TIMEOUT_S):
+                        await publish_rows(
+                            conn,
+                            changes.rows,
+                            changes.removed,
+                            watermark=changes.through,
+                            backlog=changes.backlog,
+                            incarnation=changes.incarnation,
+                            fleet=self.fleet_incarnation,
+                        )
+                    self.watermark = changes.through
+                    self.published_batches += 1
+                    self._set_backlog(changes.backlog)
+                    beat_due = time.monotonic() + self.heartbeat_s
+                    await self._record_row(published=True)
+                    continue  # more may be waiting: no sleep between batches
+                if time.monotonic() >= self.checked_at + self.reconcile_s and not await self.check(conn):
+                    continue  # the index moved under the check: publish that first, then check
+                if time.monotonic() >= beat_due:
+                    with anyio.fail_after(BATCH_TIMEOUT_S):
+                        await publish_rows(
+                            conn,
+                            None,
+                            [],
+                            watermark=None,
+                            backlog=0,
+                            incarnation=None,
+                            fleet=self.fleet_incarnation,
+                        )
+                    beat_due = time.monotonic() + self.heartbeat_s
+            except FleetReplaced as exc:
+                log.warning(
+                    "fleet: the fleet database was restored or replaced (incarnation %s, now %s): reconciling host %s",
+                    exc.expected,
+                    exc.found,
+                    self.host,
+                    extra={"fields": {"event": "fleet_replaced"}},
+                )
                 await self.reconcile(conn)
                 continue
-            if changes.rows is not None or changes.removed:
-                with anyio.fail_after(BATCH_TIMEOUT_S):
-                    await publish_rows(
-                        conn, changes.rows, changes.removed, watermark=changes.through, backlog=changes.backlog
-                    )
-                self.watermark = changes.through
-                self.published_batches += 1
-                self._set_backlog(changes.backlog)
-                beat_due = time.monotonic() + self.heartbeat_s
-                await self._record_row(published=True)
-                continue  # more may be waiting: no sleep between batches
-            if time.monotonic() >= beat_due:
-                with anyio.fail_after(BATCH_TIMEOUT_S):
-                    await beat(conn, 0)
-                beat_due = time.monotonic() + self.heartbeat_s
             await anyio.sleep(POLL_S)
 
     async def run(self) -> None:
@@ -541,10 +739,13 @@ class Publisher:
                     await self._set_state(CONNECTED)
                     delay = BACKOFF_FIRST_S
                     await self.follow(conn)
-                except (psycopg.Error, OSError, TimeoutError, FleetUnavailable) as exc:
-                    why = exc.message if isinstance(exc, FleetUnavailable) else _first_line(exc)
-                    if isinstance(exc, TimeoutError):
+                except (psycopg.Error, OSError, TimeoutError, FleetUnavailable, FleetReplaced) as exc:
+                    if isinstance(exc, FleetUnavailable):
+                        why = exc.message
+                    elif isinstance(exc, TimeoutError):
                         why = f"PostgreSQL did not answer within {BATCH_TIMEOUT_S:g}s"
+                    else:
+                        why = failure(exc, lock_s=LOCK_TIMEOUT_S, statement_s=STATEMENT_TIMEOUT_S)
                     with contextlib.suppress(sqlite3.Error, DatabaseError):
                         self._set_backlog(await self._local(backlog_of, self.watermark))
                     await self._set_state(f"unreachable: {why}" if isinstance(exc, psycopg.OperationalError) else why)
