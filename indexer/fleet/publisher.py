@@ -42,6 +42,7 @@ host row and its heartbeat, with the backlog).
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -496,19 +497,16 @@ class Publisher:
     async def _record_row(self, published: bool = False) -> None:
         if self.record is None:
             return
-        now = time.time_ns()
-        state, host, watermark = self.state, self.host, self.watermark
+        from indexer.store.state import record_publisher
 
-        def write(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO fleet_publisher (id, host, state, since_ns, watermark, published_ns) "
-                "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET host = coalesce(excluded.host, host), "
-                "state = excluded.state, "
-                "since_ns = CASE WHEN state = excluded.state THEN since_ns ELSE excluded.since_ns END, "
-                "watermark = excluded.watermark, published_ns = coalesce(excluded.published_ns, published_ns)",
-                (host, state, now, watermark, now if published else None),
-            )
-
+        write = functools.partial(
+            record_publisher,
+            host=self.host,
+            state=self.state,
+            now_ns=time.time_ns(),
+            watermark=self.watermark,
+            published=published,
+        )
         try:
             await self.record(write)
         except sqlite3.Error as exc:

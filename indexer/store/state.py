@@ -321,6 +321,21 @@ def fleet_status(conn: sqlite3.Connection, now_ns: int | None = None) -> dict[st
     }
 
 
+def record_publisher(
+    conn: sqlite3.Connection, *, host: str | None, state: str, now_ns: int, watermark: int, published: bool
+) -> None:
+    """A unit: the fleet publisher's state (``status``'s ``fleet``): the host it publishes as (kept when
+    not known yet), its state and since when, its watermark, and when it last published."""
+    conn.execute(
+        "INSERT INTO fleet_publisher (id, host, state, since_ns, watermark, published_ns) "
+        "VALUES (1, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET host = coalesce(excluded.host, host), "
+        "state = excluded.state, "
+        "since_ns = CASE WHEN state = excluded.state THEN since_ns ELSE excluded.since_ns END, "
+        "watermark = excluded.watermark, published_ns = coalesce(excluded.published_ns, published_ns)",
+        (host, state, now_ns, watermark, now_ns if published else None),
+    )
+
+
 def forget_fleet(conn: sqlite3.Connection) -> None:
     """A unit: no fleet publishes this index (so ``status`` shows no stale fleet state)."""
     conn.execute("DELETE FROM fleet_publisher")
