@@ -23,8 +23,8 @@ import sqlite3
 import time
 
 from indexer import config as config_mod
+from indexer import graph, reference
 from indexer import layout as layout_mod
-from indexer import reference
 from indexer._record import Record
 from indexer.errors import (
     Ambiguous,
@@ -833,15 +833,29 @@ def _blob_hit(view: View, digest: str) -> db.Hit | None:
 def _select_platform(
     view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform, limits: layout_mod.Limits
 ) -> Answer:
-    """Follow an index (or manifest list) down to the manifest for platform *want*."""
+    """Follow an index (or manifest list) down to the manifest for platform *want*; on a single
+    manifest, check its platform: the descriptor's, else its config's (as containerd and BuildKit)."""
     if hit.media_type not in layout_mod.INDEX_MEDIA_TYPES:
-        have = _platform_record(hit.platform)
-        if have is None or layout_mod.platform_matches(want, have):
+        platform, problem = hit.platform, None
+        if platform is None and hit.media_type in graph.MANIFEST_MEDIA_TYPES:
+            platform, problem = _config_platform(view, hit.digest, hit.size, limits)
+            if problem is not None:
+                return _with_warning(
+                    answer, f"the platform of {answer.digest} in {view.path} could not be checked: {problem}"
+                )
+        have = _platform_record(platform)
+        if have is not None and layout_mod.platform_matches(want, have):
+            if answer.platform is None:
+                answer = _with_platform(answer, platform)
             return answer
+        if have is None and hit.media_type not in graph.MANIFEST_MEDIA_TYPES:
+            return answer  # a bare blob, or a media type ocidx does not read: nothing to compare
+        what = (
+            f"a single manifest for {_platform_text(platform)}" if have is not None else "an artifact with no platform"
+        )
         raise PlatformNotFound(
-            f"{answer.digest} in {view.path} is a single manifest for {_platform_text(hit.platform)}, "
-            f"not {_platform_text(want.to_json())}",
-            [p for p in [_platform_out(hit.platform)] if p is not None],
+            f"{answer.digest} in {view.path} is {what}, not {_platform_text(want.to_json())}",
+            [p for p in [_platform_out(platform)] if p is not None],
         )
     kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
     if not any(k.parent == hit.digest for k in kids):
@@ -855,31 +869,34 @@ def _select_platform(
         have = _platform_record(platform)
         return have is not None and layout_mod.platform_matches(want, have)
 
+    def platform_of(kid: db.ChildRow) -> dict[str, object] | None:
+        # A child manifest whose descriptor names no platform is matched by its config's, as
+        # containerd's images.Manifest does; one whose config cannot be read is not a match.
+        if kid.platform is None and kid.media_type in graph.MANIFEST_MEDIA_TYPES:
+            return _config_platform(view, kid.digest, kid.size, limits)[0]
+        return kid.platform
+
     def search(parent: str, depth: int) -> db.ChildRow | None:
         # As containerd's images.Manifest: a nested index is followed when its descriptor names
         # no platform or the wanted one; the first manifest for the platform, in index order, wins.
-        level = by_parent.get(parent, [])
-        for kid in level:
-            shown = _platform_out(kid.platform)
+        level = [(kid, platform_of(kid)) for kid in by_parent.get(parent, [])]
+        for _kid, platform in level:
+            shown = _platform_out(platform)
             if shown is not None:
                 seen.setdefault(json.dumps(shown, sort_keys=True), shown)
-        for kid in level:
+        for kid, platform in level:
             if kid.media_type in layout_mod.INDEX_MEDIA_TYPES:
                 if depth < 16 and (not kid.platform or matches(kid.platform)):
                     found = search(kid.digest, depth + 1)
                     if found is not None:
                         return found
-            elif matches(kid.platform):
-                return kid
+            elif matches(platform):
+                return kid if platform is kid.platform else _child_with_platform(kid, platform)
         return None
 
     chosen = search(hit.digest, 0)
     if chosen is not None:
-        try:
-            present = os.path.exists(layout_mod.blob_path(view.path, chosen.digest))
-        except LayoutError:
-            present = False
-        if not present:
+        if not _has_blob(view.path, chosen.digest):
             raise PlatformNotFound(
                 f"{answer.digest} in {view.path} lists {_platform_text(chosen.platform)} as {chosen.digest}, "
                 "but that blob is absent from the layout (a partial export?)",
@@ -902,6 +919,57 @@ def _select_platform(
         f"no manifest for {_platform_text(want.to_json())} under {answer.digest} in {view.path} "
         f"(platforms present: {listed})",
         list(seen.values()),
+    )
+
+
+def _has_blob(layout: str, digest: str) -> bool:
+    """Whether *layout*'s ``blobs/`` holds a blob named *digest* (an invalid digest names none)."""
+    try:
+        return os.path.exists(layout_mod.blob_path(layout, digest))
+    except LayoutError:
+        return False
+
+
+def _config_platform(
+    view: View, digest: str, size: int, limits: layout_mod.Limits
+) -> tuple[dict[str, object] | None, str | None]:
+    """The platform in the config of manifest *digest*, read from the layout: ``(platform, None)``;
+    ``(None, why)`` when it cannot be checked (a blob absent or refused, a config naming none); and
+    ``(None, None)`` for an artifact, whose config is not an image config and names no platform."""
+    if not _has_blob(view.path, digest):
+        return None, f"the manifest {digest} is not in blobs/ (a partial export?)"
+    try:
+        manifest = graph.read_manifest(view.path, digest, size, limits)
+    except LayoutError as exc:
+        return None, exc.message
+    config = manifest.config
+    if config is None or config.media_type not in graph.IMAGE_CONFIG_TYPES:
+        return None, None
+    if not _has_blob(view.path, config.digest):
+        return None, f"its config {config.digest} is not in blobs/ (a partial export?)"
+    try:
+        found = graph.read_config(view.path, config.digest, config.size, limits)
+    except LayoutError as exc:
+        return None, exc.message
+    if found.platform is None:
+        return None, f"its config {config.digest} names no os and architecture"
+    return dict(found.platform.to_json()), None
+
+
+def _with_platform(answer: Answer, platform: dict[str, object] | None) -> Answer:
+    data = {name: getattr(answer, name) for name in Answer.__slots__}
+    data["platform"] = platform
+    return Answer(**data)
+
+
+def _child_with_platform(kid: db.ChildRow, platform: dict[str, object] | None) -> db.ChildRow:
+    return db.ChildRow(
+        parent=kid.parent,
+        depth=kid.depth,
+        digest=kid.digest,
+        media_type=kid.media_type,
+        size=kid.size,
+        platform=platform,
     )
 
 

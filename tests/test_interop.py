@@ -260,3 +260,56 @@ def test_the_readme_first_lookup_needs_no_database(
     code = main(["find", ":3.16"])
     _, err = capsys.readouterr()
     assert code == 4 and "ocidx scan ROOT" in err
+
+
+@pytest.fixture
+def platforms(tmp_path: str) -> dict[str, str]:
+    """A local source layout with one image per platform, each config saying its own: tag -> digest."""
+    src = os.path.join(tmp_path, "platform-src")
+    must("umoci", "init", "--layout", src)
+    must("umoci", "new", "--image", f"{src}:base")
+    for arch in ("amd64", "arm64"):
+        must("umoci", "config", "--image", f"{src}:base", "--tag", arch, "--os", "linux", "--architecture", arch)
+    tags = {arch: skopeo_digest(src, arch) for arch in ("amd64", "arm64")}
+    assert None not in tags.values()
+    return {"path": src, **{t: str(d) for t, d in tags.items()}}
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "read-through"])
+def test_platform_of_a_single_manifest_copied_by_skopeo_without_all(
+    tmp_path: str, ocidx: Ocidx, platforms: dict[str, str], indexed: bool
+) -> None:
+    """`skopeo copy` without --all (what the README does) writes one manifest and no platform on its
+    descriptor: --platform is checked against the config, as containerd and BuildKit check it."""
+    app = os.path.join(tmp_path, "root", "app")
+    os.makedirs(os.path.dirname(app))
+    copy(f"{platforms['path']}:amd64", f"{app}:v1")
+    with open(os.path.join(app, "index.json")) as f:
+        (descriptor,) = json.load(f)["manifests"]
+    assert "platform" not in descriptor  # what made the old answer wrong
+    if indexed:
+        code, _, err = ocidx("scan", "--no-progress", os.path.dirname(app))
+        assert code == 0, err
+    code, out, err = ocidx("resolve", "--json", "--platform", "linux/arm64", f"oci-layout://{app}:v1")
+    failure = json.loads(out)
+    assert (code, failure["error"]) == (1, "platform_not_found"), err
+    assert failure["platforms"] == [{"os": "linux", "architecture": "amd64", "variant": None}]
+    code, out, err = ocidx("resolve", "--json", "--platform", "linux/amd64", f"oci-layout://{app}:v1")
+    answer = json.loads(out)
+    assert code == 0, err
+    assert (answer["digest"], answer["warnings"]) == (platforms["amd64"], [])
+    assert answer["platform"] == {"os": "linux", "architecture": "amd64", "variant": None}
+
+
+def test_platform_of_a_single_manifest_whose_config_skopeo_did_not_copy(
+    tmp_path: str, ocidx: Ocidx, platforms: dict[str, str]
+) -> None:
+    app = os.path.join(tmp_path, "app")
+    copy(f"{platforms['path']}:arm64", f"{app}:v1")
+    manifest = os.path.join(app, "blobs", "sha256", platforms["arm64"].split(":")[1])
+    with open(manifest) as f:
+        config = json.load(f)["config"]["digest"]
+    os.remove(os.path.join(app, "blobs", "sha256", config.split(":")[1]))  # a partial export
+    code, out, err = ocidx("resolve", "--platform", "linux/amd64", f"oci-layout://{app}:v1")
+    assert (code, out.strip()) == (0, platforms["arm64"])
+    assert "could not be checked" in err and config in err
