@@ -123,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="index counts, errors, daemon heartbeat")
     _options(p)
 
+    p = sub.add_parser("gc", help="the blobs nothing in a layout references; --delete removes them safely")
+    p.add_argument("layout", metavar="LAYOUT", help="the layout directory (read directly: no database needed)")
+    p.add_argument(
+        "--delete", action="store_true", help="remove them, under BuildKit's index.json.lock (default: only list)"
+    )
+    p.add_argument(
+        "--grace",
+        metavar="S",
+        type=_seconds,
+        default=None,
+        help="keep blobs younger than S seconds: a writer puts blobs before index.json (default: [gc] grace_s, 3600)",
+    )
+    _options(p, db=False)
+
     p = sub.add_parser("scan", help="one batch pass over the roots")
     p.add_argument("roots", nargs="*", metavar="ROOT", help="directories to index (added to the config's [[roots]])")
     p.add_argument("--full", action="store_true", help="re-read every index.json even if unchanged")
@@ -459,6 +473,53 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    """A ``--grace`` value: a finite number of seconds, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
+    return value
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``ocidx gc LAYOUT``: list (and with --delete, remove) the blobs nothing in the layout references."""
+    from indexer import config as config_mod
+    from indexer.gc import collect
+
+    config = config_mod.load(args.config)
+    grace = config.gc.grace_s if args.grace is None else args.grace
+    result = collect(args.layout, delete=args.delete, grace_s=grace, limits=config.limits)
+    if args.json:
+        _emit(result)
+    else:
+        for blob in result["blobs"]:  # type: ignore[attr-defined]
+            _line(blob["digest"], blob["size"], f"{_age(blob['age_s'])}")
+    unproven, skipped = result["unproven"], result["skipped"]
+    assert isinstance(unproven, list) and isinstance(skipped, list)
+    for why in unproven[:SHOWN]:
+        _warn(f"ocidx: {result['layout']}: nothing is garbage: {why}")
+    if len(unproven) > SHOWN:
+        _warn(f"ocidx: {result['layout']}: and {len(unproven) - SHOWN} more reasons (--json lists them all)")
+    for odd in skipped[:SHOWN]:
+        _warn(f"ocidx: warning: {result['layout']}: {odd['name']} is {odd['why']}, not a blob file: left alone")
+    if len(skipped) > SHOWN:
+        _warn(f"ocidx: warning: {result['layout']}: and {len(skipped) - SHOWN} more (--json lists them all)")
+    blobs = result["blobs"]
+    assert isinstance(blobs, list)
+    summary = f"{_plural(len(blobs), 'blob')} ({result['bytes']} bytes) nothing references"
+    if result["kept_young"]:
+        summary += f", {result['kept_young']} younger than {grace:g} s kept"
+    if args.delete:
+        held = result["lock_held_s"]
+        summary += f"; {result['deleted']} deleted" + (f" (index.json.lock held {held} s at most)" if held else "")
+    if not args.json:
+        _warn(f"ocidx: {result['layout']}: {summary}")
+    return 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """``ocidx scan``: one batch pass (async, imported here, off the lookup path)."""
     from indexer.scan.command import run_scan
@@ -485,6 +546,7 @@ _COMMANDS = {
     "find": cmd_find,
     "ls": cmd_ls,
     "status": cmd_status,
+    "gc": cmd_gc,
     "scan": cmd_scan,
     "daemon": cmd_daemon,
     "hosts": cmd_hosts,

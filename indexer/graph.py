@@ -35,6 +35,10 @@ Choices where the OCI image specification is silent (docs/semantics.md restates 
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+
 from indexer import reference
 from indexer._record import Record
 from indexer.errors import BlobError, IndexParseError, ReferenceError_
@@ -45,6 +49,7 @@ from indexer.layout import (
     OCI_MANIFEST,
     Limits,
     Platform,
+    Snapshot,
     _annotations,
     _clean,
     _descriptor,
@@ -57,6 +62,7 @@ from indexer.names import quote_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from collections.abc import Container
     from typing import TypeVar
 
     T = TypeVar("T")
@@ -384,6 +390,240 @@ def read_config(
     return _remember(_configs, digest, parse_config(data, digest))
 
 
+# -- what a layout's blobs/ holds ---------------------------------------------------------------
+
+_HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}  # the algorithms a digest may name (go-digest)
+_HEX = "0123456789abcdef"
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+class BlobDirs:
+    """A layout's ``blobs/ALG`` directories, opened, and the blobs they hold (one listing each).
+
+    Each directory is opened with ``O_NOFOLLOW | O_DIRECTORY`` below a descriptor of the layout, so
+    what is listed (and what :mod:`indexer.gc` unlinks, relative to these descriptors) is inside
+    the layout whatever is renamed meanwhile. With *follow*, a ``blobs`` or ``blobs/ALG`` that is a
+    symlink is followed when it resolves inside the layout, the rule :func:`indexer.layout.read_blob`
+    applies; without it (``ocidx gc``), such a directory is refused and not listed.
+
+    ``files`` are the regular files named like a blob (``sha256:HEX`` → the algorithm); ``odd``
+    the other entries named like one (a symlink, a FIFO, a directory, a device) with what they
+    are; names that are not a blob's (a writer's temporary file) are ignored. With *follow*, a
+    symlink that resolves to a regular file inside the layout counts as a file. ``identities``
+    holds each directory listed, as ``(name, dev, ino, mtime_ns, ctime_ns)`` (``blobs`` itself
+    first, then each ``blobs/ALG``), taken before its listing began at ``listed_ns``.
+    """
+
+    def __init__(self, layout: str, *, follow: bool = True) -> None:
+        import time
+
+        self.layout = layout
+        self.follow = follow
+        self.files: dict[str, str] = {}
+        self.odd: dict[str, str] = {}
+        self.problems: list[str] = []
+        self.identities: list[tuple[str, int, int, int, int]] = []
+        self.fds: dict[str, int] = {}
+        self.listed_ns = time.time_ns()
+        self.exists = False
+        self._layout_fd = -1
+        try:
+            self._list()
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> BlobDirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the directories (a listing's results stay)."""
+        for fd in [*self.fds.values(), self._layout_fd]:
+            if fd >= 0:
+                os.close(fd)
+        self.fds = {}
+        self._layout_fd = -1
+
+    def _open(self, name: str, parent: int, shown: str) -> int | None:
+        """A descriptor of directory *name* below *parent*, or None (absent, or refused with a problem)."""
+        try:
+            return os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+        if not self.follow or not stat.S_ISLNK(os.lstat(name, dir_fd=parent).st_mode):
+            self.problems.append(f"{shown} is not a directory; its blobs are not counted")
+            return None
+        real = os.path.realpath(os.path.join(self.layout, shown))
+        inside = os.path.realpath(self.layout).rstrip(os.sep) + os.sep
+        if not real.startswith(inside) or not os.path.isdir(real):
+            self.problems.append(f"{shown} is a symlink leading outside the layout (to {real}); refused")
+            return None
+        return os.open(real, _DIR_FLAGS)
+
+    def _list(self) -> None:
+        # The layout path is resolved by the caller. Without *follow* it must not have become a
+        # symlink since, nor lead elsewhere through a directory swapped on the way (/proc/self/fd).
+        self._layout_fd = os.open(self.layout, _DIR_FLAGS if not self.follow else _DIR_FLAGS & ~os.O_NOFOLLOW)
+        if not self.follow:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{self._layout_fd}")
+            except OSError:
+                opened = self.layout
+            if opened != self.layout:
+                raise BlobError(f"{self.layout} led elsewhere when opened (to {opened}); refused")
+        blobs = self._open("blobs", self._layout_fd, "blobs")
+        if blobs is None:
+            return
+        self.exists = True
+        self.fds[""] = blobs
+        st = os.fstat(blobs)
+        self.identities.append(("blobs", st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+        for algorithm in sorted(os.listdir(blobs)):
+            length = _HEX_LENGTHS.get(algorithm)
+            if length is None:
+                continue  # not a digest algorithm: nothing in it can be named by a descriptor
+            fd = self._open(algorithm, blobs, f"blobs/{algorithm}")
+            if fd is None:
+                continue
+            self.fds[algorithm] = fd
+            st = os.fstat(fd)
+            self.identities.append((f"blobs/{algorithm}", st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if len(name) != length or name.strip(_HEX):
+                        continue
+                    digest = f"{algorithm}:{name}"
+                    if entry.is_file(follow_symlinks=False):
+                        self.files[digest] = algorithm
+                    elif entry.is_symlink():
+                        self._symlink(digest, algorithm, name)
+                    else:
+                        self.odd[digest] = _entry_kind(entry)
+
+    def _symlink(self, digest: str, algorithm: str, name: str) -> None:
+        if self.follow:
+            real = os.path.realpath(os.path.join(self.layout, "blobs", algorithm, name))
+            inside = os.path.realpath(self.layout).rstrip(os.sep) + os.sep
+            if real.startswith(inside) and os.path.isfile(real):
+                self.files[digest] = algorithm
+                return
+            self.problems.append(f"blob {digest} is a symlink leading outside the layout or to no file; refused")
+        self.odd[digest] = "a symlink"
+
+    def stat(self, digest: str) -> os.stat_result | None:
+        """``lstat`` of a listed blob, relative to its directory (None when it is gone since)."""
+        algorithm, _, name = digest.partition(":")
+        try:
+            return os.stat(name, dir_fd=self.fds[algorithm], follow_symlinks=self.follow)
+        except (OSError, KeyError):
+            return None
+
+
+def _entry_kind(entry: os.DirEntry[str]) -> str:
+    try:
+        mode = entry.stat(follow_symlinks=False).st_mode
+    except OSError:
+        return "gone"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+
+
+# -- what a layout references --------------------------------------------------------------------
+
+
+class Reach(Record):
+    """Everything a layout references, from ``index.json`` through its indexes and manifests.
+
+    ``refs`` maps each referenced blob's digest to its size (index blobs, manifests, configs and
+    layers; a ``subject`` is a link, not a reference); ``external`` holds the layers that exporters
+    leave out (``urls``); ``manifests`` the parsed manifests; ``unknown`` says why what it
+    references is not wholly known (a manifest or index absent or refused, a descriptor skipped),
+    so that no present blob can be proven unreferenced while it is not empty.
+    """
+
+    __slots__ = ("external", "manifests", "refs", "unknown")
+
+    refs: dict[str, int]
+    external: set[str]
+    manifests: dict[str, Manifest]
+    unknown: list[str]
+
+    def __init__(
+        self, refs: dict[str, int], external: set[str], manifests: dict[str, Manifest], unknown: list[str]
+    ) -> None:
+        self.refs = refs
+        self.external = external
+        self.manifests = manifests
+        self.unknown = unknown
+
+
+def reach(
+    layout: str,
+    snapshot: Snapshot,
+    present: Container[str],
+    limits: Limits = DEFAULT_LIMITS,
+    *,
+    resolved: dict[str, str] | None = None,
+) -> Reach:
+    """What *snapshot*'s layout references (:class:`Reach`); *present* holds the digests its ``blobs/`` holds.
+
+    A manifest is read only when present (an absent one is a reason in ``unknown``, with no open
+    attempted); one this process parsed already is not read again (:func:`read_manifest`).
+    """
+    refs: dict[str, int] = {}
+    external: set[str] = set()
+    manifests: dict[str, Manifest] = {}
+    unknown: list[str] = []
+    if snapshot.skipped:
+        unknown.append(f"{snapshot.skipped} descriptor(s) of index.json could not be read")
+    if snapshot.truncated:
+        unknown.append(f"more than {limits.max_children} nested descriptors; the rest were not read")
+    for blob in snapshot.indexes:
+        if blob.state == "missing":
+            unknown.append(f"nested index {blob.digest} is not in blobs/")
+        elif blob.state == "invalid":
+            unknown.append(f"nested index {blob.digest} was refused")
+        elif blob.state == "deep":
+            unknown.append(f"nested index {blob.digest} is deeper than {limits.max_depth} levels")
+        elif blob.skipped:
+            unknown.append(f"{blob.skipped} descriptor(s) of nested index {blob.digest} could not be read")
+    cache = resolved if resolved is not None else {}
+    descriptors = [(e.digest, e.media_type, e.size) for e in snapshot.entries]
+    descriptors += [(c.digest, c.media_type, c.size) for c in snapshot.children]
+    for digest, media_type, size in descriptors:
+        refs.setdefault(digest, size)
+        if media_type not in MANIFEST_MEDIA_TYPES or digest in manifests:
+            continue
+        if digest not in present:
+            unknown.append(f"manifest {digest} is not in blobs/")
+            continue
+        try:
+            manifest = read_manifest(layout, digest, size, limits, resolved=cache)
+        except BlobError as exc:
+            unknown.append(f"{exc.message}")
+            continue
+        manifests[digest] = manifest
+        if not manifest.complete:
+            unknown.append(f"manifest {digest} lists a descriptor that could not be read")
+        for ref in (manifest.config, *manifest.layers) if manifest.config is not None else manifest.layers:
+            refs.setdefault(ref.digest, ref.size)
+            if ref.external:
+                external.add(ref.digest)
+    return Reach(refs, external, manifests, unknown)
+
+
 __all__ = [
     "ATTESTATION_MANIFEST",
     "DOCKER_CONFIG",
@@ -393,14 +633,17 @@ __all__ = [
     "OCI_CONFIG",
     "REFERENCE_DIGEST",
     "REFERENCE_TYPE",
+    "BlobDirs",
     "BlobRef",
     "ImageConfig",
     "Manifest",
+    "Reach",
     "known_config",
     "known_manifest",
     "parse_config",
     "parse_index_head",
     "parse_manifest",
+    "reach",
     "read_config",
     "read_manifest",
 ]
