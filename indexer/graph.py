@@ -453,6 +453,11 @@ class BlobDirs:
             return os.open(name, _DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             return None
+        except PermissionError as exc:
+            # The layout's own permissions: its blobs are not counted, and the graph says so. Any
+            # other failure (EMFILE, EIO, ENOMEM) is the environment's and is raised: never a proof.
+            self.problems.append(f"{shown} cannot be listed: {exc.strerror}; its blobs are not counted")
+            return None
         except OSError as exc:
             if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
@@ -550,19 +555,27 @@ class Reach(Record):
     layers; a ``subject`` is a link, not a reference); ``external`` holds the layers that exporters
     leave out (``urls``); ``manifests`` the parsed manifests; ``unknown`` says why what it
     references is not wholly known (a manifest or index absent or refused, a descriptor skipped),
-    so that no present blob can be proven unreferenced while it is not empty.
+    so that no present blob can be proven unreferenced while it is not empty; ``refused`` holds
+    the messages of the manifests that were present but refused (a bad hash, too big, not JSON).
     """
 
-    __slots__ = ("external", "manifests", "refs", "unknown")
+    __slots__ = ("external", "manifests", "refs", "refused", "unknown")
 
     refs: dict[str, int]
     external: set[str]
     manifests: dict[str, Manifest]
     unknown: list[str]
+    refused: list[str]
 
     def __init__(
-        self, refs: dict[str, int], external: set[str], manifests: dict[str, Manifest], unknown: list[str]
+        self,
+        refs: dict[str, int],
+        external: set[str],
+        manifests: dict[str, Manifest],
+        unknown: list[str],
+        refused: list[str] | None = None,
     ) -> None:
+        self.refused = refused if refused is not None else []
         self.refs = refs
         self.external = external
         self.manifests = manifests
@@ -600,19 +613,23 @@ def reach(
         elif blob.skipped:
             unknown.append(f"{blob.skipped} descriptor(s) of nested index {blob.digest} could not be read")
     cache = resolved if resolved is not None else {}
+    refused: list[str] = []
+    looked: set[str] = set()
     descriptors = [(e.digest, e.media_type, e.size) for e in snapshot.entries]
     descriptors += [(c.digest, c.media_type, c.size) for c in snapshot.children]
     for digest, media_type, size in descriptors:
         refs.setdefault(digest, size)
-        if media_type not in MANIFEST_MEDIA_TYPES or digest in manifests:
+        if media_type not in MANIFEST_MEDIA_TYPES or digest in looked:
             continue
+        looked.add(digest)
         if digest not in present:
             unknown.append(f"manifest {digest} is not in blobs/")
             continue
         try:
             manifest = read_manifest(layout, digest, size, limits, resolved=cache)
         except BlobError as exc:
-            unknown.append(f"{exc.message}")
+            unknown.append(exc.message)
+            refused.append(exc.message)
             continue
         manifests[digest] = manifest
         if not manifest.complete:
@@ -621,7 +638,129 @@ def reach(
             refs.setdefault(ref.digest, ref.size)
             if ref.external:
                 external.add(ref.digest)
-    return Reach(refs, external, manifests, unknown)
+    return Reach(refs, external, manifests, unknown, refused)
+
+
+class LayoutGraph(Record):
+    """What one layout's ``blobs/`` holds and what it references, read beside its snapshot.
+
+    ``reach`` is what it references; ``indexes`` the heads of its nested index blobs that were read;
+    ``configs`` the image configs read (by digest); ``present`` the blobs its ``blobs/`` holds;
+    ``unreferenced`` the sizes of those nothing references; ``missing`` the referenced digests
+    absent (external layers left out); ``identities`` and ``listed_ns`` what the listing was made
+    of, and when (:class:`BlobDirs`); ``attestations`` the ``(index, manifest, target)`` links
+    BuildKit's attestation descriptors make; ``warnings`` what a person should know (refused
+    blobs, entries of ``blobs/`` that are not files, manifests' and configs' own warnings).
+    """
+
+    __slots__ = (
+        "attestations",
+        "configs",
+        "dirs_refused",
+        "exists",
+        "identities",
+        "indexes",
+        "listed_ns",
+        "missing",
+        "present",
+        "reach",
+        "unreferenced",
+        "warnings",
+    )
+
+    def __init__(
+        self,
+        *,
+        reach: Reach,
+        indexes: dict[str, Manifest],
+        configs: dict[str, ImageConfig],
+        present: set[str],
+        unreferenced: dict[str, int],
+        missing: list[str],
+        identities: list[tuple[str, int, int, int, int]],
+        exists: bool,
+        listed_ns: int,
+        attestations: list[tuple[str, str, str]],
+        warnings: list[str],
+        dirs_refused: bool = False,
+    ) -> None:
+        self.dirs_refused = dirs_refused
+        self.reach = reach
+        self.indexes = indexes
+        self.configs = configs
+        self.present = present
+        self.unreferenced = unreferenced
+        self.missing = missing
+        self.identities = identities
+        self.exists = exists
+        self.listed_ns = listed_ns
+        self.attestations = attestations
+        self.warnings = warnings
+
+    @property
+    def complete(self) -> bool:
+        """Whether everything the layout references is known (so the unreferenced are proven so)."""
+        return not self.reach.unknown
+
+
+def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_LIMITS) -> LayoutGraph:
+    """List *layout*'s ``blobs/`` once and read what its *snapshot* references (manifests, configs)."""
+    with BlobDirs(layout, follow=True) as dirs:
+        found = reach(layout, snapshot, dirs.files, limits)
+        present = set(dirs.files)
+        unreferenced: dict[str, int] = {}
+        for digest in present:
+            if digest not in found.refs:
+                st = dirs.stat(digest)
+                unreferenced[digest] = st.st_size if st is not None else 0
+        warnings = list(dirs.problems)
+        warnings.extend(
+            f"blob {digest} is {kind}, not a regular file; not counted" for digest, kind in dirs.odd.items()
+        )
+        identities, exists, listed_ns, refused = list(dirs.identities), dirs.exists, dirs.listed_ns, dirs.problems
+    warnings.extend(f"{message}; what it references is unknown" for message in found.refused)
+    configs: dict[str, ImageConfig] = {}
+    for manifest in found.manifests.values():
+        warnings.extend(manifest.warnings)
+        config = manifest.config
+        if config is None or config.media_type not in IMAGE_CONFIG_TYPES or config.digest in configs:
+            continue
+        if config.digest not in present:
+            continue
+        try:
+            configs[config.digest] = found_config = read_config(layout, config.digest, config.size, limits)
+        except BlobError as exc:
+            warnings.append(exc.message)
+            continue
+        warnings.extend(found_config.warnings)
+    media_types = {e.digest: e.media_type for e in snapshot.entries}
+    media_types.update((c.digest, c.media_type) for c in snapshot.children)
+    indexes: dict[str, Manifest] = {}
+    for blob in snapshot.indexes:
+        if blob.state == "ok":
+            head = parse_index_head(blob.digest, blob.size, media_types.get(blob.digest, ""), blob.head)
+            indexes[blob.digest] = head
+            warnings.extend(head.warnings)
+    attestations: list[tuple[str, str, str]] = []
+    for child in snapshot.children:
+        target = child.annotations.get(REFERENCE_DIGEST)
+        if child.annotations.get(REFERENCE_TYPE) == ATTESTATION_MANIFEST and target and reference.is_digest(target):
+            attestations.append((child.parent, child.digest, target))
+    missing = sorted(d for d in found.refs if d not in present and d not in found.external)
+    return LayoutGraph(
+        reach=found,
+        indexes=indexes,
+        configs=configs,
+        present=present,
+        unreferenced=unreferenced,
+        missing=missing,
+        identities=identities,
+        exists=exists,
+        listed_ns=listed_ns,
+        attestations=attestations,
+        warnings=list(dict.fromkeys(warnings)),
+        dirs_refused=bool(refused),
+    )
 
 
 __all__ = [
@@ -636,6 +775,7 @@ __all__ = [
     "BlobDirs",
     "BlobRef",
     "ImageConfig",
+    "LayoutGraph",
     "Manifest",
     "Reach",
     "known_config",
@@ -645,5 +785,6 @@ __all__ = [
     "parse_manifest",
     "reach",
     "read_config",
+    "read_layout_graph",
     "read_manifest",
 ]

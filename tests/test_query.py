@@ -907,7 +907,9 @@ def _scanned_long_after_last_change(db_path: str) -> None:
     """
     conn = sqlite3.connect(db_path)
     try:
-        conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")
+        conn.execute(
+            "UPDATE layouts SET read_ns = read_ns + 10000000000, blobs_listed_ns = blobs_listed_ns + 10000000000"
+        )
         conn.commit()
     finally:
         conn.close()

@@ -51,19 +51,29 @@ _ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size,
 
 
 class StoredLayout(Record):
-    """What the index knows of one layout's ``index.json``."""
+    """What the index knows of one layout's ``index.json`` (and, with the content graph, its ``blobs/``).
+
+    ``presence`` is the identity of the directories of ``blobs/`` its graph rows were listed from
+    (the columns ``blobs_dir`` ... ``blobs_root`` of ``layouts``), None before its graph was read;
+    ``blobs_settles_ns`` is when a listing of them proves itself, ``blobs_listed_ns`` when it was made.
+    """
 
     __slots__ = (
+        "blobs_listed_ns",
+        "blobs_settles_ns",
+        "blobs_since_ns",
         "checked_ns",
         "content_hash",
         "entry_count",
         "error",
         "error_category",
+        "graph_hash",
         "id",
         "identity",
         "identity_since_ns",
         "last_good_ns",
         "path",
+        "presence",
         "read_ns",
         "state",
         "version",
@@ -85,7 +95,17 @@ class StoredLayout(Record):
         entry_count: int,
         identity_since_ns: int | None = None,
         version: int = 0,
+        presence: Presence | None = None,
+        blobs_listed_ns: int | None = None,
+        blobs_since_ns: int | None = None,
+        blobs_settles_ns: int | None = None,
+        graph_hash: str | None = None,
     ) -> None:
+        self.presence = presence
+        self.blobs_listed_ns = blobs_listed_ns
+        self.blobs_since_ns = blobs_since_ns
+        self.blobs_settles_ns = blobs_settles_ns
+        self.graph_hash = graph_hash
         self.id = id
         self.path = path
         self.identity = identity
@@ -111,6 +131,18 @@ class StoredLayout(Record):
             return True
         return settles_at(identity.mtime_ns, identity.ctime_ns, self.read_ns, self.identity_since_ns) > self.read_ns
 
+    def presence_current(self) -> bool:
+        """Whether the directories of ``blobs/`` are as listed for the stored graph, settled (a ``stat`` each);
+        always for a broken layout, which is proven by its ``index.json`` alone."""
+        if self.state != "ok":
+            return True
+        presence = self.presence
+        if presence is None or self.blobs_settles_ns is None or self.blobs_listed_ns is None:
+            return False
+        if self.blobs_settles_ns > self.blobs_listed_ns:
+            return False
+        return not presence_differs(self.path, *presence[:6])
+
     def to_json(self) -> dict[str, object]:
         """The object ``ocidx ls --json`` prints for a layout."""
         return {
@@ -127,14 +159,51 @@ class StoredLayout(Record):
 
 _LAYOUT_COLUMNS = (
     "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
-    "last_good_ns, checked_ns, entry_count, identity_since_ns, version"
+    "last_good_ns, checked_ns, entry_count, identity_since_ns, version, blobs_dir, blobs_dev, blobs_ino, "
+    "blobs_mtime_ns, blobs_ctime_ns, blobs_more, blobs_root, blobs_listed_ns, blobs_since_ns, blobs_settles_ns, "
+    "graph_hash"
 )
+
+if TYPE_CHECKING:
+    # The identity of the directories a layout's graph was listed from (layouts.blobs_dir ... blobs_root).
+    Presence = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None]
+
+
+def presence_differs(
+    path: str,
+    name: str,
+    dev: int | None,
+    ino: int | None,
+    mtime_ns: int | None,
+    ctime_ns: int | None,
+    more: str | None,
+) -> bool:
+    """Whether a directory of layout *path*'s ``blobs/`` is not as stored: the first (*name*, relative to
+    the layout; *dev* None when it was absent) and those in *more* (JSON). One ``stat`` each."""
+    if _directory_differs(path + "/" + name, dev, ino, mtime_ns, ctime_ns):
+        return True
+    if more:
+        for other, *identity in json.loads(more):
+            if _directory_differs(path + "/" + other, *identity):
+                return True
+    return False
+
+
+def _directory_differs(path: str, dev: int | None, ino: int | None, mtime_ns: int | None, ctime_ns: int | None) -> bool:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return dev is not None
+    except OSError:
+        return True  # unreadable now: the read says why, never a proof
+    return st.st_mtime_ns != mtime_ns or st.st_ctime_ns != ctime_ns or st.st_ino != ino or st.st_dev != dev
 
 
 def _stored(row: Sequence[object]) -> StoredLayout:
     (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count, since, version) = (
-        row
+        row[:17]
     )
+    bdir, bdev, bino, bmtime, bctime, bmore, broot, blisted, bsince, bsettles, graph_hash = row[17:]
     identity = (
         FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
         if dev is not None
@@ -154,6 +223,11 @@ def _stored(row: Sequence[object]) -> StoredLayout:
         entry_count=count,  # type: ignore[arg-type]
         identity_since_ns=since,  # type: ignore[arg-type]
         version=version,  # type: ignore[arg-type]
+        presence=(bdir, bdev, bino, bmtime, bctime, bmore, broot) if bdir is not None else None,  # type: ignore[arg-type]
+        blobs_listed_ns=blisted,  # type: ignore[arg-type]
+        blobs_since_ns=bsince,  # type: ignore[arg-type]
+        blobs_settles_ns=bsettles,  # type: ignore[arg-type]
+        graph_hash=graph_hash,  # type: ignore[arg-type]
     )
 
 
