@@ -1247,12 +1247,13 @@ def _sharing_index_file(conn: sqlite3.Connection, *, paths: list[str]) -> list[s
 
 
 def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, int]:
-    """Layouts (all, or those at *paths*) whose stored identity is racily clean, and when (wall clock, ns)
-    a re-read will settle it."""
+    """Layouts (all, or those at *paths*) whose stored identity, or the listing of their blobs/, is racily
+    clean, and when (wall clock, ns) a re-read will settle both."""
     settles = db.SETTLES_AT_SQL
     query = (
-        f"SELECT path, {settles} FROM layouts "
-        f"WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL AND {settles} > read_ns"
+        f"SELECT path, max({settles}, coalesce(blobs_settles_ns, 0)) FROM layouts "
+        f"WHERE mtime_ns IS NOT NULL AND read_ns IS NOT NULL "
+        f"AND ({settles} > read_ns OR coalesce(blobs_settles_ns > blobs_listed_ns, 0))"
     )
     found: dict[str, int] = {}
     chunks = [None] if paths is None else [paths[i : i + 500] for i in range(0, len(paths), 500)]

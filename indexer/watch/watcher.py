@@ -67,6 +67,9 @@ log = logging.getLogger("ocidx.watcher")
 
 # The files whose change means "re-read this layout".
 LAYOUT_FILES = frozenset({"index.json", "oci-layout"})
+# The directories of blobs/ a digest can name (go-digest's algorithms): a change there is a change of
+# what the layout holds (its content graph's presence).
+BLOB_ALGORITHMS = frozenset({"sha256", "sha384", "sha512"})
 
 # Closed-after-write, moved, created and deleted; never opened/closed-no-write (our own
 # reads would feed the queue) and never modified (fires while a writer is mid-write).
@@ -192,12 +195,24 @@ class LayoutEvents(FileSystemEventHandler):
             if isinstance(event, DirCreatedEvent | DirMovedEvent | DirDeletedEvent):
                 for path in paths:
                     self._tree(path)
+                    self._blobs(path)
             return
         if not isinstance(event, FileClosedEvent | FileMovedEvent | FileCreatedEvent | FileDeletedEvent):
             return
         for path in paths:
             if os.path.basename(path) in LAYOUT_FILES:
                 self._layout(os.path.dirname(path))
+            else:
+                self._blobs(os.path.dirname(path))
+
+    def _blobs(self, directory: str) -> None:
+        """A change in ``LAYOUT/blobs`` or ``LAYOUT/blobs/ALG`` (a blob or a blobs directory added or
+        removed) is a change of that layout's content graph: the layout is examined again."""
+        name = os.path.basename(directory)
+        if name == "blobs":
+            self._layout(os.path.dirname(directory))
+        elif name in BLOB_ALGORITHMS and os.path.basename(os.path.dirname(directory)) == "blobs":
+            self._layout(os.path.dirname(os.path.dirname(directory)))
 
     def _depth_left(self, directory: str) -> int | None:
         """How deep discovery may still go below *directory*, or None when no layout can be there."""
