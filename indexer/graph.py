@@ -47,6 +47,8 @@ from indexer.layout import (
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
     OCI_MANIFEST,
+    Child,
+    Entry,
     Limits,
     Platform,
     Snapshot,
@@ -62,7 +64,7 @@ from indexer.names import quote_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Container
+    from collections.abc import Container, Iterable
     from typing import TypeVar
 
     T = TypeVar("T")
@@ -615,10 +617,11 @@ def reach(
     cache = resolved if resolved is not None else {}
     refused: list[str] = []
     looked: set[str] = set()
-    descriptors = [(e.digest, e.media_type, e.size) for e in snapshot.entries]
-    descriptors += [(c.digest, c.media_type, c.size) for c in snapshot.children]
-    for digest, media_type, size in descriptors:
-        refs.setdefault(digest, size)
+    descriptors: list[Entry | Child] = [*snapshot.entries, *snapshot.children]
+    for descriptor in descriptors:
+        digest, media_type, size = descriptor.digest, descriptor.media_type, descriptor.size
+        if digest not in refs:
+            refs[digest] = size
         if media_type not in MANIFEST_MEDIA_TYPES or digest in looked:
             continue
         looked.add(digest)
@@ -635,10 +638,22 @@ def reach(
         if not manifest.complete:
             unknown.append(f"manifest {digest} lists a descriptor that could not be read")
         for ref in (manifest.config, *manifest.layers) if manifest.config is not None else manifest.layers:
-            refs.setdefault(ref.digest, ref.size)
+            if ref.digest not in refs:
+                refs[ref.digest] = ref.size
             if ref.external:
                 external.add(ref.digest)
     return Reach(refs, external, manifests, unknown, refused)
+
+
+def algorithms(digests: Iterable[str]) -> set[str]:
+    """The algorithms of *digests* (``sha256`` and the rare others)."""
+    found: set[str] = set()
+    for digest in digests:
+        if not digest.startswith("sha256:"):
+            found.add(digest.partition(":")[0])
+        elif "sha256" not in found:
+            found.add("sha256")
+    return found
 
 
 class LayoutGraph(Record):
@@ -733,14 +748,18 @@ def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_
             warnings.append(exc.message)
             continue
         warnings.extend(found_config.warnings)
-    media_types = {e.digest: e.media_type for e in snapshot.entries}
-    media_types.update((c.digest, c.media_type) for c in snapshot.children)
     indexes: dict[str, Manifest] = {}
     for blob in snapshot.indexes:
-        if blob.state == "ok":
-            head = parse_index_head(blob.digest, blob.size, media_types.get(blob.digest, ""), blob.head)
-            indexes[blob.digest] = head
-            warnings.extend(head.warnings)
+        if blob.state != "ok":
+            continue
+        head = _manifests.get(blob.digest)  # an index's head is as content-addressed as a manifest
+        if head is None or head.kind != "index":
+            written = next((e.media_type for e in snapshot.entries if e.digest == blob.digest), None)
+            if written is None:
+                written = next((c.media_type for c in snapshot.children if c.digest == blob.digest), "")
+            head = _remember(_manifests, blob.digest, parse_index_head(blob.digest, blob.size, written, blob.head))
+        indexes[blob.digest] = head
+        warnings.extend(head.warnings)
     attestations: list[tuple[str, str, str]] = []
     for child in snapshot.children:
         target = child.annotations.get(REFERENCE_DIGEST)

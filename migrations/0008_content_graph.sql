@@ -19,7 +19,7 @@ CREATE TABLE manifests (
     config_key        INTEGER,
     config_media_type TEXT,
     config_size       INTEGER,
-    layers            TEXT,                  -- JSON [[digest, mediaType, size, external], ...] (manifests only)
+    layers            TEXT,                  -- JSON [[digest, size, mediaType, 1], ...] (store.write.layers_json)
     layer_count       INTEGER,
     image_size        INTEGER,               -- manifest + config + layers, in bytes (manifests only)
     complete          INTEGER NOT NULL,      -- 0 when a descriptor it lists could not be read
@@ -60,8 +60,8 @@ CREATE TABLE attestations (
 CREATE INDEX attestations_index ON attestations (index_key);
 
 -- Per layout: which blobs its blobs/ holds (one listing of each blobs/ALG directory), as figures,
--- the referenced digests that are absent, and the held set (du's "shared": graph keys and sizes of
--- the blobs present, referenced ones first, as little-endian int64 arrays).
+-- the referenced digests that are absent, and the held set (du's "shared": the graph keys of the
+-- blobs present, referenced ones first, then their sizes), as little-endian int64 arrays.
 CREATE TABLE layout_graph (
     layout_id          INTEGER PRIMARY KEY,
     complete           INTEGER NOT NULL,     -- every reference known: the unreferenced are proven so
@@ -70,7 +70,7 @@ CREATE TABLE layout_graph (
     missing_blobs      INTEGER NOT NULL,     -- referenced and absent (external layers are not counted)
     unreferenced_blobs INTEGER NOT NULL,
     unreferenced_bytes INTEGER NOT NULL,
-    missing            TEXT,                 -- JSON list of the absent referenced digests, NULL when none
+    missing            BLOB,                 -- graph keys of the absent referenced digests, NULL when none
     held               BLOB    NOT NULL
 );
 

@@ -24,6 +24,7 @@ read-through lookup, so indexed and read-through answers share one matcher.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from indexer._record import Record
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from indexer.errors import LayoutError
-    from indexer.graph import LayoutGraph
+    from indexer.graph import BlobRef, LayoutGraph
     from indexer.layout import Child, FileIdentity, Platform, Snapshot
     from indexer.store.read import StoredLayout
 
@@ -326,10 +327,11 @@ if TYPE_CHECKING:
     # latest mtime or ctime of any directory listed). The layout_graph row: (complete, referenced
     # blobs, referenced bytes, missing blobs, unreferenced blobs, unreferenced bytes, missing JSON,
     # held). Shared rows: (manifests, layer_users, configs, attestations) rows, each only the first
-    # time its worker sent it in a pass; claims: the graph keys of the manifests and configs this
+    # time its worker sent it in a pass (the missing digests and the held set as packed graph keys:
+    # pack_keys); claims: the graph keys of the manifests and configs this
     # layout references whose rows that worker sent before (with another layout).
     PresenceRow = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None, int, int]
-    LayoutGraphRow = tuple[int, int, int, int, int, int, str | None, bytes]
+    LayoutGraphRow = tuple[int, int, int, int, int, int, bytes | None, bytes]
     SharedRows = tuple[
         list[tuple[object, ...]], list[tuple[int, int]], list[tuple[object, ...]], list[tuple[object, ...]]
     ]
@@ -348,7 +350,66 @@ if TYPE_CHECKING:
 def graph_key(digest: str) -> int:
     """The key of *digest* in the graph's tables: its first 63 bits (the rows keep the digest, which
     every lookup compares, so two digests sharing a key can cost an answer its graph, never mix)."""
-    return int(digest[digest.index(":") + 1 :][:16], 16) >> 1
+    key = _graph_keys.get(digest)
+    if key is None:
+        if len(_graph_keys) >= _GRAPH_KEYS_MAX:
+            _graph_keys.clear()
+        key = _graph_keys[digest] = int(digest[digest.index(":") + 1 :][:16], 16) >> 1
+    return key
+
+
+# Keys of digests met (the same base layers and configs repeat in thousands of layouts).
+_GRAPH_KEYS_MAX = 65536
+_graph_keys: dict[str, int] = {}
+
+
+def layers_json(layers: tuple[BlobRef, ...]) -> str:
+    """A manifest's layers as ``manifests.layers`` holds them: ``[digest, size, mediaType, 1]``, the
+    media type left out when it is the previous layer's and the last item only for an external one."""
+    items: list[list[object]] = []
+    previous = None
+    for layer in layers:
+        item: list[object] = [layer.digest, layer.size]
+        if layer.media_type != previous or layer.external:
+            item.append(layer.media_type)
+        if layer.external:
+            item.append(1)
+        previous = layer.media_type
+        items.append(item)
+    return json.dumps(items, separators=(",", ":"))
+
+
+def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
+    """``(digest, mediaType, size, external)`` of each layer of a ``manifests.layers`` value."""
+    found: list[tuple[str, str, int, bool]] = []
+    media_type = ""
+    for item in json.loads(text):
+        if len(item) > 2:
+            media_type = item[2]
+        found.append((item[0], media_type, item[1], len(item) > 3))
+    return found
+
+
+def pack_keys(digests: Iterable[str]) -> bytes:
+    """The graph keys of *digests* as little-endian int64s (a ``layout_graph`` BLOB)."""
+    from array import array
+
+    packed = array("q", [graph_key(d) for d in digests])
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def unpack_keys(data: bytes | None) -> list[int]:
+    """The graph keys packed by :func:`pack_keys`."""
+    from array import array
+
+    found = array("q")
+    if data:
+        found.frombytes(data)
+        if sys.byteorder != "little":
+            found.byteswap()
+    return found.tolist()
 
 
 def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> GraphRows:
@@ -358,6 +419,8 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
     ``"manifests"`` and ``"configs"``): those are claimed instead of sent again, and *sent* grows.
     """
     from array import array
+
+    from indexer.graph import algorithms
 
     sent = sent if sent is not None else {"manifests": set(), "configs": set()}
     found = graph.reach
@@ -370,7 +433,7 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
         proof = [("blobs", None, None, None, None)]
     else:
         listed = {name.removeprefix("blobs/") for name, *_ in alg_dirs}
-        if not alg_dirs or graph.dirs_refused or {d.partition(":")[0] for d in found.refs} - listed:
+        if not alg_dirs or graph.dirs_refused or algorithms(found.refs) - listed:
             proof.insert(0, root)
     first, more = proof[0], proof[1:]
     changed = max((max(ident[3], ident[4]) for ident in graph.identities), default=0)
@@ -381,21 +444,26 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
         graph.listed_ns,
         changed,
     )
-    held_refs = sorted(d for d in found.refs if d in graph.present)
+    refs, present = found.refs, graph.present
+    held_refs = sorted(d for d in refs if d in present)
     held_other = sorted(graph.unreferenced)
-    keys = array("q", [graph_key(d) for d in held_refs] + [graph_key(d) for d in held_other])
-    sizes = array("q", [found.refs[d] for d in held_refs] + [graph.unreferenced[d] for d in held_other])
-    layout_row: LayoutGraphRow = (
+    sizes = array("q", [refs[d] for d in held_refs] + [graph.unreferenced[d] for d in held_other])
+    if sys.byteorder != "little":
+        sizes.byteswap()
+    held = pack_keys(held_refs) + pack_keys(held_other) + sizes.tobytes()
+    missing = pack_keys(graph.missing) if graph.missing else None
+    figures = (
         int(graph.complete),
         len(held_refs),
-        sum(found.refs[d] for d in held_refs),
+        sum(refs[d] for d in held_refs),
         len(graph.missing),
         len(held_other),
         sum(graph.unreferenced.values()),
-        json.dumps(graph.missing) if graph.missing else None,
-        keys.tobytes() + sizes.tobytes(),
     )
-    graph_hash = _row_key(layout_row)
+    layout_row: LayoutGraphRow = (*figures, missing, held)
+    import hashlib
+
+    graph_hash = hashlib.blake2b(repr(figures).encode() + (missing or b"") + b"|" + held, digest_size=16).hexdigest()
     manifests: list[tuple[object, ...]] = []
     layer_users: list[tuple[int, int]] = []
     configs: list[tuple[object, ...]] = []
@@ -423,9 +491,7 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
                 graph_key(config.digest) if config is not None else None,
                 config.media_type if config is not None else None,
                 config.size if config is not None else None,
-                json.dumps([[x.digest, x.media_type, x.size, int(x.external)] for x in layers], separators=(",", ":"))
-                if manifest.kind == "manifest"
-                else None,
+                layers_json(layers) if manifest.kind == "manifest" else None,
                 len(layers) if manifest.kind == "manifest" else None,
                 manifest.image_size,
                 int(manifest.complete),
@@ -626,7 +692,7 @@ def collect_garbage(conn: sqlite3.Connection, released: set[str]) -> int:
         if layers:
             conn.executemany(
                 "DELETE FROM layer_users WHERE layer = ? AND manifest = ?",
-                [(graph_key(layer[0]), key) for layer in json.loads(layers)],
+                [(graph_key(layer[0]), key) for layer in parse_layers(layers)],
             )
         conn.execute("DELETE FROM attestations WHERE index_key = ?", (key,))
         if config_key is not None:
