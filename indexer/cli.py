@@ -123,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="index counts, errors, daemon heartbeat")
     _options(p)
 
+    p = sub.add_parser("referrers", help="the signatures, SBOMs and attestations that refer to an image")
+    p.add_argument(
+        "target", metavar="TARGET", help="oci-layout://PATH[:TAG][@DIGEST], @DIGEST, or a name (alpine:3.16)"
+    )
+    p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
+    _options(p)
+
+    p = sub.add_parser("du", help="bytes each layout references, shares, holds unreferenced; missing blobs")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="layouts, or directories holding layouts (default: all)")
+    _options(p)
+
     p = sub.add_parser("gc", help="the blobs nothing in a layout references; --delete removes them safely")
     p.add_argument("layout", metavar="LAYOUT", help="the layout directory (read directly: no database needed)")
     p.add_argument(
@@ -414,18 +425,47 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for warning in detail["warnings"]:  # type: ignore[attr-defined]
         _line(_Said(f"  warning: {warning}"))
     for entry in detail["entries"]:  # type: ignore[attr-defined]
-        platform = entry["platform"]
-        _line(f"  {entry['digest']}", entry["mediaType"], *([_platform(platform)] if platform else []))
+        _line(f"  {entry['digest']}", entry["mediaType"], *_image_fields(entry, platform=True))
         for name in entry["names"]:
             _line(f"    {_name_text(name['name'], name['tag'])}", f"({name['how']})")
         for raw in entry["invalid_names"]:
             # Shortened and quoted as a warning quotes it: a name may be as long as index.json allows.
             _line(_Said(f"    {quote_value(str(raw))}"), "(invalid)")
         for child in entry["children"]:
-            _line(f"    {_platform(child['platform'])}", child["digest"], child["mediaType"])
+            _line(
+                f"    {_platform(child['platform'])}",
+                child["digest"],
+                child["mediaType"],
+                *_image_fields(child, platform=False),
+            )
         for warning in entry["warnings"]:
             _line(_Said(f"    warning: {warning}"))
     return 0
+
+
+def _image_fields(image: dict[str, object], *, platform: bool) -> list[str]:
+    """The text fields of an image in ``ls PATH``: its platform (with *platform*, when it has one or
+    its manifest was read), then, when its manifest was read, its size (``incomplete`` when one of
+    its blobs is absent from the layout) and its layer count."""
+    fields = []
+    known = image["layers"] is not None
+    if platform and (image["platform"] or known):
+        fields.append(_platform(image["platform"]))  # type: ignore[arg-type]
+    if known:
+        size = image["image_size"]
+        fields.append(_bytes(size) if isinstance(size, int) else "incomplete")
+        fields.append(_plural(image["layers"], "layer"))
+    return fields
+
+
+def _bytes(count: int) -> str:
+    """``831 B``, ``12.4 kB``, ``27.8 MB``, ``1.2 GB``: sizes as docker prints them (powers of 1000)."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
 
 
 def _platform(platform: dict[str, object] | None) -> str:
@@ -470,6 +510,49 @@ def cmd_status(args: argparse.Namespace) -> int:
     _line(f"daemon: {state}, heartbeat {_age(daemon['heartbeat_age_s'])}")
     _line(f"last reconcile: {_age(daemon['last_reconcile_age_s'])}")
     _line(f"watch mode: {daemon['watch_mode']}")
+    return 0
+
+
+def cmd_referrers(args: argparse.Namespace) -> int:
+    """``ocidx referrers TARGET``: every manifest or index that refers to the image, a line each."""
+    with _index(args) as index:
+        found = index.referrers(args.target)
+    for warning in ([found.unverified] if found.unverified else []) + found.warnings:
+        _warn(f"ocidx: warning: {warning}")
+    if args.json:
+        _emit([r.to_json() for r in found])
+    else:
+        for referrer in found:
+            _line(referrer.layout, referrer.digest, referrer.artifact_type or "-", referrer.how, referrer.subject)
+    if not found:
+        _warn(f"ocidx: nothing refers to {', '.join(found.subjects)} in any indexed layout")
+        return 1
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    """``ocidx du [PATH...]``: per layout and in total, referenced, unique, shared, unreferenced, missing."""
+    with _index(args) as index:
+        usage = index.du(args.paths or None)
+    rows, total = usage["layouts"], usage["total"]
+    assert isinstance(rows, list) and isinstance(total, dict)
+    for warning in usage["warnings"]:  # type: ignore[attr-defined]
+        _warn(f"ocidx: warning: {warning}")
+    for row in rows:
+        for warning in row["warnings"]:
+            _warn(f"ocidx: warning: {row['layout']}: {warning}")
+    if args.json:
+        _emit(usage)
+        return 0
+    for row in [*rows, {**total, "layout": "total"}]:
+        _line(
+            _bytes(row["referenced_bytes"]),
+            f"unique {_bytes(row['unique_bytes'])}",
+            f"shared {_bytes(row['shared_bytes'])}",
+            f"unreferenced {_bytes(row['unreferenced_bytes'])} in {_plural(row['unreferenced_blobs'], 'blob')}",
+            f"{row['missing_blobs']} missing",
+            row["layout"],
+        )
     return 0
 
 
@@ -546,6 +629,8 @@ _COMMANDS = {
     "find": cmd_find,
     "ls": cmd_ls,
     "status": cmd_status,
+    "referrers": cmd_referrers,
+    "du": cmd_du,
     "gc": cmd_gc,
     "scan": cmd_scan,
     "daemon": cmd_daemon,

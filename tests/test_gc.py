@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import sys
 import textwrap
@@ -26,6 +27,7 @@ from indexer import graph
 from indexer.cli import main
 from indexer.errors import LayoutBusy, LayoutUnreadable
 from indexer.gc import LOCK_FILE, collect
+from indexer.watch.inotify import IN_OPEN, Inotify
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -338,20 +340,6 @@ def release(holder: subprocess.Popen[str]) -> None:
     holder.stdout.close()
 
 
-def _opened_by(pid: int, name: str) -> bool:
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-    except OSError:
-        return False
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{pid}/fd/{fd}").endswith(name):
-                return True
-        except OSError:
-            continue
-    return False
-
-
 def test_index_json_is_read_again_under_the_lock(layout: Layout) -> None:
     """A writer that lists an old unreferenced blob while gc waits for the lock: the blob is kept."""
     single = layout.manifest(label="kept")
@@ -366,19 +354,25 @@ def test_index_json_is_read_again_under_the_lock(layout: Layout) -> None:
         text=True,
     )
     assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-    gc = subprocess.Popen(
-        [sys.executable, "-m", "indexer", "gc", "--delete", "--json", layout.path],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        # gc opens the lock file only after it listed blobs/ and found the revived image garbage
-        deadline = time.monotonic() + 30
-        while not _opened_by(gc.pid, LOCK_FILE):
-            assert gc.poll() is None and time.monotonic() < deadline
-    finally:
-        release(holder)
-    out, _ = gc.communicate(timeout=30)
+    with Inotify() as watch:
+        # gc opens the lock file only after it listed blobs/ and found the revived image garbage: the
+        # kernel's IN_OPEN of index.json.lock is the moment to let the writer go on.
+        watch.add_watch(layout.path, IN_OPEN)
+        gc = subprocess.Popen(
+            [sys.executable, "-m", "indexer", "gc", "--delete", "--json", layout.path],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while not any(event.name == LOCK_FILE.encode() for event in watch.read()):
+                ready, _, _ = select.select([watch], [], [], 30)
+                if not ready or gc.poll() is not None:
+                    pytest.fail(f"gc did not wait for the lock: {gc.communicate()}")
+        finally:
+            release(holder)
+    out, err = gc.communicate(timeout=30)
+    assert gc.returncode == 0, err
     result = json.loads(out)
     assert closure(layout, revived) <= {b["digest"] for b in result["blobs"]}  # listed before the lock
     assert result["deleted"] == 0

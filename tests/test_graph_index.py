@@ -28,7 +28,7 @@ from indexer import graph
 from indexer.cli import main
 from indexer.config import Root
 from indexer.scan.discovery import settled
-from indexer.store.write import graph_key, unpack_keys
+from indexer.store.read import graph_key, unpack_keys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

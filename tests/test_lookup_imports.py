@@ -91,9 +91,12 @@ def test_every_lookup_form_imports_nothing_heavy(indexed: tuple[str, str, str]) 
             ["ref", "--json", "alpine", "Bad"],
             ["resolve", "--db", db + ".missing", f"oci-layout://{lay}"],
             ["find", "--db", db + ".missing", ":latest"],
+            ["ls", "--db", db, changed],  # read through: the content graph read from the layout
+            ["referrers", "--db", db, "--json", f"oci-layout://{lay}:latest"],
+            ["du", "--db", db, "--json"],
         ]
     )
-    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4]
+    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4, 0, 1, 0]
     assert heavy == []
 
 

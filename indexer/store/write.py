@@ -30,6 +30,7 @@ import time
 from indexer._record import Record
 from indexer.errors import printable
 from indexer.store import path_value, read
+from indexer.store.read import graph_key, parse_layers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -347,22 +348,6 @@ if TYPE_CHECKING:
     ]
 
 
-def graph_key(digest: str) -> int:
-    """The key of *digest* in the graph's tables: its first 63 bits (the rows keep the digest, which
-    every lookup compares, so two digests sharing a key can cost an answer its graph, never mix)."""
-    key = _graph_keys.get(digest)
-    if key is None:
-        if len(_graph_keys) >= _GRAPH_KEYS_MAX:
-            _graph_keys.clear()
-        key = _graph_keys[digest] = int(digest[digest.index(":") + 1 :][:16], 16) >> 1
-    return key
-
-
-# Keys of digests met (the same base layers and configs repeat in thousands of layouts).
-_GRAPH_KEYS_MAX = 65536
-_graph_keys: dict[str, int] = {}
-
-
 def layers_json(layers: tuple[BlobRef, ...]) -> str:
     """A manifest's layers as ``manifests.layers`` holds them: ``[digest, size, mediaType, 1]``, the
     media type left out when it is the previous layer's and the last item only for an external one."""
@@ -379,17 +364,6 @@ def layers_json(layers: tuple[BlobRef, ...]) -> str:
     return json.dumps(items, separators=(",", ":"))
 
 
-def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
-    """``(digest, mediaType, size, external)`` of each layer of a ``manifests.layers`` value."""
-    found: list[tuple[str, str, int, bool]] = []
-    media_type = ""
-    for item in json.loads(text):
-        if len(item) > 2:
-            media_type = item[2]
-        found.append((item[0], media_type, item[1], len(item) > 3))
-    return found
-
-
 def pack_keys(digests: Iterable[str]) -> bytes:
     """The graph keys of *digests* as little-endian int64s (a ``layout_graph`` BLOB)."""
     from array import array
@@ -398,18 +372,6 @@ def pack_keys(digests: Iterable[str]) -> bytes:
     if sys.byteorder != "little":
         packed.byteswap()
     return packed.tobytes()
-
-
-def unpack_keys(data: bytes | None) -> list[int]:
-    """The graph keys packed by :func:`pack_keys`."""
-    from array import array
-
-    found = array("q")
-    if data:
-        found.frombytes(data)
-        if sys.byteorder != "little":
-            found.byteswap()
-    return found.tolist()
 
 
 def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> GraphRows:
