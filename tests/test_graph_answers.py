@@ -327,7 +327,9 @@ def test_referrers_of_a_buildkit_image_are_its_attestation_manifests(ocidx: Run)
         (attestations[1]["digest"], "attestation", arm["digest"])
     ]
     found = ocidx.json("referrers", f"oci-layout://{lay.path}")  # the index: every attestation it lists
-    assert sorted(r["digest"] for r in found) == sorted(str(a["digest"]) for a in attestations)
+    assert sorted((r["digest"], r["subject"]) for r in found) == sorted(
+        (str(a["digest"]), str(image["digest"])) for a, image in zip(attestations, (amd, arm), strict=True)
+    )
     assert {r["artifactType"] for r in found} == {OCI_CONFIG}  # no artifactType: the config's media type
 
 

@@ -863,10 +863,10 @@ def referrer_hits(conn: sqlite3.Connection, target: str, layout_id: int | None =
     under a fallback tag."""
     found: dict[tuple[int, str, str], ReferrerHit] = {}
 
-    def add(lid: int, digest: str, media_type: str, how: str) -> None:
+    def add(lid: int, digest: str, media_type: str, how: str, subject: str = target) -> None:
         found.setdefault(
             (lid, digest, how),
-            ReferrerHit(layout_id=lid, digest=digest, media_type=media_type, subject=target, how=how),
+            ReferrerHit(layout_id=lid, digest=digest, media_type=media_type, subject=subject, how=how),
         )
 
     where, args = _scope(layout_id, "layout_id")
@@ -880,22 +880,21 @@ def referrer_hits(conn: sqlite3.Connection, target: str, layout_id: int | None =
     key = graph_key(target)
     # Attestation manifests listed for the target (beside it, in the index that lists it) ...
     listed = conn.execute(
-        "SELECT a.digest, m.digest FROM attestations a JOIN manifests m ON m.key = a.index_key "
+        "SELECT a.digest, m.digest, a.target FROM attestations a JOIN manifests m ON m.key = a.index_key "
         "WHERE a.target_key = ? AND a.target = ?",
         (key, target),
     ).fetchall()
     # ... and, when the target is an index, those it lists (for the images of its platforms).
     own = conn.execute("SELECT digest FROM manifests WHERE key = ? AND digest = ? AND kind = 'index'", (key, target))
     if own.fetchone() is not None:
-        listed += [
-            (row[0], target) for row in conn.execute("SELECT digest FROM attestations WHERE index_key = ?", (key,))
-        ]
-    for digest, index in listed:
+        rows = conn.execute("SELECT digest, target FROM attestations WHERE index_key = ?", (key,))
+        listed += [(digest, target, subject) for digest, subject in rows]
+    for digest, index, subject in listed:
         for lid, media_type in conn.execute(
             f"SELECT DISTINCT layout_id, media_type FROM children WHERE digest = ? AND parent = ?{where}",
             (digest, index, *args),
         ):
-            add(lid, digest, media_type, "attestation")
+            add(lid, digest, media_type, "attestation", subject)
     tags = fallback_tags(target)
     marks = ",".join("?" * len(tags))
     where_n, args_n = _scope(layout_id, "n.layout_id")
