@@ -43,6 +43,7 @@ from indexer import reference
 from indexer._record import Record
 from indexer.errors import BlobError, IndexParseError, ReferenceError_
 from indexer.layout import (
+    _MAX_SIZE,
     DEFAULT_LIMITS,
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
@@ -81,6 +82,7 @@ REFERENCE_DIGEST = "vnd.docker.reference.digest"
 ATTESTATION_MANIFEST = "attestation-manifest"
 
 MAX_CREATED = 64  # an RFC 3339 time is at most 35 characters; anything much longer is not one
+_HEX = "0123456789abcdef"
 _CONFIG_PLATFORM_FIELDS = ("os", "architecture", "variant", "os.version", "os.features")
 
 
@@ -306,6 +308,22 @@ def _string(document: dict[str, object], key: str, warnings: list[str]) -> str:
 
 
 def _blob_ref(item: object, where: str, warnings: list[str]) -> BlobRef | None:
+    if type(item) is dict:
+        # The common case first: a sha256 digest of lowercase hex, a size, an ASCII media type. A
+        # layer's or config's annotations are not kept, so they need no checking here.
+        digest, size, media_type = item.get("digest"), item.get("size"), item.get("mediaType", "")
+        if (
+            type(digest) is str
+            and len(digest) == 71
+            and digest.startswith("sha256:")
+            and not digest[7:].strip(_HEX)
+            and type(size) is int
+            and 0 <= size <= _MAX_SIZE
+            and type(media_type) is str
+            and media_type.isascii()
+        ):
+            urls = item.get("urls")
+            return BlobRef(digest, media_type, size, bool(urls) and isinstance(urls, list))
     own: list[str] = []
     descriptor = _descriptor(item, own)
     warnings.extend(f"{where}: {text}" for text in own)
@@ -395,7 +413,6 @@ def read_config(
 # -- what a layout's blobs/ holds ---------------------------------------------------------------
 
 _HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}  # the algorithms a digest may name (go-digest)
-_HEX = "0123456789abcdef"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
@@ -408,7 +425,7 @@ class BlobDirs:
     symlink is followed when it resolves inside the layout, the rule :func:`indexer.layout.read_blob`
     applies; without it (``ocidx gc``), such a directory is refused and not listed.
 
-    ``files`` are the regular files named like a blob (``sha256:HEX`` → the algorithm); ``odd``
+    ``files`` are the digests of the regular files named like a blob (``sha256:HEX``); ``odd``
     the other entries named like one (a symlink, a FIFO, a directory, a device) with what they
     are; names that are not a blob's (a writer's temporary file) are ignored. With *follow*, a
     symlink that resolves to a regular file inside the layout counts as a file. ``identities``
@@ -421,7 +438,7 @@ class BlobDirs:
 
         self.layout = layout
         self.follow = follow
-        self.files: dict[str, str] = {}
+        self.files: set[str] = set()
         self.odd: dict[str, str] = {}
         self.problems: list[str] = []
         self.identities: list[tuple[str, int, int, int, int]] = []
@@ -501,25 +518,31 @@ class BlobDirs:
             self.fds[algorithm] = fd
             st = os.fstat(fd)
             self.identities.append((f"blobs/{algorithm}", st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
-            with os.scandir(fd) as entries:
+            prefix = algorithm + ":"
+            with os.scandir(fd) as listing:
+                entries = list(listing)
+            # Names of other lengths are not blobs' (a writer's temporary files); the rest is checked
+            # in a few C calls: every name hex (per name only when one is not), every entry a file.
+            regular = [e.name for e in entries if e.is_file(follow_symlinks=False) and len(e.name) == length]
+            if "".join(regular).strip(_HEX):
+                regular = [name for name in regular if not name.strip(_HEX)]
+            self.files.update([prefix + name for name in regular])
+            if len(regular) != len(entries):
                 for entry in entries:
                     name = entry.name
-                    if len(name) != length or name.strip(_HEX):
+                    if len(name) != length or name.strip(_HEX) or entry.is_file(follow_symlinks=False):
                         continue
-                    digest = f"{algorithm}:{name}"
-                    if entry.is_file(follow_symlinks=False):
-                        self.files[digest] = algorithm
-                    elif entry.is_symlink():
-                        self._symlink(digest, algorithm, name)
+                    if entry.is_symlink():
+                        self._symlink(prefix + name, algorithm, name)
                     else:
-                        self.odd[digest] = _entry_kind(entry)
+                        self.odd[prefix + name] = _entry_kind(entry)
 
     def _symlink(self, digest: str, algorithm: str, name: str) -> None:
         if self.follow:
             real = os.path.realpath(os.path.join(self.layout, "blobs", algorithm, name))
             inside = os.path.realpath(self.layout).rstrip(os.sep) + os.sep
             if real.startswith(inside) and os.path.isfile(real):
-                self.files[digest] = algorithm
+                self.files.add(digest)
                 return
             self.problems.append(f"blob {digest} is a symlink leading outside the layout or to no file; refused")
         self.odd[digest] = "a symlink"
@@ -720,9 +743,10 @@ class LayoutGraph(Record):
 
 def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_LIMITS) -> LayoutGraph:
     """List *layout*'s ``blobs/`` once and read what its *snapshot* references (manifests, configs)."""
+    resolved: dict[str, str] = {}  # the layout's blobs/ALG directories, resolved once for every read
     with BlobDirs(layout, follow=True) as dirs:
-        found = reach(layout, snapshot, dirs.files, limits)
-        present = set(dirs.files)
+        found = reach(layout, snapshot, dirs.files, limits, resolved=resolved)
+        present = dirs.files
         unreferenced: dict[str, int] = {}
         for digest in present:
             if digest not in found.refs:
@@ -743,7 +767,9 @@ def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_
         if config.digest not in present:
             continue
         try:
-            configs[config.digest] = found_config = read_config(layout, config.digest, config.size, limits)
+            configs[config.digest] = found_config = read_config(
+                layout, config.digest, config.size, limits, resolved=resolved
+            )
         except BlobError as exc:
             warnings.append(exc.message)
             continue

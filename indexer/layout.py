@@ -104,6 +104,7 @@ _MAX_SIZE = 2**63 - 1  # a Go int64: what every writer's descriptor size is
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _PLATFORM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+_LOWER_HEX = "0123456789abcdef"
 
 
 class BlobMissing(BlobError):
@@ -897,7 +898,12 @@ def read_blob(
     """
     import hashlib
 
-    path = blob_path(layout, digest)
+    if len(digest) == 71 and digest.startswith("sha256:") and not digest[7:].strip(_LOWER_HEX):
+        # The common digest, checked as go-digest would in a few C calls (the set of digests
+        # validate_digest keeps is far smaller than the blobs of a host).
+        path = os.path.join(layout, "blobs", "sha256", digest[7:])
+    else:
+        path = blob_path(layout, digest)
     cache = resolved if resolved is not None else {}
     algorithm, _, encoded = digest.partition(":")
     directory = cache.get(algorithm)

@@ -728,7 +728,7 @@ class Index:
             platform=platform,
         )
         external = {layer.digest for layer in manifest.layers if layer.external}
-        absent = {db.graph_key(d) for d in image.blobs() if d not in external and not _has_blob(view.path, d)}
+        absent = {db.held_key(d) for d in image.blobs() if d not in external and not _has_blob(view.path, d)}
         return image, absent
 
     def _not_found_message(self, view: View, query: Query) -> str:
@@ -1231,7 +1231,7 @@ def _graph_answers(view: View, hits: list[db.GraphHit]) -> list[Answer]:
         if hit.layout_id != view.layout_id:
             continue
         warnings = list(view.warnings)
-        if db.graph_key(hit.digest) in absent:
+        if db.held_key(hit.digest) in absent:
             warnings.append(f"{hit.digest} is not in {view.path}/blobs (a partial export?)")
         out.append(
             Answer(
@@ -1452,22 +1452,40 @@ def _graph_current(stored: db.StoredLayout | None) -> bool:
     return stored is not None and stored.presence_current()
 
 
-def _graph_fields(answer: Answer, image: db.Image | None, absent: set[int] | None) -> Answer:
-    """*answer* with what the content graph says of its image: config, layers, size, created, and the
-    config's platform when the descriptor names none (a descriptor's platform wins, as containerd's).
-    Its ``freshness`` stays that of the rows it was matched on (``index.json``'s): the graph is always
-    as current (read from the layout when the index's listing of ``blobs/`` does not prove it)."""
+def image_fields(image: db.Image | None, absent: set[int] | None) -> dict[str, object] | None:
+    """What the content graph says of one image in one layout (whose absent blobs are *absent*):
+    ``config``, ``layers``, ``image_size``, ``created`` and ``platform`` (the config's), or None
+    when it knows no such image. The config's ``created`` and platform count only where the layout
+    holds the config (else they could not be checked there)."""
     if image is None:
+        return None
+    config_here = absent is not None and (image.config is None or db.held_key(image.config) not in absent)
+    return {
+        "config": image.config,
+        "layers": image.layer_count,
+        "image_size": db.image_size(image, absent),
+        "created": image.created if config_here else None,
+        "platform": image.platform if config_here else None,
+    }
+
+
+def with_image(answer: Answer, fields: dict[str, object] | None) -> Answer:
+    """*answer* with the fields of :func:`image_fields`; a descriptor's platform wins over the config's,
+    as in containerd's matcher. Its ``freshness`` stays that of the rows it was matched on."""
+    if fields is None:
         return answer
-    # What its config says counts only where the layout holds the config (else it could not be checked).
-    config_here = absent is not None and (image.config is None or db.graph_key(image.config) not in absent)
     return answer.replaced(
-        config=image.config,
-        layers=image.layer_count,
-        image_size=db.image_size(image, absent),
-        created=image.created if config_here else None,
-        platform=answer.platform if answer.platform is not None or not config_here else image.platform,
+        config=fields["config"],
+        layers=fields["layers"],
+        image_size=fields["image_size"],
+        created=fields["created"],
+        platform=answer.platform if answer.platform is not None else fields["platform"],
     )
+
+
+def _graph_fields(answer: Answer, image: db.Image | None, absent: set[int] | None) -> Answer:
+    """*answer* with what the content graph says of its image (:func:`image_fields`, :func:`with_image`)."""
+    return with_image(answer, image_fields(image, absent))
 
 
 def _has_blob(layout: str, digest: str) -> bool:
@@ -1488,11 +1506,11 @@ def _config_platform(index: Index, view: View, digest: str, size: int) -> tuple[
         image = db.images(known.conn, [digest]).get(digest)
         absent = db.missing(known.conn, [known.layout_id]).get(known.layout_id)
         if image is not None and absent is not None:
-            if db.graph_key(digest) in absent:
+            if db.held_key(digest) in absent:
                 return None, f"the manifest {digest} is not in blobs/ (a partial export?)"
             if image.config is None or image.config_media_type not in graph_mod.IMAGE_CONFIG_TYPES:
                 return None, None
-            if db.graph_key(image.config) in absent:
+            if db.held_key(image.config) in absent:
                 return None, f"its config {image.config} is not in blobs/ (a partial export?)"
             if image.platform is not None:
                 return image.platform, None

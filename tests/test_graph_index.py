@@ -28,7 +28,7 @@ from indexer import graph
 from indexer.cli import main
 from indexer.config import Root
 from indexer.scan.discovery import settled
-from indexer.store.read import graph_key, unpack_keys
+from indexer.store.read import graph_key, held_key, unpack_keys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def test_presence_per_layout_counts_referenced_missing_and_unreferenced(index: I
     index.scan()
     sizes = blob_bytes(lay)
     usage = index.usage(lay)
-    assert usage["missing"] == [graph_key(document(lay, arm_child)["layers"][0]["digest"])]  # type: ignore[index]
+    assert usage["missing"] == [held_key(document(lay, arm_child)["layers"][0]["digest"])]  # type: ignore[index]
     assert (usage["complete"], usage["missing_blobs"], usage["unreferenced_blobs"]) == (1, 1, 1)
     assert usage["unreferenced_bytes"] == sizes[str(junk["digest"])]
     assert usage["referenced_blobs"] == len(sizes) - 1
@@ -160,7 +160,7 @@ def test_a_blob_that_appears_or_disappears_is_not_proven_unchanged(index: Index)
     assert settled(index.db, roots) is None
     index.scan()
     usage = index.usage(lay)
-    assert (usage["unreferenced_blobs"], usage["missing"]) == (0, [graph_key(config["digest"])])  # type: ignore[index]
+    assert (usage["unreferenced_blobs"], usage["missing"]) == (0, [held_key(config["digest"])])  # type: ignore[index]
 
 
 def test_a_new_blobs_algorithm_directory_for_a_referenced_digest_is_seen(index: Index) -> None:
@@ -177,7 +177,7 @@ def test_a_new_blobs_algorithm_directory_for_a_referenced_digest_is_seen(index: 
     )
     lay.write_index([named(manifest, ref="v1")])
     index.scan()
-    assert index.usage(lay)["missing"] == [graph_key(digest)]
+    assert index.usage(lay)["missing"] == [held_key(digest)]
     index.settle()
     assert settled(index.db, [Root(index.root)]) == (1, 0)
     os.makedirs(os.path.join(lay.path, "blobs", "sha512"))

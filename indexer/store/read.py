@@ -78,15 +78,40 @@ def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
     return found
 
 
+def held_key(digest: str) -> int:
+    """The key of *digest* in a layout's held set and missing list (:func:`pack_keys`)."""
+    return int.from_bytes(bytes.fromhex(_prefix(digest)), sys.byteorder)
+
+
+def _prefix(digest: str) -> str:
+    return digest[7:23] if digest.startswith("sha256:") else digest.partition(":")[2][:16]
+
+
+def pack_keys(digests: Iterable[str]) -> bytes:
+    """The held set's and missing list's keys of *digests*: the first 8 bytes of each digest's hex,
+    packed in one C call. They are read back as native unsigned integers (:func:`unpack_keys`,
+    :func:`held_key`), which only equality compares, so the byte order of the machine is no matter."""
+    return bytes.fromhex("".join([_prefix(d) for d in digests]))
+
+
 def unpack_keys(data: bytes | None) -> list[int]:
-    """The graph keys packed by :func:`pack_keys`."""
+    """The keys packed by :func:`pack_keys`."""
+    from array import array
+
+    found = array("Q")
+    if data:
+        found.frombytes(data)
+    return found.tolist()
+
+
+def unpack_sizes(data: bytes) -> list[int]:
+    """Sizes packed as little-endian int64s."""
     from array import array
 
     found = array("q")
-    if data:
-        found.frombytes(data)
-        if sys.byteorder != "little":
-            found.byteswap()
+    found.frombytes(data)
+    if sys.byteorder != "little":
+        found.byteswap()
     return found.tolist()
 
 
@@ -714,10 +739,10 @@ class Usage(Record):
         return set(unpack_keys(self.missing)) if self.missing else set()  # type: ignore[arg-type]
 
     def held_keys(self) -> tuple[list[int], list[int]]:
-        """The graph keys of the blobs present (referenced ones first) and their sizes."""
-        values = unpack_keys(self.held)  # type: ignore[arg-type]
-        half = len(values) // 2
-        return values[:half], values[half:]
+        """The keys of the blobs present (referenced ones first, :func:`held_key`) and their sizes."""
+        held: bytes = self.held  # type: ignore[assignment]
+        half = len(held) // 2
+        return unpack_keys(held[:half]), unpack_sizes(held[half:])
 
 
 _USAGE_COLUMNS = (
@@ -739,7 +764,7 @@ def usage(conn: sqlite3.Connection, layout_ids: Iterable[int] | None = None) -> 
 
 
 def missing(conn: sqlite3.Connection, layout_ids: Iterable[int]) -> dict[int, set[int]]:
-    """The graph keys of the referenced blobs absent from each layout (of *layout_ids*) whose
+    """The keys (:func:`held_key`) of the referenced blobs absent from each layout (of *layout_ids*) whose
     ``blobs/`` the index knows (a layout with no entry here: not known)."""
     found: dict[int, set[int]] = {}
     for chunk in _chunks(sorted(set(layout_ids))):
@@ -752,11 +777,11 @@ def missing(conn: sqlite3.Connection, layout_ids: Iterable[int]) -> dict[int, se
 
 
 def image_size(image: Image, absent: set[int] | None) -> int | None:
-    """The bytes of *image* in a layout whose absent blobs are *absent* (graph keys): None for an
+    """The bytes of *image* in a layout whose absent blobs are *absent* (:func:`held_key`): None for an
     index, for an image whose blobs are not all in that layout, or when what it holds is not known."""
     if image.kind != "manifest" or image.image_size is None or absent is None:
         return None
-    if absent and any(graph_key(d) in absent for d in image.blobs()):
+    if absent and any(held_key(d) in absent for d in image.blobs()):
         return None
     return image.image_size
 
