@@ -515,6 +515,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_referrers(args: argparse.Namespace) -> int:
     """``ocidx referrers TARGET``: every manifest or index that refers to the image, a line each."""
+    if args.fleet:
+        return cmd_referrers_fleet(args)
     with _index(args) as index:
         found = index.referrers(args.target)
     for warning in ([found.unverified] if found.unverified else []) + found.warnings:
@@ -526,6 +528,45 @@ def cmd_referrers(args: argparse.Namespace) -> int:
             _line(referrer.layout, referrer.digest, referrer.artifact_type or "-", referrer.how, referrer.subject)
     if not found:
         _warn(f"ocidx: nothing refers to {', '.join(found.subjects)} in any indexed layout")
+        return 1
+    return 0
+
+
+def cmd_referrers_fleet(args: argparse.Namespace) -> int:
+    """``ocidx referrers --fleet TARGET``: every referrer on every host; a stale host's lines say so."""
+    from indexer.errors import NotFound
+    from indexer.fleet import Fleet
+    from indexer.query import SCHEME, parse_ref
+
+    target = args.target
+    with Fleet(config=args.config) as fleet:
+        if target.startswith(SCHEME):  # a layout of this host: its image's digest, then every host's referrers
+            with _index(args) as index:
+                digests = {index.resolve(target).digest}
+        else:
+            query = parse_ref(target)
+            if query.digest is not None and query.name is None and query.tag is None:
+                digests = {query.digest}
+            else:
+                digests = {a.digest for a in fleet.find(target) if a.source in ("entry", "child")}
+                if not digests:
+                    raise NotFound(f"{query.describe()} not found on any host of the fleet")
+        found = fleet.referrers(digests)
+    if args.json:
+        _emit([r.to_json() for r in found])
+    else:
+        for referrer in found:
+            _line(
+                referrer.host,
+                referrer.layout,
+                referrer.digest,
+                referrer.artifact_type or "-",
+                referrer.how,
+                referrer.subject,
+                referrer.host_state,
+            )
+    if not found:
+        _warn(f"ocidx: nothing refers to {', '.join(sorted(digests))} on any host of the fleet")
         return 1
     return 0
 

@@ -18,8 +18,9 @@ import os
 
 from indexer import config as config_mod
 from indexer.errors import DatabaseError, FleetUnavailable, SchemaTooNew
+from indexer.layout import INDEX_MEDIA_TYPES
 from indexer.names import Name
-from indexer.query import INDEXED, STALE, Answer, Query, mismatch, parse_ref
+from indexer.query import INDEXED, STALE, Answer, Query, Referrer, mismatch, parse_ref, with_image
 from indexer.store import migration_files
 from indexer.store import read as db
 
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
 
     T = TypeVar("T")
 
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     import psycopg
 
@@ -150,13 +151,58 @@ class FleetAnswer(Answer):
         }
 
 
+class FleetReferrer(Referrer):
+    """One ``referrers --fleet`` answer: a local ``referrers`` answer plus the host that holds it."""
+
+    __slots__ = ("heartbeat_age_s", "host", "host_state")
+
+    def __init__(self, referrer: Referrer, *, host: str, host_state: str, heartbeat_age_s: float | None) -> None:
+        super().__init__(**{name: getattr(referrer, name) for name in Referrer.__slots__})
+        self.host = host
+        self.host_state = host_state
+        self.heartbeat_age_s = heartbeat_age_s
+
+    def to_json(self) -> dict[str, object]:
+        """``referrers --json``'s keys, then ``host``, ``host_state`` and ``heartbeat_age_s``."""
+        return {
+            **super().to_json(),
+            "host": self.host,
+            "host_state": self.host_state,
+            "heartbeat_age_s": self.heartbeat_age_s,
+        }
+
+
+def _checked_image(image: dict[str, object] | None, host: str) -> dict[str, object] | None:
+    """A host's ``image`` column, only when it has the shape the publisher writes (a host's rows are
+    its own to write: malformed ones are ignored, never let through to an answer)."""
+    if image is None:
+        return None
+    valid = (
+        isinstance(image, dict)
+        and set(image) == {"config", "layers", "image_size", "created", "platform"}
+        and (image["config"] is None or isinstance(image["config"], str))
+        and (image["layers"] is None or type(image["layers"]) is int)
+        and (image["image_size"] is None or type(image["image_size"]) is int)
+        and (image["created"] is None or isinstance(image["created"], str))
+        and (
+            image["platform"] is None
+            or (
+                isinstance(image["platform"], dict)
+                and all(isinstance(v, str | None) for v in image["platform"].values())
+            )
+        )
+    )
+    return image if valid else None
+
+
 # The hit columns of every lookup: host, layout id, position, the entry position names hang on, digest, ...
 _ENTRY_HIT = (
-    "e.host, e.layout_id, e.position, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations, 'entry'"
+    "e.host, e.layout_id, e.position, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations, 'entry', "
+    "e.image"
 )
 _CHILD_HIT = (
     "c.host, c.layout_id, c.position, c.entry_position, c.digest, c.media_type, c.size, c.platform, c.annotations, "
-    "'child'"
+    "'child', c.image"
 )
 
 
@@ -184,11 +230,13 @@ class _Hit:
         "digest",
         "entry_position",
         "host",
+        "image",
         "layout_id",
         "media_type",
         "platform",
         "size",
         "source",
+        "used_by",
     )
 
     def __init__(self, row: Sequence[Any]) -> None:
@@ -201,6 +249,8 @@ class _Hit:
         self.platform: dict[str, object] | None = json.loads(row[7]) if row[7] else None
         self.annotations: dict[str, str] = json.loads(row[8])
         self.source: str = row[9]
+        self.image: dict[str, object] | None = json.loads(row[10]) if row[10] else None
+        self.used_by: list[str] | None = None
 
 
 class Fleet:
@@ -275,6 +325,8 @@ class Fleet:
         for lookup in db.lookups(name=query.name, tag=query.tag, digest=query.digest):
             sql, values = lookup_sql(lookup)
             found.extend(_Hit(row) for row in conn.execute(sql, values))
+        if query.digest is not None and query.name is None and query.tag is None:
+            found.extend(self._graph_hits(query.digest, {(h.host, h.layout_id) for h in found}))
         if not found:
             return []
         keys = sorted({(h.host, h.layout_id) for h in found})
@@ -328,10 +380,137 @@ class Fleet:
                 # A layout whose index.json is broken on its host answers from its last good rows.
                 freshness=INDEXED if layout_state == "ok" else STALE,
                 warnings=[],
+                used_by=first.used_by,
             )
+            answer = with_image(answer, _checked_image(first.image, host))
             answers.append(FleetAnswer(answer, host=host, host_state=host_state, heartbeat_age_s=age))
         answers.sort(key=lambda a: (a.host, a.layout, a.digest))
         return answers
+
+    def _graph_hits(self, digest: str, holding: set[tuple[str, int]]) -> list[_Hit]:
+        """The layouts, on every host, whose manifests use *digest* as a layer or a config (``find
+        --fleet @DIGEST``), as hits with ``used_by``; a layout where it is an image itself is left out."""
+        users: dict[str, dict[str, tuple[str, str, int]]] = {}  # host -> manifest -> (source, type, size)
+        for host, manifest, layers, types, sizes, config, config_type, config_size in self.conn.execute(
+            "SELECT host, digest, layers, layer_types, layer_sizes, config, config_media_type, config_size "
+            "FROM graph_manifests WHERE layers @> ARRAY[%s] OR config = %s",
+            (digest, digest),
+        ):
+            if config == digest:
+                users.setdefault(str(host), {})[str(manifest)] = (
+                    "config",
+                    str(config_type or ""),
+                    int(config_size or 0),
+                )
+            elif isinstance(layers, list) and digest in layers:
+                at = layers.index(digest)
+                users.setdefault(str(host), {})[str(manifest)] = ("layer", str(types[at]), int(sizes[at]))
+        if not users:
+            return []
+        pairs = [(host, manifest) for host, mine in users.items() for manifest in mine]
+        hits: dict[tuple[str, int, str], _Hit] = {}
+        for host, lid, manifest in self.conn.execute(
+            "SELECT DISTINCT e.host, e.layout_id, e.digest FROM entries e "
+            "JOIN unnest(%s::text[], %s::text[]) AS k (host, digest) ON e.host = k.host AND e.digest = k.digest "
+            "UNION SELECT DISTINCT c.host, c.layout_id, c.digest FROM children c "
+            "JOIN unnest(%s::text[], %s::text[]) AS k (host, digest) ON c.host = k.host AND c.digest = k.digest",
+            ([p[0] for p in pairs], [p[1] for p in pairs], [p[0] for p in pairs], [p[1] for p in pairs]),
+        ):
+            host, lid = str(host), int(lid)
+            if (host, lid) in holding:
+                continue
+            source, media_type, size = users[host][str(manifest)]
+            hit = hits.get((host, lid, source))
+            if hit is None:
+                hit = hits[(host, lid, source)] = _Hit(
+                    (host, lid, -1, -1, digest, media_type, size, None, "{}", source, None)
+                )
+                hit.used_by = []
+            assert hit.used_by is not None
+            hit.used_by.append(str(manifest))
+        for hit in hits.values():
+            hit.used_by = sorted(set(hit.used_by or []))
+        return list(hits.values())
+
+    def referrers(self, digests: Iterable[str]) -> list[FleetReferrer]:
+        """Every manifest or index, on every host, that refers to one of *digests* (``referrers --fleet``),
+        as ``referrers`` finds them on one host; by host, layout, subject, how and digest."""
+        return self._guarded(lambda: self._referrers(sorted(set(digests))))
+
+    def _referrers(self, targets: list[str]) -> list[FleetReferrer]:
+        conn = self.conn
+        found: dict[tuple[str, int, str, str], tuple[str, str]] = {}  # (host, layout, digest, how) -> (type, subject)
+        for host, lid, digest, media_type, subject in conn.execute(
+            "SELECT e.host, e.layout_id, e.digest, e.media_type, g.subject FROM graph_manifests g "
+            "JOIN entries e ON e.host = g.host AND e.digest = g.digest WHERE g.subject = ANY(%s) "
+            "UNION SELECT c.host, c.layout_id, c.digest, c.media_type, g.subject FROM graph_manifests g "
+            "JOIN children c ON c.host = g.host AND c.digest = g.digest WHERE g.subject = ANY(%s)",
+            (targets, targets),
+        ):
+            found.setdefault((str(host), int(lid), str(digest), "subject"), (str(media_type), str(subject)))
+        for host, lid, digest, media_type, target in conn.execute(
+            "SELECT c.host, c.layout_id, c.digest, c.media_type, a.target FROM graph_attestations a "
+            "JOIN children c ON c.host = a.host AND c.digest = a.digest AND c.parent = a.index_digest "
+            "WHERE a.target = ANY(%s) OR a.index_digest = ANY(%s)",
+            (targets, targets),
+        ):
+            found.setdefault((str(host), int(lid), str(digest), "attestation"), (str(media_type), str(target)))
+        tags = {tag: target for target in targets for tag in db.fallback_tags(target)}
+        fallback_index = {db.fallback_tags(target)[0] for target in targets}
+        for host, lid, position, digest, media_type, tag in conn.execute(
+            "SELECT e.host, e.layout_id, e.position, e.digest, e.media_type, n.tag FROM names n JOIN entries e "
+            "ON e.host = n.host AND e.layout_id = n.layout_id AND e.position = n.entry_position "
+            "WHERE n.tag = ANY(%s)",
+            (list(tags),),
+        ):
+            key = (str(host), int(lid))
+            if tag in fallback_index and media_type in INDEX_MEDIA_TYPES:
+                for child, child_type in conn.execute(
+                    "SELECT digest, media_type FROM children WHERE host = %s AND layout_id = %s "
+                    "AND entry_position = %s AND depth = 1 ORDER BY position",
+                    (*key, position),
+                ):
+                    found.setdefault((*key, str(child), "fallback-tag"), (str(child_type), tags[tag]))
+            else:
+                found.setdefault((*key, str(digest), "fallback-tag"), (str(media_type), tags[tag]))
+        if not found:
+            return []
+        keys = sorted({(k[0], k[1]) for k in found})
+        layouts = {
+            (str(host), int(lid)): os.fsdecode(bytes(path))
+            for host, lid, path in conn.execute(
+                "SELECT l.host, l.id, l.path FROM layouts l "
+                "JOIN unnest(%s::text[], %s::bigint[]) AS k (host, id) ON l.host = k.host AND l.id = k.id",
+                ([k[0] for k in keys], [k[1] for k in keys]),
+            )
+        }
+        manifests: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+        pairs = sorted({(k[0], k[2]) for k in found})
+        for host, digest, artifact_type, config_type, notes in conn.execute(
+            "SELECT g.host, g.digest, g.artifact_type, g.config_media_type, g.annotations FROM graph_manifests g "
+            "JOIN unnest(%s::text[], %s::text[]) AS k (host, digest) ON g.host = k.host AND g.digest = k.digest",
+            ([p[0] for p in pairs], [p[1] for p in pairs]),
+        ):
+            manifests[(str(host), str(digest))] = (str(artifact_type or config_type or ""), json.loads(notes or "{}"))
+        states = self._host_states()
+        out: list[FleetReferrer] = []
+        for (host, lid, digest, how), (media_type, subject) in found.items():
+            if (host, lid) not in layouts:
+                continue  # replaced between the reads
+            known = manifests.get((host, digest))
+            referrer = Referrer(
+                layout=layouts[(host, lid)],
+                digest=digest,
+                media_type=media_type,
+                artifact_type=known[0] if known is not None else None,
+                subject=subject,
+                annotations=known[1] if known is not None else {},
+                how=how,
+            )
+            host_state, age = states.get(host, (STALE, None))
+            out.append(FleetReferrer(referrer, host=host, host_state=host_state, heartbeat_age_s=age))
+        out.sort(key=lambda r: (r.host, r.layout, r.subject, r.how, r.digest))
+        return out
 
     def _mismatches(
         self, query: Query, keys: list[tuple[str, int]], layouts: dict[tuple[str, int], tuple[str, str]]

@@ -41,6 +41,7 @@ import anyio.to_thread
 from indexer.errors import DatabaseError, FleetUnavailable
 from indexer.fleet import CONNECT_TIMEOUT_S, _first_line, describe_dsn, schema_problem
 from indexer.store import check_schema, path_of
+from indexer.store import read as db
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ _PG_TABLES = {
         "annotations",
         "invalid_names",
         "warnings",
+        "image",
     ),
     "names": ("layout_id", "entry_position", "ordinal", "name", "tag", "how"),
     "children": (
@@ -85,14 +87,29 @@ _PG_TABLES = {
         "size",
         "platform",
         "annotations",
+        "image",
     ),
     "layout_warnings": ("layout_id", "ordinal", "message"),
 }
+# The content graph's rows, once per host and digest (migrations/postgres/0003): never replaced, as
+# a digest's content never changes; removed with the last layout of the host that references them.
+_GRAPH_MANIFESTS_SQL = (
+    "INSERT INTO graph_manifests (digest, config, config_media_type, config_size, artifact_type, subject, "
+    "annotations, layers, layer_types, layer_sizes) "
+    "SELECT r->>0, r->>1, r->>2, (r->>3)::bigint, r->>4, r->>5, r->>6, "
+    "ARRAY(SELECT json_array_elements_text(r->7)), ARRAY(SELECT json_array_elements_text(r->8)), "
+    "ARRAY(SELECT json_array_elements_text(r->9))::bigint[] "
+    "FROM json_array_elements(%s::json) AS r ON CONFLICT (host, digest) DO NOTHING"
+)
+_GRAPH_ATTESTATIONS_SQL = (
+    "INSERT INTO graph_attestations (index_digest, digest, target) SELECT r->>0, r->>1, r->>2 "
+    "FROM json_array_elements(%s::json) AS r ON CONFLICT (host, index_digest, digest) DO NOTHING"
+)
 _PG_TYPES = {
     "layouts": ("bigint", "bytea", "bigint", "text", "text", "text", "text", "integer"),
-    "entries": ("bigint", "integer", "text", "text", "bigint", "text", "text", "text", "text"),
+    "entries": ("bigint", "integer", "text", "text", "bigint", "text", "text", "text", "text", "text"),
     "names": ("bigint", "integer", "integer", "text", "text", "text"),
-    "children": ("bigint", "integer", "integer", "text", "integer", "text", "text", "bigint", "text", "text"),
+    "children": ("bigint", "integer", "integer", "text", "integer", "text", "text", "bigint", "text", "text", "text"),
     "layout_warnings": ("bigint", "integer", "text"),
 }
 
@@ -121,14 +138,17 @@ def insert_json_sql(table: str) -> str:
 
 
 class Rows:
-    """The published rows of some layouts, read from SQLite in one read transaction, by PostgreSQL table."""
+    """The published rows of some layouts, read from SQLite in one read transaction, by PostgreSQL table,
+    and the content graph's rows they reference (``manifests``, ``attestations``)."""
 
-    __slots__ = ("ids", "paths", "tables")
+    __slots__ = ("attestations", "ids", "manifests", "paths", "tables")
 
     def __init__(self) -> None:
         self.tables: dict[str, list[tuple[object, ...]]] = {table: [] for table in _PG_TABLES}
         self.ids: list[int] = []
         self.paths: list[bytes] = []
+        self.manifests: list[list[object]] = []
+        self.attestations: list[list[str]] = []
 
 
 def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> Rows:
@@ -146,6 +166,16 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             f"FROM entries WHERE layout_id IN ({marks})",
             chunk,
         ).fetchall()
+        kids = conn.execute(
+            "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
+            f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
+            f"WHERE c.layout_id IN ({marks})",
+            chunk,
+        ).fetchall()
+        images = _graph(conn, rows, [(e[2], e[3]) for e in entries] + [(c[5], c[6]) for c in kids])
+        absent = db.missing(conn, chunk)
+        entries = [(*e, _image_json(images.get(e[2]), e[3], absent.get(e[0]))) for e in entries]
+        kids = [(*c, _image_json(images.get(c[5]), c[6], absent.get(c[0]))) for c in kids]
         rows.tables["entries"].extend(_no_nul(entries, 3))
         ordinal: dict[tuple[int, int], int] = {}
         for lid, pos, name, tag, how in conn.execute(
@@ -156,12 +186,6 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             n = ordinal.get((lid, pos), 0)
             ordinal[(lid, pos)] = n + 1
             rows.tables["names"].append((lid, pos, n, name, tag, how))
-        kids = conn.execute(
-            "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-            f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
-            f"WHERE c.layout_id IN ({marks})",
-            chunk,
-        ).fetchall()
         rows.tables["children"].extend(_no_nul(kids, 6))
         counter: dict[int, int] = {}
         for lid, message in conn.execute(
@@ -171,6 +195,51 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             counter[lid] = n + 1
             rows.tables["layout_warnings"].append((lid, n, message))
     return rows
+
+
+def _graph(conn: sqlite3.Connection, rows: Rows, descriptors: list[tuple[str, str]]) -> dict[str, db.Image]:
+    """The content graph's rows of the manifests and indexes *descriptors* name, added to *rows* (the
+    host's ``graph_manifests`` and ``graph_attestations``); the images by digest."""
+    from indexer.graph import MANIFEST_MEDIA_TYPES
+    from indexer.layout import INDEX_MEDIA_TYPES
+
+    wanted = {digest for digest, media_type in descriptors if media_type in MANIFEST_MEDIA_TYPES | INDEX_MEDIA_TYPES}
+    images = db.images(conn, wanted)
+    for image in images.values():
+        layers = db.parse_layers(image.layers) if image.layers else []
+        rows.manifests.append(
+            [
+                image.digest,
+                image.config,
+                image.config_media_type,
+                image.config_size,
+                pg_text(image.artifact_type),
+                image.subject,
+                json.dumps(image.annotations, sort_keys=True) if image.annotations else None,
+                [layer[0] for layer in layers],
+                [pg_text(layer[1]) for layer in layers],
+                [layer[2] for layer in layers],
+            ]
+        )
+        if image.kind == "index":
+            rows.attestations.extend(
+                [image.digest, digest, target]
+                for digest, target in conn.execute(
+                    "SELECT digest, target FROM attestations WHERE index_key = ?", (db.graph_key(image.digest),)
+                )
+            )
+    return images
+
+
+def _image_json(image: db.Image | None, media_type: str, absent: set[int] | None) -> str | None:
+    """The ``image`` column of an entry or child: what the host answers of its image, as JSON."""
+    from indexer.graph import MANIFEST_MEDIA_TYPES
+    from indexer.query import image_fields
+
+    if media_type not in MANIFEST_MEDIA_TYPES:
+        return None
+    fields = image_fields(image, absent)
+    return json.dumps(fields, sort_keys=True) if fields is not None else None
 
 
 def pg_text(value: str) -> str:
@@ -292,6 +361,18 @@ async def publish_rows(
     """One PostgreSQL transaction: remove paths, replace whole layouts, move the watermark, beat."""
     async with conn.transaction():
         gone = [*removed, *stale_paths]
+        ids = rows.ids if rows is not None else []
+        paths = rows.paths if rows is not None else []
+        # The digests the layouts about to be replaced or removed name: the content graph's rows that
+        # nothing else of this host names go with them (below).
+        released = await conn.execute(
+            "SELECT e.digest FROM entries e JOIN layouts l ON l.host = e.host AND l.id = e.layout_id "
+            "WHERE l.host = session_user AND (l.path = ANY(%s) OR l.id = ANY(%s) OR l.path = ANY(%s)) "
+            "UNION SELECT c.digest FROM children c JOIN layouts l ON l.host = c.host AND l.id = c.layout_id "
+            "WHERE l.host = session_user AND (l.path = ANY(%s) OR l.id = ANY(%s) OR l.path = ANY(%s))",
+            (gone, ids, paths, gone, ids, paths),
+        )
+        candidates = [str(row[0]) for row in await released.fetchall()]
         if gone:
             await conn.execute("DELETE FROM layouts WHERE host = session_user AND path = ANY(%s)", (gone,))
         if rows is not None and rows.ids:
@@ -309,6 +390,22 @@ async def publish_rows(
                     await conn.execute(insert_sql(table), [[row[i] for row in data] for i in range(len(columns))])
                 else:
                     await conn.execute(insert_json_sql(table), (json.dumps(data),))
+            if rows.manifests:
+                await conn.execute(_GRAPH_MANIFESTS_SQL, (json.dumps(rows.manifests),))
+            if rows.attestations:
+                await conn.execute(_GRAPH_ATTESTATIONS_SQL, (json.dumps(rows.attestations),))
+        if candidates:
+            await conn.execute(
+                "DELETE FROM graph_manifests g WHERE g.host = session_user AND g.digest = ANY(%s) "
+                "AND NOT EXISTS (SELECT 1 FROM entries e WHERE e.host = g.host AND e.digest = g.digest) "
+                "AND NOT EXISTS (SELECT 1 FROM children c WHERE c.host = g.host AND c.digest = g.digest)",
+                (candidates,),
+            )
+            await conn.execute(
+                "DELETE FROM graph_attestations a WHERE a.host = session_user AND a.index_digest = ANY(%s) "
+                "AND NOT EXISTS (SELECT 1 FROM graph_manifests g WHERE g.host = a.host AND g.digest = a.index_digest)",
+                (candidates,),
+            )
         if watermark is not None:
             await conn.execute(
                 "UPDATE hosts SET watermark = %s, published_at = now() WHERE host = session_user", (watermark,)
