@@ -215,7 +215,7 @@ def test_referrers_du_and_gc_keys(capsys: Capsys, indexed: tuple[str, Layout], t
     assert ocidx(capsys, "scan", "--db", db, "--no-progress", os.path.join(tmp_path, "root"))[0] == 0
     found = _json(capsys, "referrers", "--db", db, f"oci-layout://{lay.path}:signed")
     assert isinstance(found, list) and found
-    assert _paths(found) == _documented_keys("`ocidx referrers")
+    assert _paths(found) == _documented_keys("`ocidx referrers --json")
     lay.blob(b"nothing references this", "application/octet-stream")
     assert _paths(_json(capsys, "du", "--db", db)) == _documented_keys("`ocidx du")
     old = time.time() - 7200
