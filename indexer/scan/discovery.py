@@ -334,7 +334,21 @@ def _differs(path: str, known: Identity | None) -> bool:
         or st.st_dev != known[3]
     ):
         return True
-    return not known[1] and presence_differs(path, *known[8:])
+    if known[1]:
+        return False  # a broken layout is proven by its index.json alone
+    if known[13] is not None:
+        return presence_differs(path, *known[8:])
+    # The common case inline (one directory of blobs/, blobs/sha256): one more stat per layout.
+    try:
+        st = os.stat(path + "/" + known[8])
+    except OSError:
+        return presence_differs(path, *known[8:])  # absent now, or unreadable: the one rule decides
+    return (
+        st.st_mtime_ns != known[11]
+        or st.st_ctime_ns != known[12]
+        or st.st_ino != known[10]
+        or st.st_dev != known[9]
+    )
 
 
 def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], list[tuple[str, Listing]]] | None:
