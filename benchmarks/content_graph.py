@@ -71,7 +71,9 @@ def _scan(db: str, tree: str, env: dict[str, str], *, peak: bool = False) -> tup
     return proc, top
 
 
-def cold_scans(tree: str, data: str, reps: int, old: str | None) -> tuple[list[Figure], list[str], str, str | None]:
+def cold_scans(
+    tree: str, data: str, reps: int, old: str | None, baseline: str = BASELINE
+) -> tuple[list[Figure], list[str], str, str | None]:
     """The cold scan beside the baseline script and the old code; the databases it leaves."""
     env = {**os.environ, "PYTHONPATH": REPO}
     old_env = {**os.environ, "PYTHONPATH": old} if old else None
@@ -86,7 +88,7 @@ def cold_scans(tree: str, data: str, reps: int, old: str | None) -> tuple[list[F
         new.append(proc)
         peaks.append(peak)
         _fresh(base_db)
-        proc = run_process([sys.executable, BASELINE, "--graph", tree, base_db], env=env)
+        proc = run_process([sys.executable, baseline, "--graph", tree, base_db], env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"the baseline exited {proc.returncode}: {proc.stderr[-2000:]}")
         base.append(proc)
@@ -374,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", required=True, help="a generated tree of content graphs")
     parser.add_argument("--old-code", help="a checkout of ocidx before the content graph, for the old figures")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument(
+        "--baseline", default=BASELINE, help="the baseline script (default: benchmarks/baseline_scan.py)"
+    )
     parser.add_argument("--data", help="where the databases go (default: a temporary directory)")
     parser.add_argument("--iterations", type=int, default=300, help="lookups per in-process figure")
     parser.add_argument("--only", default="scan,rescan,bytes,du,lookups")
@@ -386,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     new_db, old_db = os.path.join(data, "new.db"), os.path.join(data, "old.db") if args.old_code else None
     if "scan" in only:
-        scanned, said, new_db, old_db = cold_scans(args.tree, data, args.reps, args.old_code)
+        scanned, said, new_db, old_db = cold_scans(args.tree, data, args.reps, args.old_code, args.baseline)
         figures += scanned
         notes += said
     if "rescan" in only:

@@ -343,12 +343,7 @@ def _differs(path: str, known: Identity | None) -> bool:
         st = os.stat(path + "/" + known[8])
     except OSError:
         return presence_differs(path, *known[8:])  # absent now, or unreadable: the one rule decides
-    return (
-        st.st_mtime_ns != known[11]
-        or st.st_ctime_ns != known[12]
-        or st.st_ino != known[10]
-        or st.st_dev != known[9]
-    )
+    return st.st_mtime_ns != known[11] or st.st_ctime_ns != known[12] or st.st_ino != known[10] or st.st_dev != known[9]
 
 
 def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], list[tuple[str, Listing]]] | None:
