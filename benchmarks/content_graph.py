@@ -236,7 +236,7 @@ def _digest(text: str) -> str:
 def _graph_db(source: str, target: str, blobs: int) -> None:
     """*source* (a database of a real layout) copied to *target* with the graph's tables grown to about
     *blobs* blobs: synthetic manifests of 9 layers and a config each, every tenth a referrer."""
-    from indexer.store.read import graph_key
+    from indexer.graph import graph_key
 
     shutil.copy(source, target)
     manifests = max(1, blobs // 10)

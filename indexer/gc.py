@@ -36,7 +36,7 @@ import stat
 import time
 
 from indexer.errors import LayoutBusy, LayoutUnreadable, NotFound
-from indexer.graph import BlobDirs, reach
+from indexer.graph import BlobDirs, graph_key, reach
 from indexer.layout import DEFAULT_LIMITS, Limits, is_layout_dir, read_index_bytes, read_layout
 
 TYPE_CHECKING = False
@@ -103,7 +103,7 @@ def collect(
         candidates: list[_Candidate] = []
         if not unproven:
             for digest in sorted(dirs.files):
-                if digest in found.refs:
+                if graph_key(digest) in found.refs:  # by key: a blob whose key is taken is kept
                     continue
                 st = dirs.stat(digest)
                 if st is not None and stat.S_ISREG(st.st_mode):
@@ -156,7 +156,7 @@ def _delete(
                 if refs.unknown:
                     return deleted, holds, [f"index.json changed during gc: {why}" for why in refs.unknown]
             if refs is not None:
-                remaining = [c for c in remaining if c.digest not in refs.refs]
+                remaining = [c for c in remaining if graph_key(c.digest) not in refs.refs]
             while remaining:
                 deleted += _unlink(dirs, remaining.pop())
                 if time.monotonic() - started >= HOLD_BUDGET_S:

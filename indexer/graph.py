@@ -26,11 +26,16 @@ Choices where the OCI image specification is silent (docs/semantics.md restates 
   ``created`` is kept as written when it is a string of at most :data:`MAX_CREATED` characters.
 * **Layers with ``urls``** (Docker's foreign and OCI's non-distributable layers) are ``external``:
   exporters leave them out of a layout, so their absence is not a missing blob.
-* **Read once per host.** A manifest or config is read and parsed from the first layout that holds
-  it; the parse is kept by digest (:func:`read_manifest`, bounded) for every other layout. Only a
-  read whose hash matched is kept, so a forged or truncated copy in one layout never reaches
-  another layout's rows; a second layout's copy of a digest already parsed is trusted by its name,
-  as its layers are (they are never read).
+* **Read once per pass.** In a scan, each worker process reads a manifest or config from the first
+  layout of the pass that holds it, sends its rows once (the index stores them once per host), and
+  keeps only its :class:`Shape` (what a layout needs of it: the keys and sizes it references) for
+  every later layout (:class:`Known`). Only a read whose hash matched is kept, so a forged or
+  truncated copy in one layout never reaches another layout's rows; a later layout's copy of a
+  digest already read is trusted by its name, as its layers are (they are never read).
+* **Keys.** A layout's references, the blobs it holds and what it misses are counted by
+  :func:`graph_key` (the first 63 bits of a digest): two digests sharing a key would count as one
+  (a chance of 2**-63 per pair, and a forged name can only confuse its own layout's figures);
+  ``ocidx gc`` then keeps a blob it could have removed, never the reverse.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ import collections
 import errno
 import os
 import stat
+import sys
+from array import array
 
 from indexer import reference
 from indexer._record import Record
@@ -66,10 +73,8 @@ from indexer.names import quote_value
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Container, Iterable
-    from typing import NamedTuple, TypeVar
-
-    T = TypeVar("T")
+    from collections.abc import Container
+    from typing import NamedTuple
 
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
@@ -101,6 +106,29 @@ else:
     # A named tuple made in C: a manifest lists about six layers, and a pass parses a hundred thousand
     # manifests (a Record's __init__ was a tenth of a worker's time). typing stays off the lookup path.
     BlobRef = collections.namedtuple("BlobRef", ("digest", "media_type", "size", "external"), defaults=(False,))
+
+if TYPE_CHECKING:
+
+    class Shape(NamedTuple):
+        """What a layout needs of a manifest or index whose rows are sent (:class:`Known`)."""
+
+        pairs: bytes
+        config: str | None
+        image_config: bool
+        external: tuple[int, ...]
+        algorithms: tuple[str, ...]
+        complete: bool
+        warnings: tuple[str, ...]
+
+else:
+    # ``pairs``: the graph key and size of its config (first) and each layer, packed (:func:`pack_pairs`);
+    # ``config``: the digest of its image config while that config's rows are not sent (then None);
+    # ``image_config``: whether its config is an image config (OCI or Docker); ``external``: the keys
+    # of its layers with ``urls``; ``algorithms``: those of the digests it references. A hundred
+    # thousand of these per worker in a pass: a few hundred bytes each, where a parse took 2.8 KB.
+    Shape = collections.namedtuple(
+        "Shape", ("pairs", "config", "image_config", "external", "algorithms", "complete", "warnings")
+    )
 
 
 class Manifest(Record):
@@ -352,29 +380,53 @@ def _subject(value: object, warnings: list[str]) -> str | None:
 
 # -- reading blobs -----------------------------------------------------------------------------
 
-# Parses kept by digest for every later layout (content-addressed: the bytes of a digest are one).
-# Bounded: past the bound the oldest half goes, so a long daemon or a huge pass stays within memory.
-_MEMO_MAX = 16384
-_manifests: dict[str, Manifest] = {}
-_configs: dict[str, ImageConfig] = {}
+
+def graph_key(digest: str) -> int:
+    """The key of *digest* in the graph's tables and a layout's figures: its first 63 bits (the rows
+    keep the digest, which every lookup compares, so two digests sharing a key can cost an answer its
+    graph, never mix)."""
+    if digest.startswith("sha256:"):
+        return int(digest[7:23], 16) >> 1
+    return int(digest[digest.index(":") + 1 :][:16], 16) >> 1
 
 
-def _remember(memo: dict[str, T], key: str, value: T) -> T:
-    if len(memo) >= _MEMO_MAX:
-        for old in list(memo)[: _MEMO_MAX // 2]:
-            del memo[old]
-    memo[key] = value
-    return value
+def hex_keys(hexes: list[str]) -> list[int]:
+    """:func:`graph_key` of each digest's hex part (a listing's names), in a few C calls."""
+    packed = array("Q", bytes.fromhex("".join([text[:16] for text in hexes])))
+    if sys.byteorder == "little":
+        packed.byteswap()  # the hex is big-endian: its first 16 digits read as one number
+    return [key >> 1 for key in packed]
 
 
-def known_manifest(digest: str) -> Manifest | None:
-    """The parse of manifest *digest* if this process already read it from some layout."""
-    return _manifests.get(digest)
+def pack_pairs(pairs: list[int]) -> bytes:
+    """Integers (keys, sizes) as native int64s; :func:`unpack_pairs` reads them back."""
+    return array("q", pairs).tobytes()
 
 
-def known_config(digest: str) -> ImageConfig | None:
-    """The parse of config *digest* if this process already read it from some layout."""
-    return _configs.get(digest)
+def unpack_pairs(data: bytes | None) -> list[int]:
+    """The integers :func:`pack_pairs` packed (none for None)."""
+    found = array("q")
+    if data:
+        found.frombytes(data)
+    return found.tolist()
+
+
+class Known(Record):
+    """What one process has read and sent in one pass, by :func:`graph_key`: the :class:`Shape` of each
+    manifest and index whose row it sent, and the warnings of each config whose row it sent.
+
+    Filled only where the rows are made (``store.write.graph_rows``), so a key here is a row sent:
+    a later layout holding that digest claims the row instead of reading the blob again.
+    """
+
+    __slots__ = ("configs", "manifests")
+
+    manifests: dict[int, Shape]
+    configs: dict[int, tuple[str, ...]]
+
+    def __init__(self) -> None:
+        self.manifests = {}
+        self.configs = {}
 
 
 def read_manifest(
@@ -385,13 +437,10 @@ def read_manifest(
     *,
     resolved: dict[str, str] | None = None,
 ) -> Manifest:
-    """Manifest *digest*: its parse when this process has one, else read from *layout*'s ``blobs/``
-    (:class:`~indexer.layout.BlobMissing` when absent, :class:`BlobError` when refused)."""
-    found = _manifests.get(digest)
-    if found is not None:
-        return found
+    """Manifest *digest* read from *layout*'s ``blobs/`` (:class:`~indexer.layout.BlobMissing` when
+    absent, :class:`BlobError` when refused)."""
     data = read_blob(layout, digest, size, limits, resolved=resolved)
-    return _remember(_manifests, digest, parse_manifest(data, digest, len(data), limits=limits))
+    return parse_manifest(data, digest, len(data), limits=limits)
 
 
 def read_config(
@@ -403,11 +452,37 @@ def read_config(
     resolved: dict[str, str] | None = None,
 ) -> ImageConfig:
     """Config *digest*, as :func:`read_manifest` reads a manifest."""
-    found = _configs.get(digest)
-    if found is not None:
-        return found
     data = read_blob(layout, digest, size, limits, resolved=resolved)
-    return _remember(_configs, digest, parse_config(data, digest))
+    return parse_config(data, digest)
+
+
+_SHA256 = ("sha256",)
+
+
+def manifest_shape(manifest: Manifest) -> Shape:
+    """The :class:`Shape` of a parsed manifest or index."""
+    config = manifest.config
+    refs = (config, *manifest.layers) if config is not None else manifest.layers
+    pairs: list[int] = []
+    external: list[int] = []
+    algorithms: tuple[str, ...] = _SHA256
+    for ref in refs:
+        key = graph_key(ref.digest)
+        pairs += (key, ref.size)
+        if ref.external:
+            external.append(key)
+        if not ref.digest.startswith("sha256:"):
+            algorithms = tuple(sorted({*algorithms, ref.digest.partition(":")[0]}))
+    image_config = config is not None and config.media_type in IMAGE_CONFIG_TYPES
+    return Shape(
+        pack_pairs(pairs),
+        config.digest if image_config and config is not None else None,
+        image_config,
+        tuple(external),
+        algorithms if refs else (),
+        manifest.complete,
+        manifest.warnings,
+    )
 
 
 # -- what a layout's blobs/ holds ---------------------------------------------------------------
@@ -425,7 +500,8 @@ class BlobDirs:
     symlink is followed when it resolves inside the layout, the rule :func:`indexer.layout.read_blob`
     applies; without it (``ocidx gc``), such a directory is refused and not listed.
 
-    ``files`` are the digests of the regular files named like a blob (``sha256:HEX``); ``odd``
+    ``files`` are the digests of the regular files named like a blob (``sha256:HEX``), ``keys`` the
+    same by :func:`graph_key`; ``odd``
     the other entries named like one (a symlink, a FIFO, a directory, a device) with what they
     are; names that are not a blob's (a writer's temporary file) are ignored. With *follow*, a
     symlink that resolves to a regular file inside the layout counts as a file. ``identities``
@@ -439,6 +515,7 @@ class BlobDirs:
         self.layout = layout
         self.follow = follow
         self.files: set[str] = set()
+        self.keys: dict[int, str] = {}
         self.odd: dict[str, str] = {}
         self.problems: list[str] = []
         self.identities: list[tuple[str, int, int, int, int]] = []
@@ -526,7 +603,9 @@ class BlobDirs:
             regular = [e.name for e in entries if e.is_file(follow_symlinks=False) and len(e.name) == length]
             if "".join(regular).strip(_HEX):
                 regular = [name for name in regular if not name.strip(_HEX)]
-            self.files.update([prefix + name for name in regular])
+            digests = [prefix + name for name in regular]
+            self.files.update(digests)
+            self.keys.update(zip(hex_keys(regular), digests, strict=True))
             if len(regular) != len(entries):
                 for entry in entries:
                     name = entry.name
@@ -543,6 +622,7 @@ class BlobDirs:
             inside = os.path.realpath(self.layout).rstrip(os.sep) + os.sep
             if real.startswith(inside) and os.path.isfile(real):
                 self.files.add(digest)
+                self.keys[graph_key(digest)] = digest
                 return
             self.problems.append(f"blob {digest} is a symlink leading outside the layout or to no file; refused")
         self.odd[digest] = "a symlink"
@@ -576,35 +656,43 @@ def _entry_kind(entry: os.DirEntry[str]) -> str:
 class Reach(Record):
     """Everything a layout references, from ``index.json`` through its indexes and manifests.
 
-    ``refs`` maps each referenced blob's digest to its size (index blobs, manifests, configs and
-    layers; a ``subject`` is a link, not a reference); ``external`` holds the layers that exporters
-    leave out (``urls``); ``manifests`` the parsed manifests; ``unknown`` says why what it
-    references is not wholly known (a manifest or index absent or refused, a descriptor skipped),
-    so that no present blob can be proven unreferenced while it is not empty; ``refused`` holds
-    the messages of the manifests that were present but refused (a bad hash, too big, not JSON).
+    ``refs`` maps the :func:`graph_key` of each referenced blob to its size (index blobs, manifests,
+    configs and layers; a ``subject`` is a link, not a reference); ``external`` holds the keys of
+    the layers that exporters leave out (``urls``); ``algorithms`` those of the referenced digests;
+    ``shapes`` the :class:`Shape` of every manifest present, by digest, and ``manifests`` those
+    parsed here (the others were :class:`Known`); ``unknown`` says why what it references is not
+    wholly known (a manifest or index absent or refused, a descriptor skipped), so that no present
+    blob can be proven unreferenced while it is not empty; ``refused`` holds the messages of the
+    manifests that were present but refused (a bad hash, too big, not JSON).
     """
 
-    __slots__ = ("external", "manifests", "refs", "refused", "unknown")
+    __slots__ = ("algorithms", "external", "manifests", "refs", "refused", "shapes", "unknown")
 
-    refs: dict[str, int]
-    external: set[str]
+    refs: dict[int, int]
+    external: set[int]
+    algorithms: set[str]
+    shapes: dict[str, Shape]
     manifests: dict[str, Manifest]
     unknown: list[str]
     refused: list[str]
 
     def __init__(
         self,
-        refs: dict[str, int],
-        external: set[str],
+        refs: dict[int, int],
+        external: set[int],
+        algorithms: set[str],
+        shapes: dict[str, Shape],
         manifests: dict[str, Manifest],
         unknown: list[str],
-        refused: list[str] | None = None,
+        refused: list[str],
     ) -> None:
-        self.refused = refused if refused is not None else []
         self.refs = refs
         self.external = external
+        self.algorithms = algorithms
+        self.shapes = shapes
         self.manifests = manifests
         self.unknown = unknown
+        self.refused = refused
 
 
 def reach(
@@ -614,14 +702,17 @@ def reach(
     limits: Limits = DEFAULT_LIMITS,
     *,
     resolved: dict[str, str] | None = None,
+    known: Known | None = None,
 ) -> Reach:
     """What *snapshot*'s layout references (:class:`Reach`); *present* holds the digests its ``blobs/`` holds.
 
     A manifest is read only when present (an absent one is a reason in ``unknown``, with no open
-    attempted); one this process parsed already is not read again (:func:`read_manifest`).
+    attempted) and not in *known* (read before in this pass: its shape is taken instead).
     """
-    refs: dict[str, int] = {}
-    external: set[str] = set()
+    refs: dict[int, int] = {}
+    external: set[int] = set()
+    algorithms: set[str] = set()
+    shapes: dict[str, Shape] = {}
     manifests: dict[str, Manifest] = {}
     unknown: list[str] = []
     if snapshot.skipped:
@@ -638,61 +729,62 @@ def reach(
         elif blob.skipped:
             unknown.append(f"{blob.skipped} descriptor(s) of nested index {blob.digest} could not be read")
     cache = resolved if resolved is not None else {}
+    shapes_known = known.manifests if known is not None else {}
     refused: list[str] = []
     looked: set[str] = set()
     descriptors: list[Entry | Child] = [*snapshot.entries, *snapshot.children]
     for descriptor in descriptors:
-        digest, media_type, size = descriptor.digest, descriptor.media_type, descriptor.size
-        if digest not in refs:
-            refs[digest] = size
-        if media_type not in MANIFEST_MEDIA_TYPES or digest in looked:
+        digest = descriptor.digest
+        key = graph_key(digest)
+        if key not in refs:
+            refs[key] = descriptor.size
+            algorithms.add(digest[: digest.index(":")])
+        if descriptor.media_type not in MANIFEST_MEDIA_TYPES or digest in looked:
             continue
         looked.add(digest)
         if digest not in present:
             unknown.append(f"manifest {digest} is not in blobs/")
             continue
-        try:
-            manifest = read_manifest(layout, digest, size, limits, resolved=cache)
-        except BlobError as exc:
-            unknown.append(exc.message)
-            refused.append(exc.message)
-            continue
-        manifests[digest] = manifest
-        if not manifest.complete:
+        shape = shapes_known.get(key)
+        if shape is None:
+            try:
+                manifest = read_manifest(layout, digest, descriptor.size, limits, resolved=cache)
+            except BlobError as exc:
+                unknown.append(exc.message)
+                refused.append(exc.message)
+                continue
+            manifests[digest] = manifest
+            shape = manifest_shape(manifest)
+        shapes[digest] = shape
+        if not shape.complete:
             unknown.append(f"manifest {digest} lists a descriptor that could not be read")
-        for ref in (manifest.config, *manifest.layers) if manifest.config is not None else manifest.layers:
-            if ref.digest not in refs:
-                refs[ref.digest] = ref.size
-            if ref.external:
-                external.add(ref.digest)
-    return Reach(refs, external, manifests, unknown, refused)
-
-
-def algorithms(digests: Iterable[str]) -> set[str]:
-    """The algorithms of *digests* (``sha256`` and the rare others)."""
-    found: set[str] = set()
-    for digest in digests:
-        if not digest.startswith("sha256:"):
-            found.add(digest.partition(":")[0])
-        elif "sha256" not in found:
-            found.add("sha256")
-    return found
+        pairs = unpack_pairs(shape.pairs)
+        for number in range(0, len(pairs), 2):
+            if pairs[number] not in refs:
+                refs[pairs[number]] = pairs[number + 1]
+        external.update(shape.external)
+        algorithms.update(shape.algorithms)
+    return Reach(refs, external, algorithms, shapes, manifests, unknown, refused)
 
 
 class LayoutGraph(Record):
     """What one layout's ``blobs/`` holds and what it references, read beside its snapshot.
 
-    ``reach`` is what it references; ``indexes`` the heads of its nested index blobs that were read;
-    ``configs`` the image configs read (by digest); ``present`` the blobs its ``blobs/`` holds;
-    ``unreferenced`` the sizes of those nothing references; ``missing`` the referenced digests
-    absent (external layers left out); ``identities`` and ``listed_ns`` what the listing was made
-    of, and when (:class:`BlobDirs`); ``attestations`` the ``(index, manifest, target)`` links
-    BuildKit's attestation descriptors make; ``warnings`` what a person should know (refused
-    blobs, entries of ``blobs/`` that are not files, manifests' and configs' own warnings).
+    ``reach`` is what it references; ``indexes`` the heads of its nested index blobs parsed here
+    (those :class:`Known` are claimed); ``configs`` the image configs read (by digest); ``present``
+    the blobs its ``blobs/`` holds (by :func:`graph_key`); ``unreferenced`` the sizes of those
+    nothing references (by key); ``missing`` the keys of the referenced blobs absent (external
+    layers left out); ``claims`` the keys of the manifests and indexes (and, negated less one, of
+    the configs) whose rows this process sent before, with another layout (:class:`Known`);
+    ``identities`` and ``listed_ns`` what the listing was made of, and when (:class:`BlobDirs`);
+    ``attestations`` the ``(index, manifest, target)`` links BuildKit's attestation descriptors
+    make; ``warnings`` what a person should know (refused blobs, entries of ``blobs/`` that are not
+    files, manifests' and configs' own warnings).
     """
 
     __slots__ = (
         "attestations",
+        "claims",
         "configs",
         "dirs_refused",
         "exists",
@@ -712,9 +804,10 @@ class LayoutGraph(Record):
         reach: Reach,
         indexes: dict[str, Manifest],
         configs: dict[str, ImageConfig],
-        present: set[str],
-        unreferenced: dict[str, int],
-        missing: list[str],
+        present: dict[int, str],
+        unreferenced: dict[int, int],
+        missing: list[int],
+        claims: list[int],
         identities: list[tuple[str, int, int, int, int]],
         exists: bool,
         listed_ns: int,
@@ -729,6 +822,7 @@ class LayoutGraph(Record):
         self.present = present
         self.unreferenced = unreferenced
         self.missing = missing
+        self.claims = claims
         self.identities = identities
         self.exists = exists
         self.listed_ns = listed_ns
@@ -741,57 +835,77 @@ class LayoutGraph(Record):
         return not self.reach.unknown
 
 
-def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_LIMITS) -> LayoutGraph:
-    """List *layout*'s ``blobs/`` once and read what its *snapshot* references (manifests, configs)."""
+def read_layout_graph(
+    layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_LIMITS, known: Known | None = None
+) -> LayoutGraph:
+    """List *layout*'s ``blobs/`` once and read what its *snapshot* references (manifests, configs),
+    but for what *known* holds (sent before in this pass: claimed)."""
     resolved: dict[str, str] = {}  # the layout's blobs/ALG directories, resolved once for every read
     with BlobDirs(layout, follow=True) as dirs:
-        found = reach(layout, snapshot, dirs.files, limits, resolved=resolved)
-        present = dirs.files
-        unreferenced: dict[str, int] = {}
-        for digest in present:
-            if digest not in found.refs:
+        found = reach(layout, snapshot, dirs.files, limits, resolved=resolved, known=known)
+        present, refs = dirs.keys, found.refs
+        unreferenced: dict[int, int] = {}
+        for key, digest in present.items():
+            if key not in refs:
                 st = dirs.stat(digest)
-                unreferenced[digest] = st.st_size if st is not None else 0
+                unreferenced[key] = st.st_size if st is not None else 0
         warnings = list(dirs.problems)
         warnings.extend(
             f"blob {digest} is {kind}, not a regular file; not counted" for digest, kind in dirs.odd.items()
         )
         identities, exists, listed_ns, refused = list(dirs.identities), dirs.exists, dirs.listed_ns, dirs.problems
+        files = dirs.files
     warnings.extend(f"{message}; what it references is unknown" for message in found.refused)
+    configs_known = known.configs if known is not None else {}
     configs: dict[str, ImageConfig] = {}
-    for manifest in found.manifests.values():
-        warnings.extend(manifest.warnings)
-        config = manifest.config
-        if config is None or config.media_type not in IMAGE_CONFIG_TYPES or config.digest in configs:
+    claims: list[int] = []
+    seen: set[int] = set()
+    for digest, shape in found.shapes.items():
+        warnings.extend(shape.warnings)
+        if digest not in found.manifests:
+            claims.append(graph_key(digest))
+        if not shape.image_config:
             continue
-        if config.digest not in present:
+        config_key, config_size = unpack_pairs(shape.pairs[:16])  # the config is the first pair
+        if config_key in seen:
+            continue
+        seen.add(config_key)
+        if config_key in configs_known:
+            claims.append(-config_key - 1)  # configs' claims are negative: one list for both tables
+            warnings.extend(configs_known[config_key])
+            continue
+        config = shape.config
+        if config is None or config not in files:
             continue
         try:
-            configs[config.digest] = found_config = read_config(
-                layout, config.digest, config.size, limits, resolved=resolved
-            )
+            image_config = read_config(layout, config, config_size, limits, resolved=resolved)
         except BlobError as exc:
             warnings.append(exc.message)
             continue
-        warnings.extend(found_config.warnings)
+        configs[config] = image_config
+        warnings.extend(image_config.warnings)
     indexes: dict[str, Manifest] = {}
     for blob in snapshot.indexes:
-        if blob.state != "ok":
+        if blob.state != "ok" or blob.digest in indexes:
             continue
-        head = _manifests.get(blob.digest)  # an index's head is as content-addressed as a manifest
-        if head is None or head.kind != "index":
-            written = next((e.media_type for e in snapshot.entries if e.digest == blob.digest), None)
-            if written is None:
-                written = next((c.media_type for c in snapshot.children if c.digest == blob.digest), "")
-            head = _remember(_manifests, blob.digest, parse_index_head(blob.digest, blob.size, written, blob.head))
-        indexes[blob.digest] = head
+        key = graph_key(blob.digest)
+        sent = known.manifests.get(key) if known is not None else None
+        if sent is not None:  # an index's head is as content-addressed as a manifest
+            claims.append(key)
+            warnings.extend(sent.warnings)
+            continue
+        written = next((e.media_type for e in snapshot.entries if e.digest == blob.digest), None)
+        if written is None:
+            written = next((c.media_type for c in snapshot.children if c.digest == blob.digest), "")
+        indexes[blob.digest] = head = parse_index_head(blob.digest, blob.size, written, blob.head)
         warnings.extend(head.warnings)
     attestations: list[tuple[str, str, str]] = []
     for child in snapshot.children:
         target = child.annotations.get(REFERENCE_DIGEST)
         if child.annotations.get(REFERENCE_TYPE) == ATTESTATION_MANIFEST and target and reference.is_digest(target):
             attestations.append((child.parent, child.digest, target))
-    missing = sorted(d for d in found.refs if d not in present and d not in found.external)
+    external = found.external
+    missing = sorted(key for key in refs if key not in present and key not in external)
     return LayoutGraph(
         reach=found,
         indexes=indexes,
@@ -799,6 +913,7 @@ def read_layout_graph(layout: str, snapshot: Snapshot, limits: Limits = DEFAULT_
         present=present,
         unreferenced=unreferenced,
         missing=missing,
+        claims=claims,
         identities=identities,
         exists=exists,
         listed_ns=listed_ns,
@@ -820,11 +935,15 @@ __all__ = [
     "BlobDirs",
     "BlobRef",
     "ImageConfig",
+    "Known",
     "LayoutGraph",
     "Manifest",
     "Reach",
-    "known_config",
-    "known_manifest",
+    "Shape",
+    "graph_key",
+    "hex_keys",
+    "manifest_shape",
+    "pack_pairs",
     "parse_config",
     "parse_index_head",
     "parse_manifest",
@@ -832,4 +951,5 @@ __all__ = [
     "read_config",
     "read_layout_graph",
     "read_manifest",
+    "unpack_pairs",
 ]

@@ -728,7 +728,7 @@ class Index:
             platform=platform,
         )
         external = {layer.digest for layer in manifest.layers if layer.external}
-        absent = {db.held_key(d) for d in image.blobs() if d not in external and not _has_blob(view.path, d)}
+        absent = {graph_mod.graph_key(d) for d in image.blobs() if d not in external and not _has_blob(view.path, d)}
         return image, absent
 
     def _not_found_message(self, view: View, query: Query) -> str:
@@ -1231,7 +1231,7 @@ def _graph_answers(view: View, hits: list[db.GraphHit]) -> list[Answer]:
         if hit.layout_id != view.layout_id:
             continue
         warnings = list(view.warnings)
-        if db.held_key(hit.digest) in absent:
+        if graph_mod.graph_key(hit.digest) in absent:
             warnings.append(f"{hit.digest} is not in {view.path}/blobs (a partial export?)")
         out.append(
             Answer(
@@ -1459,7 +1459,7 @@ def image_fields(image: db.Image | None, absent: set[int] | None) -> dict[str, o
     holds the config (else they could not be checked there)."""
     if image is None:
         return None
-    config_here = absent is not None and (image.config is None or db.held_key(image.config) not in absent)
+    config_here = absent is not None and (image.config is None or graph_mod.graph_key(image.config) not in absent)
     return {
         "config": image.config,
         "layers": image.layer_count,
@@ -1506,11 +1506,11 @@ def _config_platform(index: Index, view: View, digest: str, size: int) -> tuple[
         image = db.images(known.conn, [digest]).get(digest)
         absent = db.missing(known.conn, [known.layout_id]).get(known.layout_id)
         if image is not None and absent is not None:
-            if db.held_key(digest) in absent:
+            if graph_mod.graph_key(digest) in absent:
                 return None, f"the manifest {digest} is not in blobs/ (a partial export?)"
             if image.config is None or image.config_media_type not in graph_mod.IMAGE_CONFIG_TYPES:
                 return None, None
-            if db.held_key(image.config) in absent:
+            if graph_mod.graph_key(image.config) in absent:
                 return None, f"its config {image.config} is not in blobs/ (a partial export?)"
             if image.platform is not None:
                 return image.platform, None

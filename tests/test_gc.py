@@ -23,7 +23,6 @@ from layouts import (
     named,
 )
 
-from indexer import graph
 from indexer.cli import main
 from indexer.errors import LayoutBusy, LayoutUnreadable
 from indexer.gc import LOCK_FILE, collect
@@ -37,12 +36,6 @@ if TYPE_CHECKING:
     from layouts import Descriptor
 
 HOUR = 3600
-
-
-@pytest.fixture(autouse=True)
-def _fresh_memo() -> None:
-    graph._manifests.clear()
-    graph._configs.clear()
 
 
 def age(layout: Layout, descriptor: Descriptor, seconds: float = 2 * HOUR) -> None:

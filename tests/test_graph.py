@@ -26,30 +26,30 @@ from indexer.errors import BlobError
 from indexer.graph import (
     OCI_ARTIFACT_MANIFEST,
     BlobRef,
+    Known,
+    LayoutGraph,
+    graph_key,
     parse_config,
     parse_index_head,
     parse_manifest,
     read_config,
+    read_layout_graph,
     read_manifest,
 )
 from indexer.layout import BlobMissing, Limits, Platform, read_layout
+from indexer.store.write import graph_rows
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
+
+    from indexer.store.write import GraphRows
 
 HEX = "a" * 64
 DIGEST = "sha256:" + HEX
 LAYER = {"mediaType": OCI_LAYER, "digest": "sha256:" + "b" * 64, "size": 1000}
 CONFIG = {"mediaType": OCI_CONFIG, "digest": "sha256:" + "c" * 64, "size": 300}
 SUBJECT = {"mediaType": OCI_MANIFEST, "digest": "sha256:" + "d" * 64, "size": 500}
-
-
-@pytest.fixture(autouse=True)
-def _fresh_memo() -> None:
-    """Each test starts with no parse kept from another (the memo is per process)."""
-    graph._manifests.clear()
-    graph._configs.clear()
 
 
 def manifest_bytes(**fields: object) -> bytes:
@@ -355,46 +355,100 @@ def hostile_copy(layout: Layout, good: bytes, how: str, tmp_path: Path) -> str:
 HOSTILE = ["bad hash", "huge", "fifo", "directory", "symlink outside"]
 
 
+LINUX_ARM64 = {"os": "linux", "architecture": "arm64"}
+
+
+def config_of(layout: Layout, descriptor: dict[str, object]) -> str:
+    """The config digest of the manifest *descriptor* names in *layout*."""
+    with open(layout.blob_path(str(descriptor["digest"])), "rb") as f:
+        return str(json.load(f)["config"]["digest"])
+
+
+def read_pass(layouts: list[Layout], known: Known) -> list[tuple[LayoutGraph, GraphRows]]:
+    """Each layout's graph and rows as one worker makes them in one pass (*known* shared)."""
+    found = []
+    for lay in layouts:
+        lay_graph = read_layout_graph(lay.path, read_layout(lay.path), Limits(max_blob_bytes=1 << 20), known)
+        found.append((lay_graph, graph_rows(lay_graph, known)))
+    return found
+
+
+def sent_digests(rows: GraphRows) -> list[str]:
+    """The digests of the manifests' and configs' rows sent with one layout."""
+    manifests, _users, configs, _attestations = rows[3]
+    return sorted([str(row[1]) for row in manifests] + [str(row[1]) for row in configs])
+
+
 @pytest.mark.parametrize("how", HOSTILE)
 def test_a_hostile_manifest_blob_is_refused_and_poisons_no_other_layout(tmp_path: Path, how: str) -> None:
     good_layout = Layout(tmp_path / "good")
     descriptor = good_layout.manifest(platform=LINUX_AMD64)
+    good_layout.write_index([descriptor])
     digest, size = str(descriptor["digest"]), int(str(descriptor["size"]))
     with open(good_layout.blob_path(digest), "rb") as f:
         good = f.read()
     bad_layout = Layout(tmp_path / "bad")
     hostile_copy(bad_layout, good, how, tmp_path)
-    with pytest.raises(BlobError) as info:  # read first: refused, and nothing kept
+    bad_layout.write_index([descriptor])
+    with pytest.raises(BlobError) as info:
         read_manifest(bad_layout.path, digest, size, Limits(max_blob_bytes=1 << 20))
     assert not isinstance(info.value, BlobMissing)
-    assert graph.known_manifest(digest) is None
-    assert read_manifest(good_layout.path, digest, size) == parse_manifest(good, digest, len(good))
+    known = Known()
+    (bad, bad_rows), (good_graph, good_rows) = read_pass([bad_layout, good_layout], known)  # the bad one first
+    assert not bad.complete and digest not in bad.reach.shapes
+    assert digest not in sent_digests(bad_rows) and graph_key(digest) not in bad_rows[4]
+    # The good layout's copy is read and sent with it: nothing of the bad copy was kept.
+    assert good_graph.complete and digest in sent_digests(good_rows)
+    assert good_graph.reach.manifests[digest] == parse_manifest(good, digest, len(good))
 
 
 @pytest.mark.parametrize("how", HOSTILE)
 def test_a_hostile_config_blob_is_refused_and_poisons_no_other_layout(tmp_path: Path, how: str) -> None:
     good_layout = Layout(tmp_path / "good")
-    data = canonical_json({"architecture": "arm64", "os": "linux"})
-    good_layout.blob(data, OCI_CONFIG)
-    digest = digest_of(data)
+    descriptor = good_layout.manifest(platform=LINUX_ARM64, label="configured")
+    good_layout.write_index([descriptor])
+    config_digest = config_of(good_layout, descriptor)
+    with open(good_layout.blob_path(config_digest), "rb") as f:
+        data = f.read()
     bad_layout = Layout(tmp_path / "bad")
+    bad_layout.manifest(platform=LINUX_ARM64, label="configured")
+    os.remove(bad_layout.blob_path(config_digest))
     hostile_copy(bad_layout, data, how, tmp_path)
+    bad_layout.write_index([descriptor])
     with pytest.raises(BlobError):
-        read_config(bad_layout.path, digest, len(data), Limits(max_blob_bytes=1 << 20))
-    assert graph.known_config(digest) is None
-    found = read_config(good_layout.path, digest, len(data))
-    assert found.platform == Platform("linux", "arm64")
+        read_config(bad_layout.path, config_digest, len(data), Limits(max_blob_bytes=1 << 20))
+    known = Known()
+    (bad, bad_rows), (good_graph, good_rows) = read_pass([bad_layout, good_layout], known)
+    assert config_digest not in bad.configs and config_digest not in sent_digests(bad_rows)
+    assert any(config_digest in w for w in bad.warnings)
+    # The manifest was sent with the bad layout; its config is read from the good one, and sent with it.
+    assert str(descriptor["digest"]) in sent_digests(bad_rows)
+    assert good_graph.configs[config_digest].platform == Platform("linux", "arm64")
+    assert config_digest in sent_digests(good_rows)
 
 
-def test_a_parse_is_read_once_per_process_and_shared(tmp_path: Path) -> None:
+def test_a_manifest_is_read_once_per_pass_and_its_rows_sent_once(tmp_path: Path) -> None:
     first, second = Layout(tmp_path / "first"), Layout(tmp_path / "second")
     descriptor = first.manifest(platform=LINUX_AMD64, label="shared")
     second.manifest(platform=LINUX_AMD64, label="shared")  # the same bytes, so the same digest
-    digest, size = str(descriptor["digest"]), int(str(descriptor["size"]))
-    found = read_manifest(first.path, digest, size)
-    os.remove(first.blob_path(digest))  # not read again: the parse is kept by digest
-    assert read_manifest(second.path, digest, size) is found
-    assert read_manifest(first.path, digest, size) is found
+    first.write_index([descriptor])
+    second.write_index([descriptor])
+    digest = str(descriptor["digest"])
+    config_digest = config_of(first, descriptor)
+    known = Known()
+    ((first_graph, first_rows),) = read_pass([first], known)
+    assert sent_digests(first_rows) == sorted([digest, config_digest]) and first_rows[4] == []
+    with open(second.blob_path(digest), "wb") as f:
+        f.write(b"not read again: the digest names the content")
+    ((second_graph, second_rows),) = read_pass([second], known)
+    assert sent_digests(second_rows) == [] and sorted(second_rows[4]) == sorted(
+        [graph_key(digest), -graph_key(config_digest) - 1]
+    )  # claimed, not sent again
+    assert second_graph.reach.refs == first_graph.reach.refs and second_graph.complete
+    assert second_rows[1] == first_rows[1]  # the same figures, held set and missing list
+    # A new pass (a new Known) reads it again, and refuses what the second layout now holds.
+    ((again, again_rows),) = read_pass([second], Known())
+    assert not again.complete and digest not in sent_digests(again_rows)
 
 
 def test_a_manifest_whose_blob_is_too_big_for_the_limits(layout: Layout) -> None:

@@ -25,7 +25,6 @@ from layouts import (
     with_platform,
 )
 
-from indexer import graph
 from indexer.cli import main
 from indexer.query import Index
 
@@ -35,12 +34,6 @@ if TYPE_CHECKING:
     from typing import Any
 
     from layouts import Descriptor
-
-
-@pytest.fixture(autouse=True)
-def _fresh_memo() -> None:
-    graph._manifests.clear()
-    graph._configs.clear()
 
 
 class Run:

@@ -24,23 +24,16 @@ from layouts import (
     named,
 )
 
-from indexer import graph
 from indexer.cli import main
 from indexer.config import Root
+from indexer.graph import Known, graph_key, unpack_pairs
 from indexer.scan.discovery import settled
-from indexer.store.read import graph_key, held_key, unpack_keys
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from layouts import Descriptor
 
 TEN_S = 10_000_000_000
-
-
-@pytest.fixture(autouse=True)
-def _fresh_memo() -> None:
-    graph._manifests.clear()
-    graph._configs.clear()
 
 
 class Index:
@@ -78,7 +71,7 @@ class Index:
         )
         keys = ("complete", "referenced_blobs", "referenced_bytes", "missing_blobs", "unreferenced_blobs")
         found = dict(zip((*keys, "unreferenced_bytes"), row[:6], strict=True))
-        found["missing"] = unpack_keys(row[6])  # type: ignore[arg-type]
+        found["missing"] = unpack_pairs(row[6])  # type: ignore[arg-type]
         return found
 
 
@@ -130,7 +123,7 @@ def test_presence_per_layout_counts_referenced_missing_and_unreferenced(index: I
     index.scan()
     sizes = blob_bytes(lay)
     usage = index.usage(lay)
-    assert usage["missing"] == [held_key(document(lay, arm_child)["layers"][0]["digest"])]  # type: ignore[index]
+    assert usage["missing"] == [graph_key(document(lay, arm_child)["layers"][0]["digest"])]  # type: ignore[index]
     assert (usage["complete"], usage["missing_blobs"], usage["unreferenced_blobs"]) == (1, 1, 1)
     assert usage["unreferenced_bytes"] == sizes[str(junk["digest"])]
     assert usage["referenced_blobs"] == len(sizes) - 1
@@ -160,7 +153,7 @@ def test_a_blob_that_appears_or_disappears_is_not_proven_unchanged(index: Index)
     assert settled(index.db, roots) is None
     index.scan()
     usage = index.usage(lay)
-    assert (usage["unreferenced_blobs"], usage["missing"]) == (0, [held_key(config["digest"])])  # type: ignore[index]
+    assert (usage["unreferenced_blobs"], usage["missing"]) == (0, [graph_key(config["digest"])])  # type: ignore[index]
 
 
 def test_a_new_blobs_algorithm_directory_for_a_referenced_digest_is_seen(index: Index) -> None:
@@ -177,7 +170,7 @@ def test_a_new_blobs_algorithm_directory_for_a_referenced_digest_is_seen(index: 
     )
     lay.write_index([named(manifest, ref="v1")])
     index.scan()
-    assert index.usage(lay)["missing"] == [held_key(digest)]
+    assert index.usage(lay)["missing"] == [graph_key(digest)]
     index.settle()
     assert settled(index.db, [Root(index.root)]) == (1, 0)
     os.makedirs(os.path.join(lay.path, "blobs", "sha512"))
@@ -362,9 +355,9 @@ def test_a_read_claiming_shared_rows_that_are_gone_is_read_again(index: Index) -
     lay.write_index([named(image, ref="v1")])
     config = Config()
     # What a worker sends once it has sent this layout's shared rows with an earlier layout: claims only.
-    sent: dict[str, set[int]] = {"manifests": set(), "configs": set()}
-    workers.read_batch([os.path.realpath(lay.path)], config.familiar, config.limits, sent)
-    (result,) = workers.read_batch([os.path.realpath(lay.path)], config.familiar, config.limits, sent)
+    known = Known()
+    workers.read_batch([os.path.realpath(lay.path)], config.familiar, config.limits, known)
+    (result,) = workers.read_batch([os.path.realpath(lay.path)], config.familiar, config.limits, known)
     rows = result[3]
     assert rows[6][3][0] == [] and rows[6][4]  # type: ignore[index]  # no manifests row, claims instead
     conn = open_writer(index.db)

@@ -200,7 +200,7 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
 def _graph(conn: sqlite3.Connection, rows: Rows, descriptors: list[tuple[str, str]]) -> dict[str, db.Image]:
     """The content graph's rows of the manifests and indexes *descriptors* name, added to *rows* (the
     host's ``graph_manifests`` and ``graph_attestations``); the images by digest."""
-    from indexer.graph import MANIFEST_MEDIA_TYPES
+    from indexer.graph import MANIFEST_MEDIA_TYPES, graph_key
     from indexer.layout import INDEX_MEDIA_TYPES
 
     wanted = {digest for digest, media_type in descriptors if media_type in MANIFEST_MEDIA_TYPES | INDEX_MEDIA_TYPES}
@@ -225,7 +225,7 @@ def _graph(conn: sqlite3.Connection, rows: Rows, descriptors: list[tuple[str, st
             rows.attestations.extend(
                 [image.digest, digest, target]
                 for digest, target in conn.execute(
-                    "SELECT digest, target FROM attestations WHERE index_key = ?", (db.graph_key(image.digest),)
+                    "SELECT digest, target FROM attestations WHERE index_key = ?", (graph_key(image.digest),)
                 )
             )
     return images

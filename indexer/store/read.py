@@ -13,6 +13,7 @@ import os
 import sys
 
 from indexer._record import Record
+from indexer.graph import graph_key, unpack_pairs
 from indexer.layout import INDEX_MEDIA_TYPES, FileIdentity
 from indexer.names import Name
 from indexer.store import path_of, path_value
@@ -51,22 +52,6 @@ SETTLES_AT_SQL = f"min({_BY_CHANGE_SQL}, coalesce(identity_since_ns + {RACY_WIND
 _ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations"
 
 
-def graph_key(digest: str) -> int:
-    """The key of *digest* in the graph's tables: its first 63 bits (the rows keep the digest, which
-    every lookup compares, so two digests sharing a key can cost an answer its graph, never mix)."""
-    key = _graph_keys.get(digest)
-    if key is None:
-        if len(_graph_keys) >= _GRAPH_KEYS_MAX:
-            _graph_keys.clear()
-        key = _graph_keys[digest] = int(digest[digest.index(":") + 1 :][:16], 16) >> 1
-    return key
-
-
-# Keys of digests met (the same base layers and configs repeat in thousands of layouts).
-_GRAPH_KEYS_MAX = 65536
-_graph_keys: dict[str, int] = {}
-
-
 def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
     """``(digest, mediaType, size, external)`` of each layer of a ``manifests.layers`` value."""
     found: list[tuple[str, str, int, bool]] = []
@@ -76,32 +61,6 @@ def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
             media_type = item[2]
         found.append((item[0], media_type, item[1], len(item) > 3))
     return found
-
-
-def held_key(digest: str) -> int:
-    """The key of *digest* in a layout's held set and missing list (:func:`pack_keys`)."""
-    return int.from_bytes(bytes.fromhex(_prefix(digest)), sys.byteorder)
-
-
-def _prefix(digest: str) -> str:
-    return digest[7:23] if digest.startswith("sha256:") else digest.partition(":")[2][:16]
-
-
-def pack_keys(digests: Iterable[str]) -> bytes:
-    """The held set's and missing list's keys of *digests*: the first 8 bytes of each digest's hex,
-    packed in one C call. They are read back as native unsigned integers (:func:`unpack_keys`,
-    :func:`held_key`), which only equality compares, so the byte order of the machine is no matter."""
-    return bytes.fromhex("".join([_prefix(d) for d in digests]))
-
-
-def unpack_keys(data: bytes | None) -> list[int]:
-    """The keys packed by :func:`pack_keys`."""
-    from array import array
-
-    found = array("Q")
-    if data:
-        found.frombytes(data)
-    return found.tolist()
 
 
 def unpack_sizes(data: bytes) -> list[int]:
@@ -736,13 +695,13 @@ class Usage(Record):
 
     def missing_keys(self) -> set[int]:
         """The graph keys of the referenced blobs absent from the layout."""
-        return set(unpack_keys(self.missing)) if self.missing else set()  # type: ignore[arg-type]
+        return set(unpack_pairs(self.missing)) if self.missing else set()  # type: ignore[arg-type]
 
     def held_keys(self) -> tuple[list[int], list[int]]:
-        """The keys of the blobs present (referenced ones first, :func:`held_key`) and their sizes."""
+        """The keys of the blobs present (referenced ones first, :func:`graph_key`) and their sizes."""
         held: bytes = self.held  # type: ignore[assignment]
         half = len(held) // 2
-        return unpack_keys(held[:half]), unpack_sizes(held[half:])
+        return unpack_pairs(held[:half]), unpack_sizes(held[half:])
 
 
 _USAGE_COLUMNS = (
@@ -764,7 +723,7 @@ def usage(conn: sqlite3.Connection, layout_ids: Iterable[int] | None = None) -> 
 
 
 def missing(conn: sqlite3.Connection, layout_ids: Iterable[int]) -> dict[int, set[int]]:
-    """The keys (:func:`held_key`) of the referenced blobs absent from each layout (of *layout_ids*) whose
+    """The keys (:func:`graph_key`) of the referenced blobs absent from each layout (of *layout_ids*) whose
     ``blobs/`` the index knows (a layout with no entry here: not known)."""
     found: dict[int, set[int]] = {}
     for chunk in _chunks(sorted(set(layout_ids))):
@@ -772,16 +731,16 @@ def missing(conn: sqlite3.Connection, layout_ids: Iterable[int]) -> dict[int, se
         for lid, keys in conn.execute(
             f"SELECT layout_id, missing FROM layout_graph WHERE layout_id IN ({marks})", chunk
         ):
-            found[lid] = set(unpack_keys(keys)) if keys else set()
+            found[lid] = set(unpack_pairs(keys)) if keys else set()
     return found
 
 
 def image_size(image: Image, absent: set[int] | None) -> int | None:
-    """The bytes of *image* in a layout whose absent blobs are *absent* (:func:`held_key`): None for an
+    """The bytes of *image* in a layout whose absent blobs are *absent* (:func:`graph_key`): None for an
     index, for an image whose blobs are not all in that layout, or when what it holds is not known."""
     if image.kind != "manifest" or image.image_size is None or absent is None:
         return None
-    if absent and any(held_key(d) in absent for d in image.blobs()):
+    if absent and any(graph_key(d) in absent for d in image.blobs()):
         return None
     return image.image_size
 

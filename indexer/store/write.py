@@ -29,8 +29,9 @@ import time
 
 from indexer._record import Record
 from indexer.errors import printable
+from indexer.graph import graph_key, manifest_shape, pack_pairs, unpack_pairs
 from indexer.store import path_value, read
-from indexer.store.read import graph_key, pack_keys, parse_layers
+from indexer.store.read import parse_layers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from indexer.errors import LayoutError
-    from indexer.graph import BlobRef, LayoutGraph
+    from indexer.graph import BlobRef, Known, LayoutGraph
     from indexer.layout import Child, FileIdentity, Platform, Snapshot
     from indexer.store.read import StoredLayout
 
@@ -326,11 +327,11 @@ if TYPE_CHECKING:
     # (presence, layout_graph row, graph hash, shared rows, claims). Presence: (first directory's name,
     # dev, ino, mtime_ns, ctime_ns, further directories as JSON, blobs/ itself as JSON, listed_ns, the
     # latest mtime or ctime of any directory listed). The layout_graph row: (complete, referenced
-    # blobs, referenced bytes, missing blobs, unreferenced blobs, unreferenced bytes, missing JSON,
-    # held). Shared rows: (manifests, layer_users, configs, attestations) rows, each only the first
-    # time its worker sent it in a pass (the missing digests and the held set as packed graph keys:
-    # pack_keys); claims: the graph keys of the manifests and configs this
-    # layout references whose rows that worker sent before (with another layout).
+    # blobs, referenced bytes, missing blobs, unreferenced blobs, unreferenced bytes, missing, held:
+    # the graph keys of the missing blobs, and of the held ones with their sizes, packed as int64s).
+    # Shared rows: (manifests, layer_users, configs, attestations) rows, each only the first time its
+    # worker sent it in a pass; claims: the graph keys of the manifests and configs this layout
+    # references whose rows that worker sent before (with another layout; configs' negated less one).
     PresenceRow = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None, int, int]
     LayoutGraphRow = tuple[int, int, int, int, int, int, bytes | None, bytes]
     SharedRows = tuple[
@@ -364,17 +365,15 @@ def layers_json(layers: tuple[BlobRef, ...]) -> str:
     return json.dumps(items, separators=(",", ":"))
 
 
-def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> GraphRows:
+def graph_rows(graph: LayoutGraph, known: Known | None = None) -> GraphRows:
     """The rows of one layout's content graph as stored (in a parsing worker, or here).
 
-    *sent* holds the keys of the shared rows already sent by this process in this pass (by
-    ``"manifests"`` and ``"configs"``): those are claimed instead of sent again, and *sent* grows.
+    The shared rows are those of the manifests, indexes and configs parsed for *graph*: each goes
+    into *known* (what this process sent in this pass, :class:`~indexer.graph.Known`), so that a
+    later layout holding it claims it (``graph.claims``) instead of reading it again.
     """
     from array import array
 
-    from indexer.graph import algorithms
-
-    sent = sent if sent is not None else {"manifests": set(), "configs": set()}
     found = graph.reach
     # Presence: every blobs/ALG listed, and blobs/ itself when a referenced algorithm has no
     # directory (its creation is then a change) or blobs/ is absent; the first one in columns.
@@ -385,7 +384,7 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
         proof = [("blobs", None, None, None, None)]
     else:
         listed = {name.removeprefix("blobs/") for name, *_ in alg_dirs}
-        if not alg_dirs or graph.dirs_refused or algorithms(found.refs) - listed:
+        if not alg_dirs or graph.dirs_refused or found.algorithms - listed:
             proof.insert(0, root)
     first, more = proof[0], proof[1:]
     changed = max((max(ident[3], ident[4]) for ident in graph.identities), default=0)
@@ -396,21 +395,21 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
         graph.listed_ns,
         changed,
     )
-    refs, present = found.refs, graph.present
-    held_refs = sorted(d for d in refs if d in present)
-    held_other = sorted(graph.unreferenced)
-    sizes = array("q", [refs[d] for d in held_refs] + [graph.unreferenced[d] for d in held_other])
+    refs, present, unreferenced = found.refs, graph.present, graph.unreferenced
+    held_refs = sorted([key for key in refs if key in present])
+    held_other = sorted(unreferenced)
+    sizes = array("q", [refs[key] for key in held_refs] + [unreferenced[key] for key in held_other])
     if sys.byteorder != "little":
         sizes.byteswap()
-    held = pack_keys(held_refs) + pack_keys(held_other) + sizes.tobytes()
-    missing = pack_keys(graph.missing) if graph.missing else None
+    held = pack_pairs(held_refs + held_other) + sizes.tobytes()
+    missing = pack_pairs(graph.missing) if graph.missing else None
     figures = (
         int(graph.complete),
         len(held_refs),
-        sum(refs[d] for d in held_refs),
+        sum(refs[key] for key in held_refs),
         len(graph.missing),
         len(held_other),
-        sum(graph.unreferenced.values()),
+        sum(unreferenced.values()),
     )
     layout_row: LayoutGraphRow = (*figures, missing, held)
     import hashlib
@@ -420,43 +419,10 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
     layer_users: list[tuple[int, int]] = []
     configs: list[tuple[object, ...]] = []
     attestations: list[tuple[object, ...]] = []
-    claims: list[int] = []
-    sent_manifests, sent_configs = sent["manifests"], sent["configs"]
-    for manifest in (*found.manifests.values(), *graph.indexes.values()):
-        key = graph_key(manifest.digest)
-        if key in sent_manifests:
-            claims.append(key)
-            continue
-        sent_manifests.add(key)
-        config, layers = manifest.config, manifest.layers
-        manifests.append(
-            (
-                key,
-                manifest.digest,
-                manifest.kind,
-                manifest.media_type,
-                manifest.size,
-                manifest.artifact_type,
-                manifest.subject,
-                _annotations_json(manifest.annotations) if manifest.annotations else None,
-                config.digest if config is not None else None,
-                graph_key(config.digest) if config is not None else None,
-                config.media_type if config is not None else None,
-                config.size if config is not None else None,
-                layers_json(layers) if manifest.kind == "manifest" else None,
-                len(layers) if manifest.kind == "manifest" else None,
-                manifest.image_size,
-                int(manifest.complete),
-                json.dumps(list(manifest.warnings)) if manifest.warnings else None,
-            )
-        )
-        layer_users.extend((layer_key, key) for layer_key in dict.fromkeys(graph_key(x.digest) for x in layers))
     for digest, image_config in graph.configs.items():
         key = graph_key(digest)
-        if key in sent_configs:
-            claims.append(-key - 1)  # configs' claims are negative: one list for both tables
-            continue
-        sent_configs.add(key)
+        if known is not None:
+            known.configs[key] = image_config.warnings
         platform = image_config.platform
         configs.append(
             (
@@ -471,18 +437,48 @@ def graph_rows(graph: LayoutGraph, sent: dict[str, set[int]] | None = None) -> G
                 json.dumps(list(image_config.warnings)) if image_config.warnings else None,
             )
         )
-    sent_here = {row[0] for row in manifests}
+    shapes = found.shapes
+    for manifest in (*found.manifests.values(), *graph.indexes.values()):
+        key = graph_key(manifest.digest)
+        config, layers = manifest.config, manifest.layers
+        shape = shapes.get(manifest.digest) or manifest_shape(manifest)
+        if known is not None:
+            if shape.config is not None and graph_key(shape.config) in known.configs:
+                shape = shape._replace(config=None)  # its config's row is sent: no need of its digest
+            known.manifests[key] = shape
+        keys = unpack_pairs(shape.pairs)  # the config's key and size first, then each layer's
+        manifests.append(
+            (
+                key,
+                manifest.digest,
+                manifest.kind,
+                manifest.media_type,
+                manifest.size,
+                manifest.artifact_type,
+                manifest.subject,
+                _annotations_json(manifest.annotations) if manifest.annotations else None,
+                config.digest if config is not None else None,
+                keys[0] if config is not None else None,
+                config.media_type if config is not None else None,
+                config.size if config is not None else None,
+                layers_json(layers) if manifest.kind == "manifest" else None,
+                len(layers) if manifest.kind == "manifest" else None,
+                manifest.image_size,
+                int(manifest.complete),
+                json.dumps(list(manifest.warnings)) if manifest.warnings else None,
+            )
+        )
+        if layers:
+            layer_users.extend((layer_key, key) for layer_key in dict.fromkeys(keys[2::2] if config else keys[::2]))
     for index, digest, target in graph.attestations:
-        if graph_key(index) in sent_here:  # they go with the index's row, once
+        if index in graph.indexes:  # they go with the index's row, once
             attestations.append((graph_key(target), graph_key(index), digest, target))
-    return presence, layout_row, graph_hash, (manifests, layer_users, configs, attestations), claims
+    return presence, layout_row, graph_hash, (manifests, layer_users, configs, attestations), list(graph.claims)
 
 
-def snapshot_rows(
-    snapshot: Snapshot, graph: LayoutGraph | None = None, sent: dict[str, set[int]] | None = None
-) -> LayoutRows:
+def snapshot_rows(snapshot: Snapshot, graph: LayoutGraph | None = None, known: Known | None = None) -> LayoutRows:
     """The rows of *snapshot* (and its *graph*) as stored: row keys taken, JSON encoded (in a parsing
-    worker, or here); *sent* as :func:`graph_rows` takes it."""
+    worker, or here); *known* as :func:`graph_rows` takes it."""
     children_of: dict[int, list[Child]] = {}
     for child in snapshot.children:
         children_of.setdefault(child.entry_position, []).append(child)
@@ -557,7 +553,7 @@ def snapshot_rows(
         entries,
         names,
         children,
-        graph_rows(graph, sent) if graph is not None else None,
+        graph_rows(graph, known) if graph is not None else None,
     )
 
 
