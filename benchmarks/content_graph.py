@@ -5,8 +5,8 @@
 * the cold ``ocidx scan`` of TREE (a tree of ``benchmarks.generate``'s content graphs) beside the
   plain single-threaded script doing the same reads (``benchmarks/baseline_scan.py --graph``), and
   beside the cold scan of the same tree by ocidx before the content graph (``--old-code``: a checkout
-  of that ocidx, run with ``PYTHONPATH``), interleaved run by run so that load on the machine hits
-  them alike; the peak RSS of the scan and its worker processes together (sampled every 10 ms);
+  of that ocidx, run with ``PYTHONPATH`` and ``PYTHONSAFEPATH``), interleaved run by run so that
+  load on the machine hits them alike; the peak RSS of the scan and its worker processes together (sampled every 10 ms);
 * the no-change re-scan beside the same by ocidx before the graph, each on its own database;
 * the database's bytes per layout, before the graph (the old code's database) and with it;
 * ``ocidx du --json`` of every layout, whole process;
@@ -75,8 +75,10 @@ def cold_scans(
     tree: str, data: str, reps: int, old: str | None, baseline: str = BASELINE
 ) -> tuple[list[Figure], list[str], str, str | None]:
     """The cold scan beside the baseline script and the old code; the databases it leaves."""
-    env = {**os.environ, "PYTHONPATH": REPO}
-    old_env = {**os.environ, "PYTHONPATH": old} if old else None
+    # PYTHONSAFEPATH: the working directory (a checkout) is not put before PYTHONPATH on sys.path,
+    # or `python -m indexer` run from this checkout would measure it under the old code's name.
+    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONSAFEPATH": "1"}
+    old_env = {**os.environ, "PYTHONPATH": old, "PYTHONSAFEPATH": "1"} if old else None
     new_db, old_db, base_db = (os.path.join(data, name) for name in ("new.db", "old.db", "baseline.db"))
     new: list[Proc] = []
     olds: list[Proc] = []
@@ -152,8 +154,8 @@ def _layouts(tree: str) -> list[str]:
 
 def rescans(tree: str, new_db: str, old_db: str | None, old: str | None, reps: int) -> list[Figure]:
     """The no-change re-scan, beside the old code's on its own database (interleaved, median)."""
-    env = {**os.environ, "PYTHONPATH": REPO}
-    old_env = {**os.environ, "PYTHONPATH": old or ""}
+    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONSAFEPATH": "1"}
+    old_env = {**os.environ, "PYTHONPATH": old or "", "PYTHONSAFEPATH": "1"}
     for _ in range(2):  # settle racily clean identities (a second read a window later) and warm caches
         _scan(new_db, tree, env)
         if old_db is not None:
@@ -202,7 +204,7 @@ def db_bytes(new_db: str, old_db: str | None, layouts: int) -> list[Figure]:
 
 def du_whole_process(db: str, reps: int) -> list[Figure]:
     """``ocidx du --json`` of every layout, whole process, beside the interpreter starting alone."""
-    env = {**os.environ, "PYTHONPATH": REPO}
+    env = {**os.environ, "PYTHONPATH": REPO, "PYTHONSAFEPATH": "1"}
     argv = [sys.executable, "-m", "indexer", "du", "--db", db, "--json"]
     runs = []
     for _ in range(reps + 1):

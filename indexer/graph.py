@@ -233,8 +233,9 @@ def parse_manifest(data: bytes, digest: str, size: int, *, limits: Limits = DEFA
     what = f"manifest {digest}"
     document = _document(data, what)
     warnings: list[str] = []
-    media_type = _string(document, "mediaType", warnings)
-    artifact_type = _string(document, "artifactType", warnings)
+    # Interned: a few distinct values, one object each in a worker's rows, sent once (marshal refs).
+    media_type = sys.intern(_string(document, "mediaType", warnings))
+    artifact_type = sys.intern(_string(document, "artifactType", warnings))
     annotations = _annotations(document.get("annotations"), warnings)
     subject = _subject(document.get("subject"), warnings)
     if media_type in INDEX_MEDIA_TYPES:
@@ -351,7 +352,7 @@ def _blob_ref(item: object, where: str, warnings: list[str]) -> BlobRef | None:
             and media_type.isascii()
         ):
             urls = item.get("urls")
-            return BlobRef(digest, media_type, size, bool(urls) and isinstance(urls, list))
+            return BlobRef(digest, sys.intern(media_type), size, bool(urls) and isinstance(urls, list))
     own: list[str] = []
     descriptor = _descriptor(item, own)
     warnings.extend(f"{where}: {text}" for text in own)

@@ -72,6 +72,7 @@ import errno
 import json
 import os
 import stat
+import sys
 
 from indexer import reference
 from indexer._record import Record
@@ -597,7 +598,7 @@ def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
         return None
     return (
         digest,
-        _clean(media_type),
+        sys.intern(_clean(media_type)),  # a few distinct values: one object each, sent once (marshal)
         size,
         _annotations(item.get("annotations"), warnings),
         _platform(item.get("platform"), warnings),
