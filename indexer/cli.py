@@ -579,9 +579,18 @@ def cmd_du(args: argparse.Namespace) -> int:
     assert isinstance(rows, list) and isinstance(total, dict)
     for warning in usage["warnings"]:  # type: ignore[attr-defined]
         _warn(f"ocidx: warning: {warning}")
+    # Each warning once, with the first layouts it concerns: a host with a thousand partial exports
+    # gets a few lines, not a thousand (--json lists every layout's).
+    concerned: dict[str, list[str]] = {}
     for row in rows:
         for warning in row["warnings"]:
-            _warn(f"ocidx: warning: {row['layout']}: {warning}")
+            concerned.setdefault(warning, []).append(row["layout"])
+    for warning, layouts in concerned.items():
+        if len(layouts) == 1:
+            _warn(f"ocidx: warning: {layouts[0]}: {warning}")
+            continue
+        shown = ", ".join(layouts[:SHOWN]) + (f" and {len(layouts) - SHOWN} more" if len(layouts) > SHOWN else "")
+        _warn(f"ocidx: warning: {_plural(len(layouts), 'layout')} ({shown}): {warning}")
     if args.json:
         _emit(usage)
         return 0

@@ -17,6 +17,7 @@ only: a test holds it (the lookup budget is about 26 ms for a whole process).
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sqlite3
@@ -259,13 +260,14 @@ _DU_FIGURES = (
 
 
 class _Held:
-    """One layout's figures for ``du``: its own counts, and the graph keys and sizes of what it holds."""
+    """One layout's figures for ``du``: its own counts, and the graph keys and sizes of what it holds
+    (packed arrays: 2.9 million blobs at 10,000 layouts would be 230 MB as lists of ints)."""
 
     __slots__ = (
         "complete",
         "keys",
         "missing_blobs",
-        "referenced",
+        "referenced_blobs",
         "referenced_bytes",
         "sizes",
         "unreferenced_blobs",
@@ -273,12 +275,9 @@ class _Held:
     )
 
     def __init__(self, usage: db.Usage) -> None:
-        keys, sizes = usage.held_keys()
-        count = int(usage.referenced_blobs)  # type: ignore[call-overload]
-        self.keys = keys
-        self.referenced = keys[:count]
-        self.sizes = sizes[:count]
+        self.keys, self.sizes = usage.held_arrays()
         self.complete = bool(usage.complete)
+        self.referenced_blobs = int(usage.referenced_blobs)  # type: ignore[call-overload]
         self.referenced_bytes = int(usage.referenced_bytes)  # type: ignore[call-overload]
         self.unreferenced_bytes = int(usage.unreferenced_bytes)  # type: ignore[call-overload]
         self.unreferenced_blobs = int(usage.unreferenced_blobs)  # type: ignore[call-overload]
@@ -289,9 +288,14 @@ class _Held:
         """The figures of a ``layout_graph`` row."""
         return cls(usage)
 
-    def to_json(self, path: str, holders: dict[int, int], warnings: list[str]) -> dict[str, object]:
-        """The ``du --json`` object of this layout; *holders* counts the layouts holding each key."""
-        unique = sum(size for key, size in zip(self.referenced, self.sizes, strict=True) if holders.get(key, 0) < 2)
+    def to_json(self, path: str, shared: set[int], warnings: list[str]) -> dict[str, object]:
+        """The ``du --json`` object of this layout; *shared* holds the keys another layout holds too."""
+        count = self.referenced_blobs
+        own = set(self.keys[:count]) - shared
+        unique = 0
+        if own:
+            referenced = dict(zip(self.keys[:count], self.sizes[:count], strict=True))
+            unique = sum(map(referenced.__getitem__, own))
         notes = list(warnings)
         if not self.complete:
             notes.append(
@@ -310,17 +314,23 @@ class _Held:
         }
 
 
-def _usage_current(stored: db.StoredLayout) -> bool:
+def _usage_current(stored: db.StoredLayout, proven: bool = False) -> bool:
     """Whether the index's figures of a layout's ``blobs/`` are what it holds now: its ``index.json``,
-    each directory its graph was listed from, and ``blobs/`` itself (a new ``blobs/ALG``) as stored."""
-    try:
-        st = os.stat(os.path.join(stored.path, "index.json"))
-    except OSError:
+    each directory its graph was listed from (both already *proven* by a walk of its root), and
+    ``blobs/`` itself (a new ``blobs/ALG``, which no proof covers when nothing references it)."""
+    if not proven:
+        try:
+            st = os.stat(stored.path + "/index.json")
+        except OSError:
+            return False
+        if not stored.is_current(layout_mod.FileIdentity.of(st)) or not stored.presence_current():
+            return False
+    if stored.state != "ok":
         return False
-    if stored.state != "ok" or not stored.is_current(layout_mod.FileIdentity.of(st)) or not stored.presence_current():
-        return False
-    root = stored.presence[6] if stored.presence is not None else None
-    dev, ino, mtime_ns, ctime_ns = json.loads(root) if root else (None, None, None, None)
+    presence = stored.presence
+    if presence is None or presence[0] == "blobs":
+        return presence is not None  # blobs/ itself is the first directory of the proof
+    dev, ino, mtime_ns, ctime_ns = json.loads(presence[6]) if presence[6] else (None, None, None, None)
     return not db.presence_differs(stored.path, "blobs", dev, ino, mtime_ns, ctime_ns, None)
 
 
@@ -787,11 +797,18 @@ class Index:
         return answers
 
     def _scope(
-        self, conn: sqlite3.Connection, matched: set[str], stored: dict[str, db.StoredLayout], verify_all: bool
+        self,
+        conn: sqlite3.Connection,
+        matched: set[str],
+        stored: dict[str, db.StoredLayout],
+        verify_all: bool,
+        proven: set[str] | None = None,
     ) -> tuple[set[str], str | None]:
         """The layouts a search across the index must verify (*matched*, those changed or new below
         the roots no live daemon watches, and with *verify_all* every indexed one), and why that may
-        be incomplete (None when exact). *stored* gains the rows of the layouts added."""
+        be incomplete (None when exact). *stored* gains the rows of the layouts added; *proven* the
+        layouts the walk of those roots proved as indexed (``index.json`` and ``blobs/``, as a
+        no-change scan proves them)."""
         scope = set(matched)
         unverified = None
         # A live daemon keeps its own roots current; the others (those only scans walked, or all of
@@ -800,8 +817,10 @@ class Index:
 
         walk = roots_mod.unwatched(conn) if self._daemon_alive(conn) else roots_mod.recorded(conn)
         if walk is None or walk:
-            changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
+            present, changed, unverified = _changed_below_roots(conn, walk, self.config.daemon.workers)
             scope.update(changed)
+            if proven is not None:
+                proven.update(set(present).difference(changed))
             # One SELECT per changed layout (each is then read through, which costs far more), not a
             # record of every stored layout (50 ms at 10,000).
             for path in changed:
@@ -890,14 +909,15 @@ class Index:
         what is shared depends on them all."""
         conn = self._require_database()
         every = {s.path: s for s in db.layouts(conn)}
-        scope, unverified = self._scope(conn, set(), every, True)
+        proven: set[str] = set()
+        scope, unverified = self._scope(conn, set(), every, True, proven)
         usage = db.usage(conn)
         figures: dict[str, _Held] = {}
         warnings: dict[str, list[str]] = {}
         for path in scope:
             stored = every.get(path)
             row = usage.get(stored.id) if stored is not None else None
-            if stored is not None and row is not None and _usage_current(stored):
+            if stored is not None and row is not None and _usage_current(stored, path in proven):
                 figures[path] = _Held.of(row)
                 continue
             try:
@@ -909,11 +929,14 @@ class Index:
                     figures[path] = _Held.of(row)
                     warnings.setdefault(path, []).append(f"{exc.message}; from its last good state")
         wanted = sorted(figures) if not paths else sorted(self._du_scope(paths, figures))
-        holders: dict[int, int] = {}
+        # Each key's holders counted in C (Counter over the packed arrays): 2.9 million held blobs at
+        # 10,000 layouts of the benchmark corpus (0.6 s; set operations took 0.8 s, a dict loop 3x).
+        holders: collections.Counter[int] = collections.Counter()
         for held in figures.values():
-            for key in held.keys:
-                holders[key] = holders.get(key, 0) + 1
-        rows = [figures[path].to_json(path, holders, warnings.get(path, [])) for path in wanted]
+            holders.update(held.keys)
+        shared = {key for key, count in holders.items() if count > 1}
+        del holders
+        rows = [figures[path].to_json(path, shared, warnings.get(path, [])) for path in wanted]
         total = {key: sum(int(row[key]) for row in rows) for key in _DU_FIGURES}  # type: ignore[call-overload]
         return {"layouts": rows, "total": total, "warnings": [unverified] if unverified else []}
 
@@ -1071,23 +1094,27 @@ def _tag_hint(conn: sqlite3.Connection, query: Query, layout_id: int | None) -> 
 
 def _changed_below_roots(
     conn: sqlite3.Connection, recorded: list[Root] | None, processes: int
-) -> tuple[list[str], str | None]:
-    """The layouts below the *recorded* roots that are new or changed since they were indexed, and
-    why that list may be incomplete (None when it is exact); directories the index's directory
+) -> tuple[list[str], list[str], str | None]:
+    """The layouts below the *recorded* roots, those of them new or changed since they were indexed,
+    and why that list may be incomplete (None when it is exact); directories the index's directory
     cache holds as they are now are not listed again (their stat calls shared among *processes*)."""
     if recorded is None:
-        return [], (
-            "no daemon is running and this index records no roots, so layouts added or changed since "
-            "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+        return (
+            [],
+            [],
+            (
+                "no daemon is running and this index records no roots, so layouts added or changed since "
+                "it was built are not seen: run 'ocidx scan ROOT' to record them, or use --verify-all"
+            ),
         )
     # A root that does not exist holds no layout: the walk of the others is still exact.
     from indexer.scan.discovery import changes  # the walk of a no-change scan
 
-    _present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
+    present, changed, _gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     if errors:
         why = f"the roots no running daemon watches could not all be read ({errors[0]})"
-        return changed, f"{why}: this answer may miss layouts there"
-    return changed, None
+        return present, changed, f"{why}: this answer may miss layouts there"
+    return present, changed, None
 
 
 def _missing(text: str) -> str:

@@ -440,6 +440,22 @@ def test_du_is_exact_after_a_change_no_scan_has_seen(ocidx: Run) -> None:
     assert usage["layouts"][0]["unreferenced_blobs"] == len(sizes(lay))
 
 
+def test_du_says_each_warning_once_with_the_first_layouts_it_concerns(ocidx: Run) -> None:
+    for number in range(7):  # seven partial exports: each lacks its manifest, so its graph is not wholly known
+        lay = ocidx.layout(f"partial-{number}")
+        image = built_image(lay, LINUX_AMD64, f"p{number}", [b"p"])
+        lay.write_index([named(image, ref="v1")])
+        lay.remove_blob(image)
+    ocidx.scan()
+    code, out, err = ocidx("du")
+    assert code == 0 and len(out.splitlines()) == 8  # every layout and the total on stdout
+    (line,) = err.splitlines()
+    assert line.startswith("ocidx: warning: 7 layouts (") and ", and 2 more): what it references" not in line
+    assert " and 2 more): what it references is not wholly known" in line
+    usage = ocidx.json("du")
+    assert all(row["warnings"] for row in usage["layouts"])  # --json keeps each layout's
+
+
 def test_du_of_a_path_with_no_layout(ocidx: Run, tmp_path: str) -> None:
     ocidx.layout("lay").write_index([])
     ocidx.scan()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from array import array
 
 from indexer._record import Record
 from indexer.graph import graph_key, unpack_pairs
@@ -61,17 +62,6 @@ def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
             media_type = item[2]
         found.append((item[0], media_type, item[1], len(item) > 3))
     return found
-
-
-def unpack_sizes(data: bytes) -> list[int]:
-    """Sizes packed as little-endian int64s."""
-    from array import array
-
-    found = array("q")
-    found.frombytes(data)
-    if sys.byteorder != "little":
-        found.byteswap()
-    return found.tolist()
 
 
 class StoredLayout(Record):
@@ -697,11 +687,17 @@ class Usage(Record):
         """The graph keys of the referenced blobs absent from the layout."""
         return set(unpack_pairs(self.missing)) if self.missing else set()  # type: ignore[arg-type]
 
-    def held_keys(self) -> tuple[list[int], list[int]]:
-        """The keys of the blobs present (referenced ones first, :func:`graph_key`) and their sizes."""
+    def held_arrays(self) -> tuple[array[int], array[int]]:
+        """The keys of the blobs present (referenced ones first, :func:`graph_key`) and their sizes, as
+        int64 arrays."""
         held: bytes = self.held  # type: ignore[assignment]
         half = len(held) // 2
-        return unpack_pairs(held[:half]), unpack_sizes(held[half:])
+        keys, sizes = array("q"), array("q")
+        keys.frombytes(held[:half])
+        sizes.frombytes(held[half:])
+        if sys.byteorder != "little":
+            sizes.byteswap()  # stored little-endian (the keys are only compared)
+        return keys, sizes
 
 
 _USAGE_COLUMNS = (
