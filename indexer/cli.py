@@ -160,6 +160,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="index counts, errors, daemon heartbeat")
     _options(p)
 
+    p = sub.add_parser("referrers", help="the signatures, SBOMs and attestations that refer to an image")
+    p.add_argument(
+        "target", metavar="TARGET", help="oci-layout://PATH[:TAG][@DIGEST], @DIGEST, or a name (alpine:3.16)"
+    )
+    _options(p)
+
+    p = sub.add_parser("du", help="bytes each layout references, shares, holds unreferenced; missing blobs")
+    p.add_argument("paths", nargs="*", metavar="PATH", help="layouts, or directories holding layouts (default: all)")
+    _options(p)
+
+    p = sub.add_parser("gc", help="the blobs nothing in a layout references; --delete removes them safely")
+    p.add_argument("layout", metavar="LAYOUT", help="the layout directory (read directly: no database needed)")
+    p.add_argument(
+        "--delete", action="store_true", help="remove them, under BuildKit's index.json.lock (default: only list)"
+    )
+    p.add_argument(
+        "--grace",
+        metavar="S",
+        type=_seconds,
+        default=None,
+        help="keep blobs younger than S seconds: a writer puts blobs before index.json (default: [gc] grace_s, 3600)",
+    )
+    _options(p, db=False)
+
     p = sub.add_parser("scan", help="one batch pass over the roots")
     p.add_argument("roots", nargs="*", metavar="ROOT", help="directories to index (added to the config's [[roots]])")
     p.add_argument("--full", action="store_true", help="re-read every index.json even if unchanged")
@@ -380,10 +404,13 @@ def cmd_resolve(args: argparse.Namespace) -> int:
 
 
 def _seconds(text: str) -> float:
-    """A ``--timeout``: a finite number of seconds, 0 or more (argparse turns ValueError into exit 2)."""
-    value = float(text)
+    """A ``--timeout`` or ``--grace``: a finite number of seconds, 0 or more (else exit 2, saying so)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
     if not 0 <= value < float("inf"):
-        raise ValueError(text)
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 or more)")
     return value
 
 
@@ -588,15 +615,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for warning in detail["warnings"]:  # type: ignore[attr-defined]
         _line(_Said(f"  warning: {warning}"))
     for entry in detail["entries"]:  # type: ignore[attr-defined]
-        platform = entry["platform"]
-        _line(f"  {entry['digest']}", entry["mediaType"], *([_platform(platform)] if platform else []))
+        _line(f"  {entry['digest']}", entry["mediaType"], *_image_fields(entry, platform=True))
         for name in entry["names"]:
             _line(f"    {_name_text(name['name'], name['tag'])}", f"({name['how']})")
         for raw in entry["invalid_names"]:
             # Shortened and quoted as a warning quotes it: a name may be as long as index.json allows.
             _line(_Said(f"    {quote_value(str(raw))}"), "(invalid)")
         for child in entry["children"]:
-            _line(f"    {_platform(child['platform'])}", child["digest"], child["mediaType"])
+            _line(
+                f"    {_platform(child['platform'])}",
+                child["digest"],
+                child["mediaType"],
+                *_image_fields(child, platform=False),
+            )
         for warning in entry["warnings"]:
             _line(_Said(f"    warning: {warning}"))
     return 0
@@ -638,6 +669,31 @@ def cmd_lint(args: argparse.Namespace) -> int:
     linted = sum(1 for r in results if not isinstance(r, tuple))
     _warn(f"ocidx: {_plural(findings, 'finding')} in {_plural(linted, 'layout')}")
     return worst
+
+
+def _image_fields(image: dict[str, object], *, platform: bool) -> list[str]:
+    """The text fields of an image in ``ls PATH``: its platform (with *platform*, when it has one or
+    its manifest was read), then, when its manifest was read, its size (``incomplete`` when one of
+    its blobs is absent from the layout) and its layer count."""
+    fields = []
+    known = image["layers"] is not None
+    if platform and (image["platform"] or known):
+        fields.append(_platform(image["platform"]))  # type: ignore[arg-type]
+    if known:
+        size = image["image_size"]
+        fields.append(_bytes(size) if isinstance(size, int) else "incomplete")
+        fields.append(_plural(image["layers"], "layer"))
+    return fields
+
+
+def _bytes(count: int) -> str:
+    """``831 B``, ``12.4 kB``, ``27.8 MB``, ``1.2 GB``: sizes as docker prints them (powers of 1000)."""
+    value = float(count)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{count} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{count} B"
 
 
 def _platform(platform: dict[str, object] | None) -> str:
@@ -705,6 +761,94 @@ def _fleet_line(fleet: dict[str, object], *, running: bool) -> str:
     return f"{head}, {_plural(fleet['backlog'], 'change')} not yet published, {last}"
 
 
+def cmd_referrers(args: argparse.Namespace) -> int:
+    """``ocidx referrers TARGET``: every manifest or index that refers to the image, a line each."""
+    with _index(args) as index:
+        found = index.referrers(args.target)
+    for warning in ([found.unverified] if found.unverified else []) + found.warnings:
+        _warn(f"ocidx: warning: {warning}")
+    if args.json:
+        _emit([r.to_json() for r in found])
+    else:
+        for referrer in found:
+            _line(referrer.layout, referrer.digest, referrer.artifact_type or "-", referrer.how, referrer.subject)
+    if not found:
+        _warn(f"ocidx: nothing refers to {', '.join(found.subjects)} in any indexed layout")
+        return 1
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    """``ocidx du [PATH...]``: per layout and in total, referenced, unique, shared, unreferenced, missing."""
+    with _index(args) as index:
+        usage = index.du(args.paths or None)
+    rows, total = usage["layouts"], usage["total"]
+    assert isinstance(rows, list) and isinstance(total, dict)
+    for warning in usage["warnings"]:  # type: ignore[attr-defined]
+        _warn(f"ocidx: warning: {warning}")
+    # Each warning once, with the first layouts it concerns: a host with a thousand partial exports
+    # gets a few lines, not a thousand (--json lists every layout's).
+    concerned: dict[str, list[str]] = {}
+    for row in rows:
+        for warning in row["warnings"]:
+            concerned.setdefault(warning, []).append(row["layout"])
+    for warning, layouts in concerned.items():
+        if len(layouts) == 1:
+            _warn(f"ocidx: warning: {layouts[0]}: {warning}")
+            continue
+        shown = ", ".join(layouts[:SHOWN]) + (f" and {len(layouts) - SHOWN} more" if len(layouts) > SHOWN else "")
+        _warn(f"ocidx: warning: {_plural(len(layouts), 'layout')} ({shown}): {warning}")
+    if args.json:
+        _emit(usage)
+        return 0
+    for row in [*rows, {**total, "layout": "total"}]:
+        _line(
+            _bytes(row["referenced_bytes"]),
+            f"unique {_bytes(row['unique_bytes'])}",
+            f"shared {_bytes(row['shared_bytes'])}",
+            f"unreferenced {_bytes(row['unreferenced_bytes'])} in {_plural(row['unreferenced_blobs'], 'blob')}",
+            f"{row['missing_blobs']} missing",
+            row["layout"],
+        )
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """``ocidx gc LAYOUT``: list (and with --delete, remove) the blobs nothing in the layout references."""
+    from indexer import config as config_mod
+    from indexer.gc import collect
+
+    config = config_mod.load(args.config)
+    grace = config.gc.grace_s if args.grace is None else args.grace
+    result = collect(args.layout, delete=args.delete, grace_s=grace, limits=config.limits)
+    if args.json:
+        _emit(result)
+    else:
+        for blob in result["blobs"]:  # type: ignore[attr-defined]
+            _line(blob["digest"], blob["size"], f"{_age(blob['age_s'])}")
+    unproven, skipped = result["unproven"], result["skipped"]
+    assert isinstance(unproven, list) and isinstance(skipped, list)
+    for why in unproven[:SHOWN]:
+        _warn(f"ocidx: {result['layout']}: nothing is garbage: {why}")
+    if len(unproven) > SHOWN:
+        _warn(f"ocidx: {result['layout']}: and {len(unproven) - SHOWN} more reasons (--json lists them all)")
+    for odd in skipped[:SHOWN]:
+        _warn(f"ocidx: warning: {result['layout']}: {odd['name']} is {odd['why']}, not a blob file: left alone")
+    if len(skipped) > SHOWN:
+        _warn(f"ocidx: warning: {result['layout']}: and {len(skipped) - SHOWN} more (--json lists them all)")
+    blobs = result["blobs"]
+    assert isinstance(blobs, list)
+    summary = f"{_plural(len(blobs), 'blob')} ({result['bytes']} bytes) nothing references"
+    if result["kept_young"]:
+        summary += f", {result['kept_young']} younger than {grace:g} s kept"
+    if args.delete:
+        held = result["lock_held_s"]
+        summary += f"; {result['deleted']} deleted" + (f" (index.json.lock held {held} s at most)" if held else "")
+    if not args.json:
+        _warn(f"ocidx: {result['layout']}: {summary}")
+    return 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
     """``ocidx scan``: one batch pass (async, imported here, off the lookup path)."""
     from indexer.scan.command import run_scan
@@ -733,6 +877,9 @@ _COMMANDS = {
     "ls": cmd_ls,
     "lint": cmd_lint,
     "status": cmd_status,
+    "referrers": cmd_referrers,
+    "du": cmd_du,
+    "gc": cmd_gc,
     "scan": cmd_scan,
     "daemon": cmd_daemon,
     "hosts": cmd_hosts,

@@ -42,6 +42,7 @@ WORKERS_RANGE = (0, 256)  # 0: one per core
 MAX_DEPTH_RANGE = (0, 64)
 NESTED_DEPTH_RANGE = (0, 16)
 BYTES_RANGE = (2, 1 << 32)
+GRACE_RANGE_S = (0.0, 365 * 86400.0)
 
 
 class Root(Record):
@@ -115,10 +116,19 @@ class FleetSettings(Record):
         self.stale_after_s = stale_after_s
 
 
+class GcSettings(Record):
+    """``ocidx gc`` (``[gc]``): how old an unreferenced blob must be before ``--delete`` removes it."""
+
+    __slots__ = ("grace_s",)
+
+    def __init__(self, *, grace_s: float = 3600.0) -> None:
+        self.grace_s = grace_s
+
+
 class Config(Record):
     """Everything ocidx reads from its config file, with defaults applied."""
 
-    __slots__ = ("daemon", "database", "familiar", "fleet", "limits", "metrics", "roots", "source", "stores")
+    __slots__ = ("daemon", "database", "familiar", "fleet", "gc", "limits", "metrics", "roots", "source", "stores")
 
     def __init__(
         self,
@@ -132,6 +142,7 @@ class Config(Record):
         daemon: DaemonSettings | None = None,
         fleet: FleetSettings | None = None,
         metrics: MetricsSettings | None = None,
+        gc: GcSettings | None = None,
     ) -> None:
         self.source = source
         self.database = database
@@ -142,6 +153,7 @@ class Config(Record):
         self.daemon = daemon if daemon is not None else DaemonSettings()
         self.fleet = fleet if fleet is not None else FleetSettings()
         self.metrics = metrics if metrics is not None else MetricsSettings()
+        self.gc = gc if gc is not None else GcSettings()
 
 
 def default_workers() -> int:
@@ -206,7 +218,7 @@ def load(path: str | None) -> Config:
 def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     """Validate an already-parsed TOML document; *source* names the file in errors."""
     here = os.path.dirname(source)
-    _only(data, {"database", "roots", "stores", "names", "limits", "daemon", "fleet", "metrics"}, "", source)
+    _only(data, {"database", "roots", "stores", "names", "limits", "daemon", "fleet", "metrics", "gc"}, "", source)
 
     database_table = _table(data, "database", source)
     _only(database_table, {"path"}, "database.", source)
@@ -301,8 +313,12 @@ def from_mapping(data: Mapping[str, object], *, source: str) -> Config:
     metrics = MetricsSettings(
         host=host, port=port, textfile=_resolve(here, textfile, "metrics.textfile", source) if textfile else None
     )
+    gc_table = _table(data, "gc", source)
+    _only(gc_table, {"grace_s"}, "gc.", source)
+    gc = GcSettings(grace_s=_number(gc_table, "grace_s", 3600.0, "gc.grace_s", source, *GRACE_RANGE_S))
     return Config(
         source=source,
+        gc=gc,
         database=_resolve(here, database, "database.path", source) if database else None,
         fleet=_fleet(_table(data, "fleet", source), source),
         roots=tuple(roots),

@@ -21,6 +21,7 @@
     │   ├── IndexParseError         index.json is not a valid image index
     │   ├── TornRead                index.json changed while it was read
     │   └── BlobError               a nested blob is bad (path, size, hash)
+    ├── LayoutBusy                  gc --delete: a writer holds index.json.lock too long  exit 1
     └── DaemonError                 the daemon cannot run (lock held, watch limits), or wait cannot watch
 
 Every error carries a snake_case ``category`` (the ``error`` key of ``--json``
@@ -236,6 +237,13 @@ class BlobError(LayoutError):
     """A blob referenced from the index is unsafe, too large, or fails its hash."""
 
     category = "blob_invalid"
+
+
+class LayoutBusy(OcidxError):
+    """``gc --delete`` could not take a layout's ``index.json.lock``: a writer kept it."""
+
+    category = "layout_busy"
+    exit_code = 1
 
 
 class DaemonError(OcidxError):

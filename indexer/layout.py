@@ -72,6 +72,7 @@ import errno
 import json
 import os
 import stat
+import sys
 
 from indexer import reference
 from indexer._record import Record
@@ -104,6 +105,7 @@ _MAX_SIZE = 2**63 - 1  # a Go int64: what every writer's descriptor size is
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _PLATFORM_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-"
+_LOWER_HEX = "0123456789abcdef"
 
 
 class BlobMissing(BlobError):
@@ -366,16 +368,49 @@ class Child(Record):
         self.annotations = annotations if annotations is not None else {}
 
 
-class Snapshot(Record):
-    """Everything read from one layout at one moment."""
+class IndexBlob(Record):
+    """A nested index blob as the walk of nested indexes met it (once per digest).
 
-    __slots__ = ("children", "content_hash", "entries", "identity", "warnings")
+    ``state`` is ``ok`` (read, its hash checked), ``missing`` (not in ``blobs/``), ``invalid`` (refused: hash,
+    size, type, not an index) or ``deep`` (beyond ``Limits.max_depth``, not followed). ``skipped`` counts the
+    descriptors it lists that could not be used; ``head`` holds its own ``mediaType``, ``artifactType``,
+    ``subject`` and ``annotations`` as written (checked by :mod:`indexer.graph`).
+    """
+
+    __slots__ = ("digest", "head", "size", "skipped", "state")
+
+    digest: str
+    size: int
+    state: str
+    skipped: int
+    head: dict[str, object]
+
+    def __init__(self, digest: str, size: int, state: str, skipped: int = 0, head: dict[str, object] | None = None):
+        self.digest = digest
+        self.size = size
+        self.state = state
+        self.skipped = skipped
+        self.head = head if head is not None else {}
+
+
+class Snapshot(Record):
+    """Everything read from one layout at one moment.
+
+    ``indexes`` are the nested index blobs the walk met; ``skipped`` counts the descriptors of
+    ``index.json`` that could not be used, and ``truncated`` says the walk stopped at
+    ``Limits.max_children``: what the layout references is then not wholly known (:attr:`complete`).
+    """
+
+    __slots__ = ("children", "content_hash", "entries", "identity", "indexes", "skipped", "truncated", "warnings")
 
     entries: tuple[Entry, ...]
     children: tuple[Child, ...]
     warnings: tuple[str, ...]
     content_hash: str
     identity: FileIdentity
+    indexes: tuple[IndexBlob, ...]
+    skipped: int
+    truncated: bool
 
     def __init__(
         self,
@@ -384,17 +419,34 @@ class Snapshot(Record):
         warnings: tuple[str, ...],
         content_hash: str,
         identity: FileIdentity,
+        indexes: tuple[IndexBlob, ...] = (),
+        skipped: int = 0,
+        truncated: bool = False,
     ) -> None:
         self.entries = entries
         self.children = children
         self.warnings = warnings
         self.content_hash = content_hash
         self.identity = identity
+        self.indexes = indexes
+        self.skipped = skipped
+        self.truncated = truncated
+
+    @property
+    def complete(self) -> bool:
+        """Whether every descriptor of ``index.json`` and of its nested indexes was read."""
+        return (
+            not self.skipped
+            and not self.truncated
+            and all(blob.state == "ok" and not blob.skipped for blob in self.indexes)
+        )
 
 
 if TYPE_CHECKING:
+    from typing import TypeVar
+
     _Descriptor = tuple[str, str, int, dict[str, str], Platform | None]
-    _Parsed = tuple[tuple[Entry, ...], tuple[str, ...]]
+    _P = TypeVar("_P")
 
 
 # -- parsing (pure) ----------------------------------------------------------------------------
@@ -411,6 +463,14 @@ def parse_index(
 
     *source* names the file in error messages (its path, when there is one).
     """
+    entries, warnings, _skipped = _parse_index(data, familiar=familiar, limits=limits, source=source)
+    return entries, warnings
+
+
+def _parse_index(
+    data: bytes, *, familiar: str, limits: Limits, source: str
+) -> tuple[tuple[Entry, ...], tuple[str, ...], int]:
+    """:func:`parse_index`, and how many descriptors were skipped."""
     if len(data) > limits.max_index_bytes:
         raise IndexParseError(f"{source} is {len(data)} bytes, over the limit of {limits.max_index_bytes} bytes")
     items = _manifests(_load_json(data, source), source)
@@ -440,7 +500,7 @@ def parse_index(
             )
         if own:
             warnings.extend(f"manifests[{position}]: {text}" for text in own)
-    return tuple(entries), tuple(warnings)
+    return tuple(entries), tuple(warnings), len(items) - len(entries)
 
 
 def _load_json(data: bytes, what: str) -> object:
@@ -451,7 +511,9 @@ def _load_json(data: bytes, what: str) -> object:
     except UnicodeDecodeError as exc:
         raise IndexParseError(f"{what} is not valid UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        if text.startswith("\ufeff"):  # as json.loads says it
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        return _DECODER.decode(text)
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":
             detail = (
@@ -474,6 +536,11 @@ def _load_json(data: bytes, what: str) -> object:
 
 def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not a JSON number")
+
+
+# One decoder for every document: json.loads with an argument makes a new one per call, which was
+# 4% of a worker's time (a pass decodes index.json, nested indexes, every manifest and config).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 
 def _manifests(document: object, what: str) -> list[object]:
@@ -531,7 +598,7 @@ def _descriptor(item: object, warnings: list[str]) -> _Descriptor | None:
         return None
     return (
         digest,
-        _clean(media_type),
+        sys.intern(_clean(media_type)),  # a few distinct values: one object each, sent once (marshal)
         size,
         _annotations(item.get("annotations"), warnings),
         _platform(item.get("platform"), warnings),
@@ -638,23 +705,32 @@ def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits:
 
     path = os.path.join(layout, INDEX_FILE)
 
-    def parse(data: bytes) -> tuple[tuple[Entry, ...], tuple[str, ...]]:
-        return parse_index(data, familiar=familiar, limits=limits, source=path)
+    def parse(data: bytes) -> tuple[tuple[Entry, ...], tuple[str, ...], int]:
+        return _parse_index(data, familiar=familiar, limits=limits, source=path)
 
     data, identity, parsed = _read_index(path, limits, parse)
     assert parsed is not None
-    entries, warnings = parsed
-    children, child_warnings = read_children(layout, entries, limits)
+    entries, warnings, skipped = parsed
+    walk = _walk_children(layout, entries, limits)
     content_hash = "sha256:" + hashlib.sha256(data).hexdigest()
-    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity)
+    return Snapshot(
+        entries,
+        tuple(walk.children),
+        warnings + tuple(walk.warnings),
+        content_hash,
+        identity,
+        tuple(walk.met.values()),
+        skipped,
+        walk.full,
+    )
 
 
 def _read_index(
     path: str,
     limits: Limits,
-    parse: Callable[[bytes], _Parsed] | None,
+    parse: Callable[[bytes], _P] | None,
     read_once: Callable[[str, Limits], tuple[bytes, FileIdentity] | None] | None = None,
-) -> tuple[bytes, FileIdentity, _Parsed | None]:
+) -> tuple[bytes, FileIdentity, _P | None]:
     """The retry loop around one read (and parse) of ``index.json``; *read_once* is for tests."""
     read = read_once or _read_index_once
     attempts = limits.torn_retries + 1
@@ -830,7 +906,12 @@ def read_blob(
     """
     import hashlib
 
-    path = blob_path(layout, digest)
+    if len(digest) == 71 and digest.startswith("sha256:") and not digest[7:].strip(_LOWER_HEX):
+        # The common digest, checked as go-digest would in a few C calls (the set of digests
+        # validate_digest keeps is far smaller than the blobs of a host).
+        path = os.path.join(layout, "blobs", "sha256", digest[7:])
+    else:
+        path = blob_path(layout, digest)
     cache = resolved if resolved is not None else {}
     algorithm, _, encoded = digest.partition(":")
     directory = cache.get(algorithm)
@@ -916,15 +997,20 @@ def read_children(
     layout: str, entries: tuple[Entry, ...], limits: Limits = DEFAULT_LIMITS
 ) -> tuple[tuple[Child, ...], tuple[str, ...]]:
     """Follow the entries that are indexes into ``blobs/``: every child descriptor, and warnings."""
+    walk = _walk_children(layout, entries, limits)
+    return tuple(walk.children), tuple(walk.warnings)
+
+
+def _walk_children(layout: str, entries: tuple[Entry, ...], limits: Limits) -> _ChildWalk:
     walk = _ChildWalk(layout, limits)
     for entry in entries:
         if entry.media_type in INDEX_MEDIA_TYPES:
             walk.index(entry.digest, entry.size, entry.position, 1, (entry.digest,))
-    return tuple(walk.children), tuple(walk.warnings)
+    return walk
 
 
 class _ChildWalk:
-    __slots__ = ("blobs", "children", "full", "layout", "limits", "resolved", "warnings")
+    __slots__ = ("blobs", "children", "full", "layout", "limits", "met", "resolved", "warnings")
 
     def __init__(self, layout: str, limits: Limits) -> None:
         self.layout = layout
@@ -933,6 +1019,7 @@ class _ChildWalk:
         self.children: list[Child] = []
         self.warnings: list[str] = []
         self.blobs: dict[str, list[_Descriptor] | None] = {}
+        self.met: dict[str, IndexBlob] = {}  # every nested index blob met, once, in walk order
         self.full = False
 
     def index(self, digest: str, size: int, position: int, depth: int, path: tuple[str, ...]) -> None:
@@ -941,6 +1028,7 @@ class _ChildWalk:
                 f"nested index {digest} (below manifests[{position}]) is deeper than "
                 f"{self.limits.max_depth} levels; not followed"
             )
+            self.met.setdefault(digest, IndexBlob(digest, size, "deep"))
             return
         descriptors = self._descriptors(digest, size)
         for child in descriptors or ():
@@ -970,8 +1058,10 @@ class _ChildWalk:
             data = read_blob(self.layout, digest, size, self.limits, resolved=self.resolved)
         except BlobMissing:
             self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
+            self.met[digest] = IndexBlob(digest, size, "missing")
         except BlobError as exc:
             self.warnings.append(f"{exc.message}; its children are unknown")
+            self.met[digest] = IndexBlob(digest, size, "invalid")
         else:
             # The blob's bytes were just read from this layout and matched its digest, so they are
             # the bytes of every other blob with that digest: the parse is shared across layouts
@@ -982,22 +1072,28 @@ class _ChildWalk:
                 if len(_parsed_indexes) >= _PARSED_INDEXES_MAX:
                     _parsed_indexes.clear()
                 _parsed_indexes[digest] = parsed
-            found, warnings = parsed
+            found, warnings, skipped, head = parsed
             self.warnings.extend(warnings)
+            self.met[digest] = IndexBlob(digest, size, "ok" if found is not None else "invalid", skipped, head)
         self.blobs[digest] = found
         return found
 
 
 _PARSED_INDEXES_MAX = 4096
-_parsed_indexes: dict[str, tuple[list[_Descriptor] | None, tuple[str, ...]]] = {}
+_parsed_indexes: dict[str, tuple[list[_Descriptor] | None, tuple[str, ...], int, dict[str, object]]] = {}
+# The fields of an index document other than its descriptors (IndexBlob.head).
+_HEAD_FIELDS = ("mediaType", "artifactType", "subject", "annotations")
 
 
-def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tuple[str, ...]]:
-    """The descriptors of a nested index blob (None when it is not an index), and its warnings."""
+def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tuple[str, ...], int, dict[str, object]]:
+    """The descriptors of a nested index blob (None when it is not an index), its warnings, how many
+    descriptors were skipped, and its head (IndexBlob.head)."""
     try:
-        items = _manifests(_load_json(data, what), what)
+        document = _load_json(data, what)
+        items = _manifests(document, what)
     except IndexParseError as exc:
-        return None, (f"{exc.message}; its children are unknown",)
+        return None, (f"{exc.message}; its children are unknown",), 0, {}
+    assert isinstance(document, dict)
     found: list[_Descriptor] = []
     warnings: list[str] = []
     for number, item in enumerate(items):
@@ -1007,7 +1103,8 @@ def _parse_nested(data: bytes, what: str) -> tuple[list[_Descriptor] | None, tup
             found.append(descriptor)
         if own:
             warnings.extend(f"{what} manifests[{number}]: {text}" for text in own)
-    return found, tuple(warnings)
+    head = {key: document[key] for key in _HEAD_FIELDS if key in document}
+    return found, tuple(warnings), len(items) - len(found), head
 
 
 # -- discovery ---------------------------------------------------------------------------------
@@ -1031,6 +1128,7 @@ __all__ = [
     "Child",
     "Entry",
     "FileIdentity",
+    "IndexBlob",
     "Limits",
     "Platform",
     "Snapshot",

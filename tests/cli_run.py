@@ -15,7 +15,12 @@ ANSWER_KEYS = [
     "names",
     "annotations",
     "platform",
+    "config",
+    "layers",
+    "image_size",
+    "created",
     "source",
+    "used_by",
     "freshness",
     "warnings",
 ]

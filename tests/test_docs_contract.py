@@ -142,7 +142,7 @@ def _json(capsys: Capsys, *args: str) -> object:
 
 
 def test_ref_keys(capsys: Capsys) -> None:
-    assert _paths(_json(capsys, "ref", "alpine:3.16")) == _documented_keys("`ocidx ref")
+    assert _paths(_json(capsys, "ref", "alpine:3.16")) == _documented_keys("`ocidx ref --json")
 
 
 def test_resolve_and_find_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:
@@ -189,6 +189,40 @@ def test_scan_keys(capsys: Capsys, indexed: tuple[str, Layout], tmp_path: str) -
     db, _ = indexed
     summary = _json(capsys, "scan", "--db", db, "--no-progress", os.path.join(tmp_path, "root"))
     assert _paths(summary) == _documented_keys("`ocidx scan")
+
+
+def test_referrers_du_and_gc_keys(capsys: Capsys, indexed: tuple[str, Layout], tmp_path: str) -> None:
+    db, lay = indexed
+    image = lay.manifest(platform=LINUX_AMD64, label="signed")
+    empty = lay.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    sbom = lay.blob(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                "artifactType": "application/spdx+json",
+                "config": empty,
+                "layers": [lay.blob(b"sbom", "application/spdx+json")],
+                "subject": image,
+                "annotations": {"a": "b"},
+            }
+        ).encode(),
+        "application/vnd.oci.image.manifest.v1+json",
+    )
+    with open(lay.index_path) as f:
+        manifests = json.load(f)["manifests"]
+    lay.write_index([*manifests, named(image, ref="signed"), sbom])
+    assert ocidx(capsys, "scan", "--db", db, "--no-progress", os.path.join(tmp_path, "root"))[0] == 0
+    found = _json(capsys, "referrers", "--db", db, f"oci-layout://{lay.path}:signed")
+    assert isinstance(found, list) and found
+    assert _paths(found) == _documented_keys("`ocidx referrers --json")
+    lay.blob(b"nothing references this", "application/octet-stream")
+    assert _paths(_json(capsys, "du", "--db", db)) == _documented_keys("`ocidx du")
+    old = time.time() - 7200
+    for name in os.listdir(os.path.join(lay.path, "blobs", "sha256")):
+        os.utime(os.path.join(lay.path, "blobs", "sha256", name), (old, old))
+    os.mkfifo(os.path.join(lay.path, "blobs", "sha256", "0" * 64))
+    assert _paths(_json(capsys, "gc", lay.path)) == _documented_keys("`ocidx gc")
 
 
 def test_error_keys(capsys: Capsys, indexed: tuple[str, Layout]) -> None:

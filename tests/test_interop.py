@@ -288,3 +288,254 @@ def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: O
             assert os.path.realpath(app) in {answer["layout"] for answer in json.loads(out)}, f"trial {trial}"
     finally:
         assert daemon.stop() == 0
+
+
+@pytest.fixture
+def platforms(tmp_path: str) -> dict[str, str]:
+    """A local source layout with one image per platform, each config saying its own: tag -> digest."""
+    src = os.path.join(tmp_path, "platform-src")
+    must("umoci", "init", "--layout", src)
+    must("umoci", "new", "--image", f"{src}:base")
+    for arch in ("amd64", "arm64"):
+        must("umoci", "config", "--image", f"{src}:base", "--tag", arch, "--os", "linux", "--architecture", arch)
+    tags = {arch: skopeo_digest(src, arch) for arch in ("amd64", "arm64")}
+    assert None not in tags.values()
+    return {"path": src, **{t: str(d) for t, d in tags.items()}}
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "read-through"])
+def test_platform_of_a_single_manifest_copied_by_skopeo_without_all(
+    tmp_path: str, ocidx: Ocidx, platforms: dict[str, str], indexed: bool
+) -> None:
+    """`skopeo copy` without --all (what the README does) writes one manifest and no platform on its
+    descriptor: --platform is checked against the config, as containerd and BuildKit check it."""
+    app = os.path.join(tmp_path, "root", "app")
+    os.makedirs(os.path.dirname(app))
+    copy(f"{platforms['path']}:amd64", f"{app}:v1")
+    with open(os.path.join(app, "index.json")) as f:
+        (descriptor,) = json.load(f)["manifests"]
+    assert "platform" not in descriptor  # what made the old answer wrong
+    if indexed:
+        code, _, err = ocidx("scan", "--no-progress", os.path.dirname(app))
+        assert code == 0, err
+    code, out, err = ocidx("resolve", "--json", "--platform", "linux/arm64", f"oci-layout://{app}:v1")
+    failure = json.loads(out)
+    assert (code, failure["error"]) == (1, "platform_not_found"), err
+    assert failure["platforms"] == [{"os": "linux", "architecture": "amd64", "variant": None}]
+    code, out, err = ocidx("resolve", "--json", "--platform", "linux/amd64", f"oci-layout://{app}:v1")
+    answer = json.loads(out)
+    assert code == 0, err
+    assert (answer["digest"], answer["warnings"]) == (platforms["amd64"], [])
+    assert answer["platform"] == {"os": "linux", "architecture": "amd64", "variant": None}
+
+
+def test_platform_of_a_single_manifest_whose_config_skopeo_did_not_copy(
+    tmp_path: str, ocidx: Ocidx, platforms: dict[str, str]
+) -> None:
+    app = os.path.join(tmp_path, "app")
+    copy(f"{platforms['path']}:arm64", f"{app}:v1")
+    manifest = os.path.join(app, "blobs", "sha256", platforms["arm64"].split(":")[1])
+    with open(manifest) as f:
+        config = json.load(f)["config"]["digest"]
+    os.remove(os.path.join(app, "blobs", "sha256", config.split(":")[1]))  # a partial export
+    code, out, err = ocidx("resolve", "--platform", "linux/amd64", f"oci-layout://{app}:v1")
+    assert (code, out.strip()) == (0, platforms["arm64"])
+    assert "could not be checked" in err and config in err
+
+
+# -- the content graph, on layouts written by skopeo and umoci -------------------------------------
+
+OCI_INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+def _put(layout: str, data: bytes, media_type: str) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    with open(os.path.join(layout, "blobs", "sha256", digest), "wb") as f:
+        f.write(data)
+    return {"mediaType": media_type, "digest": "sha256:" + digest, "size": len(data)}
+
+
+def _tagged(layout: str, descriptor: dict[str, object], tag: str) -> None:
+    """List *descriptor* in *layout*'s index.json under *tag*, as a writer of the source would."""
+    path = os.path.join(layout, "index.json")
+    with open(path) as f:
+        index = json.load(f)
+    index["manifests"].append({**descriptor, "annotations": {"org.opencontainers.image.ref.name": tag}})
+    with open(path, "w") as f:
+        json.dump(index, f)
+
+
+def _blob_sizes(layout: str) -> dict[str, int]:
+    directory = os.path.join(layout, "blobs", "sha256")
+    return {"sha256:" + name: os.path.getsize(os.path.join(directory, name)) for name in os.listdir(directory)}
+
+
+@pytest.fixture
+def graph_source(tmp_path: str) -> dict[str, str]:
+    """A local source: umoci images for linux/amd64 and linux/arm64 with a real layer each, a two-platform
+    index of them with BuildKit-style attestation manifests, and an SBOM whose subject is that index."""
+    src = os.path.join(tmp_path, "graph-src")
+    must("umoci", "init", "--layout", src)
+    must("umoci", "new", "--image", f"{src}:base")
+    payload = os.path.join(tmp_path, "payload")
+    with open(payload, "w") as f:
+        f.write("a file in a layer\n")
+    must("umoci", "insert", "--image", f"{src}:base", payload, "/etc/payload")
+    images: dict[str, dict[str, object]] = {}
+    for arch in ("amd64", "arm64"):
+        must("umoci", "config", "--image", f"{src}:base", "--tag", arch, "--os", "linux", "--architecture", arch)
+        with open(os.path.join(src, "index.json")) as f:
+            (descriptor,) = [m for m in json.load(f)["manifests"] if m["annotations"][REF] == arch]
+        images[arch] = {k: descriptor[k] for k in ("mediaType", "digest", "size")}
+        images[arch]["platform"] = {"os": "linux", "architecture": arch}
+    attestations = []
+    for image in images.values():
+        statement = _put(src, json.dumps({"subject": str(image["digest"])}).encode(), "application/vnd.in-toto+json")
+        config = _put(
+            src,
+            json.dumps({"architecture": "unknown", "os": "unknown", "rootfs": {"type": "layers"}}).encode(),
+            "application/vnd.oci.image.config.v1+json",
+        )
+        document = {"schemaVersion": 2, "mediaType": OCI_MANIFEST_TYPE, "config": config, "layers": [statement]}
+        manifest = _put(src, json.dumps(document).encode(), OCI_MANIFEST_TYPE)
+        manifest["platform"] = {"os": "unknown", "architecture": "unknown"}
+        manifest["annotations"] = {
+            "vnd.docker.reference.digest": str(image["digest"]),
+            "vnd.docker.reference.type": "attestation-manifest",
+        }
+        attestations.append(manifest)
+    index_doc = {"schemaVersion": 2, "mediaType": OCI_INDEX_TYPE, "manifests": [*images.values(), *attestations]}
+    index = _put(src, json.dumps(index_doc).encode(), OCI_INDEX_TYPE)
+    _tagged(src, index, "multi")
+    empty = _put(src, b"{}", "application/vnd.oci.empty.v1+json")
+    spdx = _put(src, b'{"spdxVersion":"SPDX-2.3"}', "application/spdx+json")
+    sbom_doc = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST_TYPE,
+        "artifactType": "application/spdx+json",
+        "config": empty,
+        "layers": [spdx],
+        "subject": {k: index[k] for k in ("mediaType", "digest", "size")},
+    }
+    sbom = _put(src, json.dumps(sbom_doc).encode(), OCI_MANIFEST_TYPE)
+    _tagged(src, sbom, "sbom")
+    return {
+        "path": src,
+        "index": str(index["digest"]),
+        "amd64": str(images["amd64"]["digest"]),
+        "arm64": str(images["arm64"]["digest"]),
+        "sbom": str(sbom["digest"]),
+        "attestations": ",".join(str(a["digest"]) for a in attestations),
+    }
+
+
+REF = "org.opencontainers.image.ref.name"
+
+
+def test_skopeo_copy_all_of_a_multi_platform_image_is_indexed_with_its_graph(
+    tmp_path: str, ocidx: Ocidx, graph_source: dict[str, str]
+) -> None:
+    dest = os.path.join(tmp_path, "root", "app")
+    os.makedirs(os.path.dirname(dest))
+    must(
+        "skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{graph_source['path']}:multi", f"oci:{dest}:v1"
+    )
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(dest))
+    assert code == 0, err
+    for arch in ("amd64", "arm64"):
+        code, out, err = ocidx("resolve", "--json", "--platform", f"linux/{arch}", f"oci-layout://{dest}:v1")
+        assert code == 0, err
+        answer = json.loads(out)
+        seen = json.loads(must("skopeo", "inspect", "--override-arch", arch, f"oci:{dest}:v1"))
+        config = json.loads(must("skopeo", "inspect", "--override-arch", arch, "--config", f"oci:{dest}:v1"))
+        assert answer["digest"] == graph_source[arch]
+        assert (answer["layers"], answer["created"]) == (len(seen["Layers"]), config["created"])
+        with open(os.path.join(dest, "blobs", "sha256", answer["digest"].split(":")[1])) as f:
+            manifest = json.load(f)
+        sizes = _blob_sizes(dest)
+        parts = [answer["digest"], manifest["config"]["digest"], *(x["digest"] for x in manifest["layers"])]
+        assert answer["image_size"] == sum(sizes[d] for d in parts)
+        assert answer["config"] == manifest["config"]["digest"]
+    code, out, _ = ocidx("du", "--json", dest)
+    (row,) = json.loads(out)["layouts"]
+    assert (row["referenced_bytes"], row["unreferenced_blobs"], row["missing_blobs"]) == (
+        sum(_blob_sizes(dest).values()),
+        0,
+        0,
+    )
+    layer = seen["Layers"][0]
+    code, out, _ = ocidx("find", "--json", f"@{layer}")
+    (match,) = json.loads(out)
+    assert (match["source"], match["layout"]) == ("layer", os.path.realpath(dest))
+    assert graph_source["arm64"] in match["used_by"]
+
+
+def test_referrers_in_layouts_written_by_skopeo(tmp_path: str, ocidx: Ocidx, graph_source: dict[str, str]) -> None:
+    """The OCI way (a referrer with subject, listed untagged in index.json: skopeo copy to oci:DIR with no
+    tag), BuildKit's attestation manifests (kept by copy --all) and cosign's fallback tag."""
+    src, index = graph_source["path"], graph_source["index"]
+    dest = os.path.join(tmp_path, "root", "signed")
+    os.makedirs(os.path.dirname(dest))
+    must("skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{src}:multi", f"oci:{dest}:v1")
+    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}:sbom", f"oci:{dest}")
+    fallback = f"sha256-{index.split(':')[1]}.sig"
+    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}:amd64", f"oci:{dest}:{fallback}")
+    with open(os.path.join(dest, "index.json")) as f:
+        untagged = [m for m in json.load(f)["manifests"] if REF not in (m.get("annotations") or {})]
+    assert [m["digest"] for m in untagged] == [graph_source["sbom"]]
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(dest))
+    assert code == 0, err
+    code, out, err = ocidx("referrers", "--json", f"oci-layout://{dest}:v1")
+    assert code == 0, err
+    found = sorted((r["how"], r["digest"], r["subject"]) for r in json.loads(out))
+    attestations = graph_source["attestations"].split(",")
+    assert found == sorted(
+        [
+            ("subject", graph_source["sbom"], index),
+            ("fallback-tag", graph_source["amd64"], index),
+            ("attestation", attestations[0], graph_source["amd64"]),
+            ("attestation", attestations[1], graph_source["arm64"]),
+        ]
+    )
+    code, out, _ = ocidx("referrers", "--json", f"@{graph_source['sbom']}")
+    assert (code, json.loads(out)) == (1, [])
+
+
+def test_ocidx_gc_deletes_what_umoci_gc_deletes(tmp_path: str, source: dict[str, str]) -> None:
+    src = source["path"]
+    ours, theirs = os.path.join(tmp_path, "ours"), os.path.join(tmp_path, "theirs")
+    copy(f"{src}:one", f"{ours}:one")
+    copy(f"{src}:two", f"{ours}:two")
+    copy(f"{src}:three", f"{ours}:three")
+    must("umoci", "rm", "--image", f"{ours}:two")  # its blobs stay: garbage until a gc
+    shutil.copytree(ours, theirs, symlinks=True)
+    must("umoci", "gc", "--layout", theirs)
+    code = main(["gc", "--delete", "--grace", "0", "--json", ours])
+    assert code == 0
+    assert sorted(os.listdir(os.path.join(ours, "blobs", "sha256"))) == sorted(
+        os.listdir(os.path.join(theirs, "blobs", "sha256"))
+    )
+    assert skopeo_digest(ours, "one") == source["one"] and skopeo_digest(ours, "three") == source["three"]
+
+
+def test_a_partial_export_of_a_multi_platform_image(tmp_path: str, ocidx: Ocidx, graph_source: dict[str, str]) -> None:
+    dest = os.path.join(tmp_path, "root", "partial")
+    os.makedirs(os.path.dirname(dest))
+    must(
+        "skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{graph_source['path']}:multi", f"oci:{dest}:v1"
+    )
+    os.remove(os.path.join(dest, "blobs", "sha256", graph_source["arm64"].split(":")[1]))
+    code, _, err = ocidx("scan", "--no-progress", os.path.dirname(dest))
+    assert code == 0, err
+    code, out, _ = ocidx("resolve", "--json", "--platform", "linux/arm64", f"oci-layout://{dest}:v1")
+    assert (code, json.loads(out)["error"]) == (1, "platform_not_found")
+    code, out, _ = ocidx("du", "--json", dest)
+    (row,) = json.loads(out)["layouts"]
+    # its manifest missing, the arm64 image's config looks unreferenced (its layer is amd64's too)
+    assert row["missing_blobs"] == 1 and row["unreferenced_blobs"] == 1
+    assert row["warnings"]  # they may be referenced: its manifest is the one missing
+    code = main(["gc", "--delete", "--grace", "0", "--json", dest])
+    result = json.loads(ocidx.capsys.readouterr().out)
+    assert (code, result["deleted"], result["blobs"]) == (0, 0, [])
+    assert any("is not in blobs/" in why for why in result["unproven"])

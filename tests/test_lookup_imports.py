@@ -95,9 +95,12 @@ def test_every_lookup_form_imports_nothing_heavy(indexed: tuple[str, str, str]) 
             ["find", "--db", db, ":latest", "nosuch"],
             ["wait", "--db", db, "--timeout", "0.01", f"oci-layout://{lay}:nosuch"],
             ["wait", "--db", db, f"oci-layout://{lay}"],
+            ["ls", "--db", db, changed],  # read through: the content graph read from the layout
+            ["referrers", "--db", db, "--json", f"oci-layout://{lay}:latest"],
+            ["du", "--db", db, "--json"],
         ]
     )
-    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4, 0, 1, 1, 0]
+    assert codes == [0, 0, 1, 0, 0, 0, 0, 2, 0, 4, 0, 1, 1, 0, 0, 1, 0]
     assert heavy == []
 
 

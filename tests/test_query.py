@@ -23,6 +23,7 @@ from layouts import (
     LINUX_ARM64,
     LINUX_ARM64_V8,
     LINUX_ARM_V7,
+    OCI_MANIFEST,
     Descriptor,
     Layout,
     named,
@@ -538,7 +539,7 @@ def test_platform_on_a_single_manifest(tmp_path: str, ocidx: Run) -> None:
     arm = lay.manifest(platform=LINUX_ARM64)
     lay.write_index([named(bare, ref="bare"), named(arm, ref="arm")])
     ocidx.scan(os.path.join(tmp_path, "root"))
-    # a manifest whose descriptor names no platform is returned as it is
+    # a manifest whose descriptor names no platform is matched by its config's (linux/amd64)
     assert ocidx("resolve", "--platform", "linux/amd64", f"oci-layout://{lay.path}:bare")[:2] == (
         0,
         digest(bare) + "\n",
@@ -552,6 +553,76 @@ def test_platform_on_a_single_manifest(tmp_path: str, ocidx: Run) -> None:
     assert isinstance(failure, dict)
     assert failure["error"] == "platform_not_found"
     assert failure["platforms"] == [{"os": "linux", "architecture": "arm64", "variant": None}]
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "read-through"])
+def test_platform_of_a_single_manifest_comes_from_its_config(tmp_path: str, ocidx: Run, indexed: bool) -> None:
+    """What `skopeo copy` without --all leaves: one manifest entry, no platform on its descriptor."""
+    lay = Layout(os.path.join(tmp_path, "root", "single"))
+    amd = lay.manifest()  # its config says linux/amd64; its descriptor says nothing
+    lay.write_index([named(amd, ref="app")])
+    if indexed:
+        ocidx.scan(os.path.join(tmp_path, "root"))
+    target = f"oci-layout://{lay.path}:app"
+    code, failure = ocidx.json("resolve", "--platform", "linux/arm64", target)
+    assert code == 1 and isinstance(failure, dict)
+    assert failure["error"] == "platform_not_found"
+    assert failure["platforms"] == [{"os": "linux", "architecture": "amd64", "variant": None}]
+    assert "single manifest for linux/amd64, not linux/arm64" in str(failure["message"])
+    code, answer = ocidx.json("resolve", "--platform", "linux/amd64", target)
+    assert code == 0 and isinstance(answer, dict)
+    assert (answer["digest"], answer["platform"], answer["warnings"]) == (
+        digest(amd),
+        {"os": "linux", "architecture": "amd64", "variant": None},
+        [],
+    )
+
+
+def test_platform_of_a_single_manifest_whose_config_is_absent(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "partial"))
+    amd = lay.manifest()
+    with open(lay.blob_path(digest(amd)), "rb") as f:
+        config = json.loads(f.read())["config"]
+    lay.remove_blob(config)
+    lay.write_index([named(amd, ref="app")])
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    code, out, err = ocidx("resolve", "--platform", "linux/arm64", f"oci-layout://{lay.path}:app")
+    assert (code, out) == (0, digest(amd) + "\n")
+    assert "could not be checked" in err and str(config["digest"]) in err
+    code, answer = ocidx.json("resolve", "--platform", "linux/arm64", f"oci-layout://{lay.path}:app")
+    assert code == 0 and isinstance(answer, dict)
+    assert answer["platform"] is None
+    assert [w for w in answer["warnings"] if "could not be checked" in w]
+
+
+def test_platform_of_an_artifact_manifest_is_none(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "artifacts"))
+    empty = lay.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    payload = lay.blob(b"signature", "application/vnd.dev.cosign.simplesigning.v1+json")
+    artifact = lay.blob(
+        json.dumps({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": empty, "layers": [payload]}).encode(),
+        OCI_MANIFEST,
+    )
+    lay.write_index([named(artifact, ref="sig")])
+    code, failure = ocidx.json("resolve", "--platform", "linux/amd64", f"oci-layout://{lay.path}:sig")
+    assert code == 1 and isinstance(failure, dict)
+    assert failure["error"] == "platform_not_found" and failure["platforms"] == []
+    assert "an artifact with no platform" in str(failure["message"])
+
+
+def test_platform_of_a_child_without_a_descriptor_platform_comes_from_its_config(tmp_path: str, ocidx: Run) -> None:
+    lay = Layout(os.path.join(tmp_path, "root", "unlabelled"))
+    amd = {k: v for k, v in lay.manifest(platform=LINUX_AMD64).items() if k != "platform"}
+    arm = {k: v for k, v in lay.manifest(platform=LINUX_ARM64).items() if k != "platform"}
+    lay.write_index([named(lay.index([amd, arm]), ref="latest")])
+    ocidx.scan(os.path.join(tmp_path, "root"))
+    code, answer = ocidx.json("resolve", "--platform", "linux/arm64", f"oci-layout://{lay.path}")
+    assert code == 0 and isinstance(answer, dict)
+    assert answer["digest"] == digest(arm)
+    assert answer["platform"] == {"os": "linux", "architecture": "arm64", "variant": None}
+    code, failure = ocidx.json("resolve", "--platform", "linux/s390x", f"oci-layout://{lay.path}")
+    assert code == 1 and isinstance(failure, dict)
+    assert {"os": "linux", "architecture": "amd64", "variant": None} in failure["platforms"]
 
 
 def test_platform_through_two_levels_of_nested_indexes(tmp_path: str, ocidx: Run) -> None:
@@ -839,7 +910,9 @@ def _scanned_long_after_last_change(db_path: str) -> None:
     """
     conn = sqlite3.connect(db_path)
     try:
-        conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")
+        conn.execute(
+            "UPDATE layouts SET read_ns = read_ns + 10000000000, blobs_listed_ns = blobs_listed_ns + 10000000000"
+        )
         conn.commit()
     finally:
         conn.close()

@@ -243,7 +243,7 @@ def test_summary_counts_a_broken_layout_that_the_rescan_skips(scan: Scan) -> Non
     # As if that scan had run 10 s after the files last changed (instead of sleeping): their
     # stored identities are then trusted and the re-scan reads neither file again.
     conn = sqlite3.connect(scan.db)
-    conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")
+    conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000, blobs_listed_ns = blobs_listed_ns + 10000000000")
     conn.commit()
     conn.close()
     summary, err = scan.scan()
@@ -428,7 +428,9 @@ def test_settled_proves_an_unchanged_tree_and_refuses_any_change(scan: Scan) -> 
     roots = [Root(scan.root)]
     assert settled(scan.db, roots) is None  # just written: racily clean, not yet proof
     conn = sqlite3.connect(scan.db)
-    conn.execute("UPDATE layouts SET read_ns = read_ns + 10000000000")  # as if read 10 s later
+    conn.execute(
+        "UPDATE layouts SET read_ns = read_ns + 10000000000, blobs_listed_ns = blobs_listed_ns + 10000000000"
+    )  # as if read 10 s later
     conn.commit()
     conn.close()
     assert settled(scan.db, roots) == (2, 0)

@@ -12,7 +12,7 @@ import sqlite3
 import stat
 import time
 
-from indexer.store.read import RACY_SQL, settles_at
+from indexer.store.read import RACY_SQL, presence_differs, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -236,12 +236,20 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *
 
 if TYPE_CHECKING:
     # What the walk compares with one layout's stat (:func:`stored_identities`): (path value, broken,
-    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns).
-    Identity = tuple[object, int, int, int, int, int, int, int]
+    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns) of index.json, then the
+    # directories of blobs/ its graph was listed from: (name, dev, ino, mtime_ns, ctime_ns, more).
+    Identity = tuple[object, int, int, int, int, int, int, int, str, int, int, int, int, str | None]
 
-# A row that can prove nothing (read.RACY_SQL) says so in one column, and each row's identity comes
-# as one tuple to compare with stat's.
-_IDENTITIES_SQL = f"SELECT path, state != 'ok', {RACY_SQL}, dev, ino, size, mtime_ns, ctime_ns FROM layouts"
+# A row that can prove nothing (its index.json racily clean or never read, read.RACY_SQL; in state ok,
+# its blobs/ never listed or listed racily) says so in one column, and each row's identities come as
+# one tuple to compare with stat's. A broken layout is proven by its index.json alone: until that
+# changes, nothing of it is read again.
+_IDENTITIES_SQL = (
+    f"SELECT path, state != 'ok', coalesce({RACY_SQL} "
+    "OR (state = 'ok' AND (blobs_dir IS NULL OR blobs_settles_ns > blobs_listed_ns)), 1), "
+    "dev, ino, size, mtime_ns, ctime_ns, blobs_dir, blobs_dev, blobs_ino, blobs_mtime_ns, blobs_ctime_ns, "
+    "blobs_more FROM layouts"
+)
 
 
 def stored_identities(conn: sqlite3.Connection) -> dict[str, Identity]:
@@ -302,14 +310,33 @@ def changes(
 
 
 def _differs(path: str, known: Identity | None) -> bool:
-    """Whether the layout at *path* must be read: never read, racily clean, or its ``index.json``
-    not the file stored (or not readable: the full read says why)."""
+    """Whether the layout at *path* must be read: never read, racily clean, its ``index.json`` not the
+    file stored (or not readable: the full read says why), or a directory of its ``blobs/`` not as
+    listed for its graph (a blob added or removed)."""
     try:
         st = os.stat(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
     except OSError:
         return True
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return known is None or bool(known[2]) or identity != known[3:]
+    if (
+        known is None
+        or known[2]
+        or st.st_mtime_ns != known[6]
+        or st.st_ctime_ns != known[7]
+        or st.st_size != known[5]
+        or st.st_ino != known[4]
+        or st.st_dev != known[3]
+    ):
+        return True
+    if known[1]:
+        return False  # a broken layout is proven by its index.json alone
+    if known[13] is not None:
+        return presence_differs(path, *known[8:])
+    # The common case inline (one directory of blobs/, blobs/sha256): one more stat per layout.
+    try:
+        st = os.stat(path + "/" + known[8])
+    except OSError:
+        return presence_differs(path, *known[8:])  # absent now, or unreadable: the one rule decides
+    return st.st_mtime_ns != known[11] or st.st_ctime_ns != known[12] or st.st_ino != known[10] or st.st_dev != known[9]
 
 
 def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], list[tuple[str, Listing]]] | None:

@@ -21,7 +21,17 @@ from indexer import layout as layout_mod
 from indexer.scan import workers
 from indexer.scan.discovery import discover, load_cache, store_cache, vanished
 from indexer.store import read as db
-from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
+from indexer.store.write import (
+    Failed,
+    Gone,
+    Outcome,
+    Read,
+    Same,
+    apply,
+    defer_indexes,
+    graph_epoch,
+    restore_indexes,
+)
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -55,16 +65,20 @@ def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: 
 
 
 def _is_current(path: str, stored: db.StoredLayout) -> bool:
-    """Whether one ``stat`` of the layout's ``index.json`` proves its stored rows current."""
+    """Whether one ``stat`` of the layout's ``index.json``, and one of each directory of ``blobs/`` its
+    graph was listed from, prove its stored rows current."""
     try:
         st = os.stat(os.path.join(path, "index.json"))
     except OSError:
         return False  # gone, or unreadable: the read says which
-    return stored.is_current(layout_mod.FileIdentity.of(st))
+    return stored.is_current(layout_mod.FileIdentity.of(st)) and stored.presence_current()
 
 
-def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool) -> Outcome | None:
-    """What to write for one read layout (a worker's :data:`workers.Result`), against *stored*."""
+def decide(
+    result: workers.Result, stored: db.StoredLayout | None, *, full: bool, epoch: int | None = None
+) -> Outcome | None:
+    """What to write for one read layout (a worker's :data:`workers.Result`), against *stored*;
+    *epoch* is the graph epoch of the pass the read belongs to (``store.write.Read``)."""
     path, read_ns, kind, detail = result
     if kind == workers.GONE:
         return Gone(path, stored) if stored is not None else None
@@ -73,9 +87,17 @@ def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool
         identity = layout_mod.FileIdentity(*ident) if ident is not None else None
         return Failed(path, error, identity, read_ns, stored)
     rows: LayoutRows = detail  # type: ignore[assignment]
-    if not full and stored is not None and stored.state == "ok" and stored.content_hash == rows[1]:
-        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored)
-    return Read(path, rows, read_ns, stored)
+    graph = rows[6]
+    if (
+        not full
+        and stored is not None
+        and stored.state == "ok"
+        and stored.content_hash == rows[1]
+        and graph is not None
+        and stored.graph_hash == graph[2]
+    ):
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, graph[0])
+    return Read(path, rows, read_ns, stored, epoch)
 
 
 def examine_batch(
@@ -305,6 +327,9 @@ class Scanner:
                 if path not in unread_set and (known := stored.get(path)) is not None and known.state == "error"
             )
         batches = [unread[i : i + size] for i in range(0, len(unread), size)]
+        # The graph epoch now: the workers of this pass send each shared row once and claim it after,
+        # which holds while no shared row is removed (store.write._unfounded_claims).
+        epoch = await self.store.read(graph_epoch)
         done = skipped
         if progress is not None and skipped:
             progress(done, len(paths))
@@ -319,7 +344,9 @@ class Scanner:
         try:
             async with contextlib.aclosing(self._read(batches, pooled)) as reads:
                 async for batch, results in reads:
-                    outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
+                    outcomes = [
+                        o for r in results if (o := decide(r, stored.get(r[0]), full=full, epoch=epoch)) is not None
+                    ]
                     written = await self._write(outcomes, stored, full)
                     counts.add(written, len(batch))
                     done += len(batch)

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
-SCHEMA_VERSION = 6  # the number of files in migrations/; a test holds them equal
+SCHEMA_VERSION = 7  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from array import array
 
 from indexer._record import Record
-from indexer.layout import FileIdentity
+from indexer.graph import graph_key, unpack_pairs
+from indexer.layout import INDEX_MEDIA_TYPES, FileIdentity
 from indexer.names import Name
 from indexer.store import path_of, path_value
 
@@ -52,20 +55,41 @@ RACY_SQL = f"coalesce(dev IS NULL OR read_ns IS NULL OR {SETTLES_AT_SQL} > read_
 _ENTRY_COLUMNS = "e.id, e.layout_id, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations"
 
 
+def parse_layers(text: str) -> list[tuple[str, str, int, bool]]:
+    """``(digest, mediaType, size, external)`` of each layer of a ``manifests.layers`` value."""
+    found: list[tuple[str, str, int, bool]] = []
+    media_type = ""
+    for item in json.loads(text):
+        if len(item) > 2:
+            media_type = item[2]
+        found.append((item[0], media_type, item[1], len(item) > 3))
+    return found
+
+
 class StoredLayout(Record):
-    """What the index knows of one layout's ``index.json``."""
+    """What the index knows of one layout's ``index.json`` (and, with the content graph, its ``blobs/``).
+
+    ``presence`` is the identity of the directories of ``blobs/`` its graph rows were listed from
+    (the columns ``blobs_dir`` ... ``blobs_root`` of ``layouts``), None before its graph was read;
+    ``blobs_settles_ns`` is when a listing of them proves itself, ``blobs_listed_ns`` when it was made.
+    """
 
     __slots__ = (
+        "blobs_listed_ns",
+        "blobs_settles_ns",
+        "blobs_since_ns",
         "checked_ns",
         "content_hash",
         "entry_count",
         "error",
         "error_category",
+        "graph_hash",
         "id",
         "identity",
         "identity_since_ns",
         "last_good_ns",
         "path",
+        "presence",
         "read_ns",
         "state",
         "version",
@@ -87,7 +111,17 @@ class StoredLayout(Record):
         entry_count: int,
         identity_since_ns: int | None = None,
         version: int = 0,
+        presence: Presence | None = None,
+        blobs_listed_ns: int | None = None,
+        blobs_since_ns: int | None = None,
+        blobs_settles_ns: int | None = None,
+        graph_hash: str | None = None,
     ) -> None:
+        self.presence = presence
+        self.blobs_listed_ns = blobs_listed_ns
+        self.blobs_since_ns = blobs_since_ns
+        self.blobs_settles_ns = blobs_settles_ns
+        self.graph_hash = graph_hash
         self.id = id
         self.path = path
         self.identity = identity
@@ -113,6 +147,18 @@ class StoredLayout(Record):
             return True
         return settles_at(identity.mtime_ns, identity.ctime_ns, self.read_ns, self.identity_since_ns) > self.read_ns
 
+    def presence_current(self) -> bool:
+        """Whether the directories of ``blobs/`` are as listed for the stored graph, settled (a ``stat`` each);
+        always for a broken layout, which is proven by its ``index.json`` alone."""
+        if self.state != "ok":
+            return True
+        presence = self.presence
+        if presence is None or self.blobs_settles_ns is None or self.blobs_listed_ns is None:
+            return False
+        if self.blobs_settles_ns > self.blobs_listed_ns:
+            return False
+        return not presence_differs(self.path, *presence[:6])
+
     def to_json(self) -> dict[str, object]:
         """The object ``ocidx ls --json`` prints for a layout."""
         return {
@@ -129,14 +175,51 @@ class StoredLayout(Record):
 
 _LAYOUT_COLUMNS = (
     "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
-    "last_good_ns, checked_ns, entry_count, identity_since_ns, version"
+    "last_good_ns, checked_ns, entry_count, identity_since_ns, version, blobs_dir, blobs_dev, blobs_ino, "
+    "blobs_mtime_ns, blobs_ctime_ns, blobs_more, blobs_root, blobs_listed_ns, blobs_since_ns, blobs_settles_ns, "
+    "graph_hash"
 )
+
+if TYPE_CHECKING:
+    # The identity of the directories a layout's graph was listed from (layouts.blobs_dir ... blobs_root).
+    Presence = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None]
+
+
+def presence_differs(
+    path: str,
+    name: str,
+    dev: int | None,
+    ino: int | None,
+    mtime_ns: int | None,
+    ctime_ns: int | None,
+    more: str | None,
+) -> bool:
+    """Whether a directory of layout *path*'s ``blobs/`` is not as stored: the first (*name*, relative to
+    the layout; *dev* None when it was absent) and those in *more* (JSON). One ``stat`` each."""
+    if _directory_differs(path + "/" + name, dev, ino, mtime_ns, ctime_ns):
+        return True
+    if more:
+        for other, *identity in json.loads(more):
+            if _directory_differs(path + "/" + other, *identity):
+                return True
+    return False
+
+
+def _directory_differs(path: str, dev: int | None, ino: int | None, mtime_ns: int | None, ctime_ns: int | None) -> bool:
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return dev is not None
+    except OSError:
+        return True  # unreadable now: the read says why, never a proof
+    return st.st_mtime_ns != mtime_ns or st.st_ctime_ns != ctime_ns or st.st_ino != ino or st.st_dev != dev
 
 
 def _stored(row: Sequence[object]) -> StoredLayout:
     (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count, since, version) = (
-        row
+        row[:17]
     )
+    bdir, bdev, bino, bmtime, bctime, bmore, broot, blisted, bsince, bsettles, graph_hash = row[17:]
     identity = (
         FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
         if dev is not None
@@ -156,6 +239,11 @@ def _stored(row: Sequence[object]) -> StoredLayout:
         entry_count=count,  # type: ignore[arg-type]
         identity_since_ns=since,  # type: ignore[arg-type]
         version=version,  # type: ignore[arg-type]
+        presence=(bdir, bdev, bino, bmtime, bctime, bmore, broot) if bdir is not None else None,  # type: ignore[arg-type]
+        blobs_listed_ns=blisted,  # type: ignore[arg-type]
+        blobs_since_ns=bsince,  # type: ignore[arg-type]
+        blobs_settles_ns=bsettles,  # type: ignore[arg-type]
+        graph_hash=graph_hash,  # type: ignore[arg-type]
     )
 
 
@@ -440,3 +528,370 @@ def count_names(conn: sqlite3.Connection, layout_id: int) -> int:
         (layout_id,),
     ).fetchone()
     return int(row[0])
+
+
+# -- the content graph -------------------------------------------------------------------------------
+
+
+class Image(Record):
+    """What the content graph holds of one manifest or index digest (host-wide rows), with its config's
+    platform and ``created``; ``layers`` is the stored list (:func:`parse_layers`), None for an index."""
+
+    __slots__ = (
+        "annotations",
+        "artifact_type",
+        "complete",
+        "config",
+        "config_media_type",
+        "config_size",
+        "created",
+        "digest",
+        "image_size",
+        "kind",
+        "layer_count",
+        "layers",
+        "media_type",
+        "platform",
+        "size",
+        "subject",
+    )
+
+    def __init__(
+        self,
+        *,
+        digest: str,
+        kind: str,
+        media_type: str,
+        size: int,
+        artifact_type: str,
+        subject: str | None,
+        annotations: dict[str, str],
+        config: str | None,
+        config_media_type: str | None,
+        config_size: int | None,
+        layers: str | None,
+        layer_count: int | None,
+        image_size: int | None,
+        complete: bool,
+        created: str | None = None,
+        platform: dict[str, object] | None = None,
+    ) -> None:
+        self.digest = digest
+        self.kind = kind
+        self.media_type = media_type
+        self.size = size
+        self.artifact_type = artifact_type
+        self.subject = subject
+        self.annotations = annotations
+        self.config = config
+        self.config_media_type = config_media_type
+        self.config_size = config_size
+        self.layers = layers
+        self.layer_count = layer_count
+        self.image_size = image_size
+        self.complete = complete
+        self.created = created
+        self.platform = platform
+
+    def blobs(self) -> list[str]:
+        """The digests an image is made of: the manifest, its config and its layers."""
+        found = [self.digest]
+        if self.config is not None:
+            found.append(self.config)
+        if self.layers:
+            found.extend(layer[0] for layer in parse_layers(self.layers))
+        return found
+
+    def referrer_type(self) -> str:
+        """``artifactType`` as the OCI referrers API gives it: the manifest's, else its config's media type."""
+        return self.artifact_type or self.config_media_type or ""
+
+
+_IMAGE_COLUMNS = (
+    "key, digest, kind, media_type, size, artifact_type, subject, annotations, config, config_key, "
+    "config_media_type, config_size, layers, layer_count, image_size, complete"
+)
+
+
+def images(conn: sqlite3.Connection, digests: Iterable[str]) -> dict[str, Image]:
+    """The content graph's rows of *digests* (manifests and indexes read on this host), by digest."""
+    wanted = {graph_key(d): d for d in set(digests)}
+    rows: list[Sequence[object]] = []
+    for chunk in _chunks(sorted(wanted)):
+        marks = ",".join("?" * len(chunk))
+        # A row of another digest with the same first 63 bits is not this image.
+        found_rows = conn.execute(f"SELECT {_IMAGE_COLUMNS} FROM manifests WHERE key IN ({marks})", chunk)
+        rows.extend(row for row in found_rows if wanted.get(row[0]) == row[1])
+    configs: dict[str, tuple[str | None, dict[str, object] | None]] = {}
+    config_keys = sorted({int(row[9]) for row in rows if row[9] is not None})  # type: ignore[call-overload]
+    for chunk in _chunks(config_keys):
+        marks = ",".join("?" * len(chunk))
+        for digest, os_, arch, variant, created in conn.execute(
+            f"SELECT digest, os, architecture, variant, created FROM configs WHERE key IN ({marks})", chunk
+        ):
+            platform = {"os": os_, "architecture": arch, "variant": variant} if os_ is not None else None
+            configs[digest] = (created, platform)
+    found: dict[str, Image] = {}
+    for row in rows:
+        (_key, digest, kind, media_type, size, artifact, subject, notes, config, _config_key, config_type) = row[:11]
+        config_size, layers, layer_count, size_of_image, complete = row[11:]
+        created, platform = configs.get(config, (None, None)) if isinstance(config, str) else (None, None)
+        found[str(digest)] = Image(
+            digest=str(digest),
+            kind=str(kind),
+            media_type=str(media_type),
+            size=int(size),  # type: ignore[call-overload]
+            artifact_type=str(artifact),
+            subject=subject,  # type: ignore[arg-type]
+            annotations=json.loads(notes) if notes else {},  # type: ignore[arg-type]
+            config=config,  # type: ignore[arg-type]
+            config_media_type=config_type,  # type: ignore[arg-type]
+            config_size=config_size,  # type: ignore[arg-type]
+            layers=layers,  # type: ignore[arg-type]
+            layer_count=layer_count,  # type: ignore[arg-type]
+            image_size=size_of_image,  # type: ignore[arg-type]
+            complete=bool(complete),
+            created=created,
+            platform=platform,
+        )
+    return found
+
+
+class Usage(Record):
+    """What one layout's ``blobs/`` holds (``layout_graph``): figures, missing keys, held set."""
+
+    __slots__ = (
+        "complete",
+        "held",
+        "layout_id",
+        "missing",
+        "missing_blobs",
+        "referenced_blobs",
+        "referenced_bytes",
+        "unreferenced_blobs",
+        "unreferenced_bytes",
+    )
+
+    def __init__(self, row: Sequence[object]) -> None:
+        (
+            self.layout_id,
+            self.complete,
+            self.referenced_blobs,
+            self.referenced_bytes,
+            self.missing_blobs,
+            self.unreferenced_blobs,
+            self.unreferenced_bytes,
+            self.missing,
+            self.held,
+        ) = row
+
+    def missing_keys(self) -> set[int]:
+        """The graph keys of the referenced blobs absent from the layout."""
+        return set(unpack_pairs(self.missing)) if self.missing else set()  # type: ignore[arg-type]
+
+    def held_arrays(self) -> tuple[array[int], array[int]]:
+        """The keys of the blobs present (referenced ones first, :func:`graph_key`) and their sizes, as
+        int64 arrays."""
+        held: bytes = self.held  # type: ignore[assignment]
+        half = len(held) // 2
+        keys, sizes = array("q"), array("q")
+        keys.frombytes(held[:half])
+        sizes.frombytes(held[half:])
+        if sys.byteorder != "little":
+            sizes.byteswap()  # stored little-endian (the keys are only compared)
+        return keys, sizes
+
+
+_USAGE_COLUMNS = (
+    "layout_id, complete, referenced_blobs, referenced_bytes, missing_blobs, unreferenced_blobs, "
+    "unreferenced_bytes, missing, held"
+)
+
+
+def usage(conn: sqlite3.Connection, layout_ids: Iterable[int] | None = None) -> dict[int, Usage]:
+    """What the ``blobs/`` of each layout (of *layout_ids*, or all) holds, by layout id."""
+    if layout_ids is None:
+        return {row[0]: Usage(row) for row in conn.execute(f"SELECT {_USAGE_COLUMNS} FROM layout_graph")}
+    found: dict[int, Usage] = {}
+    for chunk in _chunks(sorted(set(layout_ids))):
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(f"SELECT {_USAGE_COLUMNS} FROM layout_graph WHERE layout_id IN ({marks})", chunk):
+            found[row[0]] = Usage(row)
+    return found
+
+
+def missing(conn: sqlite3.Connection, layout_ids: Iterable[int]) -> dict[int, set[int]]:
+    """The keys (:func:`graph_key`) of the referenced blobs absent from each layout (of *layout_ids*) whose
+    ``blobs/`` the index knows (a layout with no entry here: not known)."""
+    found: dict[int, set[int]] = {}
+    for chunk in _chunks(sorted(set(layout_ids))):
+        marks = ",".join("?" * len(chunk))
+        for lid, keys in conn.execute(
+            f"SELECT layout_id, missing FROM layout_graph WHERE layout_id IN ({marks})", chunk
+        ):
+            found[lid] = set(unpack_pairs(keys)) if keys else set()
+    return found
+
+
+def image_size(image: Image, absent: set[int] | None) -> int | None:
+    """The bytes of *image* in a layout whose absent blobs are *absent* (:func:`graph_key`): None for an
+    index, for an image whose blobs are not all in that layout, or when what it holds is not known."""
+    if image.kind != "manifest" or image.image_size is None or absent is None:
+        return None
+    if absent and any(graph_key(d) in absent for d in image.blobs()):
+        return None
+    return image.image_size
+
+
+class GraphHit(Record):
+    """A layout that references a digest as a layer or a config (``find @DIGEST``)."""
+
+    __slots__ = ("digest", "layout_id", "media_type", "size", "source", "used_by")
+
+    def __init__(
+        self, *, layout_id: int, digest: str, source: str, media_type: str, size: int, used_by: list[str]
+    ) -> None:
+        self.layout_id = layout_id
+        self.digest = digest
+        self.source = source
+        self.media_type = media_type
+        self.size = size
+        self.used_by = used_by
+
+
+def users(conn: sqlite3.Connection, digest: str) -> list[tuple[str, str, str, int]]:
+    """The manifests (read on this host) that use *digest* as a layer or as their config:
+    ``(manifest digest, "layer" or "config", mediaType, size)``."""
+    key = graph_key(digest)
+    found: list[tuple[str, str, str, int]] = []
+    for manifest, layers in conn.execute(
+        "SELECT m.digest, m.layers FROM layer_users u JOIN manifests m ON m.key = u.manifest WHERE u.layer = ?",
+        (key,),
+    ):
+        for layer, media_type, size, _external in parse_layers(layers or "[]"):
+            if layer == digest:
+                found.append((manifest, "layer", media_type, size))
+                break
+    for manifest, media_type, size in conn.execute(
+        "SELECT digest, config_media_type, config_size FROM manifests WHERE config_key = ? AND config = ?",
+        (key, digest),
+    ):
+        found.append((manifest, "config", media_type, size))
+    return found
+
+
+def referencing(conn: sqlite3.Connection, digests: Iterable[str], layout_id: int | None = None) -> dict[int, set[str]]:
+    """The layouts whose entries or children name any of *digests*: layout id to the digests it names."""
+    found: dict[int, set[str]] = {}
+    where, args = _scope(layout_id, "layout_id")
+    for digest in set(digests):
+        for table in ("entries", "children"):
+            for (lid,) in conn.execute(
+                f"SELECT DISTINCT layout_id FROM {table} WHERE digest = ?{where}", (digest, *args)
+            ):
+                found.setdefault(lid, set()).add(digest)
+    return found
+
+
+def graph_hits(conn: sqlite3.Connection, digest: str, layout_id: int | None = None) -> list[GraphHit]:
+    """The layouts (or layout *layout_id*) that reference *digest* as a layer or a config of a manifest
+    they reference, each with those manifests (``used_by``), by layout then source."""
+    used = users(conn, digest)
+    if not used:
+        return []
+    by_manifest: dict[str, tuple[str, str, int]] = {m: (source, mt, size) for m, source, mt, size in used}
+    hits: list[GraphHit] = []
+    for lid, manifests in sorted(referencing(conn, by_manifest, layout_id).items()):
+        for source in ("config", "layer"):
+            mine = sorted(m for m in manifests if by_manifest[m][0] == source)
+            if mine:
+                _source, media_type, size = by_manifest[mine[0]]
+                hits.append(
+                    GraphHit(
+                        layout_id=lid, digest=digest, source=source, media_type=media_type, size=size, used_by=mine
+                    )
+                )
+    return hits
+
+
+class ReferrerHit(Record):
+    """A manifest or index in a layout that refers to a target digest, and how (``referrers``)."""
+
+    __slots__ = ("digest", "how", "layout_id", "media_type", "subject")
+
+    def __init__(self, *, layout_id: int, digest: str, media_type: str, subject: str, how: str) -> None:
+        self.layout_id = layout_id
+        self.digest = digest
+        self.media_type = media_type
+        self.subject = subject
+        self.how = how
+
+
+FALLBACK_SUFFIXES = ("", ".sig", ".att", ".sbom")
+
+
+def fallback_tags(digest: str) -> list[str]:
+    """The tags that registries without the referrers API give a digest's referrers: the OCI
+    distribution spec's ``ALG-HEX`` (an index of referrers; HEX cut at 64 characters) and cosign's
+    ``ALG-HEX.sig``, ``.att`` and ``.sbom``."""
+    algorithm, _, encoded = digest.partition(":")
+    base = f"{algorithm}-{encoded[:64]}"
+    return [base + suffix for suffix in FALLBACK_SUFFIXES]
+
+
+def referrer_hits(conn: sqlite3.Connection, target: str, layout_id: int | None = None) -> list[ReferrerHit]:
+    """Every manifest or index, in every layout (or layout *layout_id*), that refers to *target*: by its
+    ``subject``, as a BuildKit attestation manifest listed for it (or listed in it, for an index), or
+    under a fallback tag."""
+    found: dict[tuple[int, str, str], ReferrerHit] = {}
+
+    def add(lid: int, digest: str, media_type: str, how: str, subject: str = target) -> None:
+        found.setdefault(
+            (lid, digest, how),
+            ReferrerHit(layout_id=lid, digest=digest, media_type=media_type, subject=subject, how=how),
+        )
+
+    where, args = _scope(layout_id, "layout_id")
+    referrers = [row[0] for row in conn.execute("SELECT digest FROM manifests WHERE subject = ?", (target,))]
+    for digest in referrers:
+        for table in ("entries", "children"):
+            for lid, media_type in conn.execute(
+                f"SELECT DISTINCT layout_id, media_type FROM {table} WHERE digest = ?{where}", (digest, *args)
+            ):
+                add(lid, digest, media_type, "subject")
+    key = graph_key(target)
+    # Attestation manifests listed for the target (beside it, in the index that lists it) ...
+    listed = conn.execute(
+        "SELECT a.digest, m.digest, a.target FROM attestations a JOIN manifests m ON m.key = a.index_key "
+        "WHERE a.target_key = ? AND a.target = ?",
+        (key, target),
+    ).fetchall()
+    # ... and, when the target is an index, those it lists (for the images of its platforms).
+    own = conn.execute("SELECT digest FROM manifests WHERE key = ? AND digest = ? AND kind = 'index'", (key, target))
+    if own.fetchone() is not None:
+        rows = conn.execute("SELECT digest, target FROM attestations WHERE index_key = ?", (key,))
+        listed += [(digest, target, subject) for digest, subject in rows]
+    for digest, index, subject in listed:
+        for lid, media_type in conn.execute(
+            f"SELECT DISTINCT layout_id, media_type FROM children WHERE digest = ? AND parent = ?{where}",
+            (digest, index, *args),
+        ):
+            add(lid, digest, media_type, "attestation", subject)
+    tags = fallback_tags(target)
+    marks = ",".join("?" * len(tags))
+    where_n, args_n = _scope(layout_id, "n.layout_id")
+    for entry_id, lid, digest, media_type, tag in conn.execute(
+        f"SELECT e.id, e.layout_id, e.digest, e.media_type, n.tag FROM names n JOIN entries e ON e.id = n.entry_id "
+        f"WHERE n.tag IN ({marks}){where_n}",
+        (*tags, *args_n),
+    ):
+        if tag == tags[0] and media_type in INDEX_MEDIA_TYPES:
+            # The OCI fallback tag names an index whose descriptors are the referrers themselves.
+            for child_digest, child_type in conn.execute(
+                "SELECT digest, media_type FROM children WHERE entry_id = ? AND depth = 1 ORDER BY position",
+                (entry_id,),
+            ):
+                add(lid, child_digest, child_type, "fallback-tag")
+        else:
+            add(lid, digest, media_type, "fallback-tag")
+    return sorted(found.values(), key=lambda h: (h.layout_id, h.how, h.digest))

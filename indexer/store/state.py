@@ -84,6 +84,11 @@ def recorded(conn: sqlite3.Connection) -> list[Root] | None:
     return None if entries is None else [root for root, _watched in entries]
 
 
+def watched(conn: sqlite3.Connection) -> list[Root]:
+    """The recorded roots the daemon watches."""
+    return [root for root, watched in _entries(conn) or [] if watched]
+
+
 def unwatched(conn: sqlite3.Connection) -> list[Root]:
     """The recorded roots the daemon does not watch (those only ``ocidx scan`` walked)."""
     return [root for root, watched in _entries(conn) or [] if not watched]
@@ -194,7 +199,13 @@ def _pid_alive(pid: object) -> bool:
 def racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, int]:
     """Layouts (all, or those at *paths*) whose stored identity is racily clean, and when (wall clock,
     ns) a read will settle it (``read.settles_at``)."""
-    query = f"SELECT path, {SETTLES_AT_SQL} FROM layouts WHERE dev IS NOT NULL AND read_ns IS NOT NULL AND {RACY_SQL}"
+    # The listing of a layout's blobs/ settles the same way (the content graph's presence): a layout is
+    # due once both its index.json and that listing are proven.
+    query = (
+        f"SELECT path, max({SETTLES_AT_SQL}, coalesce(blobs_settles_ns, 0)) FROM layouts "
+        f"WHERE dev IS NOT NULL AND read_ns IS NOT NULL "
+        f"AND ({RACY_SQL} OR coalesce(blobs_settles_ns > blobs_listed_ns, 0))"
+    )
     found: dict[str, int] = {}
     chunks: list[list[str] | None] = [None]
     if paths is not None:

@@ -24,11 +24,14 @@ read-through lookup, so indexed and read-through answers share one matcher.
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from indexer._record import Record
 from indexer.errors import printable
+from indexer.graph import graph_key, manifest_shape, pack_pairs, unpack_pairs
 from indexer.store import path_value, read
+from indexer.store.read import parse_layers
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,37 +39,60 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterable
 
     from indexer.errors import LayoutError
+    from indexer.graph import BlobRef, Known, LayoutGraph
     from indexer.layout import Child, FileIdentity, Platform, Snapshot
     from indexer.store.read import StoredLayout
 
 
 class Read(Record):
-    """A layout whose ``index.json`` was read and parsed, as the rows to store (:func:`snapshot_rows`)."""
+    """A layout whose ``index.json`` was read and parsed, as the rows to store (:func:`snapshot_rows`).
 
-    __slots__ = ("expected", "path", "read_ns", "rows")
+    ``epoch`` is the ``graph_epoch`` of the pass that read it: the shared rows its graph claims were
+    sent before (:data:`GraphRows`) are taken as stored while the epoch has not moved since.
+    """
 
-    def __init__(self, path: str, rows: LayoutRows, read_ns: int, expected: StoredLayout | None) -> None:
+    __slots__ = ("epoch", "expected", "path", "read_ns", "rows")
+
+    def __init__(
+        self, path: str, rows: LayoutRows, read_ns: int, expected: StoredLayout | None, epoch: int | None = None
+    ) -> None:
         self.path = path
         self.rows = rows
         self.read_ns = read_ns
         self.expected = expected
+        self.epoch = epoch
 
     @classmethod
-    def of(cls, path: str, snapshot: Snapshot, read_ns: int, expected: StoredLayout | None) -> Read:
-        """The outcome of reading *snapshot* (its rows computed here, in this process)."""
-        return cls(path, snapshot_rows(snapshot), read_ns, expected)
+    def of(
+        cls,
+        path: str,
+        snapshot: Snapshot,
+        read_ns: int,
+        expected: StoredLayout | None,
+        graph: LayoutGraph | None = None,
+    ) -> Read:
+        """The outcome of reading *snapshot* (and its *graph*), its rows computed here, in this process."""
+        return cls(path, snapshot_rows(snapshot, graph), read_ns, expected)
 
 
 class Same(Record):
-    """A layout whose ``index.json`` changed on disk but not in content."""
+    """A layout whose ``index.json`` and graph changed on disk but not in content: identities only."""
 
-    __slots__ = ("expected", "identity", "path", "read_ns")
+    __slots__ = ("expected", "identity", "path", "presence", "read_ns")
 
-    def __init__(self, path: str, identity: FileIdentity, read_ns: int, expected: StoredLayout | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        identity: FileIdentity,
+        read_ns: int,
+        expected: StoredLayout | None,
+        presence: PresenceRow | None = None,
+    ) -> None:
         self.path = path
         self.identity = identity
         self.read_ns = read_ns
         self.expected = expected
+        self.presence = presence
 
 
 class Failed(Record):
@@ -135,12 +161,17 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
     current_of = _current(conn, [outcome.path for outcome in outcomes])
     reads: list[tuple[str, LayoutRows, int, StoredLayout | None]] = []
     seen: set[str] = set()
+    released: set[str] = set()  # digests whose references this transaction removed
+    # The shared rows of every read, written or not: a later read of the same pass may claim them.
+    store_shared(conn, [o.rows[6] for o in outcomes if isinstance(o, Read) and o.rows[6] is not None])
+    unfounded = _unfounded_claims(conn, [o for o in outcomes if isinstance(o, Read)])
     for outcome in outcomes:
         current = current_of.get(outcome.path)
-        if current != outcome.expected or outcome.path in seen:
+        if current != outcome.expected or outcome.path in seen or outcome.path in unfounded:
             # Another writer (a scan beside the daemon, a second daemon pass) wrote this layout
             # after the outcome's examination loaded it: the outcome may describe an older file.
             # (A path twice in one batch: the second was decided before the first was written.)
+            # An unfounded read claims shared rows a GC removed since: read again, it sends them.
             conflicts.append(outcome.path)
             continue
         seen.add(outcome.path)
@@ -149,12 +180,13 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
             reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
         elif isinstance(outcome, Same):
             assert current is not None  # a Same is only decided against a stored row
-            _touch(conn, current, outcome.identity, outcome.read_ns, versions)
+            _touch(conn, current, outcome.identity, outcome.read_ns, versions, outcome.presence)
         elif isinstance(outcome, Failed):
             _fail(conn, outcome, current, versions)
         else:
-            changed += _remove(conn, outcome.path, versions)
-    changed += _store_all(conn, reads, ids, versions)
+            changed += _remove(conn, outcome.path, versions, released)
+    changed += _store_all(conn, reads, ids, versions, released)
+    collect_garbage(conn, released)
     versions.finish()
     return Applied(changed, written, conflicts)
 
@@ -285,13 +317,162 @@ if TYPE_CHECKING:
     EntryRow = tuple[str, int, str, str, int, str | None, str, str | None, str | None]
     NameRow = tuple[int, str, str, str]
     ChildRow = tuple[int, int, str, int, str, str, int, str | None, str]
+    # The content graph of one layout (:func:`graph_rows`), or None when it was not read:
+    # (presence, layout_graph row, graph hash, shared rows, claims). Presence: (first directory's name,
+    # dev, ino, mtime_ns, ctime_ns, further directories as JSON, blobs/ itself as JSON, listed_ns, the
+    # latest mtime or ctime of any directory listed). The layout_graph row: (complete, referenced
+    # blobs, referenced bytes, missing blobs, unreferenced blobs, unreferenced bytes, missing, held:
+    # the graph keys of the missing blobs, and of the held ones with their sizes, packed as int64s).
+    # Shared rows: (manifests, layer_users, configs, attestations) rows, each only the first time its
+    # worker sent it in a pass; claims: the graph keys of the manifests and configs this layout
+    # references whose rows that worker sent before (with another layout; configs' negated less one).
+    PresenceRow = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None, int, int]
+    LayoutGraphRow = tuple[int, int, int, int, int, int, bytes | None, bytes]
+    SharedRows = tuple[
+        list[tuple[object, ...]], list[tuple[int, int]], list[tuple[object, ...]], list[tuple[object, ...]]
+    ]
+    GraphRows = tuple[PresenceRow, LayoutGraphRow, str, SharedRows, list[int]]
     LayoutRows = tuple[
-        tuple[int, int, int, int, int], str, tuple[str, ...], list[EntryRow], list[NameRow], list[ChildRow]
+        tuple[int, int, int, int, int],
+        str,
+        tuple[str, ...],
+        list[EntryRow],
+        list[NameRow],
+        list[ChildRow],
+        GraphRows | None,
     ]
 
 
-def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
-    """The rows of *snapshot* as stored: row keys taken, JSON encoded (in a parsing worker, or here)."""
+def layers_json(layers: tuple[BlobRef, ...]) -> str:
+    """A manifest's layers as ``manifests.layers`` holds them: ``[digest, size, mediaType, 1]``, the
+    media type left out when it is the previous layer's and the last item only for an external one."""
+    items: list[list[object]] = []
+    previous = None
+    for layer in layers:
+        item: list[object] = [layer.digest, layer.size]
+        if layer.media_type != previous or layer.external:
+            item.append(layer.media_type)
+        if layer.external:
+            item.append(1)
+        previous = layer.media_type
+        items.append(item)
+    return json.dumps(items, separators=(",", ":"))
+
+
+def graph_rows(graph: LayoutGraph, known: Known | None = None) -> GraphRows:
+    """The rows of one layout's content graph as stored (in a parsing worker, or here).
+
+    The shared rows are those of the manifests, indexes and configs parsed for *graph*: each goes
+    into *known* (what this process sent in this pass, :class:`~indexer.graph.Known`), so that a
+    later layout holding it claims it (``graph.claims``) instead of reading it again.
+    """
+    from array import array
+
+    found = graph.reach
+    # Presence: every blobs/ALG listed, and blobs/ itself when a referenced algorithm has no
+    # directory (its creation is then a change) or blobs/ is absent; the first one in columns.
+    alg_dirs = [ident for ident in graph.identities if ident[0] != "blobs"]
+    root = next((ident for ident in graph.identities if ident[0] == "blobs"), None)
+    proof: list[tuple[str, int | None, int | None, int | None, int | None]] = list(alg_dirs)
+    if root is None:
+        proof = [("blobs", None, None, None, None)]
+    else:
+        listed = {name.removeprefix("blobs/") for name, *_ in alg_dirs}
+        if not alg_dirs or graph.dirs_refused or found.algorithms - listed:
+            proof.insert(0, root)
+    first, more = proof[0], proof[1:]
+    changed = max((max(ident[3], ident[4]) for ident in graph.identities), default=0)
+    presence: PresenceRow = (
+        *first,
+        json.dumps([list(ident) for ident in more]) if more else None,
+        json.dumps(list(root[1:])) if root is not None else None,
+        graph.listed_ns,
+        changed,
+    )
+    refs, present, unreferenced = found.refs, graph.present, graph.unreferenced
+    held_refs = sorted([key for key in refs if key in present])
+    held_other = sorted(unreferenced)
+    sizes = array("q", [refs[key] for key in held_refs] + [unreferenced[key] for key in held_other])
+    if sys.byteorder != "little":
+        sizes.byteswap()
+    held = pack_pairs(held_refs + held_other) + sizes.tobytes()
+    missing = pack_pairs(graph.missing) if graph.missing else None
+    figures = (
+        int(graph.complete),
+        len(held_refs),
+        sum(refs[key] for key in held_refs),
+        len(graph.missing),
+        len(held_other),
+        sum(unreferenced.values()),
+    )
+    layout_row: LayoutGraphRow = (*figures, missing, held)
+    import hashlib
+
+    graph_hash = hashlib.blake2b(repr(figures).encode() + (missing or b"") + b"|" + held, digest_size=16).hexdigest()
+    manifests: list[tuple[object, ...]] = []
+    layer_users: list[tuple[int, int]] = []
+    configs: list[tuple[object, ...]] = []
+    attestations: list[tuple[object, ...]] = []
+    for digest, image_config in graph.configs.items():
+        key = graph_key(digest)
+        if known is not None:
+            known.configs[key] = image_config.warnings
+        platform = image_config.platform
+        configs.append(
+            (
+                key,
+                digest,
+                platform.os if platform is not None else None,
+                platform.architecture if platform is not None else None,
+                (platform.variant or None) if platform is not None else None,
+                (platform.os_version or None) if platform is not None else None,
+                json.dumps(list(platform.os_features)) if platform is not None and platform.os_features else None,
+                image_config.created,
+                json.dumps(list(image_config.warnings)) if image_config.warnings else None,
+            )
+        )
+    shapes = found.shapes
+    for manifest in (*found.manifests.values(), *graph.indexes.values()):
+        key = graph_key(manifest.digest)
+        config, layers = manifest.config, manifest.layers
+        shape = shapes.get(manifest.digest) or manifest_shape(manifest)
+        if known is not None:
+            if shape.config is not None and graph_key(shape.config) in known.configs:
+                shape = shape._replace(config=None)  # its config's row is sent: no need of its digest
+            known.manifests[key] = shape
+        keys = unpack_pairs(shape.pairs)  # the config's key and size first, then each layer's
+        manifests.append(
+            (
+                key,
+                manifest.digest,
+                manifest.kind,
+                manifest.media_type,
+                manifest.size,
+                manifest.artifact_type,
+                manifest.subject,
+                _annotations_json(manifest.annotations) if manifest.annotations else None,
+                config.digest if config is not None else None,
+                keys[0] if config is not None else None,
+                config.media_type if config is not None else None,
+                config.size if config is not None else None,
+                layers_json(layers) if manifest.kind == "manifest" else None,
+                len(layers) if manifest.kind == "manifest" else None,
+                manifest.image_size,
+                int(manifest.complete),
+                json.dumps(list(manifest.warnings)) if manifest.warnings else None,
+            )
+        )
+        if layers:
+            layer_users.extend((layer_key, key) for layer_key in dict.fromkeys(keys[2::2] if config else keys[::2]))
+    for index, digest, target in graph.attestations:
+        if index in graph.indexes:  # they go with the index's row, once
+            attestations.append((graph_key(target), graph_key(index), digest, target))
+    return presence, layout_row, graph_hash, (manifests, layer_users, configs, attestations), list(graph.claims)
+
+
+def snapshot_rows(snapshot: Snapshot, graph: LayoutGraph | None = None, known: Known | None = None) -> LayoutRows:
+    """The rows of *snapshot* (and its *graph*) as stored: row keys taken, JSON encoded (in a parsing
+    worker, or here); *known* as :func:`graph_rows` takes it."""
     children_of: dict[int, list[Child]] = {}
     for child in snapshot.children:
         children_of.setdefault(child.entry_position, []).append(child)
@@ -358,20 +539,116 @@ def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
                 for i, (parent, depth, digest, media_type, size, platform_text, annotations_text) in enumerate(kid_rows)
             )
     identity = snapshot.identity
+    layout_warnings = snapshot.warnings if graph is None else (*snapshot.warnings, *graph.warnings)
     return (
         (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.ctime_ns),
         snapshot.content_hash,
-        tuple(printable(w) for w in snapshot.warnings),
+        tuple(dict.fromkeys(printable(w) for w in layout_warnings)),
         entries,
         names,
         children,
+        graph_rows(graph, known) if graph is not None else None,
     )
 
 
-def store_snapshot(conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int) -> int:
-    """Diff *snapshot* into the rows of layout *path* (caller holds the transaction); 1 if rows changed."""
-    reads = [(path, snapshot_rows(snapshot), read_ns, read.layout(conn, path))]
-    return _store_all(conn, reads, _IdAllocator(conn), _Versions(conn))
+def store_snapshot(
+    conn: sqlite3.Connection, path: str, snapshot: Snapshot, read_ns: int, graph: LayoutGraph | None = None
+) -> int:
+    """Diff *snapshot* (and its *graph*) into the rows of layout *path* (caller holds the transaction);
+    1 if rows changed."""
+    rows = snapshot_rows(snapshot, graph)
+    if rows[6] is not None:
+        store_shared(conn, [rows[6]])
+    released: set[str] = set()
+    reads = [(path, rows, read_ns, read.layout(conn, path))]
+    changed = _store_all(conn, reads, _IdAllocator(conn), _Versions(conn), released)
+    collect_garbage(conn, released)
+    return changed
+
+
+def store_shared(conn: sqlite3.Connection, graphs: list[GraphRows]) -> None:
+    """Insert the shared rows (manifests, their layers' users, configs, attestations) of *graphs*,
+    each once per host: a row already there is the same (its key names its content)."""
+    for table, columns, index in (
+        ("manifests", 17, 0),
+        ("layer_users", 2, 1),
+        ("configs", 9, 2),
+        ("attestations", 4, 3),
+    ):
+        # Each row once, in key order: B-tree inserts in order touch each page once (random order,
+        # measured, cost a third more in a cold build).
+        rows = sorted({row[:2]: row for graph in graphs for row in graph[3][index]}.values())
+        if rows:
+            marks = ",".join("?" * columns)
+            conn.executemany(f"INSERT OR IGNORE INTO {table} VALUES ({marks})", rows)
+
+
+def graph_epoch(conn: sqlite3.Connection) -> int:
+    """How many times shared rows of the graph have been removed: a read of a pass that began at
+    another epoch may claim rows that are gone (:func:`_unfounded_claims`)."""
+    row = conn.execute("SELECT value FROM ocidx_counters WHERE name = 'graph_epoch'").fetchone()
+    return int(row[0]) if row is not None else 0
+
+
+def _unfounded_claims(conn: sqlite3.Connection, reads: list[Read]) -> set[str]:
+    """The paths of *reads* that claim shared rows no longer stored (removed by a GC since their pass
+    began): they are conflicts, read again (and their rows sent) in this process."""
+    claiming = [r for r in reads if r.rows[6] is not None and r.rows[6][4]]
+    if not claiming:
+        return set()
+    epoch = graph_epoch(conn)
+    doubtful = [r for r in claiming if r.epoch != epoch]
+    if not doubtful:
+        return set()
+    wanted = {key for r in doubtful for key in r.rows[6][4]}  # type: ignore[index]
+    present: set[int] = set()
+    manifests = [k for k in wanted if k >= 0]
+    configs = [-k - 1 for k in wanted if k < 0]
+    for table, keys, sign in (("manifests", manifests, 1), ("configs", configs, -1)):
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            for (key,) in conn.execute(f"SELECT key FROM {table} WHERE key IN ({marks})", chunk):
+                present.add(key if sign > 0 else -key - 1)
+    return {r.path for r in doubtful if not set(r.rows[6][4]) <= present}  # type: ignore[index]
+
+
+def collect_garbage(conn: sqlite3.Connection, released: set[str]) -> int:
+    """Delete the shared rows of the digests in *released* that no layout references any more (no
+    entry or child has the digest), with their layers' users, attestations and configs no manifest
+    names; bump ``graph_epoch`` when anything went. How many manifests rows were deleted."""
+    if not released:
+        return 0
+    gone = 0
+    configs: set[int] = set()
+    for digest in released:
+        key = graph_key(digest)
+        row = conn.execute(
+            "DELETE FROM manifests WHERE key = ? AND digest = ? "
+            "AND NOT EXISTS (SELECT 1 FROM entries WHERE digest = ?) "
+            "AND NOT EXISTS (SELECT 1 FROM children WHERE digest = ?) RETURNING config_key, layers",
+            (key, digest, digest, digest),
+        ).fetchone()
+        if row is None:
+            continue
+        gone += 1
+        config_key, layers = row
+        if layers:
+            conn.executemany(
+                "DELETE FROM layer_users WHERE layer = ? AND manifest = ?",
+                [(graph_key(layer[0]), key) for layer in parse_layers(layers)],
+            )
+        conn.execute("DELETE FROM attestations WHERE index_key = ?", (key,))
+        if config_key is not None:
+            configs.add(config_key)
+    for config_key in configs:
+        conn.execute(
+            "DELETE FROM configs WHERE key = ? AND NOT EXISTS (SELECT 1 FROM manifests WHERE config_key = ?)",
+            (config_key, config_key),
+        )
+    if gone:
+        conn.execute("UPDATE ocidx_counters SET value = value + 1 WHERE name = 'graph_epoch'")
+    return gone
 
 
 def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns: int) -> int:
@@ -387,6 +664,24 @@ _LAYOUT_UPDATE = """
                        entry_count = ?, identity_since_ns = ?
     WHERE id = ?
 """
+_PRESENCE_UPDATE = """
+    UPDATE layouts SET blobs_dir = ?, blobs_dev = ?, blobs_ino = ?, blobs_mtime_ns = ?, blobs_ctime_ns = ?,
+                       blobs_more = ?, blobs_root = ?, blobs_listed_ns = ?, blobs_since_ns = ?, blobs_settles_ns = ?,
+                       graph_hash = ?
+    WHERE id = ?
+"""
+
+
+def _presence_columns(current: StoredLayout | None, presence: PresenceRow | None) -> tuple[object, ...]:
+    """The presence columns of ``layouts`` for *presence* (all NULL without one): the identity of the
+    directories listed, when first seen (kept while they stay the same) and when a listing proves it."""
+    if presence is None:
+        return (None,) * 10
+    *identity, listed_ns, changed_ns = presence
+    since = listed_ns
+    if current is not None and current.presence == tuple(identity) and current.blobs_since_ns is not None:
+        since = current.blobs_since_ns
+    return (*identity, listed_ns, since, read.settles_at(changed_ns, 0, listed_ns, since))
 
 
 def _store_all(
@@ -394,6 +689,7 @@ def _store_all(
     reads: list[tuple[str, LayoutRows, int, StoredLayout | None]],
     ids: _IdAllocator,
     versions: _Versions,
+    released: set[str],
 ) -> int:
     """Diff the rows of every read layout in *reads* against their stored rows and write the
     difference for all of them at once; return how many layouts' rows changed.
@@ -432,9 +728,12 @@ def _store_all(
     warnings_gone: list[tuple[int]] = []
     warning_rows: list[tuple[int, str]] = []
     stamped: list[tuple[int, str]] = []
+    presence_rows: list[tuple[object, ...]] = []
+    graph_rows_now: list[tuple[object, ...]] = []
+    graphs_gone: list[tuple[int]] = []
     changed = 0
     for path, rows, read_ns, current in reads:
-        ident, content_hash, warnings_now, entries, names, children = rows
+        ident, content_hash, warnings_now, entries, names, children, graph = rows
         since = _since(current, FileIdentity(*ident), read_ns)
         if current is None:
             layout_id = layout_ids.take()
@@ -454,6 +753,7 @@ def _store_all(
                 current.error_category,
                 current.error,
                 current.entry_count,
+                current.graph_hash,
             )
             warnings_before = old_warnings[layout_id]
         if have:
@@ -486,8 +786,17 @@ def _store_all(
             if warnings_before:
                 warnings_gone.append((layout_id,))
             warning_rows.extend((layout_id, w) for w in warnings)
+        graph_hash = graph[2] if graph is not None else None
+        presence_rows.append(
+            (*_presence_columns(current, graph[0] if graph is not None else None), graph_hash, layout_id)
+        )
+        if graph is None:
+            if current is not None and current.graph_hash is not None:
+                graphs_gone.append((layout_id,))
+        elif current is None or current.graph_hash != graph_hash:
+            graph_rows_now.append((layout_id, *graph[1]))
         changed += rows_changed
-        published_now = (content_hash, "ok", None, None, len(entries))
+        published_now = (content_hash, "ok", None, None, len(entries), graph_hash)
         if rows_changed or warnings != warnings_before or published_before != published_now:
             stamped.append((layout_id, path))
     if new_layouts:
@@ -501,7 +810,17 @@ def _store_all(
         )
     if updated_layouts:
         conn.executemany(_LAYOUT_UPDATE, updated_layouts)
+    conn.executemany(_PRESENCE_UPDATE, presence_rows)
+    if graph_rows_now:
+        conn.executemany("INSERT OR REPLACE INTO layout_graph VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", graph_rows_now)
+    if graphs_gone:
+        conn.executemany("DELETE FROM layout_graph WHERE layout_id = ?", graphs_gone)
     if stale:
+        # The digests whose references go with these entries: the shared rows nothing else
+        # references are collected at the end of the transaction (collect_garbage).
+        staged = _staged(conn, "ocidx_stage_stale", (entry_id for (entry_id,) in stale))
+        released.update(row[0] for row in conn.execute(f"SELECT digest FROM entries WHERE id IN {staged}"))
+        released.update(row[0] for row in conn.execute(f"SELECT digest FROM children WHERE entry_id IN {staged}"))
         conn.executemany("DELETE FROM names WHERE entry_id = ?", stale)
         conn.executemany("DELETE FROM children WHERE entry_id = ?", stale)
         conn.executemany("DELETE FROM entries WHERE id = ?", stale)
@@ -537,8 +856,15 @@ def _row_key(stored: tuple[object, ...]) -> str:
 
 
 def _touch(
-    conn: sqlite3.Connection, current: StoredLayout, identity: FileIdentity, read_ns: int, versions: _Versions
+    conn: sqlite3.Connection,
+    current: StoredLayout,
+    identity: FileIdentity,
+    read_ns: int,
+    versions: _Versions,
+    presence: PresenceRow | None = None,
 ) -> None:
+    if presence is not None:
+        conn.execute(_PRESENCE_UPDATE, (*_presence_columns(current, presence), current.graph_hash, current.id))
     conn.execute(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
@@ -604,12 +930,17 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
         _stamp(conn, layout_id, outcome.path, versions)
 
 
-def _remove(conn: sqlite3.Connection, path: str, versions: _Versions) -> int:
+def _remove(conn: sqlite3.Connection, path: str, versions: _Versions, released: set[str]) -> int:
     row = conn.execute("SELECT id FROM layouts WHERE path = ?", (path_value(path),)).fetchone()
     if row is None:
         return 0
     layout_id = row[0]
     in_layout = "(SELECT id FROM entries WHERE layout_id = ?)"
+    released.update(r[0] for r in conn.execute("SELECT digest FROM entries WHERE layout_id = ?", (layout_id,)))
+    released.update(
+        r[0] for r in conn.execute(f"SELECT digest FROM children WHERE entry_id IN {in_layout}", (layout_id,))
+    )
+    conn.execute("DELETE FROM layout_graph WHERE layout_id = ?", (layout_id,))
     conn.execute(f"DELETE FROM names WHERE entry_id IN {in_layout}", (layout_id,))
     conn.execute(f"DELETE FROM children WHERE entry_id IN {in_layout}", (layout_id,))
     conn.execute("DELETE FROM entries WHERE layout_id = ?", (layout_id,))
@@ -632,6 +963,9 @@ DEFERRABLE_INDEXES = (
     "children_entry",
     "children_digest",
     "layout_warnings_layout",
+    "manifests_subject",
+    "manifests_config",
+    "attestations_index",
 )
 
 
