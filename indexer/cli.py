@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "target", metavar="TARGET", help="oci-layout://PATH[:TAG][@DIGEST], @DIGEST, or a name (alpine:3.16)"
     )
+    p.add_argument("--fleet", action="store_true", help="look across every host of the fleet database (PostgreSQL)")
+    p.add_argument("--dsn", metavar="DSN", help=f"with --fleet: the {_DSN_HELP}")
     _options(p)
 
     p = sub.add_parser("du", help="bytes each layout references, shares, holds unreferenced; missing blobs")
@@ -763,6 +765,10 @@ def _fleet_line(fleet: dict[str, object], *, running: bool) -> str:
 
 def cmd_referrers(args: argparse.Namespace) -> int:
     """``ocidx referrers TARGET``: every manifest or index that refers to the image, a line each."""
+    if args.fleet:
+        return cmd_referrers_fleet(args)
+    if args.dsn is not None:
+        raise UsageError("--dsn names the fleet database: it goes with --fleet")
     with _index(args) as index:
         found = index.referrers(args.target)
     for warning in ([found.unverified] if found.unverified else []) + found.warnings:
@@ -774,6 +780,38 @@ def cmd_referrers(args: argparse.Namespace) -> int:
             _line(referrer.layout, referrer.digest, referrer.artifact_type or "-", referrer.how, referrer.subject)
     if not found:
         _warn(f"ocidx: nothing refers to {', '.join(found.subjects)} in any indexed layout")
+        return 1
+    return 0
+
+
+def cmd_referrers_fleet(args: argparse.Namespace) -> int:
+    """``ocidx referrers --fleet TARGET``: every referrer on every host, a line each; a stale host's say so."""
+    from indexer.fleet import Fleet
+    from indexer.query import SCHEME
+
+    with Fleet(_fleet_dsn(args), config=args.config) as fleet:
+        if args.target.startswith(SCHEME):  # a layout of this host: its image's digest, from the local index
+            with _index(args) as index:
+                found = fleet.referrers(args.target, index=index)
+        else:
+            found = fleet.referrers(args.target)
+    for warning in found.warnings:  # a host's malformed rows, dropped
+        _warn(f"ocidx: warning: {warning}")
+    if args.json:
+        _emit([r.to_json() for r in found])
+    else:
+        for referrer in found:
+            _line(
+                referrer.host,
+                referrer.layout,
+                referrer.digest,
+                referrer.artifact_type or "-",
+                referrer.how,
+                referrer.subject,
+                referrer.host_state,
+            )
+    if not found:
+        _warn(f"ocidx: nothing refers to {', '.join(found.subjects)} on any host of the fleet")
         return 1
     return 0
 

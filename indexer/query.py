@@ -1398,32 +1398,42 @@ def _match_all(conn: sqlite3.Connection, query: Query) -> tuple[dict[str, list[A
 
 
 def _graph_answers(view: View, hits: list[db.GraphHit]) -> list[Answer]:
-    """The answers of ``find @DIGEST`` for a digest that *view*'s layout uses as a layer or config;
-    a warning when that blob is not in the layout's ``blobs/`` (a partial export)."""
+    """The answers of ``find @DIGEST`` for a digest that *view*'s layout uses as a layer or config
+    (:func:`blob_use_answer`)."""
     absent = db.missing(view.conn, [view.layout_id]).get(view.layout_id) or set()
-    out = []
-    for hit in hits:
-        if hit.layout_id != view.layout_id:
-            continue
-        warnings = list(view.warnings)
-        if graph_mod.graph_key(hit.digest) in absent:
-            warnings.append(f"{hit.digest} is not in {view.path}/blobs (a partial export?)")
-        out.append(
-            Answer(
-                layout=view.path,
-                digest=hit.digest,
-                media_type=hit.media_type,
-                size=hit.size,
-                names=[],
-                annotations={},
-                platform=None,
-                source=hit.source,
-                freshness=view.freshness,
-                warnings=warnings,
-                used_by=hit.used_by,
-            )
+    return [
+        blob_use_answer(
+            layout=view.path,
+            hit=hit,
+            freshness=view.freshness,
+            warnings=view.warnings,
+            lacking=graph_mod.graph_key(hit.digest) in absent,
         )
-    return out
+        for hit in hits
+        if hit.layout_id == view.layout_id
+    ]
+
+
+def blob_use_answer(*, layout: str, hit: db.GraphHit, freshness: str, warnings: list[str], lacking: bool) -> Answer:
+    """The answer of ``find @DIGEST`` (and ``find --fleet``) for a digest that a layout's manifests use as
+    a layer or config (*hit*); a warning when the layout's ``blobs/`` lacks it (*lacking*: a partial
+    export). *warnings* come first."""
+    said = list(warnings)
+    if lacking:
+        said.append(f"{hit.digest} is not in {layout}/blobs (a partial export?)")
+    return Answer(
+        layout=layout,
+        digest=hit.digest,
+        media_type=hit.media_type,
+        size=hit.size,
+        names=[],
+        annotations={},
+        platform=None,
+        source=hit.source,
+        freshness=freshness,
+        warnings=said,
+        used_by=hit.used_by,
+    )
 
 
 def _answers_by_digest(

@@ -392,7 +392,7 @@ def test_upgrade_from_the_first_schema_keeps_the_rows_and_closes_the_locks(
 
     code, out, err = ocidx(capsys, "fleet", "migrate", "--dsn", fleet_db.admin_dsn, "--json")
     assert code == 0, err
-    assert json.loads(out)["applied"] == ["0002_functions_only"]
+    assert json.loads(out)["applied"] == ["0002_functions_only", "0003_content_graph"]
 
     dash = fleet_db.add_reader("dash")
     found, out, err = finished(cli("find", "--fleet", "--json", ":3.16", dsn=dash))
@@ -408,6 +408,7 @@ def test_upgrade_from_the_first_schema_keeps_the_rows_and_closes_the_locks(
         assert [r[0] for r in conn.execute("SELECT name FROM ocidx_migrations ORDER BY name")] == [
             "0001_fleet",
             "0002_functions_only",
+            "0003_content_graph",
         ]
 
     # The host's daemon (this ocidx) replaces the old rows with its index, every one.

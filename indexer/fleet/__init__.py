@@ -2,13 +2,15 @@
 
 Each host keeps its own SQLite index; a daemon with a fleet DSN publishes it
 (:mod:`indexer.fleet.publisher`) as the PostgreSQL role it connects as. This
-module is the reading side: :class:`Fleet` answers ``find --fleet`` and
-``hosts`` with psycopg's synchronous API (no event loop in a lookup), using the
+module is the reading side: :class:`Fleet` answers ``find --fleet``,
+``referrers --fleet`` and ``hosts`` with psycopg's synchronous API (no event loop in a lookup), using the
 reference parsing of :func:`indexer.query.parse_ref` and the matching rules of
 :func:`indexer.store.read.lookups`, rendered here as PostgreSQL.
 
 Readers reach the fleet only through the functions of schema ``ocidx``
-(``migrations/postgres/0002_functions_only.sql``), every statement bounded by
+(``migrations/postgres/0002_functions_only.sql``; the content graph's,
+``ocidx.graph_users`` and ``ocidx.referrers``, in ``0003_content_graph.sql``),
+every statement bounded by
 ``lock_timeout`` and ``statement_timeout``, and validate every row they read: a
 host's malformed rows are dropped with a warning naming the host, and never
 hide another host's answers.
@@ -25,9 +27,22 @@ import os
 from indexer import config as config_mod
 from indexer import names as names_mod
 from indexer import reference
-from indexer.errors import DatabaseError, FleetUnavailable, SchemaTooNew, printable
+from indexer.errors import DatabaseError, FleetUnavailable, NotFound, SchemaTooNew, printable
+from indexer.graph import MAX_CREATED
+from indexer.layout import INDEX_MEDIA_TYPES
 from indexer.names import Name
-from indexer.query import INDEXED, STALE, Answer, Query, mismatch, parse_ref
+from indexer.query import (
+    INDEXED,
+    SCHEME,
+    STALE,
+    Answer,
+    Query,
+    Referrer,
+    blob_use_answer,
+    mismatch,
+    parse_ref,
+    with_image,
+)
 from indexer.store import migration_files
 from indexer.store import read as db
 
@@ -43,6 +58,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from indexer.config import Config
+    from indexer.query import Index
 
 LIVE = "live"
 MIGRATIONS = "postgres"  # migrations/postgres/NNNN_name.sql
@@ -191,6 +207,39 @@ class FleetAnswer(Answer):
         }
 
 
+class FleetReferrer(Referrer):
+    """One ``referrers --fleet`` answer: a local ``referrers`` answer plus the host that holds it."""
+
+    __slots__ = ("heartbeat_age_s", "host", "host_state")
+
+    def __init__(self, referrer: Referrer, *, host: str, host_state: str, heartbeat_age_s: float | None) -> None:
+        super().__init__(**{name: getattr(referrer, name) for name in Referrer.__slots__})
+        self.host = host
+        self.host_state = host_state
+        self.heartbeat_age_s = heartbeat_age_s
+
+    def to_json(self) -> dict[str, object]:
+        """``referrers --json``'s keys, then ``host``, ``host_state`` and ``heartbeat_age_s``."""
+        return {
+            **super().to_json(),
+            "host": self.host,
+            "host_state": self.host_state,
+            "heartbeat_age_s": self.heartbeat_age_s,
+        }
+
+
+class FleetReferrers(list[FleetReferrer]):
+    """What :meth:`Fleet.referrers` found: the referrers, the digests looked for (``subjects``), and
+    warnings about rows dropped as malformed."""
+
+    def __init__(
+        self, referrers: Sequence[FleetReferrer] = (), subjects: Sequence[str] = (), warnings: Sequence[str] = ()
+    ) -> None:
+        super().__init__(referrers)
+        self.subjects = list(subjects)
+        self.warnings = list(warnings)
+
+
 class FleetMatches(list[FleetAnswer]):
     """What :meth:`Fleet.find` found: the answers, and warnings about rows dropped as malformed."""
 
@@ -219,7 +268,12 @@ _STATES = frozenset(("ok", "error"))
 
 
 class Malformed(Exception):
-    """A row of the fleet that is not what a publisher writes; the message says what is wrong with it."""
+    """A row of the fleet that is not what a publisher writes; the message says what is wrong with it,
+    ``table`` (when given) where the wrong column comes from."""
+
+    def __init__(self, message: str, table: str | None = None) -> None:
+        super().__init__(message)
+        self.table = table
 
 
 def _integer(value: object, what: str, low: int = 0) -> int:
@@ -264,7 +318,10 @@ def platform_of(value: object, what: str = "platform") -> dict[str, object] | No
     ``variant`` is a string or null (keys a later ocidx may add are left alone)."""
     if value is None:
         return None
-    found = _json(value, what)
+    return _platform(_json(value, what), what)
+
+
+def _platform(found: object, what: str) -> dict[str, object]:
     if (
         type(found) is not dict
         or type(found.get("os")) is not str
@@ -272,6 +329,32 @@ def platform_of(value: object, what: str = "platform") -> dict[str, object] | No
         or type(found.get("variant")) not in (str, type(None))
     ):
         raise Malformed(f"{what} is not a JSON object with os and architecture strings")
+    return found
+
+
+_IMAGE_KEYS = frozenset(("config", "layers", "image_size", "created", "platform"))
+
+
+def image_of(value: object, what: str = "image") -> dict[str, object] | None:
+    """The image column of an entry or child: NULL, or the JSON object the publisher writes
+    (:func:`indexer.query.image_fields`): ``config`` a digest or null, ``layers`` and ``image_size``
+    counts or null, ``created`` a time (a short string) or null, ``platform`` null or as the platform
+    column."""
+    if value is None:
+        return None
+    found = _json(value, what)
+    if type(found) is not dict or set(found) != _IMAGE_KEYS:
+        raise Malformed(f"{what} is not a JSON object of {', '.join(sorted(_IMAGE_KEYS))}")
+    if found["config"] is not None:
+        digest_of(found["config"], f"{what} config")
+    for key in ("layers", "image_size"):
+        if found[key] is not None:
+            _integer(found[key], f"{what} {key}")
+    created = found["created"]
+    if created is not None and (type(created) is not str or len(created) > MAX_CREATED):
+        raise Malformed(f"{what} created is not a time")
+    if found["platform"] is not None:
+        _platform(found["platform"], f"{what} platform")
     return found
 
 
@@ -347,6 +430,7 @@ class _Hit:
         "digest",
         "entry_position",
         "host",
+        "image",
         "layout_id",
         "media_type",
         "platform",
@@ -356,7 +440,7 @@ class _Hit:
 
     def __init__(self, row: Sequence[Any]) -> None:
         host, layout_id, position, entry_position, digest, media_type, size, platform, annotations = row[:9]
-        invalid_names, warnings, source = row[9:12]
+        invalid_names, warnings, source, image = row[9:13]
         if type(host) is not str or not host:
             raise Malformed("the host is not a name")
         self.host: str = host
@@ -371,6 +455,85 @@ class _Hit:
         _strings(invalid_names, "invalid_names")
         _strings(warnings, "warnings")
         self.source: str = source
+        self.image: dict[str, object] | None = image_of(image)
+
+
+class _Use:
+    """One row of ``ocidx.graph_users``, checked: a layout on one host whose manifest *manifest* uses the
+    digest looked for as its config or a layer, with the blob's media type and size as that manifest
+    says, and whether the layout lacks the blob."""
+
+    __slots__ = ("host", "layout_id", "manifest", "media_type", "missing", "size", "source")
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        host, layout_id, manifest, source, media_type, size, missing = row
+        if type(host) is not str or not host:
+            raise Malformed("the host is not a name")
+        self.host: str = host
+        self.layout_id: int = _integer(layout_id, "layout_id", -(2**63))
+        self.manifest: str = digest_of(manifest, "manifest")
+        if source not in ("config", "layer"):
+            raise Malformed(f"source {printable(str(source)[:40])!r} is not config or layer")
+        self.source: str = source
+        self.media_type: str = _text(media_type, f"the {source}'s mediaType")
+        self.size: int = _integer(size, f"the {source}'s size")
+        self.missing: bool = missing is True
+
+
+_REFERRER_HOWS = {"subject": "graph_manifests", "attestation": "graph_attestations"}
+_FALLBACK_HOWS = {"fallback-tag": "entries", "fallback-child": "children"}
+
+
+class _Referring:
+    """One row of ``ocidx.referrers``, checked: a manifest or index in a layout of one host that refers to
+    a target (``how``, ``subject``), or is named by a fallback tag, with the target or tag it was found by
+    (``matched``) and its graph row's artifactType and annotations when the host has one."""
+
+    __slots__ = (
+        "annotations",
+        "artifact_type",
+        "digest",
+        "entry_position",
+        "host",
+        "how",
+        "layout_id",
+        "matched",
+        "media_type",
+        "subject",
+    )
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        host, layout_id, entry_position, digest, media_type, how, subject, matched = row[:8]
+        artifact_type, config_media_type, annotations = row[8:]
+        if type(host) is not str or not host:
+            raise Malformed("the host is not a name")
+        self.host: str = host
+        self.layout_id: int = _integer(layout_id, "layout_id", -(2**63))
+        self.entry_position: int = _integer(entry_position, "entry_position")
+        self.digest: str = digest_of(digest)
+        self.media_type: str = _text(media_type, "mediaType")
+        if how not in _REFERRER_HOWS and how not in _FALLBACK_HOWS:
+            raise Malformed(f"how {printable(str(how)[:40])!r} is not a way of referring")
+        self.how: str = how
+        self.subject: str | None = digest_of(subject, "subject") if how in _REFERRER_HOWS else None
+        self.matched: str = _text(matched, "the target or tag")
+        # A manifest the host read has its graph row (artifactType is never NULL there); as the OCI
+        # referrers API, artifactType is the manifest's, else its config's media type.
+        self.artifact_type: str | None = None
+        self.annotations: dict[str, str] = {}
+        if artifact_type is not None:
+            try:
+                self.artifact_type = _text(artifact_type, "artifactType") or (
+                    _text(config_media_type, "the config's mediaType") if config_media_type is not None else ""
+                )
+                self.annotations = annotations_of(annotations) if annotations is not None else {}
+            except Malformed as exc:
+                raise Malformed(str(exc), "graph_manifests") from None
+
+    @staticmethod
+    def table(row: Sequence[Any], exc: Malformed) -> str:
+        """The table a malformed row is counted against."""
+        return exc.table or _REFERRER_HOWS.get(row[5]) or _FALLBACK_HOWS.get(row[5]) or "graph_manifests"
 
 
 class Fleet:
@@ -462,19 +625,15 @@ class Fleet:
         found: list[_Hit] = []
         for lookup in db.lookups(name=query.name, tag=query.tag, digest=query.digest):
             found.extend(self._hits(dropped, lookup))
-        if not found:
+        uses: list[_Use] = []
+        if query.digest is not None and query.name is None and query.tag is None:
+            # As find: a layout where the digest is an image is answered as that, not as a layer.
+            images = {(h.host, h.layout_id) for h in found}
+            uses = [u for u in self._uses(dropped, query.digest) if (u.host, u.layout_id) not in images]
+        if not found and not uses:
             return FleetMatches(warnings=dropped.warnings())
-        keys = sorted({(h.host, h.layout_id) for h in found})
-        layouts: dict[tuple[str, int], tuple[str, str]] = {}
-        for host, lid, path, state in conn.execute(
-            "SELECT * FROM ocidx.layouts_of(%s::text[], %s::bigint[])", ([k[0] for k in keys], [k[1] for k in keys])
-        ):
-            try:
-                if state not in _STATES:
-                    raise Malformed(f"state {printable(str(state)[:40])!r} is not ok or error")
-                layouts[(host, lid)] = (path_of(path), state)
-            except Malformed as exc:
-                dropped.add(host, lid, "layouts", str(exc))
+        keys = sorted({(h.host, h.layout_id) for h in found} | {(u.host, u.layout_id) for u in uses})
+        layouts = self._layouts(dropped, keys)
         entry_keys = sorted({(h.host, h.layout_id, h.entry_position) for h in found if h.source == "entry"})
         names: dict[tuple[str, int, int], list[Name]] = {}
         for host, lid, pos, *name_row in conn.execute(
@@ -518,9 +677,71 @@ class Fleet:
                 freshness=INDEXED if layout_state == "ok" else STALE,
                 warnings=dropped.about(host, lid),
             )
+            answer = with_image(answer, first.image)  # what the host's own find adds from its content graph
             answers.append(FleetAnswer(answer, host=host, host_state=host_state, heartbeat_age_s=age))
+        if uses:
+            answers.extend(self._use_answers(dropped, query.digest or "", uses, layouts, states))
         answers.sort(key=lambda a: (a.host, a.layout, a.digest))
         return FleetMatches(answers, dropped.warnings())
+
+    def _layouts(self, dropped: Dropped, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], tuple[str, str]]:
+        """The path and state of each layout of *keys* (host, id) still there, checked."""
+        layouts: dict[tuple[str, int], tuple[str, str]] = {}
+        for host, lid, path, state in self.conn.execute(
+            "SELECT * FROM ocidx.layouts_of(%s::text[], %s::bigint[])", ([k[0] for k in keys], [k[1] for k in keys])
+        ):
+            try:
+                if state not in _STATES:
+                    raise Malformed(f"state {printable(str(state)[:40])!r} is not ok or error")
+                layouts[(host, lid)] = (path_of(path), state)
+            except Malformed as exc:
+                dropped.add(host, lid, "layouts", str(exc))
+        return layouts
+
+    def _uses(self, dropped: Dropped, digest: str) -> list[_Use]:
+        """The checked rows of ``ocidx.graph_users``: the layouts, on every host, whose manifests use
+        *digest* as a layer or a config."""
+        out: list[_Use] = []
+        for row in self.conn.execute("SELECT * FROM ocidx.graph_users(%s)", (digest,)):
+            try:
+                out.append(_Use(row))
+            except Malformed as exc:
+                dropped.add(row[0], row[1], "graph_manifests", str(exc))
+        return out
+
+    def _use_answers(
+        self,
+        dropped: Dropped,
+        digest: str,
+        uses: list[_Use],
+        layouts: dict[tuple[str, int], tuple[str, str]],
+        states: dict[str, tuple[str, float | None, object]],
+    ) -> list[FleetAnswer]:
+        """The answers of a layer's or config's digest, as each host's own find gives them
+        (:func:`indexer.store.read.blob_uses`, :func:`indexer.query.blob_use_answer`)."""
+        by_host: dict[str, tuple[dict[int, set[str]], dict[str, tuple[str, str, int]], set[int]]] = {}
+        for use in uses:
+            referencing, by_manifest, lacking = by_host.setdefault(use.host, ({}, {}, set()))
+            referencing.setdefault(use.layout_id, set()).add(use.manifest)
+            by_manifest[use.manifest] = (use.source, use.media_type, use.size)
+            if use.missing:
+                lacking.add(use.layout_id)
+        out: list[FleetAnswer] = []
+        for host, (referencing, by_manifest, lacking) in by_host.items():
+            host_state, age, _backlog = states.get(host, (STALE, None, None))
+            for hit in db.blob_uses(digest, referencing, by_manifest):
+                if (host, hit.layout_id) not in layouts:
+                    continue
+                path, layout_state = layouts[(host, hit.layout_id)]
+                answer = blob_use_answer(
+                    layout=path,
+                    hit=hit,
+                    freshness=INDEXED if layout_state == "ok" else STALE,
+                    warnings=dropped.about(host, hit.layout_id),
+                    lacking=hit.layout_id in lacking,
+                )
+                out.append(FleetAnswer(answer, host=host, host_state=host_state, heartbeat_age_s=age))
+        return out
 
     def _mismatches(
         self,
@@ -540,6 +761,98 @@ class Fleet:
                 if message is not None:
                     out[key] = [message]
         return out
+
+    def referrers(self, target: str, *, index: Index | None = None) -> FleetReferrers:
+        """Every manifest or index, on every host, that refers to TARGET's image, by the rules of
+        ``referrers`` (its ``subject``, a BuildKit attestation manifest, a fallback tag), as each host's
+        own ``referrers`` finds them; by host, layout, subject, how and digest.
+
+        TARGET is ``@DIGEST`` (or a bare digest), a name (every digest :meth:`find` finds for it on any
+        host), or ``oci-layout://...``, resolved in the local index (*index*, else the configured one).
+        """
+        if target.startswith(SCHEME):
+            if index is None:
+                from indexer.query import Index
+
+                with Index(config=self.config) as local:
+                    digests = {local.resolve(target).digest}
+            else:
+                digests = {index.resolve(target).digest}
+            return self._guarded(lambda: self._referrers(sorted(digests), Dropped()))
+        query = parse_ref(target)  # a bad reference is exit 2 before any connection
+        if query.digest is not None and query.name is None and query.tag is None:
+            return self._guarded(lambda: self._referrers([query.digest or ""], Dropped()))
+        return self._guarded(lambda: self._referrers_of_name(query))
+
+    def _referrers_of_name(self, query: Query) -> FleetReferrers:
+        found = self._find(query)
+        digests = sorted({a.digest for a in found if a.source in ("entry", "child")})
+        if not digests:
+            raise NotFound(f"{query.describe()} not found on any host of the fleet")
+        referrers = self._referrers(digests, Dropped())
+        referrers.warnings[:0] = [w for w in found.warnings if w not in referrers.warnings]
+        return referrers
+
+    def _referrers(self, targets: list[str], dropped: Dropped) -> FleetReferrers:
+        conn = self.conn
+        tag_targets = {tag: target for target in targets for tag in db.fallback_tags(target)}
+        rows: list[_Referring] = []
+        for raw in conn.execute("SELECT * FROM ocidx.referrers(%s::text[], %s::text[])", (targets, list(tag_targets))):
+            try:
+                rows.append(_Referring(raw))
+            except Malformed as exc:
+                dropped.add(raw[0], raw[1], _Referring.table(raw, exc), str(exc))
+        # As referrers on one host (indexer.store.read.referrer_hits), per target: what refers to it by its
+        # subject, the attestation manifests listed for it, those it lists (an index), and its fallback
+        # tags; the first way a referrer is found in a layout is the one answered.
+        found: dict[tuple[str, str, int, str, str], tuple[_Referring, str]] = {}
+
+        def add(target: str, row: _Referring, how: str, subject: str) -> None:
+            found.setdefault((target, row.host, row.layout_id, row.digest, how), (row, subject))
+
+        def order(row: _Referring) -> tuple[int, int]:
+            if row.how == "subject":
+                return (0, row.entry_position)
+            if row.how == "attestation":
+                return (1 if row.subject == row.matched else 2, row.entry_position)
+            return (3, row.entry_position)
+
+        children: dict[tuple[str, int, int, str], list[_Referring]] = {}
+        for row in sorted(rows, key=order):
+            if row.how == "fallback-child":
+                children.setdefault((row.host, row.layout_id, row.entry_position, row.matched), []).append(row)
+            elif row.how != "fallback-tag" and row.subject is not None:
+                add(row.matched, row, row.how, row.subject)
+        for row in sorted(rows, key=order):
+            if row.how != "fallback-tag" or row.matched not in tag_targets:
+                continue
+            target = tag_targets[row.matched]
+            if row.matched == db.fallback_tags(target)[0] and row.media_type in INDEX_MEDIA_TYPES:
+                # The OCI fallback tag names an index whose descriptors are the referrers themselves.
+                for child in children.get((row.host, row.layout_id, row.entry_position, row.matched), []):
+                    add(target, child, "fallback-tag", target)
+            else:
+                add(target, row, "fallback-tag", target)
+        keys = sorted({(key[1], key[2]) for key in found})
+        layouts = self._layouts(dropped, keys) if keys else {}
+        states = self._host_states(dropped)
+        out: list[FleetReferrer] = []
+        for key, (row, subject) in found.items():
+            if (row.host, row.layout_id) not in layouts:
+                continue  # replaced between the reads
+            referrer = Referrer(
+                layout=layouts[(row.host, row.layout_id)][0],
+                digest=row.digest,
+                media_type=row.media_type,
+                artifact_type=row.artifact_type,
+                subject=subject,
+                annotations=row.annotations,
+                how=key[4],
+            )
+            host_state, age, _backlog = states.get(row.host, (STALE, None, None))
+            out.append(FleetReferrer(referrer, host=row.host, host_state=host_state, heartbeat_age_s=age))
+        out.sort(key=lambda r: (r.host, r.layout, r.subject, r.how, r.digest))
+        return FleetReferrers(out, targets, dropped.warnings())
 
     def hosts(self) -> HostRows:
         """Every host: ``host``, ``host_state``, ``heartbeat_age_s``, ``layouts``, ``entries``, ``backlog``."""

@@ -65,7 +65,10 @@ from indexer.fleet import (
     failure,
     schema_problem,
 )
+from indexer.graph import MANIFEST_MEDIA_TYPES, graph_key
+from indexer.query import image_fields
 from indexer.store import check_schema, path_of
+from indexer.store import read as db
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -90,7 +93,8 @@ RECONCILE_S = 300.0  # the default of [daemon] reconcile_interval_s: how often t
 CONNECTED = "connected"
 
 # What a batch reads from SQLite for each layout, and sends to PostgreSQL: the columns of
-# ocidx.put_layouts and ocidx.put_rows, in their order.
+# ocidx.put_layouts and ocidx.put_rows, in their order (an entry's and a child's image, computed
+# from the content graph, last).
 _LAYOUT_COLUMNS = "id, path, version, state, error_category, error, content_hash, entry_count"
 _PG_TABLES = {
     "layouts": ("id", "path", "version", "state", "error_category", "error", "content_hash", "entry_count"),
@@ -104,6 +108,7 @@ _PG_TABLES = {
         "annotations",
         "invalid_names",
         "warnings",
+        "image",
     ),
     "names": ("layout_id", "entry_position", "ordinal", "name", "tag", "how"),
     "children": (
@@ -117,6 +122,7 @@ _PG_TABLES = {
         "size",
         "platform",
         "annotations",
+        "image",
     ),
     "layout_warnings": ("layout_id", "ordinal", "message"),
 }
@@ -128,14 +134,20 @@ def pg_path(value: str | bytes) -> bytes:
 
 
 class Rows:
-    """The published rows of some layouts, read from SQLite in one read transaction, by PostgreSQL table."""
+    """The published rows of some layouts, read from SQLite in one read transaction, by PostgreSQL table,
+    and the content graph's rows they name (the arguments of ``ocidx.put_graph``): each manifest's and
+    index's row once (``manifests``), its attestation links (``attestations``), and the referenced
+    blobs each layout lacks (``missing``)."""
 
-    __slots__ = ("ids", "paths", "tables")
+    __slots__ = ("attestations", "ids", "manifests", "missing", "paths", "tables")
 
     def __init__(self) -> None:
         self.tables: dict[str, list[tuple[object, ...]]] = {table: [] for table in _PG_TABLES}
         self.ids: list[int] = []
         self.paths: list[bytes] = []
+        self.manifests: dict[str, list[object]] = {}
+        self.attestations: list[tuple[str, str, str]] = []
+        self.missing: list[tuple[int, str]] = []
 
 
 def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> Rows:
@@ -153,6 +165,23 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             f"FROM entries WHERE layout_id IN ({marks})",
             chunk,
         ).fetchall()
+        kids = conn.execute(
+            "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
+            f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
+            f"WHERE c.layout_id IN ({marks})",
+            chunk,
+        ).fetchall()
+        named: dict[int, set[str]] = {}
+        for row in entries:
+            named.setdefault(row[0], set()).add(row[2])
+        for row in kids:
+            named.setdefault(row[0], set()).add(row[5])
+        images = db.images(conn, {digest for digests in named.values() for digest in digests})
+        absent = db.missing(conn, chunk)
+        entries = [(*e, _image_json(images.get(e[2]), e[3], absent.get(e[0]))) for e in entries]
+        kids = [(*c, _image_json(images.get(c[5]), c[6], absent.get(c[0]))) for c in kids]
+        _graph_rows(conn, rows, images)
+        _missing_rows(rows, named, images, absent)
         rows.tables["entries"].extend(_no_nul(entries, 3))
         ordinal: dict[tuple[int, int], int] = {}
         for lid, pos, name, tag, how in conn.execute(
@@ -163,12 +192,6 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             n = ordinal.get((lid, pos), 0)
             ordinal[(lid, pos)] = n + 1
             rows.tables["names"].append((lid, pos, n, name, tag, how))
-        kids = conn.execute(
-            "SELECT c.layout_id, e.position, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-            f"c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id "
-            f"WHERE c.layout_id IN ({marks})",
-            chunk,
-        ).fetchall()
         rows.tables["children"].extend(_no_nul(kids, 6))
         counter: dict[int, int] = {}
         for lid, message in conn.execute(
@@ -178,6 +201,65 @@ def read_rows(conn: sqlite3.Connection, where: str, args: Sequence[object]) -> R
             counter[lid] = n + 1
             rows.tables["layout_warnings"].append((lid, n, message))
     return rows
+
+
+def _image_json(image: db.Image | None, media_type: str, absent: set[int] | None) -> str | None:
+    """The ``image`` column of an entry or child: what the host's own lookups answer of its image
+    (:func:`indexer.query.image_fields`, which they apply to manifests only), as JSON."""
+    if media_type not in MANIFEST_MEDIA_TYPES:
+        return None
+    fields = image_fields(image, absent)
+    return json.dumps(fields, sort_keys=True) if fields is not None else None
+
+
+def _graph_rows(conn: sqlite3.Connection, rows: Rows, images: dict[str, db.Image]) -> None:
+    """Add to *rows* the graph's rows of *images* it does not hold yet: each manifest's or index's row
+    (``ocidx.put_graph``'s columns; NUL spelled out in its free text, as :func:`pg_text` says) and the
+    attestation links of the indexes."""
+    indexes: dict[int, str] = {}
+    for digest, image in images.items():
+        if digest in rows.manifests:
+            continue
+        layers = db.parse_layers(image.layers) if image.kind == "manifest" and image.layers is not None else None
+        rows.manifests[digest] = [
+            digest,
+            pg_text(image.artifact_type),
+            image.subject,
+            json.dumps(image.annotations, sort_keys=True) if image.annotations else None,
+            image.config,
+            pg_text(image.config_media_type) if image.config_media_type is not None else None,
+            image.config_size,
+            [layer[0] for layer in layers] if layers is not None else None,
+            [pg_text(layer[1]) for layer in layers] if layers is not None else None,
+            [layer[2] for layer in layers] if layers is not None else None,
+        ]
+        if image.kind == "index":
+            indexes[graph_key(digest)] = digest
+    keys = sorted(indexes)
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for index_key, digest, target in conn.execute(
+            f"SELECT index_key, digest, target FROM attestations WHERE index_key IN ({marks})", chunk
+        ):
+            rows.attestations.append((indexes[index_key], digest, target))
+
+
+def _missing_rows(
+    rows: Rows, named: dict[int, set[str]], images: dict[str, db.Image], absent: dict[int, set[int]]
+) -> None:
+    """Add to *rows* the blobs each layout references and lacks, by digest: SQLite keeps their keys
+    (:func:`indexer.graph.graph_key`), which the digests the layout names, and those their images are
+    made of (configs, layers), give back."""
+    for lid, keys in absent.items():
+        if not keys:
+            continue
+        candidates = set(named.get(lid, ()))
+        for digest in named.get(lid, ()):
+            image = images.get(digest)
+            if image is not None:
+                candidates.update(image.blobs())
+        rows.missing.extend((lid, digest) for digest in sorted(candidates) if graph_key(digest) in keys)
 
 
 def pg_text(value: str) -> str:
@@ -285,10 +367,30 @@ def layout_checksum(lid: int, version: int, content_hash: str | None, path: byte
 class Summary:
     """A host's rows in brief: counts per table and a checksum of its layouts (ids, versions, hashes, paths)."""
 
-    __slots__ = ("checksum", "children", "entries", "layout_warnings", "layouts", "names")
+    __slots__ = (
+        "checksum",
+        "children",
+        "entries",
+        "graph_attestations",
+        "graph_manifests",
+        "layout_warnings",
+        "layouts",
+        "missing_blobs",
+        "names",
+    )
 
     def __init__(
-        self, *, layouts: int, checksum: int, entries: int, names: int, children: int, layout_warnings: int
+        self,
+        *,
+        layouts: int,
+        checksum: int,
+        entries: int,
+        names: int,
+        children: int,
+        layout_warnings: int,
+        graph_manifests: int,
+        graph_attestations: int,
+        missing_blobs: int,
     ) -> None:
         self.layouts = layouts
         self.checksum = checksum
@@ -296,6 +398,9 @@ class Summary:
         self.names = names
         self.children = children
         self.layout_warnings = layout_warnings
+        self.graph_manifests = graph_manifests
+        self.graph_attestations = graph_attestations
+        self.missing_blobs = missing_blobs
 
     def differences(self, other: Summary) -> list[str]:
         """What differs from *other*, as ``name here/there``."""
@@ -304,6 +409,20 @@ class Summary:
             for name in self.__slots__
             if getattr(self, name) != getattr(other, name)
         ]
+
+
+# What the host's rows in each table of the fleet count, counted in SQLite: the graph's rows are every
+# manifest and index row (each is named by an entry or child of some layout, or it is gone: the
+# writer's collect_garbage), every attestation link, and every referenced blob a layout lacks.
+_SUMMARY_COUNTS = {
+    "entries": "SELECT count(*) FROM entries",
+    "names": "SELECT count(*) FROM names",
+    "children": "SELECT count(*) FROM children",
+    "layout_warnings": "SELECT count(*) FROM layout_warnings",
+    "graph_manifests": "SELECT count(*) FROM manifests",
+    "graph_attestations": "SELECT count(*) FROM attestations",
+    "missing_blobs": "SELECT coalesce(sum(missing_blobs), 0) FROM layout_graph",
+}
 
 
 def read_summary(conn: sqlite3.Connection) -> tuple[int, str, Summary]:
@@ -315,18 +434,8 @@ def read_summary(conn: sqlite3.Connection) -> tuple[int, str, Summary]:
         for lid, path, version, content_hash in conn.execute("SELECT id, path, version, content_hash FROM layouts"):
             layouts += 1
             checksum += layout_checksum(lid, version, content_hash, pg_path(path))
-        counts = [
-            int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-            for table in ("entries", "names", "children", "layout_warnings")
-        ]
-        summary = Summary(
-            layouts=layouts,
-            checksum=checksum,
-            entries=counts[0],
-            names=counts[1],
-            children=counts[2],
-            layout_warnings=counts[3],
-        )
+        counts = {name: int(conn.execute(sql).fetchone()[0]) for name, sql in _SUMMARY_COUNTS.items()}
+        summary = Summary(layouts=layouts, checksum=checksum, **counts)
         return int(counter), incarnation_of(conn), summary
     finally:
         conn.execute("COMMIT")
@@ -381,7 +490,8 @@ async def publish_rows(
     forget: bool = False,
 ) -> str:
     """One PostgreSQL transaction: (forget every row of the host,) remove paths, replace whole layouts,
-    move the watermark (recording the SQLite *incarnation*), beat; return the fleet's incarnation.
+    add the graph's rows they name and delete those nothing names any more, move the watermark
+    (recording the SQLite *incarnation*), beat; return the fleet's incarnation.
 
     When the fleet's incarnation is not *fleet* (the one the rows were reconciled against), the
     transaction is rolled back and :class:`FleetReplaced` raised.
@@ -389,21 +499,36 @@ async def publish_rows(
     async with conn.transaction():
         if forget:
             await conn.execute("SELECT ocidx.forget_host()")
+        # The digests the rows deleted below named: the graph's rows that only they named go too.
+        released: list[str] = []
         gone = [*removed, *stale_paths]
         if gone:
-            await conn.execute("SELECT ocidx.remove_layouts(%s::bytea[])", (gone,))
+            released.extend(await _released(conn, "SELECT ocidx.remove_layouts(%s::bytea[])", (gone,)))
         if rows is not None and rows.ids:
             data = rows.tables["layouts"]
-            await conn.execute(
-                "SELECT ocidx.put_layouts(%s::bigint[], %s::bytea[], %s::bigint[], %s::text[], %s::text[], "
-                "%s::text[], %s::text[], %s::integer[])",
-                [[row[i] for row in data] for i in range(len(_PG_TABLES["layouts"]))],
+            released.extend(
+                await _released(
+                    conn,
+                    "SELECT ocidx.put_layouts(%s::bigint[], %s::bytea[], %s::bigint[], %s::text[], %s::text[], "
+                    "%s::text[], %s::text[], %s::integer[])",
+                    [[row[i] for row in data] for i in range(len(_PG_TABLES["layouts"]))],
+                )
             )
             # JSON encodes the rows in C, where adapting a Python list per column cost psycopg about half
             # of an insert (docs/design.md); paths, which JSON cannot carry, went as bytea above.
             await conn.execute(
                 "SELECT ocidx.put_rows(%s::json, %s::json, %s::json, %s::json)",
                 tuple(json.dumps(rows.tables[t]) for t in ("entries", "names", "children", "layout_warnings")),
+            )
+        if released or (rows is not None and (rows.manifests or rows.attestations or rows.missing)):
+            await conn.execute(
+                "SELECT ocidx.put_graph(%s::json, %s::json, %s::json, %s::text[])",
+                (
+                    json.dumps(list(rows.manifests.values()) if rows is not None else []),
+                    json.dumps(rows.attestations if rows is not None else []),
+                    json.dumps(rows.missing if rows is not None else []),
+                    sorted(set(released)),
+                ),
             )
         cur = await conn.execute(
             "SELECT ocidx.beat(%s, %s, %s, %s)",
@@ -414,6 +539,12 @@ async def publish_rows(
         if fleet is not None and found != fleet:
             raise FleetReplaced(fleet, found)
     return found
+
+
+async def _released(conn: psycopg.AsyncConnection[tuple[Any, ...]], sql: str, args: Sequence[object]) -> list[str]:
+    """Run ``ocidx.put_layouts`` or ``ocidx.remove_layouts``; the digests the rows it deleted named."""
+    row = await (await conn.execute(sql, args)).fetchone()
+    return [str(digest) for digest in row[0]] if row is not None and row[0] is not None else []
 
 
 class Publisher:
@@ -640,6 +771,9 @@ class Publisher:
             names=int(row[3]),
             children=int(row[4]),
             layout_warnings=int(row[5]),
+            graph_manifests=int(row[8]),
+            graph_attestations=int(row[9]),
+            missing_blobs=int(row[10]),
         )
         differences = local.differences(remote)
         if row[6] != self.watermark:

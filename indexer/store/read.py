@@ -800,8 +800,18 @@ def graph_hits(conn: sqlite3.Connection, digest: str, layout_id: int | None = No
     if not used:
         return []
     by_manifest: dict[str, tuple[str, str, int]] = {m: (source, mt, size) for m, source, mt, size in used}
+    return blob_uses(digest, referencing(conn, by_manifest, layout_id), by_manifest)
+
+
+def blob_uses(
+    digest: str, referencing: dict[int, set[str]], by_manifest: dict[str, tuple[str, str, int]]
+) -> list[GraphHit]:
+    """The hits of :func:`graph_hits`: for each layout of *referencing* (layout id to the manifests it
+    references that use *digest*), by layout, the config use then the layer use, each with its manifests
+    sorted and the media type and size the first of them gives (*by_manifest*: manifest to ``(source,
+    mediaType, size)``)."""
     hits: list[GraphHit] = []
-    for lid, manifests in sorted(referencing(conn, by_manifest, layout_id).items()):
+    for lid, manifests in sorted(referencing.items()):
         for source in ("config", "layer"):
             mine = sorted(m for m in manifests if by_manifest[m][0] == source)
             if mine:
