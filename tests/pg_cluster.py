@@ -282,7 +282,18 @@ SQLITE_ROWS = {
     "c.platform, c.annotations FROM children c JOIN entries e ON e.id = c.entry_id",
     "layout_warnings": "SELECT layout_id, row_number() OVER (PARTITION BY layout_id ORDER BY rowid) - 1, message "
     "FROM layout_warnings",
+    # The content graph (fleet migration 0003): every manifest and index read on the host, with its
+    # layers' digests and sizes; the attestation links of its indexes; per layout, how many of the
+    # blobs it references it lacks (SQLite keeps their keys, not their digests).
+    "graph_manifests": "SELECT m.digest, m.artifact_type, m.subject, m.annotations, m.config, m.config_media_type, "
+    "m.config_size, (SELECT group_concat(json_extract(l.value, '$[0]'), ',') FROM json_each(m.layers) l), "
+    "(SELECT group_concat(json_extract(l.value, '$[1]'), ',') FROM json_each(m.layers) l) FROM manifests m",
+    "graph_attestations": "SELECT m.digest, a.digest, a.target FROM attestations a "
+    "JOIN manifests m ON m.key = a.index_key",
+    "missing_blobs": "SELECT layout_id, missing_blobs FROM layout_graph WHERE missing_blobs > 0",
 }
+# The tables whose rows are the host's, not a layout's (their first column is not a layout id).
+HOST_TABLES = ("graph_manifests", "graph_attestations")
 PG_ROWS = {
     "layouts": "SELECT id, path, version, state, error_category, error, content_hash, entry_count FROM layouts",
     "entries": "SELECT layout_id, position, digest, media_type, size, platform, annotations, invalid_names, warnings "
@@ -291,6 +302,11 @@ PG_ROWS = {
     "children": "SELECT layout_id, entry_position, position, parent, depth, digest, media_type, size, platform, "
     "annotations FROM children",
     "layout_warnings": "SELECT layout_id, ordinal, message FROM layout_warnings",
+    "graph_manifests": "SELECT digest, artifact_type, subject, annotations, config, config_media_type, config_size, "
+    "nullif(array_to_string(layers, ','), ''), nullif(array_to_string(layer_sizes, ','), '') FROM graph_manifests",
+    "graph_attestations": "SELECT index_digest, digest, target FROM graph_attestations",
+    "missing_blobs": "SELECT layout_id, count FROM (SELECT host, layout_id, count(*) FROM missing_blobs "
+    "GROUP BY host, layout_id) AS per_layout",
 }
 
 

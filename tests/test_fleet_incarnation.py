@@ -21,7 +21,7 @@ import sys
 import pytest
 from layouts import Layout, named
 from needs import module
-from pg_cluster import FleetDb, pg_rows, sqlite_rows
+from pg_cluster import HOST_TABLES, FleetDb, pg_rows, sqlite_rows
 from test_daemon import REPO, Daemon, wait_until
 from test_fleet import (  # noqa: F401 (fixtures)
     CONVERGE_S,
@@ -92,7 +92,9 @@ def by_path(rows: dict[str, list[tuple[object, ...]]]) -> dict[str, list[tuple[o
     paths = {row[0]: bytes(row[1]) for row in rows["layouts"]}  # type: ignore[call-overload]
     out = {"layouts": sorted((paths[row[0]], *row[3:]) for row in rows["layouts"])}
     for table, table_rows in rows.items():
-        if table != "layouts":
+        if table in HOST_TABLES:  # the host's own rows: no layout id in them
+            out[table] = sorted(table_rows)
+        elif table != "layouts":
             out[table] = sorted((paths[row[0]], *row[1:]) for row in table_rows)
     return out
 

@@ -18,6 +18,7 @@ COMMANDS = [
     ["fleet", "remove-host", "h1"],
     ["hosts"],
     ["find", "--fleet", ":v1"],
+    ["referrers", "--fleet", "@sha256:" + "a" * 64],
 ]
 
 
@@ -47,6 +48,8 @@ def test_no_dsn_anywhere_says_the_three_ways_to_give_one(capsys: Capsys, command
 def test_dsn_goes_with_fleet_only(capsys: Capsys) -> None:
     code, _, err = ocidx(capsys, "find", "--dsn", UNREACHABLE, ":v1")
     assert code == 2 and "--fleet" in err
+    code, _, err = ocidx(capsys, "referrers", "--dsn", UNREACHABLE, "@sha256:" + "a" * 64)
+    assert code == 2 and "--fleet" in err
 
 
 @pytest.mark.fleet
@@ -64,14 +67,22 @@ def test_the_flag_wins_over_the_environment_which_wins_over_the_config(
     os.mkdir(os.path.join(tmp_path, "other"))
     bad_config = _config(os.path.join(tmp_path, "other"), UNREACHABLE)
     monkeypatch.setenv("OCIDX_FLEET_DSN", admin)
-    for command in (["fleet", "add-host", "h2"], ["hosts"], ["find", "--fleet", ":v1"]):
+    nothing = "@sha256:" + "a" * 64
+    for command in (
+        ["fleet", "add-host", "h2"],
+        ["hosts"],
+        ["find", "--fleet", ":v1"],
+        ["referrers", "--fleet", nothing],
+    ):
         code, _, err = ocidx(capsys, *command, "--config", bad_config)
-        assert code in (0, 1), (command, err)  # 1: find found nothing; never 4
+        assert code in (0, 1), (command, err)  # 1: find and referrers found nothing; never 4
     # The flag wins over the environment.
     monkeypatch.setenv("OCIDX_FLEET_DSN", UNREACHABLE)
     code, out, err = ocidx(capsys, "hosts", "--dsn", admin, "--json")
     assert code == 0, err
     assert [row["host"] for row in json.loads(out)] == ["h1", "h2"]
+    code, out, err = ocidx(capsys, "referrers", "--fleet", "--dsn", admin, "--json", nothing)
+    assert (code, json.loads(out)) == (1, []), err
     code, _, err = ocidx(capsys, "fleet", "remove-host", "h2", "--dsn", admin)
     assert code == 0 and "host h2: 0 layouts removed" in err
 
