@@ -12,6 +12,7 @@ holding what a fresh ``ocidx scan`` of its layouts finds.
 # ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sqlite3
@@ -21,7 +22,7 @@ import sys
 import pytest
 from layouts import Layout, named
 from needs import module
-from pg_cluster import HOST_TABLES, FleetDb, pg_rows, sqlite_rows
+from pg_cluster import HOST_TABLES, FleetDb, admin_connect, pg_rows, sqlite_rows
 from test_daemon import REPO, Daemon, wait_until
 from test_fleet import (  # noqa: F401 (fixtures)
     CONVERGE_S,
@@ -221,3 +222,32 @@ def test_a_data_only_restore_is_caught_by_the_check_of_counts_and_checksum(
     wait_converged(fleet_db, "h1", h1)
     assert by_path(pg_rows(fleet_db.admin_dsn, "h1")) == fresh_scan(h1.roots[0], os.fspath(tmp_path))
     assert "its rows differ from the index" in h1.log()
+
+
+def test_graph_rows_lost_from_the_fleet_are_caught_by_the_check_of_counts(
+    fleet_db: FleetDb, daemons: list[Daemon], base: str
+) -> None:
+    """The content graph's rows (fleet migration 0003) are counted too: a restore that lost them, every
+    layout's own rows intact, is noticed and repaired."""
+    tmp = os.path.join(base, "h1")
+    os.makedirs(os.path.join(tmp, "root"))
+    h1 = Daemon(tmp, [os.path.join(tmp, "root")], reconcile_s=1.0, env={"OCIDX_FLEET_DSN": fleet_db.add_host("h1")})
+    daemons.append(h1)
+    h1.start().wait_ready()
+    churn(h1.roots[0], 3, "v1")
+    partial = Layout(os.path.join(h1.roots[0], "l000"))
+    image = partial.manifest(label="v1-0")  # the image churn wrote there: its layer goes
+    with open(partial.blob_path(str(image["digest"])), "rb") as f:
+        partial.remove_blob(json.load(f)["layers"][0])
+    wait_until(
+        lambda: [row[1:] for row in sqlite_rows(h1.db)["missing_blobs"]] == [(1,)], "h1 indexes the partial export"
+    )
+    wait_converged(fleet_db, "h1", h1)
+    assert len(pg_rows(fleet_db.admin_dsn, "h1")["graph_manifests"]) == 6
+
+    with admin_connect(fleet_db.admin_dsn) as conn:
+        conn.execute("DELETE FROM graph_manifests WHERE host = 'h1'")
+        conn.execute("DELETE FROM missing_blobs WHERE host = 'h1'")
+        conn.commit()
+    wait_converged(fleet_db, "h1", h1)
+    assert "its rows differ from the index (here/in the fleet: graph_manifests 6/0, missing_blobs 1/0)" in h1.log()

@@ -29,6 +29,7 @@ from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
 from test_daemon import REPO, Daemon, wait_until
 from test_fleet import base, daemons, fleet_find, start_host, wait_converged  # noqa: F401 (fixtures)
+from test_graph_answers import referrer
 
 from indexer.fleet.admin import MIGRATE_LOCK
 
@@ -41,7 +42,20 @@ if TYPE_CHECKING:
     from psycopg import Connection
 
 VICTIM_S = 30.0  # a victim that has not answered by then was blocked: the fix answers in about a second
-RELATIONS = ["hosts", "heartbeats", "layouts", "entries", "names", "children", "layout_warnings", "ocidx_migrations"]
+RELATIONS = [
+    "hosts",
+    "heartbeats",
+    "layouts",
+    "entries",
+    "names",
+    "children",
+    "layout_warnings",
+    "ocidx_migrations",
+    # the content graph's (fleet migration 0003)
+    "graph_manifests",
+    "graph_attestations",
+    "missing_blobs",
+]
 NAMES = [f"{schema}{table}" for table in [*RELATIONS, "fleet"] for schema in ("", "public.", "ocidx_data.")]
 MODES = [
     "ACCESS SHARE",
@@ -59,6 +73,9 @@ BLOCKING = {"ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclus
 # says "upgrade ocidx". A role can queue a lock on the view itself (CREATE RULE), which holds up only
 # old readers of that view: no current reader or publisher ever touches it.
 COMPATIBILITY_VIEW = {"ocidx_migrations", "public.ocidx_migrations"}  # as the attackers' search_path finds it
+
+_IMAGE, _LAYER, _ATTESTATION = ("sha256:" + c * 64 for c in "bcd")
+_IMAGE_JSON = json.dumps({"config": None, "created": None, "image_size": None, "layers": 1, "platform": None})
 
 # Transactions a role opens and keeps open: each list runs in one transaction, which is held if it worked.
 HOLDS = [
@@ -82,11 +99,26 @@ HOLDS = [
         "'[[7, 0, 0, \"\", \"latest\", \"tag-only\"]]', '[]', '[]')",
         "SELECT ocidx.beat(0, 1, 1, 'x')",
     ],
+    # ... with the content graph's rows: an image, its manifest with a layer, an attestation, a blob it lacks
+    [
+        "SELECT ocidx.put_layouts(ARRAY[9]::bigint[], ARRAY['/m/9'::bytea], ARRAY[1]::bigint[], ARRAY['ok'], "
+        "ARRAY[NULL]::text[], ARRAY[NULL]::text[], ARRAY[NULL]::text[], ARRAY[1])",
+        f"SELECT ocidx.put_rows('{json.dumps([[9, 0, _IMAGE, 't', 1, None, '{}', None, None, _IMAGE_JSON]])}', "
+        "'[]', '[]', '[]')",
+        f"SELECT ocidx.put_graph('{json.dumps([[_IMAGE, '', None, None, None, None, None, [_LAYER], ['t'], [1]]])}', "
+        f"'{json.dumps([[_IMAGE, _ATTESTATION, _LAYER]])}', '{json.dumps([[9, _LAYER]])}', '{{}}')",
+        "SELECT ocidx.host_summary()",
+    ],
     ["SELECT ocidx.forget_host()"],
     ["SELECT ocidx.remove_layouts(ARRAY['/m/7'::bytea])"],
+    [f"SELECT ocidx.put_graph('[]', '[]', '[]', ARRAY['{_IMAGE}'])"],
     # a reader reading through the functions, then keeping the transaction open
     ["SELECT * FROM ocidx.lookup('names', ARRAY['tag'], ARRAY['latest'])", "SELECT * FROM ocidx.hosts()"],
     ["SELECT * FROM ocidx.host_counts()", "SELECT ocidx.applied_migrations()"],
+    [
+        f"SELECT * FROM ocidx.graph_users('{_LAYER}')",
+        f"SELECT * FROM ocidx.referrers(ARRAY['{_IMAGE}'], ARRAY['sha256-{_IMAGE[7:]}'])",
+    ],
     # advisory locks: ocidx's own (fleet migrate's) and any other
     [f"SELECT pg_advisory_lock({MIGRATE_LOCK})"],
     ["SELECT pg_advisory_lock(0)", "SELECT pg_advisory_xact_lock(1)", "SELECT pg_advisory_lock_shared(0, 0)"],
@@ -219,7 +251,11 @@ def test_no_host_and_no_reader_can_block_readers_or_other_hosts(
 ) -> None:
     h2 = start_host(daemons, fleet_db, base, "h2")
     lay = Layout(os.path.join(h2.roots[0], "a"))
-    lay.write_index([named(lay.manifest(label="a"), ref="latest")])
+    image = lay.manifest(label="a")
+    signature = referrer(lay, image, "application/vnd.dev.cosign.artifact.sig.v1+json", b"a signature")
+    lay.write_index([named(image, ref="latest"), signature])
+    with open(lay.blob_path(str(image["digest"])), "rb") as f:
+        layer = json.load(f)["layers"][0]["digest"]  # what the content graph's lookups are asked for
     wait_converged(fleet_db, "h2", h2)
     attackers = {"mallory": fleet_db.add_host("mallory"), "snoop": fleet_db.add_reader("snoop")}
     dash = fleet_db.add_reader("dash")
@@ -238,6 +274,8 @@ def test_no_host_and_no_reader_can_block_readers_or_other_hosts(
             # The victims, while everything that worked is held and everything that queued waits.
             find = cli("find", "--fleet", "--json", ":latest", dsn=dash)
             hosts = cli("hosts", "--json", dsn=dash)
+            find_layer = cli("find", "--fleet", "--json", f"@{layer}", dsn=dash)
+            referrers = cli("referrers", "--fleet", "--json", f"@{image['digest']}", dsn=dash)
             second = Layout(os.path.join(h2.roots[0], "b"))
             second.write_index([named(second.manifest(label="b"), ref="latest")])
             os.makedirs(os.path.join(base, "h3", "root"))
@@ -248,6 +286,8 @@ def test_no_host_and_no_reader_can_block_readers_or_other_hosts(
             third.write_index([named(third.manifest(label="c"), ref="latest")])
             find_result = finished(find)
             hosts_result = finished(hosts)
+            layer_result = finished(find_layer)
+            referrers_result = finished(referrers)
             published = {"h2": _publishes(fleet_db, "h2", h2, 2), "h3": _publishes(fleet_db, "h3", h3, 1)}
         finally:
             for attack in attacks.values():
@@ -259,16 +299,25 @@ def test_no_host_and_no_reader_can_block_readers_or_other_hosts(
     assert [s for role in queued for n, s in queued[role] if n not in COMPATIBILITY_VIEW] == [], queued
     # The host's writes through the functions worked (on its own rows), as did reading through them.
     assert any("ocidx.put_layouts" in statements[0] for statements in held["mallory"])
+    assert any("ocidx.put_graph" in statement for statements in held["mallory"] for statement in statements)
     assert any("ocidx.lookup" in statements[0] for statements in held["snoop"])
+    assert any("ocidx.graph_users" in statements[0] for statements in held["snoop"])
     # And the victims were not held up.
     code, out, err = find_result
     assert code == 0, f"find --fleet: exit {code} (None: blocked for {VICTIM_S}s); {err}"
     assert lay.path in {a["layout"] for a in json.loads(out) if a["host"] == "h2"}
+    code, out, err = layer_result
+    assert code == 0, f"find --fleet @LAYER: exit {code} (None: blocked for {VICTIM_S}s); {err}"
+    assert [(a["host"], a["layout"], a["source"]) for a in json.loads(out)] == [("h2", lay.path, "layer")]
+    code, out, err = referrers_result
+    assert code == 0, f"referrers --fleet: exit {code} (None: blocked for {VICTIM_S}s); {err}"
+    assert [(r["host"], r["digest"], r["how"]) for r in json.loads(out)] == [("h2", signature["digest"], "subject")]
     code, out, err = hosts_result
     assert code == 0, f"hosts: exit {code} (None: blocked for {VICTIM_S}s); {err}"
     assert {"h2", "mallory"} <= {h["host"] for h in json.loads(out)}
     assert published == {"h2": True, "h3": True}, f"hosts that did not publish within {VICTIM_S}s"
-    assert sorted(host for host, _ in fleet_find(fleet_db, ":latest") if host != "mallory") == ["h2", "h2", "h3"]
+    latest = fleet_find(fleet_db, ":latest")
+    assert sorted(host for host, _ in latest if host != "mallory") == ["h2", "h2", "h3"], latest
 
 
 def _lock_layouts(fleet_db: FleetDb) -> Connection[tuple[object, ...]]:

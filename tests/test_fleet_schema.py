@@ -16,8 +16,43 @@ psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = pytest.mark.fleet
 
-TABLES = ["hosts", "heartbeats", "layouts", "entries", "names", "children", "layout_warnings"]
+TABLES = [
+    "hosts",
+    "heartbeats",
+    "layouts",
+    "entries",
+    "names",
+    "children",
+    "layout_warnings",
+    "graph_manifests",
+    "graph_attestations",
+    "missing_blobs",
+]
 B_DIGEST = "sha256:" + "b" * 64
+B_LAYER = "sha256:" + "e" * 64
+# The functions of schema ocidx, by the group that may call them (hosts are readers too).
+READER_FUNCTIONS = {
+    "applied_migrations",
+    "lookup",
+    "layouts_of",
+    "names_of",
+    "hosts",
+    "host_counts",
+    "graph_users",
+    "referrers",
+}
+PUBLISHER_FUNCTIONS = {
+    "fleet_incarnation",
+    "publisher_state",
+    "host_layouts",
+    "host_summary",
+    "forget_host",
+    "remove_layouts",
+    "put_layouts",
+    "put_rows",
+    "put_graph",
+    "beat",
+}
 
 # What a host or a reader could send to write another host's rows, or to get around the functions: each
 # must be refused or change nothing of host b's (the test compares b's rows before and after).
@@ -52,6 +87,9 @@ THROUGH_FUNCTIONS = [
     "SELECT ocidx.put_rows('[[1, 5, \"sha256:" + "c" * 64 + '", "t", 1, null, "{}", null, null]]\', '
     "'[[1, 0, 5, \"n\", \"t\", \"full\"]]', '[]', '[]')",
     "SELECT ocidx.beat(3, 1, 9, 'mine')",
+    # b's graph rows: a blob b's layout lacks (a's has no layout 1), and b's manifest released by a
+    f"SELECT ocidx.put_graph('[]', '[]', '[[1, \"{B_LAYER}\"]]', '{{}}')",
+    f"SELECT ocidx.put_graph('[]', '[]', '[]', ARRAY['{B_DIGEST}'])",
 ]
 
 
@@ -69,6 +107,14 @@ def _seed_host_b(fleet_db: FleetDb) -> None:
                 json.dumps([[1, 0, 0, "", "t", "tag-only"]]),
                 json.dumps([[1, 0, 0, B_DIGEST, 1, "sha256:" + "d" * 64, "t", 1, None, "{}"]]),
                 json.dumps([[1, 0, "m"]]),
+            ),
+        )
+        b.execute(
+            "SELECT ocidx.put_graph(%s, %s, %s, '{}')",
+            (
+                json.dumps([[B_DIGEST, "", None, None, None, None, None, [B_LAYER], ["t"], [1]]]),
+                json.dumps([[B_DIGEST, "sha256:" + "d" * 64, "sha256:" + "f" * 64]]),
+                json.dumps([[1, B_LAYER]]),
             ),
         )
         b.execute("SELECT ocidx.beat(0, 1, 1, 'b-index')")
@@ -102,7 +148,12 @@ def test_a_host_cannot_write_another_hosts_rows(fleet_db: FleetDb) -> None:
     before = _rows_of_b(fleet_db)
     assert _attempt(a, DIRECT) == []
     # Through the functions a host writes only its own rows: b's stay as they were.
-    assert _attempt(a, THROUGH_FUNCTIONS) == [THROUGH_FUNCTIONS[0], THROUGH_FUNCTIONS[1], THROUGH_FUNCTIONS[3]]
+    assert _attempt(a, THROUGH_FUNCTIONS) == [
+        THROUGH_FUNCTIONS[0],
+        THROUGH_FUNCTIONS[1],
+        THROUGH_FUNCTIONS[3],
+        THROUGH_FUNCTIONS[5],
+    ]
     after = _rows_of_b(fleet_db)
     assert after["rows"] == before["rows"]
     assert after["hosts"] == [("a", 9, "mine"), ("b", 1, "b-index")]
@@ -113,12 +164,35 @@ def test_a_host_writes_its_own_rows_through_the_functions_only(fleet_db: FleetDb
     _seed_host_b(fleet_db)
     b = fleet_db.dsn("b")
     assert pg_rows(fleet_db.admin_dsn, "b")["names"] == [(1, 0, 0, "", "t", "tag-only")]
-    with psycopg.connect(b, autocommit=True) as conn:
+    assert pg_rows(fleet_db.admin_dsn, "b")["graph_manifests"] == [
+        (B_DIGEST, "", None, None, None, None, None, B_LAYER, "1")
+    ]
+    with psycopg.connect(b, autocommit=True) as conn, conn.transaction():
         # Objects a caller makes cannot stand in for the tables: the functions' search_path is pinned.
         conn.execute("CREATE TEMP TABLE layouts (LIKE pg_class)")
-        conn.execute("SELECT ocidx.remove_layouts(ARRAY['x'::bytea])")  # its own layout, and all below it
+        conn.execute("CREATE TEMP TABLE graph_manifests (LIKE pg_class)")
+        # Its own layout, and all below it; then the graph's rows it alone named, as a publisher does.
+        released = conn.execute("SELECT ocidx.remove_layouts(ARRAY['x'::bytea])").fetchone()
+        assert released is not None and released[0] == [B_DIGEST, "sha256:" + "d" * 64]
+        conn.execute("SELECT ocidx.put_graph('[]', '[]', '[]', %s)", (released[0],))
     assert pg_rows(fleet_db.admin_dsn, "b") == {t: [] for t in PG_ROWS}
     assert _attempt(b, ["DELETE FROM layouts", "LOCK TABLE ocidx_data.layouts", "SELECT * FROM ocidx_data.hosts"]) == []
+
+
+def test_every_function_runs_as_ocidx_api_with_its_search_path_pinned_for_its_group_only(fleet_db: FleetDb) -> None:
+    with admin_connect(fleet_db.admin_dsn) as conn:
+        rows = conn.execute(
+            "SELECT p.proname, pg_get_userbyid(p.proowner), p.prosecdef, p.proconfig, "
+            "p.proacl IS NULL OR EXISTS (SELECT FROM aclexplode(p.proacl) a WHERE a.grantee = 0), "
+            "has_function_privilege('ocidx_reader', p.oid, 'EXECUTE'), "
+            "has_function_privilege('ocidx_publisher', p.oid, 'EXECUTE') "
+            "FROM pg_proc p WHERE p.pronamespace = 'ocidx'::regnamespace ORDER BY p.proname"
+        ).fetchall()
+    assert {row[0] for row in rows} == READER_FUNCTIONS | PUBLISHER_FUNCTIONS
+    for name, owner, definer, config, public, reader, publisher in rows:
+        assert (owner, definer, config) == ("ocidx_api", True, ["search_path=ocidx_data, pg_temp"]), name
+        assert not public, f"{name}: every role may execute it"
+        assert (reader, publisher) == ((True, True) if name in READER_FUNCTIONS else (False, True)), name
 
 
 def test_a_reader_can_only_read(fleet_db: FleetDb) -> None:
@@ -135,6 +209,9 @@ def test_a_reader_can_only_read(fleet_db: FleetDb) -> None:
         assert conn.execute(
             "SELECT host, digest FROM ocidx.lookup('entries', ARRAY['digest'], %s)", ([B_DIGEST],)
         ).fetchall() == [("b", B_DIGEST)]
+        assert conn.execute(
+            "SELECT host, layout_id, manifest, source, missing FROM ocidx.graph_users(%s)", (B_LAYER,)
+        ).fetchall() == [("b", 1, B_DIGEST, "layer", True)]
 
 
 def test_a_non_superuser_administrator_sets_up_the_fleet(
