@@ -328,73 +328,77 @@ class Scanner:
         self, batches: list[list[str]], pooled: bool
     ) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
         """Each batch with its read results, in order; with the pool (*pooled*), the next batches are
-        being read (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
+        being read (in tasks of TASK_LAYOUTS) while the caller writes the one before them.
+
+        A task whose worker died (a crash, the OOM killer) is read again one layout at a time
+        (:meth:`_read_alone`); when no worker can be started at all, the rest of the pass is read in
+        this process.
+        """
         import collections
-        from concurrent.futures.process import BrokenProcessPool
 
         import anyio.to_thread
 
         familiar, limits = self.config.familiar, self.config.limits
         pool = self.pool
-        if pool is None or not pooled:
-            for batch in batches:
-                yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
-            return
-        queue: collections.deque[tuple[list[str], list[asyncio.Future[bytes]]]] = collections.deque()
+        queue: collections.deque[tuple[list[str], list[tuple[list[str], asyncio.Future[bytes]]]]] = collections.deque()
         upcoming = iter(batches)
         try:
             while True:
                 # Keep two batches (and at least two tasks per worker) in flight: while the writer
                 # writes one, the workers read the next.
-                while (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers) and (
-                    following := next(upcoming, None)
-                ) is not None:
+                while (
+                    pool is not None
+                    and pooled
+                    and (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers)
+                    and (following := next(upcoming, None)) is not None
+                ):
                     tasks = [following[i : i + TASK_LAYOUTS] for i in range(0, len(following), TASK_LAYOUTS)]
-                    queue.append((following, [_wrap(pool.submit(task)) for task in tasks]))
+                    queue.append((following, [(task, _wrap(pool.submit(task))) for task in tasks]))
                 if not queue:
-                    return
-                batch, futures = queue.popleft()
-                try:
-                    results = [result for future in futures for result in workers.unpack(await future)]
-                except BrokenProcessPool:
-                    # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
-                    # Read them again one layout at a time in a fresh pool to find the one that kills it.
-                    lost = [batch, *(b for b, _ in queue)]
-                    for dropped in [*futures, *(f for _, fs in queue for f in fs)]:
-                        dropped.add_done_callback(_retrieved)
-                    queue.clear()
-                    pool.broken()
-                    if not await _starts(pool):
-                        # Workers that cannot even start (no interpreter for them, a process limit):
-                        # no layout is to blame; read the rest of the pass in this process.
-                        self.problems.append("worker processes could not be started: reading layouts in this process")
-                        for rest in [*lost, *upcoming]:
-                            yield rest, await anyio.to_thread.run_sync(workers.read_batch, rest, familiar, limits)
+                    following = next(upcoming, None)
+                    if following is None:
                         return
-                    for lost_batch in lost:
-                        yield lost_batch, await self._read_alone(lost_batch)
+                    yield following, await anyio.to_thread.run_sync(workers.read_batch, following, familiar, limits)
                     continue
+                batch, futures = queue.popleft()
+                results: list[workers.Result] = []
+                for task, future in futures:
+                    try:
+                        results.extend(workers.unpack(await future))
+                    except workers.WorkerDied:
+                        results.extend(await self._read_alone(task))
+                    except workers.WorkersUnavailable as exc:
+                        if pooled:  # said once; the rest of the pass is read here
+                            self.problems.append(
+                                f"worker processes could not be started ({exc}): reading layouts in this process"
+                            )
+                            pooled = False
+                        results.extend(await anyio.to_thread.run_sync(workers.read_batch, task, familiar, limits))
                 yield batch, results
         finally:
             for _batch, futures in queue:
-                for future in futures:
+                for _task, future in futures:
                     future.add_done_callback(_retrieved)
                     future.cancel()
 
-    async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
-        """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
-        from concurrent.futures.process import BrokenProcessPool
+    async def _read_alone(self, task: list[str]) -> list[workers.Result]:
+        """Read each layout of a task whose worker died by itself in the pool: one whose read kills
+        its worker again is a failure of the environment (``workers.worker_died``), read again later."""
+        import anyio.to_thread
 
         pool = self.pool
         assert pool is not None
         out: list[workers.Result] = []
-        for path in batch:
+        for path in task:
             read_ns = time.time_ns()
             try:
                 out.extend(workers.unpack(await _wrap(pool.submit([path]))))
-            except BrokenProcessPool as exc:
-                pool.broken()
-                out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
+            except workers.WorkerDied as exc:
+                out.append(workers.worker_died(path, read_ns, str(exc)))
+            except workers.WorkersUnavailable:
+                out.extend(
+                    await anyio.to_thread.run_sync(workers.read_batch, [path], self.config.familiar, self.config.limits)
+                )
         return out
 
     async def _apply(self, outcomes: list[Outcome], stored: dict[str, db.StoredLayout], full: bool) -> list[Outcome]:
@@ -496,18 +500,6 @@ class Scanner:
                 await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
         counts.error_messages[:0] = problems
         return counts
-
-
-async def _starts(pool: workers.Pool) -> bool:
-    """Whether a fresh pool runs a task at all."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        await _wrap(pool.submit([]))
-    except BrokenProcessPool:
-        pool.broken()
-        return False
-    return True
 
 
 def _retrieved(future: asyncio.Future[bytes]) -> None:

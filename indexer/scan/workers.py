@@ -1,7 +1,7 @@
 """Reading and parsing layouts in worker processes, so that a scan uses every core.
 
-A :class:`Pool` is a ``ProcessPoolExecutor`` of ``[daemon] workers`` processes (0: one per core this
-process may run on). Each task is a batch of layout paths; a worker reads every ``index.json`` and
+A :class:`Pool` runs ``[daemon] workers`` processes (0: one per core this process may run on), each
+with a pipe of its own. Each task is a batch of layout paths; a worker reads every ``index.json`` and
 its nested index blobs, checks hashes, parses, takes the row keys and encodes the JSON columns, and
 returns plain tuples (:data:`Result`), so what crosses the process boundary is about the size of the
 rows themselves. The parent decides from them what to write (``scanner.decide``) against the stored
@@ -9,13 +9,13 @@ state it holds, so the compare-and-set stays where the one writer is.
 
 Workers die with the process that started them: each sets ``PR_SET_PDEATHSIG`` (SIGKILL) and exits
 at once when its parent is already gone, so a daemon killed with SIGKILL leaves no worker behind. A
-worker that dies (a crash, the OOM killer) breaks the pool: :meth:`Pool.read` then reads the batch's
-layouts again one at a time in a fresh pool, and a layout whose read kills its worker again is
-reported failed (``layout_unreadable``) while the others are indexed (docs/design.md).
+worker that dies (a crash, the OOM killer) fails only the task it was reading (:class:`WorkerDied`);
+the scanner reads that task's layouts again one at a time (docs/design.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import marshal
 import os
@@ -28,7 +28,9 @@ from indexer.errors import LayoutError, LayoutUnreadable
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from concurrent.futures import Future, ProcessPoolExecutor
+    from concurrent.futures import Future
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
 
     from indexer.layout import Limits
     from indexer.store.write import LayoutRows
@@ -123,70 +125,271 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class WorkerDied(Exception):
+    """The worker process reading a task died (a crash, the OOM killer, a signal) before it answered."""
+
+
+class WorkersUnavailable(Exception):
+    """No worker process could be started (a process or descriptor limit): no layout is to blame."""
+
+
+class _Worker:
+    """One worker process, the parent's end of its own pipe, and the task it is reading (if any)."""
+
+    __slots__ = ("conn", "process", "task")
+
+    def __init__(self, process: BaseProcess, conn: Connection) -> None:
+        self.process = process
+        self.conn = conn
+        self.task: tuple[Future[bytes], list[str]] | None = None
+
+
 class Pool:
-    """Worker processes that read batches of layouts (started on first use, restarted after a crash)."""
+    """Worker processes that read batches of layouts, each with a pipe of its own.
+
+    Not ``concurrent.futures.ProcessPoolExecutor``: its workers share one result pipe under one
+    lock, so a worker killed while it writes a result (the OOM killer, an admin's ``kill -9``) leaves
+    a partial message that the executor's thread waits on forever, with the lock held, and every
+    other worker blocked behind it (a pass hung for good, about one run in four under a killer; a
+    worker spawned while that thread waits is not among the processes it watches either). Here a
+    task goes to one idle worker over that worker's own pipe; a manager thread waits on every busy
+    pipe and every worker's exit at once, so a death fails only the task that worker held
+    (:class:`WorkerDied`), and a partial result ends in EOF, since the dead worker held the only
+    other end. Workers are started when tasks wait for them (or by :meth:`warm`), replaced after a
+    death, and stopped by :meth:`close`.
+    """
 
     def __init__(self, workers: int, familiar: str, limits: Limits) -> None:
+        import threading
+
         self.workers = workers
         self.familiar = familiar
         self.limits = limits
-        self._executor: ProcessPoolExecutor | None = None
-
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            # spawn, not fork: the parent has threads (the writer's, watchdog's) whose locks a
-            # forked child would inherit held; a spawned worker starts clean and is a direct child.
-            self._executor = ProcessPoolExecutor(
-                self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_die_with_parent,
-                initargs=(os.getpid(),),
-            )
-        return self._executor
+        self._lock = threading.Lock()
+        self._pending: list[tuple[Future[bytes], list[str], str, Limits]] = []
+        self._running: list[_Worker] = []
+        self._thread: threading.Thread | None = None
+        self._wake: tuple[int, int] | None = None  # a non-blocking pipe that wakes the manager thread
+        self._warm = False
+        self._closing = False
 
     def submit(self, paths: list[str]) -> Future[bytes]:
-        """Start reading *paths* in a worker (its results: :func:`unpack`); a pool that a dead worker
-        broke gives a future that fails with BrokenProcessPool, as the tasks already in it do."""
+        """Start reading *paths* in a worker; the future's result is for :func:`unpack`, or it fails
+        with :class:`WorkerDied` (the worker died) or :class:`WorkersUnavailable` (none could start)."""
         from concurrent.futures import Future
-        from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            return self._pool().submit(read_packed, paths, self.familiar, self.limits)
-        except BrokenProcessPool as exc:
-            failed: Future[bytes] = Future()
-            failed.set_exception(exc)
-            return failed
+        future: Future[bytes] = Future()
+        with self._lock:
+            self._pending.append((future, paths, self.familiar, self.limits))
+            self._start()
+        return future
 
     def warm(self) -> None:
-        """Start every worker now (an empty task each), so that their start-up overlaps other work."""
-        for _ in range(self.workers):
-            self.submit([]).add_done_callback(_ignore)
+        """Start every worker now, so that their start-up overlaps other work."""
+        with self._lock:
+            self._warm = True
+            self._start()
 
-    def broken(self) -> None:
-        """Forget a pool a dead worker broke (its other workers are stopped)."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+    def _start(self) -> None:
+        """Start the manager thread, or wake it (the lock is held)."""
+        import threading
+
+        if self._thread is None:
+            self._closing = False
+            self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            self._thread = threading.Thread(target=self._manage, name="ocidx-workers", daemon=True)
+            self._thread.start()
+        else:
+            self._poke()
+
+    def _poke(self) -> None:
+        wake = self._wake
+        if wake is not None:
+            with contextlib.suppress(OSError):  # its pipe is full: the manager is woken already
+                os.write(wake[1], b"!")
 
     def close(self) -> None:
-        """Stop the workers."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        """Stop the workers: tasks waiting fail, a worker reading is stopped (its result is not wanted)."""
+        with self._lock:
+            thread = self._thread
+            if thread is None:
+                return
+            self._closing = True
+            self._poke()
+        thread.join()
+        with self._lock:
+            self._thread = None
+            if self._wake is not None:
+                for end in self._wake:
+                    os.close(end)
+                self._wake = None
+            self._warm = False
 
     def pids(self) -> list[int]:
         """The worker processes' ids (for status and tests)."""
-        executor = self._executor
-        processes = getattr(executor, "_processes", None) or {}
-        return sorted(processes)
+        with self._lock:
+            return sorted(w.process.pid for w in self._running if w.process.pid is not None)
+
+    # -- the manager thread ---------------------------------------------------------------------
+
+    def _manage(self) -> None:
+        from multiprocessing.connection import wait
+
+        wake = self._wake
+        assert wake is not None
+        try:
+            while True:
+                with self._lock:
+                    if self._closing:
+                        break
+                    self._dispatch()
+                    spawn = self._to_spawn()
+                if spawn:
+                    self._spawn(spawn)
+                    continue
+                with self._lock:
+                    busy = [w for w in self._running if w.task is not None]
+                    exits = [w.process.sentinel for w in self._running]
+                ready = wait([wake[0], *(w.conn for w in busy), *exits])
+                if wake[0] in ready:
+                    try:
+                        while os.read(wake[0], 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                for worker in busy:
+                    if worker.conn in ready:
+                        self._answered(worker)
+                for worker in list(self._running):
+                    if worker.process.sentinel in ready:
+                        self._died(worker)
+        finally:
+            self._stop_all()
+
+    def _dispatch(self) -> None:
+        """Hand waiting tasks to idle workers (the lock is held)."""
+        for worker in self._running:
+            while worker.task is None and self._pending:
+                future, paths, familiar, limits = self._pending.pop(0)
+                if not future.set_running_or_notify_cancel():
+                    continue  # cancelled while it waited
+                try:
+                    worker.conn.send((paths, familiar, limits))
+                except OSError:
+                    # The worker is gone (its exit is reported next): the task waits for another.
+                    future.set_exception(WorkerDied("the worker process exited before it took the task"))
+                    break
+                worker.task = (future, paths)
+
+    def _to_spawn(self) -> int:
+        """How many workers to start now: for the tasks no idle worker takes, or all when warming."""
+        idle = sum(1 for w in self._running if w.task is None)
+        wanted = self.workers if self._warm else min(self.workers, len(self._running) - idle + len(self._pending))
+        return max(0, wanted - len(self._running))
+
+    def _spawn(self, count: int) -> None:
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")
+        for _ in range(count):
+            try:
+                # spawn, not fork: the parent has threads (the writer's, the watcher's) whose locks a
+                # forked child would inherit held; a spawned worker starts clean and is a direct child.
+                parent_end, child_end = context.Pipe(duplex=True)
+                try:
+                    process = context.Process(target=_serve, args=(child_end, os.getpid()), daemon=True)
+                    process.start()
+                finally:
+                    child_end.close()  # the worker holds the only other end: its death is EOF here
+            except OSError as exc:
+                with self._lock:
+                    if not self._running:  # nothing will ever take the waiting tasks
+                        failed, self._pending = self._pending, []
+                        for future, *_ in failed:
+                            if future.set_running_or_notify_cancel():
+                                future.set_exception(WorkersUnavailable(exc.strerror or str(exc)))
+                    self._warm = False
+                return
+            with self._lock:
+                self._running.append(_Worker(process, parent_end))
+        with self._lock:
+            self._warm = False
+
+    def _answered(self, worker: _Worker) -> None:
+        try:
+            data = worker.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._died(worker)  # it closed its pipe or died mid-answer: its exit follows
+            return
+        task, worker.task = worker.task, None
+        if task is not None:
+            task[0].set_result(data)
+
+    def _died(self, worker: _Worker) -> None:
+        """A worker exited: its task (unless its whole answer is in the pipe) fails with WorkerDied."""
+        task, worker.task = worker.task, None
+        if task is not None:
+            try:
+                data = worker.conn.recv_bytes() if worker.conn.poll() else None
+            except (EOFError, OSError):
+                data = None
+            if data is not None:
+                task[0].set_result(data)
+            else:
+                worker.process.join(1.0)
+                code = worker.process.exitcode
+                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+                task[0].set_exception(WorkerDied(f"the worker process reading it died ({how})"))
+        with self._lock:
+            if worker in self._running:
+                self._running.remove(worker)
+        _reap(worker)
+
+    def _stop_all(self) -> None:
+        """Stop every worker; fail every task still waiting or being read."""
+        with self._lock:
+            running, self._running = self._running, []
+            pending, self._pending = self._pending, []
+        for future, *_ in pending:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(WorkerDied("the worker processes were stopped"))
+        for worker in running:
+            task, worker.task = worker.task, None
+            if task is None:
+                with contextlib.suppress(OSError):
+                    worker.conn.send(None)  # an idle worker leaves on its own
+            else:
+                task[0].set_exception(WorkerDied("the worker processes were stopped"))
+                worker.process.terminate()  # reading a layout nobody waits for any more
+        for worker in running:
+            _reap(worker)
 
 
-def _ignore(future: Future[bytes]) -> None:
-    """A warm-up task's outcome: a worker that could not start is met again by the first real batch."""
-    future.exception()
+def _reap(worker: _Worker) -> None:
+    """Wait for a worker that was told to leave (or died), killing it if it does not."""
+    worker.process.join(5.0)
+    if worker.process.exitcode is None:
+        worker.process.kill()
+        worker.process.join()
+    worker.conn.close()
+    worker.process.close()
+
+
+def _serve(conn: Connection, parent: int) -> None:
+    """A worker's whole life: read the tasks sent on *conn* until told to stop (None) or orphaned."""
+    _die_with_parent(parent)
+    try:
+        while True:
+            try:
+                task = conn.recv()
+            except EOFError:
+                return  # the parent closed its end
+            if task is None:
+                return
+            paths, familiar, limits = task
+            conn.send_bytes(read_packed(paths, familiar, limits))
+    except Exception:
+        os._exit(1)  # the parent reports the task failed (WorkerDied); no traceback on its stderr
 
 
 def worker_died(path: str, read_ns: int, how: str) -> Result:
