@@ -5,7 +5,8 @@ only the standard library; ``scan`` and ``daemon`` import their async
 machinery inside their own functions. Human messages and warnings go to
 stderr, JSON documents to stdout, one per command. Exit codes (docs/semantics.md):
 0 found, 1 not found, 2 bad usage or invalid reference, 3 ambiguous, 4 no
-usable index database, 5 the layout is unreadable with no last good state.
+usable index database, 5 the layout is unreadable with no last good state, 6 out
+of open files or memory.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ first steps:
   ocidx scan /srv/exports                          index every layout below a root
   ocidx find :v1                                   every indexed layout holding the tag
 exit codes: 0 found, 1 not found, 2 bad usage, 3 ambiguous, 4 no usable index database,
-5 layout unreadable; docs/semantics.md and docs/json.md describe every command."""
+5 layout unreadable, 6 out of open files or memory; docs/semantics.md and docs/json.md
+describe every command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,11 +291,12 @@ def cmd_find(args: argparse.Namespace) -> int:
         return cmd_find_fleet(args)
     with _index(args) as index:
         answers = index.find(args.ref, verify_all=args.verify_all)
-    if answers.unverified is not None:
-        _warn(f"ocidx: warning: {answers.unverified}")
+    overall = [w for w in [answers.unverified, *answers.warnings] if w is not None]
+    for warning in overall:
+        _warn(f"ocidx: warning: {warning}")
     for answer in answers:
         for warning in answer.warnings:
-            if warning != answers.unverified:
+            if warning not in overall:
                 _warn(f"ocidx: warning: {warning}")
     if args.json:
         _emit([a.to_json() for a in answers])

@@ -82,6 +82,7 @@ from indexer.errors import (
     ReferenceError_,
     TornRead,
     UsageError,
+    layout_failure,
 )
 from indexer.names import DEFAULT_FAMILIAR_POLICY, quote_value, read_names
 
@@ -695,10 +696,13 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise LayoutUnreadable(f"{path} became a symlink while it was opened; refused") from None
-        raise LayoutUnreadable(_open_error(path, exc)) from None
+        raise layout_failure(LayoutUnreadable, _open_error(path, exc), exc) from None
     try:
         _check_opened_inside(fd, path)
-        before = os.fstat(fd)
+        try:
+            before = os.fstat(fd)
+        except OSError as exc:
+            raise layout_failure(LayoutUnreadable, f"{path} cannot be read: {exc.strerror}", exc) from None
         if not stat.S_ISREG(before.st_mode):
             raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
         if before.st_size > limits.max_index_bytes:
@@ -707,7 +711,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
             data = _read_all(fd, limits.max_index_bytes, before.st_size)
             after = os.fstat(fd)
         except OSError as exc:
-            raise LayoutUnreadable(f"{path} cannot be read: {exc.strerror}") from None
+            raise layout_failure(LayoutUnreadable, f"{path} cannot be read: {exc.strerror}", exc) from None
     finally:
         os.close(fd)
     identity = FileIdentity.of(before)
@@ -857,7 +861,7 @@ def read_blob(
             raise BlobMissing(f"blob {digest} is not in {os.path.join(layout, 'blobs')}") from None
         if exc.errno == errno.ELOOP:
             raise BlobError(f"blob {digest} at {path} became a symlink while opened; refused") from None
-        raise BlobError(f"blob {digest} at {path} cannot be opened: {exc.strerror}") from None
+        raise layout_failure(BlobError, f"blob {digest} at {path} cannot be opened: {exc.strerror}", exc) from None
     limit = limits.max_blob_bytes
     try:
         st = os.fstat(fd)
@@ -871,11 +875,11 @@ def read_blob(
         try:
             data = _read_all(fd, limit, st.st_size)
         except OSError as exc:
-            raise BlobError(f"blob {digest} at {path} cannot be read: {exc.strerror}") from None
+            raise layout_failure(BlobError, f"blob {digest} at {path} cannot be read: {exc.strerror}", exc) from None
     finally:
         os.close(fd)
     if len(data) > limit or (size is not None and len(data) != size):
-        raise BlobError(f"blob {digest} changed size while it was read")
+        raise BlobError(f"blob {digest} changed size while it was read", transient=True)
     if getattr(hashlib, algorithm)(data).hexdigest() != encoded:  # a validated digest: sha256, sha384 or sha512
         raise BlobError(f"blob {digest} does not match its digest (content changed or corrupt)")
     return data
@@ -971,6 +975,10 @@ class _ChildWalk:
         except BlobMissing:
             self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
         except BlobError as exc:
+            if exc.transient:
+                # Descriptors or memory used up, an I/O error: nothing is known of this blob, and the
+                # layout's rows would say its children are unknown for good. The read fails instead.
+                raise LayoutUnreadable(f"{self.layout}: {exc.message}", category=exc.category, transient=True) from None
             self.warnings.append(f"{exc.message}; its children are unknown")
         else:
             # The blob's bytes were just read from this layout and matched its digest, so they are

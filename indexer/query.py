@@ -36,6 +36,7 @@ from indexer.errors import (
     ReferenceError_,
     TagMismatch,
     UsageError,
+    exhausted,
     printable,
 )
 from indexer.names import Name
@@ -168,6 +169,9 @@ class Matches(list[Answer]):
         super().__init__()
         self.query = query
         self.unverified = unverified  # why the index could not be proven exact (each answer warns too)
+        # Other things a person should know about the whole answer (layouts in scope that could not be
+        # read now); each answer carries them among its warnings too.
+        self.warnings: list[str] = []
         self.hint = ""  # for no answer: " (did you mean the tag ':v1'?)" when that would have matched
 
 
@@ -311,6 +315,9 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
+            # Out of descriptors or memory: nothing is wrong with the layout; say what is (exit 6).
+            if (resource := exhausted(exc, f"reading {real}")) is not None:
+                raise resource from None
             # docs/semantics.md: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
@@ -469,7 +476,13 @@ class Index:
         if verify_all:
             stored = {s.path: s for s in db.layouts(conn)}
             scope.update(stored)
+        # Layouts whose last read failed hold no rows, or only a last good state: each is read again
+        # here, and those that still cannot be read are named, since they may hold what was asked for.
+        for known in db.in_error(conn):
+            scope.add(known.path)
+            stored.setdefault(known.path, known)
         answers = Matches(query, unverified)
+        unreadable: list[str] = []
         for path in sorted(scope):
             try:
                 # Stored paths are resolved already: no realpath, no second SELECT per layout.
@@ -477,12 +490,15 @@ class Index:
             except NotFound:
                 continue  # verified: the layout is gone, so are its matches
             except LayoutError as exc:
+                unreadable.append(f"{path}: {exc.message}")
                 if path in in_index:
                     answers.extend(
                         _with_warning(a, f"{path}: {exc.message}; this match could not be verified")
                         for a in in_index[path]
                     )
                 continue
+            if view.freshness == STALE:
+                unreadable.append(view.warnings[0] if view.warnings else path)
             if view.freshness == INDEXED:
                 answers.extend(in_index.get(path, []))
                 continue
@@ -492,9 +508,15 @@ class Index:
                 continue  # a search for NAME@DIGEST: the name points elsewhere in this layout
             answers.extend(_answers_by_digest(view, hits, warnings))
         answers.sort(key=lambda a: (a.layout, a.digest))
-        if unverified is not None:
-            answers[:] = [_with_warning(a, unverified) for a in answers]
-        elif not answers:
+        if unreadable:
+            more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+            answers.warnings.append(
+                f"{len(unreadable)} indexed layout{'s' if len(unreadable) > 1 else ''} could not be read now "
+                f"({unreadable[0]}{more}): this answer may miss images in them"
+            )
+        for note in ([unverified] if unverified is not None else []) + answers.warnings:
+            answers[:] = [_with_warning(a, note) for a in answers]
+        if unverified is None and not answers:
             answers.hint = _tag_hint(conn, query, None)
         return answers
 

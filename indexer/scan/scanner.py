@@ -43,6 +43,8 @@ LOGGED_PATHS = 10
 CONFLICT_RETRIES = 4
 # A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
 POOL_MIN_LAYOUTS = 64
+# A full pass reads its transient failures again after each of these delays (seconds), while they last.
+RETRY_DELAYS_S = (0.05, 0.25, 1.0)
 # Layouts per worker task: a batch (one write transaction) is read as tasks of at most this many.
 # Smaller tasks keep each process's high-water memory low (measured at 10,000 layouts: 219 MB for
 # the scan and its workers with tasks of 500, 152 MB with tasks of 100, in the same time).
@@ -106,6 +108,9 @@ class Counts:
         # The first few layouts written or dropped, for the daemon's log (the counts say how many).
         self.changed_paths: list[str] = []
         self.removed_paths: list[str] = []
+        # Layouts whose read failed for a reason outside their bytes (LayoutError.transient): stored with
+        # no identity, read again (by this pass after a backoff, then by the next pass).
+        self.transient: dict[str, Failed] = {}
 
     def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
@@ -120,6 +125,8 @@ class Counts:
             elif isinstance(outcome, Failed):
                 self.errors += 1
                 self.error_messages.append(outcome.error.message)
+                if outcome.error.transient:
+                    self.transient[outcome.path] = outcome
             elif isinstance(outcome, Gone):
                 self.removed += 1
                 if len(self.removed_paths) < LOGGED_PATHS:
@@ -127,6 +134,22 @@ class Counts:
             if not isinstance(outcome, Same):
                 written += 1
         self.unchanged += max(0, looked_at - written)
+
+    def retried(self, again: Counts) -> None:
+        """Replace what this pass counted for its transient failures by *again*, the pass that read
+        them again: they count once, as what that read found."""
+        for failed in self.transient.values():
+            self.errors -= 1
+            if failed.error.message in self.error_messages:
+                self.error_messages.remove(failed.error.message)
+        self.transient = dict(again.transient)
+        self.changed += again.changed
+        self.unchanged += again.unchanged
+        self.errors += again.errors
+        self.removed += again.removed
+        self.error_messages.extend(again.error_messages)
+        self.changed_paths.extend(again.changed_paths[: max(0, LOGGED_PATHS - len(self.changed_paths))])
+        self.removed_paths.extend(again.removed_paths[: max(0, LOGGED_PATHS - len(self.removed_paths))])
 
     def to_json(self, seconds: float) -> dict[str, object]:
         """The summary ``ocidx scan --json`` prints."""
@@ -137,6 +160,7 @@ class Counts:
             "errors": self.errors,
             "removed": self.removed,
             "still_broken": self.still_broken,
+            "read_again": len(self.transient),
             "seconds": round(seconds, 3),
             "error_messages": self.error_messages[:50],
         }
@@ -475,6 +499,7 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
+        import anyio
         import anyio.to_thread
 
         roots = list(roots)
@@ -498,6 +523,15 @@ class Scanner:
         finally:
             if cold:
                 await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
+        # A read that failed for a reason outside the layout's bytes (descriptors or memory used up
+        # for a moment, a worker killed) is tried again after a backoff before the pass ends; what
+        # still fails is stored with no identity, so the next pass (and the daemon, on its own
+        # schedule) reads it again.
+        for delay in RETRY_DELAYS_S:
+            if not counts.transient:
+                break
+            await anyio.sleep(delay)
+            counts.retried(await self.process(sorted(counts.transient), full=full))
         counts.error_messages[:0] = problems
         return counts
 

@@ -24,7 +24,7 @@ import time
 from typing import cast
 
 from indexer import layout as layout_mod
-from indexer.errors import LayoutError, LayoutUnreadable
+from indexer.errors import LayoutError, LayoutUnreadable, layout_failure
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from indexer.store.write import LayoutRows
 
     # (path, read_ns, kind, detail): kind READ with LayoutRows; FAILED with (category, message,
-    # identity tuple or None); GONE (no longer a layout) with None.
+    # identity tuple or None, transient); GONE (no longer a layout) with None.
     Result = tuple[str, int, int, object]
 
 READ, FAILED, GONE = 0, 1, 2
@@ -44,7 +44,13 @@ PR_SET_PDEATHSIG = 1
 
 
 def read_one(path: str, familiar: str, limits: Limits) -> Result:
-    """Read and parse one layout into a compact :data:`Result` (in a worker, or in-process)."""
+    """Read and parse one layout into a compact :data:`Result` (in a worker, or in-process).
+
+    A failure of the layout's own files (invalid JSON, a bad digest, a FIFO) carries the identity of
+    ``index.json``, so that it is not read again until it changes; a failure of the environment
+    (``LayoutError.transient``: descriptors, memory, I/O, a permission) carries none, so that every
+    pass reads it again (docs/reliability.md).
+    """
     from indexer.store.write import snapshot_rows
 
     read_ns = time.time_ns()
@@ -53,16 +59,21 @@ def read_one(path: str, familiar: str, limits: Limits) -> Result:
     except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
         if not layout_mod.is_layout_dir(path):
             return (path, read_ns, GONE, None)
-        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: no index.json", None))
+        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: no index.json", None, False))
     except OSError as exc:
-        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}/index.json: {exc.strerror}", None))
+        error = layout_failure(LayoutUnreadable, f"{path}/index.json: {exc.strerror}", exc)
+        return (path, read_ns, FAILED, (error.category, error.message, None, error.transient))
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     try:
         snapshot = layout_mod.read_layout(path, familiar=familiar, limits=limits)
     except LayoutError as exc:
-        return (path, read_ns, FAILED, (exc.category, exc.message, ident))
-    except Exception as exc:
-        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: unexpected {type(exc).__name__}: {exc}", ident))
+        return (path, read_ns, FAILED, (exc.category, exc.message, None if exc.transient else ident, exc.transient))
+    except OSError as exc:  # outside the reads of the layout's files (a module imported lazily, /proc)
+        error = layout_failure(LayoutUnreadable, f"{path}: {exc.strerror or exc}", exc)
+        return (path, read_ns, FAILED, (error.category, error.message, None, True))
+    except Exception as exc:  # MemoryError, or a bug met on these bytes: not known to be the layout's fault
+        category = "out_of_memory" if isinstance(exc, MemoryError) else "layout_unreadable"
+        return (path, read_ns, FAILED, (category, f"{path}: unexpected {type(exc).__name__}: {exc}", None, True))
     rows: LayoutRows = snapshot_rows(snapshot)
     return (path, read_ns, READ, rows)
 
@@ -91,9 +102,9 @@ def unpack(blob: bytes) -> list[Result]:
 
 
 def failed_error(detail: object) -> tuple[LayoutError, tuple[int, int, int, int, int] | None]:
-    """The error and identity of a FAILED :data:`Result`'s detail."""
-    category, message, ident = cast("tuple[str, str, tuple[int, int, int, int, int] | None]", detail)
-    return LayoutError(message, category=category), ident
+    """The error and identity of a FAILED :data:`Result`'s detail (no identity for a transient one)."""
+    category, message, ident, transient = cast("tuple[str, str, tuple[int, int, int, int, int] | None, bool]", detail)
+    return LayoutError(message, category=category, transient=transient), ident
 
 
 def _die_with_parent(parent: int) -> None:
@@ -395,19 +406,9 @@ def _serve(conn: Connection, parent: int) -> None:
 def worker_died(path: str, read_ns: int, how: str) -> Result:
     """The result for a layout whose read killed its worker process again when read alone.
 
-    The identity of ``index.json`` is stored with the error, so the layout is not read again (and
-    does not kill another worker) until it changes.
+    A dead worker says nothing about the layout (the OOM killer picks the largest process, an admin
+    kills what is in the way): it is a failure of the environment, stored without an identity, so
+    the layout is read again by the next pass and, in the daemon, after a backoff (docs/reliability.md).
     """
-    message = f"{path}: the worker process reading it died ({how}); it is read again when it changes"
-    try:
-        st = os.stat(os.path.join(path, "index.json"))
-        ident: tuple[int, int, int, int, int] | None = (
-            st.st_dev,
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-            st.st_ctime_ns,
-        )
-    except OSError:
-        ident = None
-    return (path, read_ns, FAILED, (LayoutUnreadable.category, message, ident))
+    message = f"{path}: {how}; it is read again later"
+    return (path, read_ns, FAILED, (LayoutUnreadable.category, message, None, True))

@@ -65,6 +65,7 @@ class StoredLayout(Record):
         "last_good_ns",
         "path",
         "read_ns",
+        "retry_ns",
         "state",
         "version",
     )
@@ -85,6 +86,7 @@ class StoredLayout(Record):
         entry_count: int,
         identity_since_ns: int | None = None,
         version: int = 0,
+        retry_ns: int | None = None,
     ) -> None:
         self.id = id
         self.path = path
@@ -99,6 +101,9 @@ class StoredLayout(Record):
         self.entry_count = entry_count
         self.identity_since_ns = identity_since_ns
         self.version = version
+        # Set while the last read failed for a reason outside the layout's bytes: when the daemon
+        # reads it again (docs/reliability.md); such a row has no identity, so nothing proves it current.
+        self.retry_ns = retry_ns
 
     def is_current(self, identity: FileIdentity) -> bool:
         """Whether *identity* (a fresh ``stat``) proves the stored rows describe the file now."""
@@ -127,14 +132,15 @@ class StoredLayout(Record):
 
 _LAYOUT_COLUMNS = (
     "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
-    "last_good_ns, checked_ns, entry_count, identity_since_ns, version"
+    "last_good_ns, checked_ns, entry_count, identity_since_ns, version, retry_ns"
 )
 
 
 def _stored(row: Sequence[object]) -> StoredLayout:
     (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count, since, version) = (
-        row
+        row[:17]
     )
+    retry = row[17]
     identity = (
         FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
         if dev is not None
@@ -154,6 +160,7 @@ def _stored(row: Sequence[object]) -> StoredLayout:
         entry_count=count,  # type: ignore[arg-type]
         identity_since_ns=since,  # type: ignore[arg-type]
         version=version,  # type: ignore[arg-type]
+        retry_ns=retry,  # type: ignore[arg-type]
     )
 
 
@@ -175,6 +182,30 @@ def layouts(conn: sqlite3.Connection, under: str | None = None) -> list[StoredLa
             "WHERE path = ? OR substr(CAST(path AS BLOB), 1, ?) = ? ORDER BY path",
             (path_value(under), len(prefix), prefix),
         )
+    return [_stored(row) for row in rows]
+
+
+def retries(conn: sqlite3.Connection, paths: Iterable[str] | None = None) -> dict[str, int]:
+    """Layouts (all, or those at *paths*) whose last read failed for a reason outside their bytes, and
+    when (wall clock, ns) the daemon reads each again."""
+    if paths is None:
+        rows = conn.execute("SELECT path, retry_ns FROM layouts WHERE retry_ns IS NOT NULL")
+        return {path_of(path): when for path, when in rows}
+    found: dict[str, int] = {}
+    wanted = [path_value(p) for p in paths]
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        rows = conn.execute(
+            f"SELECT path, retry_ns FROM layouts WHERE retry_ns IS NOT NULL AND path IN ({marks})", chunk
+        )
+        found.update((path_of(path), when) for path, when in rows)
+    return found
+
+
+def in_error(conn: sqlite3.Connection) -> list[StoredLayout]:
+    """Every layout whose last read failed (state ``error``), by path."""
+    rows = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE state = 'error' ORDER BY path")
     return [_stored(row) for row in rows]
 
 

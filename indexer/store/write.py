@@ -70,7 +70,8 @@ class Same(Record):
 
 
 class Failed(Record):
-    """A layout that could not be read; its last good rows are kept."""
+    """A layout that could not be read; its last good rows are kept. ``error.transient`` tells a failure
+    of the environment (stored with no identity, read again) from one of the layout's bytes."""
 
     __slots__ = ("error", "expected", "identity", "path", "read_ns")
 
@@ -390,7 +391,7 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
 _LAYOUT_UPDATE = """
     UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?, content_hash = ?,
                        state = 'ok', error_category = NULL, error = NULL, last_good_ns = ?, checked_ns = ?,
-                       entry_count = ?, identity_since_ns = ?
+                       entry_count = ?, identity_since_ns = ?, retry_ns = NULL, failures = 0
     WHERE id = ?
 """
 
@@ -549,7 +550,7 @@ def _touch(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
                            state = 'ok', error_category = NULL, error = NULL, checked_ns = ?,
-                           identity_since_ns = ?
+                           identity_since_ns = ?, retry_ns = NULL, failures = 0
         WHERE id = ?
         """,
         (
@@ -568,6 +569,12 @@ def _touch(
         _stamp(conn, current.id, current.path, versions)
 
 
+# A layout whose read failed for a reason outside its bytes is read again by the daemon after this
+# long, doubled with each consecutive such failure up to RETRY_MAX_NS (docs/reliability.md).
+RETRY_FIRST_NS = 1_000_000_000
+RETRY_MAX_NS = 64_000_000_000
+
+
 def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | None, versions: _Versions) -> None:
     identity = outcome.identity
     ident = (
@@ -577,18 +584,29 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
     )
     now = time.time_ns()
     message = printable(outcome.error.message)
-    # The identity of the failed read is stored so that a reconcile does not re-read an
-    # unchanged broken file; content_hash and the rows stay those of the last good read.
+    # A failure of the layout's own bytes is stored with the identity of the file that failed, so that
+    # a reconcile does not re-read an unchanged broken file. A failure of the environment carries no
+    # identity (nothing proves the row current: every pass reads it again) and a time for the daemon
+    # to try again, backing off while it keeps failing. content_hash and the rows stay those of the
+    # last good read.
+    if outcome.error.transient:
+        row = conn.execute("SELECT failures FROM layouts WHERE path = ?", (path_value(outcome.path),)).fetchone()
+        failures = (row[0] if row is not None else 0) + 1
+        retry_ns: int | None = now + min(RETRY_MAX_NS, RETRY_FIRST_NS << min(failures - 1, 32))
+    else:
+        failures, retry_ns = 0, None
     layout_id = conn.execute(
         """
         INSERT INTO layouts (path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
-        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0, ?)
+                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns,
+                             retry_ns, failures)
+        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0, ?, ?, ?)
         ON CONFLICT (path) DO UPDATE SET
             dev = excluded.dev, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns,
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, state = 'error',
             error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns,
-            identity_since_ns = excluded.identity_since_ns
+            identity_since_ns = excluded.identity_since_ns, retry_ns = excluded.retry_ns,
+            failures = excluded.failures
         RETURNING id
         """,
         (
@@ -599,6 +617,8 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
             message,
             now,
             _since(current, identity, outcome.read_ns),
+            retry_ns,
+            failures,
         ),
     ).fetchone()[0]
     if (

@@ -1,0 +1,9 @@
+-- ocidx schema: what a failure of the environment leaves (issue 17, "a failure is never a proof").
+-- A layout that could not be read for a reason outside its own bytes (descriptors or memory used up,
+-- an I/O error, a permission, a worker process that died, a writer mid-rewrite) is stored in state
+-- 'error' with no identity, so that every pass reads it again; retry_ns is when the daemon reads it
+-- again by itself, after a backoff that doubles with each consecutive such failure (failures).
+ALTER TABLE layouts ADD COLUMN retry_ns INTEGER;
+ALTER TABLE layouts ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
+-- find re-examines the layouts in error (their rows, if any, are a last good state at best).
+CREATE INDEX layouts_in_error ON layouts (path) WHERE state = 'error';

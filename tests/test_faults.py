@@ -1,0 +1,170 @@
+"""A failure is never a proof: faults of the environment (descriptors used up, permissions, a dead
+worker) met while a pass lists or reads layouts leave no wrong answer behind (issue 17).
+
+Every fault is real: a process whose descriptor limit is lowered (``resource.setrlimit``) while it
+runs a pass, root without the capabilities that bypass permissions (``setpriv``), worker processes
+killed with SIGKILL. What each test checks is what a user sees afterwards: ``ocidx ls``, ``find``
+and ``scan`` through real processes, and the rows against a fresh scan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from layouts import LINUX_AMD64, Layout, named
+from test_reliability import DEADLINE_S, NO_DAC, env, rows, run, wait_for
+
+from indexer.store.read import RACY_WINDOW_NS
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root (setpriv, mounts)")
+
+# One full pass of the scanner with the process's descriptor limit lowered to the descriptors it has
+# open once its event loop runs: every open(2), pipe(2) or socket(2) of the pass fails with EMFILE,
+# as in a daemon whose descriptors an attacker's idle connections used up. The limit is restored
+# after the pass; the pass's counts are printed as JSON.
+UNDER_EMFILE = r"""
+import hashlib, json, os, resource, sys
+import anyio
+from indexer.config import Config, DaemonSettings, Root
+from indexer.scan.scanner import Scanner
+
+db, roots = sys.argv[1], sys.argv[2:]
+scanner = Scanner(db, Config(daemon=DaemonSettings(workers=int(os.environ.get("WORKERS", "1")))))
+
+async def one_pass():
+    free = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor: the limit, so none is left
+    os.close(free)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (free, hard))
+    try:
+        return await scanner.full_pass([Root(r) for r in roots])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+counts = anyio.run(one_pass)
+scanner.close()
+print(json.dumps(counts.to_json(0)))
+"""
+
+
+def under_emfile(tmp: str, db: str, *roots: str) -> dict[str, object]:
+    """Run one full pass (in a process of its own) whose every new descriptor fails with EMFILE."""
+    proc = subprocess.run(
+        [sys.executable, "-c", UNDER_EMFILE, db, *roots],
+        capture_output=True,
+        env=env(tmp),
+        cwd=tmp,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def tagged_tree(root: str, groups: int, per_group: int, tag: str) -> list[Layout]:
+    """``groups`` directories of ``per_group`` layouts, each holding one image tagged *tag*, settled
+    (older than the racy window), so that the directory cache's listings of them are proofs."""
+    made = []
+    for group in range(groups):
+        for number in range(per_group):
+            lay = Layout(os.path.join(root, f"g{group}", f"layout-{number:02d}"))
+            lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label=f"{group}-{number}-{tag}"), ref=tag)])
+            made.append(lay)
+    settle()
+    return made
+
+
+def settle() -> None:
+    """Wait until every file written so far is older than the racy window: a stored identity of it
+    is then a proof that it is unchanged."""
+    settled_at = time.time_ns() + RACY_WINDOW_NS
+    wait_for(lambda: time.time_ns() > settled_at, "the files to leave the racy window", timeout=10)
+
+
+def retag(lay: Layout, tag: str) -> str:
+    """Rewrite *lay*'s ``index.json`` in place (its directory unchanged) to one image tagged *tag*; its digest."""
+    image = lay.manifest(platform=LINUX_AMD64, label=f"{lay.path}-{tag}")
+    lay.write_index([named(image, ref=tag)], rename=False)
+    return str(image["digest"])
+
+
+def layout_rows(db: str) -> dict[str, dict[str, object]]:
+    listed = run(os.path.dirname(db), "ls", "--db", db, "--json")
+    assert listed.rc == 0, listed
+    return {row["layout"]: row for row in listed.json()}  # type: ignore[attr-defined]
+
+
+def found(tmp: str, db: str, ref: str) -> tuple[set[tuple[str, str]], bytes, int]:
+    """``ocidx find --json REF``: the (layout, digest) pairs, stderr, and the exit code."""
+    result = run(tmp, "find", "--db", db, "--json", ref)
+    pairs = {(a["layout"], a["digest"]) for a in result.json()} if result.out else set()  # type: ignore[attr-defined]
+    return pairs, result.err, result.rc
+
+
+# -- reads that fail for a reason outside the layout's bytes --------------------------------------------
+
+
+def test_reads_that_fail_with_emfile_are_not_stored_as_a_proof(tmp_path: Path) -> None:
+    # Before: each layout whose read failed with EMFILE was stored failed *with its identity*, so a
+    # no-change scan kept it "with errors" until its file changed, and find answered without it.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    made = tagged_tree(root, 2, 10, "v1")
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    rewritten = {lay.path: retag(lay, "v2") for lay in made[:8]}
+    settle()  # a failure stored with an identity would now be trusted as proof (it was, before)
+    counts = under_emfile(tmp, db, root)
+    assert (counts["errors"], counts["removed"]) == (8, 0), counts
+    listed = layout_rows(db)
+    assert len(listed) == len(made)
+    assert all(listed[path]["state"] == "error" for path in rewritten), listed
+    # find reads them again now that descriptors are free: every layout tagged v2, and nothing stale.
+    pairs, err, rc = found(tmp, db, ":v2")
+    assert rc == 0 and pairs == set(rewritten.items()), err
+    # A scan with nothing changed since re-reads them (nothing was proven) and leaves no error.
+    again = run(tmp, "scan", "--db", db, "--json", root)
+    assert again.rc == 0, again
+    summary = again.json()
+    assert (summary["changed"], summary["errors"], summary["still_broken"]) == (8, 0, 0), summary  # type: ignore[index]
+    # What the pass said: read again later, for want of descriptors.
+    assert counts["read_again"] == 8
+    assert {listed[path]["error"] for path in rewritten} == {"too_many_open_files"}
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)
+
+
+@needs_root
+def test_find_says_so_when_layouts_in_its_scope_cannot_be_read(tmp_path: Path) -> None:
+    # Before: a layout whose every read failed (here: a permission) was simply absent from find's
+    # answer, with no warning, while find claimed to be exact.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    made = tagged_tree(root, 1, 4, "v1")
+    locked = made[0]
+    os.chmod(locked.index_path, 0o000)
+    try:
+        scan = run(tmp, "scan", "--db", db, "--json", root, prefix=NO_DAC)
+        assert scan.rc == 0, scan
+        assert scan.json()["errors"] == 1  # type: ignore[index]
+        result = run(tmp, "find", "--db", db, "--json", ":v1", prefix=NO_DAC)
+        assert result.rc == 0, result
+        answers = result.json()
+        assert {a["layout"] for a in answers} == {lay.path for lay in made[1:]}  # type: ignore[attr-defined]
+        assert b"1 indexed layout could not be read now" in result.err, result
+        assert locked.path.encode() in result.err
+        assert all(any("could not be read now" in w for w in a["warnings"]) for a in answers)  # type: ignore[attr-defined]
+    finally:
+        os.chmod(locked.index_path, 0o644)
+    # Readable again: the next find answers it, with no warning (nothing was pinned).
+    pairs, err, rc = found(tmp, db, ":v1")
+    assert rc == 0 and {p for p, _ in pairs} == {lay.path for lay in made}, err
+    assert b"warning" not in err
