@@ -1263,6 +1263,7 @@ def _racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> d
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(f"{query} AND path IN ({marks})", tuple(map(path_value, chunk)))
         found.update((path_of(path), settles_at + RACY_MARGIN_NS) for path, settles_at in rows)
+    found.update(db.retries(conn, paths))  # reads that failed for the environment's sake: after their backoff
     return found
 
 
