@@ -174,16 +174,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         want_json = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
         return _COMMANDS[args.command](args)
     except OcidxError as exc:
-        if want_json:
-            _emit(exc.to_json())
-        _warn(f"ocidx: {exc.message}")
-        if isinstance(exc, Ambiguous) and not want_json:
-            _show_candidates(exc)
-        return exc.exit_code
+        return _failed(exc, want_json)
+    except (OSError, MemoryError, ImportError) as exc:
+        # Out of descriptors or memory wherever it struck (a module imported late, a pipe, a file
+        # beside the database): an error of its own, exit 6, never a traceback. (An extension module
+        # that cannot be opened is an ImportError that keeps the errno to itself.)
+        from indexer.errors import exhausted, out_of_descriptors
+
+        doing = f"running ocidx {args_list[0] if args_list else ''}".rstrip()
+        resource = exhausted(exc, doing) or (out_of_descriptors(doing) if isinstance(exc, ImportError) else None)
+        if resource is None:
+            raise
+        return _failed(resource, want_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _failed(exc: OcidxError, want_json: bool) -> int:
+    """Say what went wrong (JSON on stdout when asked, a line on stderr); the exit code."""
+    if want_json:
+        _emit(exc.to_json())
+    _warn(f"ocidx: {exc.message}")
+    if isinstance(exc, Ambiguous) and not want_json:
+        _show_candidates(exc)
+    return exc.exit_code
 
 
 def _show_candidates(exc: Ambiguous) -> None:
@@ -471,6 +487,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     if args.json:
         _emit(summary)
+    if summary["resource_error"] is not None:  # written what it could; the rest is read again next time
+        _warn(f"ocidx: {summary['resource_error']}")
+        from indexer.errors import ResourceExhausted
+
+        return ResourceExhausted.exit_code
     # A root that does not exist or is not a directory is a bad argument (the summary counts it).
     return UsageError.exit_code if summary["bad_roots"] else 0
 

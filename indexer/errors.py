@@ -284,25 +284,47 @@ def exhausted(exc: BaseException, what: str) -> ResourceExhausted | None:
     """The :class:`ResourceExhausted` that *exc* is (descriptors or memory used up while doing *what*:
     an OSError, a MemoryError, or a LayoutError of such a category), or None."""
     if isinstance(exc, MemoryError) or getattr(exc, "category", None) == "out_of_memory":
-        return OutOfMemory(f"{what}: out of memory; run it again when memory is free")
+        return OutOfMemory(f"out of memory while {what}: run it again when memory is free")
     code = getattr(exc, "errno", None)
     if isinstance(exc, LayoutError) and exc.category == "too_many_open_files":
         code = errno.ENFILE if "in system" in exc.message else errno.EMFILE
     if code == errno.EMFILE:
-        import resource
+        try:
+            import resource  # an extension module: its import needs a descriptor too
 
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            allowed = f" (this process may have {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} open)"
+        except (ImportError, OSError):
+            allowed = ""
         return ResourceExhausted(
-            f"{what}: too many open files (this process may have {soft} open): raise the limit (ulimit -n 4096 "
-            "in a shell, LimitNOFILE= in a systemd unit) and run it again"
+            f"too many open files while {what}{allowed}: raise the limit (ulimit -n 4096 in a shell, "
+            "LimitNOFILE= in a systemd unit) and run it again"
         )
     if code == errno.ENFILE:
         return ResourceExhausted(
-            f"{what}: the system's table of open files is full (sysctl fs.file-max): run it again once files "
-            "are closed, or raise fs.file-max"
+            f"the system's table of open files is full (sysctl fs.file-max) while {what}: run it again "
+            "once files are closed, or raise fs.file-max"
         )
     if code == errno.ENOMEM:
-        return OutOfMemory(f"{what}: out of memory; run it again when memory is free")
+        return OutOfMemory(f"out of memory while {what}: run it again when memory is free")
+    return None
+
+
+def out_of_descriptors(what: str, needed: int = 4) -> ResourceExhausted | None:
+    """The :class:`ResourceExhausted` to raise when this process cannot open *needed* more files now
+    (EMFILE, ENFILE), else None: asked after a failure that does not say why, such as SQLite's "unable
+    to open database file" (SQLite keeps the errno to itself, and closes what it had opened: a
+    database in WAL mode needs its file, -wal and -shm, so one free descriptor is no answer)."""
+    import os
+
+    opened: list[int] = []
+    try:
+        for _ in range(needed):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))  # noqa: PERF401 - each kept if the next fails
+    except OSError as exc:
+        return exhausted(exc, what)
+    finally:
+        for fd in opened:
+            os.close(fd)
     return None
 
 

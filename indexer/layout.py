@@ -1028,6 +1028,25 @@ def is_layout_dir(path: str) -> bool:
     )
 
 
+def layout_dir_state(path: str) -> bool | None:
+    """:func:`is_layout_dir`, or None when it cannot be told: a ``stat`` failed for a reason other than
+    absence (a permission, an I/O error), which proves neither that the layout is there nor gone."""
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return False
+    except OSError as exc:
+        return False if exc.errno in (errno.ENOENT, errno.ENOTDIR) else None
+    for marker in (LAYOUT_FILE, INDEX_FILE):
+        try:
+            os.lstat(os.path.join(path, marker))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return None
+        else:
+            return True
+    return False
+
+
 __all__ = [
     "DEFAULT_LIMITS",
     "DOCKER_MANIFEST",
@@ -1044,6 +1063,7 @@ __all__ = [
     "Snapshot",
     "blob_path",
     "is_layout_dir",
+    "layout_dir_state",
     "normalize_platform",
     "parse_index",
     "parse_platform_spec",

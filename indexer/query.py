@@ -40,7 +40,7 @@ from indexer.errors import (
     printable,
 )
 from indexer.names import Name
-from indexer.store import open_reader, schema_script
+from indexer.store import database_error, open_reader, schema_script
 from indexer.store import read as db
 
 TYPE_CHECKING = False
@@ -219,7 +219,7 @@ def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[C
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as exc:
-            raise DatabaseError(f"{self.db_path} is not a usable ocidx database: {exc}") from None
+            raise database_error(f"{self.db_path} is not a usable ocidx database: {exc}", self.db_path) from None
 
     run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
     return run

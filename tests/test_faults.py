@@ -204,3 +204,207 @@ def test_the_daemon_reads_again_what_failed_for_the_environment_after_a_backoff(
         daemon.terminate()
         daemon.wait(DEADLINE_S)
     assert b"Traceback" not in Path(log_path).read_bytes()
+
+
+# -- listings that fail ----------------------------------------------------------------------------------
+
+
+def test_a_root_that_cannot_be_listed_for_want_of_descriptors_loses_no_layout(tmp_path: Path) -> None:
+    # Before: the pass logged "Too many open files" for the root and removed every layout below it
+    # (the daemon's reconcile does the same pass: ls showed 0 layouts until the next good reconcile).
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    made = tagged_tree(root, 2, 5, "v1")
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    # A new directory in the root: the root's listing is no longer the cached one, so the pass lists it.
+    added = Layout(os.path.join(root, "g9", "new"))
+    added.write_index([named(added.manifest(platform=LINUX_AMD64, label="new"), ref="v1")])
+    counts = under_emfile(tmp, db, root)
+    assert counts["removed"] == 0, counts
+    assert counts["unlisted"] == 1, counts
+    assert set(layout_rows(db)) == {lay.path for lay in made}
+    # find without a daemon walks the roots: exact again once descriptors are free.
+    pairs, err, rc = found(tmp, db, ":v1")
+    assert rc == 0 and {p for p, _ in pairs} == {lay.path for lay in [*made, added]}, err
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)
+
+
+@needs_root
+def test_a_directory_that_cannot_be_listed_keeps_its_layouts_and_find_says_unverified(tmp_path: Path) -> None:
+    # Before: a scan that could not list a directory (EACCES) removed every layout indexed below it,
+    # and find then answered without them.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    made = tagged_tree(root, 2, 3, "v1")
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    locked = os.path.join(root, "g1")
+    os.chmod(locked, 0o311)  # searchable, not listable: each layout's own path still leads to it
+    try:
+        scan = run(tmp, "scan", "--db", db, "--json", root, prefix=NO_DAC)
+        assert scan.rc == 0, scan
+        summary = scan.json()
+        assert summary["removed"] == 0, summary  # type: ignore[index]
+        listed = layout_rows(db)
+        assert set(listed) == {lay.path for lay in made}
+        assert all(row["state"] == "ok" for row in listed.values())  # read by their own paths
+        assert summary["unlisted"] == 1, summary  # type: ignore[index]
+        result = run(tmp, "find", "--db", db, "--json", ":v1", prefix=NO_DAC)
+        assert result.rc == 0, result
+        assert {a["layout"] for a in result.json()} == {lay.path for lay in made}  # type: ignore[attr-defined]
+        assert b"could not all be read" in result.err and b"Permission denied" in result.err, result
+    finally:
+        os.chmod(locked, 0o755)
+    pairs, err, rc = found(tmp, db, ":v1")
+    assert rc == 0 and {p for p, _ in pairs} == {lay.path for lay in made} and b"warning" not in err, err
+
+
+# A private mount namespace: an ext4 image without the filetype feature (directory entries carry no
+# type, as on some network and older file systems), mounted where the test says, then the steps.
+IN_NAMESPACE = r"""
+import json, os, subprocess, sys
+image, mountpoint, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+subprocess.run(["mount", "-o", "loop", image, mountpoint], check=True)
+results = []
+try:
+    for step in steps:
+        if step[0] == "chmod":
+            os.chmod(step[1], int(step[2], 8))
+            continue
+        proc = subprocess.run(step, capture_output=True)
+        results.append([proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")])
+finally:
+    subprocess.run(["umount", mountpoint], check=True)
+print(json.dumps(results))
+"""
+
+
+@needs_root
+@pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("unshare")), reason="needs mkfs.ext4, unshare")
+def test_a_listing_with_an_entry_of_unknown_type_is_not_cached_as_settled(tmp_path: Path) -> None:
+    # On a file system whose directory entries carry no type, the walk learns each entry's type with
+    # an lstat; when that failed (EACCES for a scan without CAP_DAC_OVERRIDE), the entry was skipped,
+    # the layout below it removed, and the listing cached as settled: a later scan as full root kept
+    # using it and never found the layout again until the directory itself changed.
+    tmp = str(tmp_path)
+    image, mnt = os.path.join(tmp, "fs.ext4"), os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    with open(image, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-O", "^filetype", "-E", "root_owner=0:0", image], check=True)
+    root, db, fresh = os.path.join(mnt, "root"), os.path.join(tmp, "index.db"), os.path.join(tmp, "fresh.db")
+    python = [sys.executable, "-m", "indexer"]
+    # Build the tree inside the namespace too (the image is empty), then let it settle before scanning.
+    build = (
+        "import os, sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from layouts import LINUX_AMD64, Layout, named\n"
+        "lay = Layout(os.path.join(sys.argv[3], 'd', 'sub', 'app'))\n"
+        "lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label='deep'), ref='v1')])\n"
+    )
+    tests_dir, repo = os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    steps = [
+        [sys.executable, "-c", build, tests_dir, repo, root],
+        [sys.executable, "-c", f"import time; time.sleep({RACY_WINDOW_NS / 1e9 + 0.5})"],
+        [*python, "scan", "--db", db, "--json", root],  # as root: the layout is indexed
+        ["chmod", os.path.join(root, "d"), "644"],  # listable, not searchable: no entry's type can be learnt
+        [*NO_DAC, *python, "scan", "--db", db, "--json", root],
+        ["chmod", os.path.join(root, "d"), "755"],
+        [*python, "ls", "--db", db, "--json"],
+        [sys.executable, "-c", f"import time; time.sleep({RACY_WINDOW_NS / 1e9 + 0.5})"],
+        [*python, "scan", "--db", db, "--json", root],
+        [*python, "ls", "--db", db, "--json"],
+        [*python, "scan", "--db", fresh, "--json", root],
+    ]
+    done = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "--propagation",
+            "private",
+            sys.executable,
+            "-c",
+            IN_NAMESPACE,
+            image,
+            mnt,
+            json.dumps(steps),
+        ],
+        capture_output=True,
+        env=env(tmp),
+        cwd=tmp,
+        timeout=DEADLINE_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    results = json.loads(done.stdout)
+    assert all(rc == 0 for rc, _out, _err in results), results
+    first, limited, after_limited, _sleep, _again, at_end, _fresh = results[2:]
+    assert json.loads(first[1])["changed"] == 1, first
+    assert json.loads(limited[1])["removed"] == 0, limited
+    app = os.path.join(root, "d", "sub", "app")
+    assert [row["layout"] for row in json.loads(after_limited[1])] == [app], after_limited
+    assert [row["layout"] for row in json.loads(at_end[1])] == [app], at_end
+    assert rows(db) == rows(fresh)
+
+
+# -- out of descriptors ----------------------------------------------------------------------------------
+
+# Run the command in sys.argv[2:] with at most sys.argv[1] open files (the soft limit; ulimit -n).
+WITH_FD_LIMIT = (
+    "import os, resource, sys\n"
+    "soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), hard))\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def with_fd_limit(limit: int) -> list[str]:
+    return [sys.executable, "-c", WITH_FD_LIMIT, str(limit)]
+
+
+def test_running_out_of_descriptors_is_said_as_such_everywhere(tmp_path: Path) -> None:
+    # Before: at ulimit -n 10-12 ocidx scan died with a raw traceback (a worker's pipe, a lazily
+    # imported module), at 9 it said the database "is not a usable ocidx database" (exit 4), and at
+    # some limits it hung (a worker process that could not be started).
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    made = tagged_tree(root, 7, 10, "v1")  # 70 layouts: enough for the worker processes
+    config = os.path.join(tmp, "config.toml")
+    with open(config, "w") as f:
+        f.write("[daemon]\nworkers = 2\n")
+    said: dict[int, set[str]] = {}
+
+    def limited(limit: int, *args: str) -> int:
+        result = run(tmp, *args, prefix=with_fd_limit(limit))  # no traceback, no control character
+        assert result.rc in (0, 6), (limit, result)
+        assert b"not a usable ocidx database" not in result.err and b"unable to open" not in result.err, result
+        if result.rc == 6:
+            assert b"too many open files" in result.err, (limit, result)
+        said.setdefault(result.rc, set()).add(args[0])
+        return result.rc
+
+    for limit in range(6, 31, 3):  # a new database each time, read by worker processes
+        cold = os.path.join(tmp, f"cold-{limit}.db")
+        limited(limit, "scan", "--db", cold, "--config", config, "--no-progress", root)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    for limit in range(7, 31, 3):  # an existing one, a new layout each time (a listing, a read)
+        extra = Layout(os.path.join(root, f"extra-{limit}"))
+        extra.write_index([named(extra.manifest(platform=LINUX_AMD64, label=f"x{limit}"), ref="v1")])
+        limited(limit, "scan", "--db", db, "--config", config, "--no-progress", root)
+    for limit in range(5, 13):
+        for args in (
+            ["resolve", "--layout", made[0].path, ":v1"],
+            ["find", ":v1"],
+            ["ls"],
+            ["ls", made[0].path],
+            ["status"],
+        ):
+            limited(limit, args[0], "--db", db, *args[1:])
+    assert said[6] >= {"scan", "find"} and said[0] >= {"scan", "resolve", "find", "ls", "status"}, said
+    # Nothing a limited scan met was stored as a proof: one scan with descriptors to spare, and the
+    # index is what a fresh scan makes of the tree.
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)

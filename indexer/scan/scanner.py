@@ -17,7 +17,7 @@ import time
 
 from indexer import layout as layout_mod
 from indexer.scan import workers
-from indexer.scan.discovery import discover, load_cache, store_cache, vanished
+from indexer.scan.discovery import below_any, discover, load_cache, store_cache, vanished
 from indexer.store import read as db
 from indexer.store.write import Failed, Gone, Outcome, Read, Same, apply, defer_indexes, restore_indexes
 
@@ -111,6 +111,8 @@ class Counts:
         # Layouts whose read failed for a reason outside their bytes (LayoutError.transient): stored with
         # no identity, read again (by this pass after a backoff, then by the next pass).
         self.transient: dict[str, Failed] = {}
+        # Directories a full pass could not list (path: errno); the layouts below them were kept.
+        self.unlisted: dict[str, int] = {}
 
     def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
@@ -161,6 +163,7 @@ class Counts:
             "removed": self.removed,
             "still_broken": self.still_broken,
             "read_again": len(self.transient),
+            "unlisted": len(self.unlisted),
             "seconds": round(seconds, 3),
             "error_messages": self.error_messages[:50],
         }
@@ -466,8 +469,9 @@ class Scanner:
         outcomes = [o for r in results if (o := decide(r, stored.get(r[0]), full=full)) is not None]
         return self._write_read(conn, outcomes, stored, full), len(unread)
 
-    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
-        """Every layout below *roots*, the problems met on the way, and the roots resolved.
+    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+        """Every layout below *roots*, the problems met on the way, the roots resolved, and the
+        directories that could not be listed (with the errno): nothing below them is known.
 
         The walk lists only the directories the directory cache does not hold as they are, and
         records what it listed (discovery.discover, migrations/0005).
@@ -478,18 +482,19 @@ class Scanner:
         cache = await self.on_writer(load_cache)
         listed: dict[str, Listing] = {}
         visited: set[str] = set()
+        failed: dict[str, int] = {}
 
         def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
-                for path in discover(root, errors, cache, listed, visited):
+                for path in discover(root, errors, cache, listed, visited, failed):
                     found[path] = None
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
         paths, errors, resolved = await anyio.to_thread.run_sync(walk)
         await self.on_writer(store_cache, listed, visited, resolved, cache.keys())
-        return paths, errors, resolved
+        return paths, errors, resolved, failed
 
     async def full_pass(
         self,
@@ -506,13 +511,28 @@ class Scanner:
         stored = await self._stored()
         if not stored and self.pool is not None:
             self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
-        paths, problems, resolved = await self.discover(roots)
+        paths, problems, resolved, failed = await self.discover(roots)
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(
-                lambda: vanished(list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots))
+                lambda: vanished(
+                    list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots), failed=failed
+                )
             )
         ]
+        if failed:
+            # Only a listing that succeeded may remove a layout: those stored below a directory that
+            # could not be listed are kept, and looked at one by one (their own index.json may be
+            # readable); the next pass lists the directory again.
+            found = set(paths)
+            kept = [path for path in stored if path not in found and below_any(path, failed)]
+            paths = [*paths, *kept]
+            if kept:
+                problems.append(
+                    f"{len(kept)} indexed layout{'s' if len(kept) != 1 else ''} below "
+                    f"{'a directory' if len(failed) == 1 else f'{len(failed)} directories'} that could not be "
+                    "listed kept and looked at again"
+                )
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS
@@ -533,6 +553,7 @@ class Scanner:
             await anyio.sleep(delay)
             counts.retried(await self.process(sorted(counts.transient), full=full))
         counts.error_messages[:0] = problems
+        counts.unlisted = failed
         return counts
 
 

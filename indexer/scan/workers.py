@@ -21,6 +21,7 @@ import marshal
 import os
 import signal
 import time
+from multiprocessing.connection import wait
 from typing import cast
 
 from indexer import layout as layout_mod
@@ -183,6 +184,10 @@ class Pool:
         self._wake: tuple[int, int] | None = None  # a non-blocking pipe that wakes the manager thread
         self._warm = False
         self._closing = False
+        self._broken: str | None = None  # why the manager thread stopped, when it failed
+        # After a worker could not be started (EMFILE, a process limit): as many as are running, until
+        # one exits; trying again at once would spin instead of serving the workers that run.
+        self._limit: int | None = None
 
     def submit(self, paths: list[str]) -> Future[bytes]:
         """Start reading *paths* in a worker; the future's result is for :func:`unpack`, or it fails
@@ -190,16 +195,25 @@ class Pool:
         from concurrent.futures import Future
 
         future: Future[bytes] = Future()
+        task = (future, paths, self.familiar, self.limits)
         with self._lock:
-            self._pending.append((future, paths, self.familiar, self.limits))
-            self._start()
+            self._pending.append(task)
+            try:
+                self._start()
+            except (OSError, RuntimeError) as exc:  # no pipe or thread for the manager (EMFILE, a limit)
+                self._pending.remove(task)
+                future.set_running_or_notify_cancel()
+                future.set_exception(WorkersUnavailable(str(exc)))
         return future
 
     def warm(self) -> None:
         """Start every worker now, so that their start-up overlaps other work."""
         with self._lock:
             self._warm = True
-            self._start()
+            try:
+                self._start()
+            except (OSError, RuntimeError):
+                self._warm = False  # the first task meets the same failure, and says so
 
     def _start(self) -> None:
         """Start the manager thread, or wake it (the lock is held)."""
@@ -207,9 +221,17 @@ class Pool:
 
         if self._thread is None:
             self._closing = False
-            self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-            self._thread = threading.Thread(target=self._manage, name="ocidx-workers", daemon=True)
-            self._thread.start()
+            wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+            thread = threading.Thread(target=self._manage, name="ocidx-workers", daemon=True)
+            try:
+                self._wake = wake
+                thread.start()
+            except BaseException:
+                self._wake = None
+                for end in wake:
+                    os.close(end)
+                raise
+            self._thread = thread
         else:
             self._poke()
 
@@ -229,11 +251,12 @@ class Pool:
             self._poke()
         thread.join()
         with self._lock:
-            self._thread = None
-            if self._wake is not None:
-                for end in self._wake:
+            self._limit = None
+            if self._thread is thread:  # (a manager that failed has cleared up after itself)
+                self._thread = None
+                wake, self._wake = self._wake, None
+                for end in wake or ():
                     os.close(end)
-                self._wake = None
             self._warm = False
 
     def pids(self) -> list[int]:
@@ -244,8 +267,6 @@ class Pool:
     # -- the manager thread ---------------------------------------------------------------------
 
     def _manage(self) -> None:
-        from multiprocessing.connection import wait
-
         wake = self._wake
         assert wake is not None
         try:
@@ -274,6 +295,8 @@ class Pool:
                 for worker in list(self._running):
                     if worker.process.sentinel in ready:
                         self._died(worker)
+        except BaseException as exc:  # whatever stops this thread, no task may wait forever
+            self._broken = f"{type(exc).__name__}: {exc}"
         finally:
             self._stop_all()
 
@@ -296,6 +319,8 @@ class Pool:
         """How many workers to start now: for the tasks no idle worker takes, or all when warming."""
         idle = sum(1 for w in self._running if w.task is None)
         wanted = self.workers if self._warm else min(self.workers, len(self._running) - idle + len(self._pending))
+        if self._limit is not None:
+            wanted = min(wanted, self._limit)
         return max(0, wanted - len(self._running))
 
     def _spawn(self, count: int) -> None:
@@ -314,7 +339,9 @@ class Pool:
                     child_end.close()  # the worker holds the only other end: its death is EOF here
             except OSError as exc:
                 with self._lock:
-                    if not self._running:  # nothing will ever take the waiting tasks
+                    if self._running:  # serve with these; try again once one exits
+                        self._limit = len(self._running)
+                    else:  # nothing would ever take the waiting tasks; the next task tries again
                         failed, self._pending = self._pending, []
                         for future, *_ in failed:
                             if future.set_running_or_notify_cancel():
@@ -354,23 +381,35 @@ class Pool:
         with self._lock:
             if worker in self._running:
                 self._running.remove(worker)
+            self._limit = None  # its descriptors and process are free again: a replacement may start
         _reap(worker)
 
     def _stop_all(self) -> None:
-        """Stop every worker; fail every task still waiting or being read."""
+        """Stop every worker; fail every task still waiting or being read (WorkersUnavailable when the
+        manager thread itself failed: descriptors used up, say, so that the pass reads them itself)."""
         with self._lock:
             running, self._running = self._running, []
             pending, self._pending = self._pending, []
+            broken, self._broken = self._broken, None
+            if broken is not None:  # the next task starts a new manager
+                self._thread = None
+                wake, self._wake = self._wake, None
+                for end in wake or ():
+                    os.close(end)
         for future, *_ in pending:
             if future.set_running_or_notify_cancel():
-                future.set_exception(WorkerDied("the worker processes were stopped"))
+                future.set_exception(
+                    WorkersUnavailable(broken) if broken else WorkerDied("the worker processes were stopped")
+                )
         for worker in running:
             task, worker.task = worker.task, None
             if task is None:
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)  # an idle worker leaves on its own
             else:
-                task[0].set_exception(WorkerDied("the worker processes were stopped"))
+                task[0].set_exception(
+                    WorkersUnavailable(broken) if broken else WorkerDied("the worker processes were stopped")
+                )
                 worker.process.terminate()  # reading a layout nobody waits for any more
         for worker in running:
             _reap(worker)

@@ -20,11 +20,17 @@ import sqlite3
 import stat
 import time
 
-from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
+from indexer.errors import DatabaseError, OcidxError, SchemaTooNew, UnsafeFile, exhausted, out_of_descriptors
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
 SCHEMA_VERSION = 6  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
+
+
+def database_error(message: str, path: str) -> OcidxError:
+    """The error for a database that SQLite (or a file beside it) could not open: DatabaseError with
+    *message*, unless this process is out of descriptors, which is no fault of the database."""
+    return out_of_descriptors(f"opening the index database {path}") or DatabaseError(message)
 
 
 def path_value(path: str) -> str | bytes:
@@ -66,7 +72,9 @@ def migration_files(subdir: str = "") -> list[tuple[str, str]]:
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".sql") and n[:4].isdigit())
     except OSError as exc:
-        raise DatabaseError(f"migrations directory {directory} is unreadable: {exc.strerror}") from None
+        raise exhausted(exc, "listing the migrations") or DatabaseError(
+            f"migrations directory {directory} is unreadable: {exc.strerror}"
+        ) from None
     return [(n[:-4], os.path.join(directory, n)) for n in names]
 
 
@@ -96,7 +104,7 @@ def open_reader(path: str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:  # OperationalError is one; "file is not a database" another
         conn.close()
         if not isinstance(exc, sqlite3.OperationalError) or not _shm_refused(path, exc):
-            raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+            raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
@@ -114,7 +122,7 @@ def _connect_reader(path: str, options: str) -> sqlite3.Connection:
     try:
         return sqlite3.connect(f"file:{_uri_path(path)}?{options}", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
     except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open index database {path}: {exc}") from None
+        raise database_error(f"cannot open index database {path}: {exc}", path) from None
 
 
 def _shm_refused(path: str, exc: sqlite3.OperationalError) -> bool:
@@ -136,7 +144,7 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("PRAGMA user_version").fetchone()[0],
         )
     except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+        raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
     if app_id != APPLICATION_ID:
         raise DatabaseError(f"{path} is not an ocidx database")
     if version > SCHEMA_VERSION:
@@ -251,7 +259,7 @@ def open_writer(path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         if guard is not None:
             os.close(guard)
-        raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
+        raise database_error(f"cannot open index database {path} for writing: {exc}", path) from None
     except BaseException:
         if guard is not None:
             os.close(guard)
@@ -275,7 +283,7 @@ def open_writer(path: str) -> sqlite3.Connection:
         migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+        raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
     except BaseException:
         conn.close()
         raise
