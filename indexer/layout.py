@@ -368,15 +368,22 @@ class Child(Record):
 
 
 class Snapshot(Record):
-    """Everything read from one layout at one moment."""
+    """Everything read from one layout at one moment.
 
-    __slots__ = ("children", "content_hash", "entries", "identity", "warnings")
+    ``depends`` is what the rows depend on besides ``index.json`` (:data:`Dependency`): the nested
+    index blobs that were absent or unusable, each with what the read found at its path. A proof
+    that the rows are current checks them too (``store.read.depends_hold``): a blob that arrives
+    later, ``index.json`` untouched, changes what the layout answers.
+    """
+
+    __slots__ = ("children", "content_hash", "depends", "entries", "identity", "warnings")
 
     entries: tuple[Entry, ...]
     children: tuple[Child, ...]
     warnings: tuple[str, ...]
     content_hash: str
     identity: FileIdentity
+    depends: tuple[Dependency, ...]
 
     def __init__(
         self,
@@ -385,17 +392,25 @@ class Snapshot(Record):
         warnings: tuple[str, ...],
         content_hash: str,
         identity: FileIdentity,
+        depends: tuple[Dependency, ...] = (),
     ) -> None:
         self.entries = entries
         self.children = children
         self.warnings = warnings
         self.content_hash = content_hash
         self.identity = identity
+        self.depends = depends
 
 
 if TYPE_CHECKING:
     _Descriptor = tuple[str, str, int, dict[str, str], Platform | None]
     _Parsed = tuple[tuple[Entry, ...], tuple[str, ...]]
+    # A path inside the layout (``blobs/ALG/HEX``) and what a read found there: None, absent; the
+    # identity (dev, ino, size, mtime_ns, ctime_ns) of the file that could not be used; or UNSETTLED,
+    # a file changed within the racy window of the read, which proves nothing yet.
+    Dependency = tuple[str, tuple[int, int, int, int, int] | str | None]
+
+UNSETTLED = "unsettled"
 
 
 # -- parsing (pure) ----------------------------------------------------------------------------
@@ -645,9 +660,9 @@ def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits:
     data, identity, parsed = _read_index(path, limits, parse)
     assert parsed is not None
     entries, warnings = parsed
-    children, child_warnings = read_children(layout, entries, limits)
+    children, child_warnings, depends = read_children(layout, entries, limits)
     content_hash = "sha256:" + hashlib.sha256(data).hexdigest()
-    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity)
+    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity, depends)
 
 
 def _read_index(
@@ -918,17 +933,34 @@ def _blob_directory(layout: str, directory: str, cache: dict[str, str]) -> str:
 
 def read_children(
     layout: str, entries: tuple[Entry, ...], limits: Limits = DEFAULT_LIMITS
-) -> tuple[tuple[Child, ...], tuple[str, ...]]:
-    """Follow the entries that are indexes into ``blobs/``: every child descriptor, and warnings."""
+) -> tuple[tuple[Child, ...], tuple[str, ...], tuple[Dependency, ...]]:
+    """Follow the entries that are indexes into ``blobs/``: every child descriptor, warnings, and the
+    blobs that were absent or unusable (what the children depend on, :class:`Snapshot`)."""
     walk = _ChildWalk(layout, limits)
     for entry in entries:
         if entry.media_type in INDEX_MEDIA_TYPES:
             walk.index(entry.digest, entry.size, entry.position, 1, (entry.digest,))
-    return tuple(walk.children), tuple(walk.warnings)
+    return tuple(walk.children), tuple(walk.warnings), tuple(sorted(walk.depends.items()))
+
+
+def blob_state(layout: str, digest: str) -> tuple[int, int, int, int, int] | str | None:
+    """What is at the path of blob *digest* now, as a :data:`Dependency` records it; :class:`BlobError`
+    for an invalid digest."""
+    import time
+
+    from indexer.store.read import RACY_WINDOW_NS
+
+    try:
+        st = os.stat(blob_path(layout, digest))
+    except OSError as exc:
+        return None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else UNSETTLED
+    if max(st.st_mtime_ns, st.st_ctime_ns) + RACY_WINDOW_NS >= time.time_ns():
+        return UNSETTLED  # still being written, perhaps: a later read decides
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 class _ChildWalk:
-    __slots__ = ("blobs", "children", "full", "layout", "limits", "resolved", "warnings")
+    __slots__ = ("blobs", "children", "depends", "full", "layout", "limits", "resolved", "warnings")
 
     def __init__(self, layout: str, limits: Limits) -> None:
         self.layout = layout
@@ -937,6 +969,7 @@ class _ChildWalk:
         self.children: list[Child] = []
         self.warnings: list[str] = []
         self.blobs: dict[str, list[_Descriptor] | None] = {}
+        self.depends: dict[str, tuple[int, int, int, int, int] | str | None] = {}
         self.full = False
 
     def index(self, digest: str, size: int, position: int, depth: int, path: tuple[str, ...]) -> None:
@@ -974,12 +1007,15 @@ class _ChildWalk:
             data = read_blob(self.layout, digest, size, self.limits, resolved=self.resolved)
         except BlobMissing:
             self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
+            self.depends["blobs/" + digest.replace(":", "/", 1)] = None
         except BlobError as exc:
             if exc.transient:
                 # Descriptors or memory used up, an I/O error: nothing is known of this blob, and the
                 # layout's rows would say its children are unknown for good. The read fails instead.
                 raise LayoutUnreadable(f"{self.layout}: {exc.message}", category=exc.category, transient=True) from None
             self.warnings.append(f"{exc.message}; its children are unknown")
+            if _digest_names_a_path(digest):  # an invalid one names none: the bytes holding it decide alone
+                self.depends["blobs/" + digest.replace(":", "/", 1)] = blob_state(self.layout, digest)
         else:
             # The blob's bytes were just read from this layout and matched its digest, so they are
             # the bytes of every other blob with that digest: the parse is shared across layouts
@@ -994,6 +1030,14 @@ class _ChildWalk:
             self.warnings.extend(warnings)
         self.blobs[digest] = found
         return found
+
+
+def _digest_names_a_path(digest: str) -> bool:
+    try:
+        reference.validate_digest(digest)
+    except ReferenceError_:
+        return False
+    return True
 
 
 _PARSED_INDEXES_MAX = 4096
@@ -1062,6 +1106,7 @@ __all__ = [
     "Platform",
     "Snapshot",
     "blob_path",
+    "blob_state",
     "is_layout_dir",
     "layout_dir_state",
     "normalize_platform",

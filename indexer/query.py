@@ -307,7 +307,7 @@ class Index:
                 return self._stale(stored, unreadable.message, strict, unreadable)
             raise unreadable from None
         identity = layout_mod.FileIdentity.of(st)
-        if stored is not None and stored.is_current(identity):
+        if stored is not None and stored.is_current(identity) and db.depends_hold(real, stored.depends):
             if stored.state == "ok":
                 return View(self.conn, stored.id, real, INDEXED, [])
             return self._stale(stored, stored.error or "index.json is broken", strict)
@@ -322,7 +322,11 @@ class Index:
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
             raise
-        if stored is not None and stored.content_hash == snapshot.content_hash:
+        if (
+            stored is not None
+            and stored.content_hash == snapshot.content_hash
+            and stored.depends == db.encode_depends(snapshot.depends)
+        ):
             return View(self.conn, stored.id, real, INDEXED, [])
         mem = sqlite3.connect(":memory:", isolation_level=None)
         mem.executescript(schema_script())
@@ -866,8 +870,6 @@ def _select_platform(
             [p for p in [_platform_out(hit.platform)] if p is not None],
         )
     kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
-    if not any(k.parent == hit.digest for k in kids):
-        kids = kids + _children_from_disk(view, hit, limits)
     by_parent: dict[str, list[db.ChildRow]] = {}
     for kid in kids:
         by_parent.setdefault(kid.parent, []).append(kid)
@@ -925,24 +927,6 @@ def _select_platform(
         f"(platforms present: {listed})",
         list(seen.values()),
     )
-
-
-def _children_from_disk(view: View, hit: db.Hit, limits: layout_mod.Limits) -> list[db.ChildRow]:
-    """The children of an index whose blob was absent when the layout was read (a partial export
-    that was completed later without touching index.json): read now, verified by its digest."""
-    entry = layout_mod.Entry(hit.position, hit.digest, hit.media_type, hit.size, {})
-    found, _warnings = layout_mod.read_children(view.path, (entry,), limits)
-    return [
-        db.ChildRow(
-            parent=c.parent,
-            depth=c.depth,
-            digest=c.digest,
-            media_type=c.media_type,
-            size=c.size,
-            platform=dict(c.platform.to_json()) if c.platform is not None else None,
-        )
-        for c in found
-    ]
 
 
 def _platform_record(platform: dict[str, object] | None) -> layout_mod.Platform | None:

@@ -7,3 +7,9 @@ ALTER TABLE layouts ADD COLUMN retry_ns INTEGER;
 ALTER TABLE layouts ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 -- find re-examines the layouts in error (their rows, if any, are a last good state at best).
 CREATE INDEX layouts_in_error ON layouts (path) WHERE state = 'error';
+
+-- What a layout's stored rows depend on besides index.json: the nested index blobs that were absent
+-- or unusable when it was read, each with what the read found at its path (JSON, read.encode_depends;
+-- NULL when nothing: the common case costs no proof). A blob that arrives later, index.json
+-- untouched, makes every no-change proof and single lookup read the layout again.
+ALTER TABLE layouts ADD COLUMN depends TEXT;

@@ -408,3 +408,49 @@ def test_running_out_of_descriptors_is_said_as_such_everywhere(tmp_path: Path) -
     fresh = os.path.join(tmp, "fresh.db")
     assert run(tmp, "scan", "--db", fresh, root).rc == 0
     assert rows(db) == rows(fresh)
+
+
+# -- what an answer depends on besides index.json ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["absent", "truncated"])
+def test_a_nested_index_blob_that_arrives_later_is_seen_with_index_json_untouched(tmp_path: Path, first: str) -> None:
+    # A partial export (or a writer that writes index.json before its blobs) leaves the nested index
+    # blob absent, or half written, at the first scan; it arrives later and index.json is untouched.
+    # Before: the no-change proof said "nothing changed", so ocidx scan did nothing and find without
+    # a daemon did not see the child manifests the layout now has.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    lay = Layout(os.path.join(root, "partial"))
+    arm64 = lay.manifest(platform={"architecture": "arm64", "os": "linux"}, label="arm64")
+    nested = lay.index([lay.manifest(platform=LINUX_AMD64, label="amd64"), arm64])
+    blob = lay.blob_path(str(nested["digest"]))
+    with open(blob, "rb") as f:
+        complete = f.read()
+    if first == "absent":
+        os.remove(blob)
+    else:
+        with open(blob, "r+b") as f:
+            f.truncate(len(complete) // 2)
+    lay.write_index([named(nested, ref="v1")])
+    settle()  # index.json and the blob's state then are older than the racy window: proofs
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    detail = run(tmp, "ls", "--db", db, "--json", lay.path).json()[0]  # type: ignore[index]
+    assert detail["entries"][0]["children"] == [], detail
+    # The blob arrives, whole; index.json is not touched.
+    with open(blob, "wb") as f:
+        f.write(complete)
+    child = str(arm64["digest"])
+    pairs, err, rc = found(tmp, db, "@" + child)
+    assert rc == 0 and pairs == {(lay.path, child)}, err
+    detail = run(tmp, "ls", "--db", db, "--json", lay.path).json()[0]  # type: ignore[index]
+    assert detail["freshness"] == "read-through" and len(detail["entries"][0]["children"]) == 2, detail
+    platform = run(tmp, "resolve", "--db", db, "--layout", lay.path, ":v1", "--platform", "linux/arm64")
+    assert platform.rc == 0 and platform.out.decode().strip() == child, platform
+    again = run(tmp, "scan", "--db", db, "--json", root)
+    assert again.json()["changed"] == 1, again  # type: ignore[index]
+    detail = run(tmp, "ls", "--db", db, "--json", lay.path).json()[0]  # type: ignore[index]
+    assert detail["freshness"] == "indexed" and len(detail["entries"][0]["children"]) == 2, detail
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)

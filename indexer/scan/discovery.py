@@ -13,7 +13,7 @@ import sqlite3
 import stat
 import time
 
-from indexer.store.read import SETTLES_AT_SQL, settles_at
+from indexer.store.read import SETTLES_AT_SQL, depends_hold, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -299,14 +299,14 @@ def below_any(path: str, directories: Collection[str]) -> bool:
 
 if TYPE_CHECKING:
     # What the walk compares with one layout's stat (:func:`stored_identities`): (path value, broken,
-    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns).
-    Identity = tuple[object, int, int, int, int, int, int, int]
+    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns, depends).
+    Identity = tuple[object, int, int, int, int, int, int, int, str | None]
 
 # The racy test is the same rule as settles_at, in SQL (SETTLES_AT_SQL); a row that can prove nothing
 # says so in one column, and each row's identity comes as one tuple to compare with stat's.
 _IDENTITIES_SQL = (
     "SELECT path, state != 'ok', coalesce(dev IS NULL OR read_ns IS NULL OR "
-    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns FROM layouts"
+    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns, depends FROM layouts"
 )
 
 
@@ -373,14 +373,19 @@ def changes(
 
 
 def _differs(path: str, known: Identity | None) -> bool:
-    """Whether the layout at *path* must be read: never read, racily clean, or its ``index.json``
-    not the file stored (or not readable: the full read says why)."""
+    """Whether the layout at *path* must be read: never read, racily clean, its ``index.json`` not the
+    file stored (or not readable: the full read says why), or what else its rows depend on changed."""
     try:
         st = os.stat(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
     except OSError:
         return True
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    return known is None or bool(known[2]) or identity != known[3:]
+    return (
+        known is None
+        or bool(known[2])
+        or identity != known[3:8]
+        or (known[8] is not None and not depends_hold(path, known[8]))
+    )
 
 
 def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], list[tuple[str, Listing]]] | None:

@@ -59,12 +59,13 @@ def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: 
 
 
 def _is_current(path: str, stored: db.StoredLayout) -> bool:
-    """Whether one ``stat`` of the layout's ``index.json`` proves its stored rows current."""
+    """Whether one ``stat`` of the layout's ``index.json`` proves its stored rows current (with what
+    they depend on besides it, when anything: ``read.depends_hold``)."""
     try:
         st = os.stat(os.path.join(path, "index.json"))
     except OSError:
         return False  # gone, or unreadable: the read says which
-    return stored.is_current(layout_mod.FileIdentity.of(st))
+    return stored.is_current(layout_mod.FileIdentity.of(st)) and db.depends_hold(path, stored.depends)
 
 
 def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool) -> Outcome | None:
@@ -77,7 +78,13 @@ def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool
         identity = layout_mod.FileIdentity(*ident) if ident is not None else None
         return Failed(path, error, identity, read_ns, stored)
     rows: LayoutRows = detail  # type: ignore[assignment]
-    if not full and stored is not None and stored.state == "ok" and stored.content_hash == rows[1]:
+    if (
+        not full
+        and stored is not None
+        and stored.state == "ok"
+        and stored.content_hash == rows[1]
+        and stored.depends == rows[6]
+    ):
         return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored)
     return Read(path, rows, read_ns, stored)
 

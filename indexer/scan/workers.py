@@ -21,7 +21,6 @@ import marshal
 import os
 import signal
 import time
-from multiprocessing.connection import wait
 from typing import cast
 
 from indexer import layout as layout_mod
@@ -270,6 +269,10 @@ class Pool:
         wake = self._wake
         assert wake is not None
         try:
+            # Here, not at the top: ocidx scan imports this module, and a scan that proves nothing
+            # changed starts no worker (multiprocessing.connection is about 20 ms of imports).
+            from multiprocessing.connection import wait
+
             while True:
                 with self._lock:
                     if self._closing:

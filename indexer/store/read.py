@@ -8,6 +8,7 @@ answer come from one piece of matching code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -56,6 +57,7 @@ class StoredLayout(Record):
     __slots__ = (
         "checked_ns",
         "content_hash",
+        "depends",
         "entry_count",
         "error",
         "error_category",
@@ -87,6 +89,7 @@ class StoredLayout(Record):
         identity_since_ns: int | None = None,
         version: int = 0,
         retry_ns: int | None = None,
+        depends: str | None = None,
     ) -> None:
         self.id = id
         self.path = path
@@ -104,6 +107,8 @@ class StoredLayout(Record):
         # Set while the last read failed for a reason outside the layout's bytes: when the daemon
         # reads it again (docs/reliability.md); such a row has no identity, so nothing proves it current.
         self.retry_ns = retry_ns
+        # What the rows depend on besides index.json (encode_depends), or None: checked by every proof.
+        self.depends = depends
 
     def is_current(self, identity: FileIdentity) -> bool:
         """Whether *identity* (a fresh ``stat``) proves the stored rows describe the file now."""
@@ -132,7 +137,7 @@ class StoredLayout(Record):
 
 _LAYOUT_COLUMNS = (
     "id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state, error_category, error, "
-    "last_good_ns, checked_ns, entry_count, identity_since_ns, version, retry_ns"
+    "last_good_ns, checked_ns, entry_count, identity_since_ns, version, retry_ns, depends"
 )
 
 
@@ -140,7 +145,7 @@ def _stored(row: Sequence[object]) -> StoredLayout:
     (lid, path, dev, ino, size, mtime, ctime, read_ns, chash, state, cat, err, good, checked, count, since, version) = (
         row[:17]
     )
-    retry = row[17]
+    retry, depends = row[17], row[18]
     identity = (
         FileIdentity(dev=dev, ino=ino, size=size, mtime_ns=mtime, ctime_ns=ctime)  # type: ignore[arg-type]
         if dev is not None
@@ -161,7 +166,39 @@ def _stored(row: Sequence[object]) -> StoredLayout:
         identity_since_ns=since,  # type: ignore[arg-type]
         version=version,  # type: ignore[arg-type]
         retry_ns=retry,  # type: ignore[arg-type]
+        depends=depends,  # type: ignore[arg-type]
     )
+
+
+def encode_depends(depends: Iterable[tuple[str, object]]) -> str | None:
+    """The stored form of a snapshot's dependencies (``layout.Snapshot.depends``): JSON, in path order,
+    so that equal sets encode equal; None for none (the common case, which costs nothing to prove)."""
+    items = sorted(depends)
+    return json.dumps(items, separators=(",", ":")) if items else None
+
+
+def depends_hold(path: str, depends: str | None) -> bool:
+    """Whether everything stored rows of the layout at *path* depend on besides ``index.json`` is as
+    it was when they were read: each path still absent, or still the same file; never for a path
+    that was unsettled then or cannot be looked at now."""
+    if depends is None:
+        return True
+    prefix = path if path.endswith("/") else path + "/"
+    for relative, then in json.loads(depends):
+        try:
+            st = os.stat(prefix + relative)
+        except OSError as exc:
+            if then is None and exc.errno in _ABSENT:
+                continue
+            return False
+        if then is None or not isinstance(then, list):
+            return False  # it arrived (or was unsettled when read)
+        if [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] != then:
+            return False
+    return True
+
+
+_ABSENT = (errno.ENOENT, errno.ENOTDIR)
 
 
 def layout(conn: sqlite3.Connection, path: str) -> StoredLayout | None:

@@ -285,7 +285,8 @@ def _annotations_json(annotations: dict[str, str]) -> str:
 
 if TYPE_CHECKING:
     # What one read layout crosses the process boundary as (plain tuples pickle compactly):
-    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children);
+    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children,
+    # depends (read.encode_depends));
     # an entry (row_key, position, digest, media_type, size, platform, annotations, invalid_names, warnings),
     # a name (entry's index in entries, name, tag, how), a child (entry's index in entries, position,
     # parent, depth, digest, media_type, size, platform, annotations); JSON columns already encoded.
@@ -293,7 +294,13 @@ if TYPE_CHECKING:
     NameRow = tuple[int, str, str, str]
     ChildRow = tuple[int, int, str, int, str, str, int, str | None, str]
     LayoutRows = tuple[
-        tuple[int, int, int, int, int], str, tuple[str, ...], list[EntryRow], list[NameRow], list[ChildRow]
+        tuple[int, int, int, int, int],
+        str,
+        tuple[str, ...],
+        list[EntryRow],
+        list[NameRow],
+        list[ChildRow],
+        str | None,
     ]
 
 
@@ -372,6 +379,7 @@ def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
         entries,
         names,
         children,
+        read.encode_depends(snapshot.depends),
     )
 
 
@@ -391,7 +399,7 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
 _LAYOUT_UPDATE = """
     UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?, content_hash = ?,
                        state = 'ok', error_category = NULL, error = NULL, last_good_ns = ?, checked_ns = ?,
-                       entry_count = ?, identity_since_ns = ?, retry_ns = NULL, failures = 0
+                       entry_count = ?, identity_since_ns = ?, depends = ?, retry_ns = NULL, failures = 0
     WHERE id = ?
 """
 
@@ -441,19 +449,19 @@ def _store_all(
     stamped: list[tuple[int, str]] = []
     changed = 0
     for path, rows, read_ns, current in reads:
-        ident, content_hash, warnings_now, entries, names, children = rows
+        ident, content_hash, warnings_now, entries, names, children, depends = rows
         since = _since(current, FileIdentity(*ident), read_ns)
         if current is None:
             layout_id = layout_ids.take()
             new_layouts.append(
-                (layout_id, path_value(path), *ident, read_ns, content_hash, now, now, len(entries), since)
+                (layout_id, path_value(path), *ident, read_ns, content_hash, now, now, len(entries), since, depends)
             )
             have: dict[str, tuple[int, int]] = {}
             published_before: tuple[object, ...] | None = None
             warnings_before: list[str] = []
         else:
             layout_id = current.id
-            updated_layouts.append((*ident, read_ns, content_hash, now, now, len(entries), since, layout_id))
+            updated_layouts.append((*ident, read_ns, content_hash, now, now, len(entries), since, depends, layout_id))
             have = existing[layout_id]
             published_before = (
                 current.content_hash,
@@ -501,8 +509,9 @@ def _store_all(
         conn.executemany(
             """
             INSERT INTO layouts (id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                                 error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?)
+                                 error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns,
+                                 depends)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?, ?)
             """,
             new_layouts,
         )
