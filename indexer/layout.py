@@ -75,6 +75,7 @@ import stat
 
 from indexer import reference
 from indexer._record import Record
+from indexer._statx import mount_of
 from indexer.errors import (
     BlobError,
     IndexParseError,
@@ -376,7 +377,7 @@ class Snapshot(Record):
     later, ``index.json`` untouched, changes what the layout answers.
     """
 
-    __slots__ = ("children", "content_hash", "depends", "entries", "identity", "warnings")
+    __slots__ = ("children", "content_hash", "depends", "entries", "identity", "mnt_id", "warnings")
 
     entries: tuple[Entry, ...]
     children: tuple[Child, ...]
@@ -384,6 +385,7 @@ class Snapshot(Record):
     content_hash: str
     identity: FileIdentity
     depends: tuple[Dependency, ...]
+    mnt_id: int | None
 
     def __init__(
         self,
@@ -393,6 +395,7 @@ class Snapshot(Record):
         content_hash: str,
         identity: FileIdentity,
         depends: tuple[Dependency, ...] = (),
+        mnt_id: int | None = None,
     ) -> None:
         self.entries = entries
         self.children = children
@@ -400,6 +403,9 @@ class Snapshot(Record):
         self.content_hash = content_hash
         self.identity = identity
         self.depends = depends
+        # The unique id of the mount index.json was read on (indexer._statx), or None where the
+        # system cannot say: compared by every proof, as the identity is.
+        self.mnt_id = mnt_id
 
 
 if TYPE_CHECKING:
@@ -662,7 +668,10 @@ def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits:
     entries, warnings = parsed
     children, child_warnings, depends = read_children(layout, entries, limits)
     content_hash = "sha256:" + hashlib.sha256(data).hexdigest()
-    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity, depends)
+    # The mount of the file at that path now: the one that was read when it holds the device read.
+    mount = mount_of(path)
+    mnt_id = mount[1] if mount is not None and mount[0] == identity.dev else None
+    return Snapshot(entries, children, warnings + child_warnings, content_hash, identity, depends, mnt_id)
 
 
 def _read_index(

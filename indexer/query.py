@@ -307,7 +307,12 @@ class Index:
                 return self._stale(stored, unreadable.message, strict, unreadable)
             raise unreadable from None
         identity = layout_mod.FileIdentity.of(st)
-        if stored is not None and stored.is_current(identity) and db.depends_hold(real, stored.depends):
+        if (
+            stored is not None
+            and stored.is_current(identity)
+            and db.depends_hold(real, stored.depends)
+            and db.mount_holds(real, stored)
+        ):
             if stored.state == "ok":
                 return View(self.conn, stored.id, real, INDEXED, [])
             return self._stale(stored, stored.error or "index.json is broken", strict)
@@ -327,6 +332,7 @@ class Index:
             and stored.content_hash == snapshot.content_hash
             and stored.depends == db.encode_depends(snapshot.depends)
         ):
+            # The rows hold what the file holds now (a touch, the same bytes on another mount).
             return View(self.conn, stored.id, real, INDEXED, [])
         mem = sqlite3.connect(":memory:", isolation_level=None)
         mem.executescript(schema_script())

@@ -13,3 +13,10 @@ CREATE INDEX layouts_in_error ON layouts (path) WHERE state = 'error';
 -- NULL when nothing: the common case costs no proof). A blob that arrives later, index.json
 -- untouched, makes every no-change proof and single lookup read the layout again.
 ALTER TABLE layouts ADD COLUMN depends TEXT;
+
+-- The unique id of the mount index.json was read on (statx STATX_MNT_ID_UNIQUE, Linux 6.8; NULL where
+-- the system cannot say), and of the mount each cached directory listing was made on: two file
+-- systems with identical metadata mounted one after the other at the same place have the same
+-- device, inode, size and times, and only the mount tells them apart (docs/reliability.md).
+ALTER TABLE layouts ADD COLUMN mnt_id INTEGER;
+ALTER TABLE directories ADD COLUMN mnt_id INTEGER;

@@ -261,75 +261,39 @@ def test_a_directory_that_cannot_be_listed_keeps_its_layouts_and_find_says_unver
     assert rc == 0 and {p for p, _ in pairs} == {lay.path for lay in made} and b"warning" not in err, err
 
 
-# A private mount namespace: an ext4 image without the filetype feature (directory entries carry no
-# type, as on some network and older file systems), mounted where the test says, then the steps.
+# Steps run in a private mount namespace (unshare -m): ["mount", IMAGE, DIR] mounts an image through
+# a loop device, ["umount", DIR], ["chmod", PATH, MODE]; any other step is a command, whose exit
+# code, stdout and stderr are printed (as JSON, with the device number of each mount point mounted).
 IN_NAMESPACE = r"""
 import json, os, subprocess, sys
-image, mountpoint, steps = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-subprocess.run(["mount", "-o", "loop", image, mountpoint], check=True)
-results = []
+steps = json.loads(sys.argv[1])
+results, mounted = [], []
 try:
     for step in steps:
-        if step[0] == "chmod":
+        if step[0] == "mount":
+            subprocess.run(["mount", "-o", "loop", step[1], step[2]], check=True)
+            mounted.append(step[2])
+            results.append(["mounted", os.stat(step[2]).st_dev])
+        elif step[0] == "umount":
+            subprocess.run(["umount", step[1]], check=True)
+            mounted.remove(step[1])
+        elif step[0] == "chmod":
             os.chmod(step[1], int(step[2], 8))
-            continue
-        proc = subprocess.run(step, capture_output=True)
-        results.append([proc.returncode, proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")])
+        else:
+            proc = subprocess.run(step, capture_output=True)
+            out, err = proc.stdout.decode(errors="replace"), proc.stderr.decode(errors="replace")
+            results.append([proc.returncode, out, err])
 finally:
-    subprocess.run(["umount", mountpoint], check=True)
+    for directory in reversed(mounted):
+        subprocess.run(["umount", directory])
 print(json.dumps(results))
 """
 
 
-@needs_root
-@pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("unshare")), reason="needs mkfs.ext4, unshare")
-def test_a_listing_with_an_entry_of_unknown_type_is_not_cached_as_settled(tmp_path: Path) -> None:
-    # On a file system whose directory entries carry no type, the walk learns each entry's type with
-    # an lstat; when that failed (EACCES for a scan without CAP_DAC_OVERRIDE), the entry was skipped,
-    # the layout below it removed, and the listing cached as settled: a later scan as full root kept
-    # using it and never found the layout again until the directory itself changed.
-    tmp = str(tmp_path)
-    image, mnt = os.path.join(tmp, "fs.ext4"), os.path.join(tmp, "mnt")
-    os.mkdir(mnt)
-    with open(image, "wb") as f:
-        f.truncate(32 << 20)
-    subprocess.run(["mkfs.ext4", "-q", "-O", "^filetype", "-E", "root_owner=0:0", image], check=True)
-    root, db, fresh = os.path.join(mnt, "root"), os.path.join(tmp, "index.db"), os.path.join(tmp, "fresh.db")
-    python = [sys.executable, "-m", "indexer"]
-    # Build the tree inside the namespace too (the image is empty), then let it settle before scanning.
-    build = (
-        "import os, sys; sys.path[:0] = sys.argv[1:3]\n"
-        "from layouts import LINUX_AMD64, Layout, named\n"
-        "lay = Layout(os.path.join(sys.argv[3], 'd', 'sub', 'app'))\n"
-        "lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label='deep'), ref='v1')])\n"
-    )
-    tests_dir, repo = os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    steps = [
-        [sys.executable, "-c", build, tests_dir, repo, root],
-        [sys.executable, "-c", f"import time; time.sleep({RACY_WINDOW_NS / 1e9 + 0.5})"],
-        [*python, "scan", "--db", db, "--json", root],  # as root: the layout is indexed
-        ["chmod", os.path.join(root, "d"), "644"],  # listable, not searchable: no entry's type can be learnt
-        [*NO_DAC, *python, "scan", "--db", db, "--json", root],
-        ["chmod", os.path.join(root, "d"), "755"],
-        [*python, "ls", "--db", db, "--json"],
-        [sys.executable, "-c", f"import time; time.sleep({RACY_WINDOW_NS / 1e9 + 0.5})"],
-        [*python, "scan", "--db", db, "--json", root],
-        [*python, "ls", "--db", db, "--json"],
-        [*python, "scan", "--db", fresh, "--json", root],
-    ]
+def in_namespace(tmp: str, steps: list[list[str]]) -> list[list[object]]:
+    """Run *steps* (IN_NAMESPACE) in a private mount namespace; what each mount or command gave."""
     done = subprocess.run(
-        [
-            "unshare",
-            "-m",
-            "--propagation",
-            "private",
-            sys.executable,
-            "-c",
-            IN_NAMESPACE,
-            image,
-            mnt,
-            json.dumps(steps),
-        ],
+        ["unshare", "-m", "--propagation", "private", sys.executable, "-c", IN_NAMESPACE, json.dumps(steps)],
         capture_output=True,
         env=env(tmp),
         cwd=tmp,
@@ -337,14 +301,71 @@ def test_a_listing_with_an_entry_of_unknown_type_is_not_cached_as_settled(tmp_pa
         check=False,
     )
     assert done.returncode == 0, done.stderr.decode(errors="replace")
-    results = json.loads(done.stdout)
-    assert all(rc == 0 for rc, _out, _err in results), results
-    first, limited, after_limited, _sleep, _again, at_end, _fresh = results[2:]
-    assert json.loads(first[1])["changed"] == 1, first
-    assert json.loads(limited[1])["removed"] == 0, limited
+    results: list[list[object]] = json.loads(done.stdout)
+    return results
+
+
+def ext4_image(path: str, *features: str) -> str:
+    """An empty 32 MiB ext4 file system image at *path*."""
+    with open(path, "wb") as f:
+        f.truncate(32 << 20)
+    subprocess.run(["mkfs.ext4", "-q", *features, "-E", "root_owner=0:0", path], check=True)
+    return path
+
+
+def sleep_step(seconds: float) -> list[str]:
+    """A step that waits out the racy window (files written in the namespace settle meanwhile)."""
+    return [sys.executable, "-c", f"import time; time.sleep({seconds})"]
+
+
+SETTLE_STEP = sleep_step(RACY_WINDOW_NS / 1e9 + 0.5)
+OCIDX = [sys.executable, "-m", "indexer"]
+TESTS = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(TESTS)
+
+
+@needs_root
+@pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("unshare")), reason="needs mkfs.ext4, unshare")
+def test_a_listing_with_an_entry_of_unknown_type_is_not_cached_as_settled(tmp_path: Path) -> None:
+    # On a file system whose directory entries carry no type (ext4 without "filetype", as some
+    # network and older file systems), the walk learns each entry's type with an lstat; when that
+    # failed (EACCES for a scan without CAP_DAC_OVERRIDE), the entry was skipped, the layout below it
+    # removed, and the listing cached as settled: a later scan as full root kept using it and never
+    # found the layout again until the directory itself changed.
+    tmp = str(tmp_path)
+    image, mnt = ext4_image(os.path.join(tmp, "fs.ext4"), "-O", "^filetype"), os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    root, db, fresh = os.path.join(mnt, "root"), os.path.join(tmp, "index.db"), os.path.join(tmp, "fresh.db")
+    build = (
+        "import os, sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from layouts import LINUX_AMD64, Layout, named\n"
+        "lay = Layout(os.path.join(sys.argv[3], 'd', 'sub', 'app'))\n"
+        "lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label='deep'), ref='v1')])\n"
+    )
+    results = in_namespace(
+        tmp,
+        [
+            ["mount", image, mnt],
+            [sys.executable, "-c", build, TESTS, REPO, root],
+            SETTLE_STEP,
+            [*OCIDX, "scan", "--db", db, "--json", root],  # as root: the layout is indexed
+            ["chmod", os.path.join(root, "d"), "644"],  # listable, not searchable: no entry's type is known
+            [*NO_DAC, *OCIDX, "scan", "--db", db, "--json", root],
+            ["chmod", os.path.join(root, "d"), "755"],
+            [*OCIDX, "ls", "--db", db, "--json"],
+            SETTLE_STEP,
+            [*OCIDX, "scan", "--db", db, "--json", root],
+            [*OCIDX, "ls", "--db", db, "--json"],
+            [*OCIDX, "scan", "--db", fresh, "--json", root],
+        ],
+    )
+    assert all(r[0] in ("mounted", 0) for r in results), results
+    first, limited, after_limited, _sleep, _again, at_end, _fresh = results[3:]
+    assert json.loads(str(first[1]))["changed"] == 1, first
+    assert json.loads(str(limited[1]))["removed"] == 0, limited
     app = os.path.join(root, "d", "sub", "app")
-    assert [row["layout"] for row in json.loads(after_limited[1])] == [app], after_limited
-    assert [row["layout"] for row in json.loads(at_end[1])] == [app], at_end
+    assert [row["layout"] for row in json.loads(str(after_limited[1]))] == [app], after_limited
+    assert [row["layout"] for row in json.loads(str(at_end[1]))] == [app], at_end
     assert rows(db) == rows(fresh)
 
 
@@ -454,3 +475,72 @@ def test_a_nested_index_blob_that_arrives_later_is_seen_with_index_json_untouche
     fresh = os.path.join(tmp, "fresh.db")
     assert run(tmp, "scan", "--db", fresh, root).rc == 0
     assert rows(db) == rows(fresh)
+
+
+# -- the mount a layout was read on ----------------------------------------------------------------------
+
+
+@needs_root
+@pytest.mark.skipif(not (shutil.which("mkfs.ext4") and shutil.which("unshare")), reason="needs mkfs.ext4, unshare")
+def test_a_copy_with_identical_metadata_mounted_in_place_is_not_answered_from_the_first(tmp_path: Path) -> None:
+    # Two file systems with identical metadata (a copied image; a reproducible build of one) mounted
+    # one after the other at the same place: the same loop device, inode numbers, sizes and times.
+    # Before: every (dev, ino, size, mtime, ctime) matched, and the first one's digest was answered
+    # "indexed" from the rows; ocidx scan proved "nothing changed".
+    tmp = str(tmp_path)
+    first, mnt = ext4_image(os.path.join(tmp, "first.ext4")), os.path.join(tmp, "mnt")
+    os.mkdir(mnt)
+    root, db = os.path.join(mnt, "root"), os.path.join(tmp, "index.db")
+    app = os.path.join(root, "app")
+    build = (
+        "import os, sys; sys.path[:0] = sys.argv[1:3]\n"
+        "from layouts import LINUX_AMD64, Layout, named\n"
+        "lay = Layout(sys.argv[3])\n"
+        "lay.write_index([named(lay.manifest(platform=LINUX_AMD64, label='first'), ref='v1')])\n"
+        "print(lay.manifest(platform=LINUX_AMD64, label='first')['digest'])\n"
+    )
+    built = in_namespace(tmp, [["mount", first, mnt], [sys.executable, "-c", build, TESTS, REPO, app]])
+    old_digest = str(built[1][1]).strip()
+    # The second file system: a byte copy in which index.json names another digest of the same length.
+    new_digest = "sha256:" + "e" * 64
+    with open(first, "rb") as f:
+        data = f.read()
+    assert data.count(old_digest.encode()) >= 1
+    second = os.path.join(tmp, "second.ext4")
+    with open(second, "wb") as f:
+        f.write(data.replace(old_digest.encode(), new_digest.encode()))
+    stat_app = [
+        sys.executable,
+        "-c",
+        "import os, sys; s = os.stat(sys.argv[1]); "
+        "print([s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns])",
+        os.path.join(app, "index.json"),
+    ]
+    results = in_namespace(
+        tmp,
+        [
+            ["mount", first, mnt],
+            SETTLE_STEP,
+            [*OCIDX, "scan", "--db", db, root],
+            stat_app,
+            [*OCIDX, "resolve", "--db", db, "--json", "--layout", app, ":v1"],
+            ["umount", mnt],
+            ["mount", second, mnt],
+            stat_app,
+            [*OCIDX, "resolve", "--db", db, "--json", "--layout", app, ":v1"],
+            [*OCIDX, "find", "--db", db, "--json", ":v1"],
+            [*OCIDX, "scan", "--db", db, "--json", root],
+            [*OCIDX, "resolve", "--db", db, "--json", "--layout", app, ":v1"],
+        ],
+    )
+    assert all(r[0] in ("mounted", 0) for r in results), results
+    (_, dev_first), _sleep, _scan, stat_first, on_first, (_, dev_second), stat_second = results[:7]
+    on_second, found_second, rescan, after = results[7:]
+    assert dev_first == dev_second and stat_first[1] == stat_second[1], "the premise: identical metadata"
+    assert json.loads(str(on_first[1]))["digest"] == old_digest
+    answer = json.loads(str(on_second[1]))
+    assert answer["digest"] == new_digest and answer["freshness"] == "read-through", answer
+    assert [a["digest"] for a in json.loads(str(found_second[1]))] == [new_digest], found_second
+    assert json.loads(str(rescan[1]))["changed"] == 1, rescan
+    answer = json.loads(str(after[1]))
+    assert (answer["digest"], answer["freshness"]) == (new_digest, "indexed"), answer

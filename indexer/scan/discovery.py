@@ -13,7 +13,8 @@ import sqlite3
 import stat
 import time
 
-from indexer.store.read import SETTLES_AT_SQL, depends_hold, settles_at
+from indexer._statx import mount_of
+from indexer.store.read import SETTLES_AT_SQL, depends_hold, mount_members, remounted, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -30,8 +31,9 @@ LAYOUT_MARKERS = ("oci-layout", "index.json")
 
 if TYPE_CHECKING:
     # A listing as the directory cache keeps it: (dev, ino, mtime_ns, ctime_ns, listed_ns, layout,
-    # subdirectory names, symlink names), the names as NUL-separated bytes (migrations/0005).
-    Listing = tuple[int, int, int, int, int, int, bytes, bytes]
+    # subdirectory names, symlink names, mount id), the names as NUL-separated bytes (migrations/0005,
+    # 0007; the mount id None where the system cannot say).
+    Listing = tuple[int, int, int, int, int, int, bytes, bytes, int | None]
 
 
 def discover(
@@ -123,6 +125,7 @@ def discover(
                         if errors is not None:
                             errors.append(f"{item.path}: {exc.strerror}")
             if listed is not None and whole:
+                mount = mount_of(directory)
                 listed[directory] = (
                     st.st_dev,
                     st.st_ino,
@@ -132,6 +135,7 @@ def discover(
                     int(is_layout),
                     b"\0".join(map(os.fsencode, subdirs)),
                     b"\0".join(map(os.fsencode, links)),
+                    mount[1] if mount is not None and mount[0] == st.st_dev else None,
                 )
         if is_layout:
             yield directory
@@ -191,11 +195,21 @@ def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
         return {
             path_of(row[0]): row[1:]
             for row in conn.execute(
-                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links FROM directories"
+                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links, mnt_id FROM directories"
             )
         }
     except sqlite3.Error:
         return {}
+
+
+def forget_remounted(cache: dict[str, Listing]) -> dict[str, Listing]:
+    """*cache* without the listings made on a mount that is no longer there (read.remounted): a file
+    system with identical metadata mounted in its place would pass their identity check."""
+    gone = remounted(mount_members(cache, 0, 8), file="")
+    if gone:
+        for path in [p for p, row in cache.items() if (row[0], row[8]) in gone]:
+            del cache[path]
+    return cache
 
 
 def store_cache(
@@ -221,7 +235,7 @@ def store_cache(
     try:
         conn.executemany("DELETE FROM directories WHERE path = ?", forget)
         conn.executemany(
-            "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [(path_value(path), *row) for path, row in listed.items()],
         )
         conn.execute("COMMIT")
@@ -299,14 +313,14 @@ def below_any(path: str, directories: Collection[str]) -> bool:
 
 if TYPE_CHECKING:
     # What the walk compares with one layout's stat (:func:`stored_identities`): (path value, broken,
-    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns, depends).
-    Identity = tuple[object, int, int, int, int, int, int, int, str | None]
+    # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns, depends, mount id).
+    Identity = tuple[object, int, int, int, int, int, int, int, str | None, int | None]
 
 # The racy test is the same rule as settles_at, in SQL (SETTLES_AT_SQL); a row that can prove nothing
 # says so in one column, and each row's identity comes as one tuple to compare with stat's.
 _IDENTITIES_SQL = (
     "SELECT path, state != 'ok', coalesce(dev IS NULL OR read_ns IS NULL OR "
-    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns, depends FROM layouts"
+    f"{SETTLES_AT_SQL} > read_ns, 1), dev, ino, size, mtime_ns, ctime_ns, depends, mnt_id FROM layouts"
 )
 
 
@@ -341,7 +355,7 @@ def changes(
     gc.disable()
     try:
         stored = stored_identities(conn)
-        cache = load_cache(conn)
+        cache = forget_remounted(load_cache(conn))
         errors: list[str] = []
         found: dict[str, None] = {}
         changed: list[str] | None = None
@@ -362,6 +376,12 @@ def changes(
             changed = [path for path in found if _differs(path, stored.get(path))]
             if failed:
                 changed.extend(path for path in stored if path not in found and below_any(path, failed))
+        # Each mount the stored rows were read on is asked once whether it is still there: a file
+        # system with identical metadata mounted in its place passes every stat (indexer._statx).
+        moved = remounted(mount_members(stored, 3, 9))
+        if moved:
+            listed = set(changed)
+            changed.extend(p for p in found if p not in listed and (k := stored.get(p)) and (k[3], k[9]) in moved)
         present = list(found)
         follow = any(r.follow_symlinks for r in roots)
         tops = [os.path.realpath(r.path) for r in roots]

@@ -85,7 +85,7 @@ def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool
         and stored.content_hash == rows[1]
         and stored.depends == rows[6]
     ):
-        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored)
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, rows[7])
     return Read(path, rows, read_ns, stored)
 
 
@@ -595,5 +595,18 @@ def _count_skipped(
 
 
 def _unsettled(paths: list[str], stored: dict[str, db.StoredLayout]) -> list[str]:
-    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read."""
-    return [path for path in paths if (known := stored.get(path)) is None or not _is_current(path, known)]
+    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read (all of those
+    read on a mount that is no longer there, whatever their ``stat`` says: ``read.remounted``)."""
+    mounts = {
+        path: (known.identity.dev, known.mnt_id)
+        for path in paths
+        if (known := stored.get(path)) is not None and known.identity is not None
+    }
+    gone = db.remounted(db.mount_members(mounts, 0, 1))
+    return [
+        path
+        for path in paths
+        if (known := stored.get(path)) is None
+        or not _is_current(path, known)
+        or (gone and known.identity is not None and (known.identity.dev, known.mnt_id) in gone)
+    ]

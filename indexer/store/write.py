@@ -60,13 +60,21 @@ class Read(Record):
 class Same(Record):
     """A layout whose ``index.json`` changed on disk but not in content."""
 
-    __slots__ = ("expected", "identity", "path", "read_ns")
+    __slots__ = ("expected", "identity", "mnt_id", "path", "read_ns")
 
-    def __init__(self, path: str, identity: FileIdentity, read_ns: int, expected: StoredLayout | None) -> None:
+    def __init__(
+        self,
+        path: str,
+        identity: FileIdentity,
+        read_ns: int,
+        expected: StoredLayout | None,
+        mnt_id: int | None = None,
+    ) -> None:
         self.path = path
         self.identity = identity
         self.read_ns = read_ns
         self.expected = expected
+        self.mnt_id = mnt_id
 
 
 class Failed(Record):
@@ -151,7 +159,7 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
                 reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
             elif isinstance(outcome, Same):
                 assert current is not None  # a Same is only decided against a stored row
-                _touch(conn, current, outcome.identity, outcome.read_ns, versions)
+                _touch(conn, current, outcome.identity, outcome.read_ns, versions, outcome.mnt_id)
             elif isinstance(outcome, Failed):
                 _fail(conn, outcome, current, versions)
             else:
@@ -286,7 +294,7 @@ def _annotations_json(annotations: dict[str, str]) -> str:
 if TYPE_CHECKING:
     # What one read layout crosses the process boundary as (plain tuples pickle compactly):
     # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children,
-    # depends (read.encode_depends));
+    # depends (read.encode_depends), mnt_id);
     # an entry (row_key, position, digest, media_type, size, platform, annotations, invalid_names, warnings),
     # a name (entry's index in entries, name, tag, how), a child (entry's index in entries, position,
     # parent, depth, digest, media_type, size, platform, annotations); JSON columns already encoded.
@@ -301,6 +309,7 @@ if TYPE_CHECKING:
         list[NameRow],
         list[ChildRow],
         str | None,
+        int | None,
     ]
 
 
@@ -380,6 +389,7 @@ def snapshot_rows(snapshot: Snapshot) -> LayoutRows:
         names,
         children,
         read.encode_depends(snapshot.depends),
+        snapshot.mnt_id,
     )
 
 
@@ -399,7 +409,8 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
 _LAYOUT_UPDATE = """
     UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?, content_hash = ?,
                        state = 'ok', error_category = NULL, error = NULL, last_good_ns = ?, checked_ns = ?,
-                       entry_count = ?, identity_since_ns = ?, depends = ?, retry_ns = NULL, failures = 0
+                       entry_count = ?, identity_since_ns = ?, depends = ?, mnt_id = ?, retry_ns = NULL,
+                       failures = 0
     WHERE id = ?
 """
 
@@ -449,19 +460,33 @@ def _store_all(
     stamped: list[tuple[int, str]] = []
     changed = 0
     for path, rows, read_ns, current in reads:
-        ident, content_hash, warnings_now, entries, names, children, depends = rows
+        ident, content_hash, warnings_now, entries, names, children, depends, mnt_id = rows
         since = _since(current, FileIdentity(*ident), read_ns)
         if current is None:
             layout_id = layout_ids.take()
             new_layouts.append(
-                (layout_id, path_value(path), *ident, read_ns, content_hash, now, now, len(entries), since, depends)
+                (
+                    layout_id,
+                    path_value(path),
+                    *ident,
+                    read_ns,
+                    content_hash,
+                    now,
+                    now,
+                    len(entries),
+                    since,
+                    depends,
+                    mnt_id,
+                )
             )
             have: dict[str, tuple[int, int]] = {}
             published_before: tuple[object, ...] | None = None
             warnings_before: list[str] = []
         else:
             layout_id = current.id
-            updated_layouts.append((*ident, read_ns, content_hash, now, now, len(entries), since, depends, layout_id))
+            updated_layouts.append(
+                (*ident, read_ns, content_hash, now, now, len(entries), since, depends, mnt_id, layout_id)
+            )
             have = existing[layout_id]
             published_before = (
                 current.content_hash,
@@ -510,8 +535,8 @@ def _store_all(
             """
             INSERT INTO layouts (id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
                                  error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns,
-                                 depends)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?, ?)
+                                 depends, mnt_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?, ?, ?)
             """,
             new_layouts,
         )
@@ -553,13 +578,18 @@ def _row_key(stored: tuple[object, ...]) -> str:
 
 
 def _touch(
-    conn: sqlite3.Connection, current: StoredLayout, identity: FileIdentity, read_ns: int, versions: _Versions
+    conn: sqlite3.Connection,
+    current: StoredLayout,
+    identity: FileIdentity,
+    read_ns: int,
+    versions: _Versions,
+    mnt_id: int | None,
 ) -> None:
     conn.execute(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
                            state = 'ok', error_category = NULL, error = NULL, checked_ns = ?,
-                           identity_since_ns = ?, retry_ns = NULL, failures = 0
+                           identity_since_ns = ?, retry_ns = NULL, failures = 0, mnt_id = ?
         WHERE id = ?
         """,
         (
@@ -571,6 +601,7 @@ def _touch(
             read_ns,
             time.time_ns(),
             _since(current, identity, read_ns),
+            mnt_id,
             current.id,
         ),
     )
@@ -615,7 +646,7 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, state = 'error',
             error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns,
             identity_since_ns = excluded.identity_since_ns, retry_ns = excluded.retry_ns,
-            failures = excluded.failures
+            failures = excluded.failures, mnt_id = NULL
         RETURNING id
         """,
         (
