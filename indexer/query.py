@@ -330,7 +330,7 @@ class Index:
         if (
             stored is not None
             and stored.content_hash == snapshot.content_hash
-            and stored.depends == db.encode_depends(snapshot.depends)
+            and db.same_rows_depend(stored.depends, db.encode_depends(snapshot.depends))
         ):
             # The rows hold what the file holds now (a touch, the same bytes on another mount).
             return View(self.conn, stored.id, real, INDEXED, [])
@@ -445,7 +445,7 @@ class Index:
             )
         answer = _answer(view, hits, warnings)
         if want is not None:
-            answer = _select_platform(view, hits[0], answer, want, self.config.limits)
+            answer = _select_platform(view, hits[0], answer, want)
         return answer
 
     def _not_found_message(self, view: View, query: Query) -> str:
@@ -568,7 +568,11 @@ class Index:
                     "warnings": warnings,
                     "children": [
                         {"digest": c.digest, "mediaType": c.media_type, "platform": _platform_out(c.platform)}
-                        for c in db.children(view.conn, hit.entry_id)
+                        for c in (
+                            db.children(view.conn, view.layout_id, hit.digest)
+                            if hit.media_type in layout_mod.INDEX_MEDIA_TYPES
+                            else []
+                        )
                     ],
                 }
             )
@@ -862,9 +866,7 @@ def _blob_hit(view: View, digest: str) -> db.Hit | None:
     )
 
 
-def _select_platform(
-    view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform, limits: layout_mod.Limits
-) -> Answer:
+def _select_platform(view: View, hit: db.Hit, answer: Answer, want: layout_mod.Platform) -> Answer:
     """Follow an index (or manifest list) down to the manifest for platform *want*."""
     if hit.media_type not in layout_mod.INDEX_MEDIA_TYPES:
         have = _platform_record(hit.platform)
@@ -875,11 +877,12 @@ def _select_platform(
             f"not {_platform_text(want.to_json())}",
             [p for p in [_platform_out(hit.platform)] if p is not None],
         )
-    kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
+    kids = db.children(view.conn, view.layout_id, hit.digest)
     by_parent: dict[str, list[db.ChildRow]] = {}
     for kid in kids:
         by_parent.setdefault(kid.parent, []).append(kid)
     seen: dict[str, dict[str, object]] = {}  # the platforms present, in index order, once each
+    searched: set[str] = set()  # each index looked into once: the graph may reach one by many paths
 
     def matches(platform: dict[str, object] | None) -> bool:
         have = _platform_record(platform)
@@ -888,6 +891,7 @@ def _select_platform(
     def search(parent: str, depth: int) -> db.ChildRow | None:
         # As containerd's images.Manifest: a nested index is followed when its descriptor names
         # no platform or the wanted one; the first manifest for the platform, in index order, wins.
+        searched.add(parent)
         level = by_parent.get(parent, [])
         for kid in level:
             shown = _platform_out(kid.platform)
@@ -895,7 +899,7 @@ def _select_platform(
                 seen.setdefault(json.dumps(shown, sort_keys=True), shown)
         for kid in level:
             if kid.media_type in layout_mod.INDEX_MEDIA_TYPES:
-                if depth < 16 and (not kid.platform or matches(kid.platform)):
+                if depth < 16 and kid.digest not in searched and (not kid.platform or matches(kid.platform)):
                     found = search(kid.digest, depth + 1)
                     if found is not None:
                         return found

@@ -20,3 +20,7 @@ ALTER TABLE layouts ADD COLUMN depends TEXT;
 -- device, inode, size and times, and only the mount tells them apart (docs/reliability.md).
 ALTER TABLE layouts ADD COLUMN mnt_id INTEGER;
 ALTER TABLE directories ADD COLUMN mnt_id INTEGER;
+
+-- Children are stored once per layout, under the first entry that reaches them (each distinct
+-- nested index expanded once: layout._ChildWalk); lookups follow them by parent digest.
+CREATE INDEX children_parent ON children (layout_id, parent);

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sqlite3
 import subprocess
 import sys
 import time
@@ -544,3 +545,55 @@ def test_a_copy_with_identical_metadata_mounted_in_place_is_not_answered_from_th
     assert json.loads(str(rescan[1]))["changed"] == 1, rescan
     answer = json.loads(str(after[1]))
     assert (answer["digest"], answer["freshness"]) == (new_digest, "indexed"), answer
+
+
+# -- nested indexes that list the same child many times --------------------------------------------------
+
+
+def test_nested_indexes_listing_one_child_many_times_are_walked_and_stored_once(tmp_path: Path) -> None:
+    # A 4-level chain of nested indexes, each listing the next one 17 times (the last: one manifest
+    # 17 times), about 12 KB. Before: the scan stored 17+17^2+17^3+17^4 = 88,740 children rows
+    # (33 MB of SQLite), and resolve --platform walked 17^10 paths (it would run for days), with or
+    # without an index.
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    lay = Layout(os.path.join(root, "fanout"))
+    fan = 17
+    arm64 = lay.manifest(platform={"architecture": "arm64", "os": "linux"}, label="leaf")
+    level = arm64
+    for _ in range(4):
+        level = lay.index([level] * fan)
+    lay.write_index([named(level, ref="v1"), named(level, ref="v2")])
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(lay.path) for f in files)
+    assert size < 16_000
+    leaf = str(arm64["digest"])
+    # Read through, no index at all: the platform search follows each distinct index once.
+    nowhere = os.path.join(tmp, "no.db")
+    for tag in ("v1", "v2"):
+        answer = run(tmp, "resolve", "--db", nowhere, "--layout", lay.path, f":{tag}", "--platform", "linux/arm64")
+        assert answer.rc == 0 and answer.out.decode().strip() == leaf, answer
+    # A platform that is not there: every index is looked into (once each), the platforms present listed.
+    absent = run(tmp, "resolve", "--db", nowhere, "--json", "--layout", lay.path, ":v1", "--platform", "linux/s390x")
+    assert absent.rc == 1 and absent.json()["platforms"] == [  # type: ignore[index]
+        {"os": "linux", "architecture": "arm64", "variant": None}
+    ], absent
+    assert not os.path.exists(nowhere)
+    assert run(tmp, "scan", "--db", db, root).rc == 0
+    conn = sqlite3.connect(db)
+    try:
+        children = conn.execute("SELECT count(*) FROM children").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0] * conn.execute("PRAGMA page_size").fetchone()[0]
+    finally:
+        conn.close()
+    assert children == 4, children  # one row per distinct edge: what the layout's bytes say
+    assert pages < 1 << 20, pages
+    for tag in ("v1", "v2"):  # the rows are under the first entry; the second reaches them by digest
+        answer = run(tmp, "resolve", "--db", db, "--json", "--layout", lay.path, f":{tag}", "--platform", "linux/arm64")
+        assert answer.rc == 0, answer
+        assert (answer.json()["digest"], answer.json()["freshness"]) == (leaf, "indexed")  # type: ignore[index]
+    absent = run(tmp, "resolve", "--db", db, "--layout", lay.path, ":v2", "--platform", "linux/s390x")
+    assert absent.rc == 1 and b"linux/arm64" in absent.err, absent
+    detail = run(tmp, "ls", "--db", db, "--json", lay.path).json()[0]  # type: ignore[index]
+    assert [len(entry["children"]) for entry in detail["entries"]] == [4, 4], detail
+    pairs, err, rc = found(tmp, db, "@" + leaf)
+    assert rc == 0 and pairs == {(lay.path, leaf)}, err

@@ -83,9 +83,9 @@ def decide(result: workers.Result, stored: db.StoredLayout | None, *, full: bool
         and stored is not None
         and stored.state == "ok"
         and stored.content_hash == rows[1]
-        and stored.depends == rows[6]
+        and db.same_rows_depend(stored.depends, rows[6])
     ):
-        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, rows[7])
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, rows[7], rows[6])
     return Read(path, rows, read_ns, stored)
 
 

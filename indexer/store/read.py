@@ -13,7 +13,7 @@ import json
 import os
 
 from indexer._record import Record
-from indexer.layout import FileIdentity
+from indexer.layout import INDEX_MEDIA_TYPES, FileIdentity
 from indexer.names import Name
 from indexer.store import path_of, path_value
 
@@ -180,6 +180,21 @@ def encode_depends(depends: Iterable[tuple[str, object]]) -> str | None:
     so that equal sets encode equal; None for none (the common case, which costs nothing to prove)."""
     items = sorted(depends)
     return json.dumps(items, separators=(",", ":")) if items else None
+
+
+def same_rows_depend(stored: str | None, read: str | None) -> bool:
+    """Whether two reads' dependencies (:func:`encode_depends`) make the same rows from the same
+    ``index.json`` bytes: the same blobs absent, the same present but unusable. What each read found
+    at the path of an unusable one (its identity, or unsettled) is for the proofs only."""
+    if stored == read:
+        return True
+    if stored is None or read is None:
+        return False
+
+    def shape(encoded: str) -> list[tuple[str, bool]]:
+        return [(path, state is None) for path, state in json.loads(encoded)]
+
+    return shape(stored) == shape(read)
 
 
 def depends_hold(path: str, depends: str | None) -> bool:
@@ -490,21 +505,35 @@ class ChildRow(Record):
         self.platform = platform
 
 
-def children(conn: sqlite3.Connection, entry_id: int) -> list[ChildRow]:
-    """The nested manifests recorded under entry *entry_id*, in index order."""
+# The descriptors reachable from one index in one layout: each distinct index once (UNION), however
+# many paths lead to it. Children are stored once per layout (layout._ChildWalk), under the first
+# entry that reached them, so they are found by digest, from any entry or nested index.
+_REACHABLE_SQL = f"""
+    WITH RECURSIVE reach(digest) AS (
+        SELECT ?
+        UNION
+        SELECT c.digest FROM children c JOIN reach r ON c.parent = r.digest
+        WHERE c.layout_id = ? AND c.media_type IN ({", ".join(f"'{t}'" for t in sorted(INDEX_MEDIA_TYPES))})
+    )
+    SELECT parent, depth, digest, media_type, size, platform FROM children
+    WHERE layout_id = ? AND parent IN (SELECT digest FROM reach) ORDER BY entry_id, position
+"""
+
+
+def children(conn: sqlite3.Connection, layout_id: int, digest: str) -> list[ChildRow]:
+    """The descriptors listed below the index *digest* in layout *layout_id*, nested ones too, each
+    once, breadth first (the order the walk met them)."""
     return [
         ChildRow(
             parent=parent,
             depth=depth,
-            digest=digest,
+            digest=child,
             media_type=media_type,
             size=size,
             platform=json.loads(platform) if platform else None,
         )
-        for parent, depth, digest, media_type, size, platform in conn.execute(
-            "SELECT parent, depth, digest, media_type, size, platform FROM children "
-            "WHERE entry_id = ? ORDER BY position",
-            (entry_id,),
+        for parent, depth, child, media_type, size, platform in conn.execute(
+            _REACHABLE_SQL, (digest, layout_id, layout_id)
         )
     ]
 

@@ -60,7 +60,7 @@ class Read(Record):
 class Same(Record):
     """A layout whose ``index.json`` changed on disk but not in content."""
 
-    __slots__ = ("expected", "identity", "mnt_id", "path", "read_ns")
+    __slots__ = ("depends", "expected", "identity", "mnt_id", "path", "read_ns")
 
     def __init__(
         self,
@@ -69,12 +69,14 @@ class Same(Record):
         read_ns: int,
         expected: StoredLayout | None,
         mnt_id: int | None = None,
+        depends: str | None = None,
     ) -> None:
         self.path = path
         self.identity = identity
         self.read_ns = read_ns
         self.expected = expected
         self.mnt_id = mnt_id
+        self.depends = depends  # what this read found at the paths the rows depend on (read.encode_depends)
 
 
 class Failed(Record):
@@ -159,7 +161,7 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
                 reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
             elif isinstance(outcome, Same):
                 assert current is not None  # a Same is only decided against a stored row
-                _touch(conn, current, outcome.identity, outcome.read_ns, versions, outcome.mnt_id)
+                _touch(conn, current, outcome, versions)
             elif isinstance(outcome, Failed):
                 _fail(conn, outcome, current, versions)
             else:
@@ -577,19 +579,15 @@ def _row_key(stored: tuple[object, ...]) -> str:
     return hashlib.blake2b(repr(stored).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _touch(
-    conn: sqlite3.Connection,
-    current: StoredLayout,
-    identity: FileIdentity,
-    read_ns: int,
-    versions: _Versions,
-    mnt_id: int | None,
-) -> None:
+def _touch(conn: sqlite3.Connection, current: StoredLayout, outcome: Same, versions: _Versions) -> None:
+    """Refresh what proves a layout's rows current (identity, mount, what the dependencies look like
+    now: a blob that settled since), the rows themselves being the same."""
+    identity, read_ns = outcome.identity, outcome.read_ns
     conn.execute(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
                            state = 'ok', error_category = NULL, error = NULL, checked_ns = ?,
-                           identity_since_ns = ?, retry_ns = NULL, failures = 0, mnt_id = ?
+                           identity_since_ns = ?, retry_ns = NULL, failures = 0, mnt_id = ?, depends = ?
         WHERE id = ?
         """,
         (
@@ -601,7 +599,8 @@ def _touch(
             read_ns,
             time.time_ns(),
             _since(current, identity, read_ns),
-            mnt_id,
+            outcome.mnt_id,
+            outcome.depends,
             current.id,
         ),
     )
@@ -697,6 +696,7 @@ DEFERRABLE_INDEXES = (
     "names_entry",
     "children_entry",
     "children_digest",
+    "children_parent",
     "layout_warnings_layout",
 )
 
