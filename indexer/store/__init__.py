@@ -195,7 +195,8 @@ def open_beside_database(path: str) -> tuple[int, bool]:
     naming the path; other failures (a read-only directory) raise the OSError.
     """
     try:
-        return os.open(path, _BESIDE_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+        # 0600: only the writer's user opens a lock (another user's is refused below); nobody else reads it.
+        return os.open(path, _BESIDE_FLAGS | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
         pass
     _refuse_unsafe(path, os.lstat(path), owned=True)  # before the open: opening a device has effects
@@ -305,18 +306,55 @@ def _umask() -> int:
     return 0o022
 
 
+# A new database is at most readable and writable by its owner and group: the paths and tags of the
+# layouts below the roots are in it, and only the documented group of readers may see them.
+DATABASE_MODE = 0o660
+
+
 def _apply_umask(path: str) -> None:
-    """Give a database the writer just created mode 0666 less the umask (SQLite creates it 0644 whatever
+    """Give a database the writer just created mode 0660 less the umask (SQLite creates it 0644 whatever
     the umask), before its -wal and -shm exist: SQLite creates those with the database's mode, so a
-    daemon run with ``UMask=0002`` makes all three group-writable, as readers in its group need."""
+    daemon run with ``UMask=0007`` makes all three group-readable and -writable, as readers in its
+    group need, and other users can read none of them (docs/operations.md, Permissions)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return  # SQLite has not created it (it does so lazily on some systems): nothing to widen
+        return  # SQLite has not created it (it does so lazily on some systems): nothing to set
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, DATABASE_MODE & ~_umask())
     finally:
         os.close(fd)
+
+
+def exposure_warning(path: str) -> str | None:
+    """What to say when the database at *path*, or its -wal or -shm, can be read by every local user:
+    its mode lets others read it and every directory above it lets them through. None otherwise."""
+    exposed = []
+    for name in (path, *(path + suffix for suffix in SQLITE_SIDE_FILES)):
+        try:
+            mode = os.lstat(name).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) and mode & stat.S_IROTH:
+            exposed.append(f"{name} (mode {stat.S_IMODE(mode):04o})")
+    if not exposed:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:  # a directory others may not enter hides everything below it
+        try:
+            if not os.stat(directory).st_mode & stat.S_IXOTH:
+                return None
+        except OSError:
+            return None
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return (
+        f"the index is readable by every local user: {', '.join(exposed)}; it holds the paths and names of "
+        f"every layout indexed. Run chmod o-rwx {path}*, and give the daemon UMask=0007 (and its directory "
+        "mode 3770) so that only its group reads it (docs/operations.md, Permissions)"
+    )
 
 
 def _exclusive(lock_path: str) -> int | None:
