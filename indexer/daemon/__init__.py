@@ -57,7 +57,7 @@ from indexer import config as config_mod
 from indexer.errors import DaemonError, DatabaseError, OcidxError, UsageError, printable
 from indexer.scan.discovery import discover, in_layout_blobs, roots_for
 from indexer.scan.scanner import LOGGED_PATHS, Counts, Scanner
-from indexer.store import check_database_files, maintenance, open_beside_database, path_of, path_value
+from indexer.store import check_database_files, exposure_warning, maintenance, open_beside_database, path_of, path_value
 from indexer.store import read as db
 from indexer.store import state as roots_mod
 from indexer.watch.watcher import (
@@ -458,6 +458,8 @@ class Daemon:
             ", ".join(root.path for root in self.roots),
             extra=_fields(event="started", pid=os.getpid(), database=self.db_path),
         )
+        if (exposed := exposure_warning(self.db_path)) is not None:  # docs/operations.md, Permissions
+            log.warning("%s", exposed, extra=_fields(event="database_exposed", database=self.db_path))
 
     async def _signals(self, scope: anyio.CancelScope) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
