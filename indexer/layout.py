@@ -1006,13 +1006,19 @@ class _ChildWalk:
                 return
             following: list[tuple[str, int, int]] = []
             for digest, size, position in level:
-                listed: set[tuple[object, ...]] = set()
-                for child in self._descriptors(digest, size) or ():
+                descriptors = self._descriptors(digest, size) or []
+                # The same descriptor listed again in one index tells nothing more. Usually every digest
+                # differs, which one set of them shows; only otherwise is each descriptor compared.
+                listed: set[tuple[object, ...]] | None = (
+                    None if len({d[0] for d in descriptors}) == len(descriptors) else set()
+                )
+                for child in descriptors:
                     child_digest, media_type, child_size, annotations, platform = child
-                    key = (child_digest, media_type, child_size, platform, tuple(annotations.items()))
-                    if key in listed:
-                        continue  # the same descriptor again in one index: nothing more to know
-                    listed.add(key)
+                    if listed is not None:
+                        key = (child_digest, media_type, child_size, id(platform), tuple(annotations.items()))
+                        if key in listed:
+                            continue
+                        listed.add(key)
                     if len(self.children) >= self.limits.max_children:
                         if not self.full:
                             self.full = True

@@ -144,15 +144,24 @@ class WorkersUnavailable(Exception):
     """No worker process could be started (a process or descriptor limit): no layout is to blame."""
 
 
-class _Worker:
-    """One worker process, the parent's end of its own pipe, and the task it is reading (if any)."""
+# Tasks sent to one worker ahead of its answers: the one it reads and the next, waiting in its pipe,
+# so that it starts the next at once instead of waiting for the manager thread (which shares the GIL
+# with the writer) to read its answer and send another. Cold scans of 10,000 layouts, medians of 3
+# interleaved with concurrent.futures' pool (which queues ahead too) on a loaded machine: one task
+# at a time 18.2 s wall against 13.6 s; two ahead 10.0 s against 11.3 s.
+TASKS_AHEAD = 2
 
-    __slots__ = ("conn", "process", "task")
+
+class _Worker:
+    """One worker process, the parent's end of its own pipe, and the tasks sent to it, oldest first
+    (its answers come back in that order)."""
+
+    __slots__ = ("conn", "process", "tasks")
 
     def __init__(self, process: BaseProcess, conn: Connection) -> None:
         self.process = process
         self.conn = conn
-        self.task: tuple[Future[bytes], list[str]] | None = None
+        self.tasks: list[tuple[Future[bytes], list[str]]] = []
 
 
 class Pool:
@@ -163,11 +172,11 @@ class Pool:
     a partial message that the executor's thread waits on forever, with the lock held, and every
     other worker blocked behind it (a pass hung for good, about one run in four under a killer; a
     worker spawned while that thread waits is not among the processes it watches either). Here a
-    task goes to one idle worker over that worker's own pipe; a manager thread waits on every busy
-    pipe and every worker's exit at once, so a death fails only the task that worker held
-    (:class:`WorkerDied`), and a partial result ends in EOF, since the dead worker held the only
-    other end. Workers are started when tasks wait for them (or by :meth:`warm`), replaced after a
-    death, and stopped by :meth:`close`.
+    task goes to one worker over that worker's own pipe (TASKS_AHEAD at most); a manager thread
+    waits on every busy pipe and every worker's exit at once, so a death fails only the tasks that
+    worker held (:class:`WorkerDied`), and a partial result ends in EOF, since the dead worker held
+    the only other end. Workers are started when tasks wait for them (or by :meth:`warm`), replaced
+    after a death, and stopped by :meth:`close`.
     """
 
     def __init__(self, workers: int, familiar: str, limits: Limits) -> None:
@@ -283,7 +292,7 @@ class Pool:
                     self._spawn(spawn)
                     continue
                 with self._lock:
-                    busy = [w for w in self._running if w.task is not None]
+                    busy = [w for w in self._running if w.tasks]
                     exits = [w.process.sentinel for w in self._running]
                 ready = wait([wake[0], *(w.conn for w in busy), *exits])
                 if wake[0] in ready:
@@ -304,23 +313,24 @@ class Pool:
             self._stop_all()
 
     def _dispatch(self) -> None:
-        """Hand waiting tasks to idle workers (the lock is held)."""
-        for worker in self._running:
-            while worker.task is None and self._pending:
-                future, paths, familiar, limits = self._pending.pop(0)
-                if not future.set_running_or_notify_cancel():
-                    continue  # cancelled while it waited
-                try:
-                    worker.conn.send((paths, familiar, limits))
-                except OSError:
-                    # The worker is gone (its exit is reported next): the task waits for another.
-                    future.set_exception(WorkerDied("the worker process exited before it took the task"))
-                    break
-                worker.task = (future, paths)
+        """Hand waiting tasks to the workers, the least busy first, up to TASKS_AHEAD each (the lock is held)."""
+        for ahead in range(1, TASKS_AHEAD + 1):
+            for worker in self._running:
+                while len(worker.tasks) < ahead and self._pending:
+                    future, paths, familiar, limits = self._pending.pop(0)
+                    if not future.set_running_or_notify_cancel():
+                        continue  # cancelled while it waited
+                    try:
+                        worker.conn.send((paths, familiar, limits))
+                    except OSError:
+                        # The worker is gone (its exit is reported next).
+                        future.set_exception(WorkerDied("the worker process exited before it took the task"))
+                        break
+                    worker.tasks.append((future, paths))
 
     def _to_spawn(self) -> int:
         """How many workers to start now: for the tasks no idle worker takes, or all when warming."""
-        idle = sum(1 for w in self._running if w.task is None)
+        idle = sum(1 for w in self._running if not w.tasks)
         wanted = self.workers if self._warm else min(self.workers, len(self._running) - idle + len(self._pending))
         if self._limit is not None:
             wanted = min(wanted, self._limit)
@@ -362,25 +372,26 @@ class Pool:
         except (EOFError, OSError):
             self._died(worker)  # it closed its pipe or died mid-answer: its exit follows
             return
-        task, worker.task = worker.task, None
-        if task is not None:
-            task[0].set_result(data)
+        if worker.tasks:
+            worker.tasks.pop(0)[0].set_result(data)
 
     def _died(self, worker: _Worker) -> None:
-        """A worker exited: its task (unless its whole answer is in the pipe) fails with WorkerDied."""
-        task, worker.task = worker.task, None
-        if task is not None:
+        """A worker exited: its tasks (but those whose whole answer is in the pipe) fail with WorkerDied."""
+        tasks, worker.tasks = worker.tasks, []
+        while tasks:
             try:
                 data = worker.conn.recv_bytes() if worker.conn.poll() else None
             except (EOFError, OSError):
                 data = None
-            if data is not None:
-                task[0].set_result(data)
-            else:
-                worker.process.join(1.0)
-                code = worker.process.exitcode
-                how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-                task[0].set_exception(WorkerDied(f"the worker process reading it died ({how})"))
+            if data is None:
+                break
+            tasks.pop(0)[0].set_result(data)
+        if tasks:
+            worker.process.join(1.0)
+            code = worker.process.exitcode
+            how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+            for future, _paths in tasks:
+                future.set_exception(WorkerDied(f"the worker process reading it died ({how})"))
         with self._lock:
             if worker in self._running:
                 self._running.remove(worker)
@@ -405,15 +416,16 @@ class Pool:
                     WorkersUnavailable(broken) if broken else WorkerDied("the worker processes were stopped")
                 )
         for worker in running:
-            task, worker.task = worker.task, None
-            if task is None:
+            tasks, worker.tasks = worker.tasks, []
+            if not tasks:
                 with contextlib.suppress(OSError):
                     worker.conn.send(None)  # an idle worker leaves on its own
-            else:
-                task[0].set_exception(
+                continue
+            for future, _paths in tasks:
+                future.set_exception(
                     WorkersUnavailable(broken) if broken else WorkerDied("the worker processes were stopped")
                 )
-                worker.process.terminate()  # reading a layout nobody waits for any more
+            worker.process.terminate()  # reading layouts nobody waits for any more
         for worker in running:
             _reap(worker)
 
