@@ -206,16 +206,29 @@ class LayoutError(OcidxError):
     ``transient`` is true when the cause is the environment, not the layout's own bytes: descriptors
     or memory used up, an I/O error, a permission, a worker process that died, a writer mid-rewrite.
     Such a failure is never stored as a proof: the layout is read again (docs/reliability.md).
+    ``retry_soon`` is true for such a cause that usually passes within a second (descriptors or
+    memory used up for a moment, a worker killed, a writer mid-rewrite): a pass reads the layout
+    again before it ends. A permission does not pass by waiting: the next pass reads it again.
     """
 
     category = "layout_unreadable"
     exit_code = 5
     transient = False
+    retry_soon = False
 
-    def __init__(self, message: str, *, category: str | None = None, transient: bool | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        category: str | None = None,
+        transient: bool | None = None,
+        retry_soon: bool | None = None,
+    ) -> None:
         super().__init__(message, category=category)
         if transient is not None:
             self.transient = transient
+        if retry_soon is not None:
+            self.retry_soon = retry_soon
 
 
 class LayoutUnreadable(LayoutError):
@@ -235,6 +248,7 @@ class TornRead(LayoutError):
 
     category = "torn_read"
     transient = True
+    retry_soon = True
 
 
 class BlobError(LayoutError):
@@ -273,11 +287,23 @@ def environmental(exc: OSError) -> bool:
     return exc.errno not in _FILE_ERRNOS
 
 
+# Failures of the environment that usually pass within a second (LayoutError.retry_soon).
+_PASSING = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.EIO}
+)
+
+
 def layout_failure(cls: type[_L], message: str, exc: OSError) -> _L:
     """The *cls* error for a system call on a layout's file that failed with *exc*: ``transient`` unless
-    it says something about the file itself, and of category ``too_many_open_files`` or
-    ``out_of_memory`` when descriptors or memory ran out (so ``ls`` and ``ocidx scan`` say so)."""
-    return cls(message, category=_EXHAUSTED.get(exc.errno or 0), transient=environmental(exc))
+    it says something about the file itself (``retry_soon`` when it usually passes within a second),
+    and of category ``too_many_open_files`` or ``out_of_memory`` when descriptors or memory ran out
+    (so ``ls`` and ``ocidx scan`` say so)."""
+    return cls(
+        message,
+        category=_EXHAUSTED.get(exc.errno or 0),
+        transient=environmental(exc),
+        retry_soon=exc.errno in _PASSING,
+    )
 
 
 def exhausted(exc: BaseException, what: str) -> ResourceExhausted | None:

@@ -903,7 +903,7 @@ def read_blob(
     finally:
         os.close(fd)
     if len(data) > limit or (size is not None and len(data) != size):
-        raise BlobError(f"blob {digest} changed size while it was read", transient=True)
+        raise BlobError(f"blob {digest} changed size while it was read", transient=True, retry_soon=True)
     if getattr(hashlib, algorithm)(data).hexdigest() != encoded:  # a validated digest: sha256, sha384 or sha512
         raise BlobError(f"blob {digest} does not match its digest (content changed or corrupt)")
     return data
@@ -1048,7 +1048,9 @@ class _ChildWalk:
             if exc.transient:
                 # Descriptors or memory used up, an I/O error: nothing is known of this blob, and the
                 # layout's rows would say its children are unknown for good. The read fails instead.
-                raise LayoutUnreadable(f"{self.layout}: {exc.message}", category=exc.category, transient=True) from None
+                raise LayoutUnreadable(
+                    f"{self.layout}: {exc.message}", category=exc.category, transient=True, retry_soon=exc.retry_soon
+                ) from None
             self.warnings.append(f"{exc.message}; its children are unknown")
             if _digest_names_a_path(digest):  # an invalid one names none: the bytes holding it decide alone
                 self.depends["blobs/" + digest.replace(":", "/", 1)] = blob_state(self.layout, digest)

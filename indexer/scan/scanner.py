@@ -43,7 +43,8 @@ LOGGED_PATHS = 10
 CONFLICT_RETRIES = 4
 # A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
 POOL_MIN_LAYOUTS = 64
-# A full pass reads its transient failures again after each of these delays (seconds), while they last.
+# A full pass reads its transient failures that usually pass (LayoutError.retry_soon) again after
+# each of these delays (seconds), while they last.
 RETRY_DELAYS_S = (0.05, 0.25, 1.0)
 # Layouts per worker task: a batch (one write transaction) is read as tasks of at most this many.
 # Smaller tasks keep each process's high-water memory low (measured at 10,000 layouts: 219 MB for
@@ -144,14 +145,15 @@ class Counts:
                 written += 1
         self.unchanged += max(0, looked_at - written)
 
-    def retried(self, again: Counts) -> None:
-        """Replace what this pass counted for its transient failures by *again*, the pass that read
-        them again: they count once, as what that read found."""
-        for failed in self.transient.values():
+    def retried(self, again: Counts, paths: list[str]) -> None:
+        """Replace what this pass counted for the transient failures at *paths* by *again*, the pass
+        that read them again: they count once, as what that read found."""
+        for path in paths:
+            failed = self.transient.pop(path)
             self.errors -= 1
             if failed.error.message in self.error_messages:
                 self.error_messages.remove(failed.error.message)
-        self.transient = dict(again.transient)
+        self.transient.update(again.transient)
         self.changed += again.changed
         self.unchanged += again.unchanged
         self.errors += again.errors
@@ -550,15 +552,17 @@ class Scanner:
         finally:
             if cold:
                 await self.on_writer(restore_indexes)  # shielded, as every unit of the writer
-        # A read that failed for a reason outside the layout's bytes (descriptors or memory used up
-        # for a moment, a worker killed) is tried again after a backoff before the pass ends; what
-        # still fails is stored with no identity, so the next pass (and the daemon, on its own
+        # A read that failed for a reason outside the layout's bytes that usually passes (descriptors
+        # or memory used up for a moment, a worker killed, a writer mid-rewrite) is tried again after
+        # a backoff before the pass ends; what still fails, and what does not pass by waiting (a
+        # permission), is stored with no identity, so the next pass (and the daemon, on its own
         # schedule) reads it again.
         for delay in RETRY_DELAYS_S:
-            if not counts.transient:
+            again = sorted(path for path, failed in counts.transient.items() if failed.error.retry_soon)
+            if not again:
                 break
             await anyio.sleep(delay)
-            counts.retried(await self.process(sorted(counts.transient), full=full))
+            counts.retried(await self.process(again, full=full), again)
         counts.error_messages[:0] = problems
         counts.unlisted = failed
         return counts

@@ -36,10 +36,19 @@ if TYPE_CHECKING:
     from indexer.store.write import LayoutRows
 
     # (path, read_ns, kind, detail): kind READ with LayoutRows; FAILED with (category, message,
-    # identity tuple or None, transient); GONE (no longer a layout) with None.
+    # identity tuple or None, how: SETTLED, TRANSIENT or PASSING); GONE (no longer a layout) with None.
     Result = tuple[str, int, int, object]
 
 READ, FAILED, GONE = 0, 1, 2
+# How a FAILED read failed: its bytes (settled by its identity), the environment (read again by the
+# next pass), or the environment for a moment (read again by this pass too: LayoutError.retry_soon).
+SETTLED, TRANSIENT, PASSING = 0, 1, 2
+
+
+def _how(error: LayoutError) -> int:
+    return PASSING if error.transient and error.retry_soon else TRANSIENT if error.transient else SETTLED
+
+
 PR_SET_PDEATHSIG = 1
 
 
@@ -59,21 +68,23 @@ def read_one(path: str, familiar: str, limits: Limits) -> Result:
     except (FileNotFoundError, NotADirectoryError):  # NotADirectory: the layout was replaced by a file
         if not layout_mod.is_layout_dir(path):
             return (path, read_ns, GONE, None)
-        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: no index.json", None, False))
+        return (path, read_ns, FAILED, ("layout_unreadable", f"{path}: no index.json", None, SETTLED))
     except OSError as exc:
         error = layout_failure(LayoutUnreadable, f"{path}/index.json: {exc.strerror}", exc)
-        return (path, read_ns, FAILED, (error.category, error.message, None, error.transient))
+        return (path, read_ns, FAILED, (error.category, error.message, None, _how(error)))
     ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     try:
         snapshot = layout_mod.read_layout(path, familiar=familiar, limits=limits)
     except LayoutError as exc:
-        return (path, read_ns, FAILED, (exc.category, exc.message, None if exc.transient else ident, exc.transient))
+        return (path, read_ns, FAILED, (exc.category, exc.message, None if exc.transient else ident, _how(exc)))
     except OSError as exc:  # outside the reads of the layout's files (a module imported lazily, /proc)
         error = layout_failure(LayoutUnreadable, f"{path}: {exc.strerror or exc}", exc)
-        return (path, read_ns, FAILED, (error.category, error.message, None, True))
+        return (path, read_ns, FAILED, (error.category, error.message, None, max(_how(error), TRANSIENT)))
     except Exception as exc:  # MemoryError, or a bug met on these bytes: not known to be the layout's fault
-        category = "out_of_memory" if isinstance(exc, MemoryError) else "layout_unreadable"
-        return (path, read_ns, FAILED, (category, f"{path}: unexpected {type(exc).__name__}: {exc}", None, True))
+        memory = isinstance(exc, MemoryError)
+        category = "out_of_memory" if memory else "layout_unreadable"
+        message = f"{path}: unexpected {type(exc).__name__}: {exc}"
+        return (path, read_ns, FAILED, (category, message, None, PASSING if memory else TRANSIENT))
     rows: LayoutRows = snapshot_rows(snapshot)
     return (path, read_ns, READ, rows)
 
@@ -103,8 +114,8 @@ def unpack(blob: bytes) -> list[Result]:
 
 def failed_error(detail: object) -> tuple[LayoutError, tuple[int, int, int, int, int] | None]:
     """The error and identity of a FAILED :data:`Result`'s detail (no identity for a transient one)."""
-    category, message, ident, transient = cast("tuple[str, str, tuple[int, int, int, int, int] | None, bool]", detail)
-    return LayoutError(message, category=category, transient=transient), ident
+    category, message, ident, how = cast("tuple[str, str, tuple[int, int, int, int, int] | None, int]", detail)
+    return LayoutError(message, category=category, transient=how != SETTLED, retry_soon=how == PASSING), ident
 
 
 def _die_with_parent(parent: int) -> None:
@@ -465,4 +476,4 @@ def worker_died(path: str, read_ns: int, how: str) -> Result:
     the layout is read again by the next pass and, in the daemon, after a backoff (docs/reliability.md).
     """
     message = f"{path}: {how}; it is read again later"
-    return (path, read_ns, FAILED, (LayoutUnreadable.category, message, None, True))
+    return (path, read_ns, FAILED, (LayoutUnreadable.category, message, None, PASSING))
