@@ -35,9 +35,11 @@ import hashlib, json, os, resource, sys
 import anyio
 from indexer.config import Config, DaemonSettings, Root
 from indexer.scan.scanner import Scanner
+from indexer.store.writer import Store
 
 db, roots = sys.argv[1], sys.argv[2:]
-scanner = Scanner(db, Config(daemon=DaemonSettings(workers=int(os.environ.get("WORKERS", "1")))))
+store = Store(db)
+scanner = Scanner(store, Config(daemon=DaemonSettings(workers=int(os.environ.get("WORKERS", "1")))))
 
 async def one_pass():
     free = os.open(os.devnull, os.O_RDONLY)  # the lowest free descriptor: the limit, so none is left
@@ -51,6 +53,7 @@ async def one_pass():
 
 counts = anyio.run(one_pass)
 scanner.close()
+store.close()
 print(json.dumps(counts.to_json(0)))
 """
 
@@ -98,9 +101,14 @@ def retag(lay: Layout, tag: str) -> str:
 
 
 def layout_rows(db: str) -> dict[str, dict[str, object]]:
-    listed = run(os.path.dirname(db), "ls", "--db", db, "--json")
-    assert listed.rc == 0, listed
-    return {row["layout"]: row for row in listed.json()}  # type: ignore[attr-defined]
+    """What the index stores for each layout (its state and error category), as the scan or the
+    daemon wrote it: ``ls`` without a live daemon reads the layouts again, so it cannot show this."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        stored = conn.execute("SELECT path, state, error_category FROM layouts").fetchall()
+    finally:
+        conn.close()
+    return {path: {"state": state, "error": error} for path, state, error in stored}
 
 
 def found(tmp: str, db: str, ref: str) -> tuple[set[tuple[str, str]], bytes, int]:
