@@ -10,7 +10,10 @@ of the file pays), as a ratio too. The cases:
 * ``names``: one digest carrying N names that share a tag (a comma-joined ``ref.name``), looked up
   by ``:TAG`` (resolve), by digest, and with ``find``;
 * ``platforms``: a nested index of N nested indexes, each with one manifest, searched by
-  ``resolve --platform`` for a platform that is not there (every child is visited).
+  ``resolve --platform`` for a platform that is not there (every child is visited);
+* ``fan-out``: four levels of nested indexes, each listing the next one F times (the last, one
+  manifest F times), searched the same way: a walk of every path took F^10 steps and stored
+  F+F^2+F^3+F^4 children (issue 17); each distinct index is walked once now.
 """
 
 from __future__ import annotations
@@ -87,6 +90,16 @@ def build_platforms(path: str, n: int) -> str:
     return _layout(path, [entry])
 
 
+def build_fanout(path: str, f: int) -> str:
+    """Four levels of nested indexes, each listing the next one F times; the last, one manifest F times."""
+    os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
+    level: dict[str, object] = {**_manifest(path, "leaf"), "platform": {"os": "linux", "architecture": "amd64"}}
+    for _ in range(4):
+        body = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [level] * f}).encode()
+        level = {"mediaType": OCI_INDEX, "digest": _blob(path, body), "size": len(body)}
+    return _layout(path, [{**level, "annotations": {REF_NAME: "v1"}}])
+
+
 def _median(step: Callable[[], object], reps: int) -> float:
     times = []
     for _ in range(reps):
@@ -139,6 +152,7 @@ def measure(n: int, reps: int) -> list[tuple[str, float, float, float, float]]:
             ("N identical descriptors", build_identical, 4 * n),
             ("one digest, N names sharing a tag", build_names, n),
             ("N nested indexes, --platform absent", build_platforms, n // 4),
+            ("4 levels of nested indexes each listing the next F times, --platform absent", build_fanout, n // 100),
         ):
             times: list[float] = []
             bare: list[float] = []
@@ -165,7 +179,7 @@ def measure(n: int, reps: int) -> list[tuple[str, float, float, float, float]]:
                     calls = {"resolve --platform (absent)": _absent_platform(layout)}
                 for label, call in calls.items():
                     lookups.setdefault(label, []).append(_median(_lookup(db, call), reps))
-            label = f"{case} (N = {size:,})"
+            label = f"{case} ({'F' if build is build_fanout else 'N'} = {size:,})"
             rows.append((f"{label}: scan", times[0], times[1], bare[0], bare[1]))
             for what, pair in lookups.items():
                 rows.append((f"{label}: {what}", pair[0], pair[1], bare[0], bare[1]))

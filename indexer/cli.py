@@ -5,7 +5,8 @@ only the standard library; ``scan`` and ``daemon`` import their async
 machinery inside their own functions. Human messages and warnings go to
 stderr, JSON documents to stdout, one per command. Exit codes (docs/semantics.md):
 0 found, 1 not found, 2 bad usage or invalid reference, 3 ambiguous, 4 no
-usable index database, 5 the layout is unreadable with no last good state.
+usable index database, 5 the layout is unreadable with no last good state, 6 out
+of open files or memory.
 """
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ first steps:
   ocidx scan /srv/exports                          index every layout below a root
   ocidx find :v1                                   every indexed layout holding the tag
 exit codes: 0 found, 1 not found, 2 bad usage, 3 ambiguous, 4 no usable index database,
-5 layout unreadable; docs/semantics.md and docs/json.md describe every command."""
+5 layout unreadable, 6 out of open files or memory; docs/semantics.md and docs/json.md
+describe every command."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,16 +256,36 @@ def main(argv: Sequence[str] | None = None) -> int:
         want_json = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
         return _COMMANDS[args.command](args)
     except OcidxError as exc:
-        if want_json:
-            _emit(exc.to_json())
-        _warn(f"ocidx: {exc.message}")
-        if isinstance(exc, Ambiguous) and not want_json:
-            _show_candidates(exc)
-        return exc.exit_code
+        return _failed(exc, want_json)
+    except (OSError, MemoryError, ImportError) as exc:
+        # Out of descriptors or memory wherever it struck (a module imported late, a pipe, a file
+        # beside the database): an error of its own, exit 6, never a traceback. (An extension module
+        # that cannot be opened is an ImportError that keeps the errno to itself.)
+        from indexer.errors import exhausted, out_of_descriptors
+
+        doing = f"running ocidx {args_list[0] if args_list else ''}".rstrip()
+        resource = exhausted(exc, doing) or (out_of_descriptors(doing) if isinstance(exc, ImportError) else None)
+        if resource is None:
+            raise
+        return _failed(resource, want_json)
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
         return 0
+
+
+def _failed(exc: OcidxError, want_json: bool, target: str | None = None) -> int:
+    """Say what went wrong (JSON on stdout when asked, a line on stderr); the exit code. With *target*,
+    one target's error in a batch: its JSON Lines record, its message prefixed with the target."""
+    if want_json:
+        if target is None:
+            _emit(exc.to_json())
+        else:
+            _emit_line({"target": target, **exc.to_json()})
+    _warn(f"ocidx: {exc.message}" if target is None else f"ocidx: {target}: {exc.message}")
+    if isinstance(exc, Ambiguous) and not want_json:
+        _show_candidates(exc)
+    return exc.exit_code
 
 
 def _show_candidates(exc: Ambiguous) -> None:
@@ -361,16 +383,6 @@ def _emit_line(document: dict[str, object]) -> None:
     sys.stdout.flush()
 
 
-def _failed(target: str, exc: OcidxError, want_json: bool) -> int:
-    """Report one target's error in a batch (its JSON Lines record, and the message on stderr)."""
-    if want_json:
-        _emit_line({"target": target, **exc.to_json()})
-    _warn(f"ocidx: {target}: {exc.message}")
-    if isinstance(exc, Ambiguous) and not want_json:
-        _show_candidates(exc)
-    return exc.exit_code
-
-
 def cmd_resolve(args: argparse.Namespace) -> int:
     """``ocidx resolve``: one image per target, printed as a digest, JSON, or a build context."""
     if args.json and args.format not in (None, "json"):
@@ -386,7 +398,7 @@ def cmd_resolve(args: argparse.Namespace) -> int:
             if isinstance(result, OcidxError):
                 if not batch:
                     raise result
-                worst = max(worst, _failed(target, result, fmt == "json"))
+                worst = max(worst, _failed(result, fmt == "json", target))
                 continue
             for warning in result.warnings:
                 _warn(f"ocidx: warning: {target}: {warning}" if batch else f"ocidx: warning: {warning}")
@@ -468,20 +480,24 @@ def cmd_find(args: argparse.Namespace) -> int:
         raise UsageError("--dsn names the fleet database: it goes with --fleet")
     batch = _is_batch(args.refs)
     worst = 0
-    said: set[str] = set()  # the warning that the index could not be proven exact, said once
+    said: set[str] = set()  # the warnings about a whole answer, said once for the batch
     with _index(args) as index:
         for ref, result in index.find_many(_targets(args.refs), verify_all=args.verify_all):
             if isinstance(result, OcidxError):
                 if not batch:
                     raise result
-                worst = max(worst, _failed(ref, result, args.json))
+                worst = max(worst, _failed(result, args.json, ref))
                 continue
-            if result.unverified is not None and result.unverified not in said:
-                said.add(result.unverified)
-                _warn(f"ocidx: warning: {result.unverified}")
+            # What holds for the whole answer (the index could not be proven exact, layouts in scope
+            # could not be read now) is said once, not with each answer.
+            overall = [w for w in [result.unverified, *result.warnings] if w is not None]
+            for warning in overall:
+                if warning not in said:
+                    said.add(warning)
+                    _warn(f"ocidx: warning: {warning}")
             for answer in result:
                 for warning in answer.warnings:
-                    if warning != result.unverified:
+                    if warning not in overall:
                         _warn(f"ocidx: warning: {warning}")
             if args.json:
                 if batch:
@@ -512,7 +528,7 @@ def cmd_find_fleet(args: argparse.Namespace) -> int:
             except OcidxError as exc:
                 if not batch:
                     raise
-                worst = max(worst, _failed(ref, exc, args.json))
+                worst = max(worst, _failed(exc, args.json, ref))
                 if isinstance(exc, DatabaseError):
                     return worst  # unreachable: every REF after it would wait out the same timeout
                 continue
@@ -896,6 +912,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
     )
     if args.json:
         _emit(summary)
+    if summary["resource_error"] is not None:  # written what it could; the rest is read again next time
+        _warn(f"ocidx: {summary['resource_error']}")
+        from indexer.errors import ResourceExhausted
+
+        return ResourceExhausted.exit_code
     # A root that does not exist or is not a directory is a bad argument (the summary counts it).
     return UsageError.exit_code if summary["bad_roots"] else 0
 

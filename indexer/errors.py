@@ -22,6 +22,8 @@
     │   ├── TornRead                index.json changed while it was read
     │   └── BlobError               a nested blob is bad (path, size, hash)
     ├── LayoutBusy                  gc --delete: a writer holds index.json.lock too long  exit 1
+    ├── ResourceExhausted           out of descriptors (EMFILE, ENFILE)   exit 6
+    │   └── OutOfMemory             out of memory (ENOMEM, MemoryError)
     └── DaemonError                 the daemon cannot run (lock held, watch limits), or wait cannot watch
 
 Every error carries a snake_case ``category`` (the ``error`` key of ``--json``
@@ -32,9 +34,14 @@ with :func:`printable`.
 
 from __future__ import annotations
 
+import errno
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import TypeVar
+
+    _L = TypeVar("_L", bound="LayoutError")
 
 # C0 controls and DEL as \xNN, C1 controls as \u00NN.
 _CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x00, 0x20), 0x7F)}
@@ -209,10 +216,34 @@ class FleetUnavailable(DatabaseError):
 
 
 class LayoutError(OcidxError):
-    """One layout cannot be read; other layouts are unaffected."""
+    """One layout cannot be read; other layouts are unaffected.
+
+    ``transient`` is true when the cause is the environment, not the layout's own bytes: descriptors
+    or memory used up, an I/O error, a permission, a worker process that died, a writer mid-rewrite.
+    Such a failure is never stored as a proof: the layout is read again (docs/reliability.md).
+    ``retry_soon`` is true for such a cause that usually passes within a second (descriptors or
+    memory used up for a moment, a worker killed, a writer mid-rewrite): a pass reads the layout
+    again before it ends. A permission does not pass by waiting: the next pass reads it again.
+    """
 
     category = "layout_unreadable"
     exit_code = 5
+    transient = False
+    retry_soon = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        category: str | None = None,
+        transient: bool | None = None,
+        retry_soon: bool | None = None,
+    ) -> None:
+        super().__init__(message, category=category)
+        if transient is not None:
+            self.transient = transient
+        if retry_soon is not None:
+            self.retry_soon = retry_soon
 
 
 class LayoutUnreadable(LayoutError):
@@ -231,6 +262,8 @@ class TornRead(LayoutError):
     """``index.json`` kept changing while it was read (a writer is mid-rewrite)."""
 
     category = "torn_read"
+    transient = True
+    retry_soon = True
 
 
 class BlobError(LayoutError):
@@ -244,6 +277,103 @@ class LayoutBusy(OcidxError):
 
     category = "layout_busy"
     exit_code = 1
+
+
+class ResourceExhausted(OcidxError):
+    """This process or the system ran out of open files (or memory): nothing is wrong with the index
+    or the layouts, and the same command succeeds once the limit is raised or the load is gone."""
+
+    category = "too_many_open_files"
+    exit_code = 6
+
+
+class OutOfMemory(ResourceExhausted):
+    """This process or the system ran out of memory."""
+
+    category = "out_of_memory"
+
+
+# What a failed system call says about a layout's own files: missing, a symlink, not a regular
+# file or directory, a name too long. Any other errno (EMFILE, ENFILE, ENOMEM, EIO, EACCES, ...)
+# is the environment's, so the failure proves nothing about the layout.
+_FILE_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENAMETOOLONG})
+_EXHAUSTED = {
+    errno.EMFILE: ResourceExhausted.category,
+    errno.ENFILE: ResourceExhausted.category,
+    errno.ENOMEM: OutOfMemory.category,
+}
+
+
+def environmental(exc: OSError) -> bool:
+    """Whether a failed system call says nothing about the file it was made on (see _FILE_ERRNOS)."""
+    return exc.errno not in _FILE_ERRNOS
+
+
+# Failures of the environment that usually pass within a second (LayoutError.retry_soon).
+_PASSING = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EBUSY, errno.ETIMEDOUT, errno.EIO}
+)
+
+
+def layout_failure(cls: type[_L], message: str, exc: OSError) -> _L:
+    """The *cls* error for a system call on a layout's file that failed with *exc*: ``transient`` unless
+    it says something about the file itself (``retry_soon`` when it usually passes within a second),
+    and of category ``too_many_open_files`` or ``out_of_memory`` when descriptors or memory ran out
+    (so ``ls`` and ``ocidx scan`` say so)."""
+    return cls(
+        message,
+        category=_EXHAUSTED.get(exc.errno or 0),
+        transient=environmental(exc),
+        retry_soon=exc.errno in _PASSING,
+    )
+
+
+def exhausted(exc: BaseException, what: str) -> ResourceExhausted | None:
+    """The :class:`ResourceExhausted` that *exc* is (descriptors or memory used up while doing *what*:
+    an OSError, a MemoryError, or a LayoutError of such a category), or None."""
+    if isinstance(exc, MemoryError) or getattr(exc, "category", None) == "out_of_memory":
+        return OutOfMemory(f"out of memory while {what}: run it again when memory is free")
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, LayoutError) and exc.category == "too_many_open_files":
+        code = errno.ENFILE if "in system" in exc.message else errno.EMFILE
+    if code == errno.EMFILE:
+        try:
+            import resource  # an extension module: its import needs a descriptor too
+
+            allowed = f" (this process may have {resource.getrlimit(resource.RLIMIT_NOFILE)[0]} open)"
+        except (ImportError, OSError):
+            allowed = ""
+        return ResourceExhausted(
+            f"too many open files while {what}{allowed}: raise the limit (ulimit -n 4096 in a shell, "
+            "LimitNOFILE= in a systemd unit) and run it again"
+        )
+    if code == errno.ENFILE:
+        return ResourceExhausted(
+            f"the system's table of open files is full (sysctl fs.file-max) while {what}: run it again "
+            "once files are closed, or raise fs.file-max"
+        )
+    if code == errno.ENOMEM:
+        return OutOfMemory(f"out of memory while {what}: run it again when memory is free")
+    return None
+
+
+def out_of_descriptors(what: str, needed: int = 4) -> ResourceExhausted | None:
+    """The :class:`ResourceExhausted` to raise when this process cannot open *needed* more files now
+    (EMFILE, ENFILE), else None: asked after a failure that does not say why, such as SQLite's "unable
+    to open database file" (SQLite keeps the errno to itself, and closes what it had opened: a
+    database in WAL mode needs its file, -wal and -shm, so one free descriptor is no answer)."""
+    import os
+
+    opened: list[int] = []
+    try:
+        for _ in range(needed):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))  # noqa: PERF401 - each kept if the next fails
+    except OSError as exc:
+        return exhausted(exc, what)
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return None
 
 
 class DaemonError(OcidxError):

@@ -76,6 +76,7 @@ import sys
 
 from indexer import reference
 from indexer._record import Record
+from indexer._statx import mount_of
 from indexer.errors import (
     BlobError,
     IndexParseError,
@@ -83,6 +84,7 @@ from indexer.errors import (
     LayoutUnreadable,
     TornRead,
     UsageError,
+    layout_failure,
 )
 from indexer.names import DEFAULT_FAMILIAR_POLICY, quote_value, read_names
 
@@ -399,9 +401,25 @@ class Snapshot(Record):
     ``indexes`` are the nested index blobs the walk met; ``skipped`` counts the descriptors of
     ``index.json`` that could not be used, and ``truncated`` says the walk stopped at
     ``Limits.max_children``: what the layout references is then not wholly known (:attr:`complete`).
+
+    ``depends`` is what the rows depend on besides ``index.json`` (:data:`Dependency`): the nested
+    index blobs that were absent or unusable, each with what the read found at its path. A proof
+    that the rows are current checks them too (``store.read.depends_hold``): a blob that arrives
+    later, ``index.json`` untouched, changes what the layout answers.
     """
 
-    __slots__ = ("children", "content_hash", "entries", "identity", "indexes", "skipped", "truncated", "warnings")
+    __slots__ = (
+        "children",
+        "content_hash",
+        "depends",
+        "entries",
+        "identity",
+        "indexes",
+        "mnt_id",
+        "skipped",
+        "truncated",
+        "warnings",
+    )
 
     entries: tuple[Entry, ...]
     children: tuple[Child, ...]
@@ -411,6 +429,8 @@ class Snapshot(Record):
     indexes: tuple[IndexBlob, ...]
     skipped: int
     truncated: bool
+    depends: tuple[Dependency, ...]
+    mnt_id: int | None
 
     def __init__(
         self,
@@ -422,6 +442,8 @@ class Snapshot(Record):
         indexes: tuple[IndexBlob, ...] = (),
         skipped: int = 0,
         truncated: bool = False,
+        depends: tuple[Dependency, ...] = (),
+        mnt_id: int | None = None,
     ) -> None:
         self.entries = entries
         self.children = children
@@ -431,6 +453,10 @@ class Snapshot(Record):
         self.indexes = indexes
         self.skipped = skipped
         self.truncated = truncated
+        self.depends = depends
+        # The unique id of the mount index.json was read on (indexer._statx), or None where the
+        # system cannot say: compared by every proof, as the identity is.
+        self.mnt_id = mnt_id
 
     @property
     def complete(self) -> bool:
@@ -447,6 +473,12 @@ if TYPE_CHECKING:
 
     _Descriptor = tuple[str, str, int, dict[str, str], Platform | None]
     _P = TypeVar("_P")
+    # A path inside the layout (``blobs/ALG/HEX``) and what a read found there: None, absent; the
+    # identity (dev, ino, size, mtime_ns, ctime_ns) of the file that could not be used; or UNSETTLED,
+    # a file changed within the racy window of the read, which proves nothing yet.
+    Dependency = tuple[str, tuple[int, int, int, int, int] | str | None]
+
+UNSETTLED = "unsettled"
 
 
 # -- parsing (pure) ----------------------------------------------------------------------------
@@ -713,6 +745,9 @@ def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits:
     entries, warnings, skipped = parsed
     walk = _walk_children(layout, entries, limits)
     content_hash = "sha256:" + hashlib.sha256(data).hexdigest()
+    # The mount of the file at that path now: the one that was read when it holds the device read.
+    mount = mount_of(path)
+    mnt_id = mount[1] if mount is not None and mount[0] == identity.dev else None
     return Snapshot(
         entries,
         tuple(walk.children),
@@ -722,6 +757,8 @@ def read_layout(layout: str, *, familiar: str = DEFAULT_FAMILIAR_POLICY, limits:
         tuple(walk.met.values()),
         skipped,
         walk.full,
+        tuple(sorted(walk.depends.items())),
+        mnt_id,
     )
 
 
@@ -771,10 +808,13 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise LayoutUnreadable(f"{path} became a symlink while it was opened; refused") from None
-        raise LayoutUnreadable(_open_error(path, exc)) from None
+        raise layout_failure(LayoutUnreadable, _open_error(path, exc), exc) from None
     try:
         _check_opened_inside(fd, path)
-        before = os.fstat(fd)
+        try:
+            before = os.fstat(fd)
+        except OSError as exc:
+            raise layout_failure(LayoutUnreadable, f"{path} cannot be read: {exc.strerror}", exc) from None
         if not stat.S_ISREG(before.st_mode):
             raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
         if before.st_size > limits.max_index_bytes:
@@ -783,7 +823,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
             data = _read_all(fd, limits.max_index_bytes, before.st_size)
             after = os.fstat(fd)
         except OSError as exc:
-            raise LayoutUnreadable(f"{path} cannot be read: {exc.strerror}") from None
+            raise layout_failure(LayoutUnreadable, f"{path} cannot be read: {exc.strerror}", exc) from None
     finally:
         os.close(fd)
     identity = FileIdentity.of(before)
@@ -938,7 +978,7 @@ def read_blob(
             raise BlobMissing(f"blob {digest} is not in {os.path.join(layout, 'blobs')}") from None
         if exc.errno == errno.ELOOP:
             raise BlobError(f"blob {digest} at {path} became a symlink while opened; refused") from None
-        raise BlobError(f"blob {digest} at {path} cannot be opened: {exc.strerror}") from None
+        raise layout_failure(BlobError, f"blob {digest} at {path} cannot be opened: {exc.strerror}", exc) from None
     limit = limits.max_blob_bytes
     try:
         st = os.fstat(fd)
@@ -952,11 +992,11 @@ def read_blob(
         try:
             data = _read_all(fd, limit, st.st_size)
         except OSError as exc:
-            raise BlobError(f"blob {digest} at {path} cannot be read: {exc.strerror}") from None
+            raise layout_failure(BlobError, f"blob {digest} at {path} cannot be read: {exc.strerror}", exc) from None
     finally:
         os.close(fd)
     if len(data) > limit or (size is not None and len(data) != size):
-        raise BlobError(f"blob {digest} changed size while it was read")
+        raise BlobError(f"blob {digest} changed size while it was read", transient=True, retry_soon=True)
     if getattr(hashlib, algorithm)(data).hexdigest() != encoded:  # a validated digest: sha256, sha384 or sha512
         raise BlobError(f"blob {digest} does not match its digest (content changed or corrupt)")
     return data
@@ -995,22 +1035,46 @@ def _blob_directory(layout: str, directory: str, cache: dict[str, str]) -> str:
 
 def read_children(
     layout: str, entries: tuple[Entry, ...], limits: Limits = DEFAULT_LIMITS
-) -> tuple[tuple[Child, ...], tuple[str, ...]]:
-    """Follow the entries that are indexes into ``blobs/``: every child descriptor, and warnings."""
+) -> tuple[tuple[Child, ...], tuple[str, ...], tuple[Dependency, ...]]:
+    """Follow the entries that are indexes into ``blobs/``: every child descriptor, warnings, and the
+    blobs that were absent or unusable (what the children depend on, :class:`Snapshot`)."""
     walk = _walk_children(layout, entries, limits)
-    return tuple(walk.children), tuple(walk.warnings)
+    return tuple(walk.children), tuple(walk.warnings), tuple(sorted(walk.depends.items()))
 
 
 def _walk_children(layout: str, entries: tuple[Entry, ...], limits: Limits) -> _ChildWalk:
     walk = _ChildWalk(layout, limits)
-    for entry in entries:
-        if entry.media_type in INDEX_MEDIA_TYPES:
-            walk.index(entry.digest, entry.size, entry.position, 1, (entry.digest,))
+    walk.run(entries)
     return walk
 
 
+def blob_state(layout: str, digest: str) -> tuple[int, int, int, int, int] | str | None:
+    """What is at the path of blob *digest* now, as a :data:`Dependency` records it; :class:`BlobError`
+    for an invalid digest."""
+    import time
+
+    from indexer.store.read import RACY_WINDOW_NS
+
+    try:
+        st = os.stat(blob_path(layout, digest))
+    except OSError as exc:
+        return None if exc.errno in (errno.ENOENT, errno.ENOTDIR) else UNSETTLED
+    if max(st.st_mtime_ns, st.st_ctime_ns) + RACY_WINDOW_NS >= time.time_ns():
+        return UNSETTLED  # still being written, perhaps: a later read decides
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 class _ChildWalk:
-    __slots__ = ("blobs", "children", "full", "layout", "limits", "met", "resolved", "warnings")
+    """The nested indexes of one layout as the graph they are: each distinct index (digest and size) is
+    read and expanded once, breadth first, so at the smallest depth it is reachable at, and each
+    distinct descriptor it lists is one :class:`Child`, whatever number of entries and indexes list
+    it and however often. A walk that followed every path instead took F^10 steps for four levels
+    that each list the same child F times, and stored F+F^2+F^3+F^4 children (issue 17); now the
+    steps and the rows are bounded by the distinct descriptors of the distinct blobs read: by what
+    the layout's bytes hold. A child is recorded under the first entry that reaches it
+    (``Child.entry_position``); lookups follow the graph by digest from any entry (store.read)."""
+
+    __slots__ = ("children", "depends", "full", "layout", "limits", "met", "resolved", "warnings")
 
     def __init__(self, layout: str, limits: Limits) -> None:
         self.layout = layout
@@ -1018,40 +1082,62 @@ class _ChildWalk:
         self.resolved: dict[str, str] = {}
         self.children: list[Child] = []
         self.warnings: list[str] = []
-        self.blobs: dict[str, list[_Descriptor] | None] = {}
+        self.depends: dict[str, tuple[int, int, int, int, int] | str | None] = {}
         self.met: dict[str, IndexBlob] = {}  # every nested index blob met, once, in walk order
         self.full = False
 
-    def index(self, digest: str, size: int, position: int, depth: int, path: tuple[str, ...]) -> None:
-        if depth > self.limits.max_depth:
-            self.warnings.append(
-                f"nested index {digest} (below manifests[{position}]) is deeper than "
-                f"{self.limits.max_depth} levels; not followed"
-            )
-            self.met.setdefault(digest, IndexBlob(digest, size, "deep"))
-            return
-        descriptors = self._descriptors(digest, size)
-        for child in descriptors or ():
-            if len(self.children) >= self.limits.max_children:
-                if not self.full:
-                    self.full = True
-                    self.warnings.append(
-                        f"more than {self.limits.max_children} nested descriptors; the rest are not read"
-                    )
+    def run(self, entries: tuple[Entry, ...]) -> None:
+        """Walk every nested index below *entries*, a level at a time."""
+        seen: set[tuple[str, int]] = set()  # the indexes expanded, or to be at this or the next level
+        level: list[tuple[str, int, int]] = []  # (digest, size, position of the entry that reached it)
+        for entry in entries:
+            if entry.media_type in INDEX_MEDIA_TYPES and (entry.digest, entry.size) not in seen:
+                seen.add((entry.digest, entry.size))
+                level.append((entry.digest, entry.size, entry.position))
+        depth = 1
+        while level:
+            if depth > self.limits.max_depth:
+                self.warnings.extend(
+                    f"nested index {digest} (below manifests[{position}]) is deeper than "
+                    f"{self.limits.max_depth} levels; not followed"
+                    for digest, _size, position in level
+                )
+                for digest, size, _position in level:
+                    self.met.setdefault(digest, IndexBlob(digest, size, "deep"))
                 return
-            child_digest, media_type, child_size, annotations, platform = child
-            self.children.append(
-                Child(digest, position, depth, child_digest, media_type, child_size, platform, annotations)
-            )
-            if media_type in INDEX_MEDIA_TYPES:
-                if child_digest in path:
-                    self.warnings.append(f"nested index {child_digest} lists itself; not followed again")
-                else:
-                    self.index(child_digest, child_size, position, depth + 1, (*path, child_digest))
+            following: list[tuple[str, int, int]] = []
+            for digest, size, position in level:
+                descriptors = self._descriptors(digest, size) or []
+                # The same descriptor listed again in one index tells nothing more. Usually every digest
+                # differs, which one set of them shows; only otherwise is each descriptor compared.
+                listed: set[tuple[object, ...]] | None = (
+                    None if len({d[0] for d in descriptors}) == len(descriptors) else set()
+                )
+                for child in descriptors:
+                    child_digest, media_type, child_size, annotations, platform = child
+                    if listed is not None:
+                        key = (child_digest, media_type, child_size, id(platform), tuple(annotations.items()))
+                        if key in listed:
+                            continue
+                        listed.add(key)
+                    if len(self.children) >= self.limits.max_children:
+                        if not self.full:
+                            self.full = True
+                            self.warnings.append(
+                                f"more than {self.limits.max_children} nested descriptors; the rest are not read"
+                            )
+                        return
+                    self.children.append(
+                        Child(digest, position, depth, child_digest, media_type, child_size, platform, annotations)
+                    )
+                    if media_type in INDEX_MEDIA_TYPES and (child_digest, child_size) not in seen:
+                        seen.add((child_digest, child_size))
+                        following.append((child_digest, child_size, position))
+            level = following
+            depth += 1
 
     def _descriptors(self, digest: str, size: int) -> list[_Descriptor] | None:
-        if digest in self.blobs:
-            return self.blobs[digest]
+        """The descriptors the nested index blob lists (None when it is absent or unusable: a warning)."""
         found: list[_Descriptor] | None = None
         what = f"nested index {digest}"
         try:
@@ -1059,9 +1145,18 @@ class _ChildWalk:
         except BlobMissing:
             self.warnings.append(f"{what} is not in blobs/ (a partial export?); its children are unknown")
             self.met[digest] = IndexBlob(digest, size, "missing")
+            self.depends["blobs/" + digest.replace(":", "/", 1)] = None
         except BlobError as exc:
+            if exc.transient:
+                # Descriptors or memory used up, an I/O error: nothing is known of this blob, and the
+                # layout's rows would say its children are unknown for good. The read fails instead.
+                raise LayoutUnreadable(
+                    f"{self.layout}: {exc.message}", category=exc.category, transient=True, retry_soon=exc.retry_soon
+                ) from None
             self.warnings.append(f"{exc.message}; its children are unknown")
             self.met[digest] = IndexBlob(digest, size, "invalid")
+            if _digest_names_a_path(digest):  # an invalid one names none: the bytes holding it decide alone
+                self.depends["blobs/" + digest.replace(":", "/", 1)] = blob_state(self.layout, digest)
         else:
             # The blob's bytes were just read from this layout and matched its digest, so they are
             # the bytes of every other blob with that digest: the parse is shared across layouts
@@ -1075,8 +1170,15 @@ class _ChildWalk:
             found, warnings, skipped, head = parsed
             self.warnings.extend(warnings)
             self.met[digest] = IndexBlob(digest, size, "ok" if found is not None else "invalid", skipped, head)
-        self.blobs[digest] = found
         return found
+
+
+def _digest_names_a_path(digest: str) -> bool:
+    try:
+        reference.validate_digest(digest)
+    except InvalidReference:
+        return False
+    return True
 
 
 _PARSED_INDEXES_MAX = 4096
@@ -1117,6 +1219,25 @@ def is_layout_dir(path: str) -> bool:
     )
 
 
+def layout_dir_state(path: str) -> bool | None:
+    """:func:`is_layout_dir`, or None when it cannot be told: a ``stat`` failed for a reason other than
+    absence (a permission, an I/O error), which proves neither that the layout is there nor gone."""
+    try:
+        if not stat.S_ISDIR(os.stat(path).st_mode):
+            return False
+    except OSError as exc:
+        return False if exc.errno in (errno.ENOENT, errno.ENOTDIR) else None
+    for marker in (LAYOUT_FILE, INDEX_FILE):
+        try:
+            os.lstat(os.path.join(path, marker))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                return None
+        else:
+            return True
+    return False
+
+
 __all__ = [
     "DEFAULT_LIMITS",
     "DOCKER_MANIFEST",
@@ -1133,7 +1254,9 @@ __all__ = [
     "Platform",
     "Snapshot",
     "blob_path",
+    "blob_state",
     "is_layout_dir",
+    "layout_dir_state",
     "normalize_platform",
     "parse_index",
     "parse_platform_spec",

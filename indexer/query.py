@@ -40,10 +40,11 @@ from indexer.errors import (
     PlatformNotFound,
     TagMismatch,
     UsageError,
+    exhausted,
     printable,
 )
 from indexer.names import Name
-from indexer.store import open_reader, schema_script
+from indexer.store import database_error, open_reader, schema_script
 from indexer.store import read as db
 
 TYPE_CHECKING = False
@@ -202,6 +203,9 @@ class Matches(list[Answer]):
         super().__init__()
         self.query = query
         self.unverified = unverified  # why the index could not be proven exact (each answer warns too)
+        # Other things a person should know about the whole answer (layouts in scope that could not be
+        # read now); each answer carries them among its warnings too.
+        self.warnings: list[str] = []
         self.hint = ""  # for no answer: " (did you mean the tag ':v1'?)" when that would have matched
 
 
@@ -405,7 +409,7 @@ def _database_errors(method: Callable[Concatenate[Index, _P], _R]) -> Callable[C
         try:
             return method(self, *args, **kwargs)
         except sqlite3.DatabaseError as exc:
-            raise DatabaseError(f"{self.db_path} is not a usable ocidx database: {exc}") from None
+            raise database_error(f"{self.db_path} is not a usable ocidx database: {exc}", self.db_path) from None
 
     run.__name__, run.__qualname__, run.__doc__ = method.__name__, method.__qualname__, method.__doc__
     return run
@@ -508,7 +512,12 @@ class Index:
                 return self._stale(stored, unreadable.message, strict, unreadable)
             raise unreadable from None
         identity = layout_mod.FileIdentity.of(st)
-        if stored is not None and stored.is_current(identity):
+        if (
+            stored is not None
+            and stored.is_current(identity)
+            and db.depends_hold(real, stored.depends)
+            and db.mount_holds(real, stored)
+        ):
             if stored.state == "ok":
                 return View(self.conn, stored.id, real, INDEXED, [], stored=stored)
             return self._stale(stored, stored.error or "index.json is broken", strict)
@@ -516,11 +525,19 @@ class Index:
         try:
             snapshot = layout_mod.read_layout(real, familiar=self.config.familiar, limits=self.config.limits)
         except LayoutError as exc:
+            # Out of descriptors or memory: nothing is wrong with the layout; say what is (exit 6).
+            if (resource := exhausted(exc, f"reading {real}")) is not None:
+                raise resource from None
             # docs/semantics.md: exit 5 is for a layout unreadable *with no last good state*; with one, answer stale.
             if stored is not None and stored.last_good_ns is not None:
                 return self._stale(stored, exc.message, strict, exc)
             raise
-        if stored is not None and stored.content_hash == snapshot.content_hash:
+        if (
+            stored is not None
+            and stored.content_hash == snapshot.content_hash
+            and db.same_rows_depend(stored.depends, db.encode_depends(snapshot.depends))
+        ):
+            # The rows hold what the file holds now (a touch, the same bytes on another mount).
             return View(self.conn, stored.id, real, INDEXED, [], stored=stored, snapshot=snapshot)
         return self._read_through(real, snapshot, read_ns, None)
 
@@ -841,6 +858,12 @@ class Index:
         scope, unverified = self._scope(conn, set(in_index), stored, verify_all, fresh)
         answers = Matches(query, unverified)
         pairs: list[tuple[View, Answer]] = []
+        # Layouts whose last read failed hold no rows, or only a last good state: each is read again
+        # here, and those that still cannot be read are named, since they may hold what was asked for.
+        for known in db.in_error(conn):
+            scope.add(known.path)
+            stored.setdefault(known.path, known)
+        unreadable: list[str] = []
         for path in sorted(scope):
             try:
                 # Stored paths are resolved already: no realpath, no second SELECT per layout.
@@ -848,12 +871,15 @@ class Index:
             except NotFound:
                 continue  # verified: the layout is gone, so are its matches
             except LayoutError as exc:
+                unreadable.append(f"{path}: {exc.message}")
                 if path in in_index:
                     answers.extend(
                         _with_warning(a, f"{path}: {exc.message}; this match could not be verified")
                         for a in in_index[path]
                     )
                 continue
+            if view.freshness == STALE:
+                unreadable.append(view.warnings[0] if view.warnings else path)
             if view.freshness == INDEXED:
                 pairs.extend((view, answer) for answer in in_index.get(path, []))
                 continue
@@ -867,9 +893,15 @@ class Index:
                 pairs.extend((view, a) for a in _graph_answers(found, db.graph_hits(found.conn, query.digest)))
         answers.extend(self.with_graph(pairs))
         answers.sort(key=lambda a: (a.layout, a.digest))
-        if unverified is not None:
-            answers[:] = [_with_warning(a, unverified) for a in answers]
-        elif not answers:
+        if unreadable:
+            more = f" and {len(unreadable) - 1} more" if len(unreadable) > 1 else ""
+            answers.warnings.append(
+                f"{len(unreadable)} indexed layout{'s' if len(unreadable) > 1 else ''} could not be read now "
+                f"({unreadable[0]}{more}): this answer may miss images in them"
+            )
+        for note in ([unverified] if unverified is not None else []) + answers.warnings:
+            answers[:] = [_with_warning(a, note) for a in answers]
+        if unverified is None and not answers:
             answers.hint = _tag_hint(
                 conn, query, None, lambda tag: self._option(f"ocidx find :{tag}", f"find(':{tag}')")
             )
@@ -1117,7 +1149,14 @@ class Index:
         entries = []
         rows = db.entries(view.conn, view.layout_id)
         names = db.names(view.conn, [hit.entry_id for hit, _, _ in rows])
-        kids = {hit.entry_id: db.children(view.conn, hit.entry_id) for hit, _, _ in rows}
+        kids = {
+            hit.entry_id: (
+                db.children(view.conn, view.layout_id, hit.digest)
+                if hit.media_type in layout_mod.INDEX_MEDIA_TYPES
+                else []
+            )
+            for hit, _, _ in rows
+        }
         # Every image of the layout (entries and children) with what the content graph says of it.
         pairs = [(view, _answer(view, [hit], [], {})) for hit, _, _ in rows]
         pairs += [
@@ -1567,13 +1606,12 @@ def _select_platform(index: Index, view: View, hit: db.Hit, answer: Answer, want
             f"{answer.digest} in {view.path} is {what}, not {_platform_text(want.to_json())}",
             [p for p in [_platform_out(platform)] if p is not None],
         )
-    kids = db.children(view.conn, hit.entry_id) if hit.source in ("entry", "child") else []
-    if not any(k.parent == hit.digest for k in kids):
-        kids = kids + _children_from_disk(view, hit, index.config.limits)
+    kids = db.children(view.conn, view.layout_id, hit.digest)
     by_parent: dict[str, list[db.ChildRow]] = {}
     for kid in kids:
         by_parent.setdefault(kid.parent, []).append(kid)
     seen: dict[str, dict[str, object]] = {}  # the platforms present, in index order, once each
+    searched: set[str] = set()  # each index looked into once: the graph may reach one by many paths
 
     def matches(platform: dict[str, object] | None) -> bool:
         have = _platform_record(platform)
@@ -1589,6 +1627,7 @@ def _select_platform(index: Index, view: View, hit: db.Hit, answer: Answer, want
     def search(parent: str, depth: int) -> db.ChildRow | None:
         # As containerd's images.Manifest: a nested index is followed when its descriptor names
         # no platform or the wanted one; the first manifest for the platform, in index order, wins.
+        searched.add(parent)
         level = [(kid, platform_of(kid)) for kid in by_parent.get(parent, [])]
         for _kid, platform in level:
             shown = _platform_out(platform)
@@ -1596,7 +1635,7 @@ def _select_platform(index: Index, view: View, hit: db.Hit, answer: Answer, want
                 seen.setdefault(json.dumps(shown, sort_keys=True), shown)
         for kid, platform in level:
             if kid.media_type in layout_mod.INDEX_MEDIA_TYPES:
-                if depth < 16 and (not kid.platform or matches(kid.platform)):
+                if depth < 16 and kid.digest not in searched and (not kid.platform or matches(kid.platform)):
                     found = search(kid.digest, depth + 1)
                     if found is not None:
                         return found
@@ -1736,24 +1775,6 @@ def _child_with_platform(kid: db.ChildRow, platform: dict[str, object] | None) -
         size=kid.size,
         platform=platform,
     )
-
-
-def _children_from_disk(view: View, hit: db.Hit, limits: layout_mod.Limits) -> list[db.ChildRow]:
-    """The children of an index whose blob was absent when the layout was read (a partial export
-    that was completed later without touching index.json): read now, verified by its digest."""
-    entry = layout_mod.Entry(hit.position, hit.digest, hit.media_type, hit.size, {})
-    found, _warnings = layout_mod.read_children(view.path, (entry,), limits)
-    return [
-        db.ChildRow(
-            parent=c.parent,
-            depth=c.depth,
-            digest=c.digest,
-            media_type=c.media_type,
-            size=c.size,
-            platform=dict(c.platform.to_json()) if c.platform is not None else None,
-        )
-        for c in found
-    ]
 
 
 def _platform_record(platform: dict[str, object] | None) -> layout_mod.Platform | None:

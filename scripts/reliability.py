@@ -9,6 +9,7 @@
     python scripts/reliability.py interleave --layouts 2000 --seconds 60 --scans 10  # scans beside a daemon
     python scripts/reliability.py wal --layouts 2000 --seconds 60 --rate 200          # a reader pins the WAL
     python scripts/reliability.py hostile-user --layouts 2000                    # other users and writers
+    python scripts/reliability.py faults --layouts 2000                          # faults of the environment
     python scripts/reliability.py all                                         # each of the above, default sizes
 
 Each command prints its figures as JSON on stdout (``--out FILE`` also writes them)
@@ -35,12 +36,16 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
 
 import hostile  # noqa: E402
+import layouts as layouts_mod  # noqa: E402
 import test_daemon  # noqa: E402
+import test_faults  # noqa: E402
 import test_hostile_user  # noqa: E402
 import test_interleaving  # noqa: E402
 import test_reliability as t  # noqa: E402
 import test_wal  # noqa: E402
+import test_workers  # noqa: E402
 
+from indexer.layout import INDEX_MEDIA_TYPES  # noqa: E402
 from indexer.store import maintenance, path_of  # noqa: E402
 
 TYPE_CHECKING = False
@@ -437,6 +442,314 @@ def _reader_summary(result: dict[str, object]) -> dict[str, object]:
     return {k: v for k, v in result.items() if k not in ("stale_warnings", "answers")}
 
 
+# -- faults of the environment (issue 17): each injected at benchmark size, then the index after recovery
+# compared with a fresh scan of the same tree, table by table ---------------------------------------------
+
+
+def _differences(db: str, fresh: str) -> int:
+    """Rows in one index and not the other (ids and timestamps aside): 0 when they hold the same."""
+    mine, theirs = t.rows(db), t.rows(fresh)
+    return sum(len(set(mine[table]) ^ set(theirs[table])) for table in mine)
+
+
+def _fresh_differences(tmp: str, db: str, root: str, *prefix: str) -> int:
+    """Scan *root* into a new database, and count the rows by which *db* differs from it."""
+    fresh = tempfile.mkdtemp(dir=tmp)
+    fresh_db = os.path.join(fresh, "fresh.db")
+    scan = t.run(tmp, "scan", "--db", fresh_db, root, prefix=prefix)
+    assert scan.rc == 0, scan
+    return _differences(db, fresh_db)
+
+
+def _scan(tmp: str, db: str, root: str, *extra: str, prefix: tuple[str, ...] = ()) -> dict[str, object]:
+    started = time.perf_counter()
+    result = t.run(tmp, "scan", "--db", db, "--json", *extra, root, prefix=prefix)
+    assert result.rc in (0, 6), result
+    summary = result.json()
+    assert isinstance(summary, dict)
+    summary["exit"] = result.rc
+    summary["wall_s"] = round(time.perf_counter() - started, 3)
+    return summary
+
+
+def _retag(path: str, tag: str) -> None:
+    """Rewrite a generated layout's index.json in place (its directory untouched): its first entry named *tag*."""
+    index = os.path.join(path, "index.json")
+    with open(index, "rb") as f:
+        document = json.load(f)
+    first = document["manifests"][0]
+    first.setdefault("annotations", {})["org.opencontainers.image.ref.name"] = tag
+    with open(index, "r+b") as f:
+        f.write(json.dumps(document).encode())
+        f.truncate()
+
+
+def _nested(path: str) -> list[str]:
+    """The blobs of the nested indexes *path*'s index.json lists that are there."""
+    with open(os.path.join(path, "index.json"), "rb") as f:
+        document = json.load(f)
+    found = []
+    for item in document.get("manifests") or []:
+        if item.get("mediaType") in INDEX_MEDIA_TYPES:
+            blob = os.path.join(path, "blobs", *str(item["digest"]).split(":", 1))
+            if os.path.exists(blob) and blob not in found:
+                found.append(blob)
+    return found
+
+
+def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
+    """Each fault of the environment ocidx must not take for a proof, injected at benchmark size."""
+    from benchmarks import generate as gen
+
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    started = time.perf_counter()
+    info = gen.generate_tree(root, args.layouts, args.seed)
+    layouts = sorted(info.layouts)
+    test_faults.settle()
+    out: dict[str, object] = {
+        "check": "faults",
+        "layouts": len(layouts),
+        "corpus_build_s": round(time.perf_counter() - started, 1),
+    }
+    failures: list[str] = []
+    first = _scan(tmp, db, root)
+    out["cold_scan_s"] = first["wall_s"]
+
+    def recovered(name: str, figures: dict[str, object], *prefix: str) -> None:
+        """Recovery: one ordinary scan; then the index must be what a fresh scan makes of the tree."""
+        figures["recovery_scan"] = {
+            k: v for k, v in _scan(tmp, db, root, prefix=tuple(prefix)).items() if k != "error_messages"
+        }
+        figures["differences_after_recovery"] = diff = _fresh_differences(tmp, db, root, *prefix)
+        if diff:
+            failures.append(f"{name}: {diff} rows differ from a fresh scan after recovery")
+        out[name] = figures
+
+    # 1. The root cannot be listed for want of descriptors (the daemon's reconcile meets it when idle
+    #    connections use up its descriptors): nothing may be removed.
+    added = os.path.join(root, "zz-new", "layout")
+    layouts_mod.Layout(added).write_index([])
+    counts = test_faults.under_emfile(tmp, db, root)
+    kept = len(test_reliability_layouts(db))
+    figures: dict[str, object] = {"removed": counts["removed"], "unlisted": counts["unlisted"], "layouts_kept": kept}
+    if counts["removed"] or kept != len(layouts):
+        failures.append(f"unlistable root: {counts['removed']} removed, {kept} of {len(layouts)} kept")
+    recovered("root_unlistable_emfile", figures)
+
+    # 2. A directory of 100 layouts that cannot be listed (a permission; root without DAC override).
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        locked = os.path.dirname(layouts[0])
+        below = [p for p in layouts if p.startswith(locked + "/")]
+        os.chmod(locked, 0o311)
+        try:
+            limited = _scan(tmp, db, root, prefix=t.NO_DAC)
+            found = t.run(tmp, "find", "--db", db, "--json", ":latest", prefix=t.NO_DAC)
+        finally:
+            os.chmod(locked, 0o755)
+        figures = {
+            "layouts_below": len(below),
+            "removed": limited["removed"],
+            "unlisted": limited["unlisted"],
+            "find_says_unverified": b"could not all be read" in found.err,
+        }
+        if limited["removed"] or not figures["find_says_unverified"]:
+            failures.append(f"unlistable directory: {figures}")
+        recovered("directory_unlistable_eacces", figures)
+
+    # 3. Reads that fail with EMFILE: 200 layouts rewritten in place, read by a pass with no descriptor left.
+    rewritten = layouts[100:300]
+    for path in rewritten:
+        _retag(path, "fault-v2")
+    test_faults.settle()
+    counts = test_faults.under_emfile(tmp, db, root)
+    found = t.run(tmp, "find", "--db", db, "--json", ":fault-v2")
+    answered = {a["layout"] for a in found.json()} if found.out else set()  # type: ignore[attr-defined]
+    figures = {
+        "rewritten": len(rewritten),
+        "failed_reads": counts["errors"],
+        "stored_to_read_again": counts["read_again"],
+        "find_answers_after": len(answered),
+    }
+    if counts["read_again"] != len(rewritten) or answered != set(rewritten):
+        failures.append(f"reads under EMFILE: {figures}")
+    recovered("reads_emfile", figures)
+
+    # 4. Worker processes killed while they answer (the OOM killer): the pass must end, nothing lost.
+    killed_db = os.path.join(tmp, "killed.db")
+    config = t.write_config(tmp, "[daemon]\nworkers = 2\n")
+    with test_workers.AnswerKiller(kills=4, seed=args.seed) as killer:
+        started = time.perf_counter()
+        scan = subprocess.Popen(
+            [sys.executable, "-m", "indexer", "scan", "--db", killed_db, "--config", config, "--json", root],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=t.env(tmp),
+            cwd=tmp,
+        )
+        killer.parent = scan.pid
+        try:
+            _out, err = scan.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            scan.kill()
+            scan.communicate()
+            failures.append(f"killed workers: the scan hung ({killer.killed})")
+            err = b""
+    figures = {
+        "kills": len(killer.killed),
+        "kills_while_answering": sum(1 for _, how in killer.killed if how == "while answering"),
+        "exit": scan.returncode,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "differences_from_fresh": _fresh_differences(tmp, killed_db, root),
+    }
+    if scan.returncode != 0 or figures["differences_from_fresh"] or b"Traceback" in err:
+        failures.append(f"killed workers: {figures}")
+    out["workers_killed"] = figures
+
+    # 5. Nested index blobs absent when read, that arrive later with index.json untouched.
+    partial = [(path, _nested(path)) for path in layouts[300:]]
+    partial = [(path, blobs) for path, blobs in partial if blobs][:100]
+    aside = os.path.join(tmp, "aside")
+    os.mkdir(aside)
+    moved: list[tuple[str, str]] = []
+    for path, blobs in partial:
+        for blob in blobs:
+            target = os.path.join(aside, f"{len(moved)}")
+            os.rename(blob, target)
+            moved.append((target, blob))
+        os.utime(os.path.join(path, "index.json"))  # read again now: its blobs absent
+    test_faults.settle()
+    read_absent = _scan(tmp, db, root)
+    for target, blob in moved:
+        os.rename(target, blob)
+    arrived = _scan(tmp, db, root)
+    figures = {
+        "layouts": len(partial),
+        "blobs_absent_then_back": len(moved),
+        "read_while_absent": read_absent["changed"],
+        "read_again_when_back": arrived["changed"],
+    }
+    if arrived["changed"] != len(partial):
+        failures.append(f"blobs that arrive later: {figures}")
+    recovered("blobs_arrive_later", figures)
+
+    # 6. Two file systems with identical metadata mounted one after the other below the root.
+    if os.geteuid() == 0 and shutil.which("mkfs.ext4") and shutil.which("unshare"):
+        out["mount_swap"] = _mount_swap(tmp, db, root, layouts[:200], failures)
+
+    # 7. Nested indexes that list the same child many times (F=17 at 4 levels), among the others.
+    lay = layouts_mod.Layout(os.path.join(root, "zz-fanout", "layout"))
+    level = lay.manifest(platform={"architecture": "arm64", "os": "linux"}, label="leaf")
+    for _ in range(4):
+        level = lay.index([level] * 17)
+    lay.write_index([layouts_mod.named(level, ref="v1")])
+    fan = _scan(tmp, db, root)
+    conn_rows = t.rows(db)["children"]
+    started = time.perf_counter()
+    absent = t.run(tmp, "resolve", "--db", db, "--layout", lay.path, ":v1", "--platform", "linux/s390x")
+    figures = {
+        "children_rows_of_the_layout": sum(1 for row in conn_rows if row[0] == lay.path),
+        "scan_s": fan["wall_s"],
+        "resolve_absent_platform_s": round(time.perf_counter() - started, 3),
+        "resolve_exit": absent.rc,
+    }
+    if figures["children_rows_of_the_layout"] != 4 or absent.rc != 1:
+        failures.append(f"fan-out: {figures}")
+    recovered("nested_fanout", figures)
+
+    # 8. ocidx scan at descriptor limits from 8 to 30, a new layout before each.
+    outcomes: dict[str, int] = {}
+    for limit in range(8, 31, 2):
+        extra = layouts_mod.Layout(os.path.join(root, "zz-limits", f"l{limit}"))
+        extra.write_index([])
+        result = t.run(tmp, "scan", "--db", db, "--no-progress", root, prefix=test_faults.with_fd_limit(limit))
+        key = f"exit {result.rc}"
+        outcomes[key] = outcomes.get(key, 0) + 1
+        if result.rc not in (0, 6) or (result.rc == 6 and b"too many open files" not in result.err):
+            failures.append(f"ulimit -n {limit}: {result!r}")
+    recovered("descriptor_limits", {"limits": "8-30 step 2", "outcomes": outcomes})
+
+    # 9. Who may read the index the recipe makes (UMask from the unit) and what the daemon would say of a 0664 one.
+    umask = int(test_hostile_user.unit_setting("UMask"), 8)
+    probe = os.path.join(tmp, "perm", "index.db")
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import os; os.umask({umask}); from indexer.store import open_writer; open_writer({probe!r}).close()",
+        ],
+        env=t.env(tmp),
+        cwd=tmp,
+        capture_output=True,
+        check=False,
+    )
+    mode = oct(os.stat(probe).st_mode & 0o777) if made.returncode == 0 else "failed"
+    out["permissions"] = {"umask": oct(umask), "database_mode": mode}
+    if mode != "0o660":
+        failures.append(f"permissions: {out['permissions']}")
+    shutil.rmtree(os.path.dirname(probe), ignore_errors=True)
+    out["failures"] = failures
+    return out
+
+
+def test_reliability_layouts(db: str) -> list[str]:
+    """The layout paths *db* holds."""
+    import sqlite3
+
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return [path_of(row[0]) for row in conn.execute("SELECT path FROM layouts")]
+    finally:
+        conn.close()
+
+
+def _mount_swap(tmp: str, db: str, root: str, chosen: list[str], failures: list[str]) -> dict[str, object]:
+    """200 of the layouts on an ext4 image mounted below the root; then a byte copy of it in which every
+    tag 'latest' reads 'lat3st' (sizes and every timestamp the same) mounted in its place."""
+    first = test_faults.ext4_image(os.path.join(tmp, "first.ext4"))
+    mnt = os.path.join(root, "zz-mounted")
+    os.mkdir(mnt)
+    copy = (
+        "import os, shutil, sys\n"
+        "for source in sys.argv[2:]:\n"
+        "    shutil.copytree(source, os.path.join(sys.argv[1], os.path.basename(source)), symlinks=True)\n"
+    )
+    test_faults.in_namespace(tmp, [["mount", first, mnt], [sys.executable, "-c", copy, mnt, *chosen]])
+    with open(first, "rb") as f:
+        data = f.read()
+    second = os.path.join(tmp, "second.ext4")
+    with open(second, "wb") as f:
+        f.write(data.replace(b'"latest"', b'"lat3st"'))
+    fresh = os.path.join(tmp, "fresh-mounted.db")
+    ocidx = [sys.executable, "-m", "indexer"]
+    results = test_faults.in_namespace(
+        tmp,
+        [
+            ["mount", first, mnt],
+            test_faults.SETTLE_STEP,
+            [*ocidx, "scan", "--db", db, "--json", root],
+            ["umount", mnt],
+            ["mount", second, mnt],
+            [*ocidx, "find", "--db", db, "--json", ":lat3st"],
+            [*ocidx, "scan", "--db", db, "--json", root],
+            [*ocidx, "scan", "--db", fresh, "--json", root],
+        ],
+    )
+    (_, dev_first), _sleep, _scan_first, (_, dev_second), found, rescan, _fresh = results
+    answered = len(json.loads(str(found[1]))) if found[0] == 0 else 0
+    changed = json.loads(str(rescan[1]))["changed"]
+    diff = _differences(db, fresh)
+    figures = {
+        "layouts_on_the_image": len(chosen),
+        "same_device_number": dev_first == dev_second,
+        "find_lat3st_answers": answered,
+        "rescan_changed": changed,
+        "differences_from_fresh": diff,
+    }
+    if not answered or not changed or diff:
+        failures.append(f"mount swap: {figures}")
+    return figures
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, str], dict[str, object]]] = {
     "crash": crash,
     "torn": torn,
@@ -446,6 +759,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace, str], dict[str, object]]] = {
     "interleave": interleave,
     "wal": wal_check,
     "hostile-user": hostile_user,
+    "faults": faults,
 }
 
 
@@ -483,6 +797,7 @@ ALL = [
     ("interleave", True),
     ("wal", True),
     ("hostile-user", True),
+    ("faults", False),
 ]
 
 DEFAULTS: dict[str, dict[str, object]] = {
@@ -493,6 +808,7 @@ DEFAULTS: dict[str, dict[str, object]] = {
     "interleave": {"layouts": 2000, "seconds": 60.0},
     "wal": {"layouts": 2000, "seconds": 60.0, "rate": 200.0},
     "hostile-user": {"layouts": 2000},
+    "faults": {"layouts": 2000},
 }
 
 

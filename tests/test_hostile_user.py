@@ -4,12 +4,14 @@ out of a layout. Real files, real symlinks, real ``ocidx`` processes."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from layouts import Layout, named
-from test_reliability import REPO, env, run
+from test_reliability import REPO, env, run, wait_for
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -286,3 +288,121 @@ def test_a_swapped_in_directory_whose_index_json_links_inside_itself_is_refused(
     os.symlink(private, app)
     with pytest.raises(LayoutUnreadable, match="led outside the layout"):
         read_layout(app)
+
+
+# -- who may read the index -----------------------------------------------------------------------------
+
+OTHER_UID = 65534  # nobody
+READERS_GID = 42420  # the group of readers (a number: no account needs to exist for it)
+
+
+def unit_setting(name: str) -> str:
+    """A setting of the documented systemd unit (docs/examples/ocidx.service)."""
+    with open(os.path.join(REPO, "docs", "examples", "ocidx.service")) as f:
+        for line in f:
+            if line.startswith(f"{name}="):
+                return line.split("=", 1)[1].strip()
+    raise AssertionError(f"{name} is not in docs/examples/ocidx.service")
+
+
+def state_directory(mode: int) -> str:
+    """A directory as systemd makes StateDirectory= (owned by the daemon's user, the readers' group,
+    *mode*), below a directory every user may enter, as /var/lib is."""
+    import tempfile
+
+    base = tempfile.mkdtemp(prefix="ocidx-state-", dir="/tmp")
+    os.chmod(base, 0o755)
+    state = os.path.join(base, "ocidx")
+    os.mkdir(state)
+    os.chown(state, os.geteuid(), READERS_GID)
+    os.chmod(state, mode)
+    return state
+
+
+def ready(daemon: subprocess.Popen[bytes], log: str) -> None:
+    """Wait for the daemon's start-up pass (its ``ready:`` line)."""
+    wait_for(lambda: b" ready: " in Path(log).read_bytes() or daemon.poll() is not None, "the daemon to be ready")
+    assert daemon.poll() is None, Path(log).read_bytes()
+
+
+def sqlite_as(uid: int, groups: list[int], uri: str) -> subprocess.CompletedProcess[str]:
+    """``sqlite3 URI 'SELECT count(*) FROM layouts'`` as user *uid* with supplementary *groups*."""
+    who = ["setpriv", f"--reuid={uid}", f"--regid={uid}"]
+    who += [f"--groups={','.join(map(str, groups))}"] if groups else ["--clear-groups"]
+    return subprocess.run(
+        [*who, "sqlite3", uri, "SELECT count(*) FROM layouts"], capture_output=True, text=True, timeout=60
+    )
+
+
+needs_sqlite_cli = pytest.mark.skipif(
+    os.geteuid() != 0 or not (shutil.which("setpriv") and shutil.which("sqlite3")),
+    reason="needs root, setpriv, sqlite3",
+)
+
+
+@needs_sqlite_cli
+def test_the_documented_reader_group_set_up_shows_the_index_to_the_group_only(tmp: str) -> None:
+    # Before: the recipe (StateDirectoryMode=3775, UMask=0002) left index.db mode 0664 in a directory
+    # every user could enter, so any local user read the paths and tags of every layout indexed.
+    state = state_directory(int(unit_setting("StateDirectoryMode"), 8))
+    umask = int(unit_setting("UMask"), 8)
+    root = os.path.join(tmp, "root")
+    Layout(os.path.join(root, "app")).write_index([])
+    db = os.path.join(state, "index.db")
+    log = os.path.join(tmp, "daemon.log")
+    try:
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "indexer", "daemon", "--db", db, root],
+                stdout=out,
+                stderr=out,
+                env=env(tmp),
+                cwd=REPO,
+                preexec_fn=lambda: os.umask(umask),
+            )
+        try:
+            ready(daemon, log)
+            files = [db, db + "-wal", db + "-shm", db + ".lock", db + ".migrate-lock"]
+            modes = {os.path.basename(f): oct(os.stat(f).st_mode & 0o777) for f in files}
+            assert all(not int(m, 8) & 0o007 for m in modes.values()), modes
+            outsider = sqlite_as(OTHER_UID, [], f"file:{db}?immutable=1")
+            assert outsider.returncode != 0 and outsider.stdout == "", outsider
+            member = sqlite_as(OTHER_UID, [READERS_GID], f"file:{db}?mode=ro")
+            assert (member.returncode, member.stdout.strip()) == (0, "1"), member
+        finally:
+            daemon.terminate()
+            assert daemon.wait(60) == 0
+        # Stopped cleanly: -wal and -shm are gone, and a reader of the group creates -shm itself.
+        assert not os.path.exists(db + "-shm")
+        member = sqlite_as(OTHER_UID, [READERS_GID], f"file:{db}?mode=ro")
+        assert (member.returncode, member.stdout.strip()) == (0, "1"), member
+        assert b"readable by every local user" not in Path(log).read_bytes()
+    finally:
+        shutil.rmtree(os.path.dirname(state))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a state directory owned by another group needs root")
+def test_the_daemon_warns_at_start_when_every_user_can_read_its_database(tmp: str) -> None:
+    # An index made with the recipe of before (mode 0664 in a directory mode 3775).
+    state = state_directory(0o3775)
+    root = os.path.join(tmp, "root")
+    Layout(os.path.join(root, "app")).write_index([])
+    db = os.path.join(state, "index.db")
+    try:
+        assert run(tmp, "scan", "--db", db, root).rc == 0
+        os.chmod(db, 0o664)
+        log = os.path.join(tmp, "daemon.log")
+        with open(log, "wb") as out:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "indexer", "daemon", "--db", db, root], stdout=out, stderr=out, env=env(tmp)
+            )
+        try:
+            ready(daemon, log)
+        finally:
+            daemon.terminate()
+            assert daemon.wait(60) == 0
+        text = Path(log).read_text()
+        assert "WARNING" in text and "readable by every local user" in text and f"{db} (mode 0664)" in text, text
+        assert f"chmod o-rwx {db}*" in text
+    finally:
+        shutil.rmtree(os.path.dirname(state))

@@ -41,14 +41,8 @@ def test_schema_version_is_the_number_of_migration_files() -> None:
     assert files, "migrations/ is empty"
     assert len(files) == store.SCHEMA_VERSION
     assert [name for name, _ in store.migration_files()] == [f[:-4] for f in files]
-    # numbered 0001, 0002, ... without gaps, so the order is the numbering; while branches are apart,
-    # each keeps its own reserved numbers (0006 fleet, 0007 faults, 0008 graph), renumbered at merge
-    reserved = {6, 7, 8}
-    numbers = [int(f[:4]) for f in files]
-    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
-    assert [n for n in numbers if n not in reserved] == list(
-        range(1, len([n for n in numbers if n not in reserved]) + 1)
-    )
+    # numbered 0001, 0002, ... without gaps, so the order is the numbering
+    assert [int(f[:4]) for f in files] == list(range(1, len(files) + 1))
 
 
 def test_migrations_are_recorded(indexed: tuple[str, Layout]) -> None:

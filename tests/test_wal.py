@@ -171,19 +171,24 @@ def test_daemon_warns_while_a_reader_pins_the_wal_and_recovers(tmp_path: Path) -
         assert daemon.stop() == 0
 
 
-def test_a_new_database_takes_the_writers_umask(tmp_path: Path) -> None:
-    # docs/operations.md's reader group: the daemon runs with UMask=0002, and readers in its group
-    # must be able to create and write -shm. SQLite alone creates every file 0644 whatever the umask.
+@pytest.mark.parametrize(("umask", "mode"), [(0o007, "0o660"), (0o002, "0o660"), (0o027, "0o640")])
+def test_a_new_database_takes_the_writers_umask_and_is_never_readable_by_others(
+    tmp_path: Path, umask: int, mode: str
+) -> None:
+    # docs/operations.md's reader group: the daemon runs with UMask=0007, and readers in its group
+    # must be able to create and write -shm; no other user may read the index, even under the
+    # UMask=0002 the recipe once gave (index.db was 0664). SQLite alone creates every file 0644.
     tmp = str(tmp_path)
     os.makedirs(os.path.join(tmp, "root"))
     db = os.path.join(tmp, "index.db")
     keep = os.path.join(tmp, "keep.py")
     with open(keep, "w") as f:  # a writer that stays open, so -wal and -shm are there to look at
         f.write(
-            "import os, sys\nos.umask(0o002)\nfrom indexer.store import open_writer\n"
+            f"import os, sys\nos.umask({umask})\nfrom indexer.store import open_writer\n"
             "conn = open_writer(sys.argv[1])\nconn.execute('CREATE TABLE IF NOT EXISTS t (x)')\n"
             "conn.execute('INSERT INTO t VALUES (1)')\nprint(oct(os.stat(sys.argv[1]).st_mode & 0o777), "
-            "oct(os.stat(sys.argv[1] + '-wal').st_mode & 0o777), oct(os.stat(sys.argv[1] + '-shm').st_mode & 0o777))\n"
+            "oct(os.stat(sys.argv[1] + '-wal').st_mode & 0o777), oct(os.stat(sys.argv[1] + '-shm').st_mode & 0o777), "
+            "oct(os.stat(sys.argv[1] + '.migrate-lock').st_mode & 0o777))\n"
         )
     done = subprocess.run([sys.executable, keep, db], capture_output=True, text=True, timeout=DEADLINE_S, check=True)
-    assert done.stdout.split() == ["0o664", "0o664", "0o664"]
+    assert done.stdout.split() == [mode, mode, mode, "0o600"]

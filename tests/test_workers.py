@@ -6,6 +6,7 @@ enough layouts that the pass uses its worker processes (scanner.POOL_MIN_LAYOUTS
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -190,40 +191,39 @@ class WorkerKiller:
         os.close(self.fd)
 
 
-def test_a_layout_that_kills_its_worker_is_failed_and_the_pass_goes_on(tmp_path: Path) -> None:
+def test_a_layout_whose_reader_is_killed_is_read_again_not_pinned(tmp_path: Path) -> None:
+    # A dead worker says nothing about the layout it was reading (the OOM killer, an admin's kill).
+    # Before: a layout whose read killed its worker twice was stored failed *with its identity*, and
+    # stayed failed ("read again when it changes") after the killer was gone.
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     good = corpus(root, POOL_MIN_LAYOUTS + 6)
-    # The hostile layout: a worker that opens its nested index blob dies (WorkerKiller).
-    deadly = Layout(os.path.join(root, "deadly"))
-    nested = deadly.index([deadly.manifest(platform=LINUX_AMD64, label="deadly")])
-    deadly.write_index([named(nested, ref="d")])
-    blob = os.path.join(deadly.path, "blobs", *str(nested["digest"]).split(":"))
-    # Settled before the scan (outside the racy window), so that its stored identity proves it unchanged later.
-    changed_ns = os.stat(os.path.join(deadly.path, "index.json")).st_ctime_ns
+    # The victim: a worker that opens its nested index blob is killed (WorkerKiller).
+    victim = Layout(os.path.join(root, "victim"))
+    nested = victim.index([victim.manifest(platform=LINUX_AMD64, label="victim")])
+    victim.write_index([named(nested, ref="d")])
+    blob = os.path.join(victim.path, "blobs", *str(nested["digest"]).split(":"))
+    # Settled before the scan (outside the racy window), so that a stored identity would be a proof.
+    changed_ns = os.stat(os.path.join(victim.path, "index.json")).st_ctime_ns
     wait_for(lambda: time.time_ns() > changed_ns + RACY_WINDOW_NS, "index.json to leave the racy window")
     args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", with_workers(tmp), "--json", root]
     with WorkerKiller(blob) as killer:
         scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp), cwd=tmp)
         killer.parent = scan.pid
         out, err = scan.communicate(timeout=DEADLINE_S)
-    assert killer.killed, "no worker was killed: the hostile layout was not read in a worker"
+    assert len(killer.killed) >= 2, "the victim was not read in a worker, then alone in another"
     assert scan.returncode == 0, err
+    assert b"Traceback" not in err, err
+    # Read again after a backoff (here by the writer's own process, which no killer targets): indexed.
     summary = json.loads(out)
-    assert (summary["changed"], summary["errors"]) == (len(good), 1), (summary, killer.killed, killer.opens, err)
+    assert (summary["changed"], summary["errors"]) == (len(good) + 1, 0), (summary, killer.killed, err)
     listed = {r["layout"]: r for r in run(tmp, "ls", "--db", db, "--json").json()}  # type: ignore[attr-defined]
-    assert listed[deadly.path]["state"] == "error", (listed[deadly.path], summary)
-    assert listed[deadly.path]["error"] == "layout_unreadable"
-    assert b"worker process reading it died" in err
-    assert all(listed[path]["state"] == "ok" for path in good)
+    assert all(listed[path]["state"] == "ok" for path in [*good, victim.path]), listed[victim.path]
     assert integrity(db) == "ok"
     wait_for(lambda: not any(alive(pid) for pid in killer.killed), "the killed workers to be reaped")
-    # Its identity was stored with the error: the next scan does not read it (nor lose a worker) again.
-    with WorkerKiller(blob) as watcher:
-        again = run(tmp, "scan", "--db", db, "--config", with_workers(tmp), "--json", root)
-    assert again.rc == 0, again
-    assert again.json()["still_broken"] == 1  # type: ignore[index]
-    assert watcher.opens == 0
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh)
 
 
 def test_no_worker_outlives_a_scan_killed_with_sigkill_mid_pass(tmp_path: Path) -> None:
@@ -264,3 +264,137 @@ def test_a_new_configuration_reaches_the_workers(tmp_path: Path) -> None:
         counts = anyio.run(scanner.full_pass, [Root(root)])
     assert (counts.changed, counts.errors) == (0, POOL_MIN_LAYOUTS + 6)
     assert all("over the limit of 0" in message for message in counts.error_messages)
+
+
+class AnswerKiller:
+    """SIGKILL worker processes of process *parent* while they send their answer, as the OOM killer or
+    an admin's ``kill -9`` would at that instant; then, twice, at random moments of the rest of the pass.
+
+    To find a worker mid-answer every time, the parent is stopped (SIGSTOP) for that moment, as a
+    busy machine deschedules it: a worker that finishes its task then blocks writing an answer larger
+    than a pipe or socket holds (TASK_LAYOUTS generated layouts: several hundred KB), and is killed
+    there; the parent is then continued (SIGCONT) and meets a partial answer."""
+
+    def __init__(self, kills: int, seed: int) -> None:
+        import random
+
+        self.kills = kills
+        self.rng = random.Random(seed)
+        self.parent: int | None = None
+        self.killed: list[tuple[int, str]] = []
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    @staticmethod
+    def _sending(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                where = f.read()
+        except OSError:
+            return False
+        return "write" in where or "send" in where  # pipe_write, anon_pipe_write, sock_alloc_send_pskb
+
+    def _watch(self) -> None:
+        while not self.stopped.is_set() and len(self.killed) < self.kills:
+            parent = self.parent
+            workers = workers_of(parent) if parent is not None else []
+            if parent is None or not any(map(_running, workers)):  # stopped now, no task would end
+                time.sleep(0.002)
+                continue
+            os.kill(parent, signal.SIGSTOP)
+            try:
+                deadline = time.monotonic() + 2
+                while not self.stopped.is_set() and time.monotonic() < deadline:
+                    answering = [pid for pid in workers if self._sending(pid)]
+                    if answering:
+                        self._kill(answering[0], "while answering")
+                        break
+                    time.sleep(0.001)
+            finally:
+                os.kill(parent, signal.SIGCONT)
+            time.sleep(self.rng.uniform(0.05, 0.2))
+        for _ in range(2):
+            if self.stopped.wait(self.rng.uniform(0.05, 0.3)) or self.parent is None:
+                return
+            found = workers_of(self.parent)
+            if found:
+                self._kill(self.rng.choice(found), "at random")
+
+    def _kill(self, pid: int, how: str) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        self.killed.append((pid, how))
+
+    def __enter__(self) -> AnswerKiller:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.thread.join(DEADLINE_S)
+        if self.parent is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.parent, signal.SIGCONT)
+
+
+def _running(pid: int) -> bool:
+    """Whether process *pid* is on a CPU or waiting for one (a worker reading its task)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except OSError:
+        return False
+
+
+def _generated(root: str, count: int) -> None:
+    """*count* layouts of the benchmark generator: about 20 entries each, so that a task's answer
+    (TASK_LAYOUTS layouts) is several hundred KB, more than a pipe or socket holds at once."""
+    from benchmarks.generate import generate_tree
+
+    generate_tree(root, count, "workers-killed")
+
+
+def test_workers_killed_while_answering_never_hang_the_pass(tmp_path: Path) -> None:
+    # concurrent.futures' process pool shared one result pipe and one lock among its workers: a
+    # worker killed mid-answer left a partial message the pool's thread waited on forever (and the
+    # lock held by a dead process), so the scan hung for good (12 runs in 12 with this killer).
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    _generated(root, 500)
+    config = write_config(tmp, "[daemon]\nworkers = 2\n")  # batches of 500: tasks of TASK_LAYOUTS layouts
+    args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--json", root]
+    with AnswerKiller(kills=2, seed=1) as killer:
+        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp), cwd=tmp)
+        killer.parent = scan.pid
+        try:
+            out, err = scan.communicate(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            scan.kill()
+            scan.communicate()
+            raise AssertionError(f"the scan hung after its workers were killed: {killer.killed}") from None
+    assert any(how == "while answering" for _, how in killer.killed), killer.killed
+    assert scan.returncode == 0, err
+    assert b"Traceback" not in err, err
+    # Every layout read: a task whose worker died is read again, one layout at a time.
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, "--config", write_config(tmp, "[daemon]\nworkers = 1\n"), root).rc == 0
+    assert rows(db) == rows(fresh), (killer.killed, json.loads(out))
+
+
+def test_a_daemon_whose_workers_are_killed_while_answering_gets_ready(tmp_path: Path) -> None:
+    tmp = str(tmp_path)
+    root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
+    _generated(root, 400)
+    with (
+        AnswerKiller(kills=2, seed=7) as killer,
+        Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\n")) as daemon,
+    ):
+        killer.parent = daemon.proc.pid
+        daemon.wait_ready()
+        assert any(how == "while answering" for _, how in killer.killed), killer.killed
+        assert daemon.stop() == 0
+    fresh = os.path.join(tmp, "fresh.db")
+    assert run(tmp, "scan", "--db", fresh, root).rc == 0
+    assert rows(db) == rows(fresh), killer.killed

@@ -55,7 +55,7 @@ from indexer.daemon.watching import Watching
 from indexer.errors import OcidxError, UsageError
 from indexer.scan.discovery import roots_for
 from indexer.scan.scanner import Scanner
-from indexer.store import state
+from indexer.store import exposure_warning, state
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -197,6 +197,8 @@ class Daemon:
                     ", ".join(root.path for root in shared.roots),
                     extra=fields(event="started", pid=os.getpid(), database=self.db_path),
                 )
+                if (exposed := exposure_warning(self.db_path)) is not None:  # docs/operations.md, Permissions
+                    log.warning("%s", exposed, extra=fields(event="database_exposed", database=self.db_path))
 
     async def _shutdown(self) -> None:
         shared, self.shared = self.shared, None

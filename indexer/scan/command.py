@@ -56,7 +56,8 @@ def run_scan(
         counts.seen, counts.still_broken = quick
         counts.unchanged = counts.seen  # as the full pass counts: a skipped broken layout is unchanged too
         _record_roots(db_path, scan_roots)
-        return {**_summarize(counts, time.perf_counter() - started), "bad_roots": []}  # settled: every root is there
+        # settled: every root is there, everything was read
+        return {**_summarize(counts, time.perf_counter() - started), "bad_roots": [], "resource_error": None}
 
     async def go() -> Counts:
         from indexer.store.writer import Store  # aiosqlite: only once something is to be written
@@ -76,14 +77,35 @@ def run_scan(
     try:
         counts = anyio.run(go)
     except sqlite3.Error as exc:  # a full disk, or a database damaged under the writer
-        from indexer.errors import DatabaseError
+        from indexer.store import database_error
 
-        raise DatabaseError(f"index database {db_path} cannot be written: {exc}") from None
+        raise database_error(f"index database {db_path} cannot be written: {exc}", db_path) from None
     # A root that does not exist or is not a directory is an error of this scan (discovery put its
     # message first in error_messages); ``ocidx scan`` exits 2 for it, as for any bad argument.
     bad_roots = [r.path for r in scan_roots if not os.path.isdir(r.path)]
     counts.errors += len(bad_roots)
-    return {**_summarize(counts, time.perf_counter() - started), "bad_roots": bad_roots}
+    summary = {**_summarize(counts, time.perf_counter() - started), "bad_roots": bad_roots}
+    return {**summary, "resource_error": _resource_error(counts)}
+
+
+def _resource_error(counts: Counts) -> str | None:
+    """What to say when the pass ran out of descriptors or memory (the scan then exits 6): the
+    directories and layouts it could not read for that are kept, and read again by the next pass."""
+    from indexer.errors import ResourceExhausted, exhausted
+
+    unread = [failed.error for failed in counts.transient.values()]
+    for error in unread:
+        if (resource := exhausted(error, "reading layouts")) is not None:
+            break
+    else:
+        causes = [OSError(code, os.strerror(code)) for code in counts.unlisted.values()]
+        resource = next((r for exc in causes if (r := exhausted(exc, "listing directories")) is not None), None)
+    if not isinstance(resource, ResourceExhausted):
+        return None
+    return (
+        f"{resource.message} ({len(unread)} layouts and {len(counts.unlisted)} directories could not be read "
+        "for that; they are kept as they were, and read again by the next pass)"
+    )
 
 
 def _resolved_roots(roots: list[Root]) -> list[Root]:

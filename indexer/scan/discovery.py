@@ -6,13 +6,15 @@ and imports the async scanner (anyio, asyncio: about 30 ms) only when something 
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import sqlite3
 import stat
 import time
 
-from indexer.store.read import RACY_SQL, presence_differs, settles_at
+from indexer._statx import mount_of
+from indexer.store.read import RACY_SQL, depends_hold, mount_members, presence_differs, remounted, settles_at
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -29,8 +31,9 @@ LAYOUT_MARKERS = ("oci-layout", "index.json")
 
 if TYPE_CHECKING:
     # A listing as the directory cache keeps it: (dev, ino, mtime_ns, ctime_ns, listed_ns, layout,
-    # subdirectory names, symlink names), the names as NUL-separated bytes (migrations/0005).
-    Listing = tuple[int, int, int, int, int, int, bytes, bytes]
+    # subdirectory names, symlink names, mount id), the names as NUL-separated bytes (migrations/0005,
+    # 0007; the mount id None where the system cannot say).
+    Listing = tuple[int, int, int, int, int, int, bytes, bytes, int | None]
 
 
 def discover(
@@ -39,6 +42,7 @@ def discover(
     cache: Mapping[str, Listing] | None = None,
     listed: dict[str, Listing] | None = None,
     visited: set[str] | None = None,
+    failed: dict[str, int] | None = None,
 ) -> Iterator[str]:
     """Yield the resolved path of every layout below *root* (never inside ``blobs/``).
 
@@ -46,6 +50,12 @@ def discover(
     stored with its listing, settled when it was listed, is not listed again. Every directory
     listed now goes into *listed*, for :func:`store_cache` (a directory that did not settle too:
     its next listing may), and every directory walked into *visited*.
+
+    A directory that could not be looked at for a reason other than its absence (a permission,
+    descriptors used up, an I/O error) goes into *failed* with the errno: nothing is known of what
+    is below it, so nothing stored below it may be taken as gone (:func:`vanished`). A listing
+    in which the type of an entry could not be learnt is not recorded in *listed* (it is no proof),
+    and the entry goes into *failed*.
     """
     top = os.path.realpath(root.path)
     seen: set[tuple[int, int]] = set()
@@ -53,13 +63,16 @@ def discover(
     pop, push, extend, stat_of, is_dir = stack.pop, stack.append, stack.extend, os.stat, stat.S_ISDIR
     cached = cache.get if cache is not None else None
     max_depth = root.max_depth
+    unknown = failed if failed is not None else {}
     while stack:
         directory, depth = pop()
         try:
             st = stat_of(directory)
         except OSError as exc:
-            if errors is not None and directory == top:
-                errors.append(f"root {top}: {exc.strerror}")
+            if exc.errno not in _ABSENT:
+                unknown[directory] = exc.errno or 0
+            if errors is not None and (directory == top or exc.errno not in _ABSENT):
+                errors.append(f"{'root ' if directory == top else ''}{directory}: {exc.strerror}")
             continue
         if not is_dir(st.st_mode):
             if errors is not None and directory == top:
@@ -88,12 +101,15 @@ def discover(
                 with os.scandir(directory) as it:
                     listing = list(it)
             except OSError as exc:
-                if errors is not None:
-                    errors.append(f"{directory}: {exc.strerror}")
+                if exc.errno not in _ABSENT:  # gone since its parent was listed: nothing below it
+                    unknown[directory] = exc.errno or 0
+                    if errors is not None:
+                        errors.append(f"{directory}: {exc.strerror}")
                 continue
             names = {e.name for e in listing}
             is_layout = any(marker in names for marker in LAYOUT_MARKERS)
             subdirs, links = [], []
+            whole = True
             for item in listing:
                 if is_layout and item.name == "blobs":
                     continue  # the layout's own content store; any other "blobs" is an ordinary directory
@@ -102,9 +118,14 @@ def discover(
                         links.append(item.name)
                     elif item.is_dir(follow_symlinks=False):
                         subdirs.append(item.name)
-                except OSError:
-                    continue
-            if listed is not None:
+                except OSError as exc:
+                    if exc.errno not in _ABSENT:  # its type unknown (no d_type, and lstat failed)
+                        whole = False
+                        unknown[item.path] = exc.errno or 0
+                        if errors is not None:
+                            errors.append(f"{item.path}: {exc.strerror}")
+            if listed is not None and whole:
+                mount = mount_of(directory)
                 listed[directory] = (
                     st.st_dev,
                     st.st_ino,
@@ -114,16 +135,22 @@ def discover(
                     int(is_layout),
                     b"\0".join(map(os.fsencode, subdirs)),
                     b"\0".join(map(os.fsencode, links)),
+                    mount[1] if mount is not None and mount[0] == st.st_dev else None,
                 )
         if is_layout:
             yield directory
         if depth >= max_depth:
             continue
-        for target in _entered(directory, links, top, root.follow_symlinks):
+        for target in _entered(directory, links, top, root.follow_symlinks, unknown):
             push((target, depth + 1))
         if subdirs:
             prefix = directory if directory.endswith("/") else directory + "/"  # os.path.join, without its cost
             extend([(prefix + name, depth + 1) for name in subdirs])
+
+
+# What a failed stat or listing may say about a path: it is not there (no longer, or a file took a
+# directory's place). Any other failure (EACCES, EMFILE, EIO, ...) says nothing about what is below it.
+_ABSENT = frozenset({errno.ENOENT, errno.ENOTDIR})
 
 
 def _settled(known: Listing) -> bool:
@@ -138,18 +165,26 @@ def _names(joined: bytes) -> list[str]:
     return os.fsdecode(joined).split("\0") if joined else []
 
 
-def _entered(directory: str, links: Iterable[str], top: str, follow: bool) -> Iterator[str]:
+def _entered(
+    directory: str, links: Iterable[str], top: str, follow: bool, failed: dict[str, int] | None = None
+) -> Iterator[str]:
     """The directories a walk enters through the symlinks *links* of *directory*: each resolved
     anew (its target may change without the directory changing), and only inside the root *top*
-    unless the root follows symlinks out of it."""
+    unless the root follows symlinks out of it. A target that cannot be looked at for a reason other
+    than its absence goes into *failed*."""
     for name in links:
-        try:
-            target = os.path.realpath(os.path.join(directory, name))
-            inside = target == top or target.startswith(top.rstrip("/") + "/")
-            if (follow or inside) and os.path.isdir(target):
-                yield target
-        except OSError:
+        target = os.path.realpath(os.path.join(directory, name))
+        inside = target == top or target.startswith(top.rstrip("/") + "/")
+        if not (follow or inside):
             continue
+        try:
+            is_directory = stat.S_ISDIR(os.stat(target).st_mode)
+        except OSError as exc:
+            if failed is not None and exc.errno not in _ABSENT and exc.errno != errno.ELOOP:
+                failed[target] = exc.errno or 0  # layouts are stored at their real paths
+            continue
+        if is_directory:
+            yield target
 
 
 def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
@@ -160,11 +195,21 @@ def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
         return {
             path_of(row[0]): row[1:]
             for row in conn.execute(
-                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links FROM directories"
+                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links, mnt_id FROM directories"
             )
         }
     except sqlite3.Error:
         return {}
+
+
+def forget_remounted(cache: dict[str, Listing]) -> dict[str, Listing]:
+    """*cache* without the listings made on a mount that is no longer there (read.remounted): a file
+    system with identical metadata mounted in its place would pass their identity check."""
+    gone = remounted(mount_members(cache, 0, 8), file="")
+    if gone:
+        for path in [p for p, row in cache.items() if (row[0], row[8]) in gone]:
+            del cache[path]
+    return cache
 
 
 def store_cache(
@@ -188,7 +233,7 @@ def store_cache(
         return
     conn.executemany("DELETE FROM directories WHERE path = ?", forget)
     conn.executemany(
-        "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(path_value(path), *row) for path, row in listed.items()],
     )
 
@@ -214,7 +259,14 @@ def roots_for(config: Config, extra: Iterable[str]) -> list[Root]:
     return [*config.roots, *(Root(os.path.abspath(path)) for path in extra)]
 
 
-def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *, follow: bool = False) -> list[str]:
+def vanished(
+    stored: Iterable[str],
+    present: Collection[str],
+    tops: list[str],
+    *,
+    follow: bool = False,
+    failed: Collection[str] = (),
+) -> list[str]:
     """Stored layouts that are gone: below a root and not discovered, or elsewhere and no longer a
     layout at all, or (when *follow*: a root follows symlinks) elsewhere and no longer reached.
 
@@ -222,23 +274,44 @@ def vanished(stored: Iterable[str], present: Collection[str], tops: list[str], *
     another scan's roots. Where no root follows symlinks only the latter is possible, and such a
     layout is kept while it is one. Where a root does, a layout outside the roots that this pass
     did not reach was reached through a symlink that is gone, and is dropped (docs/semantics.md).
+
+    Only a listing that succeeded may remove a layout: one at or below a directory of *failed*
+    (:func:`discover` could not list it, or not even ``stat`` it, for a reason other than its
+    absence) is kept, and so is one outside the roots whose directory cannot be looked at now.
     """
-    from indexer.layout import is_layout_dir
+    from indexer.layout import layout_dir_state
 
     prefixes = [top.rstrip("/") + "/" for top in tops]
+    unknown = set(failed)
     return [
         path
         for path in stored
         if path not in present
-        and (follow or any(path == p[:-1] or path.startswith(p) for p in prefixes) or not is_layout_dir(path))
+        and not (unknown and below_any(path, unknown))
+        and (follow or any(path == p[:-1] or path.startswith(p) for p in prefixes) or layout_dir_state(path) is False)
     ]
+
+
+def below_any(path: str, directories: Collection[str]) -> bool:
+    """Whether *path* is one of *directories* or below one (one lookup per component of *path*)."""
+    here = path
+    while True:
+        if here in directories:
+            return True
+        parent = os.path.dirname(here)
+        if parent == here:
+            return False
+        here = parent
 
 
 if TYPE_CHECKING:
     # What the walk compares with one layout's stat (:func:`stored_identities`): (path value, broken,
     # no proof (racily clean, or never read), dev, ino, size, mtime_ns, ctime_ns) of index.json, then the
-    # directories of blobs/ its graph was listed from: (name, dev, ino, mtime_ns, ctime_ns, more).
-    Identity = tuple[object, int, int, int, int, int, int, int, str, int, int, int, int, str | None]
+    # directories of blobs/ its graph was listed from: (name, dev, ino, mtime_ns, ctime_ns, more), then
+    # what the rows depend on besides (read.encode_depends) and the mount id index.json was read on.
+    Identity = tuple[
+        object, int, int, int, int, int, int, int, str, int, int, int, int, str | None, str | None, int | None
+    ]
 
 # A row that can prove nothing (its index.json racily clean or never read, read.RACY_SQL; in state ok,
 # its blobs/ never listed or listed racily) says so in one column, and each row's identities come as
@@ -248,7 +321,7 @@ _IDENTITIES_SQL = (
     f"SELECT path, state != 'ok', coalesce({RACY_SQL} "
     "OR (state = 'ok' AND (blobs_dir IS NULL OR blobs_settles_ns > blobs_listed_ns)), 1), "
     "dev, ino, size, mtime_ns, ctime_ns, blobs_dir, blobs_dev, blobs_ino, blobs_mtime_ns, blobs_ctime_ns, "
-    "blobs_more FROM layouts"
+    "blobs_more, depends, mnt_id FROM layouts"
 )
 
 
@@ -265,8 +338,9 @@ def changes(
 ) -> tuple[list[str], list[str], list[str], list[str], dict[str, Identity]]:
     """Compare the layouts stored in *conn* with those below *roots* by one walk (listing only the
     directories the directory cache does not hold as they are) and one ``stat`` per ``index.json``:
-    ``(layouts present, new, changed or racily clean, stored ones that vanished, problems met,
-    the stored identities)``.
+    ``(layouts present, new or changed or racily clean, stored ones that vanished, problems met,
+    the stored identities)``. A stored layout below a directory the walk could not list is among
+    the changed (it is to be looked at again), never among the vanished.
 
     When the cache holds a settled listing of every directory the walk would reach, the walk is
     planned from the cache alone (:func:`_planned_walk`) and its ``stat`` calls, of each directory
@@ -282,7 +356,7 @@ def changes(
     gc.disable()
     try:
         stored = stored_identities(conn)
-        cache = load_cache(conn)
+        cache = forget_remounted(load_cache(conn))
         errors: list[str] = []
         found: dict[str, None] = {}
         changed: list[str] | None = None
@@ -294,15 +368,25 @@ def changes(
                 found.update(dict.fromkeys(plan[0]))
                 directories.extend(plan[1])
             changed = _checked(directories, list(found), stored, processes)
+        failed: dict[str, int] = {}
         if changed is None:  # a directory is not as cached: walk, listing what changed
             found.clear()
             for root in roots:
-                for path in discover(root, errors, cache):
+                for path in discover(root, errors, cache, failed=failed):
                     found[path] = None
             changed = [path for path in found if _differs(path, stored.get(path))]
+            if failed:
+                changed.extend(path for path in stored if path not in found and below_any(path, failed))
+        # Each mount the stored rows were read on is asked once whether it is still there: a file
+        # system with identical metadata mounted in its place passes every stat (indexer._statx).
+        moved = remounted(mount_members(stored, 3, 15))
+        if moved:
+            listed = set(changed)
+            changed.extend(p for p in found if p not in listed and (k := stored.get(p)) and (k[3], k[15]) in moved)
         present = list(found)
         follow = any(r.follow_symlinks for r in roots)
-        gone = vanished(stored, found.keys(), [os.path.realpath(r.path) for r in roots], follow=follow)
+        tops = [os.path.realpath(r.path) for r in roots]
+        gone = vanished(stored, found.keys(), tops, follow=follow, failed=failed)
         return present, changed, gone, errors, stored
     finally:
         if collecting:
@@ -311,8 +395,8 @@ def changes(
 
 def _differs(path: str, known: Identity | None) -> bool:
     """Whether the layout at *path* must be read: never read, racily clean, its ``index.json`` not the
-    file stored (or not readable: the full read says why), or a directory of its ``blobs/`` not as
-    listed for its graph (a blob added or removed)."""
+    file stored (or not readable: the full read says why), a directory of its ``blobs/`` not as
+    listed for its graph (a blob added or removed), or a nested index blob its rows depend on changed."""
     try:
         st = os.stat(path + "/index.json")  # a resolved layout path: never ends with "/" but for "/"
     except OSError:
@@ -327,15 +411,17 @@ def _differs(path: str, known: Identity | None) -> bool:
         or st.st_dev != known[3]
     ):
         return True
+    if known[14] is not None and not depends_hold(path, known[14]):
+        return True
     if known[1]:
         return False  # a broken layout is proven by its index.json alone
     if known[13] is not None:
-        return presence_differs(path, *known[8:])
+        return presence_differs(path, *known[8:14])
     # The common case inline (one directory of blobs/, blobs/sha256): one more stat per layout.
     try:
         st = os.stat(path + "/" + known[8])
     except OSError:
-        return presence_differs(path, *known[8:])  # absent now, or unreadable: the one rule decides
+        return presence_differs(path, *known[8:14])  # absent now, or unreadable: the one rule decides
     return st.st_mtime_ns != known[11] or st.st_ctime_ns != known[12] or st.st_ino != known[10] or st.st_dev != known[9]
 
 
@@ -350,6 +436,7 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
     top = os.path.realpath(root.path)
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[str, int]] = [(top, 0)]
+    failed: dict[str, int] = {}
     layouts: list[str] = []
     directories: list[tuple[str, Listing]] = []
     pop, push, extend, cached = stack.pop, stack.append, stack.extend, cache.get
@@ -371,8 +458,10 @@ def _planned_walk(root: Root, cache: Mapping[str, Listing]) -> tuple[list[str], 
         if depth >= max_depth:
             continue
         if known[7]:
-            for target in _entered(directory, _names(known[7]), top, root.follow_symlinks):
+            for target in _entered(directory, _names(known[7]), top, root.follow_symlinks, failed):
                 push((target, depth + 1))
+            if failed:
+                return None  # a symlink's target cannot be looked at: the walk says what is known
         if known[6]:
             prefix = directory if directory.endswith("/") else directory + "/"
             extend([(prefix + name, depth + 1) for name in _names(known[6])])

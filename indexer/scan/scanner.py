@@ -19,7 +19,7 @@ import time
 from indexer import config as config_mod
 from indexer import layout as layout_mod
 from indexer.scan import workers
-from indexer.scan.discovery import discover, load_cache, store_cache, vanished
+from indexer.scan.discovery import below_any, discover, load_cache, store_cache, vanished
 from indexer.store import read as db
 from indexer.store.write import (
     Failed,
@@ -35,6 +35,7 @@ from indexer.store.write import (
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import asyncio
     from collections.abc import AsyncGenerator, Callable, Iterable
     from concurrent.futures import Future
 
@@ -51,6 +52,9 @@ LOGGED_PATHS = 10
 CONFLICT_RETRIES = 4
 # A pass with fewer layouts to read than this reads them in this process (see Scanner._uses_pool).
 POOL_MIN_LAYOUTS = 64
+# A full pass reads its transient failures that usually pass (LayoutError.retry_soon) again after
+# each of these delays (seconds), while they last.
+RETRY_DELAYS_S = (0.05, 0.25, 1.0)
 # Layouts per worker task: a batch (one write transaction) is read as tasks of at most this many.
 # Smaller tasks keep each process's high-water memory low (measured at 10,000 layouts: 219 MB for
 # the scan and its workers with tasks of 500, 152 MB with tasks of 100, in the same time).
@@ -65,13 +69,18 @@ def examine(path: str, stored: db.StoredLayout | None, *, config: Config, full: 
 
 
 def _is_current(path: str, stored: db.StoredLayout) -> bool:
-    """Whether one ``stat`` of the layout's ``index.json``, and one of each directory of ``blobs/`` its
-    graph was listed from, prove its stored rows current."""
+    """Whether one ``stat`` of the layout's ``index.json``, one of each directory of ``blobs/`` its
+    graph was listed from, and one of each nested index blob its rows depend on besides, when any
+    (``read.depends_hold``), prove its stored rows current."""
     try:
         st = os.stat(os.path.join(path, "index.json"))
     except OSError:
         return False  # gone, or unreadable: the read says which
-    return stored.is_current(layout_mod.FileIdentity.of(st)) and stored.presence_current()
+    return (
+        stored.is_current(layout_mod.FileIdentity.of(st))
+        and stored.presence_current()
+        and db.depends_hold(path, stored.depends)
+    )
 
 
 def decide(
@@ -95,8 +104,9 @@ def decide(
         and stored.content_hash == rows[1]
         and graph is not None
         and stored.graph_hash == graph[2]
+        and db.same_rows_depend(stored.depends, rows[7])
     ):
-        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, graph[0])
+        return Same(path, layout_mod.FileIdentity(*rows[0]), read_ns, stored, graph[0], rows[8], rows[7])
     return Read(path, rows, read_ns, stored, epoch)
 
 
@@ -126,6 +136,11 @@ class Counts:
         # The first few layouts written or dropped, for the daemon's log (the counts say how many).
         self.changed_paths: list[str] = []
         self.removed_paths: list[str] = []
+        # Layouts whose read failed for a reason outside their bytes (LayoutError.transient): stored with
+        # no identity, read again (by this pass after a backoff, then by the next pass).
+        self.transient: dict[str, Failed] = {}
+        # Directories a full pass could not list (path: errno); the layouts below them were kept.
+        self.unlisted: dict[str, int] = {}
 
     def add(self, outcomes: list[Outcome], looked_at: int, still_broken: int = 0) -> None:
         """Account for one written batch."""
@@ -140,6 +155,8 @@ class Counts:
             elif isinstance(outcome, Failed):
                 self.errors += 1
                 self.error_messages.append(outcome.error.message)
+                if outcome.error.transient:
+                    self.transient[outcome.path] = outcome
             elif isinstance(outcome, Gone):
                 self.removed += 1
                 if len(self.removed_paths) < LOGGED_PATHS:
@@ -157,8 +174,27 @@ class Counts:
         self.removed += other.removed
         self.still_broken += other.still_broken
         self.error_messages.extend(other.error_messages)
+        self.transient.update(other.transient)
+        self.unlisted.update(other.unlisted)
         self.changed_paths.extend(other.changed_paths[: max(0, LOGGED_PATHS - len(self.changed_paths))])
         self.removed_paths.extend(other.removed_paths[: max(0, LOGGED_PATHS - len(self.removed_paths))])
+
+    def retried(self, again: Counts, paths: list[str]) -> None:
+        """Replace what this pass counted for the transient failures at *paths* by *again*, the pass
+        that read them again: they count once, as what that read found."""
+        for path in paths:
+            failed = self.transient.pop(path)
+            self.errors -= 1
+            if failed.error.message in self.error_messages:
+                self.error_messages.remove(failed.error.message)
+        self.transient.update(again.transient)
+        self.changed += again.changed
+        self.unchanged += again.unchanged
+        self.errors += again.errors
+        self.removed += again.removed
+        self.error_messages.extend(again.error_messages)
+        self.changed_paths.extend(again.changed_paths[: max(0, LOGGED_PATHS - len(self.changed_paths))])
+        self.removed_paths.extend(again.removed_paths[: max(0, LOGGED_PATHS - len(self.removed_paths))])
 
     def to_json(self, seconds: float) -> dict[str, object]:
         """The summary ``ocidx scan --json`` prints."""
@@ -169,6 +205,8 @@ class Counts:
             "errors": self.errors,
             "removed": self.removed,
             "still_broken": self.still_broken,
+            "read_again": len(self.transient),
+            "unlisted": len(self.unlisted),
             "seconds": round(seconds, 3),
             "error_messages": self.error_messages[:50],
         }
@@ -377,74 +415,82 @@ class Scanner:
         self, batches: list[list[str]], pooled: bool
     ) -> AsyncGenerator[tuple[list[str], list[workers.Result]], None]:
         """Each batch with its read results, in order; with the pool (*pooled*), the next batches are
-        being read (in tasks of TASK_LAYOUTS) while the caller writes the one before them."""
+        being read (in tasks of TASK_LAYOUTS) while the caller writes the one before them.
+
+        A task whose worker died (a crash, the OOM killer) is read again one layout at a time
+        (:meth:`_read_alone`); when no worker can be started at all, the rest of the pass is read in
+        this process.
+        """
         import collections
-        from concurrent.futures.process import BrokenProcessPool
 
         import anyio.to_thread
 
         familiar, limits = self.config.familiar, self.config.limits
         pool = self.pool
-        if pool is None or not pooled:
-            for batch in batches:
-                yield batch, await anyio.to_thread.run_sync(workers.read_batch, batch, familiar, limits)
-            return
-        queue: collections.deque[tuple[list[str], list[Future[bytes]]]] = collections.deque()
+        queue: collections.deque[tuple[list[str], list[tuple[list[str], asyncio.Future[bytes]]]]] = collections.deque()
         upcoming = iter(batches)
         try:
             while True:
                 # Keep two batches (and at least two tasks per worker) in flight: while the writer
                 # writes one, the workers read the next.
-                while (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers) and (
-                    following := next(upcoming, None)
-                ) is not None:
+                while (
+                    pool is not None
+                    and pooled
+                    and (len(queue) < 2 or sum(len(f) for _, f in queue) < 2 * pool.workers)
+                    and (following := next(upcoming, None)) is not None
+                ):
                     tasks = [following[i : i + TASK_LAYOUTS] for i in range(0, len(following), TASK_LAYOUTS)]
-                    queue.append((following, [pool.submit(task) for task in tasks]))
+                    queue.append((following, [(task, _wrap(pool.submit(task))) for task in tasks]))
                 if not queue:
-                    return
-                batch, futures = queue.popleft()
-                try:
-                    results = [result for future in futures for result in workers.unpack(await _result(future))]
-                except BrokenProcessPool:
-                    # A worker died (a crash, the OOM killer): every batch in flight is lost with it.
-                    # Read them again one layout at a time in a fresh pool to find the one that kills it.
-                    lost = [batch, *(b for b, _ in queue)]
-                    queue.clear()
-                    pool.broken()
-                    if not await _starts(pool):
-                        # Workers that cannot even start (no interpreter for them, a process limit):
-                        # no layout is to blame; read the rest of the pass in this process.
-                        self.problems.append("worker processes could not be started: reading layouts in this process")
-                        for rest in [*lost, *upcoming]:
-                            yield rest, await anyio.to_thread.run_sync(workers.read_batch, rest, familiar, limits)
+                    following = next(upcoming, None)
+                    if following is None:
                         return
-                    for lost_batch in lost:
-                        yield lost_batch, await self._read_alone(lost_batch)
+                    yield following, await anyio.to_thread.run_sync(workers.read_batch, following, familiar, limits)
                     continue
+                batch, futures = queue.popleft()
+                results: list[workers.Result] = []
+                for task, future in futures:
+                    try:
+                        results.extend(workers.unpack(await future))
+                    except workers.WorkerDied:
+                        results.extend(await self._read_alone(task))
+                    except workers.WorkersUnavailable as exc:
+                        if pooled:  # said once; the rest of the pass is read here
+                            self.problems.append(
+                                f"worker processes could not be started ({exc}): reading layouts in this process"
+                            )
+                            pooled = False
+                        results.extend(await anyio.to_thread.run_sync(workers.read_batch, task, familiar, limits))
                 yield batch, results
         finally:
             for _batch, futures in queue:
-                for future in futures:
+                for _task, future in futures:
+                    future.add_done_callback(_retrieved)
                     future.cancel()
 
-    async def _read_alone(self, batch: list[str]) -> list[workers.Result]:
-        """Read each layout of *batch* by itself in the pool; one that kills its worker again is failed."""
-        from concurrent.futures.process import BrokenProcessPool
+    async def _read_alone(self, task: list[str]) -> list[workers.Result]:
+        """Read each layout of a task whose worker died by itself in the pool: one whose read kills
+        its worker again is a failure of the environment (``workers.worker_died``), read again later."""
+        import anyio.to_thread
 
         pool = self.pool
         assert pool is not None
         out: list[workers.Result] = []
-        for path in batch:
+        for path in task:
             read_ns = time.time_ns()
             try:
-                out.extend(workers.unpack(await _result(pool.submit([path]))))
-            except BrokenProcessPool as exc:
-                pool.broken()
-                out.append(workers.worker_died(path, read_ns, str(exc) or "killed"))
+                out.extend(workers.unpack(await _wrap(pool.submit([path]))))
+            except workers.WorkerDied as exc:
+                out.append(workers.worker_died(path, read_ns, str(exc)))
+            except workers.WorkersUnavailable:
+                out.extend(
+                    await anyio.to_thread.run_sync(workers.read_batch, [path], self.config.familiar, self.config.limits)
+                )
         return out
 
-    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str]]:
-        """Every layout below *roots*, the problems met on the way, and the roots resolved.
+    async def discover(self, roots: Iterable[Root]) -> tuple[list[str], list[str], list[str], dict[str, int]]:
+        """Every layout below *roots*, the problems met on the way, the roots resolved, and the
+        directories that could not be listed (with the errno): nothing below them is known.
 
         The walk lists only the directories the directory cache does not hold as they are, and
         records what it listed (discovery.discover, migrations/0005).
@@ -455,18 +501,19 @@ class Scanner:
         cache = await self.store.read(load_cache)
         listed: dict[str, Listing] = {}
         visited: set[str] = set()
+        failed: dict[str, int] = {}
 
         def walk() -> tuple[list[str], list[str], list[str]]:
             errors: list[str] = []
             found: dict[str, None] = {}
             for root in roots:
-                for path in discover(root, errors, cache, listed, visited):
+                for path in discover(root, errors, cache, listed, visited, failed):
                     found[path] = None
             return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
         paths, errors, resolved = await anyio.to_thread.run_sync(walk)
         await self.store.unit(store_cache, listed, visited, resolved, cache.keys())
-        return paths, errors, resolved
+        return paths, errors, resolved, failed
 
     async def full_pass(
         self,
@@ -476,19 +523,35 @@ class Scanner:
         progress: Callable[[int, int], None] | None = None,
     ) -> Counts:
         """Discover, examine every layout, and drop those that vanished from below the roots."""
+        import anyio
         import anyio.to_thread
 
         roots = list(roots)
         stored = await self._stored()
         if not stored and self.pool is not None:
             self.pool.warm()  # a cold build reads everything: the workers start while discovery runs
-        paths, problems, resolved = await self.discover(roots)
+        paths, problems, resolved, failed = await self.discover(roots)
         gone: list[Outcome] = [
             Gone(path, stored[path])
             for path in await anyio.to_thread.run_sync(
-                lambda: vanished(list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots))
+                lambda: vanished(
+                    list(stored), set(paths), resolved, follow=any(r.follow_symlinks for r in roots), failed=failed
+                )
             )
         ]
+        if failed:
+            # Only a listing that succeeded may remove a layout: those stored below a directory that
+            # could not be listed are kept, and looked at one by one (their own index.json may be
+            # readable); the next pass lists the directory again.
+            found = set(paths)
+            kept = [path for path in stored if path not in found and below_any(path, failed)]
+            paths = [*paths, *kept]
+            if kept:
+                problems.append(
+                    f"{len(kept)} indexed layout{'s' if len(kept) != 1 else ''} below "
+                    f"{'a directory' if len(failed) == 1 else f'{len(failed)} directories'} that could not be "
+                    "listed kept and looked at again"
+                )
         # A cold build (an empty index, many layouts) inserts without the lookup indexes and builds
         # them once at the end: 3x cheaper than keeping them up to date row by row.
         cold = not stored and len(paths) >= COLD_BUILD_MIN_LAYOUTS
@@ -505,27 +568,33 @@ class Scanner:
             raise
         if cold:
             await self.store.run(restore_indexes)
+        # A read that failed for a reason outside the layout's bytes that usually passes (descriptors
+        # or memory used up for a moment, a worker killed, a writer mid-rewrite) is tried again after
+        # a backoff before the pass ends; what still fails, and what does not pass by waiting (a
+        # permission), is stored with no identity, so the next pass (and the daemon, on its own
+        # schedule) reads it again.
+        for delay in RETRY_DELAYS_S:
+            again = sorted(path for path, failed in counts.transient.items() if failed.error.retry_soon)
+            if not again:
+                break
+            await anyio.sleep(delay)
+            counts.retried(await self.process(again, full=full), again)
         counts.error_messages[:0] = problems
+        counts.unlisted = failed
         return counts
 
 
-async def _starts(pool: workers.Pool) -> bool:
-    """Whether a fresh pool runs a task at all."""
-    from concurrent.futures.process import BrokenProcessPool
-
-    try:
-        await _result(pool.submit([]))
-    except BrokenProcessPool:
-        pool.broken()
-        return False
-    return True
+def _retrieved(future: asyncio.Future[bytes]) -> None:
+    """Mark the outcome of a read no longer waited for as seen (its batch is read again, or the pass ended)."""
+    if not future.cancelled():
+        future.exception()
 
 
-async def _result(future: Future[bytes]) -> bytes:
-    """The result of a worker's task, waited for in a worker thread (the event loop never blocks)."""
-    import anyio.to_thread
+def _wrap(future: Future[bytes]) -> asyncio.Future[bytes]:
+    """A worker's task as an asyncio future (the pool's manager thread sets it; the loop never blocks)."""
+    import asyncio
 
-    return await anyio.to_thread.run_sync(future.result, abandon_on_cancel=True)
+    return asyncio.wrap_future(future)
 
 
 def _stored_rows(conn: sqlite3.Connection, paths: list[str] | None = None) -> dict[str, db.StoredLayout]:
@@ -559,5 +628,18 @@ def _count_skipped(
 
 
 def _unsettled(paths: list[str], stored: dict[str, db.StoredLayout]) -> list[str]:
-    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read."""
-    return [path for path in paths if (known := stored.get(path)) is None or not _is_current(path, known)]
+    """The layouts of *paths* that one ``stat`` does not prove unchanged: those to read (all of those
+    read on a mount that is no longer there, whatever their ``stat`` says: ``read.remounted``)."""
+    mounts = {
+        path: (known.identity.dev, known.mnt_id)
+        for path in paths
+        if (known := stored.get(path)) is not None and known.identity is not None
+    }
+    gone = db.remounted(db.mount_members(mounts, 0, 1))
+    return [
+        path
+        for path in paths
+        if (known := stored.get(path)) is None
+        or not _is_current(path, known)
+        or (gone and known.identity is not None and (known.identity.dev, known.mnt_id) in gone)
+    ]

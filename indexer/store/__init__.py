@@ -20,7 +20,7 @@ import sqlite3
 import stat
 import time
 
-from indexer.errors import DatabaseError, SchemaTooNew, UnsafeFile
+from indexer.errors import DatabaseError, OcidxError, SchemaTooNew, UnsafeFile, exhausted, out_of_descriptors
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -31,8 +31,14 @@ if TYPE_CHECKING:
     T = TypeVar("T")
 
 APPLICATION_ID = 0x6F636478  # "ocdx"
-SCHEMA_VERSION = 7  # the number of files in migrations/; a test holds them equal
+SCHEMA_VERSION = 8  # the number of files in migrations/; a test holds them equal
 BUSY_TIMEOUT_MS = 5000
+
+
+def database_error(message: str, path: str) -> OcidxError:
+    """The error for a database that SQLite (or a file beside it) could not open: DatabaseError with
+    *message*, unless this process is out of descriptors, which is no fault of the database."""
+    return out_of_descriptors(f"opening the index database {path}") or DatabaseError(message)
 
 
 def path_value(path: str) -> str | bytes:
@@ -74,7 +80,9 @@ def migration_files(subdir: str = "") -> list[tuple[str, str]]:
     try:
         names = sorted(n for n in os.listdir(directory) if n.endswith(".sql") and n[:4].isdigit())
     except OSError as exc:
-        raise DatabaseError(f"migrations directory {directory} is unreadable: {exc.strerror}") from None
+        raise exhausted(exc, "listing the migrations") or DatabaseError(
+            f"migrations directory {directory} is unreadable: {exc.strerror}"
+        ) from None
     return [(n[:-4], os.path.join(directory, n)) for n in names]
 
 
@@ -105,7 +113,7 @@ def open_reader(path: str, *, any_thread: bool = False) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:  # OperationalError is one; "file is not a database" another
         conn.close()
         if not isinstance(exc, sqlite3.OperationalError) or not _shm_refused(path, exc):
-            raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+            raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
         # A WAL database needs its -shm file, which this user cannot create: the database
         # belongs to another user (a root daemon, a user's query) or its directory is read-only.
         # No writer has it open (there is no WAL content), so the file is whole as it stands:
@@ -128,7 +136,7 @@ def _connect_reader(path: str, options: str, any_thread: bool) -> sqlite3.Connec
             check_same_thread=not any_thread,
         )
     except sqlite3.Error as exc:
-        raise DatabaseError(f"cannot open index database {path}: {exc}") from None
+        raise database_error(f"cannot open index database {path}: {exc}", path) from None
 
 
 def _shm_refused(path: str, exc: sqlite3.OperationalError) -> bool:
@@ -150,7 +158,7 @@ def check_schema(conn: sqlite3.Connection, path: str) -> None:
             conn.execute("PRAGMA user_version").fetchone()[0],
         )
     except sqlite3.DatabaseError as exc:
-        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+        raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
     if app_id != APPLICATION_ID:
         raise DatabaseError(f"{path} is not an ocidx database")
     if version > SCHEMA_VERSION:
@@ -201,7 +209,8 @@ def open_beside_database(path: str) -> tuple[int, bool]:
     naming the path; other failures (a read-only directory) raise the OSError.
     """
     try:
-        return os.open(path, _BESIDE_FLAGS | os.O_CREAT | os.O_EXCL, 0o644), True
+        # 0600: only the writer's user opens a lock (another user's is refused below); nobody else reads it.
+        return os.open(path, _BESIDE_FLAGS | os.O_CREAT | os.O_EXCL, 0o600), True
     except FileExistsError:
         pass
     _refuse_unsafe(path, os.lstat(path), owned=True)  # before the open: opening a device has effects
@@ -265,7 +274,7 @@ def open_writer(path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         if guard is not None:
             os.close(guard)
-        raise DatabaseError(f"cannot open index database {path} for writing: {exc}") from None
+        raise database_error(f"cannot open index database {path} for writing: {exc}", path) from None
     except BaseException:
         if guard is not None:
             os.close(guard)
@@ -289,7 +298,7 @@ def open_writer(path: str) -> sqlite3.Connection:
         migrate(conn, path)
     except sqlite3.DatabaseError as exc:
         conn.close()
-        raise DatabaseError(f"{path} is not a usable ocidx database: {exc}") from None
+        raise database_error(f"{path} is not a usable ocidx database: {exc}", path) from None
     except BaseException:
         conn.close()
         raise
@@ -311,18 +320,55 @@ def _umask() -> int:
     return 0o022
 
 
+# A new database is at most readable and writable by its owner and group: the paths and tags of the
+# layouts below the roots are in it, and only the documented group of readers may see them.
+DATABASE_MODE = 0o660
+
+
 def _apply_umask(path: str) -> None:
-    """Give a database the writer just created mode 0666 less the umask (SQLite creates it 0644 whatever
+    """Give a database the writer just created mode 0660 less the umask (SQLite creates it 0644 whatever
     the umask), before its -wal and -shm exist: SQLite creates those with the database's mode, so a
-    daemon run with ``UMask=0002`` makes all three group-writable, as readers in its group need."""
+    daemon run with ``UMask=0007`` makes all three group-readable and -writable, as readers in its
+    group need, and other users can read none of them (docs/operations.md, Permissions)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
-        return  # SQLite has not created it (it does so lazily on some systems): nothing to widen
+        return  # SQLite has not created it (it does so lazily on some systems): nothing to set
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, DATABASE_MODE & ~_umask())
     finally:
         os.close(fd)
+
+
+def exposure_warning(path: str) -> str | None:
+    """What to say when the database at *path*, or its -wal or -shm, can be read by every local user:
+    its mode lets others read it and every directory above it lets them through. None otherwise."""
+    exposed = []
+    for name in (path, *(path + suffix for suffix in SQLITE_SIDE_FILES)):
+        try:
+            mode = os.lstat(name).st_mode
+        except OSError:
+            continue
+        if stat.S_ISREG(mode) and mode & stat.S_IROTH:
+            exposed.append(f"{name} (mode {stat.S_IMODE(mode):04o})")
+    if not exposed:
+        return None
+    directory = os.path.dirname(os.path.abspath(path))
+    while True:  # a directory others may not enter hides everything below it
+        try:
+            if not os.stat(directory).st_mode & stat.S_IXOTH:
+                return None
+        except OSError:
+            return None
+        parent = os.path.dirname(directory)
+        if parent == directory:
+            break
+        directory = parent
+    return (
+        f"the index is readable by every local user: {', '.join(exposed)}; it holds the paths and names of "
+        f"every layout indexed. Run chmod o-rwx {path}*, and give the daemon UMask=0007 (and its directory "
+        "mode 3770) so that only its group reads it (docs/operations.md, Permissions)"
+    )
 
 
 def _exclusive(lock_path: str) -> int | None:

@@ -29,7 +29,7 @@ import time
 
 from indexer.config import Root
 from indexer.store import path_of, path_value
-from indexer.store.read import RACY_SQL, SETTLES_AT_SQL
+from indexer.store.read import RACY_SQL, SETTLES_AT_SQL, retries
 
 
 def to_json(roots: list[tuple[Root, bool]]) -> str:
@@ -217,6 +217,7 @@ def racy_layouts(conn: sqlite3.Connection, paths: list[str] | None = None) -> di
             marks = ",".join("?" * len(chunk))
             rows = conn.execute(f"{query} AND path IN ({marks})", tuple(map(path_value, chunk)))
         found.update((path_of(path), settles_at) for path, settles_at in rows)
+    found.update(retries(conn, paths))  # reads that failed for the environment's sake: after their backoff
     return found
 
 

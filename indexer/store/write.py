@@ -78,7 +78,7 @@ class Read(Record):
 class Same(Record):
     """A layout whose ``index.json`` and graph changed on disk but not in content: identities only."""
 
-    __slots__ = ("expected", "identity", "path", "presence", "read_ns")
+    __slots__ = ("depends", "expected", "identity", "mnt_id", "path", "presence", "read_ns")
 
     def __init__(
         self,
@@ -87,16 +87,21 @@ class Same(Record):
         read_ns: int,
         expected: StoredLayout | None,
         presence: PresenceRow | None = None,
+        mnt_id: int | None = None,
+        depends: str | None = None,
     ) -> None:
         self.path = path
         self.identity = identity
         self.read_ns = read_ns
         self.expected = expected
         self.presence = presence
+        self.mnt_id = mnt_id
+        self.depends = depends  # what this read found at the paths the rows depend on (read.encode_depends)
 
 
 class Failed(Record):
-    """A layout that could not be read; its last good rows are kept."""
+    """A layout that could not be read; its last good rows are kept. ``error.transient`` tells a failure
+    of the environment (stored with no identity, read again) from one of the layout's bytes."""
 
     __slots__ = ("error", "expected", "identity", "path", "read_ns")
 
@@ -180,7 +185,7 @@ def apply(conn: sqlite3.Connection, outcomes: Iterable[Outcome]) -> Applied:
             reads.append((outcome.path, outcome.rows, outcome.read_ns, current))
         elif isinstance(outcome, Same):
             assert current is not None  # a Same is only decided against a stored row
-            _touch(conn, current, outcome.identity, outcome.read_ns, versions, outcome.presence)
+            _touch(conn, current, outcome, versions)
         elif isinstance(outcome, Failed):
             _fail(conn, outcome, current, versions)
         else:
@@ -310,7 +315,8 @@ def _annotations_json(annotations: dict[str, str]) -> str:
 
 if TYPE_CHECKING:
     # What one read layout crosses the process boundary as (plain tuples pickle compactly):
-    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children);
+    # (identity (dev, ino, size, mtime_ns, ctime_ns), content_hash, warnings, entries, names, children,
+    # depends (read.encode_depends), mnt_id);
     # an entry (row_key, position, digest, media_type, size, platform, annotations, invalid_names, warnings),
     # a name (entry's index in entries, name, tag, how), a child (entry's index in entries, position,
     # parent, depth, digest, media_type, size, platform, annotations); JSON columns already encoded.
@@ -340,6 +346,8 @@ if TYPE_CHECKING:
         list[NameRow],
         list[ChildRow],
         GraphRows | None,
+        str | None,
+        int | None,
     ]
 
 
@@ -548,6 +556,8 @@ def snapshot_rows(snapshot: Snapshot, graph: LayoutGraph | None = None, known: K
         names,
         children,
         graph_rows(graph, known) if graph is not None else None,
+        read.encode_depends(snapshot.depends),
+        snapshot.mnt_id,
     )
 
 
@@ -661,7 +671,8 @@ def _since(current: StoredLayout | None, identity: FileIdentity | None, read_ns:
 _LAYOUT_UPDATE = """
     UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?, content_hash = ?,
                        state = 'ok', error_category = NULL, error = NULL, last_good_ns = ?, checked_ns = ?,
-                       entry_count = ?, identity_since_ns = ?
+                       entry_count = ?, identity_since_ns = ?, depends = ?, mnt_id = ?, retry_ns = NULL,
+                       failures = 0
     WHERE id = ?
 """
 _PRESENCE_UPDATE = """
@@ -733,19 +744,33 @@ def _store_all(
     graphs_gone: list[tuple[int]] = []
     changed = 0
     for path, rows, read_ns, current in reads:
-        ident, content_hash, warnings_now, entries, names, children, graph = rows
+        ident, content_hash, warnings_now, entries, names, children, graph, depends, mnt_id = rows
         since = _since(current, FileIdentity(*ident), read_ns)
         if current is None:
             layout_id = layout_ids.take()
             new_layouts.append(
-                (layout_id, path_value(path), *ident, read_ns, content_hash, now, now, len(entries), since)
+                (
+                    layout_id,
+                    path_value(path),
+                    *ident,
+                    read_ns,
+                    content_hash,
+                    now,
+                    now,
+                    len(entries),
+                    since,
+                    depends,
+                    mnt_id,
+                )
             )
             have: dict[str, tuple[int, int]] = {}
             published_before: tuple[object, ...] | None = None
             warnings_before: list[str] = []
         else:
             layout_id = current.id
-            updated_layouts.append((*ident, read_ns, content_hash, now, now, len(entries), since, layout_id))
+            updated_layouts.append(
+                (*ident, read_ns, content_hash, now, now, len(entries), since, depends, mnt_id, layout_id)
+            )
             have = existing[layout_id]
             published_before = (
                 current.content_hash,
@@ -803,8 +828,9 @@ def _store_all(
         conn.executemany(
             """
             INSERT INTO layouts (id, path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                                 error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
-            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?)
+                                 error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns,
+                                 depends, mnt_id)
+            VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'ok', NULL, NULL, ?, ?, ?, ?, ?, ?)
             """,
             new_layouts,
         )
@@ -855,21 +881,17 @@ def _row_key(stored: tuple[object, ...]) -> str:
     return hashlib.blake2b(repr(stored).encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
 
 
-def _touch(
-    conn: sqlite3.Connection,
-    current: StoredLayout,
-    identity: FileIdentity,
-    read_ns: int,
-    versions: _Versions,
-    presence: PresenceRow | None = None,
-) -> None:
-    if presence is not None:
-        conn.execute(_PRESENCE_UPDATE, (*_presence_columns(current, presence), current.graph_hash, current.id))
+def _touch(conn: sqlite3.Connection, current: StoredLayout, outcome: Same, versions: _Versions) -> None:
+    """Refresh what proves a layout's rows current (identity, mount, what the dependencies look like
+    now: a blob that settled since, the listing of blobs/), the rows themselves being the same."""
+    identity, read_ns = outcome.identity, outcome.read_ns
+    if outcome.presence is not None:
+        conn.execute(_PRESENCE_UPDATE, (*_presence_columns(current, outcome.presence), current.graph_hash, current.id))
     conn.execute(
         """
         UPDATE layouts SET dev = ?, ino = ?, size = ?, mtime_ns = ?, ctime_ns = ?, read_ns = ?,
                            state = 'ok', error_category = NULL, error = NULL, checked_ns = ?,
-                           identity_since_ns = ?
+                           identity_since_ns = ?, retry_ns = NULL, failures = 0, mnt_id = ?, depends = ?
         WHERE id = ?
         """,
         (
@@ -881,11 +903,19 @@ def _touch(
             read_ns,
             time.time_ns(),
             _since(current, identity, read_ns),
+            outcome.mnt_id,
+            outcome.depends,
             current.id,
         ),
     )
     if current.state != "ok":  # a broken file restored to the content of the rows: its state is news
         _stamp(conn, current.id, current.path, versions)
+
+
+# A layout whose read failed for a reason outside its bytes is read again by the daemon after this
+# long, doubled with each consecutive such failure up to RETRY_MAX_NS (docs/reliability.md).
+RETRY_FIRST_NS = 1_000_000_000
+RETRY_MAX_NS = 64_000_000_000
 
 
 def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | None, versions: _Versions) -> None:
@@ -897,18 +927,29 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
     )
     now = time.time_ns()
     message = printable(outcome.error.message)
-    # The identity of the failed read is stored so that a reconcile does not re-read an
-    # unchanged broken file; content_hash and the rows stay those of the last good read.
+    # A failure of the layout's own bytes is stored with the identity of the file that failed, so that
+    # a reconcile does not re-read an unchanged broken file. A failure of the environment carries no
+    # identity (nothing proves the row current: every pass reads it again) and a time for the daemon
+    # to try again, backing off while it keeps failing. content_hash and the rows stay those of the
+    # last good read.
+    if outcome.error.transient:
+        row = conn.execute("SELECT failures FROM layouts WHERE path = ?", (path_value(outcome.path),)).fetchone()
+        failures = (row[0] if row is not None else 0) + 1
+        retry_ns: int | None = now + min(RETRY_MAX_NS, RETRY_FIRST_NS << min(failures - 1, 32))
+    else:
+        failures, retry_ns = 0, None
     layout_id = conn.execute(
         """
         INSERT INTO layouts (path, dev, ino, size, mtime_ns, ctime_ns, read_ns, content_hash, state,
-                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns)
-        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0, ?)
+                             error_category, error, last_good_ns, checked_ns, entry_count, identity_since_ns,
+                             retry_ns, failures)
+        VALUES (?, ?, ?, ?, ?, ?, ?, NULL, 'error', ?, ?, NULL, ?, 0, ?, ?, ?)
         ON CONFLICT (path) DO UPDATE SET
             dev = excluded.dev, ino = excluded.ino, size = excluded.size, mtime_ns = excluded.mtime_ns,
             ctime_ns = excluded.ctime_ns, read_ns = excluded.read_ns, state = 'error',
             error_category = excluded.error_category, error = excluded.error, checked_ns = excluded.checked_ns,
-            identity_since_ns = excluded.identity_since_ns
+            identity_since_ns = excluded.identity_since_ns, retry_ns = excluded.retry_ns,
+            failures = excluded.failures, mnt_id = NULL
         RETURNING id
         """,
         (
@@ -919,6 +960,8 @@ def _fail(conn: sqlite3.Connection, outcome: Failed, current: StoredLayout | Non
             message,
             now,
             _since(current, identity, outcome.read_ns),
+            retry_ns,
+            failures,
         ),
     ).fetchone()[0]
     if (
@@ -962,6 +1005,7 @@ DEFERRABLE_INDEXES = (
     "names_entry",
     "children_entry",
     "children_digest",
+    "children_parent",
     "layout_warnings_layout",
     "manifests_subject",
     "manifests_config",

@@ -56,7 +56,13 @@ class Store:
         restore_indexes(conn)  # a cold build killed half-way left them deferred
         self._aio = aiosqlite.Connection(lambda: conn, iter_chunk_size=64)
         self._started = False
-        self._reader: sqlite3.Connection | None = None
+        # Opened now, with the writer: a pass that begins once descriptors are used up (idle clients of
+        # the daemon's sockets, docs/reliability.md) still reads what is stored, and says what failed.
+        try:
+            self._reader: sqlite3.Connection | None = _open_reader(path)
+        except BaseException:
+            conn.close()
+            raise
         self._reader_lock = threading.Lock()
 
     # -- writing ------------------------------------------------------------------------------------
@@ -103,7 +109,7 @@ class Store:
         with self._reader_lock:
             conn = self._reader
             if conn is None:
-                conn = self._reader = _open_reader(self.path)
+                raise sqlite3.ProgrammingError(f"the store of {self.path} is closed")
             return fn(conn, *args, **kw)
 
     async def read(self, fn: Callable[Concatenate[sqlite3.Connection, P], T], *args: P.args, **kw: P.kwargs) -> T:
@@ -171,4 +177,9 @@ def _open_reader(path: str) -> sqlite3.Connection:
         f"file:{_uri_path(path)}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False
     )
     conn.execute("PRAGMA query_only = 1")
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()  # SQLite opens the files at the first read
+    except BaseException:
+        conn.close()
+        raise
     return conn
