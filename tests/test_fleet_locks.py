@@ -29,6 +29,7 @@ from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
 from test_daemon import REPO, Daemon, wait_until
 from test_fleet import base, daemons, fleet_find, start_host, wait_converged  # noqa: F401 (fixtures)
+from test_fleet_upgrade import fleet_through
 from test_graph_answers import referrer
 
 from indexer.fleet.admin import MIGRATE_LOCK
@@ -390,31 +391,13 @@ def test_fleet_commands_give_up_on_a_held_lock_with_a_clear_message(
     assert code == 0, err
 
 
-def _apply_first_migration(admin_dsn: str) -> None:
-    """The fleet schema as ocidx with only fleet migration 0001 left it."""
-    from indexer.store import migration_files
-
-    (name, path), *_later = migration_files("postgres")
-    with psycopg.connect(admin_dsn, autocommit=True) as conn, open(path, encoding="utf-8") as fh:
-        conn.execute(
-            "CREATE TABLE ocidx_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        with conn.transaction():
-            conn.execute(fh.read())
-            conn.execute("INSERT INTO ocidx_migrations (name) VALUES (%s)", (name,))
-
-
 def test_upgrade_from_the_first_schema_keeps_the_rows_and_closes_the_locks(
     pg_cluster: object, daemons: list[Daemon], base: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from pg_cluster import Cluster
 
     assert isinstance(pg_cluster, Cluster)
-    dbname = f"upgrade_from_0001_{os.getpid()}"
-    pg_cluster.psql(f'DROP DATABASE IF EXISTS "{dbname}"')
-    pg_cluster.psql(f'CREATE DATABASE "{dbname}"')
-    fleet_db = FleetDb(pg_cluster, dbname)
-    _apply_first_migration(fleet_db.admin_dsn)
+    fleet_db = fleet_through(pg_cluster, f"upgrade_from_0001_{os.getpid()}", "0001_fleet")
     with psycopg.connect(fleet_db.admin_dsn, autocommit=True) as conn:  # add-host as it was
         if conn.execute("SELECT FROM pg_roles WHERE rolname = 'oldhost'").fetchone() is None:
             conn.execute("CREATE ROLE oldhost LOGIN")

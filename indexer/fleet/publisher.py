@@ -702,7 +702,7 @@ class Publisher:
             rewrite = (
                 f"its rows came from another index (incarnation {remote_incarnation}, now {incarnation})"
                 if remote_incarnation is not None
-                else "its rows in the fleet were not published from this index"
+                else "the fleet records no index for its rows (never published, or before fleet migration 0003)"
             )
         if rewrite is None and counter < remote_watermark:
             rewrite = f"the index went back from version {remote_watermark} to {counter}"

@@ -14,15 +14,26 @@
 -- with the last: ocidx.put_layouts and ocidx.remove_layouts return the digests the rows they delete
 -- named, and ocidx.put_graph deletes those of them no entry or child of the host names any more.
 
-ALTER TABLE ocidx_data.entries ADD COLUMN image text;    -- JSON object, NULL for no image
-ALTER TABLE ocidx_data.children ADD COLUMN image text;
+-- Locks. This runs on a live fleet, in one transaction; its costly step is building the digest+host
+-- indexes (minutes on a fleet of a billion rows). Readers of migration 0002 read on until its last,
+-- short statements; publishers wait. In order:
+-- 1. SHARE ROW EXCLUSIVE on layouts, then SHARE on entries and children, before anything costly:
+--    readers (ACCESS SHARE) go on; a publisher waits at its first write, on layouts, holding nothing
+--    the migration needs, and gives up after its lock_timeout and retries. A publisher let past
+--    layouts would wait for entries holding ROW EXCLUSIVE on layouts, which missing_blobs' foreign key
+--    (SHARE ROW EXCLUSIVE on layouts) needs: a deadlock, which PostgreSQL ends by failing one side,
+--    the migration itself when the publisher began waiting first.
+-- 2. The indexes, under those locks.
+-- 3. The graph's tables; their foreign keys take SHARE ROW EXCLUSIVE on hosts (heartbeats wait).
+-- 4. The new column and the old indexes dropped: ACCESS EXCLUSIVE on entries and children, which
+--    readers wait for, from there to the commit, milliseconds later.
+LOCK TABLE ocidx_data.layouts IN SHARE ROW EXCLUSIVE MODE;
+LOCK TABLE ocidx_data.entries, ocidx_data.children IN SHARE MODE;
 
 -- Whether a host's entries or children still name a digest (the graph's rows go with the last that
 -- does) is asked by digest and host: the digest indexes gain the host.
 CREATE INDEX entries_digest_host ON ocidx_data.entries (digest, host);
 CREATE INDEX children_digest_host ON ocidx_data.children (digest, host);
-DROP INDEX ocidx_data.entries_digest;
-DROP INDEX ocidx_data.children_digest;
 
 CREATE TABLE ocidx_data.graph_manifests (
     host              text     NOT NULL REFERENCES ocidx_data.hosts ON DELETE CASCADE,
@@ -62,6 +73,11 @@ CREATE TABLE ocidx_data.missing_blobs (
     PRIMARY KEY (host, layout_id, digest),
     FOREIGN KEY (host, layout_id) REFERENCES ocidx_data.layouts (host, id) ON DELETE CASCADE
 );
+
+ALTER TABLE ocidx_data.entries ADD COLUMN image text;    -- JSON object, NULL for no image
+ALTER TABLE ocidx_data.children ADD COLUMN image text;
+DROP INDEX ocidx_data.entries_digest;
+DROP INDEX ocidx_data.children_digest;
 
 -- Privileges as migration 0002 set them: none for hosts and readers; ocidx_api reads everything
 -- and writes what the publishing functions write.
@@ -357,3 +373,9 @@ GRANT EXECUTE ON FUNCTION ocidx.host_summary(), ocidx.remove_layouts(bytea[]),
     TO ocidx_publisher;
 
 RESET ROLE;
+
+-- Rows published before this migration carry no image and name no graph rows, and nothing else tells
+-- them from the index they came from: forgetting which index that was makes each host's publisher
+-- publish everything again once, as soon as it is connected (as rows of schema version 1 carried no
+-- incarnation at all).
+UPDATE ocidx_data.hosts SET sqlite_incarnation = NULL;
