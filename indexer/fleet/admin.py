@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 
 from indexer.errors import FleetUnavailable, SchemaTooNew, UsageError
-from indexer.fleet import MIGRATIONS, bounds_sql, connect, describe_dsn, failure, schema_problem
+from indexer.fleet.connection import MIGRATIONS, bounds_sql, connect, describe_dsn, failure, schema_problem
 from indexer.store import migration_files
 
 TYPE_CHECKING = False
@@ -95,7 +95,7 @@ def check_host_name(name: str) -> None:
 
 
 def _current(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
-    from indexer.fleet import check_schema
+    from indexer.fleet.connection import check_schema
 
     check_schema(conn)
 
