@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -352,3 +353,33 @@ def test_a_hosts_malformed_graph_rows_are_dropped_with_a_warning_and_hide_no_oth
 
 def amd_hex(image: Descriptor) -> str:
     return str(image["digest"]).split(":")[1]
+
+
+def test_the_python_example_of_docs_fleet_runs_as_written(fleet_db: FleetDb, daemons: list[Daemon], base: str) -> None:
+    """docs/fleet.md's example of the Python API, run as a reader in a process of its own."""
+    with open(os.path.join(REPO, "docs", "fleet.md"), encoding="utf-8") as fh:
+        (example,) = re.findall(r"^```python\n(.*?)^```$", fh.read(), re.S | re.M)
+    h1 = start_host(daemons, fleet_db, base, "h1")
+    app = Layout(os.path.join(h1.roots[0], "app"))
+    image = built_image(app, LINUX_AMD64, "alpine", [BASE_LAYER])
+    sbom = referrer(app, image, SBOM, b"spdx")
+    app.write_index([named(image, ref="3.16", containerd="docker.io/library/alpine:3.16"), sbom])
+    wait_converged(fleet_db, "h1", h1)
+    done = subprocess.run(
+        [sys.executable, "-c", example],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        env={**os.environ, "OCIDX_FLEET_DSN": fleet_db.add_reader("dash")},
+    )
+    assert done.returncode == 0, done.stderr
+    with Index(h1.db, config=Config()) as index:
+        (mine,) = index.find("alpine:3.16")
+    assert mine.config == document(app, image)["config"]["digest"] and mine.image_size
+    assert done.stdout.splitlines() == [
+        f"h1 live {app.path} {image['digest']} {mine.layers} {mine.image_size}",
+        f"h1 {app.path} config ['{image['digest']}']",
+        f"h1 subject {SBOM} {sbom['digest']}",
+        "h1 live 1",
+    ]
