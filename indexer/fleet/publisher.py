@@ -171,7 +171,7 @@ class Publisher(PublisherState):
         reconcile_s: float = RECONCILE_S,
     ) -> None:
         super().__init__(dsn, record=record, on_backlog=on_backlog)
-        self.local = LocalIndex(db_path)
+        self.sqlite = LocalIndex(db_path)
         self.heartbeat_s = heartbeat_s
         self.batch_layouts = batch_layouts
         self.reconcile_s = reconcile_s  # at least this often, the host's rows are checked (counts, checksum)
@@ -216,7 +216,7 @@ class Publisher(PublisherState):
         of the host is deleted and every layout published again.
         """
         remote_watermark, remote_incarnation, fleet = await remote_state(conn, self.host)
-        counter, incarnation, local = await self.local.run(read_all)
+        counter, incarnation, local = await self.sqlite.run(read_all)
         if rewrite is None and remote_incarnation != incarnation:
             rewrite = (
                 f"its rows came from another index (incarnation {remote_incarnation}, now {incarnation})"
@@ -230,9 +230,9 @@ class Publisher(PublisherState):
         differ = sorted(values[0] for path, values in local.items() if remote.get(path) != values)
         chunks = [differ[i : i + self.batch_layouts] for i in range(0, len(differ), self.batch_layouts)] or [[]]
         for n, ids in enumerate(chunks):
-            rows = await self.local.run(read_some, ids) if ids else None
+            rows = await self.sqlite.run(read_some, ids) if ids else None
             last = n == len(chunks) - 1
-            backlog = await self.local.run(backlog_of, counter) if last else None
+            backlog = await self.sqlite.run(backlog_of, counter) if last else None
             with anyio.fail_after(BATCH_TIMEOUT_S):
                 await publish_rows(
                     conn,
@@ -249,7 +249,7 @@ class Publisher(PublisherState):
         self.sqlite_incarnation = incarnation
         self.fleet_incarnation = fleet
         self.checked_at = time.monotonic()
-        self._set_backlog(await self.local.run(backlog_of, counter))
+        self._set_backlog(await self.sqlite.run(backlog_of, counter))
         log.info(
             "fleet: reconciled host %s: %s",
             self.host,
@@ -271,7 +271,7 @@ class Publisher(PublisherState):
         """Compare the host's rows in PostgreSQL with SQLite (counts, a checksum of the layouts, the watermark
         and incarnation recorded) and publish everything again when they differ (a data-only restore
         keeps the fleet's incarnation). False when SQLite moved meanwhile: nothing was compared."""
-        counter, incarnation, local = await self.local.run(read_summary)
+        counter, incarnation, local = await self.sqlite.run(read_summary)
         if counter != self.watermark or incarnation != self.sqlite_incarnation:
             return False
         remote, watermark, recorded = await remote_summary(conn)
@@ -297,11 +297,11 @@ class Publisher(PublisherState):
         beat_due = time.monotonic() + self.heartbeat_s
         while True:
             try:
-                if await self.local.replaced():
-                    self.local.close()
+                if await self.sqlite.replaced():
+                    self.sqlite.close()
                     await self.reconcile(conn)
                     continue
-                changes: Changes = await self.local.run(read_changes, self.watermark, self.batch_layouts)
+                changes: Changes = await self.sqlite.run(read_changes, self.watermark, self.batch_layouts)
                 if changes.incarnation != self.sqlite_incarnation:
                     log.warning(
                         "fleet: the index was rebuilt (incarnation %s, now %s): publishing every layout again",
@@ -361,10 +361,10 @@ class Publisher(PublisherState):
                     else:
                         why = failure(exc, lock_s=LOCK_TIMEOUT_S, statement_s=STATEMENT_TIMEOUT_S)
                     with contextlib.suppress(sqlite3.Error, DatabaseError):
-                        self._set_backlog(await self.local.run(backlog_of, self.watermark))
+                        self._set_backlog(await self.sqlite.run(backlog_of, self.watermark))
                     await self._set_state(f"unreachable: {why}" if isinstance(exc, psycopg.OperationalError) else why)
                 except (DatabaseError, sqlite3.Error) as exc:  # the local index is unreadable (being rebuilt?)
-                    self.local.close()
+                    self.sqlite.close()
                     why = exc.message if isinstance(exc, DatabaseError) else str(exc)
                     await self._set_state(f"local index unreadable: {why}")
                 finally:
@@ -376,4 +376,4 @@ class Publisher(PublisherState):
         finally:
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await self._set_state("stopped")
-            self.local.close()
+            self.sqlite.close()
