@@ -190,7 +190,9 @@ def test_every_function_runs_as_ocidx_api_with_its_search_path_pinned_for_its_gr
         ).fetchall()
     assert {row[0] for row in rows} == READER_FUNCTIONS | PUBLISHER_FUNCTIONS
     for name, owner, definer, config, public, reader, publisher in rows:
-        assert (owner, definer, config) == ("ocidx_api", True, ["search_path=ocidx_data, pg_temp"]), name
+        # The content graph's lookups also forbid parallel workers and JIT (few index probes each).
+        lookup = ["max_parallel_workers_per_gather=0", "jit=off"] if name in ("graph_users", "referrers") else []
+        assert (owner, definer, config) == ("ocidx_api", True, ["search_path=ocidx_data, pg_temp", *lookup]), name
         assert not public, f"{name}: every role may execute it"
         assert (reader, publisher) == ((True, True) if name in READER_FUNCTIONS else (False, True)), name
 

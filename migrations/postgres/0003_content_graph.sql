@@ -14,6 +14,13 @@
 -- with the last: ocidx.put_layouts and ocidx.remove_layouts return the digests the rows they delete
 -- named, and ocidx.put_graph deletes those of them no entry or child of the host names any more.
 
+-- A host's own rows are found by "host = session_user::text COLLATE "default"" here, not "host =
+-- session_user" as in migration 0002: session_user is a name, of collation "C", and a comparison of a
+-- text column of the database's collation with it cannot use an index on that column, so every
+-- statement meant for one host's rows read every host's (a batch replacing 500 layouts spent 8 s
+-- in one DELETE at 36,000 graph rows). The functions of 0002 that looked a host's rows up that way
+-- are made again below.
+--
 -- Locks. This runs on a live fleet, in one transaction; its costly step is building the digest+host
 -- indexes (minutes on a fleet of a billion rows). Readers of migration 0002 read on until its last,
 -- short statements; publishers wait. In order:
@@ -158,12 +165,20 @@ $$;
 -- find --fleet @DIGEST of a layer or a config: each layout, on every host, whose entries or children
 -- name a manifest of that host that uses the digest (as its config, which wins, or as a layer: the
 -- first it lists), with the blob's media type and size as that manifest says, and whether the
--- layout lacks the blob.
+-- layout lacks the blob. The layouts of each manifest are looked up one manifest at a time (LATERAL):
+-- joined as sets, a digest no manifest uses (every image's digest is asked) was planned as a sort of
+-- every entry of the fleet. A lookup is a few index probes: no parallel workers, which cost more to
+-- start than they save, and no JIT compilation, which the estimates made for a digest of unknown
+-- use asked for on every call (20 ms).
 CREATE FUNCTION ocidx.graph_users(target text)
 RETURNS TABLE (host text, layout_id bigint, manifest text, source text, media_type text, size bigint,
                missing boolean)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
-    WITH users AS (
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp
+    SET max_parallel_workers_per_gather = 0 SET jit = off AS $$
+    SELECT u.host, held.layout_id, u.digest, u.source, u.media_type, u.size,
+           EXISTS (SELECT FROM missing_blobs m
+                   WHERE m.host = u.host AND m.layout_id = held.layout_id AND m.digest = target)
+    FROM (
         SELECT g.host, g.digest,
                CASE WHEN g.config = target THEN 'config' ELSE 'layer' END AS source,
                CASE WHEN g.config = target THEN g.config_media_type
@@ -172,16 +187,12 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
                     ELSE g.layer_sizes[array_position(g.layers, target)] END AS size
         FROM graph_manifests g
         WHERE g.layers @> ARRAY[target] OR g.config = target
-    ), holders AS (
-        SELECT u.host, e.layout_id, u.digest, u.source, u.media_type, u.size
-        FROM users u JOIN entries e ON e.digest = u.digest AND e.host = u.host
+    ) AS u
+    CROSS JOIN LATERAL (
+        SELECT e.layout_id FROM entries e WHERE e.digest = u.digest AND e.host = u.host
         UNION
-        SELECT u.host, c.layout_id, u.digest, u.source, u.media_type, u.size
-        FROM users u JOIN children c ON c.digest = u.digest AND c.host = u.host
-    )
-    SELECT h.host, h.layout_id, h.digest, h.source, h.media_type, h.size,
-           EXISTS (SELECT FROM missing_blobs m WHERE m.host = h.host AND m.layout_id = h.layout_id AND m.digest = target)
-    FROM holders h
+        SELECT c.layout_id FROM children c WHERE c.digest = u.digest AND c.host = u.host
+    ) AS held
 $$;
 
 -- referrers --fleet: on every host, the entries and children whose manifest has one of targets as
@@ -189,47 +200,78 @@ $$;
 -- ('attestation', subject: what it is about), and the entries named by one of tags ('fallback-tag')
 -- with their children one level down ('fallback-child'); each with the target or tag it was found by
 -- (matched), and what the host's graph_manifests row of its digest says (artifactType, its config's
--- media type, annotations).
+-- media type, annotations). Each row found looks its rows up by index (LATERAL; OFFSET 0 keeps the
+-- planner from making the lookups joins of whole tables, which it plans for arrays of unknown size),
+-- and neither parallel workers nor JIT, as graph_users.
 CREATE FUNCTION ocidx.referrers(targets text[], tags text[])
 RETURNS TABLE (host text, layout_id bigint, entry_position integer, digest text, media_type text, how text,
                subject text, matched text, artifact_type text, config_media_type text, annotations text)
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp
+    SET max_parallel_workers_per_gather = 0 SET jit = off AS $$
     WITH found AS (
         SELECT g.host, e.layout_id, e.position AS entry_position, e.digest, e.media_type, 'subject' AS how,
                g.subject, g.subject AS matched
-        FROM graph_manifests g JOIN entries e ON e.digest = g.digest AND e.host = g.host
+        FROM graph_manifests g
+            CROSS JOIN LATERAL (SELECT * FROM entries e WHERE e.digest = g.digest AND e.host = g.host OFFSET 0) AS e
         WHERE g.subject = ANY (targets)
         UNION ALL
         SELECT g.host, c.layout_id, c.entry_position, c.digest, c.media_type, 'subject', g.subject, g.subject
-        FROM graph_manifests g JOIN children c ON c.digest = g.digest AND c.host = g.host
+        FROM graph_manifests g
+            CROSS JOIN LATERAL (SELECT * FROM children c WHERE c.digest = g.digest AND c.host = g.host OFFSET 0) AS c
         WHERE g.subject = ANY (targets)
         UNION ALL
         SELECT a.host, c.layout_id, c.entry_position, c.digest, c.media_type, 'attestation', a.target, a.target
         FROM graph_attestations a
-            JOIN children c ON c.digest = a.digest AND c.host = a.host AND c.parent = a.index_digest
+            CROSS JOIN LATERAL (SELECT * FROM children c
+                                WHERE c.digest = a.digest AND c.host = a.host AND c.parent = a.index_digest
+                                OFFSET 0) AS c
         WHERE a.target = ANY (targets)
         UNION ALL
         SELECT a.host, c.layout_id, c.entry_position, c.digest, c.media_type, 'attestation', a.target, a.index_digest
         FROM graph_attestations a
-            JOIN children c ON c.digest = a.digest AND c.host = a.host AND c.parent = a.index_digest
+            CROSS JOIN LATERAL (SELECT * FROM children c
+                                WHERE c.digest = a.digest AND c.host = a.host AND c.parent = a.index_digest
+                                OFFSET 0) AS c
         WHERE a.index_digest = ANY (targets)
         UNION ALL
-        SELECT e.host, e.layout_id, e.position, e.digest, e.media_type, 'fallback-tag', NULL, n.tag
+        SELECT n.host, e.layout_id, e.position, e.digest, e.media_type, 'fallback-tag', NULL, n.tag
         FROM names n
-            JOIN entries e ON e.host = n.host AND e.layout_id = n.layout_id AND e.position = n.entry_position
+            CROSS JOIN LATERAL (SELECT * FROM entries e
+                                WHERE e.host = n.host AND e.layout_id = n.layout_id
+                                    AND e.position = n.entry_position
+                                OFFSET 0) AS e
         WHERE n.tag = ANY (tags)
         UNION ALL
-        SELECT c.host, c.layout_id, c.entry_position, c.digest, c.media_type, 'fallback-child', NULL, n.tag
+        SELECT n.host, c.layout_id, c.entry_position, c.digest, c.media_type, 'fallback-child', NULL, n.tag
         FROM names n
-            JOIN children c ON c.host = n.host AND c.layout_id = n.layout_id AND c.entry_position = n.entry_position
-        WHERE n.tag = ANY (tags) AND c.depth = 1
+            CROSS JOIN LATERAL (SELECT * FROM children c
+                                WHERE c.host = n.host AND c.layout_id = n.layout_id
+                                    AND c.entry_position = n.entry_position AND c.depth = 1
+                                OFFSET 0) AS c
+        WHERE n.tag = ANY (tags)
     )
     SELECT f.host, f.layout_id, f.entry_position, f.digest, f.media_type, f.how, f.subject, f.matched,
            g.artifact_type, g.config_media_type, g.annotations
-    FROM found f LEFT JOIN graph_manifests g ON g.host = f.host AND g.digest = f.digest
+    FROM found f
+        LEFT JOIN LATERAL (SELECT * FROM graph_manifests g WHERE g.host = f.host AND g.digest = f.digest OFFSET 0) AS g
+            ON true
 $$;
 
 -- Publishers ------------------------------------------------------------------------------------
+
+-- As in migration 0002, each host's rows found by an index (the top of this file says why).
+CREATE OR REPLACE FUNCTION ocidx.publisher_state()
+RETURNS TABLE (registered boolean, watermark bigint, sqlite_incarnation text, fleet_incarnation text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
+    SELECT h.host IS NOT NULL, h.watermark, h.sqlite_incarnation, ocidx.fleet_incarnation()
+    FROM (SELECT) AS one LEFT JOIN hosts h ON h.host = session_user::text COLLATE "default"
+$$;
+
+CREATE OR REPLACE FUNCTION ocidx.host_layouts()
+RETURNS TABLE (id bigint, path bytea, version bigint, content_hash text)
+LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
+    SELECT l.id, l.path, l.version, l.content_hash FROM layouts l WHERE l.host = session_user::text COLLATE "default"
+$$;
 
 -- As in migration 0002, with the graph's counts (the publisher counts the same in SQLite).
 DROP FUNCTION ocidx.host_summary();
@@ -239,33 +281,33 @@ RETURNS TABLE (layouts bigint, layouts_checksum numeric, entries bigint, names b
                graph_attestations bigint, missing_blobs bigint)
 LANGUAGE sql STABLE SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
     SELECT
-        (SELECT count(*) FROM layouts l WHERE l.host = session_user),
+        (SELECT count(*) FROM layouts l WHERE l.host = session_user::text COLLATE "default"),
         (SELECT coalesce(sum(('x' || substr(md5(convert_to(l.id || ':' || l.version || ':'
                                                            || coalesce(l.content_hash, '') || ':', 'UTF8')
                                                 || l.path), 1, 15))::bit(60)::bigint), 0)
-         FROM layouts l WHERE l.host = session_user),
-        (SELECT count(*) FROM entries e WHERE e.host = session_user),
-        (SELECT count(*) FROM names n WHERE n.host = session_user),
-        (SELECT count(*) FROM children c WHERE c.host = session_user),
-        (SELECT count(*) FROM layout_warnings w WHERE w.host = session_user),
-        (SELECT h.watermark FROM hosts h WHERE h.host = session_user),
-        (SELECT h.sqlite_incarnation FROM hosts h WHERE h.host = session_user),
-        (SELECT count(*) FROM graph_manifests g WHERE g.host = session_user),
-        (SELECT count(*) FROM graph_attestations a WHERE a.host = session_user),
-        (SELECT count(*) FROM missing_blobs m WHERE m.host = session_user)
+         FROM layouts l WHERE l.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM entries e WHERE e.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM names n WHERE n.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM children c WHERE c.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM layout_warnings w WHERE w.host = session_user::text COLLATE "default"),
+        (SELECT h.watermark FROM hosts h WHERE h.host = session_user::text COLLATE "default"),
+        (SELECT h.sqlite_incarnation FROM hosts h WHERE h.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM graph_manifests g WHERE g.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM graph_attestations a WHERE a.host = session_user::text COLLATE "default"),
+        (SELECT count(*) FROM missing_blobs m WHERE m.host = session_user::text COLLATE "default")
 $$;
 
 CREATE OR REPLACE FUNCTION ocidx.forget_host() RETURNS void
 LANGUAGE sql SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
-    DELETE FROM names n WHERE n.host = session_user;
-    DELETE FROM children c WHERE c.host = session_user;
-    DELETE FROM layout_warnings w WHERE w.host = session_user;
-    DELETE FROM missing_blobs m WHERE m.host = session_user;
-    DELETE FROM entries e WHERE e.host = session_user;
-    DELETE FROM layouts l WHERE l.host = session_user;
-    DELETE FROM graph_manifests g WHERE g.host = session_user;
-    DELETE FROM graph_attestations a WHERE a.host = session_user;
-    UPDATE hosts h SET watermark = 0, sqlite_incarnation = NULL WHERE h.host = session_user;
+    DELETE FROM names n WHERE n.host = session_user::text COLLATE "default";
+    DELETE FROM children c WHERE c.host = session_user::text COLLATE "default";
+    DELETE FROM layout_warnings w WHERE w.host = session_user::text COLLATE "default";
+    DELETE FROM missing_blobs m WHERE m.host = session_user::text COLLATE "default";
+    DELETE FROM entries e WHERE e.host = session_user::text COLLATE "default";
+    DELETE FROM layouts l WHERE l.host = session_user::text COLLATE "default";
+    DELETE FROM graph_manifests g WHERE g.host = session_user::text COLLATE "default";
+    DELETE FROM graph_attestations a WHERE a.host = session_user::text COLLATE "default";
+    UPDATE hosts h SET watermark = 0, sqlite_incarnation = NULL WHERE h.host = session_user::text COLLATE "default";
 $$;
 
 -- As in migration 0002, returning the digests the deleted layouts' entries and children named (read
@@ -274,12 +316,12 @@ DROP FUNCTION ocidx.remove_layouts(bytea[]);
 CREATE FUNCTION ocidx.remove_layouts(paths bytea[]) RETURNS text[]
 LANGUAGE sql SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
     WITH gone AS (
-        DELETE FROM layouts l WHERE l.host = session_user AND l.path = ANY (paths) RETURNING l.id
+        DELETE FROM layouts l WHERE l.host = session_user::text COLLATE "default" AND l.path = ANY (paths) RETURNING l.id
     )
     SELECT coalesce(array_agg(DISTINCT named.digest), '{}') FROM (
-        SELECT e.digest FROM entries e WHERE e.host = session_user AND e.layout_id IN (SELECT id FROM gone)
+        SELECT e.digest FROM entries e WHERE e.host = session_user::text COLLATE "default" AND e.layout_id IN (SELECT id FROM gone)
         UNION ALL
-        SELECT c.digest FROM children c WHERE c.host = session_user AND c.layout_id IN (SELECT id FROM gone)
+        SELECT c.digest FROM children c WHERE c.host = session_user::text COLLATE "default" AND c.layout_id IN (SELECT id FROM gone)
     ) AS named
 $$;
 
@@ -292,13 +334,13 @@ DECLARE
     released text[];
 BEGIN
     WITH gone AS (
-        DELETE FROM layouts l WHERE l.host = session_user AND (l.id = ANY (ids) OR l.path = ANY (paths))
+        DELETE FROM layouts l WHERE l.host = session_user::text COLLATE "default" AND (l.id = ANY (ids) OR l.path = ANY (paths))
         RETURNING l.id
     )
     SELECT coalesce(array_agg(DISTINCT named.digest), '{}') INTO released FROM (
-        SELECT e.digest FROM entries e WHERE e.host = session_user AND e.layout_id IN (SELECT id FROM gone)
+        SELECT e.digest FROM entries e WHERE e.host = session_user::text COLLATE "default" AND e.layout_id IN (SELECT id FROM gone)
         UNION ALL
-        SELECT c.digest FROM children c WHERE c.host = session_user AND c.layout_id IN (SELECT id FROM gone)
+        SELECT c.digest FROM children c WHERE c.host = session_user::text COLLATE "default" AND c.layout_id IN (SELECT id FROM gone)
     ) AS named;
     INSERT INTO layouts (host, id, path, version, state, error_category, error, content_hash, entry_count)
         SELECT session_user, * FROM unnest(ids, paths, versions, states, error_categories, errors, content_hashes,
@@ -344,6 +386,10 @@ LANGUAGE sql SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
                CASE WHEN json_typeof(r->8) = 'array' THEN ARRAY(SELECT json_array_elements_text(r->8)) END,
                CASE WHEN json_typeof(r->9) = 'array' THEN ARRAY(SELECT json_array_elements_text(r->9))::bigint[] END
         FROM json_array_elements(coalesce(manifest_rows, '[]')) AS r
+        -- Most manifests of a layout published again are the host's already: an index probe each,
+        -- before their arrays are built.
+        WHERE NOT EXISTS (SELECT FROM graph_manifests g
+                          WHERE g.host = session_user::text COLLATE "default" AND g.digest = r->>0)
         ON CONFLICT (host, digest) DO NOTHING;
     INSERT INTO graph_attestations (host, index_digest, digest, target)
         SELECT session_user, r->>0, r->>1, r->>2
@@ -353,13 +399,13 @@ LANGUAGE sql SECURITY DEFINER SET search_path = ocidx_data, pg_temp AS $$
         SELECT session_user, (r->>0)::bigint, r->>1
         FROM json_array_elements(coalesce(missing_rows, '[]')) AS r;
     DELETE FROM graph_manifests g
-    WHERE g.host = session_user AND g.digest = ANY (released)
-        AND NOT EXISTS (SELECT FROM entries e WHERE e.digest = g.digest AND e.host = session_user)
-        AND NOT EXISTS (SELECT FROM children c WHERE c.digest = g.digest AND c.host = session_user);
+    WHERE g.host = session_user::text COLLATE "default" AND g.digest = ANY (released)
+        AND NOT EXISTS (SELECT FROM entries e WHERE e.digest = g.digest AND e.host = session_user::text COLLATE "default")
+        AND NOT EXISTS (SELECT FROM children c WHERE c.digest = g.digest AND c.host = session_user::text COLLATE "default");
     DELETE FROM graph_attestations a
-    WHERE a.host = session_user AND a.index_digest = ANY (released)
-        AND NOT EXISTS (SELECT FROM entries e WHERE e.digest = a.index_digest AND e.host = session_user)
-        AND NOT EXISTS (SELECT FROM children c WHERE c.digest = a.index_digest AND c.host = session_user);
+    WHERE a.host = session_user::text COLLATE "default" AND a.index_digest = ANY (released)
+        AND NOT EXISTS (SELECT FROM entries e WHERE e.digest = a.index_digest AND e.host = session_user::text COLLATE "default")
+        AND NOT EXISTS (SELECT FROM children c WHERE c.digest = a.index_digest AND c.host = session_user::text COLLATE "default");
 $$;
 
 -- Functions made or re-made here start with EXECUTE for PUBLIC: none of them keeps it.
