@@ -63,6 +63,7 @@ from indexer.store import read as db  # noqa: E402
 from indexer.store.write import Read, apply  # noqa: E402
 
 TABLES = ("layouts", "entries", "names", "children", "layout_warnings")
+GRAPH_TABLES = ("graph_manifests", "graph_attestations", "missing_blobs")  # the host's, not per layout: sized only
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -203,6 +204,7 @@ class Bench:
         self.figures: list[Figure] = []
         self.notes: list[str] = []
         self.hosts: list[Host] = []
+        self.template = ""  # the index every host starts from
 
     def fig(
         self,
@@ -280,10 +282,29 @@ class Bench:
                 "-",
                 None,
             )
+            # The content graph: a layer and an image with referrers, which every host holds.
+            layer, subject = graph_probes(self.template)
+            for label, lookup in (
+                ("find --fleet @LAYER", lambda: fleet.find(f"@{layer}")),
+                ("referrers --fleet @DIGEST", lambda: fleet.referrers(f"@{subject}")),
+            ):
+                found = lookup()
+                times = timed(lookup, self.args.reps)
+                for name, q in (("p50", 0.5), ("p99", 0.99)):
+                    self.fig(
+                        f"{label} (every host: {len(found)} answers), in-process {name}, {stage} hosts",
+                        percentile(sorted(times), q) * 1000,
+                        "ms",
+                        "none",
+                        None,
+                        "-",
+                        None,
+                    )
         del admin_dsn
 
     async def run(self, cluster: Cluster, base: str, template: str) -> None:
         args = self.args
+        self.template = template
         dbname = "fleet"
         cluster.psql(f"CREATE DATABASE {dbname}")
         admin_dsn = cluster.dsn(dbname=dbname)
@@ -457,7 +478,7 @@ class Bench:
             entries = conn.execute("SELECT count(*) FROM entries").fetchone()[0]  # type: ignore[index]
             per_table = conn.execute(
                 "SELECT relname, pg_total_relation_size(oid) FROM pg_class WHERE relname = ANY(%s) ORDER BY 2 DESC",
-                (list(TABLES),),
+                ([*TABLES, *GRAPH_TABLES],),
             ).fetchall()
         size = sum(s for _n, s in per_table)
         self.fig(
@@ -483,6 +504,20 @@ def popular_tag(template: str) -> str:
     finally:
         conn.close()
     return str(row[0]) if row else "latest"
+
+
+def graph_probes(template: str) -> tuple[str, str]:
+    """A layer that about ten manifests of one host's index use, and an image that has referrers."""
+    conn = sqlite3.connect(f"file:{template}?mode=ro", uri=True)
+    try:
+        users: dict[str, int] = {}
+        for (layers,) in conn.execute("SELECT layers FROM manifests WHERE layers IS NOT NULL"):
+            for digest, _media_type, _size, _external in db.parse_layers(layers):
+                users[digest] = users.get(digest, 0) + 1
+        subject = conn.execute("SELECT subject FROM manifests WHERE subject IS NOT NULL ORDER BY digest").fetchone()
+    finally:
+        conn.close()
+    return min(users, key=lambda digest: (abs(users[digest] - 10), digest)), str(subject[0])
 
 
 def _terminate(signum: int, frame: object) -> None:
