@@ -51,7 +51,6 @@ from indexer import reference
 from indexer._record import Record
 from indexer.errors import BlobError, IndexParseError, InvalidReference
 from indexer.layout import (
-    _MAX_SIZE,
     DEFAULT_LIMITS,
     DOCKER_MANIFEST,
     INDEX_MEDIA_TYPES,
@@ -61,14 +60,9 @@ from indexer.layout import (
     Limits,
     Platform,
     Snapshot,
-    _annotations,
-    _clean,
-    _descriptor,
-    _kind,
-    _load_json,
-    _platform,
     read_blob,
 )
+from indexer.layout.parse import _MAX_SIZE, _annotations, _clean, _descriptor, _kind, _load_json, _platform
 from indexer.names import quote_value
 
 TYPE_CHECKING = False
