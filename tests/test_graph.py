@@ -1,4 +1,4 @@
-"""The content graph's parsers and reads: manifests, configs, hostile blobs (indexer/graph.py)."""
+"""The content graph's parsers and reads: manifests, configs, hostile blobs (indexer/graph/)."""
 
 from __future__ import annotations
 
