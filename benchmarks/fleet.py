@@ -60,7 +60,8 @@ from indexer.fleet import Fleet, admin  # noqa: E402
 from indexer.fleet.publisher import Publisher  # noqa: E402
 from indexer.store import open_writer  # noqa: E402
 from indexer.store import read as db  # noqa: E402
-from indexer.store.write import Read, apply  # noqa: E402
+from indexer.store.outcomes import Read  # noqa: E402
+from indexer.store.write import apply  # noqa: E402
 
 TABLES = ("layouts", "entries", "names", "children", "layout_warnings")
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"

@@ -59,7 +59,8 @@ def profile_scan(root: str, limit: int) -> None:
     from indexer.scan.discovery import discover
     from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
-    from indexer.store.write import apply, defer_indexes, restore_indexes
+    from indexer.store.deferred import defer_indexes, restore_indexes
+    from indexer.store.write import apply
 
     config = Config()
     with tempfile.TemporaryDirectory() as tmp:
@@ -184,7 +185,8 @@ def shares(root: str) -> dict[str, float]:
     from indexer.scan import scanner, workers
     from indexer.scan.discovery import discover
     from indexer.store import open_writer
-    from indexer.store.write import apply, defer_indexes, restore_indexes
+    from indexer.store.deferred import defer_indexes, restore_indexes
+    from indexer.store.write import apply
 
     config = Config()
     paths = list(discover(Root(os.path.abspath(root))))

@@ -764,7 +764,7 @@ class Index:
             else:
                 created = found.created
                 platform = {**found.platform.to_json()} if found.platform is not None else None
-        from indexer.store.write import layers_json  # read-through only
+        from indexer.store.rows import layers_json  # read-through only
 
         image = db.Image(
             digest=manifest.digest,
@@ -1044,7 +1044,7 @@ class Index:
         """What one layout references and holds, read from it now."""
         if not layout_mod.is_layout_dir(path):
             raise LayoutNotFound(describe_missing(path))
-        from indexer.store.write import graph_rows  # read-through only
+        from indexer.store.rows import graph_rows  # read-through only
 
         limits = self.config.limits
         snapshot = layout_mod.read_layout(path, familiar=self.config.familiar, limits=limits)

@@ -112,7 +112,7 @@ def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_pa
     flip(victim, document(corpus, victim, 1))
     assert run(tmp, "scan", "--db", db, root).rc == 0
 
-    from indexer.store.write import Gone
+    from indexer.store.outcomes import Gone
 
     with scanner_on(db) as scanner:
         # the removal the slow pass decided from its stale walk, written after the other writer

@@ -85,7 +85,7 @@ class Known(Record):
     """What one process has read and sent in one pass, by :func:`graph_key`: the :class:`Shape` of each
     manifest and index whose row it sent, and the warnings of each config whose row it sent.
 
-    Filled only where the rows are made (``store.write.graph_rows``), so a key here is a row sent:
+    Filled only where the rows are made (``store.rows.graph_rows``), so a key here is a row sent:
     a later layout holding that digest claims the row instead of reading the blob again.
     """
 

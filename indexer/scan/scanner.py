@@ -21,17 +21,10 @@ from indexer import layout as layout_mod
 from indexer.scan import workers
 from indexer.scan.discovery import below_any, discover, load_cache, store_cache, vanished
 from indexer.store import read as db
-from indexer.store.write import (
-    Failed,
-    Gone,
-    Outcome,
-    Read,
-    Same,
-    apply,
-    defer_indexes,
-    graph_epoch,
-    restore_indexes,
-)
+from indexer.store.deferred import defer_indexes, restore_indexes
+from indexer.store.outcomes import Failed, Gone, Outcome, Read, Same
+from indexer.store.shared_rows import graph_epoch
+from indexer.store.write import apply
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -41,7 +34,7 @@ if TYPE_CHECKING:
 
     from indexer.config import Config, Root
     from indexer.scan.discovery import Listing
-    from indexer.store.write import LayoutRows
+    from indexer.store.rows import LayoutRows
     from indexer.store.writer import Store
 
 COLD_BUILD_MIN_LAYOUTS = 500
@@ -87,7 +80,7 @@ def decide(
     result: workers.Result, stored: db.StoredLayout | None, *, full: bool, epoch: int | None = None
 ) -> Outcome | None:
     """What to write for one read layout (a worker's :data:`workers.Result`), against *stored*;
-    *epoch* is the graph epoch of the pass the read belongs to (``store.write.Read``)."""
+    *epoch* is the graph epoch of the pass the read belongs to (``store.outcomes.Read``)."""
     path, read_ns, kind, detail = result
     if kind == workers.GONE:
         return Gone(path, stored) if stored is not None else None
@@ -366,7 +359,7 @@ class Scanner:
             )
         batches = [unread[i : i + size] for i in range(0, len(unread), size)]
         # The graph epoch now: the workers of this pass send each shared row once and claim it after,
-        # which holds while no shared row is removed (store.write._unfounded_claims).
+        # which holds while no shared row is removed (store.shared_rows._unfounded_claims).
         epoch = await self.store.read(graph_epoch)
         done = skipped
         if progress is not None and skipped:

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     from indexer.graph import Known
     from indexer.layout import Limits
-    from indexer.store.write import LayoutRows
+    from indexer.store.rows import LayoutRows
 
     # (path, read_ns, kind, detail): kind READ with LayoutRows; FAILED with (category, message,
     # identity tuple or None, how: SETTLED, TRANSIENT or PASSING); GONE (no longer a layout) with None.
@@ -66,7 +66,7 @@ def read_one(path: str, familiar: str, limits: Limits, known: Known | None = Non
     pass reads it again (docs/reliability.md).
     """
     from indexer.graph import read_layout_graph
-    from indexer.store.write import snapshot_rows
+    from indexer.store.rows import snapshot_rows
 
     read_ns = time.time_ns()
     try:
@@ -107,7 +107,7 @@ def read_batch(paths: list[str], familiar: str, limits: Limits, known: Known | N
 
 
 # The shared rows this worker process sent in its pass (a worker lives for one pass): sent once, then
-# claimed (store.write.graph_rows). Only read_packed, in worker processes, uses it.
+# claimed (store.rows.graph_rows). Only read_packed, in worker processes, uses it.
 _known_in_pass: Known | None = None
 
 
