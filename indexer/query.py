@@ -1319,7 +1319,7 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, 
     if not recorded:
         return Changed([], set(), None)
     # A root that does not exist holds no layout: the walk of the others is still exact.
-    from indexer.scan.discovery import changes  # the walk of a no-change scan
+    from indexer.scan.proof import changes  # the walk of a no-change scan
 
     present, changed, gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     proven = frozenset(present).difference(changed)

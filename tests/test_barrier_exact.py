@@ -316,12 +316,12 @@ def test_a_new_worker_count_waits_for_the_pass_that_holds_the_pool(tmp_path: str
             async with anyio.create_task_group() as tg:
                 tg.start_soon(scanner.full_pass, [Root(root)])
                 with anyio.fail_after(30):
-                    while not scanner.pool_busy:
+                    while not scanner.readers.pool_busy:
                         await anyio.sleep(0.001)
                 scanner.config = three  # what a reload does while the pass reads
-                assert scanner.pool is not None and scanner.pool.workers == 2
-            assert scanner.pool is not None
-            return scanner.pool.workers
+                assert scanner.readers.pool is not None and scanner.readers.pool.workers == 2
+            assert scanner.readers.pool is not None
+            return scanner.readers.pool.workers
 
     assert anyio.run(go) == 3
 

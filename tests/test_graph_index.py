@@ -27,7 +27,7 @@ from layouts import (
 from indexer.cli import main
 from indexer.config import Root
 from indexer.graph import Known, graph_key, unpack_pairs
-from indexer.scan.discovery import settled
+from indexer.scan.proof import settled
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ def test_a_read_claiming_shared_rows_that_are_gone_is_read_again(index: Index) -
     conflict (read again, rows sent), never stored with its manifests missing."""
     from indexer.config import Config
     from indexer.scan import workers
-    from indexer.scan.scanner import decide
+    from indexer.scan.decide import decide
     from indexer.store import open_writer
     from indexer.store import read as db
     from indexer.store.write import apply

@@ -355,7 +355,7 @@ def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
     # have "changed well before it was read": before, every lookup and every re-scan hashed it again,
     # forever. Two reads a racy window apart that see the same identity now prove it settled.
     from indexer.config import Root
-    from indexer.scan.discovery import settled
+    from indexer.scan.proof import settled
     from indexer.store.state import racy_layouts
 
     tmp = str(tmp_path)

@@ -24,7 +24,7 @@ import pytest
 from layouts import LINUX_AMD64, Layout, named
 from test_reliability import DEADLINE_S, Daemon, env, integrity, rows, run, wait_for, write_config
 
-from indexer.scan.scanner import POOL_MIN_LAYOUTS
+from indexer.scan.reading import POOL_MIN_LAYOUTS
 from indexer.store.read import RACY_WINDOW_NS
 
 FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW, AT_FDCWD = 0x4, 0x1, 0x1, 0x10000, 0x1, -100
