@@ -32,7 +32,8 @@ from indexer.daemon.logs import fields
 from indexer.scan.discovery import in_layout_blobs
 from indexer.store import state
 from indexer.watch.mounts import MountWatch, mount_points
-from indexer.watch.watcher import Pending, Watcher, blobs_owner, relative_parts
+from indexer.watch.watcher import Pending, Watcher
+from indexer.watch.watches import blobs_owner, relative_parts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
