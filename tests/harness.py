@@ -218,7 +218,7 @@ class Daemon:
 
     def wait_ready(self, timeout: float = DEADLINE_S) -> Daemon:
         """Wait for the start-up reconcile to finish (the ``ready:`` line); self."""
-        wait_for(lambda: " ready: " in self.log() or self.exited(), "the daemon says ready", timeout)
+        wait_for(lambda: "ready:" in self.log() or self.exited(), "the daemon says ready", timeout)
         assert not self.exited(), self.log()[-3000:]
         return self
 
