@@ -226,15 +226,20 @@ class Daemon:
         return self.proc is not None and self.proc.poll() is not None
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
-        """Send *sig* and wait; the exit code. The log holds no traceback and no raw control character."""
+        """Send *sig* and wait for the exit (:meth:`wait`); the exit code."""
         assert self.proc is not None
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+        return self.wait(f"on {signal.Signals(sig).name}")
+
+    def wait(self, what: str = "by itself") -> int:
+        """Wait for the process to exit; the exit code. The log holds no traceback and no raw control character."""
+        assert self.proc is not None
         try:
             rc = self.proc.wait(DEADLINE_S)
         except subprocess.TimeoutExpired:
             self.kill()
-            pytest.fail("the daemon did not stop within the deadline on " + signal.Signals(sig).name)
+            pytest.fail(f"the daemon did not exit within the deadline {what}")
         log = self.log()
         assert "Traceback" not in log, log
         assert not hostile.control_characters(log.encode()), hostile.control_characters(log.encode())[:5]

@@ -332,7 +332,7 @@ def test_a_reload_while_the_database_is_busy_does_not_stop_the_daemon(tmp: str, 
     blocker = sqlite3.connect(daemon.db, isolation_level=None, timeout=10)
     try:
         blocker.execute("BEGIN IMMEDIATE")
-        daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]  # systemctl reload ocidx
+        os.kill(daemon.pid, signal.SIGHUP)  # systemctl reload ocidx
         wait_for(lambda: "not written yet, retrying" in daemon.log(), "the reload waits for the database", 15)
     finally:
         blocker.execute("ROLLBACK")

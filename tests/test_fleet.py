@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -234,9 +233,7 @@ def test_sigkill_mid_publish_then_restart_converges(fleet_db: FleetDb, daemons: 
 
     h1.start()
     wait_for(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
-    assert h1.proc is not None
-    h1.proc.send_signal(signal.SIGKILL)
-    h1.proc.wait()
+    h1.kill()
     # While it is dead its layouts change and vanish; the restarted daemon converges all the same.
     churn(root, 10, "v2")
     for i in range(290, 300):

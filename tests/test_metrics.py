@@ -173,8 +173,7 @@ def test_a_port_in_use_is_a_clear_error(daemons: list[Daemon], tmp: str) -> None
         daemon = _with_metrics(tmp, [os.path.join(tmp, "root")], f'listen = "127.0.0.1:{port}"')
         daemons.append(daemon)
         daemon.start()
-        assert daemon.proc is not None
-        assert daemon.proc.wait(10) == 1
+        assert daemon.wait() == 1
     assert f"metrics.listen 127.0.0.1:{port} cannot be served" in daemon.log()
 
 

@@ -352,7 +352,7 @@ def test_newer_schema_writers_refuse(tmp_path: Path) -> None:
     scan = run(tmp, "scan", "--db", db, root)
     assert scan.rc == 4 and b"newer" in scan.err, scan
     with Daemon(tmp, [root], db=db).start() as daemon:
-        assert daemon.stop() == 4
+        assert daemon.wait() == 4
         assert "newer" in daemon.log()
     # A newer ocidx's database is not corrupt: it is neither moved aside nor rewritten.
     assert not [n for n in os.listdir(tmp) if ".corrupt-" in n]
@@ -391,7 +391,7 @@ def test_read_only_database_directory_writers(tmp_path: Path) -> None:
         new = run(tmp, "scan", "--db", os.path.join(view, "new.db"), root)
         assert new.rc == 4 and b"cannot open index database" in new.err, new
         with Daemon(tmp, [root], db=ro_db).start() as daemon:
-            assert daemon.stop() == 1
+            assert daemon.wait() == 1
             assert "Read-only file system" in daemon.log()
 
 
