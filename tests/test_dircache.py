@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import rows, run, wait_for
 from layouts import LINUX_AMD64, Layout, named
-from test_reliability import rows, run, wait_for
 
 from indexer.config import Root
 from indexer.store.read import RACY_WINDOW_NS
