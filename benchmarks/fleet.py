@@ -60,7 +60,8 @@ from indexer.fleet import Fleet, admin  # noqa: E402
 from indexer.fleet.publisher import Publisher  # noqa: E402
 from indexer.store import open_writer  # noqa: E402
 from indexer.store import read as db  # noqa: E402
-from indexer.store.write import Read, apply  # noqa: E402
+from indexer.store.outcomes import Read  # noqa: E402
+from indexer.store.write import apply  # noqa: E402
 
 TABLES = ("layouts", "entries", "names", "children", "layout_warnings")
 GRAPH_TABLES = ("graph_manifests", "graph_attestations", "missing_blobs")  # the host's, not per layout: sized only

@@ -56,10 +56,11 @@ def _profiled(label: str, func: Callable[[], object], limit: int) -> object:
 def profile_scan(root: str, limit: int) -> None:
     """The cold scan's three steps, one after the other, each under cProfile."""
     from indexer.config import Config, Root
+    from indexer.scan.decide import examine_batch
     from indexer.scan.discovery import discover
-    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
-    from indexer.store.write import apply, defer_indexes, restore_indexes
+    from indexer.store.deferred import defer_indexes, restore_indexes
+    from indexer.store.write import apply
 
     config = Config()
     with tempfile.TemporaryDirectory() as tmp:
@@ -88,8 +89,8 @@ def profile_scan(root: str, limit: int) -> None:
 def profile_rescan(root: str, db: str, limit: int) -> None:
     """A pass where nothing changed: load the stored state, discover, stat."""
     from indexer.config import Config, Root
+    from indexer.scan.decide import examine_batch
     from indexer.scan.discovery import discover
-    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store import read as db_read
 
@@ -147,8 +148,8 @@ def profile_memory(root: str) -> None:
     import tracemalloc
 
     from indexer.config import Config, Root
+    from indexer.scan.decide import examine_batch
     from indexer.scan.discovery import discover
-    from indexer.scan.scanner import examine_batch
     from indexer.store import open_writer
     from indexer.store.write import apply
 
@@ -181,10 +182,12 @@ def shares(root: str) -> dict[str, float]:
     import marshal
 
     from indexer.config import Config, Root
-    from indexer.scan import scanner, workers
+    from indexer.scan import workers
+    from indexer.scan.decide import decide
     from indexer.scan.discovery import discover
     from indexer.store import open_writer
-    from indexer.store.write import apply, defer_indexes, restore_indexes
+    from indexer.store.deferred import defer_indexes, restore_indexes
+    from indexer.store.write import apply
 
     config = Config()
     paths = list(discover(Root(os.path.abspath(root))))
@@ -204,7 +207,7 @@ def shares(root: str) -> dict[str, float]:
         started = time.process_time()
         defer_indexes(conn)
         for batch in results:
-            apply(conn, [o for r in batch if (o := scanner.decide(r, None, full=False)) is not None])
+            apply(conn, [o for r in batch if (o := decide(r, None, full=False)) is not None])
         restore_indexes(conn)
         write = time.process_time() - started
         conn.close()

@@ -1037,7 +1037,8 @@ def fill_database(source: str, target: str, names: int, seed: str, *, graph: boo
     unless *graph*: name lookups need names, and a graph layout takes six times longer to build."""
     from indexer.layout import Child, FileIdentity, Platform, Snapshot, parse_index
     from indexer.store import open_writer
-    from indexer.store.write import Read, apply
+    from indexer.store.outcomes import Read
+    from indexer.store.write import apply
 
     for suffix in ("", "-wal", "-shm"):
         if os.path.exists(target + suffix):

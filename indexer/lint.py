@@ -132,23 +132,20 @@ class _Entry:
         self.r = notes.get(OCI_REF_NAME) or ""
 
 
-class LayoutLint:
-    """The readings and findings of one layout."""
+class LayoutReadings:
+    """What each reader calls each entry of one layout, and the entries each address of a reader could
+    mean (the readers: see the module)."""
 
     def __init__(self, path: str, entries: Sequence[layout_mod.Entry], has_layout_file: bool) -> None:
         self.path = path
         self.raw = list(entries)
         self.entries = [_Entry(e) for e in entries]
         self.readings: list[dict[str, Reading | None]] = [{} for _ in self.entries]
-        self.findings: list[Finding] = []
         self.has_layout_file = has_layout_file
         # reader: address: positions of the entries it could mean, in index order
         self.claims: dict[str, dict[str, list[int]]] = {reader: {} for reader in READERS}
         for reader in READERS:
             getattr(self, f"_{reader}")()
-        self._find()
-
-    # -- the readers --------------------------------------------------------------------------------------
 
     def _claim(self, reader: str, address: str, i: int) -> None:
         self.claims[reader].setdefault(address, []).append(i)
@@ -255,7 +252,21 @@ class LayoutLint:
                 ref = f"oci-layout://{self.path}:{first.tag}"
             self._set("ocidx", i, Reading(first.name, first.tag, ref))
 
-    # -- the findings ---------------------------------------------------------------------------------------
+    def _pick(self, reader: str, address: str, *, last: bool) -> int:
+        if reader == "buildkit":
+            return self._buildkit_pick(address.split(":", 1)[1])
+        if reader == "regclient":
+            return self._regclient_pick(address.lstrip("~"))
+        return self._winner(reader, address, last=last)
+
+
+class LayoutLint(LayoutReadings):
+    """The readings and findings of one layout."""
+
+    def __init__(self, path: str, entries: Sequence[layout_mod.Entry], has_layout_file: bool) -> None:
+        super().__init__(path, entries, has_layout_file)
+        self.findings: list[Finding] = []
+        self._find()
 
     def _find(self) -> None:
         if not self.has_layout_file:
@@ -385,13 +396,6 @@ class LayoutLint:
                         [reader],
                     )
                 )
-
-    def _pick(self, reader: str, address: str, *, last: bool) -> int:
-        if reader == "buildkit":
-            return self._buildkit_pick(address.split(":", 1)[1])
-        if reader == "regclient":
-            return self._regclient_pick(address.lstrip("~"))
-        return self._winner(reader, address, last=last)
 
     def to_json(self) -> dict[str, object]:
         """``{"layout", "entries": [{"digest", "mediaType", "readers"}], "findings": [...]}``."""

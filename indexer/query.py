@@ -764,7 +764,7 @@ class Index:
             else:
                 created = found.created
                 platform = {**found.platform.to_json()} if found.platform is not None else None
-        from indexer.store.write import layers_json  # read-through only
+        from indexer.store.rows import layers_json  # read-through only
 
         image = db.Image(
             digest=manifest.digest,
@@ -1044,7 +1044,7 @@ class Index:
         """What one layout references and holds, read from it now."""
         if not layout_mod.is_layout_dir(path):
             raise LayoutNotFound(describe_missing(path))
-        from indexer.store.write import graph_rows  # read-through only
+        from indexer.store.rows import graph_rows  # read-through only
 
         limits = self.config.limits
         snapshot = layout_mod.read_layout(path, familiar=self.config.familiar, limits=limits)
@@ -1319,7 +1319,7 @@ def _changed_below_roots(conn: sqlite3.Connection, recorded: list[Root] | None, 
     if not recorded:
         return Changed([], set(), None)
     # A root that does not exist holds no layout: the walk of the others is still exact.
-    from indexer.scan.discovery import changes  # the walk of a no-change scan
+    from indexer.scan.proof import changes  # the walk of a no-change scan
 
     present, changed, gone, errors, _stored = changes(conn, [r for r in recorded if os.path.isdir(r.path)], processes)
     proven = frozenset(present).difference(changed)

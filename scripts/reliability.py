@@ -35,9 +35,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path[:0] = [os.path.join(REPO, "tests"), REPO]
 
+import harness  # noqa: E402
 import hostile  # noqa: E402
 import layouts as layouts_mod  # noqa: E402
-import test_daemon  # noqa: E402
 import test_faults  # noqa: E402
 import test_hostile_user  # noqa: E402
 import test_interleaving  # noqa: E402
@@ -50,7 +50,7 @@ from indexer.store import maintenance, path_of  # noqa: E402
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Mapping
 
 
 def crash(args: argparse.Namespace, tmp: str) -> dict[str, object]:
@@ -125,12 +125,12 @@ def load(args: argparse.Namespace, tmp: str) -> dict[str, object]:
 def resources(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     """The daemon's fds, RSS and threads, sampled while a churner changes layouts for a long time."""
     root, db = os.path.join(tmp, "res-root"), os.path.join(tmp, "res.db")
-    corpus = t.churn_corpus(root, args.layouts)
+    corpus = layouts_mod.churn_corpus(root, args.layouts)
     flag = os.path.join(tmp, "res-done")
     ready = [f"{flag}-reader-0"]
     samples: list[dict[str, int]] = []
     with contextlib.ExitStack() as stack:
-        daemon = stack.enter_context(t.Daemon(tmp, db, root))
+        daemon = stack.enter_context(harness.Daemon(tmp, [root], db=db).start())
         daemon.wait_ready(600)
         reader = t.spawn("reader", db, t.reader_queries(corpus, 0), ready[0], flag, 200, tmp=tmp, stack=stack)
         churn = t.spawn("churner", corpus, args.rate, args.seconds, 11, ready, flag, tmp=tmp, stack=stack)
@@ -138,7 +138,7 @@ def resources(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         # Until the churner is done (its done flag: its result is read only afterwards, as it
         # may be larger than a pipe's buffer).
         while not os.path.exists(flag) and churn.poll() is None:
-            sample = t.process_resources(daemon.proc.pid)
+            sample = t.process_resources(daemon.pid)
             sample["t_s"] = round(time.monotonic() - started)
             samples.append(sample)
             time.sleep(args.sample_every)  # sampling period, not a synchronization
@@ -146,9 +146,9 @@ def resources(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         reads = t.result_of(reader)
         final: dict[str, int] = churned["final"]  # type: ignore[assignment]
         expected = {path: str(corpus[path]["churn"][n]) for path, n in final.items()}  # type: ignore[index]
-        t.wait_for(lambda: t.all_indexed(db, expected), "the daemon to index the final state", 600)
-        samples.append({**t.process_resources(daemon.proc.pid), "t_s": round(time.monotonic() - started)})
-        alive = daemon.proc.poll() is None
+        harness.wait_for(lambda: t.all_indexed(db, expected), "the daemon to index the final state", 600)
+        samples.append({**t.process_resources(daemon.pid), "t_s": round(time.monotonic() - started)})
+        alive = not daemon.exited()
         rc = daemon.stop()
     warm = samples[min(len(samples) - 1, max(1, len(samples) // 10)) :]  # after the first tenth: warmed up
     return {
@@ -198,33 +198,35 @@ def wal_check(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     """A reader pins the WAL while the daemon ingests churn: how fast the WAL grows, that the daemon warns,
     and how soon after the reader goes the WAL is back down; then the file after most layouts go."""
     root, db = os.path.join(tmp, "wal-root"), os.path.join(tmp, "wal.db")
-    corpus = t.churn_corpus(root, args.layouts)
-    config = t.write_config(tmp, "[daemon]\nheartbeat_interval_s = 1\n")
+    corpus = layouts_mod.churn_corpus(root, args.layouts)
+    config = harness.write_config(tmp, "[daemon]\nheartbeat_interval_s = 1\n")
     reading, release = os.path.join(tmp, "reading"), os.path.join(tmp, "release")
     flag = os.path.join(tmp, "wal-done")
     with contextlib.ExitStack() as stack:
-        daemon = stack.enter_context(t.Daemon(tmp, db, root, config=config))
+        daemon = stack.enter_context(harness.Daemon(tmp, [root], db=db, config=config).start())
         daemon.wait_ready(600)
         reader = subprocess.Popen([sys.executable, "-c", test_wal.READER, db, reading, release])
-        stack.callback(lambda: reader.poll() is None and reader.kill())
-        t.wait_for(lambda: os.path.exists(reading), "the reader to hold its read transaction")
+        stack.callback(lambda: reader.kill() if reader.poll() is None else None)
+        harness.wait_for(lambda: os.path.exists(reading), "the reader to hold its read transaction")
         pinned_from = maintenance.wal_size(db)
         churn = t.spawn("churner", corpus, args.rate, args.seconds, 5, [reading], flag, tmp=tmp, stack=stack)
         churned = t.result_of(churn, timeout=args.seconds + 600)
         pinned_to = maintenance.wal_size(db)
-        warned = b"cannot be checkpointed" in daemon.log()
+        warned = "cannot be checkpointed" in daemon.log()
         released = time.monotonic()
         open(release, "w").close()
         reader.wait(60)
-        t.wait_for(lambda: maintenance.wal_size(db) <= maintenance.WAL_LIMIT_BYTES, "the WAL to come back down", 120)
+        harness.wait_for(
+            lambda: maintenance.wal_size(db) <= maintenance.WAL_LIMIT_BYTES, "the WAL to come back down", 120
+        )
         down_s = time.monotonic() - released
-        t.wait_for(lambda: b"checkpointed again" in daemon.log(), "the daemon to say the WAL is released", 120)
+        harness.wait_for(lambda: "checkpointed again" in daemon.log(), "the daemon to say the WAL is released", 120)
         after = maintenance.wal_size(db)
         full_size = os.path.getsize(db)
         for path in sorted(corpus)[1:]:
             shutil.rmtree(path)
-        t.wait_for(lambda: t.layout_count(db) == 1, "the daemon to drop the removed layouts", 600)
-        t.wait_for(
+        harness.wait_for(lambda: t.layout_count(db) == 1, "the daemon to drop the removed layouts", 600)
+        harness.wait_for(
             lambda: test_wal.page_counts(db)[1] < maintenance.VACUUM_MIN_FREE_PAGES,
             "the free pages to go back",
             600,
@@ -260,7 +262,7 @@ def _content_hashes(db: str) -> dict[str, str | None]:
         conn.close()
 
 
-def _wait_fresh(db: str, want: dict[str, str | None], what: str, timeout: float = 120.0) -> float:
+def _wait_fresh(db: str, want: Mapping[str, str | None], what: str, timeout: float = 120.0) -> float:
     """Seconds until every path of *want* is stored with its hash (None: not stored at all)."""
     started = time.monotonic()
 
@@ -268,7 +270,7 @@ def _wait_fresh(db: str, want: dict[str, str | None], what: str, timeout: float 
         have = _content_hashes(db)
         return all(have.get(path) == digest if digest else path not in have for path, digest in want.items())
 
-    t.wait_for(done, what, timeout)
+    harness.wait_for(done, what, timeout)
     return round(time.monotonic() - started, 3)
 
 
@@ -276,16 +278,16 @@ def _write_layout(path: str, tag: str, label: str) -> str:
     """A layout naming one image *label* as *tag*; the sha256 content hash of its index.json."""
     import hashlib
 
-    data = test_daemon.index_bytes(tag, label)
-    test_daemon.Layout(path).write_index_bytes(data)
+    data = layouts_mod.index_bytes(tag, label)
+    layouts_mod.Layout(path).write_index_bytes(data)
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def _rewrite(path: str, tag: str, label: str) -> str:
     import hashlib
 
-    data = test_daemon.index_bytes(tag, label)
-    test_daemon.rewrite_in_place(os.path.join(path, "index.json"), data)
+    data = layouts_mod.index_bytes(tag, label)
+    layouts_mod.rewrite_in_place(os.path.join(path, "index.json"), data)
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -308,7 +310,7 @@ def _planted_files(tmp: str) -> dict[str, object]:
                 proc = test_hostile_user.daemon_once(here, db, root)
                 rc, err = proc.returncode, proc.stderr
             else:
-                ran = t.run(here, "scan", "--db", db, "--no-progress", root)
+                ran = harness.run(here, "scan", "--db", db, "--no-progress", root)
                 rc, err = ran.rc, ran.err
             tried += 1
             ok = rc == 4 and (db + suffix).encode() in err
@@ -340,31 +342,31 @@ def hostile_user(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     secret, secret_hash = test_hostile_user.private_index(tmp)
     evil = [os.path.join(root, "evil", f"{i:04d}") for i in range(max(10, n // 20))]
     for path in evil:
-        test_daemon.Layout(path)
+        layouts_mod.Layout(path)
         os.symlink(secret, os.path.join(path, "index.json"))
     sharers = [os.path.join(root, "linked", f"{i:04d}") for i in range(max(10, n // 100))]
     first = _write_layout(sharers[0], "v1", "linked")
     for path in sharers[1:]:
-        test_daemon.Layout(path)
+        layouts_mod.Layout(path)
         os.link(os.path.join(sharers[0], "index.json"), os.path.join(path, "index.json"))
     figures["corpus_build_s"] = round(time.perf_counter() - started, 1)
 
     db = os.path.join(tmp, "scan.db")
     started = time.perf_counter()
-    scanned = t.run(tmp, "scan", "--db", db, "--no-progress", root, timeout=600)
+    scanned = harness.run(tmp, "scan", "--db", db, "--no-progress", root, timeout=600)
     figures["scan_s"] = round(time.perf_counter() - started, 2)
     stored = test_hostile_user.database_bytes(db)
-    states = {str(r["layout"]): r for r in t.run(tmp, "ls", "--db", db, "--json").json()}  # type: ignore[attr-defined]
+    states = {str(r["layout"]): r for r in harness.run(tmp, "ls", "--db", db, "--json").json()}  # type: ignore[attr-defined]
     refused = sum(states[p]["error"] == "layout_unreadable" for p in evil)
     leaked = test_hostile_user.TOKEN.encode() in stored or secret_hash.encode() in stored
     figures["symlinked_out"] = {"layouts": len(evil), "refused": refused, "token_or_hash_in_database": leaked}
     if scanned.rc != 0 or refused != len(evil) or leaked:
         failures.append("index.json symlinked out of its layout: see symlinked_out")
 
-    daemon = test_daemon.Daemon(tmp, [root])
+    daemon = harness.Daemon(tmp, [root])
     try:
         daemon.start()
-        t.wait_for(lambda: "ready:" in daemon.log() or daemon.exited(), "the daemon to be ready", 600)
+        harness.wait_for(lambda: "ready:" in daemon.log() or daemon.exited(), "the daemon to be ready", 600)
         want = {**good, **dict.fromkeys(sharers, first)}
         _wait_fresh(daemon.db, want, "the corpus indexed", 600)
 
@@ -448,7 +450,7 @@ def _reader_summary(result: dict[str, object]) -> dict[str, object]:
 
 def _differences(db: str, fresh: str) -> int:
     """Rows in one index and not the other (ids and timestamps aside): 0 when they hold the same."""
-    mine, theirs = t.rows(db), t.rows(fresh)
+    mine, theirs = harness.rows(db), harness.rows(fresh)
     return sum(len(set(mine[table]) ^ set(theirs[table])) for table in mine)
 
 
@@ -456,14 +458,14 @@ def _fresh_differences(tmp: str, db: str, root: str, *prefix: str) -> int:
     """Scan *root* into a new database, and count the rows by which *db* differs from it."""
     fresh = tempfile.mkdtemp(dir=tmp)
     fresh_db = os.path.join(fresh, "fresh.db")
-    scan = t.run(tmp, "scan", "--db", fresh_db, root, prefix=prefix)
+    scan = harness.run(tmp, "scan", "--db", fresh_db, root, prefix=prefix)
     assert scan.rc == 0, scan
     return _differences(db, fresh_db)
 
 
 def _scan(tmp: str, db: str, root: str, *extra: str, prefix: tuple[str, ...] = ()) -> dict[str, object]:
     started = time.perf_counter()
-    result = t.run(tmp, "scan", "--db", db, "--json", *extra, root, prefix=prefix)
+    result = harness.run(tmp, "scan", "--db", db, "--json", *extra, root, prefix=prefix)
     assert result.rc in (0, 6), result
     summary = result.json()
     assert isinstance(summary, dict)
@@ -542,8 +544,8 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         below = [p for p in layouts if p.startswith(locked + "/")]
         os.chmod(locked, 0o311)
         try:
-            limited = _scan(tmp, db, root, prefix=t.NO_DAC)
-            found = t.run(tmp, "find", "--db", db, "--json", ":latest", prefix=t.NO_DAC)
+            limited = _scan(tmp, db, root, prefix=harness.NO_DAC)
+            found = harness.run(tmp, "find", "--db", db, "--json", ":latest", prefix=harness.NO_DAC)
         finally:
             os.chmod(locked, 0o755)
         figures = {
@@ -562,7 +564,7 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         _retag(path, "fault-v2")
     test_faults.settle()
     counts = test_faults.under_emfile(tmp, db, root)
-    found = t.run(tmp, "find", "--db", db, "--json", ":fault-v2")
+    found = harness.run(tmp, "find", "--db", db, "--json", ":fault-v2")
     answered = {a["layout"] for a in found.json()} if found.out else set()  # type: ignore[attr-defined]
     figures = {
         "rewritten": len(rewritten),
@@ -576,14 +578,14 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
 
     # 4. Worker processes killed while they answer (the OOM killer): the pass must end, nothing lost.
     killed_db = os.path.join(tmp, "killed.db")
-    config = t.write_config(tmp, "[daemon]\nworkers = 2\n")
+    config = harness.write_config(tmp, "[daemon]\nworkers = 2\n")
     with test_workers.AnswerKiller(kills=4, seed=args.seed) as killer:
         started = time.perf_counter()
         scan = subprocess.Popen(
             [sys.executable, "-m", "indexer", "scan", "--db", killed_db, "--config", config, "--json", root],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=t.env(tmp),
+            env=harness.environment(tmp),
             cwd=tmp,
         )
         killer.parent = scan.pid
@@ -643,9 +645,9 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
         level = lay.index([level] * 17)
     lay.write_index([layouts_mod.named(level, ref="v1")])
     fan = _scan(tmp, db, root)
-    conn_rows = t.rows(db)["children"]
+    conn_rows = harness.rows(db)["children"]
     started = time.perf_counter()
-    absent = t.run(tmp, "resolve", "--db", db, "--layout", lay.path, ":v1", "--platform", "linux/s390x")
+    absent = harness.run(tmp, "resolve", "--db", db, "--layout", lay.path, ":v1", "--platform", "linux/s390x")
     figures = {
         "children_rows_of_the_layout": sum(1 for row in conn_rows if row[0] == lay.path),
         "scan_s": fan["wall_s"],
@@ -661,7 +663,7 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
     for limit in range(8, 31, 2):
         extra = layouts_mod.Layout(os.path.join(root, "zz-limits", f"l{limit}"))
         extra.write_index([])
-        result = t.run(tmp, "scan", "--db", db, "--no-progress", root, prefix=test_faults.with_fd_limit(limit))
+        result = harness.run(tmp, "scan", "--db", db, "--no-progress", root, prefix=test_faults.with_fd_limit(limit))
         key = f"exit {result.rc}"
         outcomes[key] = outcomes.get(key, 0) + 1
         if result.rc not in (0, 6) or (result.rc == 6 and b"too many open files" not in result.err):
@@ -677,7 +679,7 @@ def faults(args: argparse.Namespace, tmp: str) -> dict[str, object]:
             "-c",
             f"import os; os.umask({umask}); from indexer.store import open_writer; open_writer({probe!r}).close()",
         ],
-        env=t.env(tmp),
+        env=harness.environment(tmp),
         cwd=tmp,
         capture_output=True,
         check=False,

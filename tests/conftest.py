@@ -1,4 +1,5 @@
-"""Shared test set-up: every test runs isolated from the user's ocidx config and database."""
+"""Shared fixtures: every test runs isolated from the user's ocidx config and database; the test's
+directory, the daemons it starts, and a throwaway PostgreSQL (the harness itself is tests/harness.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from harness import Daemon
     from pg_cluster import Cluster, FleetDb
 
 
@@ -27,6 +29,31 @@ def _isolated(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
 def _no_fleet(monkeypatch: pytest.MonkeyPatch) -> None:
     """No fleet DSN of the user's environment leaks into a test."""
     monkeypatch.delenv("OCIDX_FLEET_DSN", raising=False)
+
+
+@pytest.fixture
+def tmp(tmp_path: os.PathLike[str]) -> str:
+    """The test's directory, its real path (what the daemon and the lookups print)."""
+    return os.path.realpath(os.fspath(tmp_path))
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[Daemon]]:
+    """Every daemon a test starts through it is stopped (killed if need be) at the end."""
+    import signal
+    import subprocess
+
+    from harness import DEADLINE_S
+
+    started: list[Daemon] = []
+    yield started
+    for daemon in started:
+        if daemon.proc is not None and daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGTERM)
+            try:
+                daemon.proc.wait(DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
 
 
 @pytest.fixture(scope="session")

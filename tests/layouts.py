@@ -192,3 +192,61 @@ class Layout:
             os.write(fd, data)
         finally:
             os.close(fd)
+
+
+# -- one image by label, and the ways real writers replace index.json ---------------------------------
+
+
+def image(label: str) -> Descriptor:
+    """A manifest descriptor (its blob need not exist for tag lookups)."""
+    data = f'{{"schemaVersion":2,"label":"{label}"}}'.encode()
+    return {"mediaType": OCI_MANIFEST, "digest": digest_of(data), "size": len(data)}
+
+
+def index_bytes(tag: str, label: str, **annotations: str) -> bytes:
+    """An ``index.json`` naming one image *label* as *tag*."""
+    document = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [named(image(label), ref=tag, **annotations)]}
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def make_layout(path: str, tag: str = "v1", label: str = "one") -> Layout:
+    """A layout at *path* whose ``index.json`` names image *label* as *tag*."""
+    lay = Layout(path)
+    lay.write_index_bytes(index_bytes(tag, label))
+    return lay
+
+
+def rewrite_in_place(path: str, data: bytes) -> None:
+    """BuildKit's and skopeo's way: open the existing file, write at 0, truncate the tail."""
+    with open(path, "r+b") as fh:
+        fh.write(data)
+        fh.truncate()
+
+
+def replace_atomically(path: str, data: bytes) -> None:
+    """umoci's and regclient's way: a temporary file beside it, renamed over it."""
+    tmp = os.path.join(os.path.dirname(path), f".index.json.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def churn_corpus(root: str, count: int) -> dict[str, dict[str, object]]:
+    """*count* layouts, each with a fixed ``:latest`` and a ``:churn`` that flips between two images.
+
+    Returns, per layout path, ``latest`` (its digest), ``churn`` (the two digests) and
+    ``documents`` (the two ``index.json`` texts); the first document is written.
+    """
+    out: dict[str, dict[str, object]] = {}
+    for i in range(count):
+        layout = Layout(os.path.join(root, f"churn-{i:04d}"))
+        latest = named(layout.manifest(platform=LINUX_AMD64, label=f"latest{i}"), ref="latest")
+        flips = [named(layout.manifest(platform=LINUX_AMD64, label=f"churn{i}-{j}"), ref="churn") for j in range(2)]
+        texts = [json.dumps(layout.index_document([latest, flip]), separators=(",", ":")) for flip in flips]
+        layout.write_index_bytes(texts[0].encode())
+        out[os.path.realpath(layout.path)] = {
+            "latest": latest["digest"],
+            "churn": [f["digest"] for f in flips],
+            "documents": texts,
+        }
+    return out

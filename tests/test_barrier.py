@@ -13,15 +13,14 @@ import socket
 import time
 
 import pytest
-from test_daemon import Daemon, daemons, make_layout, needs_inotify, tmp, wait_until
+from harness import Daemon, needs_inotify, wait_for
+from layouts import make_layout
 
 from indexer.config import Config
 from indexer.query import Index
 from indexer.sync import TIMEOUT_S, barrier, socket_path
 
 pytestmark = [pytest.mark.integration, needs_inotify]
-__all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
-
 SLOW_DEBOUNCE = "debounce_ms = 500"
 
 
@@ -33,7 +32,7 @@ def _slow_daemon(daemons: list[Daemon], tmp: str, root: str) -> Daemon:
         fh.write(text)
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
+    wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
     return daemon
 
 
@@ -95,13 +94,13 @@ def test_the_barrier_answers_one_question_and_stays_bounded(tmp: str, daemons: l
             idle.append(client)
         late = os.path.realpath(os.path.join(root, "during-the-flood"))
         make_layout(late, "v1")
-        wait_until(lambda: daemon.indexed(late, ":v1", "one"), "indexed during the flood")
+        wait_for(lambda: daemon.indexed(late, ":v1", "one"), "indexed during the flood")
         assert _find(daemon.db, ":v1") == [late]
         assert len(os.listdir(f"/proc/{daemon.pid}/fd")) < before + 64 + 8
     finally:
         for client in idle:
             client.close()
-    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "barriers answered again once the flood is gone")
+    wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "barriers answered again once the flood is gone")
 
 
 def test_a_socket_that_is_not_the_daemons_is_never_replaced(tmp: str, daemons: list[Daemon]) -> None:

@@ -20,8 +20,8 @@ import time
 
 import anyio
 import pytest
-from layouts import Layout, named
-from test_daemon import Daemon, daemons, make_layout, needs_inotify, tmp, wait_until
+from harness import Daemon, needs_inotify, wait_for
+from layouts import Layout, make_layout, named
 
 from indexer.config import Config, DaemonSettings, Root
 from indexer.query import Index
@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 pytestmark = [pytest.mark.integration, needs_inotify]
-__all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
 
 def _find(db: str, ref: str) -> list[str]:
@@ -49,7 +48,7 @@ def _daemon(daemons: list[Daemon], tmp: str, roots: list[str], *, debounce_ms: i
         fh.write(text)
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
+    wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
     return daemon
 
 
@@ -88,9 +87,9 @@ def test_directories_made_while_events_were_lost_are_watched_after(tmp: str, dae
         make_layout(hidden, "n1")
     finally:
         os.kill(daemon.pid, signal.SIGCONT)
-    wait_until(lambda: "events were lost" in daemon.log(), "the overflow seen")
+    wait_for(lambda: "events were lost" in daemon.log(), "the overflow seen")
     assert _find(daemon.db, ":n1") == [hidden]
-    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the owed pass written")
+    wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "the owed pass written")
     make_layout(hidden, "n2")
     third = os.path.realpath(os.path.join(root, "team", "app3"))
     make_layout(third, "n3")
@@ -108,14 +107,14 @@ def test_a_step_that_failed_on_a_busy_database_is_owed_not_answered(tmp: str, da
         blocker.execute("BEGIN IMMEDIATE")  # another writer holds the write lock
         late = os.path.realpath(os.path.join(root, "app"))
         make_layout(late, "new")
-        wait_until(lambda: "database error" in daemon.log(), "the changes duty's unit fails", 15)
+        wait_for(lambda: "database error" in daemon.log(), "the changes duty's unit fails", 15)
         answer = barrier(daemon.db, daemon.pid)
         assert answer is None or answer.startswith("inexact"), answer
         assert _find(daemon.db, ":new") == [late]  # walked: exact
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "ok again once the owed pass is written", 15)
+    wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "ok again once the owed pass is written", 15)
     assert _find(daemon.db, ":new") == [late]
 
 
@@ -316,12 +315,12 @@ def test_a_new_worker_count_waits_for_the_pass_that_holds_the_pool(tmp_path: str
             async with anyio.create_task_group() as tg:
                 tg.start_soon(scanner.full_pass, [Root(root)])
                 with anyio.fail_after(30):
-                    while not scanner.pool_busy:
+                    while not scanner.readers.pool_busy:
                         await anyio.sleep(0.001)
                 scanner.config = three  # what a reload does while the pass reads
-                assert scanner.pool is not None and scanner.pool.workers == 2
-            assert scanner.pool is not None
-            return scanner.pool.workers
+                assert scanner.readers.pool is not None and scanner.readers.pool.workers == 2
+            assert scanner.readers.pool is not None
+            return scanner.readers.pool.workers
 
     assert anyio.run(go) == 3
 
@@ -333,11 +332,11 @@ def test_a_reload_while_the_database_is_busy_does_not_stop_the_daemon(tmp: str, 
     blocker = sqlite3.connect(daemon.db, isolation_level=None, timeout=10)
     try:
         blocker.execute("BEGIN IMMEDIATE")
-        daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]  # systemctl reload ocidx
-        wait_until(lambda: "not written yet, retrying" in daemon.log(), "the reload waits for the database", 15)
+        os.kill(daemon.pid, signal.SIGHUP)  # systemctl reload ocidx
+        wait_for(lambda: "not written yet, retrying" in daemon.log(), "the reload waits for the database", 15)
     finally:
         blocker.execute("ROLLBACK")
         blocker.close()
-    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload done")
+    wait_for(lambda: "configuration reloaded" in daemon.log(), "the reload done")
     assert not daemon.exited()
     assert daemon.stop() == 0

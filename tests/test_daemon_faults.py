@@ -19,8 +19,8 @@ import sys
 import time
 
 import pytest
-from layouts import Layout, named
-from test_daemon import DEADLINE_S, Daemon, daemons, make_layout, needs_inotify, tmp, wait_until
+from harness import DEADLINE_S, Daemon, needs_inotify, wait_for
+from layouts import Layout, make_layout, named
 
 from indexer.config import Config
 from indexer.errors import OcidxError
@@ -28,7 +28,6 @@ from indexer.query import Index
 from indexer.sync import barrier
 
 pytestmark = [pytest.mark.integration, needs_inotify]
-__all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
 
 def _find(db: str, ref: str) -> list[str]:
@@ -56,10 +55,10 @@ def test_a_database_deleted_under_the_daemon_is_made_anew(tmp: str, daemons: lis
     for suffix in ("", "-wal", "-shm"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(daemon.db + suffix)  # a cleanup job
-    wait_until(lambda: "was deleted: making a new database" in daemon.log(), "the deletion is said")
-    wait_until(lambda: _layouts(daemon.db) == {os.path.realpath(first.path)}, "the new database holds the layout")
+    wait_for(lambda: "was deleted: making a new database" in daemon.log(), "the deletion is said")
+    wait_for(lambda: _layouts(daemon.db) == {os.path.realpath(first.path)}, "the new database holds the layout")
     second = make_layout(os.path.join(root, "second"), "v2")
-    wait_until(lambda: daemon.indexed(second.path, ":v2", "one"), "changes indexed into the new database")
+    wait_for(lambda: daemon.indexed(second.path, ":v2", "one"), "changes indexed into the new database")
     assert _find(daemon.db, ":v1") == [os.path.realpath(first.path)]
     other = subprocess.run(Daemon(tmp, [root]).command(), capture_output=True, env=daemon.env, timeout=DEADLINE_S)
     assert other.returncode != 0 and b"already running" in other.stderr  # the lock still refuses a second one
@@ -76,7 +75,7 @@ def test_the_lock_file_deleted_too_is_taken_again(tmp: str, daemons: list[Daemon
     for name in os.listdir(tmp):
         if name.startswith("index.db"):
             os.unlink(os.path.join(tmp, name))  # the whole state directory cleaned: database, WAL, lock, socket
-    wait_until(lambda: os.path.exists(daemon.db + ".lock") and os.path.exists(daemon.db), "the files made again")
+    wait_for(lambda: os.path.exists(daemon.db + ".lock") and os.path.exists(daemon.db), "the files made again")
     other = subprocess.run(Daemon(tmp, [root]).command(), capture_output=True, env=daemon.env, timeout=DEADLINE_S)
     assert other.returncode != 0 and b"already running" in other.stderr
 
@@ -87,16 +86,18 @@ def test_a_second_sigterm_while_stopping_still_stops_cleanly(tmp: str, daemons: 
     for i in range(150):  # enough for the worker processes to be busy when the signals come
         lay = Layout(os.path.join(root, f"l{i:03d}"))
         lay.write_index([named(lay.manifest(label=f"m{i}-{j}"), ref=f"t{j}") for j in range(20)])
-    for trial in range(4):
+    # The second signal comes as soon as the first is taken, or (the last trials) as soon as the
+    # daemon says it stopped: the event loop is then being torn down (before: killed by it, -15).
+    for trial, second_after in enumerate(["received SIGTERM"] * 4 + [" stopped"] * 3):
         daemon = Daemon(tmp, [root])
         daemons.append(daemon)
         daemon.start()
-        wait_until(lambda d=daemon: "started on" in d.log(), "started")  # type: ignore[misc]
-        time.sleep(0.02 * trial)  # the signals land at different moments of the start-up pass
-        daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
-        wait_until(lambda d=daemon: "received SIGTERM" in d.log(), "the first SIGTERM taken")  # type: ignore[misc]
-        daemon.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]  # what `timeout` and supervisors send
-        assert daemon.proc.wait(DEADLINE_S) == 0, daemon.log()  # type: ignore[union-attr]
+        wait_for(lambda d=daemon: "started on" in d.log(), "started")  # type: ignore[misc]
+        time.sleep(0.02 * (trial % 4))  # the signals land at different moments of the start-up pass
+        os.kill(daemon.pid, signal.SIGTERM)
+        wait_for(lambda d=daemon, s=second_after: s in d.log(), f"{second_after!r} logged")  # type: ignore[misc]
+        os.kill(daemon.pid, signal.SIGTERM)  # what `timeout` and supervisors send
+        assert daemon.stop() == 0, daemon.log()
         log = daemon.log()
         assert "stopped" in log.splitlines()[-1], log
         assert "leaked" not in log and "Traceback" not in log, log
@@ -136,7 +137,7 @@ def test_idle_connections_to_the_metrics_endpoint_never_starve_the_daemon(tmp: s
                 client.connect((host, int(port)))
             clients.append(client)
         late = make_layout(os.path.join(root, "late"), "v2")
-        wait_until(lambda: daemon.indexed(late.path, ":v2", "one"), "a change indexed during the flood")
+        wait_for(lambda: daemon.indexed(late.path, ":v2", "one"), "a change indexed during the flood")
         assert _layouts(daemon.db) == {os.path.realpath(first.path), os.path.realpath(late.path)}
         assert _open_descriptors(daemon.pid) < before + 16 + 8  # at most 16 clients at once
         assert "Too many open files" not in daemon.log()
@@ -157,17 +158,11 @@ def test_the_watch_limit_in_force_is_said_and_unwatched_trees_stay_exact(tmp: st
     root = os.path.join(tmp, "root")
     for i in range(6):
         make_layout(os.path.join(root, f"group{i}", "first"), f"v{i}")
-    daemon = Daemon(tmp, [root])
     limit = 6  # the root and five of its directories: some of the tree goes unwatched
-    inner = " ".join([f"echo {limit} > /proc/sys/user/max_inotify_watches &&", "exec", *map(_quoted, daemon.command())])
-    log_path = os.path.join(tmp, "daemon-userns.log")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [str(UNSHARE), "--user", "--map-root-user", "sh", "-c", inner], stderr=log, env=daemon.env, cwd=tmp
-        )
-    try:
-        wait_until(lambda: "ready:" in _read(log_path) or proc.poll() is not None, "ready")
-        text = _read(log_path)
+    in_namespace = f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"'
+    prefix = [str(UNSHARE), "--user", "--map-root-user", "sh", "-c", in_namespace, "sh"]
+    with Daemon(tmp, [root], prefix=prefix).start().wait_ready() as daemon:
+        text = daemon.log()
         assert "unwatched" in text and "watch limit in force" in text, text
         status = subprocess.run(
             [sys.executable, "-m", "indexer", "status", "--db", daemon.db],
@@ -181,16 +176,5 @@ def test_the_watch_limit_in_force_is_said_and_unwatched_trees_stay_exact(tmp: st
             late = os.path.realpath(os.path.join(root, f"group{i}", "late"))
             make_layout(late, f"late{i}")
             assert _find(daemon.db, f":late{i}") == [late]  # exact at once, watched or not
-        assert barrier(daemon.db, proc.pid) == "ok"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(DEADLINE_S)
-
-
-def _quoted(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        return fh.read()
+        assert barrier(daemon.db, daemon.pid) == "ok"
+        assert daemon.stop() == 0

@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import rows, run, wait_for
 from layouts import LINUX_AMD64, Layout, named
-from test_reliability import rows, run, wait_for
 
 from indexer.config import Root
 from indexer.store.read import RACY_WINDOW_NS
@@ -182,14 +182,14 @@ def _shaped_tree(root: str) -> list[Layout]:
 def _compare_both_ways(
     db: str, roots: list[Root], monkeypatch: pytest.MonkeyPatch, *, proven: bool
 ) -> tuple[list[str], list[str], list[str], list[str]]:
-    """discovery.changes with the planned walk (its stat calls shared among 3 processes) and with
+    """proof.changes with the planned walk (its stat calls shared among 3 processes) and with
     the walk alone: they must give the same answer; that answer (without the stored rows). *proven*:
     whether the plan is expected to hold (every directory as cached) or to be sent to the walk."""
     from indexer import config as config_mod
-    from indexer.scan import discovery
+    from indexer.scan import proof
     from indexer.store import open_reader
 
-    checked = discovery._checked
+    checked = proof._checked
     outcomes: list[bool] = []
 
     def spy(*args: object) -> list[str] | None:
@@ -206,17 +206,17 @@ def _compare_both_ways(
     conn = open_reader(db)
     try:
         with monkeypatch.context() as patch:
-            patch.setattr(discovery, "PARALLEL_MIN_STATS", 1)
+            patch.setattr(proof, "PARALLEL_MIN_STATS", 1)
             patch.setattr(config_mod, "default_workers", lambda: 3)
-            patch.setattr(discovery, "_checked", spy)
+            patch.setattr(proof, "_checked", spy)
             patch.setattr(os, "fork", counted_fork)
-            planned = discovery.changes(conn, roots)
+            planned = proof.changes(conn, roots)
         assert outcomes == [proven]
         if outcomes and threading.active_count() == 1:  # (a thread another test left would rule forking out)
             assert len(forks) == 2  # the shares of the plan's proof were checked in 3 processes
         with monkeypatch.context() as patch:
-            patch.setattr(discovery, "_planned_walk", lambda root, cache: None)
-            walked = discovery.changes(conn, roots)
+            patch.setattr(proof, "_planned_walk", lambda root, cache: None)
+            walked = proof.changes(conn, roots)
     finally:
         conn.close()
     assert planned == walked
@@ -274,10 +274,10 @@ def test_the_planned_walk_answers_as_the_walk_does_whatever_changed(
 
 
 def test_forked_shares_come_back_whole_even_when_a_child_dies() -> None:
-    """discovery.forked: a share per process, each result back in order, a child that dies has its
+    """forking.forked: a share per process, each result back in order, a child that dies has its
     share done by the parent, no process is left behind, and a process with threads never forks."""
 
-    from indexer.scan.discovery import forked
+    from indexer.scan.forking import forked
 
     parent = os.getpid()
 
@@ -309,7 +309,8 @@ def test_the_plan_takes_no_listing_made_in_the_racy_window(tmp_path: Path) -> No
     """A listing made less than the racy window after its directory changed proves nothing (a change
     in the same timestamp tick would leave the identity as it was): the plan refuses it, so the
     proof falls back to the walk, which lists that directory again."""
-    from indexer.scan.discovery import _planned_walk, load_cache
+    from indexer.scan.discovery import load_cache
+    from indexer.scan.proof import _planned_walk
     from indexer.store import open_reader
 
     tmp = str(tmp_path)
@@ -345,8 +346,8 @@ def test_workers_1_proves_no_change_without_forking(tmp_path: Path) -> None:
     probe = (
         "import os, sys\n"
         "from indexer import config\n"
-        "from indexer.scan import discovery\n"
-        "discovery.PARALLEL_MIN_STATS = 1\n"
+        "from indexer.scan import proof\n"
+        "proof.PARALLEL_MIN_STATS = 1\n"
         "config.default_workers = lambda: 4\n"
         "def no_fork():\n"
         "    raise AssertionError('forked')\n"
@@ -371,7 +372,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
     with the live ones; an entry out of date can name another directory's inode (an entry outside
     the roots, reached through a symlink, is never forgotten, and inodes are reused), so even a
     skipped path is proven, and here the proof falls back to the walk, which finds the layout."""
-    from indexer.scan import discovery
+    from indexer.scan import discovery, proof
     from indexer.store import open_reader
 
     _tmp, root, db, layouts = scanned_tree(tmp_path)
@@ -385,7 +386,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
     target = layouts[3].path
     top = cache[root]
     cache[target] = (top[0], top[1], *cache[target][2:])
-    monkeypatch.setattr(discovery, "load_cache", lambda conn: cache)
+    monkeypatch.setattr(proof, "load_cache", lambda conn: cache)
     present, changed, gone, errors = _compare_both_ways(db, [Root(root)], monkeypatch, proven=False)
     assert target in present
     assert (changed, gone, errors) == ([], [], [])
@@ -394,7 +395,7 @@ def test_a_cached_entry_out_of_date_that_names_a_walked_directory_is_still_prove
 def test_forked_shares_are_done_here_when_no_process_can_be_forked(monkeypatch: pytest.MonkeyPatch) -> None:
     """A fork that fails (a process limit, no memory) costs speed, not the answer: the shares no
     process could take are done in this process, and no pipe is left open."""
-    from indexer.scan.discovery import forked
+    from indexer.scan.forking import forked
 
     real_fork, calls = os.fork, []
 

@@ -28,7 +28,8 @@ from indexer.daemon.reconcile import Reconcile
 from indexer.daemon.reports import Reports
 from indexer.daemon.shared import RECHECK, WAKE, PassReport, Shared, Sync
 from indexer.daemon.watching import Watching
-from indexer.scan.scanner import Counts, Scanner
+from indexer.scan.counts import Counts
+from indexer.scan.scanner import Scanner
 from indexer.store import state
 from indexer.store.writer import Store
 from indexer.sync import socket_path

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import DEADLINE_S, NO_DAC, Daemon, environment, rows, run, wait_for, write_config
 from layouts import LINUX_AMD64, Layout, named
-from test_reliability import DEADLINE_S, NO_DAC, env, rows, run, wait_for
 
 from indexer.store.read import RACY_WINDOW_NS
 
@@ -63,7 +63,7 @@ def under_emfile(tmp: str, db: str, *roots: str) -> dict[str, object]:
     proc = subprocess.run(
         [sys.executable, "-c", UNDER_EMFILE, db, *roots],
         capture_output=True,
-        env=env(tmp),
+        env=environment(tmp),
         cwd=tmp,
         timeout=DEADLINE_S,
         check=False,
@@ -187,20 +187,8 @@ def test_the_daemon_reads_again_what_failed_for_the_environment_after_a_backoff(
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     (lay,) = tagged_tree(root, 1, 1, "v1")
-    config = os.path.join(tmp, "config.toml")
-    with open(config, "w") as f:
-        f.write("[daemon]\nreconcile_interval_s = 300\n")
-    log_path = os.path.join(tmp, "daemon.log")
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [*NO_DAC, sys.executable, "-m", "indexer", "daemon", "--db", db, "--config", config, root],
-            stdout=log,
-            stderr=log,
-            env=env(tmp),
-            cwd=tmp,
-        )
-    try:
-        wait_for(lambda: b" ready: " in Path(log_path).read_bytes(), "the daemon to be ready")
+    config = write_config(tmp, "[daemon]\nreconcile_interval_s = 300\n")
+    with Daemon(tmp, [root], db=db, config=config, prefix=NO_DAC).start().wait_ready() as daemon:
         os.chmod(lay.index_path, 0o000)
         digest = retag(lay, "v2")  # as root: the daemon is told, and cannot read it
         wait_for(lambda: layout_rows(db)[lay.path]["state"] == "error", "the failed read to be stored")
@@ -209,10 +197,7 @@ def test_the_daemon_reads_again_what_failed_for_the_environment_after_a_backoff(
         answer = run(tmp, "resolve", "--db", db, "--json", "--layout", lay.path, ":v2")
         assert answer.rc == 0 and answer.json()["digest"] == digest, answer  # type: ignore[index]
         assert answer.json()["freshness"] == "indexed"  # type: ignore[index]
-    finally:
-        daemon.terminate()
-        daemon.wait(DEADLINE_S)
-    assert b"Traceback" not in Path(log_path).read_bytes()
+        assert daemon.stop() == 0
 
 
 # -- listings that fail ----------------------------------------------------------------------------------
@@ -304,7 +289,7 @@ def in_namespace(tmp: str, steps: list[list[str]]) -> list[list[object]]:
     done = subprocess.run(
         ["unshare", "-m", "--propagation", "private", sys.executable, "-c", IN_NAMESPACE, json.dumps(steps)],
         capture_output=True,
-        env=env(tmp),
+        env=environment(tmp),
         cwd=tmp,
         timeout=DEADLINE_S,
         check=False,

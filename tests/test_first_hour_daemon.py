@@ -9,13 +9,12 @@ import signal
 import sqlite3
 
 import pytest
+from harness import Daemon, run_daemon, wait_for
 from layouts import Layout, named
-from test_daemon import Daemon, daemons, run_daemon, tmp, wait_until
 
 from indexer.cli import main
 
 pytestmark = pytest.mark.integration
-__all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
 
 def test_a_missing_root_says_what_to_do_once(daemons: list[Daemon], tmp: str) -> None:
@@ -27,7 +26,7 @@ def test_a_missing_root_says_what_to_do_once(daemons: list[Daemon], tmp: str) ->
     assert f"skopeo copy docker://docker.io/library/alpine:3.16 oci:{root}/alpine:3.16" in log
     lay = Layout(os.path.join(root, "alpine"))
     lay.write_index([named(lay.manifest(), ref="3.16")])
-    wait_until(lambda: f"changed: {lay.path}" in daemon.log(), "the log names the new layout")
+    wait_for(lambda: f"changed: {lay.path}" in daemon.log(), "the log names the new layout")
     assert daemon.log().count("does not exist") == 1
     assert daemon.stop() == 0
 
@@ -48,7 +47,7 @@ def test_the_log_names_the_changed_layouts_and_counts_a_big_batch(daemons: list[
     assert "watching 1 root with inotify (" in daemon.log()  # plurals as a person writes them
     one = many[5]
     one.write_index([named(one.manifest(label="again"), ref="v1")])
-    wait_until(
+    wait_for(
         lambda: f"1 changed, 0 unchanged, 0 with errors, 0 removed; changed: {one.path}" in daemon.log(),
         "one layout named",
     )
@@ -69,7 +68,7 @@ def test_the_json_log_names_the_changed_layouts(daemons: list[Daemon], tmp: str)
         events = [json.loads(line) for line in daemon.log().splitlines() if line.startswith("{")]
         return any(e.get("event") in ("update", "reconcile") and e.get("changed_layouts") == [lay.path] for e in events)
 
-    wait_until(named_in_log, "a JSON line with changed_layouts")
+    wait_for(named_in_log, "a JSON line with changed_layouts")
     assert daemon.stop() == 0
 
 
@@ -88,7 +87,7 @@ def test_a_root_that_is_a_file_is_said_once(daemons: list[Daemon], tmp: str, mod
 
     first = reconciled()
     if mode == "polling":  # another pass (every 2 s when polling) must not say it again
-        wait_until(lambda: reconciled() > first, "a second polling pass")
+        wait_for(lambda: reconciled() > first, "a second polling pass")
     log = daemon.log()
     assert log.count("is not a directory") == 1, log
     assert f"root {readme} is not a directory: point [[roots]] path" in log
@@ -135,7 +134,7 @@ def test_after_a_reload_drops_a_root_find_walks_it_again(
     with open(daemon.config, "w", encoding="utf-8") as f:  # drop the first root
         f.write(settings + f'\n[[roots]]\npath = "{second}"\n')
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
+    wait_for(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
     late = Layout(os.path.join(first, "late"))  # no daemon watches it now, but its layouts stay indexed
     image = late.manifest()
     late.write_index([named(image, ref="late")])

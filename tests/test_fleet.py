@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
 
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
+from harness import Daemon, wait_for
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 from needs import module
 from pg_cluster import PG_ROWS, FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_daemon import Daemon, wait_until
 
 from indexer.config import Config, FleetSettings
 from indexer.fleet import Fleet
@@ -32,7 +31,7 @@ pytestmark = [pytest.mark.fleet, pytest.mark.integration]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    pass
 
 CONVERGE_S = 30.0  # generous: two cores shared with other test runs
 
@@ -51,22 +50,11 @@ def converged(fleet_db: FleetDb, host: str, daemon: Daemon, layouts: int | None 
 
 
 def wait_converged(fleet_db: FleetDb, host: str, daemon: Daemon, layouts: int | None = None) -> None:
-    wait_until(
+    wait_for(
         lambda: converged(fleet_db, host, daemon, layouts),
         f"host {host}'s rows in PostgreSQL equal SQLite's" + (f" ({layouts} layouts)" if layouts is not None else ""),
         CONVERGE_S,
     )
-
-
-@pytest.fixture
-def daemons() -> Iterator[list[Daemon]]:
-    """Every daemon a test starts is stopped (and killed if need be) at the end."""
-    started: list[Daemon] = []
-    yield started
-    for daemon in started:
-        if daemon.proc is not None and daemon.proc.poll() is None:
-            daemon.proc.kill()
-            daemon.proc.wait()
 
 
 def start_host(daemons: list[Daemon], fleet_db: FleetDb, base: str, host: str) -> Daemon:
@@ -182,12 +170,12 @@ def test_two_hosts_publish_and_find_fleet_answers_as_find_does_on_each(
     ]
     fleet_status = h1.status()["fleet"]
     assert fleet_status["connected"] is True and fleet_status["host"] == "h1"  # type: ignore[index]
-    wait_until(lambda: h1.status()["fleet"]["backlog"] == 0, "status says nothing waits")  # type: ignore[index]
+    wait_for(lambda: h1.status()["fleet"]["backlog"] == 0, "status says nothing waits")  # type: ignore[index]
 
     # A change on one host is what the fleet answers next; a removed layout leaves no row.
     b1.write_index([named(b1.manifest(label="app2"), ref="v2", containerd="registry.example/team/app:v2")])
     shutil.rmtree(a1.path)
-    wait_until(
+    wait_for(
         lambda: fleet_find(fleet_db, "registry.example/team/app:v2") == [("h1", b1.path)],
         "the new tag is found across the fleet",
     )
@@ -218,7 +206,7 @@ def test_postgres_stopped_during_churn_then_restarted_converges_exactly(
     cluster = fleet_db.cluster
     cluster.stop()
     try:
-        wait_until(lambda: h1.status()["fleet"]["connected"] is False, "status says the fleet is unreachable")  # type: ignore[index]
+        wait_for(lambda: h1.status()["fleet"]["connected"] is False, "status says the fleet is unreachable")  # type: ignore[index]
         monkeypatch.setenv("OCIDX_FLEET_DSN", fleet_db.admin_dsn)
         code, _out, err = ocidx(capsys, "find", "--fleet", ":v1")
         assert code == 4 and "unreachable" in err
@@ -228,15 +216,15 @@ def test_postgres_stopped_during_churn_then_restarted_converges_exactly(
         fresh = Layout(os.path.join(root, "new"))
         fresh.write_index([named(fresh.manifest(label="new"), ref="v2")])
         # Indexing goes on locally, and the backlog says what waits.
-        wait_until(lambda: len(local_answers(h1, ":v2")) == 21 and len(h1.layouts()) == 26, "local indexing goes on")
-        wait_until(lambda: h1.status()["fleet"]["backlog"] >= 26, "the backlog counts the waiting changes")  # type: ignore[index]
+        wait_for(lambda: len(local_answers(h1, ":v2")) == 21 and len(h1.layouts()) == 26, "local indexing goes on")
+        wait_for(lambda: h1.status()["fleet"]["backlog"] >= 26, "the backlog counts the waiting changes")  # type: ignore[index]
     finally:
         cluster.start()
     wait_converged(fleet_db, "h1", h1)
     with admin_connect(fleet_db.admin_dsn) as conn:
         paths = {bytes(r[0]).decode() for r in conn.execute("SELECT path FROM layouts WHERE host = 'h1'")}
     assert paths == h1.layouts()
-    wait_until(lambda: h1.status()["fleet"]["connected"] is True, "status says connected again")  # type: ignore[index]
+    wait_for(lambda: h1.status()["fleet"]["connected"] is True, "status says connected again")  # type: ignore[index]
     assert h1.log().count("fleet: not publishing") <= 3  # once per change of state, not once per retry
 
 
@@ -252,10 +240,8 @@ def test_sigkill_mid_publish_then_restart_converges(fleet_db: FleetDb, daemons: 
             return int(count[0])
 
     h1.start()
-    wait_until(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
-    assert h1.proc is not None
-    h1.proc.send_signal(signal.SIGKILL)
-    h1.proc.wait()
+    wait_for(lambda: published() > 0 or h1.exited(), "the first batch reaches PostgreSQL")
+    h1.kill()
     # While it is dead its layouts change and vanish; the restarted daemon converges all the same.
     churn(root, 10, "v2")
     for i in range(290, 300):
@@ -289,7 +275,7 @@ def test_a_stale_host_is_listed_and_labelled(
         assert code == 0
         return [(a["host"], a["host_state"]) for a in json.loads(out)]
 
-    wait_until(lambda: states() == [("h1", "live"), ("h2", "stale")], "the stopped host is labelled stale")
+    wait_for(lambda: states() == [("h1", "live"), ("h2", "stale")], "the stopped host is labelled stale")
     _code, out, _err = ocidx(capsys, "hosts", "--config", config)
     assert [line.split("\t")[:2] for line in out.splitlines()] == [["h1", "live"], ["h2", "stale"]]
 
@@ -303,7 +289,7 @@ def test_a_removed_host_leaves_no_row_and_stops_publishing(
     code, _out, err = ocidx(capsys, "fleet", "remove-host", "--dsn", fleet_db.admin_dsn, "h1")
     assert code == 0 and "5 layouts removed" in err
     churn(h1.roots[0], 6, "v2")
-    wait_until(lambda: "not a host of the fleet" in str(h1.status()["fleet"]["state"]), "the host says why it stopped")  # type: ignore[index]
+    wait_for(lambda: "not a host of the fleet" in str(h1.status()["fleet"]["state"]), "the host says why it stopped")  # type: ignore[index]
     assert pg_rows(fleet_db.admin_dsn, "h1") == {t: [] for t in PG_ROWS}
     with admin_connect(fleet_db.admin_dsn) as conn:
         assert conn.execute("SELECT count(*) FROM heartbeats").fetchone() == (0,)
@@ -349,7 +335,7 @@ def test_a_nul_in_a_media_type_does_not_stop_its_host_publishing(
         )
         return local
 
-    wait_until(
+    wait_for(
         lambda: len(expected()["layouts"]) == 2 and pg_rows(fleet_db.admin_dsn, "h1") == expected(),
         "both layouts published, the NUL spelled \\x00",
         CONVERGE_S,

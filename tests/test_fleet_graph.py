@@ -7,7 +7,7 @@ them, and never answer for another host's layouts), and a host's malformed graph
 with a warning naming it, hiding no other host's answers.
 """
 
-# ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
+# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import hashlib
@@ -20,14 +20,13 @@ import sys
 
 import pytest
 from cli_run import ocidx
+from harness import REPO, Daemon, wait_for
 from layouts import LINUX_AMD64, LINUX_ARM64, OCI_CONFIG, OCI_MANIFEST, UNKNOWN_PLATFORM, Layout, named, with_platform
 from needs import module
 from pg_cluster import FleetDb, admin_connect
-from test_daemon import REPO, Daemon, wait_until
 from test_fleet import (  # noqa: F401 (fixtures)
     CONVERGE_S,
     base,
-    daemons,
     fleet_api,
     local_answers,
     start_host,
@@ -155,7 +154,7 @@ def test_the_fleet_finds_a_layer_and_a_config_on_every_host_as_each_host_does(
     wait_converged(fleet_db, "h1", h1)
     assert graph_digests(fleet_db, "h1") == both
     shutil.rmtree(app.path)
-    wait_until(lambda: graph_digests(fleet_db, "h1") == [], "h1's graph rows go with its last layout", CONVERGE_S)
+    wait_for(lambda: graph_digests(fleet_db, "h1") == [], "h1's graph rows go with its last layout", CONVERGE_S)
     with fleet_api(fleet_db) as fleet:
         assert [a.host for a in fleet.find(f"@{BASE}")] == ["h2", "h2"]
     assert arm["digest"] in graph_digests(fleet_db, "h2")

@@ -9,7 +9,7 @@ PostgreSQL equal, table by table, to its SQLite index as a fresh read of that fi
 holding what a fresh ``ocidx scan`` of its layouts finds.
 """
 
-# ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
+# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import json
@@ -20,15 +20,14 @@ import subprocess
 import sys
 
 import pytest
+from harness import REPO, Daemon, wait_for
 from layouts import Layout, named
 from needs import module
 from pg_cluster import HOST_TABLES, FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_daemon import REPO, Daemon, wait_until
 from test_fleet import (  # noqa: F401 (fixtures)
     CONVERGE_S,
     base,
     churn,
-    daemons,
     local_answers,
     start_host,
     wait_converged,
@@ -127,7 +126,7 @@ def test_an_index_rebuilt_under_a_publisher_is_published_again_in_full(
         publishers.append(
             subprocess.Popen([sys.executable, "-c", PUBLISHER, fleet_db.add_host("h1"), db], stderr=log, cwd=REPO)
         )
-    wait_until(lambda: matches(fleet_db, "h1", db), "the first index is published", CONVERGE_S)
+    wait_for(lambda: matches(fleet_db, "h1", db), "the first index is published", CONVERGE_S)
     published, old = ids_and_versions(db), sqlite_rows(db)
 
     # The index is deleted and rebuilt (a cleanup job, a corrupt file moved aside) while the layout changes.
@@ -137,7 +136,7 @@ def test_an_index_rebuilt_under_a_publisher_is_published_again_in_full(
     assert ids_and_versions(db) == published  # the same (id, version) pairs, handed out again...
     assert sqlite_rows(db)["entries"] != old["entries"]  # ...for another digest
 
-    wait_until(lambda: matches(fleet_db, "h1", db), "the rebuilt index is published", CONVERGE_S)
+    wait_for(lambda: matches(fleet_db, "h1", db), "the rebuilt index is published", CONVERGE_S)
     assert by_path(pg_rows(fleet_db.admin_dsn, "h1")) == fresh_scan(root, tmp)
     with open(os.path.join(tmp, "publisher.log"), encoding="utf-8") as fh:
         assert "every row replaced, 2 layouts published (its rows came from another index" in fh.read()
@@ -161,7 +160,7 @@ def test_a_fleet_restored_from_an_older_dump_while_publishers_stay_connected_con
     shutil.rmtree(os.path.join(h1.roots[0], "l004"))
     fresh = Layout(os.path.join(h1.roots[0], "new"))
     fresh.write_index([named(fresh.manifest(label="new"), ref="v2")])
-    wait_until(lambda: len(local_answers(h1, ":v2")) == 5 and len(h1.layouts()) == 5, "h1 indexes the changes")
+    wait_for(lambda: len(local_answers(h1, ":v2")) == 5 and len(h1.layouts()) == 5, "h1 indexes the changes")
     wait_converged(fleet_db, "h1", h1)
     assert sqlite_rows(h1.db) != at_dump  # what the restore brings back is wrong now
     pids = (h1.pid, h2.pid)
@@ -201,7 +200,7 @@ def test_a_data_only_restore_is_caught_by_the_check_of_counts_and_checksum(
 
     churn(h1.roots[0], 3, "v2")
     shutil.rmtree(os.path.join(h1.roots[0], "l004"))
-    wait_until(lambda: len(local_answers(h1, ":v2")) == 3 and len(h1.layouts()) == 4, "h1 indexes the changes")
+    wait_for(lambda: len(local_answers(h1, ":v2")) == 3 and len(h1.layouts()) == 4, "h1 indexes the changes")
     wait_converged(fleet_db, "h1", h1)
     assert sqlite_rows(h1.db) != at_dump  # what the restore brings back is wrong now
 
@@ -239,7 +238,7 @@ def test_graph_rows_lost_from_the_fleet_are_caught_by_the_check_of_counts(
     image = partial.manifest(label="v1-0")  # the image churn wrote there: its layer goes
     with open(partial.blob_path(str(image["digest"])), "rb") as f:
         partial.remove_blob(json.load(f)["layers"][0])
-    wait_until(
+    wait_for(
         lambda: [row[1:] for row in sqlite_rows(h1.db)["missing_blobs"]] == [(1,)], "h1 indexes the partial export"
     )
     wait_converged(fleet_db, "h1", h1)

@@ -24,11 +24,11 @@ import time
 
 import pytest
 from cli_run import ocidx
+from harness import REPO, Daemon, wait_for
 from layouts import Layout, named
 from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_daemon import REPO, Daemon, wait_until
-from test_fleet import base, daemons, fleet_find, start_host, wait_converged  # noqa: F401 (fixtures)
+from test_fleet import base, fleet_find, start_host, wait_converged  # noqa: F401 (fixtures)
 from test_fleet_upgrade import fleet_through
 from test_graph_answers import referrer
 
@@ -178,7 +178,7 @@ class Attack:
 
             thread = threading.Thread(target=run, daemon=True)
             thread.start()
-            outcome = wait_until(
+            outcome = wait_for(
                 lambda t=thread, p=pid: self._settled(t, p),  # type: ignore[misc]
                 f"{statement!r} returns or waits for a lock",
             )
@@ -348,7 +348,7 @@ def test_readers_and_publishers_give_up_on_a_held_lock_with_a_clear_message(
             assert code == 4, f"{what}: exit {code} (None: still waiting after {VICTIM_S}s); {out}{err}"
             assert "lock_timeout" in err and "Traceback" not in err, err
         assert time.monotonic() - started < VICTIM_S
-        wait_until(
+        wait_for(
             lambda: "lock_timeout" in str(h1.status()["fleet"]["state"]),  # type: ignore[index]
             "the publisher says it gave up waiting for a lock",
             VICTIM_S,
@@ -357,7 +357,7 @@ def test_readers_and_publishers_give_up_on_a_held_lock_with_a_clear_message(
     finally:
         lock.close()
     wait_converged(fleet_db, "h1", h1)
-    wait_until(lambda: h1.status()["fleet"]["connected"] is True, "the publisher is connected again")  # type: ignore[index]
+    wait_for(lambda: h1.status()["fleet"]["connected"] is True, "the publisher is connected again")  # type: ignore[index]
     assert len(sqlite_rows(h1.db)["layouts"]) == 2
 
 

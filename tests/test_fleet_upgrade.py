@@ -6,7 +6,7 @@ neither deadlock it nor lose its batch, and once it is applied every host publis
 graph rows at once, not at the next check of its counts minutes later.
 """
 
-# ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
+# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import json
@@ -18,11 +18,11 @@ import threading
 
 import pytest
 from cli_run import ocidx
+from harness import REPO, Daemon, wait_for
 from layouts import LINUX_AMD64, Layout, named
 from needs import module
 from pg_cluster import Cluster, FleetDb, admin_connect, sqlite_rows
-from test_daemon import REPO, Daemon, wait_until
-from test_fleet import base, daemons, fleet_api, local_answers, wait_converged  # noqa: F401 (fixtures)
+from test_fleet import base, fleet_api, local_answers, wait_converged  # noqa: F401 (fixtures)
 from test_graph_answers import built_image, document
 
 from indexer.fleet import admin
@@ -151,7 +151,7 @@ def test_the_upgrade_stops_no_reader_while_it_builds_and_deadlocks_no_publisher(
         migrating.start()
         publishing = threading.Thread(target=publish)
         try:
-            wait_until(
+            wait_for(
                 lambda: waiting_for(watcher, "ocidx fleet migrate") == ["hosts"],
                 "the migration, its indexes built, waits for hosts",
                 WAIT_S,
@@ -162,7 +162,7 @@ def test_the_upgrade_stops_no_reader_while_it_builds_and_deadlocks_no_publisher(
                 assert found.fetchall() == [("upgrading_host", old)]
             # A publisher of the previous schema starts a batch, and waits.
             publishing.start()
-            wait_until(
+            wait_for(
                 lambda: waiting_for(watcher, "old publisher") != [], "the publisher waits for the migration", WAIT_S
             )
             assert waiting_for(watcher, "old publisher") == ["layouts"]  # holding nothing the migration needs

@@ -21,11 +21,11 @@ import sys
 
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
+from harness import REPO, Daemon
 from layouts import Layout
 from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_daemon import REPO, Daemon
-from test_fleet import alpine, base, daemons, local_answers, start_host, wait_converged  # noqa: F401 (fixtures)
+from test_fleet import alpine, base, local_answers, start_host, wait_converged  # noqa: F401 (fixtures)
 
 psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 

@@ -1,4 +1,4 @@
-"""The content graph's parsers and reads: manifests, configs, hostile blobs (indexer/graph.py)."""
+"""The content graph's parsers and reads: manifests, configs, hostile blobs (indexer/graph/)."""
 
 from __future__ import annotations
 
@@ -37,13 +37,13 @@ from indexer.graph import (
     read_manifest,
 )
 from indexer.layout import BlobMissing, Limits, Platform, read_layout
-from indexer.store.write import graph_rows
+from indexer.store.rows import graph_rows
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from indexer.store.write import GraphRows
+    from indexer.store.rows import GraphRows
 
 HEX = "a" * 64
 DIGEST = "sha256:" + HEX

@@ -10,9 +10,9 @@ import json
 import os
 import shutil
 import sqlite3
-import time
 
 import pytest
+from harness import Daemon, wait_for
 from layouts import (
     LINUX_AMD64,
     LINUX_ARM64,
@@ -27,7 +27,7 @@ from layouts import (
 from indexer.cli import main
 from indexer.config import Root
 from indexer.graph import Known, graph_key, unpack_pairs
-from indexer.scan.discovery import settled
+from indexer.scan.proof import settled
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -345,7 +345,7 @@ def test_a_read_claiming_shared_rows_that_are_gone_is_read_again(index: Index) -
     conflict (read again, rows sent), never stored with its manifests missing."""
     from indexer.config import Config
     from indexer.scan import workers
-    from indexer.scan.scanner import decide
+    from indexer.scan.decide import decide
     from indexer.store import open_writer
     from indexer.store import read as db
     from indexer.store.write import apply
@@ -382,27 +382,11 @@ def test_a_read_claiming_shared_rows_that_are_gone_is_read_again(index: Index) -
 def test_the_daemon_indexes_a_blob_that_appears_or_disappears(tmp_path: str) -> None:
     """index.json untouched: the watch on blobs/ALG is what tells the daemon (its racy re-check and
     reconcile come later than this test waits)."""
-    import signal
-    import subprocess
-    import sys
-
     root = os.path.join(str(tmp_path), "root")
     lay = Layout(os.path.join(root, "lay"))
     image = lay.manifest(platform=LINUX_AMD64)
     lay.write_index([named(image, ref="v1")])
     db = os.path.join(str(tmp_path), "index.db")
-    config = os.path.join(str(tmp_path), "ocidx.toml")
-    with open(config, "w") as f:
-        f.write("[daemon]\ndebounce_ms = 20\nreconcile_interval_s = 300\nheartbeat_interval_s = 0.2\n")
-    log_path = os.path.join(str(tmp_path), "daemon.log")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(log_path, "wb") as log:
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "indexer", "daemon", "--config", config, "--db", db, root],
-            stderr=log,
-            stdout=subprocess.DEVNULL,
-            cwd=repo,
-        )
 
     def usage() -> tuple[object, ...] | None:
         try:
@@ -412,21 +396,11 @@ def test_the_daemon_indexes_a_blob_that_appears_or_disappears(tmp_path: str) -> 
             return None
         return tuple(row) if row is not None else None
 
-    def until(condition: object, what: str, deadline_s: float) -> None:
-        end = time.monotonic() + deadline_s
-        while usage() != condition:
-            if daemon.poll() is not None or time.monotonic() > end:
-                with open(log_path, encoding="utf-8", errors="replace") as fh:
-                    pytest.fail(f"not within {deadline_s}s: {what} (now {usage()}); log:\n{fh.read()}")
-            time.sleep(0.02)
-
-    try:
-        until((0, 0), "the layout is indexed with its graph", 20.0)
+    with Daemon(str(tmp_path), [root], db=db).start() as daemon:
+        wait_for(lambda: usage() == (0, 0) or daemon.exited(), "the layout is indexed with its graph", 20.0)
         lay.blob(b"a blob nothing lists", OCI_LAYER)
-        until((1, 0), "an unreferenced blob added is counted", 2.0)
+        wait_for(lambda: usage() == (1, 0) or daemon.exited(), "an unreferenced blob added is counted", 2.0)
         config_digest = document(lay, image)["config"]["digest"]  # type: ignore[index]
         os.remove(lay.blob_path(str(config_digest)))
-        until((1, 1), "a referenced blob removed is missing", 2.0)
-    finally:
-        daemon.send_signal(signal.SIGTERM)
-        daemon.wait(10)
+        wait_for(lambda: usage() == (1, 1) or daemon.exited(), "a referenced blob removed is missing", 2.0)
+        assert daemon.stop() == 0

@@ -7,22 +7,16 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from harness import FRESH_S, REPO, Daemon, environment, run, wait_for
 from layouts import Layout, named
-from test_reliability import REPO, env, run, wait_for
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
 
 VICTIM_TEXT = b"root-only secret: do not truncate\n"
-
-
-@pytest.fixture
-def tmp(tmp_path: os.PathLike[str]) -> str:
-    return os.path.realpath(os.fspath(tmp_path))
 
 
 def victim(tmp: str) -> str:
@@ -40,7 +34,7 @@ def daemon_once(tmp: str, db: str, root: str) -> subprocess.CompletedProcess[byt
     return subprocess.run(
         [sys.executable, "-m", "indexer", "daemon", "--db", db, root],
         capture_output=True,
-        env=env(tmp),
+        env=environment(tmp),
         cwd=REPO,
         timeout=60,
         check=False,
@@ -205,8 +199,6 @@ def test_index_json_symlinked_out_of_its_layout_is_a_layout_error_and_leaks_noth
 
 @pytest.mark.integration
 def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) -> None:
-    from test_daemon import Daemon, wait_until
-
     secret, secret_hash = private_index(tmp)
     root = one_layout(tmp)
     daemon = Daemon(tmp, [root]).start()
@@ -214,7 +206,7 @@ def test_the_daemon_refuses_an_index_json_symlinked_out_after_start(tmp: str) ->
         daemon.wait_ready()
         evil = Layout(os.path.join(root, "evil"))  # writes oci-layout; index.json comes as a symlink
         os.symlink(secret, evil.index_path)
-        wait_until(
+        wait_for(
             lambda: (s := daemon.stored(evil.path)) is not None and s.state == "error",
             "the symlinked-out layout is stored as an error",
         )
@@ -248,23 +240,21 @@ def test_a_lookup_refuses_a_symlink_planted_at_the_shared_memory_file(tmp: str, 
 @pytest.mark.integration
 def test_a_layout_directory_replaced_by_a_symlink_out_leaks_nothing(tmp: str) -> None:
     """``mv app app.old; ln -s /root/private app`` under the daemon: nothing of the target is indexed."""
-    from test_daemon import FRESH_S, Daemon, wait_until
-
     secret, secret_hash = private_index(tmp)
     root = one_layout(tmp)
     app = os.path.join(root, "app")
     daemon = Daemon(tmp, [root]).start()
     try:
         daemon.wait_ready()
-        wait_until(lambda: daemon.stored(app) is not None, "the layout indexed")
+        wait_for(lambda: daemon.stored(app) is not None, "the layout indexed")
         os.rename(app, app + ".old")
         os.symlink(os.path.dirname(secret), app)
-        wait_until(lambda: os.path.join(root, "app.old") in daemon.layouts(), "the moved layout indexed", FRESH_S)
+        wait_for(lambda: os.path.join(root, "app.old") in daemon.layouts(), "the moved layout indexed", FRESH_S)
         # the old name is dropped or refused, never read through the link, nor is the link's target indexed
-        wait_until(lambda: stored_state(daemon.db, app) in (None, "error"), "the replaced layout refused", FRESH_S)
+        wait_for(lambda: stored_state(daemon.db, app) in (None, "error"), "the replaced layout refused", FRESH_S)
         assert os.path.dirname(secret) not in daemon.layouts()
         os.utime(os.path.join(app + ".old", "index.json"))  # one more event through the daemon
-        wait_until(lambda: not daemon.stored(os.path.join(root, "app.old")).is_racy(), "settled")  # type: ignore[union-attr]
+        wait_for(lambda: not daemon.stored(os.path.join(root, "app.old")).is_racy(), "settled")  # type: ignore[union-attr]
         stored = database_bytes(daemon.db)
         assert TOKEN.encode() not in stored and secret_hash.encode() not in stored
         assert not daemon.exited()
@@ -319,12 +309,6 @@ def state_directory(mode: int) -> str:
     return state
 
 
-def ready(daemon: subprocess.Popen[bytes], log: str) -> None:
-    """Wait for the daemon's start-up pass (its ``ready:`` line)."""
-    wait_for(lambda: b" ready: " in Path(log).read_bytes() or daemon.poll() is not None, "the daemon to be ready")
-    assert daemon.poll() is None, Path(log).read_bytes()
-
-
 def sqlite_as(uid: int, groups: list[int], uri: str) -> subprocess.CompletedProcess[str]:
     """``sqlite3 URI 'SELECT count(*) FROM layouts'`` as user *uid* with supplementary *groups*."""
     who = ["setpriv", f"--reuid={uid}", f"--regid={uid}"]
@@ -349,19 +333,9 @@ def test_the_documented_reader_group_set_up_shows_the_index_to_the_group_only(tm
     root = os.path.join(tmp, "root")
     Layout(os.path.join(root, "app")).write_index([])
     db = os.path.join(state, "index.db")
-    log = os.path.join(tmp, "daemon.log")
+    with_umask = ["sh", "-c", f'umask {umask:o} && exec "$@"', "sh"]
     try:
-        with open(log, "wb") as out:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "indexer", "daemon", "--db", db, root],
-                stdout=out,
-                stderr=out,
-                env=env(tmp),
-                cwd=REPO,
-                preexec_fn=lambda: os.umask(umask),
-            )
-        try:
-            ready(daemon, log)
+        with Daemon(tmp, [root], db=db, prefix=with_umask).start().wait_ready() as daemon:
             files = [db, db + "-wal", db + "-shm", db + ".lock", db + ".migrate-lock"]
             modes = {os.path.basename(f): oct(os.stat(f).st_mode & 0o777) for f in files}
             assert all(not int(m, 8) & 0o007 for m in modes.values()), modes
@@ -369,14 +343,12 @@ def test_the_documented_reader_group_set_up_shows_the_index_to_the_group_only(tm
             assert outsider.returncode != 0 and outsider.stdout == "", outsider
             member = sqlite_as(OTHER_UID, [READERS_GID], f"file:{db}?mode=ro")
             assert (member.returncode, member.stdout.strip()) == (0, "1"), member
-        finally:
-            daemon.terminate()
-            assert daemon.wait(60) == 0
+            assert daemon.stop() == 0
         # Stopped cleanly: -wal and -shm are gone, and a reader of the group creates -shm itself.
         assert not os.path.exists(db + "-shm")
         member = sqlite_as(OTHER_UID, [READERS_GID], f"file:{db}?mode=ro")
         assert (member.returncode, member.stdout.strip()) == (0, "1"), member
-        assert b"readable by every local user" not in Path(log).read_bytes()
+        assert "readable by every local user" not in daemon.log()
     finally:
         shutil.rmtree(os.path.dirname(state))
 
@@ -391,17 +363,9 @@ def test_the_daemon_warns_at_start_when_every_user_can_read_its_database(tmp: st
     try:
         assert run(tmp, "scan", "--db", db, root).rc == 0
         os.chmod(db, 0o664)
-        log = os.path.join(tmp, "daemon.log")
-        with open(log, "wb") as out:
-            daemon = subprocess.Popen(
-                [sys.executable, "-m", "indexer", "daemon", "--db", db, root], stdout=out, stderr=out, env=env(tmp)
-            )
-        try:
-            ready(daemon, log)
-        finally:
-            daemon.terminate()
-            assert daemon.wait(60) == 0
-        text = Path(log).read_text()
+        with Daemon(tmp, [root], db=db).start().wait_ready() as daemon:
+            assert daemon.stop() == 0
+        text = daemon.log()
         assert "WARNING" in text and "readable by every local user" in text and f"{db} (mode 0664)" in text, text
         assert f"chmod o-rwx {db}*" in text
     finally:

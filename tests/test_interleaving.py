@@ -18,9 +18,8 @@ from typing import Any, cast
 
 import anyio
 import pytest
-from harness import scanner_on
-from layouts import LINUX_AMD64, Layout, named
-from test_reliability import DEADLINE_S, Daemon, churn_corpus, env, integrity, rows, run, wait_for, write_config
+from harness import DEADLINE_S, Daemon, environment, integrity, rows, run, scanner_on, wait_for, write_config
+from layouts import LINUX_AMD64, Layout, churn_corpus, named
 
 from indexer import Index
 from indexer.store import open_reader, read
@@ -112,7 +111,7 @@ def test_a_slow_pass_does_not_remove_a_layout_another_writer_brought_back(tmp_pa
     flip(victim, document(corpus, victim, 1))
     assert run(tmp, "scan", "--db", db, root).rc == 0
 
-    from indexer.store.write import Gone
+    from indexer.store.outcomes import Gone
 
     with scanner_on(db) as scanner:
         # the removal the slow pass decided from its stale walk, written after the other writer
@@ -155,7 +154,7 @@ def scans_beside_a_daemon(tmp: str, *, layouts: int, seconds: float, scans: int,
     state = dict.fromkeys(paths, 0)
     flips = 0
     scan_args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root]
-    with Daemon(tmp, db, root, config=config) as daemon:
+    with Daemon(tmp, [root], db=db, config=config).start() as daemon:
         daemon.wait_ready()
         ran = 0
         deadline = time.monotonic() + seconds
@@ -170,7 +169,7 @@ def scans_beside_a_daemon(tmp: str, *, layouts: int, seconds: float, scans: int,
                 scan = None
                 if ran < scans:
                     with open(scan_log, "wb") as log:
-                        scan = subprocess.Popen(scan_args, stdout=subprocess.DEVNULL, stderr=log, env=env(tmp))
+                        scan = subprocess.Popen(scan_args, stdout=subprocess.DEVNULL, stderr=log, env=environment(tmp))
             churning = time.monotonic() < deadline
             if churning:
                 path = rng.choice(paths)
@@ -272,7 +271,7 @@ def test_versions_follow_commit_order_across_writers(tmp_path: Path) -> None:
         subprocess.Popen(
             [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root],
             stderr=subprocess.PIPE,
-            env=env(tmp),
+            env=environment(tmp),
         )
         for root in (root_a, root_b)
     ]
@@ -317,7 +316,7 @@ def test_a_follower_reads_a_consistent_state(tmp_path: Path) -> None:
     config = write_config(tmp, "[daemon]\nbatch_size = 4\ndebounce_ms = 0\n")
     watermark = 0
     seen_versions: list[int] = []
-    with Daemon(tmp, db, root, config=config) as daemon:
+    with Daemon(tmp, [root], db=db, config=config).start() as daemon:
         daemon.wait_ready()
         rng = random.Random(3)
         state = dict.fromkeys(corpus, 0)
@@ -355,7 +354,7 @@ def test_future_timestamps_settle_after_a_second_read(tmp_path: Path) -> None:
     # have "changed well before it was read": before, every lookup and every re-scan hashed it again,
     # forever. Two reads a racy window apart that see the same identity now prove it settled.
     from indexer.config import Root
-    from indexer.scan.discovery import settled
+    from indexer.scan.proof import settled
     from indexer.store.state import racy_layouts
 
     tmp = str(tmp_path)

@@ -266,7 +266,7 @@ def test_the_readme_first_lookup_needs_no_database(
 def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: Ocidx, source: dict[str, str]) -> None:
     # The README's way, tried as a new user would, with the daemon running: `skopeo copy ... && ocidx
     # find :v9` missed the new image 5 times in 5 before lookups asked the daemon for a barrier.
-    from test_daemon import Daemon, wait_until
+    from harness import Daemon, wait_for
 
     from indexer.sync import barrier
 
@@ -279,7 +279,7 @@ def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: O
         fh.write(text)
     daemon.start().wait_ready()
     try:
-        wait_until(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
+        wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
         for trial, image in enumerate(("one", "two", "three", "four", "base")):
             app = os.path.join(root, f"app{trial}")
             copy(f"{source['path']}:{image}", f"{app}:v9")

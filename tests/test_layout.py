@@ -36,8 +36,6 @@ from indexer.layout import (
     FileIdentity,
     Limits,
     Platform,
-    _read_index,
-    _read_index_once,
     blob_path,
     is_layout_dir,
     normalize_platform,
@@ -48,6 +46,7 @@ from indexer.layout import (
     read_index_bytes,
     read_layout,
 )
+from indexer.layout.files import _read_index, _read_index_once
 from indexer.names import HOW_CONTAINERD, HOW_FAMILIAR, HOW_FULL, HOW_TAG
 
 TYPE_CHECKING = False

@@ -7,9 +7,9 @@ import re
 import urllib.request
 
 import pytest
+from harness import FRESH_S, Daemon, wait_for
 from layouts import Layout, named
 from prometheus_client.parser import text_string_to_metric_families
-from test_daemon import FRESH_S, Daemon, daemons, tmp, wait_until
 
 from indexer import config as config_mod
 from indexer.errors import ConfigError
@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from pg_cluster import FleetDb
 
 pytestmark = pytest.mark.integration
-__all__ = ["daemons", "tmp"]  # the fixtures of test_daemon, used here by name
 
 
 def _samples(text: str) -> dict[str, float]:
@@ -57,7 +56,7 @@ def test_the_http_endpoint_serves_the_metrics(daemons: list[Daemon], tmp: str) -
     assert match is not None, daemon.log()
     url = match.group(1)
 
-    first = wait_until(
+    first = wait_for(
         lambda: (
             (s := _scrape(url)).get("ocidx_heartbeat_timestamp_seconds", 0) > 0
             and s.get("ocidx_reconcile_duration_seconds_count") == 1
@@ -81,7 +80,7 @@ def test_the_http_endpoint_serves_the_metrics(daemons: list[Daemon], tmp: str) -
         now = _scrape(url)
         return now if now["ocidx_update_latency_seconds_count"] >= 1 and now["ocidx_entries"] == 1 else None
 
-    after = wait_until(updated, "the update is counted")
+    after = wait_for(updated, "the update is counted")
     assert isinstance(after, dict)
     assert after["ocidx_layouts_changed_total"] == 2
     assert after["ocidx_watch_events_total"] >= 1
@@ -107,9 +106,9 @@ def test_the_gauges_follow_each_pass_not_the_heartbeat(daemons: list[Daemon], tm
     match = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", daemon.log())
     assert match is not None, daemon.log()
     url = match.group(1)
-    wait_until(lambda: _scrape(url)["ocidx_entries"] == 1, "the start-up pass counted", FRESH_S)
+    wait_for(lambda: _scrape(url)["ocidx_entries"] == 1, "the start-up pass counted", FRESH_S)
     lay.write_index([named(lay.manifest(), ref="v1"), named(lay.manifest(label="two"), ref="v2")])
-    wait_until(lambda: _scrape(url)["ocidx_entries"] == 2, "the update counted at once", FRESH_S)
+    wait_for(lambda: _scrape(url)["ocidx_entries"] == 2, "the update counted at once", FRESH_S)
     assert daemon.stop() == 0
 
 
@@ -136,7 +135,7 @@ def test_the_textfile_is_replaced_atomically_and_never_through_a_symlink(daemons
         beat = samples.get("ocidx_heartbeat_timestamp_seconds", 0) > 0
         return samples if beat and samples.get("ocidx_reconcile_duration_seconds_count") == 1 else None
 
-    samples = wait_until(written, "the textfile is written")
+    samples = wait_for(written, "the textfile is written")
     assert isinstance(samples, dict)
     assert (samples["ocidx_layouts"], samples["ocidx_entries"]) == (1, 1)
     with open(victim, encoding="utf-8") as f:
@@ -174,8 +173,7 @@ def test_a_port_in_use_is_a_clear_error(daemons: list[Daemon], tmp: str) -> None
         daemon = _with_metrics(tmp, [os.path.join(tmp, "root")], f'listen = "127.0.0.1:{port}"')
         daemons.append(daemon)
         daemon.start()
-        assert daemon.proc is not None
-        assert daemon.proc.wait(10) == 1
+        assert daemon.wait() == 1
     assert f"metrics.listen 127.0.0.1:{port} cannot be served" in daemon.log()
 
 
@@ -191,5 +189,5 @@ def test_the_fleet_reports_its_publish_backlog(fleet_db: FleetDb, daemons: list[
     match = re.search(r"metrics: (http://127\.0\.0\.1:\d+/metrics)", daemon.log())
     assert match is not None, daemon.log()
     # Published: the backlog gauge is there, and drains to 0 once the layout reached PostgreSQL.
-    wait_until(lambda: _scrape(match.group(1)).get("ocidx_publish_backlog") == 0, "the backlog is reported, 0")
+    wait_for(lambda: _scrape(match.group(1)).get("ocidx_publish_backlog") == 0, "the backlog is reported, 0")
     assert daemon.stop() == 0

@@ -9,9 +9,9 @@ import sys
 import unicodedata
 
 import pytest
+from harness import run
 from hostile import control_characters, is_invisible
 from layouts import Layout, named
-from test_reliability import run
 
 from indexer.daemon.logs import TextFormatter
 from indexer.errors import printable

@@ -15,8 +15,8 @@ import sys
 
 import pytest
 import readme_image
+from harness import wait_for
 from needs import require
-from test_daemon import wait_until
 
 pytestmark = [pytest.mark.interop, pytest.mark.integration]
 
@@ -129,7 +129,7 @@ def test_the_readme_from_the_daemon_to_every_lookup(shell: Shell, image: readme_
     assert first.rstrip().endswith("ocidx daemon --config config.example.toml")
     log = os.path.join(shell.cwd, "daemon.log")
     daemon = shell.start(first.rstrip().split(" && ")[-1], log)  # the venv and pip install are this one's
-    wait_until(lambda: "ready:" in _read(log) or daemon.poll() is not None, "the daemon says ready")
+    wait_for(lambda: "ready:" in _read(log) or daemon.poll() is not None, "the daemon says ready")
     assert daemon.poll() is None, _read(log)
     assert "does not exist" in _read(log)  # "It logs that layouts does not exist yet"
     layouts = os.path.join(shell.cwd, "layouts")
@@ -141,7 +141,7 @@ def test_the_readme_from_the_daemon_to_every_lookup(shell: Shell, image: readme_
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [image.platforms["linux/amd64"]]  # this machine's platform, not the index
     assert done.stdout.split() != [image.index]
-    wait_until(lambda: f"changed: {layouts}/alpine" in _read(log), "the daemon logs the new layout")
+    wait_for(lambda: f"changed: {layouts}/alpine" in _read(log), "the daemon logs the new layout")
     done = shell.run(find)
     assert done.returncode == 0, done.stderr
     assert [line.split("\t")[:2] for line in done.stdout.splitlines()] == [
@@ -219,7 +219,7 @@ def test_the_readme_fleet_section(fleet_db: FleetDb, tmp_path: str, image: readm
                 shell.start(command, os.path.join(here, f"daemon-{len(shell.background)}.log"))
                 continue
             if command.startswith("ocidx find --fleet"):  # published within about a second
-                wait_until(functools.partial(_succeeds, shell, command), "find --fleet finds it", 60)
+                wait_for(functools.partial(_succeeds, shell, command), "find --fleet finds it", 60)
             done = shell.run(command)
             assert done.returncode == 0, (command, done.stderr)
             ran.append((command, done.stdout))

@@ -7,8 +7,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from test_daemon import image, index_bytes, make_layout, replace_atomically
-from test_reliability import Daemon, wait_for, write_config
+from harness import Daemon, wait_for, write_config
+from layouts import image, index_bytes, make_layout, replace_atomically
 from test_workers import indexed, workers_of
 
 from indexer import Index
@@ -37,12 +37,12 @@ def test_a_change_during_a_long_reconcile_is_indexed_before_the_pass_ends(tmp_pa
         make_layout(os.path.join(root, f"g{number // 50:02d}", f"layout-{number:04d}"), "v1", "one")
     # One transaction per two layouts, read in the daemon's process: a start-up pass of many seconds.
     config = write_config(tmp, "[daemon]\nworkers = 1\nbatch_size = 2\ndebounce_ms = 20\n")
-    with Daemon(tmp, db, root, config=config) as daemon:
+    with Daemon(tmp, [root], db=db, config=config).start() as daemon:
         wait_for(lambda: indexed(db) >= 40, "the start-up pass to be under way")
         target = first_indexed(db)
         replace_atomically(os.path.join(target, "index.json"), index_bytes("v1", "two"))
         wait_for(lambda: answers(db, target, "two"), "the change indexed")
-        assert b" ready: " not in daemon.log(), "the change waited for the whole pass"
+        assert " ready: " not in daemon.log(), "the change waited for the whole pass"
         assert indexed(db) < count
         daemon.wait_ready()
         assert answers(db, target, "two")  # the pass's own, older, decision did not bring "one" back
@@ -71,12 +71,12 @@ def test_a_change_is_indexed_while_the_pass_waits_on_a_step(tmp_path: Path) -> N
     for path in paths:
         make_layout(path, "v1", "one")
     config = write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 1000\ndebounce_ms = 20\n")
-    with Daemon(tmp, db, root, config=config) as daemon:
+    with Daemon(tmp, [root], db=db, config=config).start() as daemon:
         wait_for(
-            lambda: (len(workers_of(daemon.proc.pid)) == 2 and discovered(db)) or daemon.proc.poll() is not None,
+            lambda: (len(workers_of(daemon.pid)) == 2 and discovered(db)) or daemon.exited(),
             "the start-up pass's discovery and workers",
         )
-        stopped = workers_of(daemon.proc.pid)
+        stopped = workers_of(daemon.pid)
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         try:
@@ -85,7 +85,7 @@ def test_a_change_is_indexed_while_the_pass_waits_on_a_step(tmp_path: Path) -> N
             replace_atomically(os.path.join(target, "index.json"), index_bytes("v1", "two"))
             wait_for(lambda: answers(db, target, "two"), "the change indexed while the pass waits")
             assert indexed(db) == 1  # the pass is still waiting on its workers
-            assert b" ready: " not in daemon.log()
+            assert " ready: " not in daemon.log()
         finally:
             for pid in stopped:
                 os.kill(pid, signal.SIGCONT)

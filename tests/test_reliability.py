@@ -14,7 +14,6 @@ import json
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -23,101 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import hostile
 import pytest
+from harness import DEADLINE_S, NO_DAC, REPO, Daemon, Run, environment, integrity, rows, run, wait_for, write_config
 from hostile import Built
-from layouts import LINUX_AMD64, Layout, named
+from layouts import LINUX_AMD64, Layout, churn_corpus, named
 
 from indexer.query import Index
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Iterator, Sequence
     from pathlib import Path
-
-# root without the capabilities that bypass file permissions
-NO_DAC = ("setpriv", "--bounding-set=-dac_override,-dac_read_search", "--")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEADLINE_S = 60.0
-
-
-class Run:
-    """One finished ``ocidx`` command."""
-
-    def __init__(self, args: Sequence[str], proc: subprocess.CompletedProcess[bytes]) -> None:
-        self.args = list(args)
-        self.rc = proc.returncode
-        self.out = proc.stdout
-        self.err = proc.stderr
-
-    def json(self) -> object:
-        """stdout as the one JSON document a ``--json`` command prints."""
-        return json.loads(self.out)
-
-    def __repr__(self) -> str:
-        return f"ocidx {self.args!r} -> {self.rc}\nstdout: {self.out[-2000:]!r}\nstderr: {self.err[-2000:]!r}"
-
-
-def env(tmp: str) -> dict[str, str]:
-    """An environment with no user config or database leaking in."""
-    out = {k: v for k, v in os.environ.items() if not k.startswith("OCIDX_")}
-    out["XDG_CONFIG_HOME"] = os.path.join(tmp, "xdg-config")
-    out["XDG_DATA_HOME"] = os.path.join(tmp, "xdg-data")
-    out["PYTHONPATH"] = REPO
-    return out
-
-
-def run(tmp: str, *args: str, timeout: float = DEADLINE_S, prefix: Sequence[str] = ()) -> Run:
-    """Run ``ocidx ARGS``; assert that neither stdout nor stderr holds a raw control character."""
-    proc = subprocess.run(
-        [*prefix, sys.executable, "-m", "indexer", *args],
-        capture_output=True,
-        env=env(tmp),
-        cwd=tmp,
-        timeout=timeout,
-        check=False,
-    )
-    result = Run(args, proc)
-    assert "Traceback" not in proc.stderr.decode(errors="replace"), result
-    for stream in (proc.stdout, proc.stderr):
-        bad = hostile.control_characters(stream)
-        assert not bad, f"raw control characters in output of {result!r}: {bad[:5]}"
-    return result
-
-
-def wait_for(condition: Callable[[], bool], what: str, timeout: float = DEADLINE_S) -> None:
-    """Poll *condition* until it holds; fail after *timeout* seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.005)
-
-
-def rows(db: str) -> dict[str, list[tuple[object, ...]]]:
-    """The whole index as sorted rows keyed by layout path: ids and timestamps left out."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        tables = {
-            "layouts": "SELECT path, state, error_category, content_hash FROM layouts",
-            "entries": "SELECT l.path, e.position, e.digest, e.media_type, e.size, e.platform, e.annotations, "
-            "e.invalid_names, e.warnings FROM entries e JOIN layouts l ON l.id = e.layout_id",
-            "names": "SELECT l.path, e.digest, e.position, n.name, n.tag, n.how FROM names n "
-            "JOIN entries e ON e.id = n.entry_id JOIN layouts l ON l.id = n.layout_id",
-            "children": "SELECT l.path, e.digest, c.position, c.parent, c.depth, c.digest, c.media_type, c.size, "
-            "c.platform FROM children c JOIN entries e ON e.id = c.entry_id JOIN layouts l ON l.id = c.layout_id",
-            "warnings": "SELECT l.path, w.message FROM layout_warnings w JOIN layouts l ON l.id = w.layout_id",
-        }
-        return {name: sorted(conn.execute(sql).fetchall(), key=repr) for name, sql in tables.items()}
-    finally:
-        conn.close()
-
-
-def integrity(db: str) -> str:
-    """``PRAGMA integrity_check`` of *db*."""
-    conn = sqlite3.connect(db)
-    try:
-        return str(conn.execute("PRAGMA integrity_check").fetchone()[0])
-    finally:
-        conn.close()
 
 
 def check_good(db: str, built: Sequence[Built], freshness: Sequence[str] = ("indexed",)) -> None:
@@ -246,64 +160,6 @@ def test_unreadable_files_without_root_privileges(tmp_path: Path) -> None:
 # -- the daemon as a real process ---------------------------------------------------------------------
 
 
-class Daemon:
-    """``ocidx daemon`` in a subprocess; stderr goes to a log file that the test reads."""
-
-    def __init__(self, tmp: str, db: str, *roots: str, config: str | None = None) -> None:
-        self.tmp = tmp
-        self.log_path = os.path.join(tmp, f"daemon-{time.monotonic_ns()}.log")
-        args = ["daemon", "--db", db, *(["--config", config] if config else []), *roots]
-        self.log_file = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "indexer", *args], stdout=self.log_file, stderr=self.log_file, env=env(tmp), cwd=tmp
-        )
-
-    def log(self) -> bytes:
-        """Everything the daemon has logged so far."""
-        with open(self.log_path, "rb") as f:
-            return f.read()
-
-    def wait_ready(self, timeout: float = DEADLINE_S) -> None:
-        """Wait for the start-up reconcile to finish (the ``ready:`` line)."""
-        wait_for(lambda: b" ready: " in self.log() or self.proc.poll() is not None, "daemon ready", timeout)
-        assert self.proc.poll() is None, self.log().decode(errors="replace")
-
-    def kill(self) -> None:
-        """SIGKILL: no clean-up of any kind."""
-        self.proc.kill()
-        self.proc.wait(DEADLINE_S)
-        self.log_file.close()
-
-    def stop(self) -> int:
-        """SIGTERM and wait; the exit code. The log holds no traceback and no raw control character."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(DEADLINE_S)
-        self.log_file.close()
-        log = self.log()
-        assert b"Traceback" not in log, log.decode(errors="replace")
-        assert not hostile.control_characters(log), hostile.control_characters(log)[:5]
-        return rc
-
-    def __enter__(self) -> Daemon:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(DEADLINE_S)
-        if not self.log_file.closed:
-            self.log_file.close()
-
-
-def write_config(tmp: str, text: str) -> str:
-    """A config file holding *text*; its path."""
-    path = os.path.join(tmp, "config.toml")
-    with open(path, "w") as f:
-        f.write(text)
-    return path
-
-
 def racy_count(db: str) -> int:
     """Layouts whose stored identity a lookup cannot trust yet (changed within 3 s of being read)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
@@ -349,9 +205,9 @@ def daemon_and_check(
         skip = frozenset(c.name for c in hostile.CASES) - {only}
     built = hostile.build_catalogue(root, outside, good=good, skip=skip)
     file_root = hostile.root_that_is_a_file(tmp)
-    with Daemon(tmp, db, root, file_root) as daemon:
+    with Daemon(tmp, [root, file_root], db=db).start() as daemon:
         daemon.wait_ready(timeout)
-        assert b"is not a directory" in daemon.log()
+        assert "is not a directory" in daemon.log()
         for item in built:
             if item.after_first_scan is not None:
                 item.after_first_scan()
@@ -371,14 +227,14 @@ def daemon_and_check(
         wait_for(settled, "the daemon to index every catalogue layout as expected", timeout)
         # Its second look at racily-clean layouts (3 s after their change) must go through too.
         wait_for(
-            lambda: daemon.proc.poll() is not None or racy_count(db) == 0,
+            lambda: daemon.exited() or racy_count(db) == 0,
             "the daemon to settle every racily-clean layout",
             timeout + 5,
         )
-        assert daemon.proc.poll() is None, daemon.log().decode(errors="replace")[-3000:]
+        assert not daemon.exited(), daemon.log()[-3000:]
         assert run(tmp, "status", "--db", db).rc == 0
         check_good(db, [b for b in built if b.expect in ("ok", "stale")])
-        assert daemon.proc.poll() is None
+        assert not daemon.exited()
         assert daemon.stop() == 0
 
 
@@ -424,9 +280,9 @@ def test_garbage_database(tmp_path: Path) -> None:
     with open(db, "rb") as f:
         assert f.read() == garbage, "ocidx scan must not touch a file it cannot read as its database"
     # The daemon moves it aside (keeping the bytes) and rebuilds the index from the layouts.
-    with Daemon(tmp, db, root) as daemon:
+    with Daemon(tmp, [root], db=db).start() as daemon:
         daemon.wait_ready()
-        assert b"is corrupt" in daemon.log()
+        assert "is corrupt" in daemon.log()
         check_good(db, built)
         assert daemon.stop() == 0
     [moved] = [n for n in os.listdir(tmp) if n.startswith("index.db.corrupt-")]
@@ -452,9 +308,9 @@ def test_damaged_database_is_rebuilt_by_the_daemon(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root, db, built = small_index(tmp, 60)
     damage_pages(db)
-    with Daemon(tmp, db, root) as daemon:
+    with Daemon(tmp, [root], db=db).start() as daemon:
         daemon.wait_ready()
-        assert b"is corrupt" in daemon.log()
+        assert "is corrupt" in daemon.log()
         check_good(db, built)
         assert daemon.stop() == 0
     assert integrity(db) == "ok"
@@ -495,10 +351,9 @@ def test_newer_schema_writers_refuse(tmp_path: Path) -> None:
         before = f.read()
     scan = run(tmp, "scan", "--db", db, root)
     assert scan.rc == 4 and b"newer" in scan.err, scan
-    with Daemon(tmp, db, root) as daemon:
-        daemon.proc.wait(DEADLINE_S)
-        assert daemon.stop() == 4
-        assert b"newer" in daemon.log()
+    with Daemon(tmp, [root], db=db).start() as daemon:
+        assert daemon.wait() == 4
+        assert "newer" in daemon.log()
     # A newer ocidx's database is not corrupt: it is neither moved aside nor rewritten.
     assert not [n for n in os.listdir(tmp) if ".corrupt-" in n]
     with open(db, "rb") as f:
@@ -535,10 +390,9 @@ def test_read_only_database_directory_writers(tmp_path: Path) -> None:
         assert scan.rc == 4 and b"unable to open database file" in scan.err, scan
         new = run(tmp, "scan", "--db", os.path.join(view, "new.db"), root)
         assert new.rc == 4 and b"cannot open index database" in new.err, new
-        with Daemon(tmp, ro_db, root) as daemon:
-            daemon.proc.wait(DEADLINE_S)
-            assert daemon.stop() == 1
-            assert b"Read-only file system" in daemon.log()
+        with Daemon(tmp, [root], db=ro_db).start() as daemon:
+            assert daemon.wait() == 1
+            assert "Read-only file system" in daemon.log()
 
 
 def test_read_only_database_directory_lookups(tmp_path: Path) -> None:
@@ -586,7 +440,10 @@ def test_full_disk_keeps_the_last_good_state(tmp_path: Path) -> None:
         before = rows(db)
         fat_layouts(root, 150)
         scan = subprocess.run(
-            [sys.executable, "-m", "indexer", "scan", "--db", db, root], capture_output=True, env=env(tmp), check=False
+            [sys.executable, "-m", "indexer", "scan", "--db", db, root],
+            capture_output=True,
+            env=environment(tmp),
+            check=False,
         )
         assert scan.returncode != 0 and b"database or disk is full" in scan.stderr, scan
         assert integrity(db) == "ok"
@@ -614,24 +471,24 @@ def test_full_disk_daemon_survives(tmp_path: Path) -> None:
     disk = os.path.join(tmp, "disk")
     with small_disk(disk):
         db = os.path.join(disk, "index.db")
-        with Daemon(tmp, db, root) as daemon:
+        with Daemon(tmp, [root], db=db).start() as daemon:
             daemon.wait_ready()
             fat_layouts(root, 150)
-            wait_for(lambda: b"full" in daemon.log(), "the daemon to report the full disk")
+            wait_for(lambda: "full" in daemon.log(), "the daemon to report the full disk")
             check_good(db, built)
-            assert daemon.proc.poll() is None, daemon.log().decode(errors="replace")
+            assert not daemon.exited(), daemon.log()
             assert daemon.stop() == 0
 
 
 def test_second_daemon_refused(tmp_path: Path) -> None:
     tmp = str(tmp_path)
     root, db, built = small_index(tmp)
-    with Daemon(tmp, db, root) as first:
+    with Daemon(tmp, [root], db=db).start() as first:
         first.wait_ready()
         second = run(tmp, "daemon", "--db", db, root)
         assert second.rc == 1, second
-        assert f"pid {first.proc.pid}".encode() in second.err and b"already running" in second.err, second
-        assert first.proc.poll() is None
+        assert f"pid {first.pid}".encode() in second.err and b"already running" in second.err, second
+        assert not first.exited()
         check_good(db, built)
         assert first.stop() == 0
     status = run(tmp, "status", "--db", db, "--json").json()
@@ -701,7 +558,9 @@ def crash_trials(
         target = rng.randrange(0, count)
         args = ["daemon" if daemon else "scan", "--db", db, "--config", config, root]
         with open(os.path.join(tmp, f"crash-{trial}.log"), "wb") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "indexer", *args], stdout=log, stderr=log, env=env(tmp))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "indexer", *args], stdout=log, stderr=log, env=environment(tmp)
+            )
             try:
                 at = kill_at(proc, db, target, jitter, rng)
             finally:
@@ -712,7 +571,7 @@ def crash_trials(
         check = integrity(db) if os.path.exists(db) else "ok"
         assert check == "ok", (trial, check)
         if daemon:
-            with Daemon(tmp, db, root, config=config) as again:
+            with Daemon(tmp, [root], db=db, config=config).start() as again:
                 again.wait_ready()
                 assert again.stop() == 0
         else:
@@ -761,7 +620,7 @@ def spawn(function: str, *args: object, tmp: str, stack: contextlib.ExitStack) -
         f"print(json.dumps(t.{function}(*json.load(sys.stdin))))"
     )
     proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env(tmp), cwd=tmp
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=environment(tmp), cwd=tmp
     )
     stack.callback(_reap, proc)
     assert proc.stdin is not None
@@ -949,7 +808,7 @@ def torn_write_run(
     flag = os.path.join(tmp, f"torn-done-{same_length}-{daemon}")
     with contextlib.ExitStack() as stack:
         if daemon:
-            service = stack.enter_context(Daemon(tmp, db, root))
+            service = stack.enter_context(Daemon(tmp, [root], db=db).start())
             service.wait_ready()
         else:
             assert run(tmp, "scan", "--db", db, root).rc == 0
@@ -988,27 +847,6 @@ def test_torn_writes_with_daemon(tmp_path: Path) -> None:
 
 
 # -- readers under write load ------------------------------------------------------------------------------
-
-
-def churn_corpus(root: str, count: int) -> dict[str, dict[str, object]]:
-    """*count* layouts, each with a fixed ``:latest`` and a ``:churn`` that flips between two images.
-
-    Returns, per layout path, ``latest`` (its digest), ``churn`` (the two digests) and
-    ``documents`` (the two ``index.json`` texts); the first document is written.
-    """
-    out: dict[str, dict[str, object]] = {}
-    for i in range(count):
-        layout = Layout(os.path.join(root, f"churn-{i:04d}"))
-        latest = named(layout.manifest(platform=LINUX_AMD64, label=f"latest{i}"), ref="latest")
-        flips = [named(layout.manifest(platform=LINUX_AMD64, label=f"churn{i}-{j}"), ref="churn") for j in range(2)]
-        texts = [json.dumps(layout.index_document([latest, flip]), separators=(",", ":")) for flip in flips]
-        layout.write_index_bytes(texts[0].encode())
-        out[os.path.realpath(layout.path)] = {
-            "latest": latest["digest"],
-            "churn": [f["digest"] for f in flips],
-            "documents": texts,
-        }
-    return out
 
 
 def churner(
@@ -1068,7 +906,7 @@ def load_run(
     writer: dict[str, object] = {"scans": 0, "failed_scans": [], "locked": 0}
     with contextlib.ExitStack() as stack:
         if daemon:
-            service = stack.enter_context(Daemon(tmp, db, root))
+            service = stack.enter_context(Daemon(tmp, [root], db=db).start())
             service.wait_ready()
         else:
             assert run(tmp, "scan", "--db", db, root).rc == 0
@@ -1092,7 +930,7 @@ def load_run(
         final: dict[str, int] = churned["final"]  # type: ignore[assignment]
         expected = {path: str(corpus[path]["churn"][n]) for path, n in final.items()}  # type: ignore[index]
         if daemon:
-            assert service.proc.poll() is None
+            assert not service.exited()
             wait_for(lambda: all_indexed(db, expected), "the daemon to index the final state")
             writer = {"daemon_alive": True}
             assert service.stop() == 0
@@ -1133,7 +971,9 @@ def test_two_scans_at_once(tmp_path: Path) -> None:
     os.makedirs(os.path.join(tmp, "empty"))
     assert run(tmp, "scan", "--db", db, os.path.join(tmp, "empty")).rc == 0  # the database exists: see below
     args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, root]
-    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp)) for _ in range(2)]
+    procs = [
+        subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(tmp)) for _ in range(2)
+    ]
     for proc in procs:
         _out, err = proc.communicate(timeout=DEADLINE_S)
         assert proc.returncode == 0, err
@@ -1162,7 +1002,7 @@ def test_sigkill_daemon_while_ingesting_changes(tmp_path: Path) -> None:
     config = write_config(tmp, "[daemon]\nbatch_size = 10\ndebounce_ms = 0\n")
     rng = random.Random(5)
     for trial in range(2):
-        with Daemon(tmp, db, root, config=config) as daemon:
+        with Daemon(tmp, [root], db=db, config=config).start() as daemon:
             daemon.wait_ready()
             before = {path: chash for path, (_s, _c, chash) in layouts_state(db).items()}
             for path, info in corpus.items():  # every layout flips :churn, by rename
@@ -1178,7 +1018,7 @@ def test_sigkill_daemon_while_ingesting_changes(tmp_path: Path) -> None:
             time.sleep(rng.uniform(0, 0.02))  # a random kill point inside the next batch, not a synchronization
             daemon.kill()
         assert integrity(db) == "ok"
-        with Daemon(tmp, db, root, config=config) as again:
+        with Daemon(tmp, [root], db=db, config=config).start() as again:
             again.wait_ready()
             assert again.stop() == 0
         with contextlib.suppress(FileNotFoundError):
@@ -1198,7 +1038,7 @@ def test_two_scans_create_one_database(tmp_path: Path) -> None:
     for trial in range(8):  # each trial failed about 2 times in 3 when found
         db = os.path.join(tmp, f"new-{trial}.db")
         args = [sys.executable, "-m", "indexer", "scan", "--db", db, empty]
-        procs = [subprocess.Popen(args, stderr=subprocess.PIPE, env=env(tmp)) for _ in range(2)]
+        procs = [subprocess.Popen(args, stderr=subprocess.PIPE, env=environment(tmp)) for _ in range(2)]
         for proc in procs:
             _out, err = proc.communicate(timeout=DEADLINE_S)
             assert proc.returncode == 0, (trial, err)

@@ -420,7 +420,7 @@ def test_a_layout_reached_through_a_followed_symlink_is_removed_when_it_vanishes
 
 
 def test_settled_proves_an_unchanged_tree_and_refuses_any_change(scan: Scan) -> None:
-    from indexer.scan.discovery import settled
+    from indexer.scan.proof import settled
 
     a = make(os.path.join(scan.root, "a"))
     make(os.path.join(scan.root, "b"))

@@ -488,6 +488,6 @@ def test_another_user_can_read_a_database_it_cannot_write() -> None:
 )
 def test_the_stored_annotations_json_is_what_json_dumps_gives(annotations: dict[str, str]) -> None:
     """Stored JSON is read back by lookups and compared across versions: the fast encoder must not drift."""
-    from indexer.store.write import _annotations_json
+    from indexer.store.rows import _annotations_json
 
     assert _annotations_json(annotations) == json.dumps(annotations, sort_keys=True)

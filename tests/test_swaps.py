@@ -9,9 +9,8 @@ from pathlib import Path
 
 import anyio
 import pytest
-from harness import scanner_on
+from harness import run, scanner_on
 from layouts import Layout, named
-from test_reliability import run
 
 from indexer.errors import LayoutUnreadable
 from indexer.layout import read_layout

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import DEADLINE_S, Daemon, run, wait_for, write_config
+from layouts import churn_corpus
 from test_interleaving import select
-from test_reliability import DEADLINE_S, Daemon, churn_corpus, run, wait_for, write_config
 
 from indexer.store import maintenance, migrate, open_writer
 
@@ -144,7 +145,7 @@ def test_daemon_warns_while_a_reader_pins_the_wal_and_recovers(tmp_path: Path) -
     corpus = churn_corpus(root, 200)
     config = write_config(tmp, "[daemon]\nheartbeat_interval_s = 0.2\ndebounce_ms = 0\n")
     reading, release = os.path.join(tmp, "reading"), os.path.join(tmp, "release")
-    with Daemon(tmp, db, root, config=config) as daemon:
+    with Daemon(tmp, [root], db=db, config=config).start() as daemon:
         daemon.wait_ready()
         reader = subprocess.Popen([sys.executable, "-c", READER, db, reading, release])
         try:
@@ -152,17 +153,17 @@ def test_daemon_warns_while_a_reader_pins_the_wal_and_recovers(tmp_path: Path) -
             which = 1
             # Flip every layout until the daemon says the WAL is pinned (the flips are the load).
             deadline = time.monotonic() + DEADLINE_S
-            while b"cannot be checkpointed" not in daemon.log():
-                assert time.monotonic() < deadline, daemon.log().decode(errors="replace")
+            while "cannot be checkpointed" not in daemon.log():
+                assert time.monotonic() < deadline, daemon.log()
                 for path, info in corpus.items():
                     text = info["documents"][which]  # type: ignore[index]
                     with open(os.path.join(path, "index.json"), "w") as f:
                         f.write(str(text))
                 which = 1 - which
-            assert f"processes with it open: {reader.pid}".encode() in daemon.log()
+            assert f"processes with it open: {reader.pid}" in daemon.log()
             open(release, "w").close()
             assert reader.wait(DEADLINE_S) == 0
-            wait_for(lambda: b"checkpointed again" in daemon.log(), "the daemon to checkpoint the WAL again")
+            wait_for(lambda: "checkpointed again" in daemon.log(), "the daemon to checkpoint the WAL again")
             wait_for(lambda: maintenance.wal_size(db) <= maintenance.WAL_LIMIT_BYTES, "the WAL to come back down")
         finally:
             if reader.poll() is None:

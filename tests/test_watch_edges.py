@@ -14,28 +14,11 @@ import subprocess
 import sys
 
 import pytest
+from harness import FRESH_S, REPO, Daemon, needs_inotify, run, run_daemon, wait_for
 from hostile import control_characters
-from layouts import Layout
-from test_daemon import (
-    FRESH_S,
-    REPO,
-    Daemon,
-    daemons,
-    index_bytes,
-    needs_inotify,
-    rewrite_in_place,
-    run_daemon,
-    wait_until,
-)
-from test_reliability import run
+from layouts import Layout, index_bytes, rewrite_in_place
 
 integration = pytest.mark.integration
-__all__ = ["daemons"]  # the fixture, shared with test_daemon.py
-
-
-@pytest.fixture
-def tmp(tmp_path: os.PathLike[str]) -> str:
-    return os.path.realpath(os.fspath(tmp_path))
 
 
 # -- config numbers ------------------------------------------------------------------------------
@@ -104,16 +87,16 @@ def test_layouts_below_a_directory_named_blobs_are_indexed_as_they_appear(tmp: s
     root = os.path.join(tmp, "root")
     owner = _layout(os.path.join(root, "lay"))
     daemon = run_daemon(daemons, tmp, [root])
-    wait_until(lambda: daemon.indexed(owner.path, ":v1", "one"), "first layout indexed")
+    wait_for(lambda: daemon.indexed(owner.path, ":v1", "one"), "first layout indexed")
     top = _layout(os.path.join(root, "blobs", "app"), "v2", "two")
     deep = _layout(os.path.join(root, "x", "blobs", "y", "app"), "v3", "three")
-    wait_until(lambda: daemon.indexed(top.path, ":v2", "two"), "ROOT/blobs/app indexed", FRESH_S)
-    wait_until(lambda: daemon.indexed(deep.path, ":v3", "three"), "ROOT/x/blobs/y/app indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(top.path, ":v2", "two"), "ROOT/blobs/app indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(deep.path, ":v3", "three"), "ROOT/x/blobs/y/app indexed", FRESH_S)
     rewrite_in_place(deep.index_path, index_bytes("v4", "four"))
-    wait_until(lambda: daemon.indexed(deep.path, ":v4", "four"), "a rewrite below blobs/ indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(deep.path, ":v4", "four"), "a rewrite below blobs/ indexed", FRESH_S)
     _layout(os.path.join(owner.path, "blobs", "sha256", "decoy"))
     rewrite_in_place(owner.index_path, index_bytes("v5", "five"))  # answered after the decoy's events
-    wait_until(lambda: daemon.indexed(owner.path, ":v5", "five"), "a later change indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(owner.path, ":v5", "five"), "a later change indexed", FRESH_S)
     assert os.path.join(owner.path, "blobs", "sha256", "decoy") not in daemon.layouts()
 
 
@@ -148,9 +131,9 @@ def test_the_daemon_drops_a_symlinked_layout_at_its_next_reconcile(tmp: str, dae
         fh.write(f'\n[[roots]]\npath = "{root}"\nfollow_symlinks = true\n')
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: daemon.indexed(outside.path, ":v9", "nine"), "the symlinked layout indexed")
+    wait_for(lambda: daemon.indexed(outside.path, ":v9", "nine"), "the symlinked layout indexed")
     os.unlink(link)
-    wait_until(lambda: outside.path not in daemon.layouts(), "the symlinked layout dropped")
+    wait_for(lambda: outside.path not in daemon.layouts(), "the symlinked layout dropped")
     assert own.path in daemon.layouts()
 
 
@@ -170,28 +153,28 @@ def test_non_utf8_names_under_a_running_daemon_never_stop_it(tmp: str, daemons: 
         fh.write(f'log_format = "{log_format}"\n')
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: daemon.indexed(plain.path, ":v1", "one"), "first layout indexed")
-    wait_until(lambda: daemon.indexed(odd.path, ":v1", "one"), "layout in a non-UTF-8 root indexed")
+    wait_for(lambda: daemon.indexed(plain.path, ":v1", "one"), "first layout indexed")
+    wait_for(lambda: daemon.indexed(odd.path, ":v1", "one"), "layout in a non-UTF-8 root indexed")
 
     broot = os.fsencode(root)
     os.makedirs(broot + b"/empty\xff/sub\xfe")  # a tree with no layout
     bad = _layout(os.fsdecode(broot + b"/team\xff/app\xfe"), "v2", "two")  # a layout in a new bad tree
-    wait_until(lambda: daemon.indexed(bad.path, ":v2", "two"), "layout below a non-UTF-8 tree indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(bad.path, ":v2", "two"), "layout below a non-UTF-8 tree indexed", FRESH_S)
     rewrite_in_place(bad.index_path, index_bytes("v3", "three"))
-    wait_until(lambda: daemon.indexed(bad.path, ":v3", "three"), "rewrite in a non-UTF-8 layout", FRESH_S)
+    wait_for(lambda: daemon.indexed(bad.path, ":v3", "three"), "rewrite in a non-UTF-8 layout", FRESH_S)
     moved = os.fsdecode(broot + b"/moved\xfd")
     os.rename(os.fsdecode(broot + b"/team\xff"), moved)  # the tree renamed: old rows go, new ones come
-    wait_until(lambda: bad.path not in daemon.layouts(), "the renamed-away layout dropped", FRESH_S)
-    wait_until(
+    wait_for(lambda: bad.path not in daemon.layouts(), "the renamed-away layout dropped", FRESH_S)
+    wait_for(
         lambda: daemon.indexed(os.path.join(moved, os.fsdecode(b"app\xfe")), ":v3", "three"),
         "renamed-in non-UTF-8 layout indexed",
         FRESH_S,
     )
     os.rename(os.fsdecode(broot + b"/empty\xff"), os.fsdecode(broot + b"/empty\xfc"))
     os.rmdir(os.fsdecode(broot + b"/empty\xfc/sub\xfe"))
-    wait_until(lambda: daemon.indexed(plain.path, ":v1", "one") and not daemon.exited(), "daemon alive")
+    wait_for(lambda: daemon.indexed(plain.path, ":v1", "one") and not daemon.exited(), "daemon alive")
     rewrite_in_place(plain.index_path, index_bytes("v5", "five"))  # still answering events
-    wait_until(lambda: daemon.indexed(plain.path, ":v5", "five"), "a later change indexed", FRESH_S)
+    wait_for(lambda: daemon.indexed(plain.path, ":v5", "five"), "a later change indexed", FRESH_S)
 
     assert not daemon.exited(), daemon.log()
     status = run(tmp, "status", "--db", daemon.db, "--json")
@@ -229,23 +212,23 @@ def test_sighup_reloads_the_config_and_watches_a_new_root_at_once(tmp: str, daem
         fh.write(f'\n[[roots]]\npath = "{first}"\n')
     daemons.append(daemon)
     daemon.start().wait_ready()
-    wait_until(lambda: daemon.indexed(a.path, ":v1", "one"), "the first root indexed")
+    wait_for(lambda: daemon.indexed(a.path, ":v1", "one"), "the first root indexed")
     assert daemon.stored(b.path) is None
 
     with open(daemon.config, "w", encoding="utf-8") as fh:
         fh.write(settings + f'\n[[roots]]\npath = "{first}"\n\n[[roots]]\npath = "{second}"\n')
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: daemon.indexed(b.path, ":v2", "two"), "the added root indexed after SIGHUP")
-    wait_until(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
+    wait_for(lambda: daemon.indexed(b.path, ":v2", "two"), "the added root indexed after SIGHUP")
+    wait_for(lambda: "configuration reloaded" in daemon.log(), "the reload logged")
     rewrite_in_place(b.index_path, index_bytes("v3", "three"))  # the new root is watched, not polled
-    wait_until(lambda: daemon.indexed(b.path, ":v3", "three"), "a change in the added root", FRESH_S)
+    wait_for(lambda: daemon.indexed(b.path, ":v3", "three"), "a change in the added root", FRESH_S)
 
     with open(daemon.config, "w", encoding="utf-8") as fh:  # drop the first root
         fh.write(settings + f'\n[[roots]]\npath = "{second}"\n')
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: "1 roots (0 added, 1 removed)" in daemon.log(), "the second reload logged")
+    wait_for(lambda: "1 roots (0 added, 1 removed)" in daemon.log(), "the second reload logged")
     rewrite_in_place(b.index_path, index_bytes("v4", "four"))
-    wait_until(lambda: daemon.indexed(b.path, ":v4", "four"), "still watching the kept root", FRESH_S)
+    wait_for(lambda: daemon.indexed(b.path, ":v4", "four"), "still watching the kept root", FRESH_S)
     assert not daemon.exited()
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
@@ -257,17 +240,17 @@ def test_sighup_with_an_invalid_config_keeps_the_running_one(tmp: str, daemons: 
     root = os.path.join(tmp, "root")
     lay = _layout(os.path.join(root, "a"))
     daemon = run_daemon(daemons, tmp, [root])
-    wait_until(lambda: daemon.indexed(lay.path, ":v1", "one"), "first state indexed")
+    wait_for(lambda: daemon.indexed(lay.path, ":v1", "one"), "first state indexed")
     with open(daemon.config, "a", encoding="utf-8") as fh:
         fh.write("reconcile_interval_s = nan\n")  # a second key in [daemon]: invalid TOML, then a bad value
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: "not reloading" in daemon.log(), "the refused reload logged")
+    wait_for(lambda: "not reloading" in daemon.log(), "the refused reload logged")
     with open(daemon.config, "w", encoding="utf-8") as fh:
         fh.write("[daemon]\nheartbeat_interval_s = nan\n")
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: "daemon.heartbeat_interval_s" in daemon.log(), "the bad key named")
+    wait_for(lambda: "daemon.heartbeat_interval_s" in daemon.log(), "the bad key named")
     rewrite_in_place(lay.index_path, index_bytes("v2", "two"))
-    wait_until(lambda: daemon.indexed(lay.path, ":v2", "two"), "still indexing with the old config", FRESH_S)
+    wait_for(lambda: daemon.indexed(lay.path, ":v2", "two"), "still indexing with the old config", FRESH_S)
     heartbeat = daemon.status()["daemon"]
     assert isinstance(heartbeat, dict) and heartbeat["running"] is True
     assert not daemon.exited()
@@ -291,14 +274,14 @@ def test_a_hard_linked_index_json_rewritten_through_one_layout_refreshes_the_oth
     os.link(a.index_path, c.index_path)
     daemon = run_daemon(daemons, tmp, [root])
     for lay in (a, b, c):
-        wait_until(functools.partial(daemon.indexed, lay.path, ":v1", "one"), f"{lay.path} indexed")
+        wait_for(functools.partial(daemon.indexed, lay.path, ":v1", "one"), f"{lay.path} indexed")
 
     rewrite_in_place(a.index_path, index_bytes("v2", "two"))  # inotify reports it for a/ only
     for lay in (a, b, c):
-        wait_until(functools.partial(daemon.indexed, lay.path, ":v2", "two"), f"{lay.path} refreshed", FRESH_S)
+        wait_for(functools.partial(daemon.indexed, lay.path, ":v2", "two"), f"{lay.path} refreshed", FRESH_S)
     rewrite_in_place(b.index_path, index_bytes("v3", "three"))
     for lay in (a, b, c):
-        wait_until(functools.partial(daemon.indexed, lay.path, ":v3", "three"), f"{lay.path} refreshed", FRESH_S)
+        wait_for(functools.partial(daemon.indexed, lay.path, ":v3", "three"), f"{lay.path} refreshed", FRESH_S)
     assert daemon.stop() == 0
 
 
@@ -324,27 +307,27 @@ def test_a_file_system_mounted_below_a_root_after_start_is_watched_at_once(tmp: 
     point = os.path.join(root, "team", "mnt")
     os.makedirs(point)
     daemon = run_daemon(daemons, tmp, [root])  # reconcile_interval_s = 300: only the watch can see it
-    wait_until(lambda: daemon.indexed(first.path, ":v1", "one"), "first layout indexed")
+    wait_for(lambda: daemon.indexed(first.path, ":v1", "one"), "first layout indexed")
     _mount_tmpfs(point)
     try:
         made = _layout(os.path.join(point, "cache", "app"), "v2", "two")  # written into the new mount
-        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the new mount indexed", FRESH_S)
+        wait_for(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the new mount indexed", FRESH_S)
         rewrite_in_place(made.index_path, index_bytes("v3", "three"))
-        wait_until(lambda: daemon.indexed(made.path, ":v3", "three"), "a change on the mount indexed", FRESH_S)
+        wait_for(lambda: daemon.indexed(made.path, ":v3", "three"), "a change on the mount indexed", FRESH_S)
         inner = os.path.join(point, "inner")
         os.makedirs(inner)
         _mount_tmpfs(inner)  # a mount inside the new mount
         try:
             deeper = _layout(os.path.join(inner, "app"), "v4", "four")
-            wait_until(lambda: daemon.indexed(deeper.path, ":v4", "four"), "a nested mount indexed", FRESH_S)
+            wait_for(lambda: daemon.indexed(deeper.path, ":v4", "four"), "a nested mount indexed", FRESH_S)
         finally:
             _umount(inner)
-        wait_until(lambda: deeper.path not in daemon.layouts(), "the nested mount's layout dropped", FRESH_S)
+        wait_for(lambda: deeper.path not in daemon.layouts(), "the nested mount's layout dropped", FRESH_S)
     finally:
         _umount(point)
-    wait_until(lambda: made.path not in daemon.layouts(), "the unmounted layout dropped", FRESH_S)
+    wait_for(lambda: made.path not in daemon.layouts(), "the unmounted layout dropped", FRESH_S)
     rewrite_in_place(first.index_path, index_bytes("v5", "five"))
-    wait_until(lambda: daemon.indexed(first.path, ":v5", "five"), "the root still watched", FRESH_S)
+    wait_for(lambda: daemon.indexed(first.path, ":v5", "five"), "the root still watched", FRESH_S)
     assert daemon.stop() == 0
     assert "Traceback" not in daemon.log()
 
@@ -356,13 +339,13 @@ def test_sighup_with_a_new_names_policy_re_reads_every_layout(tmp: str, daemons:
     lay = Layout(os.path.join(root, "skopeo"))
     lay.write_index_bytes(index_bytes("alpine:3.15", "one"))  # skopeo copy ... oci:DIR:alpine:3.15
     daemon = run_daemon(daemons, tmp, [root])
-    wait_until(lambda: daemon.indexed(lay.path, ":3.15", "one"), "the familiar name's tag indexed")
+    wait_for(lambda: daemon.indexed(lay.path, ":3.15", "one"), "the familiar name's tag indexed")
     with open(daemon.config, "a", encoding="utf-8") as fh:
         fh.write('\n[names]\nfamiliar_ref_names = "ignore"\n')
     os.kill(daemon.pid, signal.SIGHUP)
-    wait_until(lambda: "re-reading every layout" in daemon.log(), "the policy change logged")
+    wait_for(lambda: "re-reading every layout" in daemon.log(), "the policy change logged")
     # index.json did not change: only re-reading it under the new policy drops the name's rows
-    wait_until(lambda: daemon.answer(lay.path, ":3.15") is None, "the name dropped under the new policy")
+    wait_for(lambda: daemon.answer(lay.path, ":3.15") is None, "the name dropped under the new policy")
     assert daemon.stop() == 0
 
 
@@ -378,10 +361,10 @@ def test_a_mount_point_whose_name_the_kernel_escapes_is_watched_too(tmp: str, da
     _mount_tmpfs(point)
     try:
         made = _layout(os.path.join(point, "app"), "v2", "two")
-        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the oddly named mount", FRESH_S)
+        wait_for(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the oddly named mount", FRESH_S)
     finally:
         _umount(point)
-    wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
+    wait_for(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
     assert daemon.stop() == 0
 
 
@@ -396,8 +379,8 @@ def test_a_file_system_mounted_before_start_is_watched(tmp: str, daemons: list[D
     try:
         daemon = run_daemon(daemons, tmp, [root])
         made = _layout(os.path.join(point, "app"), "v2", "two")  # after start, on a mount older than the watch
-        wait_until(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the earlier mount", FRESH_S)
+        wait_for(lambda: daemon.indexed(made.path, ":v2", "two"), "layout on the earlier mount", FRESH_S)
     finally:
         _umount(point)
-    wait_until(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
+    wait_for(lambda: made.path not in daemon.layouts(), "dropped after umount", FRESH_S)
     assert daemon.stop() == 0

@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+from harness import DEADLINE_S, Daemon, environment, integrity, rows, run, wait_for, write_config
 from layouts import LINUX_AMD64, Layout, named
-from test_reliability import DEADLINE_S, Daemon, env, integrity, rows, run, wait_for, write_config
 
-from indexer.scan.scanner import POOL_MIN_LAYOUTS
+from indexer.scan.reading import POOL_MIN_LAYOUTS
 from indexer.store.read import RACY_WINDOW_NS
 
 FAN_CLASS_CONTENT, FAN_CLOEXEC, FAN_MARK_ADD, FAN_OPEN_PERM, FAN_ALLOW, AT_FDCWD = 0x4, 0x1, 0x1, 0x10000, 0x1, -100
@@ -106,15 +106,15 @@ def _daemon(tmp: str) -> Daemon:
     """A daemon on a cold build of 400 layouts read by two workers, in batches of 5 (a long pass)."""
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus(root, 400)
-    return Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n"))
+    return Daemon(tmp, [root], db=db, config=write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n")).start()
 
 
 def _mid_pass(daemon: Daemon, db: str) -> list[int]:
     """Wait until the start-up pass has written some batches; its workers and resource tracker."""
-    wait_for(lambda: indexed(db) >= 20 or daemon.proc.poll() is not None, "the first batches written")
-    pids = workers_of(daemon.proc.pid, b"multiprocessing")
-    assert b" ready: " not in daemon.log(), "the start-up pass ended before the test could stop the daemon"
-    assert len(workers_of(daemon.proc.pid)) == 2
+    wait_for(lambda: indexed(db) >= 20 or daemon.exited(), "the first batches written")
+    pids = workers_of(daemon.pid, b"multiprocessing")
+    assert " ready: " not in daemon.log(), "the start-up pass ended before the test could stop the daemon"
+    assert len(workers_of(daemon.pid)) == 2
     return pids
 
 
@@ -128,7 +128,7 @@ def test_no_worker_outlives_a_daemon_killed_with_sigkill(tmp_path: Path) -> None
 def test_no_worker_outlives_a_daemon_stopped_with_sigterm(tmp_path: Path) -> None:
     with _daemon(str(tmp_path)) as daemon:
         pids = _mid_pass(daemon, os.path.join(str(tmp_path), "index.db"))
-        workers = workers_of(daemon.proc.pid)
+        workers = workers_of(daemon.pid)
         assert daemon.stop() == 0
         assert not any(alive(pid) for pid in workers)  # stopped before the daemon exited
         # multiprocessing's resource tracker ends when the daemon's end of its pipe closes
@@ -139,9 +139,9 @@ def test_the_daemon_keeps_no_idle_workers_between_passes(tmp_path: Path) -> None
     tmp = str(tmp_path)
     root, db = os.path.join(tmp, "root"), os.path.join(tmp, "index.db")
     corpus(root, POOL_MIN_LAYOUTS + 6)
-    with Daemon(tmp, db, root, config=with_workers(tmp)) as daemon:
+    with Daemon(tmp, [root], db=db, config=with_workers(tmp)).start() as daemon:
         daemon.wait_ready()
-        wait_for(lambda: not workers_of(daemon.proc.pid), "the start-up pass's workers to stop")
+        wait_for(lambda: not workers_of(daemon.pid), "the start-up pass's workers to stop")
         assert indexed(db) == POOL_MIN_LAYOUTS + 6
         assert daemon.stop() == 0
 
@@ -208,7 +208,7 @@ def test_a_layout_whose_reader_is_killed_is_read_again_not_pinned(tmp_path: Path
     wait_for(lambda: time.time_ns() > changed_ns + RACY_WINDOW_NS, "index.json to leave the racy window")
     args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", with_workers(tmp), "--json", root]
     with WorkerKiller(blob) as killer:
-        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp), cwd=tmp)
+        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(tmp), cwd=tmp)
         killer.parent = scan.pid
         out, err = scan.communicate(timeout=DEADLINE_S)
     assert len(killer.killed) >= 2, "the victim was not read in a worker, then alone in another"
@@ -232,7 +232,7 @@ def test_no_worker_outlives_a_scan_killed_with_sigkill_mid_pass(tmp_path: Path) 
     corpus(root, 400)
     config = write_config(tmp, "[daemon]\nworkers = 2\nbatch_size = 5\n")  # many transactions: killed mid-way
     args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--no-progress", root]
-    scan = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env(tmp), cwd=tmp)
+    scan = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=environment(tmp), cwd=tmp)
     wait_for(lambda: indexed(db) >= 20 or scan.poll() is not None, "the scan to write its first batches")
     pids = workers_of(scan.pid, b"multiprocessing")
     assert scan.poll() is None, "the scan ended before it could be killed"
@@ -366,7 +366,7 @@ def test_workers_killed_while_answering_never_hang_the_pass(tmp_path: Path) -> N
     config = write_config(tmp, "[daemon]\nworkers = 2\n")  # batches of 500: tasks of TASK_LAYOUTS layouts
     args = [sys.executable, "-m", "indexer", "scan", "--db", db, "--config", config, "--json", root]
     with AnswerKiller(kills=2, seed=1) as killer:
-        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env(tmp), cwd=tmp)
+        scan = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment(tmp), cwd=tmp)
         killer.parent = scan.pid
         try:
             out, err = scan.communicate(timeout=DEADLINE_S)
@@ -389,9 +389,9 @@ def test_a_daemon_whose_workers_are_killed_while_answering_gets_ready(tmp_path: 
     _generated(root, 400)
     with (
         AnswerKiller(kills=2, seed=7) as killer,
-        Daemon(tmp, db, root, config=write_config(tmp, "[daemon]\nworkers = 2\n")) as daemon,
+        Daemon(tmp, [root], db=db, config=write_config(tmp, "[daemon]\nworkers = 2\n")).start() as daemon,
     ):
-        killer.parent = daemon.proc.pid
+        killer.parent = daemon.pid
         daemon.wait_ready()
         assert any(how == "while answering" for _, how in killer.killed), killer.killed
         assert daemon.stop() == 0

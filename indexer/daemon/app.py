@@ -23,8 +23,9 @@ the store is made anew, and the next generation starts with a full pass.
 SIGTERM and SIGINT cancel the work in hand: a unit being written commits (the store's calls are
 shielded), then the row gets ``stopped_ns`` and the workers and the connections are closed, which
 gives up after :data:`SHUTDOWN_S` (a unit in hand is not counted in it: it commits or rolls back
-first). The signal receiver stays installed until the very end, so a second SIGTERM (what
-``timeout`` and many supervisors send) is noted, not fatal. SIGHUP re-reads the configuration (roots
+first). The signal receiver stays installed until the shutdown is done, then SIGTERM and SIGINT are
+ignored until the process exits, so a second SIGTERM (what ``timeout`` and many supervisors send)
+is noted, not fatal. SIGHUP re-reads the configuration (roots
 watched again, settings applied; an invalid file is logged and the running configuration kept).
 """
 
@@ -121,6 +122,12 @@ class Daemon:
         except BaseExceptionGroup as group:
             raise _single(group) from None
         finally:
+            # Leaving the receiver put back the default action (death by signal); the daemon has
+            # stopped, so a signal from here to the process's exit (a supervisor's second SIGTERM,
+            # sent while the event loop is torn down) has nothing left to stop and must not turn a
+            # clean exit into a death by signal.
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, signal.SIG_IGN)
             self._reload.close()
             self._reloads_in.close()
         return 0

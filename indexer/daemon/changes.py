@@ -142,7 +142,7 @@ class Changes:
             shared.owe_pass(", ".join(pending.lost))
         forced: set[str] = set()
         if pending.mounts:
-            forced = await self.watching.apply_mounts(pending)
+            forced = await self.watching.mounts.apply(pending)
         paths = set(pending.layouts)
         if paths:
             # An index.json hard-linked into other layouts changed for them too, but inotify reports a

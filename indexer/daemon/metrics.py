@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from anyio.abc import SocketStream, TaskStatus
 
     from indexer.config import MetricsSettings
-    from indexer.scan.scanner import Counts
+    from indexer.scan.counts import Counts
     from indexer.store.state import Counts as IndexCounts
 
 # The HTTP endpoint's bounds: a scraper needs one connection for milliseconds.

@@ -17,7 +17,7 @@ import anyio
 import anyio.to_thread
 
 from indexer.daemon.logs import fields
-from indexer.scan.scanner import LOGGED_PATHS
+from indexer.scan.counts import LOGGED_PATHS
 from indexer.scan.workers import INCOMPLETE
 from indexer.store import state
 

@@ -24,7 +24,8 @@ from indexer._record import Record
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from indexer.config import Config, Root
-    from indexer.scan.scanner import Counts, Scanner
+    from indexer.scan.counts import Counts
+    from indexer.scan.scanner import Scanner
     from indexer.store.writer import Store
 
 

@@ -32,7 +32,8 @@ from indexer.daemon.logs import fields
 from indexer.scan.discovery import in_layout_blobs
 from indexer.store import state
 from indexer.watch.mounts import MountWatch, mount_points
-from indexer.watch.watcher import Pending, Watcher, blobs_owner, relative_parts
+from indexer.watch.watcher import Pending, Watcher
+from indexer.watch.watches import blobs_owner, relative_parts
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -72,8 +73,7 @@ class Watching:
         self.reports = reports
         self.watcher: Watcher | None = None
         self.waiting_roots: set[str] = set()  # roots to watch once they exist
-        self.known_mounts: dict[int, str] = {}
-        self.mount_watch: MountWatch | None = None
+        self.mounts = Mounts(self)
         self.forced: set[str] = set()  # trees whose layouts must be read again (a mount changed)
 
     # -- what the changes duty asks ------------------------------------------------------------------
@@ -122,17 +122,7 @@ class Watching:
             await self._stop()
 
     async def _start(self) -> None:
-        self.known_mounts = await anyio.to_thread.run_sync(mount_points)
-        token = anyio.lowlevel.current_token()
-        watch = MountWatch(lambda: anyio.from_thread.run_sync(self._mounts_changed, token=token))
-        try:
-            await anyio.to_thread.run_sync(watch.start)
-            self.mount_watch = watch
-        except OSError as exc:
-            log.warning(
-                "cannot watch the mount table (%s): file systems mounted below a root are found by reconcile",
-                exc.strerror or exc,
-            )
+        await self.mounts.start()
         if forced_polling():
             await self._set_mode(f"polling: {WATCH_MODE_ENV}=polling")
             return
@@ -148,9 +138,7 @@ class Watching:
 
     async def _stop(self) -> None:
         with anyio.CancelScope(shield=True):
-            watch, self.mount_watch = self.mount_watch, None
-            if watch is not None:
-                await anyio.to_thread.run_sync(watch.stop)
+            await self.mounts.stop()
             watcher, self.watcher = self.watcher, None
             if watcher is not None:
                 watcher.close()
@@ -296,27 +284,56 @@ class Watching:
         """How many trees below the roots no watch covers."""
         return len(self.watcher.unwatched) if self.watcher is not None else 0
 
-    # -- mounts -----------------------------------------------------------------------------------------
 
-    def _mounts_changed(self) -> None:
+class Mounts:
+    """The watching duty's mount table: a file system mounted or unmounted below a root is watched and
+    rediscovered, and every layout below it read again (see the module)."""
+
+    def __init__(self, watching: Watching) -> None:
+        self.watching = watching
+        self.known: dict[int, str] = {}
+        self.watch: MountWatch | None = None
+
+    async def start(self) -> None:
+        """Read the mount table, and watch it (a warning when it cannot be watched)."""
+        self.known = await anyio.to_thread.run_sync(mount_points)
+        token = anyio.lowlevel.current_token()
+        watch = MountWatch(lambda: anyio.from_thread.run_sync(self.changed, token=token))
+        try:
+            await anyio.to_thread.run_sync(watch.start)
+            self.watch = watch
+        except OSError as exc:
+            log.warning(
+                "cannot watch the mount table (%s): file systems mounted below a root are found by reconcile",
+                exc.strerror or exc,
+            )
+
+    async def stop(self) -> None:
+        """Stop watching the mount table."""
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            await anyio.to_thread.run_sync(watch.stop)
+
+    def changed(self) -> None:
         """Called from the mount watch's thread (through the loop): the changes duty applies it."""
-        if self.watcher is not None:
-            self.watcher.pending.mounts = True
+        watcher, shared = self.watching.watcher, self.watching.shared
+        if watcher is not None:
+            watcher.pending.mounts = True
         else:
-            self.shared.request_reconcile("the mount table changed")
-        self.shared.wake()
+            shared.request_reconcile("the mount table changed")
+        shared.wake()
 
-    async def apply_mounts(self, pending: Pending) -> set[str]:
+    async def apply(self, pending: Pending) -> set[str]:
         """A file system was mounted or unmounted: watch the new mount points below a root (inotify does
         not cross into them) and rediscover both kinds, as for a directory that appeared; the trees
         whose layouts must be read again whatever their identities say."""
         current = await anyio.to_thread.run_sync(mount_points)
-        old, self.known_mounts = self.known_mounts, current
+        old, self.known = self.known, current
         removed = [point for mount_id, point in old.items() if mount_id not in current]
         added = [point for mount_id, point in current.items() if mount_id not in old]
         forced: set[str] = set()
         for point, mounted in [(p, False) for p in removed] + [(p, True) for p in added]:
-            for root in self.shared.roots:
+            for root in self.watching.shared.roots:
                 parts = relative_parts(point, root.path)
                 if not parts:  # not below this root (a mount on the root itself is a replaced root)
                     continue
@@ -333,8 +350,9 @@ class Watching:
                     "watching it and reading every layout there" if mounted else "reading what is there now",
                     extra=fields(event="mount", mounted=mounted, mount_point=point, root=root.path),
                 )
-                if self.watcher is not None:
-                    self.watcher.watch_tree(point)  # the mounted file system, or the directory it covered
+                watcher = self.watching.watcher
+                if watcher is not None:
+                    watcher.watch_tree(point)  # the mounted file system, or the directory it covered
                 break
         return forced
 

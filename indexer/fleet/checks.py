@@ -14,7 +14,7 @@ import os
 from indexer import names as names_mod
 from indexer import reference
 from indexer.errors import printable
-from indexer.graph import MAX_CREATED
+from indexer.graph.manifests import MAX_CREATED
 from indexer.names import Name
 
 TYPE_CHECKING = False

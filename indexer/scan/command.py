@@ -9,8 +9,10 @@ import time
 
 from indexer import config as config_mod
 from indexer.errors import printable
-from indexer.scan.discovery import roots_for, settled
-from indexer.scan.scanner import Counts, Scanner
+from indexer.scan.counts import Counts
+from indexer.scan.discovery import roots_for
+from indexer.scan.proof import settled
+from indexer.scan.scanner import Scanner
 from indexer.store import open_writer, transaction
 from indexer.store import state as roots_mod
 

@@ -596,7 +596,7 @@ class ChildRow(Record):
 
 
 # The descriptors reachable from one index in one layout: each distinct index once (UNION), however
-# many paths lead to it. Children are stored once per layout (layout._ChildWalk), under the first
+# many paths lead to it. Children are stored once per layout (layout.nested._ChildWalk), under the first
 # entry that reached them, so they are found by digest, from any entry or nested index.
 _REACHABLE_SQL = f"""
     WITH RECURSIVE reach(digest) AS (

@@ -51,7 +51,7 @@ class Store:
         # The file this store writes (device, inode): the daemon compares it with what the path names
         # now, to notice a database deleted or replaced under it (docs/reliability.md).
         self.identity = (st.st_dev, st.st_ino) if st is not None else None
-        from indexer.store.write import restore_indexes
+        from indexer.store.deferred import restore_indexes
 
         restore_indexes(conn)  # a cold build killed half-way left them deferred
         self._aio = aiosqlite.Connection(lambda: conn, iter_chunk_size=64)
