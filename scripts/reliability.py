@@ -706,14 +706,19 @@ def test_reliability_layouts(db: str) -> list[str]:
 
 def _mount_swap(tmp: str, db: str, root: str, chosen: list[str], failures: list[str]) -> dict[str, object]:
     """200 of the layouts on an ext4 image mounted below the root; then a byte copy of it in which every
-    tag 'latest' reads 'lat3st' (sizes and every timestamp the same) mounted in its place."""
+    tag 'latest' reads 'lat3st' (sizes and every timestamp the same) mounted in its place. Only each
+    layout's ``oci-layout`` and ``index.json`` go on the image (the content graph's blobs, layers of
+    their full size, would not fit a small image): what the swap tests is the proof of index.json."""
     first = test_faults.ext4_image(os.path.join(tmp, "first.ext4"))
     mnt = os.path.join(root, "zz-mounted")
     os.mkdir(mnt)
     copy = (
         "import os, shutil, sys\n"
         "for source in sys.argv[2:]:\n"
-        "    shutil.copytree(source, os.path.join(sys.argv[1], os.path.basename(source)), symlinks=True)\n"
+        "    target = os.path.join(sys.argv[1], os.path.basename(source))\n"
+        "    os.mkdir(target)\n"
+        "    for name in ('oci-layout', 'index.json'):\n"
+        "        shutil.copy2(os.path.join(source, name), target)\n"
     )
     test_faults.in_namespace(tmp, [["mount", first, mnt], [sys.executable, "-c", copy, mnt, *chosen]])
     with open(first, "rb") as f:

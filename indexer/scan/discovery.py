@@ -14,6 +14,7 @@ import stat
 import time
 
 from indexer._statx import mount_of
+from indexer.store import state
 from indexer.store.read import mount_members, remounted, settles_at
 
 TYPE_CHECKING = False
@@ -45,7 +46,7 @@ def discover(
 
     With *cache* (the directory cache, :func:`load_cache`), a directory whose identity is the one
     stored with its listing, settled when it was listed, is not listed again. Every directory
-    listed now goes into *listed*, for :func:`store_cache` (a directory that did not settle too:
+    listed now goes into *listed*, for :func:`indexer.store.state.record_listings` (a directory that did not settle too:
     its next listing may), and every directory walked into *visited*.
 
     A directory that could not be looked at for a reason other than its absence (a permission,
@@ -186,15 +187,8 @@ def _entered(
 
 def load_cache(conn: sqlite3.Connection) -> dict[str, Listing]:
     """The directory cache, by directory path (empty when the table is unreadable)."""
-    from indexer.store import path_of
-
     try:
-        return {
-            path_of(row[0]): row[1:]
-            for row in conn.execute(
-                "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links, mnt_id FROM directories"
-            )
-        }
+        return state.directory_listings(conn)  # type: ignore[return-value]  # rows of Listing's shape
     except sqlite3.Error:
         return {}
 
@@ -207,32 +201,6 @@ def forget_remounted(cache: dict[str, Listing]) -> dict[str, Listing]:
         for path in [p for p, row in cache.items() if (row[0], row[8]) in gone]:
             del cache[path]
     return cache
-
-
-def store_cache(
-    conn: sqlite3.Connection,
-    listed: Mapping[str, Listing],
-    visited: Collection[str],
-    tops: Collection[str],
-    cached: Collection[str],
-) -> None:
-    """A unit of the writer: record the directories listed by a walk, and forget cached ones below
-    *tops* (the walk's resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
-    from indexer.store import path_value
-
-    prefixes = [top.rstrip("/") + "/" for top in tops]
-    forget = [
-        (path_value(path),)
-        for path in cached
-        if path not in visited and any(path == p[:-1] or path.startswith(p) for p in prefixes)
-    ]
-    if not listed and not forget:
-        return
-    conn.executemany("DELETE FROM directories WHERE path = ?", forget)
-    conn.executemany(
-        "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        [(path_value(path), *row) for path, row in listed.items()],
-    )
 
 
 def in_layout_blobs(top: str, parts: list[str]) -> bool:
@@ -328,5 +296,5 @@ async def discover_through(
         return list(found), errors, [os.path.realpath(r.path) for r in roots]
 
     paths, errors, resolved = await anyio.to_thread.run_sync(walk)
-    await store.unit(store_cache, listed, visited, resolved, cache.keys())
+    await store.unit(state.record_listings, listed, visited, resolved, cache.keys())
     return paths, errors, resolved, failed

@@ -24,7 +24,8 @@ from indexer.scan.discovery import (
     vanished,
 )
 from indexer.scan.forking import forked
-from indexer.store.read import RACY_SQL, depends_hold, mount_members, presence_differs, remounted
+from indexer.store import state
+from indexer.store.read import depends_hold, mount_members, presence_differs, remounted
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -43,24 +44,10 @@ if TYPE_CHECKING:
     ]
 
 
-# A row that can prove nothing (its index.json racily clean or never read, read.RACY_SQL; in state ok,
-# its blobs/ never listed or listed racily) says so in one column, and each row's identities come as
-# one tuple to compare with stat's. A broken layout is proven by its index.json alone: until that
-# changes, nothing of it is read again.
-_IDENTITIES_SQL = (
-    f"SELECT path, state != 'ok', coalesce({RACY_SQL} "
-    "OR (state = 'ok' AND (blobs_dir IS NULL OR blobs_settles_ns > blobs_listed_ns)), 1), "
-    "dev, ino, size, mtime_ns, ctime_ns, blobs_dir, blobs_dev, blobs_ino, blobs_mtime_ns, blobs_ctime_ns, "
-    "blobs_more, depends, mnt_id FROM layouts"
-)
-
-
 def stored_identities(conn: sqlite3.Connection) -> dict[str, Identity]:
     """Every stored layout's ``index.json`` identity as plain rows, by path, for :func:`changes`:
     building a record per layout and comparing them field by field was a third of a 10,000-layout walk."""
-    from indexer.store import path_of
-
-    return {path_of(row[0]): row for row in conn.execute(_IDENTITIES_SQL)}
+    return state.layout_identities(conn)  # type: ignore[return-value]  # rows of Identity's shape
 
 
 def changes(

@@ -1,5 +1,6 @@
-"""What the index knows besides the layouts' rows: the ``daemon`` row, the roots, and the racy
-re-checks, status and counts read from the layouts table.
+"""What the index knows besides the layouts' rows: the ``daemon`` row, the roots, the directory
+cache and the layouts' stored identities the walk compares, and the racy re-checks, status and
+counts read from the layouts table.
 
 Everything here is schema knowledge for the writer's units (functions ``fn(conn, ...)`` run by
 :meth:`indexer.store.writer.Store.unit`) and for readers (``find``, ``status``, the daemon's
@@ -30,6 +31,10 @@ import time
 from indexer.config import Root
 from indexer.store import path_of, path_value
 from indexer.store.read import RACY_SQL, SETTLES_AT_SQL, retries
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
 
 
 def to_json(roots: list[tuple[Root, bool]]) -> str:
@@ -351,3 +356,59 @@ def record_publisher(
 def forget_fleet(conn: sqlite3.Connection) -> None:
     """A unit: no fleet publishes this index (so ``status`` shows no stale fleet state)."""
     conn.execute("DELETE FROM fleet_publisher")
+
+
+# -- what the walk of the layouts compares (indexer/scan/discovery.py, indexer/scan/proof.py) ---------
+
+# Each stored layout's identities as one row to compare with stat's (scan/proof.py's Identity): the
+# path, whether it is broken, whether it can prove nothing (its index.json racily clean or never read,
+# RACY_SQL; in state ok, its blobs/ never listed or listed racily), then index.json's (dev, ino, size,
+# mtime_ns, ctime_ns), the blobs/ directories' identities, what the rows depend on besides, and the
+# mount id index.json was read on. A broken layout is proven by its index.json alone: until that
+# changes, nothing of it is read again.
+_IDENTITIES_SQL = (
+    f"SELECT path, state != 'ok', coalesce({RACY_SQL} "
+    "OR (state = 'ok' AND (blobs_dir IS NULL OR blobs_settles_ns > blobs_listed_ns)), 1), "
+    "dev, ino, size, mtime_ns, ctime_ns, blobs_dir, blobs_dev, blobs_ino, blobs_mtime_ns, blobs_ctime_ns, "
+    "blobs_more, depends, mnt_id FROM layouts"
+)
+
+
+def layout_identities(conn: sqlite3.Connection) -> dict[str, tuple[object, ...]]:
+    """Every stored layout's identities as one plain row (:data:`_IDENTITIES_SQL`), by path."""
+    return {path_of(row[0]): row for row in conn.execute(_IDENTITIES_SQL)}
+
+
+def directory_listings(conn: sqlite3.Connection) -> dict[str, tuple[object, ...]]:
+    """The directory cache, by directory path: (dev, ino, mtime_ns, ctime_ns, listed_ns, layout,
+    subdirectory names, symlink names, mount id) per directory."""
+    return {
+        path_of(row[0]): row[1:]
+        for row in conn.execute(
+            "SELECT path, dev, ino, mtime_ns, ctime_ns, listed_ns, layout, subdirs, links, mnt_id FROM directories"
+        )
+    }
+
+
+def record_listings(
+    conn: sqlite3.Connection,
+    listed: Mapping[str, tuple[object, ...]],
+    visited: Collection[str],
+    tops: Collection[str],
+    cached: Collection[str],
+) -> None:
+    """A unit of the writer: record the directories a walk listed, and forget the cached ones below
+    *tops* (the walk's resolved roots) that it did not walk (removed, or no longer within a root's depth)."""
+    prefixes = [top.rstrip("/") + "/" for top in tops]
+    forget = [
+        (path_value(path),)
+        for path in cached
+        if path not in visited and any(path == p[:-1] or path.startswith(p) for p in prefixes)
+    ]
+    if not listed and not forget:
+        return
+    conn.executemany("DELETE FROM directories WHERE path = ?", forget)
+    conn.executemany(
+        "INSERT OR REPLACE INTO directories VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(path_value(path), *row) for path, row in listed.items()],
+    )
