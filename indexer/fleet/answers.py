@@ -27,46 +27,45 @@ if TYPE_CHECKING:
     Layouts = dict[tuple[str, int], tuple[str, str]]
 
 
-class FleetAnswer(Answer):
+class _OnHost:
+    """What a fleet answer adds to a local one: the host that holds it, and how live that host is."""
+
+    __slots__ = ()
+    host: str
+    host_state: str
+    heartbeat_age_s: float | None
+
+    def _host_keys(self, local: dict[str, object]) -> dict[str, object]:
+        """*local* (the local answer's keys), then ``host``, ``host_state`` and ``heartbeat_age_s``."""
+        return {**local, "host": self.host, "host_state": self.host_state, "heartbeat_age_s": self.heartbeat_age_s}
+
+
+class FleetAnswer(Answer, _OnHost):
     """One ``find --fleet`` match: a local find's answer plus the host that holds it."""
 
     __slots__ = ("heartbeat_age_s", "host", "host_state")
 
     def __init__(self, answer: Answer, *, host: str, host_state: str, heartbeat_age_s: float | None) -> None:
         super().__init__(**{name: getattr(answer, name) for name in Answer.__slots__})
-        self.host = host
-        self.host_state = host_state
-        self.heartbeat_age_s = heartbeat_age_s
+        self.host, self.host_state, self.heartbeat_age_s = host, host_state, heartbeat_age_s
 
     def to_json(self) -> dict[str, object]:
         """``find --json``'s keys, then ``host``, ``host_state`` and ``heartbeat_age_s``."""
-        return {
-            **super().to_json(),
-            "host": self.host,
-            "host_state": self.host_state,
-            "heartbeat_age_s": self.heartbeat_age_s,
-        }
+        return self._host_keys(super().to_json())
 
 
-class FleetReferrer(Referrer):
+class FleetReferrer(Referrer, _OnHost):
     """One ``referrers --fleet`` answer: a local ``referrers`` answer plus the host that holds it."""
 
     __slots__ = ("heartbeat_age_s", "host", "host_state")
 
     def __init__(self, referrer: Referrer, *, host: str, host_state: str, heartbeat_age_s: float | None) -> None:
         super().__init__(**{name: getattr(referrer, name) for name in Referrer.__slots__})
-        self.host = host
-        self.host_state = host_state
-        self.heartbeat_age_s = heartbeat_age_s
+        self.host, self.host_state, self.heartbeat_age_s = host, host_state, heartbeat_age_s
 
     def to_json(self) -> dict[str, object]:
         """``referrers --json``'s keys, then ``host``, ``host_state`` and ``heartbeat_age_s``."""
-        return {
-            **super().to_json(),
-            "host": self.host,
-            "host_state": self.host_state,
-            "heartbeat_age_s": self.heartbeat_age_s,
-        }
+        return self._host_keys(super().to_json())
 
 
 class FleetReferrers(list[FleetReferrer]):
