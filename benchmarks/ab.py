@@ -63,14 +63,16 @@ def main(argv: list[str] | None = None) -> int:
     dbs = {tree: os.path.join(work, f"{number}.db") for number, tree in enumerate(args.tree)}
     commands: dict[str, tuple[list[str], str | None]] = {}
     for tree, db in dbs.items():
-        if args.what == "cold":
+        if args.what != "cold":
+            _run([*ocidx, "scan", "--db", db, "--no-progress", args.root], tree)
+        if args.what in ("cold", "rescan"):
             commands[tree] = ([*ocidx, "scan", "--db", db, "--no-progress", args.root], tree)
-            continue
-        _run([*ocidx, "scan", "--db", db, "--no-progress", args.root], tree)
-        if args.what == "rescan":
-            commands[tree] = ([*ocidx, "scan", "--db", db, "--no-progress", args.root], tree)
-        else:
-            path, tag = _unique_tag(db, tree)
+    if args.what == "resolve":
+        # One probe for every tree (they index the same root), found by the last, the newest code:
+        # an older tree's benchmarks may not have the probe, and the newest one's code must not open
+        # (and migrate) an older tree's database.
+        path, tag = _unique_tag(dbs[args.tree[-1]], args.tree[-1])
+        for tree, db in dbs.items():
             commands[tree] = ([*ocidx, "resolve", "--db", db, f"oci-layout://{path}:{tag}"], tree)
     if args.what == "resolve":
         commands["baseline"] = ([sys.executable, "-c", "import sqlite3, json, argparse"], None)
