@@ -18,8 +18,6 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # here that is no longer over (take it off). Paths are relative to indexer/; a class is PATH:NAME.
 ALLOWED_OVER = frozenset(
     {
-        "query.py",  # lookups, freshness, read-through and the Index API in one module
-        "query.py:Index",  # the Python API and every lookup form's plumbing
         "cli.py",  # argparse and every command's output
         "store/read.py",  # the one matcher, stored rows, racy rule, depends and presence checks
     }
