@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import sys
 
-from indexer.cli.admin import cmd_daemon, cmd_gc, cmd_lint, cmd_scan
-from indexer.cli.fleet import cmd_fleet, cmd_hosts
-from indexer.cli.listing import cmd_du, cmd_ls, cmd_referrers, cmd_status
-from indexer.cli.lookups import cmd_find, cmd_ref, cmd_resolve, cmd_wait
 from indexer.cli.output import _failed
 from indexer.cli.parser import build_parser
 from indexer.errors import OcidxError, UsageError
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    import argparse
+    from collections.abc import Callable, Sequence
 
 __all__ = ["build_parser", "main"]
 
@@ -48,7 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(parser.format_help())
             return UsageError.exit_code
         want_json = bool(getattr(args, "json", False)) or getattr(args, "format", None) == "json"
-        return _COMMANDS[args.command](args)
+        module, function = _COMMANDS[args.command]
+        __import__(module)  # the builtin: importlib is not loaded at start-up
+        command: Callable[[argparse.Namespace], int] = getattr(sys.modules[module], function)
+        return command(args)
     except OcidxError as exc:
         return _failed(exc, want_json)
     except (OSError, MemoryError, ImportError) as exc:
@@ -68,19 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+# Each command's function, by module: a command imports its own module only when it runs, so that a
+# lookup does not load the others (start-up is most of a lookup's time).
 _COMMANDS = {
-    "ref": cmd_ref,
-    "resolve": cmd_resolve,
-    "find": cmd_find,
-    "wait": cmd_wait,
-    "ls": cmd_ls,
-    "lint": cmd_lint,
-    "status": cmd_status,
-    "referrers": cmd_referrers,
-    "du": cmd_du,
-    "gc": cmd_gc,
-    "scan": cmd_scan,
-    "daemon": cmd_daemon,
-    "hosts": cmd_hosts,
-    "fleet": cmd_fleet,
+    "ref": ("indexer.cli.lookups", "cmd_ref"),
+    "resolve": ("indexer.cli.lookups", "cmd_resolve"),
+    "find": ("indexer.cli.lookups", "cmd_find"),
+    "wait": ("indexer.cli.lookups", "cmd_wait"),
+    "ls": ("indexer.cli.listing", "cmd_ls"),
+    "lint": ("indexer.cli.admin", "cmd_lint"),
+    "status": ("indexer.cli.listing", "cmd_status"),
+    "referrers": ("indexer.cli.listing", "cmd_referrers"),
+    "du": ("indexer.cli.listing", "cmd_du"),
+    "gc": ("indexer.cli.admin", "cmd_gc"),
+    "scan": ("indexer.cli.admin", "cmd_scan"),
+    "daemon": ("indexer.cli.admin", "cmd_daemon"),
+    "hosts": ("indexer.cli.fleet", "cmd_hosts"),
+    "fleet": ("indexer.cli.fleet", "cmd_fleet"),
 }

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 
-from indexer.cli.fleet import cmd_referrers_fleet
 from indexer.cli.lookups import _index
 from indexer.cli.output import (
     SHOWN,
@@ -128,6 +127,8 @@ def _fleet_line(fleet: dict[str, object], *, running: bool) -> str:
 def cmd_referrers(args: argparse.Namespace) -> int:
     """``ocidx referrers TARGET``: every manifest or index that refers to the image, a line each."""
     if args.fleet:
+        from indexer.cli.fleet import cmd_referrers_fleet  # the fleet's commands load with --fleet only
+
         return cmd_referrers_fleet(args)
     if args.dsn is not None:
         raise UsageError("--dsn names the fleet database: it goes with --fleet")

@@ -137,7 +137,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 def cmd_find(args: argparse.Namespace) -> int:
     """``ocidx find``: every match across the index, one line each; one answer per REF of a batch."""
     if args.fleet:
-        from indexer.cli.fleet import cmd_find_fleet  # that module imports this one
+        from indexer.cli.fleet import cmd_find_fleet  # the fleet's commands load with --fleet only
 
         return cmd_find_fleet(args)
     if args.dsn is not None:

@@ -12,9 +12,12 @@ from indexer.errors import LayoutError, LayoutNotFound, LayoutUnreadable, NotFou
 from indexer.query.answers import INDEXED, SCHEME, STALE, Referrer, Referrers, View, parse_ref
 from indexer.query.finding import Finding
 from indexer.query.messages import _absolute_hint, _no_nul, describe_missing
-from indexer.query.usage import _DU_FIGURES, _Held, _usage_current
 from indexer.query.views import _database_errors
 from indexer.store import read as db
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from indexer.query.usage import _Held
 
 
 class ContentGraph(Finding):
@@ -97,6 +100,8 @@ class ContentGraph(Finding):
         blobs that are missing (docs/semantics.md). Every indexed layout is verified first (its
         ``index.json`` and the directories of its ``blobs/``), and one that changed is read through:
         what is shared depends on them all."""
+        from indexer.query.usage import _DU_FIGURES, _Held, _usage_current  # du only: lookups do not load it
+
         conn = self._require_database()
         fresh = self._changed(conn)
         every = {s.path: s for s in db.layouts(conn)}
@@ -134,6 +139,7 @@ class ContentGraph(Finding):
         """What one layout references and holds, read from it now."""
         if not layout_mod.is_layout_dir(path):
             raise LayoutNotFound(describe_missing(path))
+        from indexer.query.usage import _Held
         from indexer.store.rows import graph_rows  # read-through only
 
         limits = self.config.limits

@@ -6,7 +6,6 @@ import sqlite3
 
 from indexer.errors import LayoutError, NotFound, OcidxError, TagMismatch
 from indexer.query.answers import INDEXED, STALE, Answer, Matches, Query, View, parse_ref
-from indexer.query.freshness import Changed, _changed_below_roots
 from indexer.query.matching import _answers_by_digest, _graph_answers, _match, _match_all, _with_warning
 from indexer.query.messages import _tag_hint
 from indexer.query.resolving import Resolving
@@ -16,6 +15,8 @@ from indexer.store import read as db
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
+
+    from indexer.query.freshness import Changed
 
 
 class Finding(Resolving):
@@ -27,6 +28,7 @@ class Finding(Resolving):
         index): a live daemon keeps its own roots current once it answered a barrier; the other roots
         (those only scans walked, or all of them without a daemon that vouches for its index) are
         walked here, as a no-change ``ocidx scan`` walks them."""
+        from indexer.query.freshness import Changed, _changed_below_roots
         from indexer.store import state  # find, ls and status only: resolve does not pay for it
 
         if not self._daemon_synced(conn):
