@@ -45,7 +45,7 @@ REPO = os.path.dirname(HERE)
 RESULTS = os.path.join(HERE, "RESULTS.md")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 TARGET_TAG = "bench-target"
-RACY_WAIT_S = 3.5  # indexer/store/read.py RACY_WINDOW_NS is 3 s
+RACY_WAIT_S = 3.5  # indexer/store/read/identity.py RACY_WINDOW_NS is 3 s
 BASELINE_SCAN = os.path.join(HERE, "baseline_scan.py")
 
 # A bare pass over a tree: what any tool has to do at least once to see every index.json.

@@ -23,6 +23,7 @@ from indexer._record import Record
 from indexer.errors import printable
 from indexer.store import path_value, read
 from indexer.store.outcomes import Failed, Outcome, Read, Same
+from indexer.store.read.stored import _LAYOUT_COLUMNS, _stored
 from indexer.store.rows import snapshot_rows
 from indexer.store.shared_rows import _unfounded_claims, collect_garbage, store_shared
 
@@ -116,8 +117,8 @@ def _current(conn: sqlite3.Connection, paths: list[str]) -> dict[str, StoredLayo
         found = read.layout(conn, paths[0])
         return {} if found is None else {found.path: found}
     wanted = _staged(conn, "ocidx_stage_paths", (path_value(p) for p in paths))
-    rows = conn.execute(f"SELECT {read._LAYOUT_COLUMNS} FROM layouts WHERE path IN {wanted}")
-    return {stored.path: stored for stored in map(read._stored, rows)}
+    rows = conn.execute(f"SELECT {_LAYOUT_COLUMNS} FROM layouts WHERE path IN {wanted}")
+    return {stored.path: stored for stored in map(_stored, rows)}
 
 
 class _Versions:
