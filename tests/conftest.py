@@ -38,6 +38,12 @@ def tmp(tmp_path: os.PathLike[str]) -> str:
 
 
 @pytest.fixture
+def base(tmp_path: os.PathLike[str]) -> str:
+    """The directory below which each host of a fleet test has its own (tests/fleet_hosts.py)."""
+    return os.path.realpath(os.fspath(tmp_path))
+
+
+@pytest.fixture
 def daemons() -> Iterator[list[Daemon]]:
     """Every daemon a test starts through it is stopped (killed if need be) at the end."""
     import signal

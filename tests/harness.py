@@ -33,6 +33,7 @@ from indexer.sync import socket_path
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # root without the capabilities that bypass file permissions
@@ -133,6 +134,15 @@ def rows(db: str) -> dict[str, list[tuple[object, ...]]]:
             "warnings": "SELECT l.path, w.message FROM layout_warnings w JOIN layouts l ON l.id = w.layout_id",
         }
         return {name: sorted(conn.execute(sql).fetchall(), key=repr) for name, sql in tables.items()}
+    finally:
+        conn.close()
+
+
+def select(db: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """The rows of one read-only query on *db*."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return conn.execute(sql, args).fetchall()
     finally:
         conn.close()
 
@@ -305,6 +315,37 @@ class Daemon:
             return db_read.layout(conn, os.path.realpath(layout))
         finally:
             conn.close()
+
+
+def workers_of(pid: int, marker: bytes = b"spawn_main") -> list[int]:
+    """The worker processes of process *pid* (with ``marker=b"multiprocessing"``, its resource tracker too)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and marker in cmdline:
+            out.append(int(entry))
+    return out
+
+
+def indexed(db: str) -> int:
+    """How many layouts *db* holds so far (0 while it does not exist yet)."""
+    if not os.path.exists(db):
+        return 0
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+    try:
+        return int(conn.execute("SELECT count(*) FROM layouts").fetchone()[0])
+    except sqlite3.OperationalError:
+        return 0  # not migrated yet
+    finally:
+        conn.close()
 
 
 def run_daemon(daemons: list[Daemon], tmp: str, roots: list[str], **options: object) -> Daemon:

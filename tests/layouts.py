@@ -24,6 +24,7 @@ import os
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
+    from typing import Any
 
 OCI_LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -250,3 +251,41 @@ def churn_corpus(root: str, count: int) -> dict[str, dict[str, object]]:
             "documents": texts,
         }
     return out
+
+
+# -- content graphs: images with configs and layers, referrers ---------------------------------------
+
+
+def document(layout: Layout, descriptor: Descriptor) -> dict[str, Any]:
+    with open(layout.blob_path(str(descriptor["digest"])), "rb") as f:
+        found: dict[str, Any] = json.load(f)
+    return found
+
+
+def built_image(layout: Layout, platform: Mapping[str, object], label: str, layers: list[bytes]) -> Descriptor:
+    """An image with a config saying *platform* and ``created``, and the given layers."""
+    config = layout.blob(
+        canonical_json({**platform, "created": "2025-03-04T05:06:07Z", "config": {"Labels": {"l": label}}}),
+        OCI_CONFIG,
+    )
+    descriptors = [layout.blob(data, OCI_LAYER) for data in layers]
+    return layout.blob(
+        canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}),
+        OCI_MANIFEST,
+    )
+
+
+def referrer(layout: Layout, subject: Descriptor, artifact_type: str, payload: bytes, **notes: str) -> Descriptor:
+    """An OCI 1.1 referrer (a signature, an SBOM) of *subject*."""
+    empty = layout.blob(b"{}", "application/vnd.oci.empty.v1+json")
+    document_ = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": artifact_type,
+        "config": empty,
+        "layers": [layout.blob(payload, artifact_type)],
+        "subject": {k: subject[k] for k in ("mediaType", "digest", "size")},
+    }
+    if notes:
+        document_["annotations"] = notes
+    return layout.blob(canonical_json(document_), OCI_MANIFEST)

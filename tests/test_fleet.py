@@ -10,20 +10,26 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sqlite3
 import subprocess
 import sys
 
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
+from fleet_hosts import (
+    CONVERGE_S,
+    alpine,
+    churn,
+    fleet_api,
+    fleet_find,
+    local_answers,
+    restart,
+    start_host,
+    wait_converged,
+)
 from harness import Daemon, wait_for
-from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
+from layouts import LINUX_ARM64, Layout, named
 from needs import module
 from pg_cluster import PG_ROWS, FleetDb, admin_connect, pg_rows, sqlite_rows
-
-from indexer.config import Config, FleetSettings
-from indexer.fleet import Fleet
-from indexer.query import Index
 
 psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
@@ -32,72 +38,6 @@ pytestmark = [pytest.mark.fleet, pytest.mark.integration]
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     pass
-
-CONVERGE_S = 30.0  # generous: two cores shared with other test runs
-
-
-def converged(fleet_db: FleetDb, host: str, daemon: Daemon, layouts: int | None = None) -> bool:
-    """The host's rows in PostgreSQL are exactly its SQLite rows (and the index is not empty, or holds
-    *layouts* layouts: a daemon may have indexed some of a burst of writes, and published those)."""
-    try:
-        local = sqlite_rows(daemon.db)
-        held = len(local["layouts"])
-        if held == 0 or (layouts is not None and held != layouts):
-            return False
-        return pg_rows(fleet_db.admin_dsn, host) == local
-    except (sqlite3.Error, psycopg.Error):
-        return False
-
-
-def wait_converged(fleet_db: FleetDb, host: str, daemon: Daemon, layouts: int | None = None) -> None:
-    wait_for(
-        lambda: converged(fleet_db, host, daemon, layouts),
-        f"host {host}'s rows in PostgreSQL equal SQLite's" + (f" ({layouts} layouts)" if layouts is not None else ""),
-        CONVERGE_S,
-    )
-
-
-def start_host(daemons: list[Daemon], fleet_db: FleetDb, base: str, host: str) -> Daemon:
-    """``ocidx daemon`` on its own root and database, publishing as role *host*."""
-    tmp = os.path.join(base, host)
-    os.makedirs(os.path.join(tmp, "root"), exist_ok=True)
-    daemon = Daemon(tmp, [os.path.join(tmp, "root")], env={"OCIDX_FLEET_DSN": fleet_db.add_host(host)})
-    daemons.append(daemon)
-    daemon.start().wait_ready()
-    return daemon
-
-
-def restart(daemon: Daemon) -> None:
-    daemon.start().wait_ready()
-
-
-def alpine(lay: Layout, label: str) -> dict[str, object]:
-    """An alpine:3.16 index for two platforms, named as containerd and BuildKit write it."""
-    index = lay.index(
-        [lay.manifest(platform=LINUX_AMD64, label=label), lay.manifest(platform=LINUX_ARM64, label=label)]
-    )
-    return named(index, ref="3.16", containerd="docker.io/library/alpine:3.16")
-
-
-def fleet_api(fleet_db: FleetDb, stale_after_s: float = 60.0) -> Fleet:
-    config = Config(fleet=FleetSettings(dsn=fleet_db.admin_dsn, stale_after_s=stale_after_s))
-    return Fleet(config=config)
-
-
-def fleet_find(fleet_db: FleetDb, ref: str) -> list[tuple[str, str]]:
-    """(host, layout) of each ``find --fleet`` answer, through the Python API."""
-    with fleet_api(fleet_db) as fleet:
-        return [(a.host, a.layout) for a in fleet.find(ref)]
-
-
-def local_answers(daemon: Daemon, ref: str) -> list[dict[str, object]]:
-    with Index(daemon.db, config=Config()) as index:
-        return [a.to_json() for a in index.find(ref)]
-
-
-@pytest.fixture
-def base(tmp_path: os.PathLike[str]) -> str:
-    return os.path.realpath(os.fspath(tmp_path))
 
 
 def test_two_hosts_publish_and_find_fleet_answers_as_find_does_on_each(
@@ -181,15 +121,6 @@ def test_two_hosts_publish_and_find_fleet_answers_as_find_does_on_each(
     )
     wait_converged(fleet_db, "h1", h1)
     assert [host for host, _ in fleet_find(fleet_db, "alpine:3.16")] == ["h2"]
-
-
-def churn(root: str, n: int, label: str) -> None:
-    """Rewrite the first *n* layouts of *root* with new images tagged *label*."""
-    for i in range(n):
-        lay = Layout(os.path.join(root, f"l{i:03d}"))
-        lay.write_index(
-            [named(lay.manifest(label=f"{label}-{i}"), ref=label), named(lay.manifest(label=f"k{i}"), ref="keep")]
-        )
 
 
 def test_postgres_stopped_during_churn_then_restarted_converges_exactly(

@@ -7,7 +7,6 @@ them, and never answer for another host's layouts), and a host's malformed graph
 with a warning naming it, hiding no other host's answers.
 """
 
-# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import hashlib
@@ -20,19 +19,23 @@ import sys
 
 import pytest
 from cli_run import ocidx
+from fleet_hosts import CONVERGE_S, fleet_api, local_answers, start_host, wait_converged
 from harness import REPO, Daemon, wait_for
-from layouts import LINUX_AMD64, LINUX_ARM64, OCI_CONFIG, OCI_MANIFEST, UNKNOWN_PLATFORM, Layout, named, with_platform
+from layouts import (
+    LINUX_AMD64,
+    LINUX_ARM64,
+    OCI_CONFIG,
+    OCI_MANIFEST,
+    UNKNOWN_PLATFORM,
+    Layout,
+    built_image,
+    document,
+    named,
+    referrer,
+    with_platform,
+)
 from needs import module
 from pg_cluster import FleetDb, admin_connect
-from test_fleet import (  # noqa: F401 (fixtures)
-    CONVERGE_S,
-    base,
-    fleet_api,
-    local_answers,
-    start_host,
-    wait_converged,
-)
-from test_graph_answers import built_image, document, referrer
 
 from indexer.config import Config
 from indexer.query import Index

@@ -9,7 +9,6 @@ PostgreSQL equal, table by table, to its SQLite index as a fresh read of that fi
 holding what a fresh ``ocidx scan`` of its layouts finds.
 """
 
-# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import json
@@ -20,18 +19,11 @@ import subprocess
 import sys
 
 import pytest
+from fleet_hosts import CONVERGE_S, churn, local_answers, start_host, wait_converged
 from harness import REPO, Daemon, wait_for
 from layouts import Layout, named
 from needs import module
 from pg_cluster import HOST_TABLES, FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_fleet import (  # noqa: F401 (fixtures)
-    CONVERGE_S,
-    base,
-    churn,
-    local_answers,
-    start_host,
-    wait_converged,
-)
 
 psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 

@@ -11,7 +11,6 @@ Meanwhile readers (``ocidx find --fleet`` and ``ocidx hosts``, as processes) mus
 hosts' daemons must publish.
 """
 
-# ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
 from __future__ import annotations
 
 import contextlib
@@ -24,13 +23,11 @@ import time
 
 import pytest
 from cli_run import ocidx
+from fleet_hosts import fleet_find, fleet_through, start_host, wait_converged
 from harness import REPO, Daemon, wait_for
-from layouts import Layout, named
+from layouts import Layout, named, referrer
 from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_fleet import base, fleet_find, start_host, wait_converged  # noqa: F401 (fixtures)
-from test_fleet_upgrade import fleet_through
-from test_graph_answers import referrer
 
 from indexer.fleet.admin import MIGRATE_LOCK
 

@@ -6,7 +6,6 @@ neither deadlock it nor lose its batch, and once it is applied every host publis
 graph rows at once, not at the next check of its counts minutes later.
 """
 
-# ruff: noqa: F811 (the fixture base comes from test_fleet, and is a parameter here)
 from __future__ import annotations
 
 import json
@@ -18,15 +17,13 @@ import threading
 
 import pytest
 from cli_run import ocidx
+from fleet_hosts import fleet_api, fleet_through, local_answers, wait_converged
 from harness import REPO, Daemon, wait_for
-from layouts import LINUX_AMD64, Layout, named
+from layouts import LINUX_AMD64, Layout, built_image, document, named
 from needs import module
 from pg_cluster import Cluster, FleetDb, admin_connect, sqlite_rows
-from test_fleet import base, fleet_api, local_answers, wait_converged  # noqa: F401 (fixtures)
-from test_graph_answers import built_image, document
 
 from indexer.fleet import admin
-from indexer.store import migration_files
 
 psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
@@ -38,25 +35,6 @@ if TYPE_CHECKING:
 
 BEFORE_GRAPH = "0002_functions_only"
 WAIT_S = 60.0  # how long the test's sessions wait for a lock: the test, not a timeout, decides
-
-
-def fleet_through(cluster: Cluster, dbname: str, last: str) -> FleetDb:
-    """A new database holding the fleet schema through migration *last*, applied as ``ocidx fleet
-    migrate`` of that ocidx applied it (each file in its own transaction, with its row)."""
-    cluster.psql(f'DROP DATABASE IF EXISTS "{dbname}"')
-    cluster.psql(f'CREATE DATABASE "{dbname}"')
-    fleet_db = FleetDb(cluster, dbname)
-    with psycopg.connect(fleet_db.admin_dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE ocidx_migrations (name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for name, path in migration_files("postgres"):
-            with open(path, encoding="utf-8") as fh, conn.transaction():
-                conn.execute(fh.read())
-                conn.execute("INSERT INTO ocidx_migrations (name) VALUES (%s)", (name,))
-            if name == last:
-                break
-    return fleet_db
 
 
 def add_old_host(fleet_db: FleetDb, name: str) -> str:

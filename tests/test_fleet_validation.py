@@ -11,7 +11,6 @@ them), and planted by the tables' owner (a restore, a hand edit). Either way ``f
 naming mallory, and never end in a traceback.
 """
 
-# ruff: noqa: F811 (the fixtures daemons and base come from test_fleet, and are parameters here)
 from __future__ import annotations
 
 import json
@@ -21,11 +20,11 @@ import sys
 
 import pytest
 from cli_run import ANSWER_KEYS, ocidx
+from fleet_hosts import alpine, local_answers, start_host, wait_converged
 from harness import REPO, Daemon
 from layouts import Layout
 from needs import module
 from pg_cluster import FleetDb, admin_connect, pg_rows, sqlite_rows
-from test_fleet import alpine, base, local_answers, start_host, wait_converged  # noqa: F401 (fixtures)
 
 psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 

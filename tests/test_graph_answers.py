@@ -20,8 +20,10 @@ from layouts import (
     OCI_MANIFEST,
     UNKNOWN_PLATFORM,
     Layout,
-    canonical_json,
+    built_image,
+    document,
     named,
+    referrer,
     with_platform,
 )
 
@@ -30,7 +32,6 @@ from indexer.query import Index
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Mapping
     from typing import Any
 
     from layouts import Descriptor
@@ -68,29 +69,10 @@ def ocidx(tmp_path: str, capsys: pytest.CaptureFixture[str]) -> Run:
     return Run(str(tmp_path), capsys)
 
 
-def document(layout: Layout, descriptor: Descriptor) -> dict[str, Any]:
-    with open(layout.blob_path(str(descriptor["digest"])), "rb") as f:
-        found: dict[str, Any] = json.load(f)
-    return found
-
-
 def image_bytes(layout: Layout, descriptor: Descriptor) -> int:
     manifest = document(layout, descriptor)
     return (
         int(str(descriptor["size"])) + int(manifest["config"]["size"]) + sum(int(x["size"]) for x in manifest["layers"])
-    )
-
-
-def built_image(layout: Layout, platform: Mapping[str, object], label: str, layers: list[bytes]) -> Descriptor:
-    """An image with a config saying *platform* and ``created``, and the given layers."""
-    config = layout.blob(
-        canonical_json({**platform, "created": "2025-03-04T05:06:07Z", "config": {"Labels": {"l": label}}}),
-        OCI_CONFIG,
-    )
-    descriptors = [layout.blob(data, OCI_LAYER) for data in layers]
-    return layout.blob(
-        canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descriptors}),
-        OCI_MANIFEST,
     )
 
 
@@ -253,22 +235,6 @@ def test_find_a_layer_absent_from_a_partial_export_warns(ocidx: Run) -> None:
 
 
 # -- referrers -----------------------------------------------------------------------------------
-
-
-def referrer(layout: Layout, subject: Descriptor, artifact_type: str, payload: bytes, **notes: str) -> Descriptor:
-    """An OCI 1.1 referrer (a signature, an SBOM) of *subject*."""
-    empty = layout.blob(b"{}", "application/vnd.oci.empty.v1+json")
-    document_ = {
-        "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
-        "artifactType": artifact_type,
-        "config": empty,
-        "layers": [layout.blob(payload, artifact_type)],
-        "subject": {k: subject[k] for k in ("mediaType", "digest", "size")},
-    }
-    if notes:
-        document_["annotations"] = notes
-    return layout.blob(canonical_json(document_), OCI_MANIFEST)
 
 
 SBOM = "application/spdx+json"

@@ -14,11 +14,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import anyio
 import pytest
-from harness import DEADLINE_S, Daemon, environment, integrity, rows, run, scanner_on, wait_for, write_config
+from harness import DEADLINE_S, Daemon, environment, integrity, rows, run, scanner_on, select, wait_for, write_config
 from layouts import LINUX_AMD64, Layout, churn_corpus, named
 
 from indexer import Index
@@ -197,15 +197,6 @@ def test_scans_beside_a_daemon_under_churn(tmp_path: Path) -> None:
     figures = scans_beside_a_daemon(str(tmp_path), layouts=40, seconds=4, scans=6, seed=9)
     print(figures)
     assert figures["scans"] == 6
-
-
-def select(db: str, sql: str, *args: object) -> list[tuple[Any, ...]]:
-    """The rows of one read-only query on *db*."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
 
 
 def versions(db: str) -> dict[str, int]:

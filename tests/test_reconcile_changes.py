@@ -7,9 +7,8 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from harness import Daemon, wait_for, write_config
+from harness import Daemon, indexed, wait_for, workers_of, write_config
 from layouts import image, index_bytes, make_layout, replace_atomically
-from test_workers import indexed, workers_of
 
 from indexer import Index
 from indexer.config import Config

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import DEADLINE_S, Daemon, run, wait_for, write_config
+from harness import DEADLINE_S, Daemon, run, select, wait_for, write_config
 from layouts import churn_corpus
-from test_interleaving import select
 
 from indexer.store import maintenance, migrate, open_writer
 

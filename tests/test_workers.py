@@ -12,7 +12,6 @@ import json
 import os
 import select
 import signal
-import sqlite3
 import struct
 import subprocess
 import sys
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from harness import DEADLINE_S, Daemon, environment, integrity, rows, run, wait_for, write_config
+from harness import DEADLINE_S, Daemon, environment, indexed, integrity, rows, run, wait_for, workers_of, write_config
 from layouts import LINUX_AMD64, Layout, named
 
 from indexer.scan.reading import POOL_MIN_LAYOUTS
@@ -45,24 +44,6 @@ def corpus(root: str, count: int) -> list[str]:
     return paths
 
 
-def workers_of(pid: int, marker: bytes = b"spawn_main") -> list[int]:
-    """The worker processes of process *pid* (with ``marker=b"multiprocessing"``, its resource tracker too)."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and marker in cmdline:
-            out.append(int(entry))
-    return out
-
-
 def alive(pid: int) -> bool:
     """Whether *pid* is a live process (a zombie counts as gone)."""
     try:
@@ -70,19 +51,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def indexed(db: str) -> int:
-    """How many layouts *db* holds so far (0 while it does not exist yet)."""
-    if not os.path.exists(db):
-        return 0
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
-    try:
-        return int(conn.execute("SELECT count(*) FROM layouts").fetchone()[0])
-    except sqlite3.OperationalError:
-        return 0  # not migrated yet
-    finally:
-        conn.close()
 
 
 def with_workers(tmp: str, extra: str = "") -> str:
