@@ -61,6 +61,8 @@ def test_the_page_has_an_example_of_every_call() -> None:
         ".layouts(",
         ".layout_detail(",
         ".status(",
+        ".referrers(",
+        ".du(",
         "AsyncIndex(",
         "except NotFound",
         "except LayoutNotFound",
