@@ -8,6 +8,7 @@ a condition a user could observe against a deadline, never a sleep. Fixtures bui
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import signal
@@ -353,6 +354,35 @@ def run_daemon(daemons: list[Daemon], tmp: str, roots: list[str], **options: obj
     daemon = Daemon(tmp, roots, **options)  # type: ignore[arg-type]
     daemons.append(daemon)
     return daemon.start().wait_ready()
+
+
+# -- the real tools (skopeo, umoci) ------------------------------------------------------------------
+
+
+def tool(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """Run a real tool (``skopeo``, ``umoci``, ...) to the end, its output captured."""
+    return subprocess.run(list(args), capture_output=True, timeout=120, check=False)
+
+
+def must(*args: str) -> bytes:
+    """Run a real tool that must succeed; its stdout."""
+    done = tool(*args)
+    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.decode(errors='replace')}"
+    return done.stdout
+
+
+def skopeo_digest(layout: str, ref: str) -> str | None:
+    """What skopeo resolves ``oci:LAYOUT:REF`` to (sha256 of the raw manifest), or None."""
+    done = tool("skopeo", "inspect", "--raw", f"oci:{layout}:{ref}")
+    if done.returncode != 0:
+        return None
+    return "sha256:" + hashlib.sha256(done.stdout).hexdigest()
+
+
+def skopeo_copy(src: str, dest: str, *options: str) -> None:
+    """``skopeo copy [OPTIONS] oci:SRC oci:DEST`` (--insecure-policy: a local copy between two
+    directories needs no /etc/containers/policy.json)."""
+    must("skopeo", "--insecure-policy", "copy", *options, "--quiet", f"oci:{src}", f"oci:{dest}")
 
 
 # -- in-process stand-ins -----------------------------------------------------------------------------

@@ -35,10 +35,6 @@ psycopg = module("psycopg", "pip install 'ocidx[fleet]'")
 
 pytestmark = [pytest.mark.fleet, pytest.mark.integration]
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    pass
-
 
 def test_two_hosts_publish_and_find_fleet_answers_as_find_does_on_each(
     fleet_db: FleetDb,

@@ -14,9 +14,9 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 
 import pytest
+from harness import must, skopeo_copy, skopeo_digest
 from needs import require
 
 from indexer.cli import main
@@ -34,29 +34,6 @@ def _tools_and_isolation(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.delenv("OCIDX_CONFIG", raising=False)
     monkeypatch.delenv("OCIDX_DB", raising=False)
     monkeypatch.chdir(tmp_path)
-
-
-def tool(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(list(args), capture_output=True, timeout=120, check=False)
-
-
-def must(*args: str) -> bytes:
-    done = tool(*args)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.decode(errors='replace')}"
-    return done.stdout
-
-
-def skopeo_digest(layout: str, ref: str) -> str | None:
-    """What skopeo resolves ``oci:LAYOUT:REF`` to (sha256 of the raw manifest), or None."""
-    done = tool("skopeo", "inspect", "--raw", f"oci:{layout}:{ref}")
-    if done.returncode != 0:
-        return None
-    return "sha256:" + hashlib.sha256(done.stdout).hexdigest()
-
-
-def copy(src: str, dest: str) -> None:
-    # --insecure-policy: a local copy between two directories needs no /etc/containers/policy.json
-    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}", f"oci:{dest}")
 
 
 class Ocidx:
@@ -101,10 +78,10 @@ def written(tmp_path: str, source: dict[str, str], ocidx: Ocidx) -> str:
     src = source["path"]
     layout = os.path.join(tmp_path, "root", "dir")
     os.makedirs(os.path.dirname(layout))
-    copy(f"{src}:base", f"{layout}:latest")
-    copy(f"{src}:one", f"{layout}:alpine:3.16")
-    copy(f"{src}:two", f"{layout}:docker.io/library/busybox:1.36")
-    copy(f"{src}:three", f"{layout}:localhost:5000/team/app:v2")
+    skopeo_copy(f"{src}:base", f"{layout}:latest")
+    skopeo_copy(f"{src}:one", f"{layout}:alpine:3.16")
+    skopeo_copy(f"{src}:two", f"{layout}:docker.io/library/busybox:1.36")
+    skopeo_copy(f"{src}:three", f"{layout}:localhost:5000/team/app:v2")
     must("umoci", "tag", "--image", f"{layout}:latest", "v9")
     must("umoci", "tag", "--image", f"{layout}:latest", "temp")
     must("umoci", "rm", "--image", f"{layout}:temp")
@@ -174,13 +151,13 @@ def test_json_names_say_how_each_was_read(written: str, ocidx: Ocidx) -> None:
 
 
 def test_resolve_right_after_skopeo_copy_without_a_daemon(written: str, ocidx: Ocidx, source: dict[str, str]) -> None:
-    copy(f"{source['path']}:four", f"{written}:latest")  # into the already-scanned layout
+    skopeo_copy(f"{source['path']}:four", f"{written}:latest")  # into the already-scanned layout
     code, out, err = ocidx("resolve", "--json", f"oci-layout://{written}")
     assert code == 0, err
     answer = json.loads(out)
     assert answer["digest"] == source["four"] == skopeo_digest(written, "latest")
     assert answer["freshness"] == "read-through"
-    copy(f"{source['path']}:four", f"{written}:brand-new")
+    skopeo_copy(f"{source['path']}:four", f"{written}:brand-new")
     assert ocidx.digest(f"oci-layout://{written}:brand-new") == source["four"]
     assert ocidx.digest(f"oci-layout://{written}/alpine:3.16") == source["one"]
 
@@ -190,7 +167,7 @@ def test_skopeo_copy_into_a_new_layout_is_read_through(tmp_path: str, ocidx: Oci
     code, _, err = ocidx("scan", "--no-progress", os.path.join(tmp_path, "root"))
     assert code == 0, err
     fresh = os.path.join(tmp_path, "root", "fresh")
-    copy(f"{source['path']}:two", f"{fresh}:v1")
+    skopeo_copy(f"{source['path']}:two", f"{fresh}:v1")
     assert ocidx.digest(f"oci-layout://{fresh}:v1") == source["two"] == skopeo_digest(fresh, "v1")
 
 
@@ -224,11 +201,11 @@ def test_two_spellings_of_one_name(tmp_path: str, ocidx: Ocidx, source: dict[str
     src = source["path"]
     same = os.path.join(tmp_path, "root", "same")
     os.makedirs(os.path.dirname(same))
-    copy(f"{src}:one", f"{same}:alpine:3.16")
-    copy(f"{src}:one", f"{same}:docker.io/library/alpine:3.16")
+    skopeo_copy(f"{src}:one", f"{same}:alpine:3.16")
+    skopeo_copy(f"{src}:one", f"{same}:docker.io/library/alpine:3.16")
     differ = os.path.join(tmp_path, "root", "differ")
-    copy(f"{src}:one", f"{differ}:alpine:3.16")
-    copy(f"{src}:two", f"{differ}:docker.io/library/alpine:3.16")
+    skopeo_copy(f"{src}:one", f"{differ}:alpine:3.16")
+    skopeo_copy(f"{src}:two", f"{differ}:docker.io/library/alpine:3.16")
     code, _, err = ocidx("scan", "--no-progress", os.path.dirname(same))
     assert code == 0, err
     # the same image under both spellings: one answer
@@ -249,7 +226,7 @@ def test_the_readme_first_lookup_needs_no_database(
 ) -> None:
     """README "First lookup": skopeo copies into layouts/, resolve answers before any scan or daemon."""
     os.mkdir("layouts")  # mkdir -p layouts: skopeo creates the layout, not its parent
-    copy(f"{source['path']}:one", "layouts/alpine:3.16")  # relative, as the README types it
+    skopeo_copy(f"{source['path']}:one", "layouts/alpine:3.16")  # relative, as the README types it
     code = main(["resolve", "--json", "oci-layout://layouts/alpine:3.16"])
     out, err = capsys.readouterr()
     assert code == 0, err
@@ -282,7 +259,7 @@ def test_find_right_after_skopeo_copy_with_a_live_daemon(tmp_path: str, ocidx: O
         wait_for(lambda: barrier(daemon.db, daemon.pid) == "ok", "the daemon answers barriers")
         for trial, image in enumerate(("one", "two", "three", "four", "base")):
             app = os.path.join(root, f"app{trial}")
-            copy(f"{source['path']}:{image}", f"{app}:v9")
+            skopeo_copy(f"{source['path']}:{image}", f"{app}:v9")
             code, out, err = ocidx("find", "--db", daemon.db, "--json", ":v9")
             assert code == 0, err
             assert os.path.realpath(app) in {answer["layout"] for answer in json.loads(out)}, f"trial {trial}"
@@ -311,7 +288,7 @@ def test_platform_of_a_single_manifest_copied_by_skopeo_without_all(
     descriptor: --platform is checked against the config, as containerd and BuildKit check it."""
     app = os.path.join(tmp_path, "root", "app")
     os.makedirs(os.path.dirname(app))
-    copy(f"{platforms['path']}:amd64", f"{app}:v1")
+    skopeo_copy(f"{platforms['path']}:amd64", f"{app}:v1")
     with open(os.path.join(app, "index.json")) as f:
         (descriptor,) = json.load(f)["manifests"]
     assert "platform" not in descriptor  # what made the old answer wrong
@@ -333,7 +310,7 @@ def test_platform_of_a_single_manifest_whose_config_skopeo_did_not_copy(
     tmp_path: str, ocidx: Ocidx, platforms: dict[str, str]
 ) -> None:
     app = os.path.join(tmp_path, "app")
-    copy(f"{platforms['path']}:arm64", f"{app}:v1")
+    skopeo_copy(f"{platforms['path']}:arm64", f"{app}:v1")
     manifest = os.path.join(app, "blobs", "sha256", platforms["arm64"].split(":")[1])
     with open(manifest) as f:
         config = json.load(f)["config"]["digest"]
@@ -438,9 +415,7 @@ def test_skopeo_copy_all_of_a_multi_platform_image_is_indexed_with_its_graph(
 ) -> None:
     dest = os.path.join(tmp_path, "root", "app")
     os.makedirs(os.path.dirname(dest))
-    must(
-        "skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{graph_source['path']}:multi", f"oci:{dest}:v1"
-    )
+    skopeo_copy(f"{graph_source['path']}:multi", f"{dest}:v1", "--all")
     code, _, err = ocidx("scan", "--no-progress", os.path.dirname(dest))
     assert code == 0, err
     for arch in ("amd64", "arm64"):
@@ -477,10 +452,10 @@ def test_referrers_in_layouts_written_by_skopeo(tmp_path: str, ocidx: Ocidx, gra
     src, index = graph_source["path"], graph_source["index"]
     dest = os.path.join(tmp_path, "root", "signed")
     os.makedirs(os.path.dirname(dest))
-    must("skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{src}:multi", f"oci:{dest}:v1")
-    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}:sbom", f"oci:{dest}")
+    skopeo_copy(f"{src}:multi", f"{dest}:v1", "--all")
+    skopeo_copy(f"{src}:sbom", dest)
     fallback = f"sha256-{index.split(':')[1]}.sig"
-    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}:amd64", f"oci:{dest}:{fallback}")
+    skopeo_copy(f"{src}:amd64", f"{dest}:{fallback}")
     with open(os.path.join(dest, "index.json")) as f:
         untagged = [m for m in json.load(f)["manifests"] if REF not in (m.get("annotations") or {})]
     assert [m["digest"] for m in untagged] == [graph_source["sbom"]]
@@ -505,9 +480,9 @@ def test_referrers_in_layouts_written_by_skopeo(tmp_path: str, ocidx: Ocidx, gra
 def test_ocidx_gc_deletes_what_umoci_gc_deletes(tmp_path: str, source: dict[str, str]) -> None:
     src = source["path"]
     ours, theirs = os.path.join(tmp_path, "ours"), os.path.join(tmp_path, "theirs")
-    copy(f"{src}:one", f"{ours}:one")
-    copy(f"{src}:two", f"{ours}:two")
-    copy(f"{src}:three", f"{ours}:three")
+    skopeo_copy(f"{src}:one", f"{ours}:one")
+    skopeo_copy(f"{src}:two", f"{ours}:two")
+    skopeo_copy(f"{src}:three", f"{ours}:three")
     must("umoci", "rm", "--image", f"{ours}:two")  # its blobs stay: garbage until a gc
     shutil.copytree(ours, theirs, symlinks=True)
     must("umoci", "gc", "--layout", theirs)
@@ -522,9 +497,7 @@ def test_ocidx_gc_deletes_what_umoci_gc_deletes(tmp_path: str, source: dict[str,
 def test_a_partial_export_of_a_multi_platform_image(tmp_path: str, ocidx: Ocidx, graph_source: dict[str, str]) -> None:
     dest = os.path.join(tmp_path, "root", "partial")
     os.makedirs(os.path.dirname(dest))
-    must(
-        "skopeo", "--insecure-policy", "copy", "--all", "--quiet", f"oci:{graph_source['path']}:multi", f"oci:{dest}:v1"
-    )
+    skopeo_copy(f"{graph_source['path']}:multi", f"{dest}:v1", "--all")
     os.remove(os.path.join(dest, "blobs", "sha256", graph_source["arm64"].split(":")[1]))
     code, _, err = ocidx("scan", "--no-progress", os.path.dirname(dest))
     assert code == 0, err

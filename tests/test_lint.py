@@ -7,15 +7,14 @@ The other writers' layouts are built by hand as their source writes them (docs/l
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 from typing import Any
 
 import pytest
 from cli_run import ocidx
+from harness import must, skopeo_copy, skopeo_digest
 from layouts import DOCKER_LIST, LINUX_AMD64, LINUX_ARM64, Layout, named
 from needs import require
 
@@ -40,21 +39,6 @@ def codes(document: dict[str, Any]) -> list[tuple[str, str | None]]:
     return [(f["code"], f["digest"]) for f in document["findings"]]
 
 
-def tool(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(list(args), capture_output=True, timeout=120, check=False)
-
-
-def must(*args: str) -> None:
-    done = tool(*args)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.decode(errors='replace')}"
-
-
-def skopeo_reaches(layout: str, ref: str) -> str | None:
-    """The digest the real skopeo resolves ``oci:LAYOUT:REF`` to, or None."""
-    done = tool("skopeo", "inspect", "--raw", f"oci:{layout}:{ref}")
-    return "sha256:" + hashlib.sha256(done.stdout).hexdigest() if done.returncode == 0 else None
-
-
 def agrees_with_skopeo(document: dict[str, Any]) -> None:
     """Every skopeo reading is what skopeo resolves; every ref.name skopeo cannot reach is None."""
     if shutil.which("skopeo") is None:
@@ -67,9 +51,9 @@ def agrees_with_skopeo(document: dict[str, Any]) -> None:
         ref_name = (descriptor.get("annotations") or {}).get("org.opencontainers.image.ref.name")
         reading = entry["readers"]["skopeo"]
         if reading is not None and entry["digest"] not in shadowed:
-            assert skopeo_reaches(layout, reading["ref"].split(":", 2)[2]) == entry["digest"], reading
+            assert skopeo_digest(layout, reading["ref"].split(":", 2)[2]) == entry["digest"], reading
         elif reading is None and ref_name and ":" not in layout:
-            assert skopeo_reaches(layout, ref_name) != entry["digest"], ref_name
+            assert skopeo_digest(layout, ref_name) != entry["digest"], ref_name
 
 
 @pytest.fixture
@@ -83,17 +67,13 @@ def source(tmp_path: str) -> str:
     return src
 
 
-def copy(src: str, dest: str) -> None:
-    must("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}", f"oci:{dest}")
-
-
 # -- layouts written by the real tools ------------------------------------------------------------------
 
 
 @pytest.mark.interop
 def test_skopeo_with_a_tag_every_reader_names_it_but_no_repository(tmp_path: str, capsys: Capsys, source: str) -> None:
     lay = os.path.join(tmp_path, "lay")
-    copy(f"{source}:v1", f"{lay}:3.16")
+    skopeo_copy(f"{source}:v1", f"{lay}:3.16")
     code, (document,) = lint(capsys, lay)
     assert refs(document) == [
         {
@@ -117,7 +97,7 @@ def test_skopeo_with_a_name_in_ref_name_buildkit_and_zot_cannot_name_it(
 ) -> None:
     """skopeo writes what the user typed (podman save writes the full name): not a tag (zot #2860)."""
     lay = os.path.join(tmp_path, "lay")
-    copy(f"{source}:v1", f"{lay}:{written}")
+    skopeo_copy(f"{source}:v1", f"{lay}:{written}")
     code, (document,) = lint(capsys, lay)
     (reading,) = refs(document)
     assert (reading["buildkit"], reading["zot"]) == (None, None)
@@ -136,8 +116,8 @@ def test_skopeo_with_a_name_in_ref_name_buildkit_and_zot_cannot_name_it(
 def test_skopeo_retagging_leaves_the_old_image_unnamed(tmp_path: str, capsys: Capsys, source: str) -> None:
     """containers/image removes ref.name from the older entry of the same name and keeps the entry."""
     lay = os.path.join(tmp_path, "lay")
-    copy(f"{source}:v1", f"{lay}:latest")
-    copy(f"{source}:v2", f"{lay}:latest")
+    skopeo_copy(f"{source}:v1", f"{lay}:latest")
+    skopeo_copy(f"{source}:v2", f"{lay}:latest")
     _code, (document,) = lint(capsys, lay)
     old, new = document["entries"]
     assert all(got is None for got in old["readers"].values())

@@ -3,7 +3,6 @@ as ``resolve`` does; no daemon and no database (docs/semantics.md, Waiting)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import selectors
@@ -13,6 +12,7 @@ import sys
 import time
 
 import pytest
+from harness import must, skopeo_copy, skopeo_digest
 from layouts import LINUX_AMD64, LINUX_ARM64, Layout, named
 from needs import require
 
@@ -80,30 +80,15 @@ def start(waiters: list[Waiter], tmp_path: str, *args: str) -> Waiter:
     return waiter
 
 
-def tool(*args: str) -> None:
-    done = subprocess.run(list(args), capture_output=True, timeout=120, check=False)
-    assert done.returncode == 0, f"{' '.join(args)}: {done.stderr.decode(errors='replace')}"
-
-
-def manifest_digest(layout: str, ref: str) -> str:
-    """What skopeo resolves ``oci:LAYOUT:REF`` to."""
-    done = subprocess.run(["skopeo", "inspect", "--raw", f"oci:{layout}:{ref}"], capture_output=True, check=True)
-    return "sha256:" + hashlib.sha256(done.stdout).hexdigest()
-
-
 @pytest.fixture
 def source(tmp_path: str) -> str:
     """A local image made with umoci (no network): ``SRC:v1`` and ``SRC:v2``."""
     require([t for t in ("skopeo", "umoci") if shutil.which(t) is None], "install them")
     src = os.path.join(tmp_path, "src")
-    tool("umoci", "init", "--layout", src)
-    tool("umoci", "new", "--image", f"{src}:v1")
-    tool("umoci", "config", "--image", f"{src}:v1", "--tag", "v2", "--config.label", "build=2")
+    must("umoci", "init", "--layout", src)
+    must("umoci", "new", "--image", f"{src}:v1")
+    must("umoci", "config", "--image", f"{src}:v1", "--tag", "v2", "--config.label", "build=2")
     return src
-
-
-def skopeo_copy(src: str, dest: str) -> None:
-    tool("skopeo", "--insecure-policy", "copy", "--quiet", f"oci:{src}", f"oci:{dest}")
 
 
 @pytest.mark.interop
@@ -119,7 +104,7 @@ def test_wait_returns_when_skopeo_writes_the_layout_into_a_new_directory_tree(
     code, out, err = waiter.result()
     assert code == 0, err
     answer = json.loads(out)
-    assert (answer["layout"], answer["digest"]) == (out_dir, manifest_digest(out_dir, "v1"))
+    assert (answer["layout"], answer["digest"]) == (out_dir, skopeo_digest(out_dir, "v1"))
     assert answer["freshness"] == "read-through"  # no database: the layout itself
     assert time.monotonic() - landed < DEADLINE_S
     assert not os.path.exists(os.path.join(tmp_path, "xdg-data", "ocidx"))  # it created no database
@@ -134,7 +119,7 @@ def test_wait_sees_a_tag_added_to_a_layout_that_exists(tmp_path: str, waiters: l
     skopeo_copy(f"{source}:v2", f"{lay}:v2")  # skopeo rewrites index.json in place
     code, out, err = waiter.result()
     assert code == 0, err
-    assert out == f"oci-layout://{lay}@{manifest_digest(lay, 'v2')}\n"
+    assert out == f"oci-layout://{lay}@{skopeo_digest(lay, 'v2')}\n"
 
 
 @pytest.mark.interop
@@ -143,11 +128,11 @@ def test_wait_by_name_below_a_layout_that_umoci_creates(tmp_path: str, waiters: 
     lay = os.path.join(tmp_path, "lay")
     waiter = start(waiters, tmp_path, f"oci-layout://{lay}/alpine:3.16")
     waiter.waiting()
-    tool("umoci", "init", "--layout", lay)
-    tool("umoci", "new", "--image", f"{lay}:docker.io/library/alpine:3.16")
+    must("umoci", "init", "--layout", lay)
+    must("umoci", "new", "--image", f"{lay}:docker.io/library/alpine:3.16")
     code, out, err = waiter.result()
     assert code == 0, err
-    assert out.strip() == manifest_digest(lay, "docker.io/library/alpine:3.16")
+    assert out.strip() == skopeo_digest(lay, "docker.io/library/alpine:3.16")
 
 
 def test_wait_sees_a_whole_layout_renamed_into_place_after_a_torn_index(tmp_path: str, waiters: list[Waiter]) -> None:

@@ -8,10 +8,6 @@ import argparse
 from indexer.cli.output import SHOWN, _age, _emit, _line, _plural, _Said, _warn
 from indexer.errors import UsageError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    pass
-
 
 def cmd_lint(args: argparse.Namespace) -> int:
     """``ocidx lint``: each entry as each reader names it, and the findings; exit 1 with findings."""

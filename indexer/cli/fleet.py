@@ -9,10 +9,6 @@ from indexer.cli.lookups import _index, _is_batch, _targets
 from indexer.cli.output import _describe_answer, _emit, _emit_line, _failed, _line, _plural, _warn
 from indexer.errors import DatabaseError, OcidxError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    pass
-
 
 def _fleet_dsn(args: argparse.Namespace) -> str:
     """One rule for every fleet command: ``--dsn``, then ``$OCIDX_FLEET_DSN``, then ``[fleet] dsn``."""

@@ -21,10 +21,6 @@ from indexer.cli.output import (
 )
 from indexer.errors import UsageError
 
-TYPE_CHECKING = False
-if TYPE_CHECKING:
-    pass
-
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """``ocidx ls [PATH]``: layouts (below PATH) with their state, or the layout PATH in detail."""
