@@ -9,6 +9,7 @@ import stat
 from indexer.errors import BlobError
 from indexer.graph.keys import graph_key, hex_keys
 from indexer.graph.manifests import _HEX
+from indexer.layout.files import file_kind
 
 _HEX_LENGTHS = {"sha256": 64, "sha384": 96, "sha512": 128}  # the algorithms a digest may name (go-digest)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
@@ -164,10 +165,4 @@ def _entry_kind(entry: os.DirEntry[str]) -> str:
         mode = entry.stat(follow_symlinks=False).st_mode
     except OSError:
         return "gone"
-    if stat.S_ISDIR(mode):
-        return "a directory"
-    if stat.S_ISFIFO(mode):
-        return "a FIFO"
-    if stat.S_ISSOCK(mode):
-        return "a socket"
-    return "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file"
+    return file_kind(mode)

@@ -108,7 +108,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
         # The fstat after the open below still catches a swap between the two calls.
         kind = os.lstat(target).st_mode
         if not stat.S_ISREG(kind):
-            raise LayoutUnreadable(f"{path} is {_file_kind(kind)}, not a regular file")
+            raise LayoutUnreadable(f"{path} is {file_kind(kind)}, not a regular file")
         fd = os.open(target, _OPEN_FLAGS | _NOFOLLOW)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
@@ -121,7 +121,7 @@ def _read_index_once(path: str, limits: Limits) -> tuple[bytes, FileIdentity] | 
         except OSError as exc:
             raise layout_failure(LayoutUnreadable, f"{path} cannot be read: {exc.strerror}", exc) from None
         if not stat.S_ISREG(before.st_mode):
-            raise LayoutUnreadable(f"{path} is {_file_kind(before.st_mode)}, not a regular file")
+            raise LayoutUnreadable(f"{path} is {file_kind(before.st_mode)}, not a regular file")
         if before.st_size > limits.max_index_bytes:
             raise IndexParseError(f"{path} is {before.st_size} bytes, over the limit of {limits.max_index_bytes} bytes")
         try:
@@ -211,7 +211,8 @@ def _open_error(path: str, exc: OSError) -> str:
     return f"{path} cannot be opened: {exc.strerror}"
 
 
-def _file_kind(mode: int) -> str:
+def file_kind(mode: int) -> str:
+    """What a file that is not a regular file is, for a message ("a FIFO", "a directory", ...)."""
     if stat.S_ISDIR(mode):
         return "a directory"
     if stat.S_ISFIFO(mode):
@@ -288,7 +289,7 @@ def read_blob(
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise BlobError(f"blob {digest} at {path} is {_file_kind(st.st_mode)}, not a regular file")
+            raise BlobError(f"blob {digest} at {path} is {file_kind(st.st_mode)}, not a regular file")
         for claimed in (size, st.st_size):
             if claimed is not None and claimed > limit:
                 raise BlobError(f"blob {digest} is {claimed} bytes, over the limit of {limit} bytes")
